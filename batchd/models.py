@@ -1,0 +1,157 @@
+"""Records and enums shared by every part of batchd. No I/O here.
+
+The job life cycle (DESIGN §2)::
+
+    received → uploading → submitting → validating → in_progress → finalizing → downloading → completed
+                                             ↘ cancelling ↘                                  ↘ failed | expired | cancelled
+    rejected   (never left the inbox: bad file, bad spec)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class JobState(StrEnum):
+    """Where a job is. Stored in the database as the lower-case value; shown by the CLI."""
+
+    #: claimed from the inbox and validated; nothing sent yet
+    RECEIVED = "received"
+    #: the intent to upload is committed; the input file is being uploaded
+    UPLOADING = "uploading"
+    #: the file is uploaded; the intent to create the batch is committed
+    SUBMITTING = "submitting"
+    #: the provider accepted the batch and is validating it
+    VALIDATING = "validating"
+    #: the provider is running the requests
+    IN_PROGRESS = "in_progress"
+    #: the provider is writing its result files
+    FINALIZING = "finalizing"
+    #: a cancel was asked for and is being carried out remotely
+    CANCELLING = "cancelling"
+    #: the remote batch ended; result files are being fetched and the outbox written
+    DOWNLOADING = "downloading"
+    #: every request ended in a success or a permanent error
+    COMPLETED = "completed"
+    #: the provider failed the batch or refused the upload
+    FAILED = "failed"
+    #: the completion window ran out before every request was answered
+    EXPIRED = "expired"
+    #: the user cancelled the job
+    CANCELLED = "cancelled"
+    #: the dropped file never left the inbox: bad file or bad spec
+    REJECTED = "rejected"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {JobState.COMPLETED, JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED, JobState.REJECTED}
+)
+
+
+class RemoteStatus(StrEnum):
+    """A provider batch status, normalised from either wire dialect."""
+
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @classmethod
+    def parse(cls, value: str) -> RemoteStatus:
+        """Normalise Together's upper case (and its old `CANCELING`) and OpenAI's lower case."""
+        lowered = value.strip().lower()
+        if lowered == "canceling":
+            lowered = "cancelling"
+        if lowered == "canceled":
+            lowered = "cancelled"
+        return cls(lowered)
+
+    @property
+    def terminal(self) -> bool:
+        return self in (
+            RemoteStatus.COMPLETED,
+            RemoteStatus.FAILED,
+            RemoteStatus.EXPIRED,
+            RemoteStatus.CANCELLED,
+        )
+
+
+class BatchEndpoint:
+    """Endpoints a batch may target (the seed's names)."""
+
+    CHAT_COMPLETIONS = "/v1/chat/completions"
+    COMPLETIONS = "/v1/completions"
+    EMBEDDINGS = "/v1/embeddings"
+
+
+SUPPORTED_ENDPOINTS: tuple[str, ...] = (
+    BatchEndpoint.CHAT_COMPLETIONS,
+    BatchEndpoint.COMPLETIONS,
+    BatchEndpoint.EMBEDDINGS,
+)
+
+
+class BatchJobStatus:
+    """The seed's status values (lower case)."""
+
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-batch limits of a provider."""
+
+    max_bytes: int
+    max_requests: int
+
+
+MB = 1_000_000
+
+#: One table of per-batch limits; the local backend uses Together's (DESIGN §3).
+PROVIDER_LIMITS: Mapping[str, Limits] = {
+    "together": Limits(max_bytes=100 * MB, max_requests=50_000),
+    "openai": Limits(max_bytes=200 * MB, max_requests=50_000),
+    "local": Limits(max_bytes=100 * MB, max_requests=50_000),
+}
+
+
+@dataclass(frozen=True)
+class RemoteBatch:
+    """A provider's batch as batchd sees it, whatever the wire dialect."""
+
+    id: str
+    status: RemoteStatus
+    input_file_id: str
+    endpoint: str
+    #: when the provider created it (aware, UTC); None when the wire omits it
+    created_at: datetime | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    #: the provider's own words when it failed the batch
+    error: str | None = None
+    #: 0–100 when the provider reports it (Together)
+    progress: float | None = None
+    #: total / completed / failed when the provider reports them (OpenAI)
+    request_counts: Mapping[str, int] | None = None
+    metadata: Mapping[str, str] | None = None
+    #: the wire object as received, for the client API and for debugging
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)

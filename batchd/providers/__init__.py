@@ -1,0 +1,1 @@
+"""Wire dialects of the Batch APIs batchd talks to."""

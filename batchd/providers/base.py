@@ -1,0 +1,78 @@
+"""The Provider protocol: what the daemon and the client need from a Batch API.
+
+One implementation per wire dialect (together.py, openai.py), each over an
+`httpx.AsyncClient` that the caller builds and passes in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from batchd.models import Limits, RemoteBatch
+
+
+class ProviderError(Exception):
+    """A call to the provider did not succeed.
+
+    `retryable` says whether the same call may simply be made again later
+    (network trouble, 429, 5xx); `outcome_unknown` says the provider may have
+    acted even though no answer arrived (a create that timed out), so the
+    caller must reconcile before repeating it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        retryable: bool = False,
+        outcome_unknown: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.retryable = retryable
+        self.outcome_unknown = outcome_unknown
+        self.retry_after = retry_after
+
+
+class Provider(Protocol):
+    """A Batch API seen through one wire dialect."""
+
+    #: "together" | "openai" | "local"
+    kind: str
+    limits: Limits
+
+    async def upload_file(self, path: Path, *, filename: str, sha256: str) -> str:
+        """Upload a batch input file; return the provider's file id.
+
+        Safe to call again after a crash: a file with the same checksum is
+        reused where the provider allows it (Together answers 409).
+        """
+        ...
+
+    async def create_batch(
+        self, *, input_file_id: str, endpoint: str, completion_window: str, job_id: str
+    ) -> RemoteBatch:
+        """Create a batch. Never retried blindly: a lost answer raises
+        ProviderError(outcome_unknown=True) and the caller reconciles by listing."""
+        ...
+
+    async def get_batch(self, batch_id: str) -> RemoteBatch: ...
+
+    async def list_batches(self) -> list[RemoteBatch]:
+        """Every batch the account can see (all pages)."""
+        ...
+
+    async def cancel_batch(self, batch_id: str) -> RemoteBatch: ...
+
+    async def download_file(self, file_id: str, dest: Path) -> int:
+        """Stream a file's content into `dest`; return its size in bytes.
+
+        If `dest` already holds a prefix (an interrupted download), the rest is
+        fetched with `Range` and appended. A body shorter than announced raises
+        ProviderError(retryable=True) and leaves the prefix for the next try.
+        """
+        ...
