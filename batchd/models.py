@@ -2,14 +2,15 @@
 
 The job life cycle (DESIGN §2)::
 
-    received → uploading → submitting → validating → in_progress → finalizing → downloading → completed
-                                             ↘ cancelling ↘                                  ↘ failed | expired | cancelled
+    received → uploading → submitting → validating → in_progress → finalizing → downloading
+                                             ↘ cancelling ↘                             ↓
+                                                                  completed | failed | expired | cancelled
     rejected   (never left the inbox: bad file, bad spec)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -155,3 +156,95 @@ class RemoteBatch:
     metadata: Mapping[str, str] | None = None
     #: the wire object as received, for the client API and for debugging
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One submission, as stored."""
+
+    id: str
+    name: str
+    source: str
+    state: JobState
+    provider: str
+    created_at: float
+    updated_at: float
+    endpoint: str | None = None
+    claimed_path: str | None = None
+    spec_path: str | None = None
+    upload_path: str | None = None
+    sha256: str | None = None
+    size_bytes: int | None = None
+    request_count: int | None = None
+    completion_window: str | None = None
+    model: str | None = None
+    webhook_url: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    input_file_id: str | None = None
+    outbox_path: str | None = None
+    reason: str | None = None
+    report_path: str | None = None
+    rejected_path: str | None = None
+    cancel_requested: bool = False
+    poll_interval_s: float | None = None
+    next_check_at: float | None = None
+    attempts: int = 0
+    last_error: str | None = None
+    request_counts: Mapping[str, int] | None = None
+    usage: Mapping[str, int] | None = None
+    finished_at: float | None = None
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:8]
+
+
+@dataclass(frozen=True)
+class RemoteBatchRecord:
+    """One remote batch a job owns (or the committed intent to create it)."""
+
+    id: int
+    job_id: str
+    round: int
+    shard: int
+    input_file_id: str
+    remote_id: str | None
+    status: str
+    create_attempts: int
+    intent_at: float
+    updated_at: float
+    remote_created_at: float | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    error: str | None = None
+    progress: float | None = None
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """A webhook event to insert with a transition, and where it goes."""
+
+    id: str
+    type: str
+    body: bytes
+    #: (url, secret_ref) pairs
+    targets: Sequence[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One event on its way to one endpoint."""
+
+    id: int
+    event_id: str
+    event_type: str
+    job_id: str | None
+    body: bytes
+    url: str
+    secret_ref: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_status: int | None = None
+    last_error: str | None = None
+    delivered_at: float | None = None

@@ -1,0 +1,485 @@
+"""Settings: a TOML file, `BATCHD_*` environment overrides and command-line flags (DESIGN §6).
+
+Precedence is flags > environment > file > defaults. Every problem names the key
+it is about and is raised as ConfigError, which the CLI turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_CONFIG_PATH = Path("/etc/batchd/batchd.toml")
+
+EVENT_TYPES: tuple[str, ...] = (
+    "batch.completed",
+    "batch.failed",
+    "batch.expired",
+    "batch.cancelled",
+    "batch.rejected",
+)
+
+DEFAULT_BASE_URLS = {
+    "together": "https://api.together.ai",
+    "openai": "https://api.openai.com/v1",
+}
+
+DEFAULT_KEY_ENVS = {"together": "TOGETHER_API_KEY", "openai": "OPENAI_API_KEY"}
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the key."""
+
+
+class Secret:
+    """A secret string that never shows itself in a repr, a log line or an f-string."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    kind: str = "local"
+    #: empty: the kind's default (the local backend picks a loopback port at start)
+    base_url: str = ""
+    api_key: Secret | None = None
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    engine: str = "echo"
+    upstream_url: str = ""
+    concurrency: int = 16
+
+
+@dataclass(frozen=True)
+class InboxSettings:
+    settle_s: float = 1.0
+    #: full rescans of the inbox (events are hints; the rescan is the truth)
+    rescan_s: float = 30.0
+    allow_webhook_urls: tuple[str, ...] = ()
+    #: signs events for a spec's webhook_url; several during rotation
+    webhook_secrets: tuple[Secret, ...] = ()
+
+
+@dataclass(frozen=True)
+class SubmitSettings:
+    completion_window: str = "24h"
+
+
+@dataclass(frozen=True)
+class PollingSettings:
+    min_interval_s: float = 5.0
+    max_interval_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    timeout_s: float = 15.0
+    retry_delays_s: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
+
+
+@dataclass(frozen=True)
+class WebhookEndpoint:
+    url: str
+    secrets: tuple[Secret, ...]
+    events: tuple[str, ...] = EVENT_TYPES
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything batchd is configured with. Paths are absolute."""
+
+    state_dir: Path
+    inbox_dir: Path
+    outbox_dir: Path
+    database_url: str
+    provider: ProviderSettings = field(default_factory=ProviderSettings)
+    local: LocalSettings = field(default_factory=LocalSettings)
+    inbox: InboxSettings = field(default_factory=InboxSettings)
+    submit: SubmitSettings = field(default_factory=SubmitSettings)
+    polling: PollingSettings = field(default_factory=PollingSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    webhooks: tuple[WebhookEndpoint, ...] = ()
+    #: the file these settings came from, if any
+    config_path: Path | None = None
+
+    @property
+    def local_dir(self) -> Path:
+        """Where the embedded backend keeps its files and batches."""
+        return self.state_dir / "local"
+
+
+# The keys a file may hold, per section; anything else is refused by name.
+_TOP_KEYS = {"state_dir", "inbox_dir", "outbox_dir", "database_url"}
+_SECTION_KEYS: dict[str, set[str]] = {
+    "provider": {"kind", "base_url", "api_key", "api_key_env", "api_key_file"},
+    "local": {"engine", "upstream_url", "concurrency"},
+    "inbox": {
+        "settle_s",
+        "rescan_s",
+        "allow_webhook_urls",
+        "webhook_secret",
+        "webhook_secret_env",
+        "webhook_secret_file",
+    },
+    "submit": {"completion_window"},
+    "polling": {"min_interval_s", "max_interval_s"},
+    "delivery": {"timeout_s", "retry_delays_s"},
+}
+_WEBHOOK_KEYS = {"url", "secret", "secret_env", "secret_file", "events"}
+
+
+def find_config_path(flag: str | Path | None, environ: Mapping[str, str]) -> tuple[Path, bool]:
+    """The config file to read and whether the user named it explicitly."""
+    if flag:
+        return Path(flag), True
+    if environ.get("BATCHD_CONFIG"):
+        return Path(environ["BATCHD_CONFIG"]), True
+    return DEFAULT_CONFIG_PATH, False
+
+
+def load_settings(
+    config: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read the file, apply `BATCHD_*` overrides, then flag overrides (dotted keys)."""
+    env = os.environ if environ is None else environ
+    path, explicit = find_config_path(config, env)
+    raw: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    if path.is_file():
+        try:
+            with path.open("rb") as fh:
+                raw = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        base_dir = path.resolve().parent
+    elif explicit:
+        raise ConfigError(f"config file {path} does not exist")
+    _check_known_keys(raw)
+    _apply_env(raw, env)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return _build(raw, base_dir=base_dir, environ=env, config_path=path.resolve() if path.is_file() else None)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value` from a `--set` flag; the value is a TOML literal or a bare string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE")
+    return key.strip(), _literal(value.strip())
+
+
+def _literal(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _check_known_keys(raw: Mapping[str, Any]) -> None:
+    for key, value in raw.items():
+        if key in _TOP_KEYS:
+            continue
+        if key in _SECTION_KEYS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table")
+            for sub in value:
+                if sub not in _SECTION_KEYS[key]:
+                    raise ConfigError(f"unknown key {key}.{sub}")
+            continue
+        if key == "webhooks":
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ConfigError("webhooks must be an array of tables ([[webhooks]])")
+            for i, entry in enumerate(value):
+                for sub in entry:
+                    if sub not in _WEBHOOK_KEYS:
+                        raise ConfigError(f"unknown key webhooks[{i}].{sub}")
+            continue
+        raise ConfigError(f"unknown key {key}")
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith("BATCHD_"):
+            continue
+        rest = name[len("BATCHD_") :].lower()
+        if rest in _TOP_KEYS:
+            raw[rest] = _literal(value)
+            continue
+        for section, keys in _SECTION_KEYS.items():
+            prefix = section + "_"
+            if rest.startswith(prefix) and rest[len(prefix) :] in keys:
+                raw.setdefault(section, {})[rest[len(prefix) :]] = _literal(value)
+                break
+        # Anything else (BATCHD_CONFIG, a secret named by *_env) is not an override.
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    section, _, key = dotted.partition(".")
+    if not key:
+        if section not in _TOP_KEYS:
+            raise ConfigError(f"unknown key {dotted}")
+        raw[section] = value
+        return
+    if section not in _SECTION_KEYS or key not in _SECTION_KEYS[section]:
+        raise ConfigError(f"unknown key {dotted}")
+    raw.setdefault(section, {})[key] = value
+
+
+# ---------------------------------------------------------------- typed readers
+
+
+def _str(table: Mapping[str, Any], key: str, name: str, default: str) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, not {value!r}")
+    return value
+
+
+def _num(table: Mapping[str, Any], key: str, name: str, default: float) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a number of seconds, not {value!r}")
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative, not {value!r}")
+    return float(value)
+
+
+def _int(table: Mapping[str, Any], key: str, name: str, default: int, minimum: int) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer of at least {minimum}, not {value!r}")
+    return value
+
+
+def _choice(table: Mapping[str, Any], key: str, name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _str(table, key, name, default)
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
+def _http_url(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a URL string, not {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name} must be an http(s) URL, not {value!r}")
+    return value
+
+
+def _path(value: str, base_dir: Path) -> Path:
+    path = Path(os.path.expandvars(value)).expanduser()
+    return path if path.is_absolute() else (base_dir / path)
+
+
+def _secrets(
+    table: Mapping[str, Any],
+    prefix: str,
+    name: str,
+    *,
+    base_dir: Path,
+    environ: Mapping[str, str],
+) -> tuple[str, ...]:
+    """A secret given as a value (or list), as `*_env` or as `*_file`; empty when none is set."""
+    given = [k for k in (prefix, f"{prefix}_env", f"{prefix}_file") if table.get(k) not in (None, "")]
+    if len(given) > 1:
+        raise ConfigError(f"{name}: set only one of {', '.join(f'{name}.{k}' for k in given)}")
+    if not given:
+        return ()
+    key = given[0]
+    value = table[key]
+    if key == prefix:
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, str) and v for v in values):
+            raise ConfigError(f"{name}.{key} must be a non-empty string or a list of them")
+        return tuple(values)
+    if not isinstance(value, str):
+        raise ConfigError(f"{name}.{key} must be a string")
+    if key.endswith("_env"):
+        if not environ.get(value):
+            raise ConfigError(f"{name}.{key}: environment variable {value} is not set")
+        return tuple(environ[value].split())
+    path = _path(value, base_dir)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{name}.{key}: cannot read {path}: {exc.strerror}") from exc
+    secrets = tuple(text.split())
+    if not secrets:
+        raise ConfigError(f"{name}.{key}: {path} is empty")
+    return secrets
+
+
+def _webhook_secrets(values: tuple[str, ...], name: str) -> tuple[Secret, ...]:
+    for value in values:
+        if not value.startswith("whsec_"):
+            raise ConfigError(f"{name}: a webhook secret must look like whsec_<base64>")
+        try:
+            key = base64.b64decode(value[len("whsec_") :], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ConfigError(f"{name}: the part after whsec_ is not valid base64") from exc
+        if len(key) < 16:
+            raise ConfigError(f"{name}: a webhook secret needs at least 16 random bytes (24–64 advised)")
+    return tuple(Secret(v) for v in values)
+
+
+def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{key}] must be a table")
+    return value
+
+
+def _build(raw: Mapping[str, Any], *, base_dir: Path, environ: Mapping[str, str], config_path: Path | None) -> Settings:
+    state_dir = _path(_str(raw, "state_dir", "state_dir", "/var/lib/batchd"), base_dir)
+    inbox_text = _str(raw, "inbox_dir", "inbox_dir", "")
+    outbox_text = _str(raw, "outbox_dir", "outbox_dir", "")
+    database_url = _database_url(_str(raw, "database_url", "database_url", ""), state_dir)
+
+    p = _table(raw, "provider")
+    kind = _choice(p, "kind", "provider.kind", "local", ("local", "together", "openai"))
+    base_url = _str(p, "base_url", "provider.base_url", "")
+    if base_url:
+        _http_url(base_url, "provider.base_url")
+    elif kind != "local":
+        base_url = DEFAULT_BASE_URLS[kind]
+    keys = _secrets(p, "api_key", "provider", base_dir=base_dir, environ=environ)
+    api_key: Secret | None = Secret(keys[0]) if keys else None
+    if api_key is None and kind != "local":
+        env_name = DEFAULT_KEY_ENVS[kind]
+        if not environ.get(env_name):
+            raise ConfigError(
+                f"provider.api_key_env: no API key for {kind}: set {env_name}, "
+                "provider.api_key_env or provider.api_key_file"
+            )
+        api_key = Secret(environ[env_name])
+
+    lo = _table(raw, "local")
+    engine = _choice(lo, "engine", "local.engine", "echo", ("echo", "upstream"))
+    upstream_url = _str(lo, "upstream_url", "local.upstream_url", "")
+    if engine == "upstream":
+        if not upstream_url:
+            raise ConfigError("local.upstream_url is required when local.engine = 'upstream'")
+        _http_url(upstream_url, "local.upstream_url")
+
+    ib = _table(raw, "inbox")
+    allow = ib.get("allow_webhook_urls", [])
+    if not isinstance(allow, list):
+        raise ConfigError("inbox.allow_webhook_urls must be a list of URLs")
+    inbox_secrets = _secrets(ib, "webhook_secret", "inbox", base_dir=base_dir, environ=environ)
+    inbox_webhook_secrets = _webhook_secrets(inbox_secrets, "inbox.webhook_secret")
+    if allow and not inbox_webhook_secrets:
+        raise ConfigError(
+            "inbox.webhook_secret_env: allow_webhook_urls is set, so a secret to sign those events is needed"
+        )
+
+    sb = _table(raw, "submit")
+    window = _str(sb, "completion_window", "submit.completion_window", "24h")
+    if not window or not window[:-1].isdigit() or window[-1] not in "hd":
+        raise ConfigError(f"submit.completion_window must look like '24h', not {window!r}")
+
+    po = _table(raw, "polling")
+    min_interval = _num(po, "min_interval_s", "polling.min_interval_s", 5.0)
+    max_interval = _num(po, "max_interval_s", "polling.max_interval_s", 60.0)
+    if max_interval < min_interval:
+        raise ConfigError("polling.max_interval_s must not be below polling.min_interval_s")
+
+    de = _table(raw, "delivery")
+    delays = de.get("retry_delays_s", list(DeliverySettings.retry_delays_s))
+    if not isinstance(delays, list) or not all(
+        isinstance(d, int | float) and not isinstance(d, bool) and d >= 0 for d in delays
+    ):
+        raise ConfigError("delivery.retry_delays_s must be a list of non-negative numbers of seconds")
+
+    return Settings(
+        state_dir=state_dir,
+        inbox_dir=_path(inbox_text, base_dir) if inbox_text else state_dir / "inbox",
+        outbox_dir=_path(outbox_text, base_dir) if outbox_text else state_dir / "outbox",
+        database_url=database_url,
+        provider=ProviderSettings(kind=kind, base_url=base_url, api_key=api_key),
+        local=LocalSettings(
+            engine=engine,
+            upstream_url=upstream_url,
+            concurrency=_int(lo, "concurrency", "local.concurrency", 16, 1),
+        ),
+        inbox=InboxSettings(
+            settle_s=_num(ib, "settle_s", "inbox.settle_s", 1.0),
+            rescan_s=_num(ib, "rescan_s", "inbox.rescan_s", 30.0),
+            allow_webhook_urls=tuple(_http_url(u, f"inbox.allow_webhook_urls[{i}]") for i, u in enumerate(allow)),
+            webhook_secrets=inbox_webhook_secrets,
+        ),
+        submit=SubmitSettings(completion_window=window),
+        polling=PollingSettings(min_interval_s=min_interval, max_interval_s=max_interval),
+        delivery=DeliverySettings(
+            timeout_s=_num(de, "timeout_s", "delivery.timeout_s", 15.0),
+            retry_delays_s=tuple(float(d) for d in delays),
+        ),
+        webhooks=_build_webhooks(raw.get("webhooks", []), base_dir=base_dir, environ=environ),
+        config_path=config_path,
+    )
+
+
+def _build_webhooks(
+    entries: list[Mapping[str, Any]], *, base_dir: Path, environ: Mapping[str, str]
+) -> tuple[WebhookEndpoint, ...]:
+    endpoints = []
+    for i, entry in enumerate(entries):
+        name = f"webhooks[{i}]"
+        url = _http_url(entry.get("url"), f"{name}.url")
+        secrets = _secrets(entry, "secret", name, base_dir=base_dir, environ=environ)
+        if not secrets:
+            raise ConfigError(f"{name}.secret_env: every webhook endpoint needs a secret")
+        events = entry.get("events", list(EVENT_TYPES))
+        if not isinstance(events, list) or not events:
+            raise ConfigError(f"{name}.events must be a non-empty list")
+        for event in events:
+            if event not in EVENT_TYPES:
+                raise ConfigError(f"{name}.events: unknown event type {event!r}")
+        endpoints.append(
+            WebhookEndpoint(url=url, secrets=_webhook_secrets(secrets, f"{name}.secret"), events=tuple(events))
+        )
+    return tuple(endpoints)
+
+
+def _database_url(value: str, state_dir: Path) -> str:
+    if not value:
+        return f"sqlite:///{state_dir / 'batchd.db'}"
+    scheme = value.split(":", 1)[0]
+    if scheme in ("postgresql", "postgres"):
+        # A plain postgresql:// URL uses the driver of the `postgres` extra.
+        return "postgresql+psycopg:" + value.split(":", 1)[1]
+    if not (scheme.startswith("sqlite") or scheme.startswith("postgresql+")):
+        raise ConfigError(f"database_url must be sqlite:/// or postgresql://, not {scheme}://")
+    return value

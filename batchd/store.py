@@ -1,0 +1,483 @@
+"""The durable state of batchd: SQLAlchemy 2.x Core tables and the Store.
+
+This is the only module that speaks SQL. Every method is one transaction, so a
+state transition and the webhook events it causes commit together or not at
+all (the transactional outbox of DESIGN §2). Times are unix seconds (float),
+which every dialect stores without time-zone surprises.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    RowMapping,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from batchd.models import TERMINAL_STATES, Delivery, Job, JobState, NewEvent, RemoteBatchRecord
+
+metadata = MetaData()
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, nullable=False),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", Text, nullable=False),
+    #: the file name as dropped (NAME.jsonl or NAME.json)
+    Column("source", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("provider", String(16), nullable=False),
+    Column("endpoint", Text),
+    #: the claimed data file under inbox/.batchd/claimed/<id>/
+    Column("claimed_path", Text),
+    Column("spec_path", Text),
+    #: the normalised copy that is uploaded (defines the input order)
+    Column("upload_path", Text),
+    Column("sha256", String(64)),
+    Column("size_bytes", Integer),
+    Column("request_count", Integer),
+    Column("completion_window", String(16)),
+    Column("model", Text),
+    Column("webhook_url", Text),
+    Column("metadata", JSON, nullable=False, default=dict),
+    Column("input_file_id", Text),
+    Column("outbox_path", Text),
+    #: why the job failed or was rejected (the first problems)
+    Column("reason", Text),
+    Column("report_path", Text),
+    Column("rejected_path", Text),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("poll_interval_s", Float),
+    Column("next_check_at", Float),
+    #: consecutive failed attempts of the current step (drives the backoff)
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("request_counts", JSON),
+    Column("usage", JSON),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Index("ix_jobs_state", "state"),
+    Index("ix_jobs_name", "name"),
+)
+
+remote_batches = Table(
+    "remote_batches",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(32), ForeignKey("jobs.id"), nullable=False),
+    #: 0 for the first submission; follow-up rounds count up
+    Column("round", Integer, nullable=False, default=0),
+    Column("shard", Integer, nullable=False, default=0),
+    Column("input_file_id", Text, nullable=False),
+    #: the provider's batch id; NULL while only the intent to create exists
+    Column("remote_id", Text, unique=True),
+    #: "creating" until bound, then the normalised remote status
+    Column("status", String(16), nullable=False),
+    Column("create_attempts", Integer, nullable=False, default=0),
+    Column("intent_at", Float, nullable=False),
+    Column("remote_created_at", Float),
+    Column("output_file_id", Text),
+    Column("error_file_id", Text),
+    Column("error", Text),
+    Column("progress", Float),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_remote_batches_job", "job_id"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("job_id", String(32), ForeignKey("jobs.id")),
+    Column("type", String(32), nullable=False),
+    #: the exact body bytes, sent identically on every attempt
+    Column("body", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("event_id", String(40), ForeignKey("events.id"), nullable=False),
+    Column("url", Text, nullable=False),
+    #: which secrets sign it: "config" (the [[webhooks]] entry with this url) or "inbox"
+    Column("secret_ref", String(16), nullable=False),
+    #: pending | delivered | dead | disabled
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("last_status", Integer),
+    Column("last_error", Text),
+    Column("delivered_at", Float),
+    Index("ix_deliveries_due", "state", "next_attempt_at"),
+)
+
+endpoints = Table(
+    "endpoints",
+    metadata,
+    Column("url", Text, primary_key=True),
+    Column("disabled_at", Float),
+    Column("reason", Text),
+)
+
+
+def _migrate_v1(conn: Connection) -> None:
+    metadata.create_all(conn)
+
+
+#: Forward migrations, in order; each runs once, in its own transaction.
+MIGRATIONS: tuple[tuple[int, Any], ...] = ((1, _migrate_v1),)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+class StaleState(Exception):
+    """A transition expected a state the job is no longer in."""
+
+
+class Store:
+    """Jobs, remote batches and webhook events in one SQL database."""
+
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.time) -> None:
+        self.url = url
+        self._clock = clock
+        self._engine = _make_engine(url)
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def now(self) -> float:
+        return float(self._clock())
+
+    # ------------------------------------------------------------ plumbing
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        # BEGIN IMMEDIATE on SQLite: take the write lock up front, so two writers
+        # queue on busy_timeout instead of failing half-way with "database is locked".
+        with self._engine.connect().execution_options(batchd_write=True) as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._engine.connect() as conn, conn.begin():
+            yield conn
+
+    # ------------------------------------------------------------ schema
+
+    def migrate(self) -> int:
+        """Bring the schema to SCHEMA_VERSION; return the version found before."""
+        with self._write() as conn:
+            metadata.tables["schema_version"].create(conn, checkfirst=True)
+            found = conn.execute(select(func.max(schema_version.c.version))).scalar()
+            current = int(found or 0)
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(f"database schema version {current} is newer than this batchd ({SCHEMA_VERSION})")
+            for version, step in MIGRATIONS:
+                if version > current:
+                    step(conn)
+                    conn.execute(schema_version.delete())
+                    conn.execute(insert(schema_version).values(version=version))
+        return current
+
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute(select(func.max(schema_version.c.version))).scalar() or 0)
+
+    # ------------------------------------------------------------ jobs
+
+    def insert_job(self, *, events_: Sequence[NewEvent] = (), **values: Any) -> Job:
+        """Insert a job (state given in values) and, in the same transaction, its events."""
+        now = self.now()
+        values = {"created_at": now, "updated_at": now, "metadata": {}, **values}
+        with self._write() as conn:
+            conn.execute(insert(jobs).values(**_db_values(values)))
+            self._insert_events(conn, values["id"], events_, now)
+            row = conn.execute(select(jobs).where(jobs.c.id == values["id"])).one()
+        return _job(row._mapping)
+
+    def get_job(self, job_id: str) -> Job | None:
+        with self._read() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        return _job(row._mapping) if row else None
+
+    def job_exists(self, job_id: str) -> bool:
+        return self.get_job(job_id) is not None
+
+    def find_jobs(self, ref: str) -> list[Job]:
+        """Jobs matching an id, a unique id prefix, or a name (newest first)."""
+        with self._read() as conn:
+            exact = conn.execute(select(jobs).where(jobs.c.id == ref)).first()
+            if exact:
+                return [_job(exact._mapping)]
+            rows = conn.execute(
+                select(jobs)
+                .where(or_(jobs.c.id.startswith(ref, autoescape=True), jobs.c.name == ref))
+                .order_by(jobs.c.created_at.desc())
+            ).all()
+        return [_job(r._mapping) for r in rows]
+
+    def list_jobs(self, states: Sequence[JobState] | None = None) -> list[Job]:
+        query = select(jobs).order_by(jobs.c.created_at, jobs.c.id)
+        if states:
+            query = query.where(jobs.c.state.in_([s.value for s in states]))
+        with self._read() as conn:
+            return [_job(r._mapping) for r in conn.execute(query).all()]
+
+    def active_jobs(self) -> list[Job]:
+        """Every job not yet in a terminal state."""
+        return self.list_jobs([s for s in JobState if s not in TERMINAL_STATES])
+
+    def update_job(
+        self,
+        job_id: str,
+        *,
+        expect: JobState | Sequence[JobState] | None = None,
+        events_: Sequence[NewEvent] = (),
+        **values: Any,
+    ) -> Job:
+        """Change a job (and insert events) in one transaction.
+
+        With `expect`, the change applies only if the job is still in one of
+        those states; otherwise StaleState is raised and nothing changes.
+        """
+        now = self.now()
+        values["updated_at"] = now
+        if isinstance(values.get("state"), JobState) and values["state"].terminal:
+            values.setdefault("finished_at", now)
+        query = update(jobs).where(jobs.c.id == job_id).values(**_db_values(values))
+        if expect is not None:
+            expected = [expect] if isinstance(expect, JobState) else list(expect)
+            query = query.where(jobs.c.state.in_([s.value for s in expected]))
+        with self._write() as conn:
+            if conn.execute(query).rowcount != 1:
+                raise StaleState(f"job {job_id} is not in state {expect}")
+            self._insert_events(conn, job_id, events_, now)
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+        return _job(row._mapping)
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self._read() as conn:
+            rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
+        return {str(state): int(n) for state, n in rows}
+
+    # ------------------------------------------------------------ remote batches
+
+    def add_remote_intent(
+        self, job_id: str, *, input_file_id: str, round_: int = 0, shard: int = 0, **job_values: Any
+    ) -> RemoteBatchRecord:
+        """Commit the intent to create a remote batch (and any job change) before the create call."""
+        now = self.now()
+        with self._write() as conn:
+            result = conn.execute(
+                insert(remote_batches).values(
+                    job_id=job_id,
+                    round=round_,
+                    shard=shard,
+                    input_file_id=input_file_id,
+                    status="creating",
+                    create_attempts=0,
+                    intent_at=now,
+                    updated_at=now,
+                )
+            )
+            if job_values:
+                job_values["updated_at"] = now
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(**_db_values(job_values)))
+            key = result.inserted_primary_key
+            assert key is not None
+            row = conn.execute(select(remote_batches).where(remote_batches.c.id == key[0])).one()
+        return _remote(row._mapping)
+
+    def remote_batches(self, job_id: str) -> list[RemoteBatchRecord]:
+        with self._read() as conn:
+            rows = conn.execute(
+                select(remote_batches)
+                .where(remote_batches.c.job_id == job_id)
+                .order_by(remote_batches.c.round, remote_batches.c.shard, remote_batches.c.id)
+            ).all()
+        return [_remote(r._mapping) for r in rows]
+
+    def update_remote(self, record_id: int, **values: Any) -> RemoteBatchRecord:
+        values["updated_at"] = self.now()
+        with self._write() as conn:
+            conn.execute(update(remote_batches).where(remote_batches.c.id == record_id).values(**values))
+            row = conn.execute(select(remote_batches).where(remote_batches.c.id == record_id)).one()
+        return _remote(row._mapping)
+
+    def bound_remote_ids(self) -> set[str]:
+        """Remote batch ids already owned by some job (never adopted twice)."""
+        with self._read() as conn:
+            rows = conn.execute(select(remote_batches.c.remote_id).where(remote_batches.c.remote_id.is_not(None))).all()
+        return {str(r[0]) for r in rows}
+
+    # ------------------------------------------------------------ webhooks
+
+    def _insert_events(self, conn: Connection, job_id: str | None, new: Sequence[NewEvent], now: float) -> None:
+        for ev in new:
+            conn.execute(insert(events).values(id=ev.id, job_id=job_id, type=ev.type, body=ev.body, created_at=now))
+            for url, secret_ref in ev.targets:
+                conn.execute(
+                    insert(deliveries).values(
+                        event_id=ev.id,
+                        url=url,
+                        secret_ref=secret_ref,
+                        state="pending",
+                        attempts=0,
+                        next_attempt_at=now,
+                    )
+                )
+
+    def _deliveries_query(self) -> Any:
+        return select(
+            deliveries,
+            events.c.type.label("event_type"),
+            events.c.job_id,
+            events.c.body,
+        ).join(events, events.c.id == deliveries.c.event_id)
+
+    def due_deliveries(self, now: float, *, limit: int = 100) -> list[Delivery]:
+        query = (
+            self._deliveries_query()
+            .where(deliveries.c.state == "pending", deliveries.c.next_attempt_at <= now)
+            .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [_delivery(r._mapping) for r in conn.execute(query).all()]
+
+    def next_delivery_at(self) -> float | None:
+        with self._read() as conn:
+            value = conn.execute(
+                select(func.min(deliveries.c.next_attempt_at)).where(deliveries.c.state == "pending")
+            ).scalar()
+        return float(value) if value is not None else None
+
+    def deliveries(self, *, event_id: str | None = None, job_id: str | None = None) -> list[Delivery]:
+        query = self._deliveries_query().order_by(deliveries.c.id)
+        if event_id is not None:
+            query = query.where(deliveries.c.event_id == event_id)
+        if job_id is not None:
+            query = query.where(events.c.job_id == job_id)
+        with self._read() as conn:
+            return [_delivery(r._mapping) for r in conn.execute(query).all()]
+
+    def pending_delivery_count(self) -> int:
+        with self._read() as conn:
+            value = conn.execute(
+                select(func.count()).select_from(deliveries).where(deliveries.c.state == "pending")
+            ).scalar()
+        return int(value or 0)
+
+    def update_delivery(self, delivery_id: int, **values: Any) -> None:
+        with self._write() as conn:
+            conn.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(**values))
+
+    def disable_endpoint(self, url: str, reason: str) -> None:
+        """Mark an endpoint gone (410) and park its pending deliveries as disabled."""
+        now = self.now()
+        with self._write() as conn:
+            found = conn.execute(select(endpoints.c.url).where(endpoints.c.url == url)).first()
+            if found:
+                conn.execute(update(endpoints).where(endpoints.c.url == url).values(disabled_at=now, reason=reason))
+            else:
+                conn.execute(insert(endpoints).values(url=url, disabled_at=now, reason=reason))
+            conn.execute(
+                update(deliveries)
+                .where(deliveries.c.url == url, deliveries.c.state == "pending")
+                .values(state="disabled", last_error=reason)
+            )
+
+    def disabled_endpoints(self) -> dict[str, str]:
+        with self._read() as conn:
+            rows = conn.execute(
+                select(endpoints.c.url, endpoints.c.reason).where(endpoints.c.disabled_at.is_not(None))
+            ).all()
+        return {str(url): str(reason or "") for url, reason in rows}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        # The daemon calls the Store from worker threads; each checkout is used by one thread at a time.
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:
+            # Let SQLAlchemy's begin event emit BEGIN itself (the pysqlite recipe).
+            dbapi_conn.isolation_level = None
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed intent survives a power cut, not only a process crash.
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            write = conn.get_execution_options().get("batchd_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _db_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (v.value if isinstance(v, JobState) else v) for k, v in values.items()}
+
+
+def _job(row: RowMapping) -> Job:
+    data = dict(row)
+    data["state"] = JobState(data["state"])
+    data["metadata"] = data.get("metadata") or {}
+    data["cancel_requested"] = bool(data.get("cancel_requested"))
+    return Job(**data)
+
+
+def _remote(row: RowMapping) -> RemoteBatchRecord:
+    return RemoteBatchRecord(**dict(row))
+
+
+def _delivery(row: RowMapping) -> Delivery:
+    data = dict(row)
+    data["body"] = bytes(data["body"])
+    return Delivery(**data)
