@@ -1,0 +1,362 @@
+"""Unit tests of batchd.validation: one per rule, plus the report and the upload copy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchd.models import PROVIDER_LIMITS, Limits
+from batchd.validation import (
+    RULES,
+    Problem,
+    Report,
+    format_report,
+    iter_custom_ids,
+    validate_file,
+    write_upload_copy,
+)
+
+LIMITS = PROVIDER_LIMITS["together"]
+CHAT = "/v1/chat/completions"
+
+
+def request(custom_id: str = "r1", **overrides: Any) -> dict[str, Any]:
+    """A valid chat request; keyword arguments replace top-level keys."""
+    req: dict[str, Any] = {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": CHAT,
+        "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+    }
+    req.update(overrides)
+    return req
+
+
+def line(obj: Any) -> bytes:
+    return json.dumps(obj).encode() + b"\n"
+
+
+def write(tmp_path: Path, data: bytes, name: str = "batch.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def check(tmp_path: Path, data: bytes, limits: Limits = LIMITS, max_reported: int = 100) -> Report:
+    return validate_file(write(tmp_path, data), source="batch.jsonl", limits=limits, max_reported=max_reported)
+
+
+def only(report: Report) -> Problem:
+    assert report.problem_count == 1, report.problems
+    return report.problems[0]
+
+
+def test_valid_file(tmp_path: Path) -> None:
+    report = check(tmp_path, line(request("a")) + line(request("b")))
+    assert report.ok
+    assert report.problems == ()
+    assert report.request_count == 2
+    assert report.endpoint == CHAT
+    assert report.size_bytes == (tmp_path / "batch.jsonl").stat().st_size
+
+
+def test_bom_crlf_and_blank_lines_accepted(tmp_path: Path) -> None:
+    data = (
+        b"\xef\xbb\xbf"
+        + json.dumps(request("a")).encode()
+        + b"\r\n"
+        + b"   \r\n\n\t\n"
+        + json.dumps(request("b")).encode()
+        + b"\r\n\r\n"
+        + json.dumps(request("c")).encode()  # no final line end
+    )
+    report = check(tmp_path, data)
+    assert report.ok, report.problems
+    assert report.request_count == 3
+
+
+def test_blank_lines_keep_line_numbers(tmp_path: Path) -> None:
+    report = check(tmp_path, line(request("a")) + b"\n\n" + b"{oops\n")
+    problem = only(report)
+    assert (problem.line, problem.rule) == (4, "json")
+
+
+def test_encoding(tmp_path: Path) -> None:
+    bad = json.dumps(request("b")).replace("hi", "h\udcffi", 1).encode("utf-8", "surrogateescape")
+    problem = only(check(tmp_path, line(request("a")) + bad + b"\n"))
+    assert (problem.line, problem.rule) == (2, "encoding")
+    assert "0xff" in problem.message
+
+
+def test_json(tmp_path: Path) -> None:
+    problem = only(check(tmp_path, line(request("a")) + b'{"custom_id": "b" "method": "POST"}\n'))
+    assert (problem.line, problem.rule) == (2, "json")
+    assert str(problem) == "line 2: json: not valid JSON (Expecting ',' delimiter: column 19)"
+
+
+@pytest.mark.parametrize("text", [b"NaN", b'{"custom_id": "a", "x": Infinity}', b"[" * 100_000])
+def test_json_rejects_what_providers_reject(tmp_path: Path, text: bytes) -> None:
+    problem = only(check(tmp_path, text + b"\n"))
+    assert (problem.line, problem.rule) == (1, "json")
+
+
+@pytest.mark.parametrize("value", [[1], "text", 3, None])
+def test_object(tmp_path: Path, value: Any) -> None:
+    problem = only(check(tmp_path, line(request("a")) + line(value)))
+    assert (problem.line, problem.rule) == (2, "object")
+
+
+@pytest.mark.parametrize(
+    ("custom_id", "words"),
+    [(None, "missing"), (7, "string"), ("", "got 0"), ("x" * 65, "got 65")],
+)
+def test_custom_id(tmp_path: Path, custom_id: Any, words: str) -> None:
+    req = request()
+    if custom_id is None:
+        del req["custom_id"]
+    else:
+        req["custom_id"] = custom_id
+    problem = only(check(tmp_path, line(request("a")) + line(req)))
+    assert (problem.line, problem.rule) == (2, "custom_id")
+    assert words in problem.message
+
+
+def test_custom_id_counts_characters_not_bytes(tmp_path: Path) -> None:
+    assert check(tmp_path, line(request("é" * 64))).ok
+
+
+def test_duplicate_custom_id_names_earlier_line(tmp_path: Path) -> None:
+    data = line(request("a")) + line(request("b")) + line(request("a"))
+    problem = only(check(tmp_path, data))
+    assert (problem.line, problem.rule) == (3, "duplicate_custom_id")
+    assert "line 1" in problem.message
+
+
+@pytest.mark.parametrize("method", ["GET", "post", None])
+def test_method(tmp_path: Path, method: str | None) -> None:
+    req = request("b", method=method)
+    if method is None:
+        del req["method"]
+    problem = only(check(tmp_path, line(request("a")) + line(req)))
+    assert (problem.line, problem.rule) == (2, "method")
+
+
+@pytest.mark.parametrize("url", ["/v1/images", "v1/chat/completions", 5, None])
+def test_url(tmp_path: Path, url: Any) -> None:
+    req = request("b", url=url)
+    if url is None:
+        del req["url"]
+    problem = only(check(tmp_path, line(request("a")) + line(req)))
+    assert (problem.line, problem.rule) == (2, "url")
+
+
+def test_mixed_url_names_the_first_url(tmp_path: Path) -> None:
+    embed = request("b", url="/v1/embeddings", body={"model": "m", "input": "x"})
+    report = check(tmp_path, line(request("a")) + line(embed))
+    problem = only(report)
+    assert (problem.line, problem.rule) == (2, "mixed_url")
+    assert CHAT in problem.message and "line 1" in problem.message
+    assert report.endpoint == CHAT
+
+
+def test_endpoint_is_first_supported_url(tmp_path: Path) -> None:
+    report = check(tmp_path, line(request("a", url="/v1/nope")) + line(request("b")))
+    assert [(p.line, p.rule) for p in report.problems] == [(1, "url")]
+    assert report.endpoint == CHAT
+
+
+@pytest.mark.parametrize("body", [None, "text", []])
+def test_body(tmp_path: Path, body: Any) -> None:
+    req = request("b", body=body)
+    if body is None:
+        del req["body"]
+    problem = only(check(tmp_path, line(request("a")) + line(req)))
+    assert (problem.line, problem.rule) == (2, "body")
+
+
+@pytest.mark.parametrize("model", ["<missing>", "", None, 3])
+def test_model(tmp_path: Path, model: Any) -> None:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}]}
+    if model != "<missing>":
+        body["model"] = model
+    problem = only(check(tmp_path, line(request("a")) + line(request("b", body=body))))
+    assert (problem.line, problem.rule) == (2, "model")
+
+
+@pytest.mark.parametrize("messages", ["<missing>", [], "hi", None])
+def test_messages(tmp_path: Path, messages: Any) -> None:
+    body: dict[str, Any] = {"model": "m"}
+    if messages != "<missing>":
+        body["messages"] = messages
+    problem = only(check(tmp_path, line(request("a")) + line(request("b", body=body))))
+    assert (problem.line, problem.rule) == (2, "messages")
+
+
+def test_prompt(tmp_path: Path) -> None:
+    ok = request("a", url="/v1/completions", body={"model": "m", "prompt": "x"})
+    bad = request("b", url="/v1/completions", body={"model": "m"})
+    problem = only(check(tmp_path, line(ok) + line(bad)))
+    assert (problem.line, problem.rule) == (2, "prompt")
+
+
+def test_input(tmp_path: Path) -> None:
+    ok = request("a", url="/v1/embeddings", body={"model": "m", "input": ["x"]})
+    bad = request("b", url="/v1/embeddings", body={"model": "m"})
+    problem = only(check(tmp_path, line(ok) + line(bad)))
+    assert (problem.line, problem.rule) == (2, "input")
+
+
+def test_stream(tmp_path: Path) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    falsy = {**body, "stream": False}
+    problem = only(check(tmp_path, line(request("a", body=falsy)) + line(request("b", body=body))))
+    assert (problem.line, problem.rule) == (2, "stream")
+
+
+@pytest.mark.parametrize("data", [b"", b"\n  \r\n\t\n", b"\xef\xbb\xbf\r\n"])
+def test_empty(tmp_path: Path, data: bytes) -> None:
+    report = check(tmp_path, data)
+    problem = only(report)
+    assert (problem.line, problem.rule) == (None, "empty")
+    assert report.request_count == 0
+    assert str(problem).startswith("file: empty: ")
+
+
+def test_several_problems_on_one_line(tmp_path: Path) -> None:
+    req = {"custom_id": "", "method": "GET", "url": CHAT, "body": {"stream": True}}
+    report = check(tmp_path, line(req))
+    assert [p.rule for p in report.problems] == ["custom_id", "method", "model", "messages", "stream"]
+    assert {p.line for p in report.problems} == {1}
+
+
+def test_too_many_requests(tmp_path: Path) -> None:
+    limits = Limits(max_bytes=LIMITS.max_bytes, max_requests=2)
+    report = check(tmp_path, b"".join(line(request(f"r{i}")) for i in range(3)), limits=limits)
+    problem = only(report)
+    assert (problem.line, problem.rule) == (None, "too_many_requests")
+    assert "3 requests" in problem.message and "limit per batch is 2" in problem.message
+    assert "not supported yet" in problem.message
+
+
+def test_duplicates_still_found_past_request_limit(tmp_path: Path) -> None:
+    limits = Limits(max_bytes=LIMITS.max_bytes, max_requests=1)
+    report = check(tmp_path, line(request("a")) + line(request("b")) + line(request("a")), limits=limits)
+    assert [(p.line, p.rule) for p in report.problems] == [
+        (None, "too_many_requests"),
+        (3, "duplicate_custom_id"),
+    ]
+
+
+def test_too_large_counts_upload_bytes(tmp_path: Path) -> None:
+    body = line(request("a")) + line(request("b"))
+    exact = Limits(max_bytes=len(body), max_requests=10)
+    # CRLF, blank lines and a BOM are not uploaded, so they do not count.
+    padded = b"\xef\xbb\xbf" + body.replace(b"\n", b"\r\n\r\n")
+    assert check(tmp_path, padded, limits=exact).ok
+    problem = only(check(tmp_path, body, limits=Limits(max_bytes=len(body) - 1, max_requests=10)))
+    assert (problem.line, problem.rule) == (None, "too_large")
+    assert f"{len(body) - 1:,} bytes" in problem.message and "not supported yet" in problem.message
+
+
+def test_overlong_line_is_not_read_whole(tmp_path: Path) -> None:
+    long_line = line(request("b", padding="x" * 5000))
+    report = check(tmp_path, line(request("a")) + long_line + line(request("c")), limits=Limits(1000, 10))
+    assert [(p.line, p.rule) for p in report.problems] == [(None, "too_large"), (2, "too_large")]
+    assert report.request_count == 3
+
+
+def test_problem_cap_keeps_total(tmp_path: Path) -> None:
+    report = check(tmp_path, b"{\n" * 250, max_reported=100)
+    assert len(report.problems) == 100
+    assert report.problem_count == 250
+    assert report.problems[-1].line == 100
+    text = format_report(report)
+    assert "… and 150 more problems (250 in all)" in text
+
+
+def test_problem_cap_keeps_file_problems_first(tmp_path: Path) -> None:
+    limits = Limits(max_bytes=LIMITS.max_bytes, max_requests=3)
+    report = check(tmp_path, b"{\n" * 10, limits=limits, max_reported=5)
+    assert report.problems[0].rule == "too_many_requests"
+    assert report.problem_count == 11
+
+
+def test_format_report_names_file_line_and_rule(tmp_path: Path) -> None:
+    data = line(request("a")) + b"[1]\n" + line(request("a"))
+    report = validate_file(write(tmp_path, data), source="my batch é.jsonl", limits=LIMITS)
+    text = format_report(report)
+    assert '"my batch é.jsonl"' in text.splitlines()[0]
+    assert "line 2: object: " in text
+    assert "line 3: duplicate_custom_id: " in text
+    assert "more problems" not in text
+
+
+def test_format_report_of_a_good_file(tmp_path: Path) -> None:
+    text = format_report(check(tmp_path, line(request("a"))))
+    assert "no problems" in text and "1 requests" in text
+
+
+def test_rule_names_are_the_documented_ones(tmp_path: Path) -> None:
+    import batchd.validation as module
+
+    assert module.__doc__ is not None
+    for rule in RULES:
+        assert f"\n{rule} " in module.__doc__
+
+
+def test_as_dict_is_json(tmp_path: Path) -> None:
+    report = check(tmp_path, b"{\n")
+    doc = json.loads(json.dumps(report.as_dict()))
+    assert doc["ok"] is False
+    assert doc["problems"][0] == {"line": 1, "rule": "json", "message": report.problems[0].message}
+
+
+def test_write_upload_copy_normalises_and_keeps_src(tmp_path: Path) -> None:
+    first = b'{"custom_id":"a",  "method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[1]}}'
+    second = json.dumps(request("b"), ensure_ascii=False).replace("hi", "héllo").encode()
+    src_bytes = b"\xef\xbb\xbf" + first + b"\r\n\r\n  \n" + second
+    src = write(tmp_path, src_bytes)
+    dest = tmp_path / "out" / "upload.jsonl"
+    dest.parent.mkdir()
+
+    copy = write_upload_copy(src, dest)
+
+    assert src.read_bytes() == src_bytes
+    assert dest.read_bytes() == first + b"\n" + second + b"\n"
+    assert copy.sha256 == hashlib.sha256(dest.read_bytes()).hexdigest()
+    assert copy.size_bytes == dest.stat().st_size
+    assert copy.request_count == 2
+    assert list(iter_custom_ids(dest)) == ["a", "b"]
+    assert [p.name for p in dest.parent.iterdir()] == ["upload.jsonl"]  # no temp file left
+
+
+def test_write_upload_copy_rewrites_model_only_in_copy(tmp_path: Path) -> None:
+    keep = json.dumps(request("a", body={"model": "new", "messages": [1]})).encode()
+    change = json.dumps(request("b"), ensure_ascii=False).replace("hi", "日本").encode()
+    src_bytes = keep + b"\n" + change + b"\n"
+    src = write(tmp_path, src_bytes)
+    dest = tmp_path / "upload.jsonl"
+
+    copy = write_upload_copy(src, dest, model="new")
+
+    assert src.read_bytes() == src_bytes
+    lines = dest.read_bytes().splitlines()
+    assert lines[0] == keep  # already the right model: copied byte for byte
+    rewritten = json.loads(lines[1])
+    assert rewritten["body"]["model"] == "new"
+    assert rewritten["body"]["messages"][0]["content"] == "日本"
+    assert b", " not in lines[1] and "日本".encode() in lines[1]  # compact, non-ASCII kept
+    assert copy.sha256 == hashlib.sha256(dest.read_bytes()).hexdigest()
+    assert validate_file(dest, source="upload.jsonl", limits=LIMITS).ok
+
+
+def test_write_upload_copy_replaces_leftover_temp(tmp_path: Path) -> None:
+    src = write(tmp_path, line(request("a")))
+    (tmp_path / ".upload.jsonl.tmp").write_bytes(b"half a file from a crash")
+    write_upload_copy(src, tmp_path / "upload.jsonl")
+    assert (tmp_path / "upload.jsonl").read_bytes() == line(request("a"))
+    assert not (tmp_path / ".upload.jsonl.tmp").exists()
