@@ -1,0 +1,429 @@
+"""Outbox folders: naming, result ordering and accounting, job.json (DESIGN §4).
+
+`merge_results` joins the provider's result files (in any order, over several
+rounds) back onto the input file's order without holding either in memory: a
+scratch SQLite index on disk maps each custom_id to its input position and to
+where its best answer sits (file, byte offset, length); one ordered pass then
+copies answer lines by offset. Memory stays flat whatever the file sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+from batchd.validation import iter_custom_ids
+
+__all__ = [
+    "UNANSWERED_CODES",
+    "MergeResult",
+    "choose_outbox_folder",
+    "merge_results",
+    "outbox_name",
+    "write_job_json",
+]
+
+log = structlog.get_logger("batchd.results")
+
+#: Why a request got no answer; the `error.code` of its synthesized line in errors.jsonl.
+UNANSWERED_CODES: Mapping[str, str] = {
+    "batch_expired": "the batch's completion window ended before this request was answered",
+    "batch_cancelled": "the batch was cancelled before this request was answered",
+    "batch_failed": "the provider failed the batch before this request was answered",
+    "not_submitted": "this request was never submitted to the provider",
+    "not_returned": "the provider's batch ended without returning a result for this request",
+}
+
+SHORT_ID_LENGTH = 8
+# Individual log events per kind of dropped answer; the summary event counts them all.
+_LOG_CAP = 100
+_ROWS_PER_BATCH = 10_000
+
+
+def outbox_name(source: str) -> str:
+    """The outbox folder name for a dropped file: its name without the last extension.
+
+    Spaces and non-ASCII are kept; control characters become ``_``.
+    """
+    stem, dot, _extension = source.rpartition(".")
+    name = stem if dot and stem else source
+    name = "".join("_" if unicodedata.category(char) == "Cc" else char for char in name)
+    # "." and ".." are not folder names one can create; "" is no name at all.
+    if name.strip(".") == "":
+        name = name.replace(".", "_") or "_"
+    return name
+
+
+def choose_outbox_folder(outbox_dir: Path, name: str, job_id: str) -> Path:
+    """Create and return the job's outbox folder with an atomic ``mkdir``.
+
+    ``outbox_dir/NAME/`` when free, else ``NAME.<short job id>/`` (the first 8
+    characters of `job_id`). Should that exist too (a crash after its mkdir
+    but before the caller recorded it), ``NAME.<job id>/``. Only ever creates:
+    the caller records the folder before writing into it and reuses the
+    recorded one after a crash. FileExistsError when every name is taken;
+    other OSErrors propagate.
+    """
+    outbox_dir.mkdir(parents=True, exist_ok=True)
+    candidates = dict.fromkeys([name, f"{name}.{job_id[:SHORT_ID_LENGTH]}", f"{name}.{job_id}"])
+    for candidate in candidates:
+        folder = outbox_dir / candidate
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise FileExistsError(f"every outbox folder name for {name!r} (job {job_id}) is taken in {outbox_dir}")
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What `merge_results` wrote."""
+
+    #: requests in the input
+    total: int
+    #: lines written to output.jsonl
+    completed: int
+    #: lines written to errors.jsonl
+    failed: int
+    #: sums of the integer fields of `response.body.usage` over output.jsonl's lines
+    usage: dict[str, int] = field(default_factory=dict)
+    #: second (and later) successes for one custom_id: dropped
+    duplicates: int = 0
+    #: answers whose custom_id is not in the input, or that carry no readable custom_id: dropped
+    unknown: int = 0
+
+
+def _success(answer: Mapping[str, Any]) -> bool:
+    response = answer.get("response")
+    if not isinstance(response, dict):
+        return False
+    status = response.get("status_code")
+    return isinstance(status, int) and not isinstance(status, bool) and 200 <= status < 300
+
+
+def _usage_of(answer: Mapping[str, Any]) -> str | None:
+    """The integer fields of `response.body.usage`, as compact JSON; None when there are none."""
+    response = answer.get("response")
+    body = response.get("body") if isinstance(response, dict) else None
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    ints = {k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)}
+    return json.dumps(ints, separators=(",", ":")) if ints else None
+
+
+def _strip_eol(raw: bytes) -> bytes:
+    if raw.endswith(b"\n"):
+        raw = raw[:-1]
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    return raw
+
+
+# Row of the scratch `answer` table: custom_id, file index, byte offset, length, ok, usage.
+_AnswerRow = tuple[str, int, int, int, int, str | None]
+
+
+@dataclass
+class _Unreadable:
+    count: int = 0
+
+
+def _scan_answers(answers: Sequence[Path], unreadable: _Unreadable) -> Iterator[_AnswerRow]:
+    """One row per non-blank answer line, in file order then line order."""
+    for index, path in enumerate(answers):
+        offset = 0
+        with path.open("rb") as stream:
+            for number, raw in enumerate(stream, start=1):
+                start, offset = offset, offset + len(raw)
+                content = _strip_eol(raw)
+                if not content.strip():
+                    continue
+                try:
+                    answer = json.loads(content)
+                except (ValueError, RecursionError):
+                    answer = None
+                custom_id = answer.get("custom_id") if isinstance(answer, dict) else None
+                if not isinstance(answer, dict) or not isinstance(custom_id, str):
+                    unreadable.count += 1
+                    if unreadable.count <= _LOG_CAP:
+                        log.warning("results.unreadable_answer", file=str(path), line=number)
+                    continue
+                ok = _success(answer)
+                usage = _usage_of(answer) if ok else None
+                yield custom_id, index, start, len(content), int(ok), usage
+
+
+def _open_index(path: Path) -> sqlite3.Connection:
+    # This is a private, throw-away scratch index for one merge, not the Store
+    # (store.py remains the only module that speaks SQL for batchd's state).
+    # It is rebuilt from the files on any re-run, so durability is switched off.
+    db = sqlite3.connect(path, isolation_level=None)
+    for pragma in (
+        "journal_mode = OFF",
+        "synchronous = OFF",
+        "locking_mode = EXCLUSIVE",
+        "temp_store = FILE",
+        "cache_size = -16384",  # KiB: bounded, whatever the row count
+    ):
+        db.execute(f"PRAGMA {pragma}")
+    db.executescript(
+        """
+        CREATE TABLE request (seq INTEGER PRIMARY KEY, custom_id TEXT NOT NULL UNIQUE);
+        CREATE TABLE answer (
+            ord INTEGER PRIMARY KEY, custom_id TEXT NOT NULL, file INTEGER NOT NULL,
+            off INTEGER NOT NULL, len INTEGER NOT NULL, ok INTEGER NOT NULL, usage TEXT
+        );
+        """
+    )
+    return db
+
+
+def _build_index(db: sqlite3.Connection, input_path: Path, answers: Sequence[Path]) -> tuple[int, int]:
+    """Fill the scratch index; return (requests, answer lines that could not be read)."""
+    unreadable = _Unreadable()
+    db.execute("BEGIN")
+    try:
+        db.executemany("INSERT INTO request (custom_id) VALUES (?)", ((c,) for c in iter_custom_ids(input_path)))
+    except sqlite3.IntegrityError as exc:
+        db.execute("ROLLBACK")
+        raise ValueError(f"{input_path}: a custom_id appears twice in the upload copy") from exc
+    db.executemany(
+        "INSERT INTO answer (custom_id, file, off, len, ok, usage) VALUES (?, ?, ?, ?, ?, ?)",
+        _scan_answers(answers, unreadable),
+    )
+    # Built after the bulk insert (faster); serves both the best-answer lookup and the duplicate count.
+    db.execute("CREATE INDEX answer_by_id ON answer (custom_id, ok, ord)")
+    db.execute("COMMIT")
+    (total,) = db.execute("SELECT count(*) FROM request").fetchone()
+    return int(total), unreadable.count
+
+
+def _count_dropped(db: sqlite3.Connection) -> tuple[int, int]:
+    """Log and count the answers that will be dropped: (duplicates, unknown)."""
+    duplicates = 0
+    rows = db.execute(
+        "SELECT a.custom_id, count(*) - 1 FROM answer a JOIN request r ON r.custom_id = a.custom_id "
+        "WHERE a.ok = 1 GROUP BY a.custom_id HAVING count(*) > 1"
+    )
+    for custom_id, extra in rows:
+        if duplicates < _LOG_CAP:
+            log.warning("results.duplicate_answer", custom_id=custom_id, dropped=extra)
+        duplicates += extra
+    unknown = 0
+    rows = db.execute("SELECT custom_id FROM answer WHERE custom_id NOT IN (SELECT custom_id FROM request)")
+    for (custom_id,) in rows:
+        if unknown < _LOG_CAP:
+            log.warning("results.unknown_answer", custom_id=custom_id)
+        unknown += 1
+    return duplicates, unknown
+
+
+# Per request in input order, its best answer: the first success, else the latest error.
+_ORDERED = """
+SELECT r.custom_id, a.file, a.off, a.len, a.ok, a.usage
+FROM request r LEFT JOIN answer a ON a.ord = coalesce(
+    (SELECT min(ord) FROM answer WHERE custom_id = r.custom_id AND ok = 1),
+    (SELECT max(ord) FROM answer WHERE custom_id = r.custom_id AND ok = 0))
+ORDER BY r.seq
+"""
+
+
+def _pread(fd: int, offset: int, length: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    while len(data) < length:
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            raise OSError(f"answer file shrank while merging (wanted {length} bytes at {offset})")
+        data += more
+    return data
+
+
+def _unanswered_line(custom_id: str, code: str) -> bytes:
+    line = {
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": UNANSWERED_CODES[code]},
+    }
+    return json.dumps(line, ensure_ascii=False).encode("utf-8")
+
+
+class _AtomicFile:
+    """A file written under a hidden temp name and renamed into place by `commit`.
+
+    Opened on first write, so a file with no line is never created. The temp
+    name is fixed, so a merge repeated after a crash overwrites its own leftover.
+    """
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.temp = dest.with_name(f".{dest.name}.tmp")
+        self.stream: IO[bytes] | None = None
+        self.lines = 0
+
+    def open(self) -> IO[bytes]:
+        if self.stream is None:
+            self.stream = self.temp.open("wb", buffering=1 << 20)
+        return self.stream
+
+    def write_line(self, content: bytes) -> None:
+        stream = self.open()
+        stream.write(content)
+        stream.write(b"\n")
+        self.lines += 1
+
+    def finish(self) -> bool:
+        """Flush and fsync the temp file; False when nothing was written."""
+        if self.stream is None:
+            return False
+        self.stream.flush()
+        os.fsync(self.stream.fileno())
+        self.stream.close()
+        return True
+
+    def commit(self) -> None:
+        self.temp.replace(self.dest)
+
+    def discard(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.temp.unlink(missing_ok=True)
+
+
+def _write_outputs(
+    db: sqlite3.Connection, answers: Sequence[Path], folder: Path, code: str
+) -> tuple[int, int, dict[str, int]]:
+    output = _AtomicFile(folder / "output.jsonl")
+    errors = _AtomicFile(folder / "errors.jsonl")
+    fds = [os.open(path, os.O_RDONLY) for path in answers]
+    usage: dict[str, int] = {}
+    try:
+        rows = db.execute(_ORDERED)
+        while batch := rows.fetchmany(_ROWS_PER_BATCH):
+            for custom_id, file, offset, length, ok, usage_json in batch:
+                if file is None:
+                    errors.write_line(_unanswered_line(custom_id, code))
+                    continue
+                line = _pread(fds[file], offset, length)
+                (output if ok else errors).write_line(line)
+                if usage_json is not None:
+                    for key, value in json.loads(usage_json).items():
+                        usage[key] = usage.get(key, 0) + value
+        # output.jsonl exists even when empty; errors.jsonl only when it has a line.
+        output.open()
+        output.finish()
+        has_errors = errors.finish()
+        output.commit()
+        if has_errors:
+            errors.commit()
+    except BaseException:
+        output.discard()
+        errors.discard()
+        raise
+    finally:
+        for fd in fds:
+            os.close(fd)
+    _fsync_dir(folder)
+    return output.lines, errors.lines, usage
+
+
+def merge_results(
+    *,
+    input_path: Path,
+    answers: Sequence[Path],
+    folder: Path,
+    unanswered_code: str,
+    scratch_dir: Path,
+) -> MergeResult:
+    """Write ``folder/output.jsonl`` and, when needed, ``folder/errors.jsonl`` in input order.
+
+    `input_path` is the upload copy (one request per line; it defines the
+    order). `answers` are the downloaded result files, output and error files
+    of every remote batch, oldest round first. For each custom_id the first
+    2xx answer wins; else the latest error answer; else a synthesized line
+    with `unanswered_code` (a key of `UNANSWERED_CODES`). A second success is
+    dropped and logged (``results.duplicate_answer``), as are answers for
+    unknown custom_ids (``results.unknown_answer``). Answer lines are copied
+    byte for byte, each ended by ``\\n``. Both files appear under their final
+    names only once complete. Memory does not grow with the file sizes; the
+    scratch index lives in `scratch_dir` and is removed afterwards.
+    """
+    if unanswered_code not in UNANSWERED_CODES:
+        raise ValueError(f"unanswered_code must be one of {sorted(UNANSWERED_CODES)}, got {unanswered_code!r}")
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".merge-", suffix=".sqlite", dir=scratch_dir)
+    os.close(fd)
+    index_path = Path(name)
+    try:
+        with closing(_open_index(index_path)) as db:
+            total, unreadable = _build_index(db, input_path, answers)
+            duplicates, unknown = _count_dropped(db)
+            completed, failed, usage = _write_outputs(db, answers, folder, unanswered_code)
+    finally:
+        # Our own scratch file, never a user's.
+        index_path.unlink(missing_ok=True)
+    result = MergeResult(
+        total=total,
+        completed=completed,
+        failed=failed,
+        usage=usage,
+        duplicates=duplicates,
+        unknown=unknown + unreadable,
+    )
+    log.info(
+        "results.merged",
+        folder=str(folder),
+        total=result.total,
+        completed=result.completed,
+        failed=result.failed,
+        duplicates=result.duplicates,
+        unknown=result.unknown,
+    )
+    return result
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _temp_beside(dest: Path) -> Iterator[Path]:
+    temp = dest.with_name(f".{dest.name}.tmp")
+    try:
+        yield temp
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def write_job_json(folder: Path, doc: Mapping[str, Any]) -> Path:
+    """Write ``folder/job.json`` atomically (temp, fsync, rename, fsync of the folder).
+
+    Pretty-printed UTF-8 with non-ASCII kept. Its presence means the folder is
+    complete, so callers write it last.
+    """
+    dest = folder / "job.json"
+    text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+    with _temp_beside(dest) as temp:
+        with temp.open("wb") as stream:
+            stream.write(text.encode("utf-8"))
+            stream.flush()
+            os.fsync(stream.fileno())
+        temp.replace(dest)
+    _fsync_dir(folder)
+    return dest
