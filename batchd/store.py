@@ -300,26 +300,26 @@ class Store:
     # ------------------------------------------------------------ remote batches
 
     def add_remote_intent(
-        self, job_id: str, *, input_file_id: str, round_: int = 0, shard: int = 0, **job_values: Any
+        self, job_id: str, *, file_id: str, round_: int = 0, shard: int = 0, **job_values: Any
     ) -> RemoteBatchRecord:
-        """Commit the intent to create a remote batch (and any job change) before the create call."""
+        """Commit the uploaded file id and the intent to create a remote batch, before the create call."""
         now = self.now()
+        job_values["input_file_id"] = file_id
         with self._write() as conn:
             result = conn.execute(
                 insert(remote_batches).values(
                     job_id=job_id,
                     round=round_,
                     shard=shard,
-                    input_file_id=input_file_id,
+                    input_file_id=file_id,
                     status="creating",
                     create_attempts=0,
                     intent_at=now,
                     updated_at=now,
                 )
             )
-            if job_values:
-                job_values["updated_at"] = now
-                conn.execute(update(jobs).where(jobs.c.id == job_id).values(**_db_values(job_values)))
+            job_values["updated_at"] = now
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(**_db_values(job_values)))
             key = result.inserted_primary_key
             assert key is not None
             row = conn.execute(select(remote_batches).where(remote_batches.c.id == key[0])).one()
@@ -334,12 +334,41 @@ class Store:
             ).all()
         return [_remote(r._mapping) for r in rows]
 
-    def update_remote(self, record_id: int, **values: Any) -> RemoteBatchRecord:
-        values["updated_at"] = self.now()
+    def update_remote(
+        self,
+        record_id: int,
+        *,
+        job_values: Mapping[str, Any] | None = None,
+        events_: Sequence[NewEvent] = (),
+        **values: Any,
+    ) -> RemoteBatchRecord:
+        """Change a remote batch and, in the same transaction, its job."""
+        now = self.now()
+        values["updated_at"] = now
         with self._write() as conn:
             conn.execute(update(remote_batches).where(remote_batches.c.id == record_id).values(**values))
             row = conn.execute(select(remote_batches).where(remote_batches.c.id == record_id)).one()
+            if job_values:
+                changes = {**job_values, "updated_at": now}
+                conn.execute(update(jobs).where(jobs.c.id == row.job_id).values(**_db_values(changes)))
+                self._insert_events(conn, row.job_id, events_, now)
         return _remote(row._mapping)
+
+    def active_remote_batches(self) -> dict[str, list[RemoteBatchRecord]]:
+        """The remote batches of every non-terminal job, by job id (one query per scheduler tick)."""
+        live = [s.value for s in JobState if s not in TERMINAL_STATES]
+        query = (
+            select(remote_batches)
+            .join(jobs, jobs.c.id == remote_batches.c.job_id)
+            .where(jobs.c.state.in_(live))
+            .order_by(remote_batches.c.round, remote_batches.c.shard, remote_batches.c.id)
+        )
+        found: dict[str, list[RemoteBatchRecord]] = {}
+        with self._read() as conn:
+            for row in conn.execute(query).all():
+                record = _remote(row._mapping)
+                found.setdefault(record.job_id, []).append(record)
+        return found
 
     def bound_remote_ids(self) -> set[str]:
         """Remote batch ids already owned by some job (never adopted twice)."""

@@ -1,0 +1,115 @@
+"""The Store over a real SQLite file."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchd.models import JobState, NewEvent
+from batchd.store import SCHEMA_VERSION, StaleState, Store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(f"sqlite:///{tmp_path / 'batchd.db'}", clock=lambda: 1000.0)
+    s.migrate()
+    yield s
+    s.close()
+
+
+def new_job(store: Store, job_id: str = "a" * 32, name: str = "x", **kw: Any) -> None:
+    store.insert_job(id=job_id, name=name, source=f"{name}.jsonl", state=JobState.RECEIVED, provider="local", **kw)
+
+
+def test_migrate_is_idempotent_and_versioned(tmp_path: Path, store: Store) -> None:
+    assert store.schema_version() == SCHEMA_VERSION
+    again = Store(store.url)
+    assert again.migrate() == SCHEMA_VERSION
+    again.close()
+
+
+def test_sqlite_pragmas(store: Store) -> None:
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+
+
+def test_a_transition_expects_a_state(store: Store) -> None:
+    new_job(store)
+    store.update_job("a" * 32, expect=JobState.RECEIVED, state=JobState.UPLOADING)
+    with pytest.raises(StaleState):
+        store.update_job("a" * 32, expect=JobState.RECEIVED, state=JobState.UPLOADING)
+    assert store.get_job("a" * 32).state is JobState.UPLOADING  # type: ignore[union-attr]
+
+
+def test_terminal_transition_commits_its_events_together(store: Store) -> None:
+    new_job(store, webhook_url="https://h/x")
+    event = NewEvent(
+        id="evt_1",
+        type="batch.completed",
+        body=b'{"a":1}',
+        targets=[("https://a/", "config"), ("https://h/x", "inbox")],
+    )
+    job = store.update_job("a" * 32, state=JobState.COMPLETED, events_=[event])
+    assert job.finished_at == 1000.0
+    due = store.due_deliveries(1000.0)
+    assert [(d.url, d.secret_ref, d.body, d.event_type) for d in due] == [
+        ("https://a/", "config", b'{"a":1}', "batch.completed"),
+        ("https://h/x", "inbox", b'{"a":1}', "batch.completed"),
+    ]
+
+
+def test_a_failed_transition_inserts_no_event(store: Store) -> None:
+    new_job(store)
+    event = NewEvent(id="evt_1", type="batch.completed", body=b"{}", targets=[("https://a/", "config")])
+    with pytest.raises(StaleState):
+        store.update_job("a" * 32, expect=JobState.DOWNLOADING, state=JobState.COMPLETED, events_=[event])
+    assert store.pending_delivery_count() == 0
+
+
+def test_find_by_id_prefix_and_name(store: Store) -> None:
+    new_job(store, "abc" + "0" * 29, name="alpha")
+    new_job(store, "abd" + "0" * 29, name="beta")
+    assert [j.name for j in store.find_jobs("abc")] == ["alpha"]
+    assert [j.name for j in store.find_jobs("beta")] == ["beta"]
+    assert len(store.find_jobs("ab")) == 2
+    assert store.find_jobs("zzz") == []
+    assert store.find_jobs("a%") == []  # LIKE wildcards are escaped
+
+
+def test_remote_intent_then_bind(store: Store) -> None:
+    new_job(store)
+    record = store.add_remote_intent("a" * 32, file_id="file-1", state=JobState.SUBMITTING)
+    assert (record.remote_id, record.status, record.intent_at) == (None, "creating", 1000.0)
+    assert store.get_job("a" * 32).input_file_id == "file-1"  # type: ignore[union-attr]
+    store.update_remote(record.id, remote_id="b1", status="validating", job_values={"state": JobState.VALIDATING})
+    assert store.get_job("a" * 32).state is JobState.VALIDATING  # type: ignore[union-attr]
+    assert store.bound_remote_ids() == {"b1"}
+    assert [b.remote_id for b in store.active_remote_batches()["a" * 32]] == ["b1"]
+
+
+def test_delivery_scheduling_and_disabled_endpoints(store: Store) -> None:
+    new_job(store)
+    event = NewEvent(id="evt_1", type="batch.failed", body=b"{}", targets=[("https://a/", "config")])
+    store.update_job("a" * 32, state=JobState.FAILED, events_=[event])
+    (d,) = store.due_deliveries(1000.0)
+    store.update_delivery(d.id, attempts=1, next_attempt_at=1005.0)
+    assert store.due_deliveries(1004.0) == []
+    assert store.next_delivery_at() == 1005.0
+    store.disable_endpoint("https://a/", "410")
+    assert store.pending_delivery_count() == 0
+    assert store.disabled_endpoints() == {"https://a/": "410"}
+    assert store.deliveries(event_id="evt_1")[0].state == "disabled"
+
+
+def test_integrity_after_use(store: Store, tmp_path: Path) -> None:
+    new_job(store)
+    conn = sqlite3.connect(tmp_path / "batchd.db")
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    conn.close()

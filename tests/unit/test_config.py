@@ -1,0 +1,139 @@
+"""Configuration: file, environment and flag precedence; errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchd.config import ConfigError, Secret, load_settings, parse_override
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "batchd.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_resolve_paths_against_the_config_folder(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, 'state_dir = "state"\n'), environ={})
+    assert settings.state_dir == tmp_path / "state"
+    assert settings.inbox_dir == tmp_path / "state" / "inbox"
+    assert settings.outbox_dir == tmp_path / "state" / "outbox"
+    assert settings.database_url == f"sqlite:///{tmp_path / 'state' / 'batchd.db'}"
+    assert settings.provider.kind == "local"
+    assert settings.polling.min_interval_s == 5.0
+    assert settings.delivery.retry_delays_s[0] == 5
+
+
+def test_precedence_flags_over_environment_over_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[polling]\nmin_interval_s = 3\nmax_interval_s = 90\n")
+    env = {"BATCHD_POLLING_MIN_INTERVAL_S": "1", "BATCHD_POLLING_MAX_INTERVAL_S": "80"}
+    settings = load_settings(path, environ=env, overrides={"polling.min_interval_s": 0.2})
+    assert settings.polling.min_interval_s == 0.2
+    assert settings.polling.max_interval_s == 80
+
+
+def test_environment_values_are_toml_literals_or_bare_strings(tmp_path: Path) -> None:
+    env = {
+        "BATCHD_PROVIDER_KIND": "together",
+        "TOGETHER_API_KEY": "k",
+        "BATCHD_DELIVERY_RETRY_DELAYS_S": "[1, 2.5]",
+        "BATCHD_STATE_DIR": '"elsewhere"',
+    }
+    settings = load_settings(write(tmp_path, ""), environ=env)
+    assert settings.provider.kind == "together"
+    assert settings.delivery.retry_delays_s == (1.0, 2.5)
+    assert settings.state_dir == tmp_path / "elsewhere"
+
+
+def test_other_batchd_variables_are_not_overrides(tmp_path: Path) -> None:
+    env = {"BATCHD_WEBHOOK_SECRET": SECRET, "BATCHD_CONFIG": str(tmp_path / "batchd.toml")}
+    settings = load_settings(write(tmp_path, ""), environ=env)
+    assert settings.webhooks == ()
+
+
+def test_config_found_through_batchd_config(tmp_path: Path) -> None:
+    path = write(tmp_path, 'state_dir = "/srv/x"\n')
+    assert load_settings(None, environ={"BATCHD_CONFIG": str(path)}).state_dir == Path("/srv/x")
+
+
+def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml", environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("colour = 1\n", "unknown key colour"),
+        ("[polling]\nfast = true\n", "unknown key polling.fast"),
+        ("[polling]\nmin_interval_s = 'soon'\n", "polling.min_interval_s"),
+        ("[polling]\nmin_interval_s = -1\n", "polling.min_interval_s"),
+        ("[provider]\nkind = 'anthropic'\n", "provider.kind"),
+        ("[local]\nconcurrency = 0\n", "local.concurrency"),
+        ("[local]\nengine = 'upstream'\n", "local.upstream_url"),
+        ("[submit]\ncompletion_window = 'tomorrow'\n", "submit.completion_window"),
+        ("[delivery]\nretry_delays_s = [1, -2]\n", "delivery.retry_delays_s"),
+        ("[[webhooks]]\nurl = 'ftp://x'\nsecret = '" + SECRET + "'\n", "webhooks[0].url"),
+        ("[[webhooks]]\nurl = 'https://x'\n", "webhooks[0].secret"),
+        ("[[webhooks]]\nurl = 'https://x'\nsecret = 'plain'\n", "webhooks[0].secret"),
+        ("[[webhooks]]\nurl = 'https://x'\nsecret = '" + SECRET + "'\nevents = ['batch.done']\n", "webhooks[0].events"),
+        ("[[webhooks]]\nurl = 'https://x'\nsecrets = 'x'\n", "webhooks[0].secrets"),
+        ("[inbox]\nallow_webhook_urls = ['https://h/']\n", "inbox.webhook_secret"),
+        ("state_dir = 3\n", "state_dir"),
+        ("database_url = 'mysql://x'\n", "database_url"),
+        ("this is not toml", "not valid TOML"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), environ={})
+    assert key in str(info.value)
+
+
+def test_together_needs_a_key_and_never_shows_it(tmp_path: Path) -> None:
+    path = write(tmp_path, "[provider]\nkind = 'together'\n")
+    with pytest.raises(ConfigError, match="TOGETHER_API_KEY"):
+        load_settings(path, environ={})
+    settings = load_settings(path, environ={"TOGETHER_API_KEY": "tok-very-secret"})
+    assert settings.provider.api_key == Secret("tok-very-secret")
+    assert "tok-very-secret" not in repr(settings)
+    assert settings.provider.base_url == "https://api.together.ai"
+
+
+def test_api_key_from_file_and_env_name(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("from-file\n", encoding="utf-8")
+    path = write(tmp_path, "[provider]\nkind = 'together'\napi_key_file = 'key'\n")
+    assert load_settings(path, environ={}).provider.api_key == Secret("from-file")
+    path = write(tmp_path, "[provider]\nkind = 'together'\napi_key_env = 'MY_KEY'\n")
+    assert load_settings(path, environ={"MY_KEY": "from-env"}).provider.api_key == Secret("from-env")
+    with pytest.raises(ConfigError, match=r"provider\.api_key_env: environment variable MY_KEY"):
+        load_settings(path, environ={})
+
+
+def test_webhook_secrets_rotation_list_and_event_filter(tmp_path: Path) -> None:
+    other = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldY"
+    path = write(
+        tmp_path,
+        f"[[webhooks]]\nurl = 'https://h/x'\nsecret = ['{SECRET}', '{other}']\nevents = ['batch.failed']\n",
+    )
+    (endpoint,) = load_settings(path, environ={}).webhooks
+    assert endpoint.secrets == (Secret(SECRET), Secret(other))
+    assert endpoint.events == ("batch.failed",)
+
+
+def test_plain_postgresql_url_uses_the_shipped_driver(tmp_path: Path) -> None:
+    path = write(tmp_path, "database_url = 'postgresql://u@127.0.0.1:5432/db'\n")
+    assert load_settings(path, environ={}).database_url == "postgresql+psycopg://u@127.0.0.1:5432/db"
+
+
+def test_parse_override() -> None:
+    assert parse_override("polling.min_interval_s=0.5") == ("polling.min_interval_s", 0.5)
+    assert parse_override("provider.kind=together") == ("provider.kind", "together")
+    with pytest.raises(ConfigError):
+        parse_override("nonsense")
+    with pytest.raises(ConfigError, match=r"unknown key polling\.nope"):
+        load_settings(None, environ={}, overrides={"polling.nope": 1})
