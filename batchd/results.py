@@ -102,6 +102,8 @@ class MergeResult:
     duplicates: int = 0
     #: answers whose custom_id is not in the input, or that carry no readable custom_id: dropped
     unknown: int = 0
+    #: requests the provider never answered: synthesized lines in errors.jsonl (part of `failed`)
+    unanswered: int = 0
 
 
 def _success(answer: Mapping[str, Any]) -> bool:
@@ -303,17 +305,20 @@ class _AtomicFile:
 
 def _write_outputs(
     db: sqlite3.Connection, answers: Sequence[Path], folder: Path, code: str
-) -> tuple[int, int, dict[str, int]]:
+) -> tuple[int, int, int, dict[str, int]]:
+    """Write both files in input order; return (completed, failed, unanswered, usage)."""
     output = _AtomicFile(folder / "output.jsonl")
     errors = _AtomicFile(folder / "errors.jsonl")
     fds = [os.open(path, os.O_RDONLY) for path in answers]
     usage: dict[str, int] = {}
+    unanswered = 0
     try:
         rows = db.execute(_ORDERED)
         while batch := rows.fetchmany(_ROWS_PER_BATCH):
             for custom_id, file, offset, length, ok, usage_json in batch:
                 if file is None:
                     errors.write_line(_unanswered_line(custom_id, code))
+                    unanswered += 1
                     continue
                 line = _pread(fds[file], offset, length)
                 (output if ok else errors).write_line(line)
@@ -335,7 +340,7 @@ def _write_outputs(
         for fd in fds:
             os.close(fd)
     _fsync_dir(folder)
-    return output.lines, errors.lines, usage
+    return output.lines, errors.lines, unanswered, usage
 
 
 def merge_results(
@@ -369,7 +374,7 @@ def merge_results(
         with closing(_open_index(index_path)) as db:
             total, unreadable = _build_index(db, input_path, answers)
             duplicates, unknown = _count_dropped(db)
-            completed, failed, usage = _write_outputs(db, answers, folder, unanswered_code)
+            completed, failed, unanswered, usage = _write_outputs(db, answers, folder, unanswered_code)
     finally:
         # Our own scratch file, never a user's.
         index_path.unlink(missing_ok=True)
@@ -380,6 +385,7 @@ def merge_results(
         usage=usage,
         duplicates=duplicates,
         unknown=unknown + unreadable,
+        unanswered=unanswered,
     )
     log.info(
         "results.merged",
@@ -389,6 +395,7 @@ def merge_results(
         failed=result.failed,
         duplicates=result.duplicates,
         unknown=result.unknown,
+        unanswered=result.unanswered,
     )
     return result
 

@@ -85,7 +85,7 @@ def test_order_restored_and_bytes_verbatim(tmp_path: Path) -> None:
 
     assert out_lines(tmp_path, "output.jsonl") == [lines[i] for i in ids]
     assert not (tmp_path / "outbox" / "job" / "errors.jsonl").exists()
-    assert result == MergeResult(total=200, completed=200, failed=0, usage={}, duplicates=0, unknown=0)
+    assert result == MergeResult(total=200, completed=200, failed=0, usage={}, duplicates=0, unknown=0, unanswered=0)
 
 
 def test_success_vs_non_2xx_vs_error_lines(tmp_path: Path) -> None:
@@ -97,7 +97,7 @@ def test_success_vs_non_2xx_vs_error_lines(tmp_path: Path) -> None:
 
     assert out_lines(tmp_path, "output.jsonl") == [ok_line("a"), status_line("e", 201)]
     assert out_lines(tmp_path, "errors.jsonl") == [status_line("b", 429), error_line("c"), status_line("d", 500)]
-    assert (result.total, result.completed, result.failed) == (5, 2, 3)
+    assert (result.total, result.completed, result.failed, result.unanswered) == (5, 2, 3, 0)
 
 
 @pytest.mark.parametrize("code", sorted(UNANSWERED_CODES))
@@ -119,7 +119,7 @@ def test_unanswered_lines_have_the_exact_shape(tmp_path: Path, code: str) -> Non
         errors[0]
         == f'{{"custom_id": "a", "response": null, "error": {{"code": "{code}", "message": {message}}}}}'.encode()
     )
-    assert (result.completed, result.failed) == (1, 2)
+    assert (result.completed, result.failed, result.unanswered) == (1, 2, 2)
 
 
 def test_unknown_unanswered_code_is_refused(tmp_path: Path) -> None:
