@@ -1,0 +1,328 @@
+"""The `batchd` command line (DESIGN §7): parsing and printing only.
+
+Exit codes: 0 success; 1 the operation failed (invalid file, job not found,
+lock held, timeout); 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import anyio
+import click
+
+from batchd import logging as batchd_logging
+from batchd.config import ConfigError, Settings, load_settings, parse_override
+from batchd.models import PROVIDER_LIMITS, Job, JobState
+from batchd.store import Store
+from batchd.validation import format_report, validate_file
+
+CONFIG_HELP = "Config file (else $BATCHD_CONFIG, else /etc/batchd/batchd.toml)."
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"batchd: {message}", err=True)
+    sys.exit(code)
+
+
+class Context:
+    """What every command shares: where the config is and the --set overrides."""
+
+    def __init__(self, config: str | None, overrides: tuple[str, ...]) -> None:
+        self.config = config
+        self.overrides = overrides
+
+    def load(self) -> Settings:
+        try:
+            return load_settings(self.config, overrides=dict(parse_override(o) for o in self.overrides))
+        except ConfigError as exc:
+            fail(f"configuration error: {exc}", 2)
+
+    def loader(self) -> Callable[[], Settings]:
+        """Re-reads the config (SIGHUP); raises ConfigError instead of exiting."""
+        return lambda: load_settings(self.config, overrides=dict(parse_override(o) for o in self.overrides))
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--config and --set on every command, so they may come before or after the command name."""
+
+    def remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        obj = ctx.find_object(Context)
+        if obj is not None:
+            if param.name == "config" and value:
+                obj.config = value
+            if param.name == "overrides" and value:
+                obj.overrides = obj.overrides + tuple(value)
+        return value
+
+    fn = click.option(
+        "--config", "config", type=click.Path(dir_okay=False), envvar=None, help=CONFIG_HELP,
+        callback=remember, expose_value=False,
+    )(fn)  # fmt: skip
+    fn = click.option(
+        "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+        help="Override one config key (beats BATCHD_* and the file).", callback=remember, expose_value=False,
+    )(fn)  # fmt: skip
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key.")
+@click.version_option(package_name="batchd")
+@click.pass_context
+def main(ctx: click.Context, config: str | None, overrides: tuple[str, ...]) -> None:
+    """batchd: a folder-driven, durable batch-inference service."""
+    ctx.obj = Context(config, overrides)
+
+
+@contextmanager
+def open_store(settings: Settings) -> Iterator[Store]:
+    store = Store(settings.database_url)
+    try:
+        store.migrate()
+        yield store
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- run
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="One rescan, then run until every job is terminal and every event sent.")
+@click.option("--timeout", type=float, help="With --once: give up after S seconds (exit 1).")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@config_options
+@pass_ctx
+def run(obj: Context, once: bool, timeout: float | None, log_level: str) -> None:
+    """Run the daemon in the foreground (systemd's ExecStart)."""
+    from batchd.service import LockHeld, serve
+
+    if timeout is not None and not once:
+        fail("--timeout needs --once", 2)
+    settings = obj.load()
+    batchd_logging.configure(level=log_level)
+    try:
+        code = anyio.run(lambda: serve(settings, once=once, timeout=timeout, reload=obj.loader()))
+    except LockHeld as exc:
+        fail(str(exc), 1)
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}", 2)
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _limits_settings(obj: Context) -> Settings | None:
+    """Settings when a config can be read; validation falls back to the local limits otherwise."""
+    try:
+        return obj.loader()()
+    except ConfigError:
+        if obj.config or os.environ.get("BATCHD_CONFIG"):
+            raise
+        return None
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@config_options
+@pass_ctx
+def validate(obj: Context, file: Path, as_json: bool) -> None:
+    """Check FILE against every inbox rule: 0 valid, 1 invalid."""
+    try:
+        settings = _limits_settings(obj)
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}", 2)
+    if not file.is_file():
+        fail(f"{file}: no such file", 2)
+    kind = settings.provider.kind if settings else "local"
+    report = validate_file(file, source=file.name, limits=PROVIDER_LIMITS[kind])
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
+    elif report.ok:
+        click.echo(f"{file}: valid, {report.request_count} requests for {report.endpoint}")
+    else:
+        click.echo(format_report(report), nl=False)
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", help="Name of the submission (default: the file's name without its extension).")
+@config_options
+@pass_ctx
+def submit(obj: Context, file: Path, name: str | None) -> None:
+    """Validate FILE, then drop it atomically into the inbox as NAME.jsonl."""
+    settings = obj.load()
+    if not file.is_file():
+        fail(f"{file}: no such file", 2)
+    report = validate_file(file, source=file.name, limits=PROVIDER_LIMITS[settings.provider.kind])
+    if not report.ok:
+        click.echo(format_report(report), nl=False, err=True)
+        sys.exit(1)
+    name = name or file.stem
+    if not name or "/" in name or name.startswith(".") or "\0" in name:
+        fail(f"--name {name!r}: a plain file name is needed", 2)
+    inbox = settings.inbox_dir
+    inbox.mkdir(parents=True, exist_ok=True)
+    target = inbox / f"{name}.jsonl"
+    if target.exists():
+        fail(f"{target} is already waiting in the inbox; choose another --name", 1)
+    # Write under an ignored name, then rename: the daemon sees only a complete file.
+    tmp = inbox / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(file, "rb") as src, open(tmp, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.rename(tmp, target)
+    click.echo(f"submitted {file} as {target} ({report.request_count} requests)")
+
+
+# ---------------------------------------------------------------- jobs
+
+
+def _job_json(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "name": job.name,
+        "state": job.state.value,
+        "source": job.source,
+        "provider": job.provider,
+        "endpoint": job.endpoint,
+        "requests": job.request_count,
+        "request_counts": dict(job.request_counts) if job.request_counts else None,
+        "outbox": job.outbox_path,
+        "reason": job.reason,
+        "last_error": job.last_error,
+        "cancel_requested": job.cancel_requested,
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+    }
+
+
+def _find(store: Store, ref: str) -> Job:
+    found = store.find_jobs(ref)
+    if not found:
+        fail(f"no job matches {ref!r}", 1)
+    if len(found) > 1 and found[0].id != ref and len({j.name for j in found}) > 1:
+        fail(f"{ref!r} matches {len(found)} jobs: {', '.join(j.short_id for j in found[:5])}", 1)
+    return found[0]
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.option("--state", "states", multiple=True, type=click.Choice([s.value for s in JobState]))
+@config_options
+@pass_ctx
+def jobs(obj: Context, as_json: bool, states: tuple[str, ...]) -> None:
+    """What is tracked, oldest first."""
+    settings = obj.load()
+    with open_store(settings) as store:
+        found = store.list_jobs([JobState(s) for s in states] or None)
+        remote = {j.id: [b.remote_id for b in store.remote_batches(j.id) if b.remote_id] for j in found}
+    if as_json:
+        click.echo(json.dumps([{**_job_json(j), "remote_batch_ids": remote[j.id]} for j in found], indent=2))
+        return
+    if not found:
+        click.echo("no jobs")
+        return
+    click.echo(f"{'ID':<9} {'STATE':<12} {'REQUESTS':>8} {'OK':>6} {'FAILED':>6}  NAME")
+    for j in found:
+        counts = j.request_counts or {}
+        click.echo(
+            f"{j.short_id:<9} {j.state.value:<12} {j.request_count or 0:>8} "
+            f"{counts.get('completed', ''):>6} {counts.get('failed', ''):>6}  {j.name}"
+        )
+
+
+@main.command()
+@click.argument("job_ref", metavar="JOB")
+@config_options
+@pass_ctx
+def show(obj: Context, job_ref: str) -> None:
+    """Everything about one job (JOB: an id, a unique id prefix or a name)."""
+    settings = obj.load()
+    with open_store(settings) as store:
+        job = _find(store, job_ref)
+        batches = store.remote_batches(job.id)
+    data = _job_json(job)
+    data["remote_batches"] = [
+        {"remote_id": b.remote_id, "status": b.status, "input_file_id": b.input_file_id,
+         "output_file_id": b.output_file_id, "error_file_id": b.error_file_id, "error": b.error}
+        for b in batches
+    ]  # fmt: skip
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+@main.command()
+@click.argument("job_ref", metavar="JOB")
+@config_options
+@pass_ctx
+def cancel(obj: Context, job_ref: str) -> None:
+    """Ask the daemon to cancel JOB; results so far are still downloaded."""
+    settings = obj.load()
+    with open_store(settings) as store:
+        job = _find(store, job_ref)
+        if job.state.terminal:
+            fail(f"job {job.short_id} is already {job.state.value}", 1)
+        store.update_job(job.id, cancel_requested=True)
+    click.echo(f"cancel requested for {job.short_id} ({job.name})")
+
+
+@main.command()
+@click.argument("job_ref", metavar="JOB")
+@config_options
+@pass_ctx
+def retry(obj: Context, job_ref: str) -> None:
+    """Submit a finished job's input again, as a new job with its own outbox folder."""
+    settings = obj.load()
+    with open_store(settings) as store:
+        job = _find(store, job_ref)
+        if not job.state.terminal or job.state == JobState.REJECTED or not job.upload_path:
+            fail(f"job {job.short_id} is {job.state.value}: only a finished, accepted job can be retried", 1)
+        new = store.insert_job(
+            id=uuid.uuid4().hex, name=job.name, source=job.source, state=JobState.RECEIVED,
+            provider=settings.provider.kind, endpoint=job.endpoint, claimed_path=job.claimed_path,
+            spec_path=job.spec_path, upload_path=job.upload_path, sha256=job.sha256, size_bytes=job.size_bytes,
+            request_count=job.request_count, completion_window=job.completion_window, model=job.model,
+            webhook_url=job.webhook_url, metadata=dict(job.metadata),
+        )  # fmt: skip
+    click.echo(f"retrying {job.short_id} as new job {new.short_id}")
+
+
+# ---------------------------------------------------------------- emulator and demo
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8787, type=int, show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Default: ./batchd-emulator")
+def emulator(host: str, port: int, data_dir: Path | None) -> None:
+    """The embedded Batch API on its own: Together dialect at /v1/."""
+    from batchd.emulator.server import run_emulator
+
+    batchd_logging.configure()
+    run_emulator(host, port, data_dir or Path("batchd-emulator"))
+
+
+@main.command()
+@click.option("--keep", type=click.Path(file_okay=False, path_type=Path), help="Use (and keep) this folder.")
+def demo(keep: Path | None) -> None:
+    """A complete tour on the local backend: no key, no network."""
+    from batchd.demo import run_demo
+
+    sys.exit(run_demo(keep))

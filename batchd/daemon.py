@@ -1,0 +1,629 @@
+"""The daemon: intake, submit, poll, download, notify — one anyio task group.
+
+`lifecycle.next_action` decides; this module carries the decision out and
+records the outcome through the Store. Every remote side effect is preceded by
+a committed intent, so a crash at any point resumes from the database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from batchd import lifecycle, systemd
+from batchd.config import ConfigError, Settings
+from batchd.inbox import Inbox, Kind, classify
+from batchd.lifecycle import Action, PollPolicy, Step
+from batchd.models import Job, JobState, RemoteBatch, RemoteBatchRecord
+from batchd.providers.base import Provider, ProviderError
+from batchd.results import MergeResult, choose_outbox_folder, merge_results, write_job_json
+from batchd.store import StaleState, Store
+from batchd.watch import InboxWatcher, WatchEvent
+from batchd.webhooks import Deliverer, build_event
+
+log = structlog.get_logger("batchd.daemon")
+
+#: A remote batch adopted during reconciliation may carry a created_at up to this much
+#: before our recorded intent: the provider's clock and ours are not the same clock.
+CLOCK_SKEW_S = 60.0
+#: How often the scheduler looks at the database even without a wake-up (CLI actions).
+IDLE_TICK_S = 1.0
+#: Steps running at once (uploads, creates, downloads); polls are grouped separately.
+MAX_CONCURRENT_STEPS = 16
+#: SIGTERM to exit: in-flight steps get this long to finish before they are parked.
+STOP_GRACE_S = 7.0
+
+
+def iso(ts: float | None) -> str | None:
+    """ISO-8601 UTC with a Z, as job.json and webhooks show times."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+async def db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a Store call in a worker thread: SQLite may wait on a lock; the event loop must not."""
+    return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+
+@dataclass
+class RunResult:
+    drained: bool
+
+
+class Daemon:
+    """One batchd process's work over one Store and one Provider."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Store,
+        provider: Provider,
+        deliverer: Deliverer | None = None,
+        reload: Callable[[], Settings] | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.provider = provider
+        self.inbox = Inbox(lambda: self.settings, store)
+        self.deliverer = deliverer
+        self._reload = reload
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._stop = anyio.Event()
+        self._wake = anyio.Event()
+        self._wake_delivery = anyio.Event()
+        self._busy: set[str] = set()
+        self._steps = anyio.CapacityLimiter(MAX_CONCURRENT_STEPS)
+        self._intake_pending = 0
+        #: set once recovery is done and every loop runs (what READY=1 tells systemd)
+        self.ready = anyio.Event()
+        self._intake_settled = False
+
+    # ------------------------------------------------------------ control
+
+    def stop(self) -> None:
+        """Stop taking work; in-flight steps finish or are parked."""
+        if not self._stop.is_set():
+            log.info("daemon.stopping")
+            systemd.notify("STOPPING=1")
+            self._stop.set()
+        self._wake.set()
+        self._wake_delivery.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def policy(self) -> PollPolicy:
+        p = self.settings.polling
+        return PollPolicy(p.min_interval_s, p.max_interval_s)
+
+    async def run(self, *, once: bool = False, timeout: float | None = None) -> RunResult:
+        """Run until stopped (or, with `once`, until drained); return whether it drained."""
+        await db(self.inbox.ensure_folders)
+        recovered = await db(self.inbox.recover)
+        if recovered:
+            log.info("daemon.recovered_claims", jobs=len(recovered))
+        self._warn_fast_polling()
+        drained = False
+        # Steps run in `work`, which outlives the loops: on stop the loops end at once and
+        # in-flight steps get STOP_GRACE_S to finish before they are cancelled (parked).
+        async with anyio.create_task_group() as work:
+            async with anyio.create_task_group() as loops:
+                loops.start_soon(self._signals)
+                loops.start_soon(self._intake, once)
+                loops.start_soon(self._schedule, work)
+                loops.start_soon(self._deliveries, work)
+                systemd.notify("READY=1")
+                self.ready.set()
+                log.info("daemon.ready", inbox=str(self.settings.inbox_dir), provider=self.provider.kind)
+                if once:
+                    with anyio.move_on_after(math.inf if timeout is None else timeout):
+                        await self._until_drained()
+                        drained = True
+                    self.stop()
+                await self._stop.wait()
+                loops.cancel_scope.cancel()
+            work.cancel_scope.deadline = anyio.current_time() + STOP_GRACE_S
+        if self._busy:
+            log.warning("daemon.parked", jobs=sorted(self._busy))
+        log.info("daemon.stopped", drained=drained)
+        return RunResult(drained=drained)
+
+    async def _until_drained(self) -> None:
+        while True:
+            active = await db(self.store.active_jobs)
+            pending = await db(self.store.pending_delivery_count)
+            if self._intake_settled and not active and not pending and not self._intake_pending:
+                return
+            with anyio.move_on_after(0.1):
+                await self._stop.wait()
+            if self._stop.is_set():
+                return
+
+    def _warn_fast_polling(self) -> None:
+        if self.provider.kind != "local" and self.settings.polling.min_interval_s < 30:
+            log.warning(
+                "daemon.fast_polling",
+                min_interval_s=self.settings.polling.min_interval_s,
+                advice="providers advise polling no faster than every 30-60 s per batch",
+            )
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self._reload_settings()
+                else:
+                    log.info("daemon.signal", signal=signal.Signals(signum).name)
+                    self.stop()
+
+    def _reload_settings(self) -> None:
+        if self._reload is None:
+            return
+        systemd.notify("RELOADING=1")
+        try:
+            new = self._reload()
+        except ConfigError as exc:
+            log.error("daemon.reload_refused", error=str(exc))
+        else:
+            if (new.provider, new.state_dir, new.database_url) != (
+                self.settings.provider,
+                self.settings.state_dir,
+                self.settings.database_url,
+            ):
+                log.warning("daemon.reload_needs_restart", keys="provider, state_dir, database_url")
+            self.settings = new
+            log.info("daemon.reloaded")
+        systemd.notify("READY=1")
+
+    # ------------------------------------------------------------ intake
+
+    async def _intake(self, once: bool) -> None:
+        """Take files: inotify events are hints, the rescan is the truth."""
+        settling: dict[Path, float] = {}
+        watcher = None if once else InboxWatcher(self.settings.inbox_dir)
+        try:
+            await self._rescan(settling)
+            next_rescan = self._clock() + self.settings.inbox.rescan_s
+            while not self._stop.is_set():
+                if once and not settling:
+                    break
+                now = self._clock()
+                deadline = min([next_rescan, *settling.values()])
+                events: list[WatchEvent] = []
+                if watcher is not None:
+                    events = await watcher.read(timeout=max(0.0, deadline - now), stop=self._stop)
+                else:
+                    with anyio.move_on_after(max(0.0, deadline - now)):
+                        await self._stop.wait()
+                rescan = False
+                for ev in events:
+                    if ev.kind == "ready":
+                        settling.pop(ev.path, None)
+                        await self._take(ev.path)
+                    elif ev.kind == "changed":
+                        settling[ev.path] = self._clock() + self.settings.inbox.settle_s
+                    else:
+                        rescan = True
+                now = self._clock()
+                if rescan or now >= next_rescan or any(at <= now for at in settling.values()):
+                    await self._rescan(settling)
+                    if now >= next_rescan:
+                        next_rescan = now + self.settings.inbox.rescan_s
+        finally:
+            self._intake_settled = True
+            if watcher is not None:
+                watcher.close()
+
+    async def _rescan(self, settling: dict[Path, float]) -> None:
+        now = time.time()  # compared with file mtimes, which are wall-clock
+        settle = self.settings.inbox.settle_s
+        found = await db(self.inbox.candidates)
+        for path in list(settling):
+            if path not in found:
+                del settling[path]
+        for path in found:
+            if self._stop.is_set():
+                return
+            if classify(path) is Kind.BAD:
+                await self._take(path)
+                continue
+            try:
+                mtime = path.lstat().st_mtime
+            except FileNotFoundError:
+                continue
+            if now - mtime >= settle:
+                settling.pop(path, None)
+                await self._take(path)
+            else:
+                # Seen only by a rescan and still changing: wait until it has been quiet for settle_s.
+                settling[path] = self._clock() + (mtime + settle - now)
+
+    async def _take(self, path: Path) -> None:
+        self._intake_pending += 1
+        try:
+            job = await db(self.inbox.take, path)
+        except OSError as exc:
+            log.error("inbox.take_failed", path=str(path), error=str(exc))
+            return
+        finally:
+            self._intake_pending -= 1
+        if job is not None:
+            self.wake()
+            if job.state == JobState.REJECTED:
+                self._wake_delivery.set()
+
+    # ------------------------------------------------------------ scheduling
+
+    async def _schedule(self, tg: anyio.abc.TaskGroup) -> None:
+        watchdog = systemd.watchdog_interval_s()
+        last_ping = 0.0
+        while not self._stop.is_set():
+            if watchdog is not None and time.monotonic() - last_ping >= watchdog:
+                systemd.notify("WATCHDOG=1")
+                last_ping = time.monotonic()
+            now = self._clock()
+            jobs = await db(self.store.active_jobs)
+            batches = await db(self.store.active_remote_batches)
+            next_at = now + IDLE_TICK_S
+            polls: list[tuple[Job, Action]] = []
+            for job in jobs:
+                if job.id in self._busy:
+                    continue
+                action = lifecycle.next_action(job, batches.get(job.id, []), now)
+                if action.step is Step.NONE:
+                    continue
+                if action.at > now:
+                    next_at = min(next_at, action.at)
+                    continue
+                self._busy.add(job.id)
+                if action.step is Step.POLL:
+                    polls.append((job, action))
+                else:
+                    tg.start_soon(self._run_step, job, action)
+            if polls:
+                tg.start_soon(self._poll_round, polls)
+            self._wake = anyio.Event()
+            with anyio.move_on_after(max(0.0, next_at - self._clock())):
+                await self._wake.wait()
+
+    async def _run_step(self, job: Job, action: Action) -> None:
+        bound = log.bind(job_id=job.id, step=action.step.value)
+        try:
+            async with self._steps:
+                if action.step is Step.UPLOAD:
+                    await self._upload(job)
+                elif action.step is Step.CREATE:
+                    assert action.batch is not None
+                    await self._create(job, action.batch, reconcile_first=action.reconcile_first)
+                elif action.step is Step.CANCEL:
+                    assert action.batch is not None
+                    await self._cancel(job, action.batch)
+                elif action.step is Step.DOWNLOAD:
+                    await self._download(job)
+        except StaleState:
+            bound.info("job.stale_step")
+        except ProviderError as exc:
+            await self._step_failed(job, exc)
+        except Exception as exc:
+            # A bug or a full disk must not stop the daemon; the step is retried with backoff.
+            bound.exception("job.step_crashed")
+            await self._step_failed(job, exc)
+        finally:
+            self._busy.discard(job.id)
+            self.wake()
+
+    async def _step_failed(self, job: Job, exc: Exception) -> None:
+        attempts = job.attempts + 1
+        delay = lifecycle.retry_delay(attempts, self.policy, self._rng)
+        if isinstance(exc, ProviderError) and exc.retry_after:
+            delay = max(delay, exc.retry_after)
+        log.warning(
+            "job.step_failed", job_id=job.id, state=job.state.value, attempts=attempts, wait_s=round(delay, 3),
+            error=str(exc),
+        )  # fmt: skip
+        with contextlib.suppress(StaleState):
+            await db(
+                self.store.update_job, job.id, expect=job.state, attempts=attempts,
+                next_check_at=self._clock() + delay, last_error=str(exc)[:2000],
+            )  # fmt: skip
+
+    # ------------------------------------------------------------ steps
+
+    async def _upload(self, job: Job) -> None:
+        if job.state == JobState.RECEIVED:
+            job = await db(self.store.update_job, job.id, expect=JobState.RECEIVED, state=JobState.UPLOADING)
+        assert job.upload_path and job.sha256
+        log.info("job.uploading", job_id=job.id, bytes=job.size_bytes)
+        try:
+            file_id = await self.provider.upload_file(
+                Path(job.upload_path), filename=_upload_name(job), sha256=job.sha256
+            )
+        except ProviderError as exc:
+            if exc.retryable:
+                raise
+            await self._give_up(job, f"upload refused: {exc.message}")
+            return
+        await db(
+            self.store.add_remote_intent, job.id, file_id=file_id, state=JobState.SUBMITTING,
+            attempts=0, next_check_at=None, last_error=None,
+        )  # fmt: skip
+        log.info("job.uploaded", job_id=job.id, file_id=file_id)
+
+    async def _give_up(self, job: Job, reason: str) -> None:
+        """The provider refused for good: finish the job (its outbox says not_submitted)."""
+        log.error("job.refused", job_id=job.id, reason=reason)
+        await db(
+            self.store.update_job, job.id, expect=job.state, state=JobState.DOWNLOADING, reason=reason,
+            attempts=0, next_check_at=None,
+        )  # fmt: skip
+
+    async def _create(self, job: Job, batch: RemoteBatchRecord, *, reconcile_first: bool) -> None:
+        if reconcile_first and await self._reconcile(job, batch):
+            return
+        assert job.endpoint and job.completion_window
+        # Commit the attempt before sending: after a crash, the next try lists before creating.
+        batch = await db(self.store.update_remote, batch.id, create_attempts=batch.create_attempts + 1)
+        try:
+            remote = await self.provider.create_batch(
+                input_file_id=batch.input_file_id,
+                endpoint=job.endpoint,
+                completion_window=job.completion_window,
+                job_id=job.id,
+            )
+        except ProviderError as exc:
+            if not exc.outcome_unknown:
+                # The provider said no before acting: nothing to reconcile next time.
+                await db(self.store.update_remote, batch.id, create_attempts=batch.create_attempts - 1)
+            if exc.retryable:
+                raise
+            await self._give_up(job, f"batch create refused: {exc.message}")
+            return
+        await self._bind(job, batch, remote, how="created")
+
+    async def _reconcile(self, job: Job, batch: RemoteBatchRecord) -> bool:
+        """Adopt a remote batch an earlier, interrupted create made; True if one was found."""
+        remotes = await self.provider.list_batches()
+        bound = await db(self.store.bound_remote_ids)
+        earliest = batch.intent_at - CLOCK_SKEW_S
+        candidates = [
+            r for r in remotes
+            if r.input_file_id == batch.input_file_id
+            and r.id not in bound
+            and (r.created_at is None or r.created_at.timestamp() >= earliest)
+            and (not r.metadata or r.metadata.get("batchd_job_id") in (None, job.id))
+        ]  # fmt: skip
+        if not candidates:
+            log.info("job.reconcile_none", job_id=job.id, file_id=batch.input_file_id)
+            return False
+        candidates.sort(key=lambda r: r.created_at or datetime.min.replace(tzinfo=UTC))
+        await self._bind(job, batch, candidates[0], how="adopted")
+        return True
+
+    async def _bind(self, job: Job, batch: RemoteBatchRecord, remote: RemoteBatch, *, how: str) -> None:
+        now = self._clock()
+        state = lifecycle.state_for_remote(remote.status)
+        interval = self.policy.min_interval_s
+        await db(
+            self.store.update_remote,
+            batch.id,
+            remote_id=remote.id,
+            status=remote.status.value,
+            remote_created_at=remote.created_at.timestamp() if remote.created_at else None,
+            output_file_id=remote.output_file_id,
+            error_file_id=remote.error_file_id,
+            error=remote.error,
+            progress=remote.progress,
+            job_values={
+                "state": state,
+                "poll_interval_s": interval,
+                "next_check_at": now + interval,
+                "attempts": 0,
+                "last_error": None,
+            },
+        )
+        log.info(f"job.batch_{how}", job_id=job.id, remote_batch_id=remote.id, status=remote.status.value)
+
+    async def _poll_round(self, polls: list[tuple[Job, Action]]) -> None:
+        """Poll due jobs: one list call when many are due, else one get each."""
+        try:
+            found: dict[str, RemoteBatch] = {}
+            if lifecycle.use_sweep(len(polls)):
+                try:
+                    found = {r.id: r for r in await self.provider.list_batches()}
+                except ProviderError as exc:
+                    for job, _ in polls:
+                        await self._step_failed(job, exc)
+                    return
+            for job, action in polls:
+                assert action.batch is not None and action.batch.remote_id is not None
+                try:
+                    remote = found.get(action.batch.remote_id) or await self.provider.get_batch(action.batch.remote_id)
+                    await self._apply(job, action.batch, remote)
+                except ProviderError as exc:
+                    await self._step_failed(job, exc)
+        finally:
+            for job, _ in polls:
+                self._busy.discard(job.id)
+            self.wake()
+
+    async def _apply(self, job: Job, batch: RemoteBatchRecord, remote: RemoteBatch) -> None:
+        now = self._clock()
+        changed = remote.status.value != batch.status
+        state = lifecycle.state_for_remote(remote.status)
+        if job.state == JobState.CANCELLING and not remote.status.terminal:
+            state = JobState.CANCELLING
+        interval = lifecycle.next_poll_interval(job.poll_interval_s, changed, self.policy)
+        await db(
+            self.store.update_remote,
+            batch.id,
+            status=remote.status.value,
+            output_file_id=remote.output_file_id,
+            error_file_id=remote.error_file_id,
+            error=remote.error,
+            progress=remote.progress,
+            job_values={
+                "state": state,
+                "poll_interval_s": interval,
+                "next_check_at": now if state == JobState.DOWNLOADING else now + interval,
+                "attempts": 0,
+                "last_error": None,
+            },
+        )
+        if changed:
+            log.info(
+                "job.remote_status", job_id=job.id, remote_batch_id=remote.id, status=remote.status.value,
+                progress=remote.progress,
+            )  # fmt: skip
+
+    async def _cancel(self, job: Job, batch: RemoteBatchRecord) -> None:
+        assert batch.remote_id is not None
+        log.info("job.cancelling", job_id=job.id, remote_batch_id=batch.remote_id)
+        job = await db(self.store.update_job, job.id, expect=job.state, state=JobState.CANCELLING)
+        try:
+            remote = await self.provider.cancel_batch(batch.remote_id)
+        except ProviderError as exc:
+            if exc.retryable:
+                raise
+            # Already finished remotely: nothing to cancel; the next poll sees the end.
+            log.warning("job.cancel_refused", job_id=job.id, error=exc.message)
+            remote = await self.provider.get_batch(batch.remote_id)
+        await self._apply(job, batch, remote)
+
+    async def _download(self, job: Job) -> None:
+        """Fetch every result file, write the outbox, then finish the job in one transaction."""
+        settings = self.settings
+        batches = await db(self.store.remote_batches, job.id)
+        work = settings.state_dir / "work" / job.id
+        await anyio.Path(work).mkdir(parents=True, exist_ok=True)
+        answers: list[Path] = []
+        for batch in batches:
+            for kind, file_id in (("output", batch.output_file_id), ("errors", batch.error_file_id)):
+                if batch.remote_id and file_id:
+                    dest = work / f"{batch.remote_id}.{kind}.jsonl"
+                    size = await self.provider.download_file(file_id, dest)
+                    log.info("job.downloaded", job_id=job.id, file_id=file_id, bytes=size)
+                    answers.append(dest)
+        if job.outbox_path is None:
+            folder = await db(choose_outbox_folder, settings.outbox_dir, job.name, job.id)
+            # Recorded before anything is written into it, so a restart reuses this folder.
+            job = await db(self.store.update_job, job.id, expect=job.state, outbox_path=str(folder))
+        folder = Path(job.outbox_path or "")
+        code = lifecycle.unanswered_code(batches, job.cancel_requested)
+        assert job.upload_path is not None
+        merge: MergeResult = await db(
+            merge_results,
+            input_path=Path(job.upload_path),
+            answers=answers,
+            folder=folder,
+            unanswered_code=code,
+            scratch_dir=work,
+        )
+        state = lifecycle.final_state(merge.unanswered, code)
+        now = self._clock()
+        reason = job.reason
+        if state != JobState.COMPLETED and reason is None:
+            reason = _reason(batches, merge, code)
+        doc = job_document(job, state, merge, batches, folder, finished_at=now, reason=reason)
+        await db(write_job_json, folder, doc)
+        event = build_event(
+            settings, lifecycle.event_type(state), webhook_data(doc), now=now, job_webhook_url=job.webhook_url
+        )
+        await db(
+            self.store.update_job, job.id, expect=job.state, state=state, finished_at=now, reason=reason,
+            request_counts=doc["request_counts"], usage=doc["usage"], events_=[event],
+        )  # fmt: skip
+        log.info(
+            "job.finished", job_id=job.id, status=state.value, completed=merge.completed, failed=merge.failed,
+            outbox=str(folder),
+        )  # fmt: skip
+        self._wake_delivery.set()
+
+    # ------------------------------------------------------------ webhooks
+
+    async def _deliveries(self, tg: anyio.abc.TaskGroup) -> None:
+        if self.deliverer is None:
+            return
+        while not self._stop.is_set():
+            try:
+                await self.deliverer.run_due(tg)
+                next_at = await db(self.store.next_delivery_at)
+            except Exception:
+                log.exception("webhook.loop_failed")
+                next_at = None
+            now = self._clock()
+            wait = IDLE_TICK_S if next_at is None else min(IDLE_TICK_S, max(0.0, next_at - now))
+            self._wake_delivery = anyio.Event()
+            with anyio.move_on_after(max(wait, 0.01)):
+                await self._wake_delivery.wait()
+
+
+def _upload_name(job: Job) -> str:
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in job.name)
+    return f"{safe or 'batch'}.jsonl"
+
+
+def _reason(batches: list[RemoteBatchRecord], merge: MergeResult, code: str) -> str:
+    errors = [b.error for b in batches if b.error]
+    text = f"{merge.unanswered} of {merge.total} requests unanswered ({code})"
+    return f"{text}: {errors[-1]}" if errors else text
+
+
+def job_document(
+    job: Job,
+    state: JobState,
+    merge: MergeResult,
+    batches: list[RemoteBatchRecord],
+    folder: Path,
+    *,
+    finished_at: float,
+    reason: str | None,
+) -> dict[str, Any]:
+    """The content of job.json (DESIGN §4)."""
+    output = folder / "output.jsonl"
+    errors = folder / "errors.jsonl"
+    return {
+        "id": job.id,
+        "name": job.name,
+        "status": state.value,
+        "source": job.source,
+        "endpoint": job.endpoint,
+        "provider": job.provider,
+        "remote_batch_ids": [b.remote_id for b in batches if b.remote_id],
+        "request_counts": {"total": merge.total, "completed": merge.completed, "failed": merge.failed},
+        "usage": dict(merge.usage),
+        "created_at": iso(job.created_at),
+        "finished_at": iso(finished_at),
+        "output_file": str(output.resolve()) if output.exists() else None,
+        "error_file": str(errors.resolve()) if errors.exists() else None,
+        "metadata": dict(job.metadata),
+        "reason": reason,
+        "model": job.model,
+        "input_sha256": job.sha256,
+    }
+
+
+def webhook_data(doc: dict[str, Any]) -> dict[str, Any]:
+    """The `data` of a terminal event (DESIGN §5)."""
+    keys = (
+        "id", "name", "status", "provider", "source", "remote_batch_ids", "request_counts", "usage",
+        "output_file", "error_file", "metadata", "reason",
+    )  # fmt: skip
+    return {k: doc[k] for k in keys}

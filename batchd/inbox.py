@@ -1,0 +1,379 @@
+"""The inbox (DESIGN §3): what is a submission, claiming it, specs, rejections.
+
+Everything here is synchronous filesystem work; the daemon runs it in worker
+threads. Nothing is ever deleted: an accepted file is renamed into
+`inbox/.batchd/claimed/<job id>/`, a rejected one into `inbox/rejected/`.
+
+Crash safety: the claim (a rename into a folder named after the new job id)
+happens before anything else, so a crash after it leaves a claimed folder
+without a job row, which `recover()` takes again at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import structlog
+
+from batchd.config import Settings
+from batchd.models import PROVIDER_LIMITS, Job, JobState
+from batchd.results import outbox_name
+from batchd.store import Store
+from batchd.validation import Problem, Report, format_report, validate_file, write_upload_copy
+from batchd.webhooks import allowed_webhook_url, build_event
+
+log = structlog.get_logger("batchd.inbox")
+
+SPEC_KEYS = frozenset({"input", "completion_window", "model", "webhook_url", "metadata"})
+#: A spec is a small JSON document; anything bigger is a mistake, not a spec.
+MAX_SPEC_BYTES = 1_000_000
+UPLOAD_NAME = "upload.jsonl"
+
+
+class Kind(StrEnum):
+    """How the inbox treats a directory entry."""
+
+    IGNORE = "ignore"
+    REQUESTS = "requests"
+    SPEC = "spec"
+    #: taken only to be rejected (a symlink, another extension)
+    BAD = "bad"
+
+
+def is_ignored_name(name: str) -> bool:
+    """Names the producer protocol keeps out of batchd's way (DESIGN §3)."""
+    return name.startswith(".") or name.endswith((".tmp", ".part"))
+
+
+def classify(path: Path) -> Kind:
+    """What an entry directly inside the inbox is, without following symlinks."""
+    if is_ignored_name(path.name):
+        return Kind.IGNORE
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return Kind.IGNORE
+    if stat.S_ISDIR(mode):
+        return Kind.IGNORE
+    if stat.S_ISLNK(mode) or not stat.S_ISREG(mode):
+        return Kind.BAD
+    if path.suffix == ".jsonl":
+        return Kind.REQUESTS
+    if path.suffix == ".json":
+        return Kind.SPEC
+    return Kind.BAD
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed `NAME.json` spec."""
+
+    input: str
+    completion_window: str | None = None
+    model: str | None = None
+    webhook_url: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Rejection(Exception):
+    """A submission that will not be taken; carries the report text."""
+
+    def __init__(self, reason: str, report: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.report = report
+
+
+def _on_line(source: str, line: int | None, rule: str, message: str) -> Rejection:
+    """A rejection for one problem (in a spec, or about the file as a whole when line is None)."""
+    problem = Problem(line, rule, message)
+    report = Report(source=source, problems=(problem,), problem_count=1, request_count=0, endpoint=None, size_bytes=0)
+    return Rejection(str(problem), format_report(report))
+
+
+def _whole_file(source: str, rule: str, message: str) -> Rejection:
+    return _on_line(source, None, rule, message)
+
+
+def _from_report(report: Report, *, prefix: str = "") -> Rejection:
+    first = "; ".join(str(p) for p in report.problems[:3])
+    more = f" (+{report.problem_count - 3} more)" if report.problem_count > 3 else ""
+    return Rejection(f"{prefix}{first}{more}", (prefix + "\n\n" if prefix else "") + format_report(report))
+
+
+class Inbox:
+    """Claims, checks and records submissions; rejects what cannot be taken."""
+
+    def __init__(self, settings: Callable[[], Settings], store: Store) -> None:
+        self._settings = settings
+        self._store = store
+
+    @property
+    def dir(self) -> Path:
+        return self._settings().inbox_dir
+
+    @property
+    def claimed_root(self) -> Path:
+        return self.dir / ".batchd" / "claimed"
+
+    @property
+    def rejected_dir(self) -> Path:
+        return self.dir / "rejected"
+
+    def ensure_folders(self) -> None:
+        for folder in (self.dir, self.claimed_root, self.rejected_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def candidates(self) -> list[Path]:
+        """Entries of the inbox that are submissions (or must be rejected), oldest name first."""
+        found = []
+        with os.scandir(self.dir) as entries:
+            for entry in entries:
+                path = Path(entry.path)
+                if classify(path) is not Kind.IGNORE:
+                    found.append(path)
+        return sorted(found)
+
+    # ------------------------------------------------------------ taking
+
+    def take(self, path: Path) -> Job | None:
+        """Claim `path` and turn it into a job (or a rejection). None if it is gone or ignored."""
+        if classify(path) is Kind.IGNORE:
+            return None
+        job_id = uuid.uuid4().hex
+        claim_dir = self.claimed_root / job_id
+        claim_dir.mkdir(parents=True)
+        claimed = claim_dir / path.name
+        try:
+            os.rename(path, claimed)
+        except FileNotFoundError:
+            # Another scan or another daemon took it first.
+            claim_dir.rmdir()
+            return None
+        log.info("inbox.claimed", job_id=job_id, source=path.name)
+        return self._process(job_id, claimed)
+
+    def recover(self) -> list[Job]:
+        """Finish what a crash interrupted: claimed files without a job, half-done rejections."""
+        jobs: list[Job] = []
+        if not self.claimed_root.is_dir():
+            return jobs
+        for claim_dir in sorted(self.claimed_root.iterdir()):
+            if not claim_dir.is_dir() or self._store.job_exists(claim_dir.name):
+                continue
+            submitted = [
+                p for p in claim_dir.iterdir() if p.name != UPLOAD_NAME and not p.name.startswith(".")
+                and (p.is_symlink() or p.is_file())
+            ]  # fmt: skip
+            if not submitted:
+                # Only our own (empty) claim folder: the rename never happened.
+                claim_dir.rmdir()
+                continue
+            log.warning("inbox.recovering_claim", job_id=claim_dir.name, source=submitted[0].name)
+            jobs.append(self._process(claim_dir.name, submitted[0]))
+        for job in self._store.list_jobs([JobState.REJECTED]):
+            if job.claimed_path and job.rejected_path and os.path.lexists(job.claimed_path):
+                self._finish_rejection(job, self._analyse_for_report(job))
+        return jobs
+
+    def _analyse_for_report(self, job: Job) -> str:
+        assert job.claimed_path is not None
+        try:
+            self._check(Path(job.claimed_path), self._settings())
+        except Rejection as rejection:
+            return rejection.report
+        return f"{job.source}: {job.reason}\n"
+
+    def _process(self, job_id: str, claimed: Path) -> Job:
+        try:
+            return self._accept(job_id, claimed)
+        except Rejection as rejection:
+            return self._reject(job_id, claimed, rejection)
+
+    def _check(self, claimed: Path, settings: Settings) -> tuple[Report, Spec | None, Path]:
+        """Every rule a submission must pass; raises Rejection naming the first problems."""
+        source = claimed.name
+        kind = classify(claimed)
+        if claimed.is_symlink():
+            raise _whole_file(source, "symlink", "symlinks are not followed; drop the file itself")
+        if kind is Kind.BAD:
+            raise _whole_file(source, "extension", "only NAME.jsonl (requests) and NAME.json (a spec) are taken")
+        limits = PROVIDER_LIMITS[settings.provider.kind]
+        spec: Spec | None = None
+        data = claimed
+        if kind is Kind.SPEC:
+            spec = self._read_spec(claimed, settings)
+            data = self._spec_data(claimed, spec)
+            report = validate_file(data, source=spec.input, limits=limits)
+            if not report.ok:
+                raise _from_report(report, prefix=f"{source}: its input {spec.input} is not valid")
+        else:
+            report = validate_file(claimed, source=source, limits=limits)
+            if not report.ok:
+                raise _from_report(report)
+        return report, spec, data
+
+    def _accept(self, job_id: str, claimed: Path) -> Job:
+        settings = self._settings()
+        source = claimed.name
+        report, spec, data = self._check(claimed, settings)
+        if spec is not None and data.parent != claimed.parent / "data":
+            (claimed.parent / "data").mkdir(exist_ok=True)
+            moved = claimed.parent / "data" / data.name
+            os.rename(data, moved)
+            data = moved
+        upload = claimed.parent / UPLOAD_NAME
+        copy = write_upload_copy(data, upload, model=spec.model if spec else None)
+        job = self._store.insert_job(
+            id=job_id,
+            name=outbox_name(source),
+            source=source,
+            state=JobState.RECEIVED,
+            provider=settings.provider.kind,
+            endpoint=report.endpoint,
+            claimed_path=str(data),
+            spec_path=str(claimed) if spec else None,
+            upload_path=str(upload),
+            sha256=copy.sha256,
+            size_bytes=copy.size_bytes,
+            request_count=copy.request_count,
+            completion_window=(spec.completion_window if spec else None) or settings.submit.completion_window,
+            model=spec.model if spec else None,
+            webhook_url=spec.webhook_url if spec else None,
+            metadata=dict(spec.metadata) if spec else {},
+        )
+        log.info("inbox.accepted", job_id=job_id, source=source, requests=copy.request_count)
+        return job
+
+    # ------------------------------------------------------------ specs
+
+    def _read_spec(self, claimed: Path, settings: Settings) -> Spec:
+        source = claimed.name
+        if claimed.stat().st_size > MAX_SPEC_BYTES:
+            raise _whole_file(source, "spec", f"a spec is at most {MAX_SPEC_BYTES} bytes")
+        try:
+            raw = json.loads(claimed.read_bytes().decode("utf-8-sig"))
+        except UnicodeDecodeError:
+            raise _whole_file(source, "encoding", "a spec must be UTF-8") from None
+        except json.JSONDecodeError as exc:
+            raise _on_line(source, exc.lineno, "json", f"not valid JSON ({exc.msg})") from None
+        if not isinstance(raw, dict):
+            raise _whole_file(source, "spec", "a spec must be a JSON object")
+        unknown = sorted(set(raw) - SPEC_KEYS)
+        if unknown:
+            raise _whole_file(source, "spec", f"unknown key(s) {', '.join(unknown)}; allowed: {sorted(SPEC_KEYS)}")
+        data_path = raw.get("input")
+        if not isinstance(data_path, str) or not data_path:
+            raise _whole_file(source, "input", "`input` (the JSONL file, relative to the inbox) is required")
+        window = raw.get("completion_window")
+        if window is not None and (
+            not isinstance(window, str) or not window[:-1].isdigit() or window[-1:] not in ("h", "d")
+        ):
+            raise _whole_file(source, "completion_window", 'must look like "24h"')
+        model = raw.get("model")
+        if model is not None and (not isinstance(model, str) or not model):
+            raise _whole_file(source, "model", "must be a non-empty string")
+        meta = raw.get("metadata", {})
+        if not isinstance(meta, dict):
+            raise _whole_file(source, "metadata", "must be a JSON object")
+        url = raw.get("webhook_url")
+        if url is not None and (
+            not isinstance(url, str) or allowed_webhook_url(url, settings.inbox.allow_webhook_urls) is None
+        ):
+            raise _whole_file(
+                source,
+                "webhook_url",
+                f"{url!r} matches no entry of [inbox] allow_webhook_urls (scheme, host, port and path prefix)",
+            )
+        return Spec(input=data_path, completion_window=window, model=model, webhook_url=url, metadata=meta)
+
+    def _spec_data(self, claimed: Path, spec: Spec) -> Path:
+        """The spec's data file: inside a sub-folder of the inbox, no `..`, no symlink, existing."""
+        source = claimed.name
+        # After a crash the data may already sit in the claim folder.
+        already = claimed.parent / "data" / PurePosixPath(spec.input).name
+        if already.is_file() and not already.is_symlink():
+            return already
+        rel = PurePosixPath(spec.input)
+        if rel.is_absolute() or "\\" in spec.input:
+            raise _whole_file(source, "input", "must be a path relative to the inbox, not absolute")
+        if any(part in ("..", ".") for part in rel.parts) or len(rel.parts) < 2:
+            raise _whole_file(source, "input", "must name a file inside a sub-folder of the inbox, without `..`")
+        if rel.parts[0] in (".batchd", "rejected") or any(is_ignored_name(p) for p in rel.parts):
+            raise _whole_file(source, "input", f"{spec.input!r} is in a folder batchd does not take from")
+        current = self.dir
+        for part in rel.parts:
+            current = current / part
+            try:
+                mode = current.lstat().st_mode
+            except FileNotFoundError:
+                raise _whole_file(source, "input", f"{spec.input} does not exist") from None
+            if stat.S_ISLNK(mode):
+                raise _whole_file(source, "input", f"{spec.input}: symlinks are not followed")
+        if not stat.S_ISREG(current.lstat().st_mode):
+            raise _whole_file(source, "input", f"{spec.input} is not a regular file")
+        if current.suffix != ".jsonl":
+            raise _whole_file(source, "input", f"{spec.input} must be a .jsonl file")
+        return current
+
+    # ------------------------------------------------------------ rejecting
+
+    def _reject(self, job_id: str, claimed: Path, rejection: Rejection) -> Job:
+        settings = self._settings()
+        source = claimed.name
+        target = self.rejected_dir / source
+        if os.path.lexists(target):
+            stem, dot, ext = source.rpartition(".")
+            target = self.rejected_dir / (f"{stem}.{job_id[:8]}.{ext}" if dot else f"{source}.{job_id[:8]}")
+        report_path = target.with_name(target.name + ".errors.txt")
+        now = self._store.now()
+        data = {
+            "id": job_id,
+            "name": outbox_name(source),
+            "status": "rejected",
+            "source": source,
+            "report_file": str(report_path),
+            "reason": rejection.reason,
+        }
+        event = build_event(settings, "batch.rejected", data, now=now, job_webhook_url=None)
+        job = self._store.insert_job(
+            id=job_id,
+            name=outbox_name(source),
+            source=source,
+            state=JobState.REJECTED,
+            provider=settings.provider.kind,
+            claimed_path=str(claimed),
+            rejected_path=str(target),
+            report_path=str(report_path),
+            reason=rejection.reason,
+            finished_at=now,
+            events_=[event],
+        )
+        log.warning("inbox.rejected", job_id=job_id, source=source, reason=rejection.reason)
+        self._finish_rejection(job, rejection.report)
+        return job
+
+    def _finish_rejection(self, job: Job, report: str) -> None:
+        """Write the report, then move the file (byte-identical) beside it."""
+        assert job.rejected_path and job.report_path and job.claimed_path
+        self.rejected_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(job.report_path), report)
+        os.rename(job.claimed_path, job.rejected_path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file so that it is either absent or complete."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,126 @@
+"""Putting a daemon together: the state lock, the Store, HTTP clients, the provider.
+
+`serve()` is what `batchd run` (and the demo) call; everything it builds is
+closed again on the way out.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import httpx
+import structlog
+
+from batchd.config import ConfigError, Settings
+from batchd.daemon import Daemon, db
+from batchd.emulator.app import create_app
+from batchd.emulator.engines import EchoEngine, Engine, UpstreamEngine
+from batchd.emulator.server import serve_emulator
+from batchd.models import PROVIDER_LIMITS
+from batchd.providers.base import Provider
+from batchd.providers.together import TogetherProvider
+from batchd.store import Store
+from batchd.webhooks import Deliverer
+
+log = structlog.get_logger("batchd.service")
+
+#: Provider API calls: uploads and downloads of 100 MB files need a generous read timeout.
+API_TIMEOUT = httpx.Timeout(120.0, connect=15.0)
+
+
+class LockHeld(Exception):
+    """Another batchd process owns this state directory."""
+
+
+@dataclass
+class StateLock:
+    path: Path
+    fd: int
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+def acquire_lock(state_dir: Path) -> StateLock:
+    """Hold `state_dir/batchd.lock` for the life of the process (one daemon per state directory)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "batchd.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise LockHeld(f"another batchd (pid {holder}) is running on {state_dir}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return StateLock(path, fd)
+
+
+def local_engine(settings: Settings, http: httpx.AsyncClient) -> Engine:
+    if settings.local.engine == "upstream":
+        return UpstreamEngine(http, settings.local.upstream_url, settings.local.concurrency)
+    return EchoEngine()
+
+
+@asynccontextmanager
+async def open_provider(settings: Settings, http: httpx.AsyncClient) -> AsyncIterator[Provider]:
+    """The provider of `settings`; for the local backend, the emulator served on a loopback port."""
+    kind = settings.provider.kind
+    if kind == "local":
+        app = create_app(settings.local_dir, engine=local_engine(settings, http))
+        async with serve_emulator(app, host="127.0.0.1", port=0) as url:
+            log.info("service.local_backend", url=url, data_dir=str(settings.local_dir))
+            yield TogetherProvider(http, base_url=url, api_key="local", kind="local", limits=PROVIDER_LIMITS["local"])
+        return
+    if kind == "together":
+        assert settings.provider.api_key is not None
+        yield TogetherProvider(http, base_url=settings.provider.base_url, api_key=settings.provider.api_key.reveal())
+        return
+    raise ConfigError(f"provider.kind = {kind!r} is not available in this version yet (use 'together' or 'local')")
+
+
+async def serve(
+    settings: Settings,
+    *,
+    once: bool = False,
+    timeout: float | None = None,
+    reload: Callable[[], Settings] | None = None,
+    on_daemon: Callable[[Daemon], None] | None = None,
+) -> int:
+    """Run the daemon until stopped (0) or, with `once`, until drained (0) or timed out (1)."""
+    lock = acquire_lock(settings.state_dir)
+    store = Store(settings.database_url)
+    try:
+        previous = await db(store.migrate)
+        log.info("service.database", url=_safe_url(settings.database_url), schema_from=previous)
+        async with (
+            httpx.AsyncClient(timeout=API_TIMEOUT) as api_http,
+            httpx.AsyncClient(follow_redirects=False) as hook_http,
+            open_provider(settings, api_http) as provider,
+        ):
+            daemon: Daemon | None = None
+            deliverer = Deliverer(store, lambda: daemon.settings if daemon else settings, hook_http)
+            daemon = Daemon(settings, store=store, provider=provider, deliverer=deliverer, reload=reload)
+            if on_daemon is not None:
+                on_daemon(daemon)
+            result = await daemon.run(once=once, timeout=timeout)
+    finally:
+        await anyio.to_thread.run_sync(store.close)
+        lock.release()
+    return 0 if (not once or result.drained) else 1
+
+
+def _safe_url(url: str) -> str:
+    """A database URL without its password."""
+    head, sep, tail = url.partition("@")
+    if not sep or "://" not in head:
+        return url
+    scheme, _, userinfo = head.partition("://")
+    return f"{scheme}://{userinfo.split(':', 1)[0]}@{tail}"

@@ -1,0 +1,98 @@
+"""inotify on the inbox folder, read without blocking the event loop.
+
+The producer protocol (DESIGN §3) maps onto two kernel events: a file renamed
+into the inbox (IN_MOVED_TO) and a file whose writer closed it (IN_CLOSE_WRITE)
+are ready at once. A create or a write alone only means "something is being
+written": the daemon waits for the close, or for the rescan's settle time.
+Events are hints; the periodic rescan is the truth, and a queue overflow or a
+lost watch simply asks for one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import structlog
+from inotify_simple import INotify, flags
+
+from batchd.inbox import is_ignored_name
+
+log = structlog.get_logger("batchd.watch")
+
+_MASK = (
+    flags.MOVED_TO
+    | flags.CLOSE_WRITE
+    | flags.CREATE
+    | flags.MODIFY
+    | flags.ATTRIB
+    | flags.DELETE_SELF
+    | flags.MOVE_SELF
+)
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    #: ready: take it now; changed: being written, wait; rescan: look at everything
+    kind: Literal["ready", "changed", "rescan"]
+    path: Path
+
+
+class InboxWatcher:
+    """inotify events for the entries directly inside one folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._inotify: INotify | None = None
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            self._inotify = INotify(nonblocking=True)
+            self._inotify.add_watch(str(self._folder), _MASK)
+        except OSError as exc:
+            # No inotify (another OS, a full watch table): the rescans still find every file.
+            log.warning("watch.unavailable", folder=str(self._folder), error=str(exc))
+            self.close()
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
+
+    async def read(self, *, timeout: float, stop: anyio.Event) -> list[WatchEvent]:
+        """Events that arrive within `timeout` seconds (an empty list when none or when stopped)."""
+        if self._inotify is None:
+            with anyio.move_on_after(timeout):
+                await stop.wait()
+            return []
+        with anyio.move_on_after(timeout):
+            await anyio.wait_readable(self._inotify.fileno())
+        if self._inotify is None:
+            return []
+        try:
+            raw = self._inotify.read(timeout=0)
+        except BlockingIOError:
+            return []
+        events: list[WatchEvent] = []
+        for ev in raw:
+            if ev.mask & (flags.Q_OVERFLOW | flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF):
+                events.append(WatchEvent("rescan", self._folder))
+                if ev.mask & (flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF):
+                    # The folder itself went away or moved: watch it again when it is back.
+                    self.close()
+                    if self._folder.is_dir():
+                        self._open()
+                continue
+            if not ev.name or is_ignored_name(ev.name):
+                continue
+            path = self._folder / ev.name
+            if ev.mask & (flags.MOVED_TO | flags.CLOSE_WRITE):
+                events.append(WatchEvent("ready", path))
+            elif ev.mask & flags.ISDIR:
+                continue
+            else:
+                events.append(WatchEvent("changed", path))
+        return events

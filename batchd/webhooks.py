@@ -1,0 +1,308 @@
+"""Standard Webhooks: events, signatures and the delivery worker (DESIGN §5).
+
+An event's body is built once and stored; every attempt sends those exact
+bytes with the same `webhook-id`, a fresh `webhook-timestamp` and signatures
+computed for that attempt.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import httpx
+import structlog
+
+from batchd.config import Secret, Settings
+from batchd.models import Delivery, NewEvent
+from batchd.retry import retry_after_s
+from batchd.store import Store
+
+log = structlog.get_logger("batchd.webhooks")
+
+#: Attempts to one endpoint at the same time; a slow receiver only holds up its own queue.
+PER_ENDPOINT_CONCURRENCY = 4
+
+
+def new_event(event_type: str, data: Mapping[str, Any], *, now: float) -> tuple[str, bytes]:
+    """A fresh event id and the body bytes that every attempt will send."""
+    event_id = f"evt_{uuid.uuid4().hex}"
+    body = {
+        "id": event_id,
+        "object": "event",
+        "type": event_type,
+        "created_at": int(now),
+        "data": dict(data),
+    }
+    return event_id, json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def event_targets(settings: Settings, event_type: str, job_webhook_url: str | None) -> list[tuple[str, str]]:
+    """Where an event goes: matching [[webhooks]] entries, then the job's own webhook_url."""
+    targets = [(ep.url, "config") for ep in settings.webhooks if event_type in ep.events]
+    if job_webhook_url and event_type != "batch.rejected":
+        targets.append((job_webhook_url, "inbox"))
+    return targets
+
+
+def build_event(
+    settings: Settings, event_type: str, data: Mapping[str, Any], *, now: float, job_webhook_url: str | None
+) -> NewEvent:
+    event_id, body = new_event(event_type, data, now=now)
+    return NewEvent(
+        id=event_id, type=event_type, body=body, targets=event_targets(settings, event_type, job_webhook_url)
+    )
+
+
+def secret_key(secret: Secret) -> bytes:
+    """The HMAC key of a `whsec_<base64>` secret."""
+    return base64.b64decode(secret.reveal().removeprefix("whsec_"))
+
+
+def sign(secrets: Sequence[Secret], msg_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` header: one `v1,<base64>` entry per secret."""
+    content = f"{msg_id}.{timestamp}.".encode() + body
+    entries = []
+    for secret in secrets:
+        digest = hmac.new(secret_key(secret), content, hashlib.sha256).digest()
+        entries.append("v1," + base64.b64encode(digest).decode())
+    return " ".join(entries)
+
+
+def verify(
+    secrets: Sequence[str], headers: Mapping[str, str], body: bytes, *, now: float | None = None, tolerance_s: int = 300
+) -> bool:
+    """Check a received event the way a receiver should: fresh timestamp, any valid v1 signature."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    try:
+        msg_id = lowered["webhook-id"]
+        timestamp = int(lowered["webhook-timestamp"])
+        offered = lowered["webhook-signature"].split()
+    except (KeyError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - timestamp) > tolerance_s:
+        return False
+    expected = {sign([Secret(s)], msg_id, timestamp, body) for s in secrets}
+    return any(hmac.compare_digest(entry, want) for entry in offered for want in expected)
+
+
+def allowed_webhook_url(url: str, allow_list: Sequence[str]) -> str | None:
+    """The allow-list entry a spec's webhook_url matches (scheme, host, port, path prefix), or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        return None
+    for entry in allow_list:
+        allowed = urlsplit(entry)
+        if (
+            parts.scheme == allowed.scheme
+            and parts.hostname == allowed.hostname
+            and _port(parts) == _port(allowed)
+            and parts.path.startswith(allowed.path)
+        ):
+            return entry
+    return None
+
+
+def _port(parts: Any) -> int:
+    return int(parts.port or (443 if parts.scheme == "https" else 80))
+
+
+def _non_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    cgnat = ipaddress.ip_network("100.64.0.0/10")
+    return (
+        address.is_loopback
+        or address.is_private
+        or address.is_link_local
+        or address.is_unspecified
+        or address.is_multicast
+        or address.is_reserved
+        or (isinstance(address, ipaddress.IPv4Address) and address in cgnat)
+    )
+
+
+class Refused(Exception):
+    """A spec-provided URL that must not be contacted."""
+
+
+async def pinned_target(url: str, allow_list: Sequence[str]) -> tuple[str, str]:
+    """Resolve a spec webhook URL once and check every address; return (URL with the IP, host).
+
+    A non-public address passes only when the allow-list entry names that very
+    IP literal: an operator who writes http://10.0.0.5:9000/ means it, while a
+    DNS name that resolves inward is a rebinding attempt.
+    """
+    entry = allowed_webhook_url(url, allow_list)
+    if entry is None:
+        raise Refused("URL is not in inbox.allow_webhook_urls")
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    infos = await anyio.getaddrinfo(host, _port(parts), type=socket.SOCK_STREAM)
+    if not infos:
+        raise Refused(f"{host} does not resolve")
+    explicit = urlsplit(entry).hostname
+    chosen: str | None = None
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]))
+        if _non_public(address) and str(address) != explicit:
+            raise Refused(f"{host} resolves to non-public address {address}")
+        chosen = chosen or str(address)
+    assert chosen is not None
+    netloc = f"[{chosen}]" if ":" in chosen else chosen
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), host
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt ended with."""
+
+    status: int | None
+    error: str | None
+    retry_after: float | None = None
+
+
+class Deliverer:
+    """Sends due deliveries, records every outcome, and schedules retries."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Callable[[], Settings],
+        http: httpx.AsyncClient,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._http = http
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._limiters: dict[str, anyio.CapacityLimiter] = {}
+        self._in_flight: set[int] = set()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._in_flight)
+
+    async def run_due(self, tg: anyio.abc.TaskGroup) -> None:
+        """Start an attempt for every due delivery not already on its way."""
+        due = await anyio.to_thread.run_sync(lambda: self._store.due_deliveries(self._clock()))
+        for delivery in due:
+            if delivery.id in self._in_flight:
+                continue
+            self._in_flight.add(delivery.id)
+            tg.start_soon(self._attempt_guarded, delivery)
+
+    async def _attempt_guarded(self, delivery: Delivery) -> None:
+        limiter = self._limiters.setdefault(delivery.url, anyio.CapacityLimiter(PER_ENDPOINT_CONCURRENCY))
+        try:
+            async with limiter:
+                await self.attempt(delivery)
+        finally:
+            self._in_flight.discard(delivery.id)
+
+    def _secrets_for(self, delivery: Delivery) -> tuple[Secret, ...]:
+        settings = self._settings()
+        if delivery.secret_ref == "inbox":
+            return settings.inbox.webhook_secrets
+        for endpoint in settings.webhooks:
+            if endpoint.url == delivery.url:
+                return endpoint.secrets
+        return ()
+
+    async def attempt(self, delivery: Delivery) -> Outcome:
+        """One attempt at one delivery, recorded in the store."""
+        bound = log.bind(event_id=delivery.event_id, url=delivery.url, job_id=delivery.job_id)
+        secrets = self._secrets_for(delivery)
+        if not secrets:
+            outcome = Outcome(None, "endpoint is no longer configured")
+        else:
+            outcome = await self._send(delivery, secrets)
+        now = self._clock()
+        attempts = delivery.attempts + 1
+        if outcome.status is not None and 200 <= outcome.status < 300:
+            await self._update(
+                delivery.id, state="delivered", attempts=attempts, last_status=outcome.status,
+                last_error=None, delivered_at=now,
+            )  # fmt: skip
+            bound.info("webhook.delivered", status=outcome.status, attempts=attempts)
+            return outcome
+        if outcome.status == 410:
+            bound.warning("webhook.endpoint_gone", status=410)
+            await self._update(delivery.id, attempts=attempts, last_status=410)
+            await anyio.to_thread.run_sync(self._store.disable_endpoint, delivery.url, "410 Gone from the receiver")
+            return outcome
+        delays = self._settings().delivery.retry_delays_s
+        if attempts > len(delays) or not secrets:
+            await self._update(
+                delivery.id, state="dead", attempts=attempts, last_status=outcome.status,
+                last_error=outcome.error,
+            )  # fmt: skip
+            bound.error("webhook.dead_lettered", attempts=attempts, status=outcome.status, error=outcome.error)
+            return outcome
+        delay = delays[attempts - 1] * self._rng.uniform(0.9, 1.1)
+        if outcome.retry_after is not None:
+            delay = max(delay, outcome.retry_after)
+        await self._update(
+            delivery.id, attempts=attempts, next_attempt_at=now + delay, last_status=outcome.status,
+            last_error=outcome.error,
+        )  # fmt: skip
+        bound.warning(
+            "webhook.retry_scheduled", attempts=attempts, status=outcome.status, error=outcome.error, wait_s=delay
+        )
+        return outcome
+
+    async def _update(self, delivery_id: int, **values: Any) -> None:
+        await anyio.to_thread.run_sync(lambda: self._store.update_delivery(delivery_id, **values))
+
+    async def _send(self, delivery: Delivery, secrets: Sequence[Secret]) -> Outcome:
+        timestamp = int(self._clock())
+        headers = {
+            "content-type": "application/json",
+            "user-agent": "batchd-webhooks",
+            "webhook-id": delivery.event_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(secrets, delivery.event_id, timestamp, delivery.body),
+        }
+        url = delivery.url
+        extensions: dict[str, Any] = {}
+        settings = self._settings()
+        try:
+            if delivery.secret_ref == "inbox":
+                # Resolve once, check, and connect to exactly the checked address.
+                url, host = await pinned_target(url, settings.inbox.allow_webhook_urls)
+                headers["host"] = urlsplit(delivery.url).netloc
+                extensions["sni_hostname"] = host
+            response = await self._http.post(
+                url,
+                content=delivery.body,
+                headers=headers,
+                timeout=settings.delivery.timeout_s,
+                follow_redirects=False,
+                extensions=extensions,
+            )
+        except Refused as exc:
+            return Outcome(None, f"refused: {exc}")
+        except (httpx.HTTPError, OSError) as exc:
+            return Outcome(None, f"{type(exc).__name__}: {exc}")
+        return Outcome(
+            response.status_code,
+            None if response.is_success else f"HTTP {response.status_code}",
+            retry_after_s(response),
+        )
