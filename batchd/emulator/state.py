@@ -1,0 +1,358 @@
+"""Persistent state of the emulator: stored files and batches under a data dir.
+
+The records are dialect-neutral: the Together dialect (and later the OpenAI
+one) renders the same `StoredFile` / `StoredBatch` in its own wire shape, so
+a file uploaded through one dialect can feed a batch created through another.
+
+Layout of the data dir (one emulator process per data dir)::
+
+    files/<file id>.json      metadata of a stored file
+    files/<file id>.data      its content (absent until uploaded)
+    batches/<batch id>.json   a batch record
+    spool/<batch id>.jsonl    answers of a running batch, in completion order
+    fail_once/<sha256>        one empty marker per request that already failed once
+    tmp/                      uploads and atomic writes in progress (emptied at start)
+    secret                    the key that signs presigned-style upload URLs
+
+Every record is written atomically (temp file, fsync, rename, fsync of the
+folder), so a crash leaves either the old or the new version. The in-memory
+records are the truth while the process runs; they are loaded once at start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import structlog
+
+log = structlog.get_logger()
+
+#: Where every "now" of the emulator comes from (aware, UTC); tests inject their own.
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    """The default clock: the real time, in UTC."""
+    return datetime.now(UTC)
+
+
+def iso_z(moment: datetime | None) -> str | None:
+    """ISO-8601 in UTC with a `Z`, microseconds kept (as Go's RFC 3339 output does)."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+class BatchStatus(StrEnum):
+    """A batch's status, whatever the dialect that shows it."""
+
+    #: the input file is being checked
+    VALIDATING = "validating"
+    #: requests are being answered
+    IN_PROGRESS = "in_progress"
+    #: every request was answered (some answers may be errors)
+    COMPLETED = "completed"
+    #: the input was bad, or a `fail_batch` trigger stopped it
+    FAILED = "failed"
+    #: the completion window ran out, or an `expire_batch` trigger stopped it
+    EXPIRED = "expired"
+    #: cancelled by the client
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the batch will never change again."""
+        return self not in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
+
+
+@dataclass
+class StoredFile:
+    """A file known to the emulator: an uploaded input or a result file."""
+
+    id: str
+    #: creation order, to sort records whose `created_at` ties
+    seq: int
+    filename: str
+    purpose: str
+    file_type: str
+    #: unix seconds
+    created_at: int
+    bytes: int = 0
+    line_count: int = 0
+    #: sha256 hex of the content: declared by the client, then verified at upload
+    checksum: str | None = None
+    #: the content is on disk
+    uploaded: bool = False
+    #: the client called preprocess (or the file was uploaded in one step)
+    processed: bool = False
+
+
+@dataclass
+class StoredBatch:
+    """A batch job and how far it got."""
+
+    id: str
+    seq: int
+    #: the dialect that created it ("together"; later "openai")
+    dialect: str
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    created_at: datetime
+    deadline: datetime
+    file_size_bytes: int
+    model_id: str | None = None
+    priority: int | None = None
+    metadata: dict[str, str] | None = None
+    status: BatchStatus = BatchStatus.VALIDATING
+    #: 0–100; only persisted at transitions (a restart recomputes it)
+    progress: float = 0.0
+    #: requests in the input file
+    total: int = 0
+    #: requests answered with a 2xx response
+    completed: int = 0
+    #: requests answered with an error line or a non-2xx response
+    failed: int = 0
+    in_progress_at: datetime | None = None
+    finished_at: datetime | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    error: str | None = None
+
+
+_BATCH_TIMES = ("created_at", "deadline", "in_progress_at", "finished_at")
+
+
+def _batch_to_json(batch: StoredBatch) -> dict[str, Any]:
+    data = asdict(batch)
+    for key in _BATCH_TIMES:
+        value = data[key]
+        data[key] = value.isoformat() if value is not None else None
+    data["status"] = batch.status.value
+    return data
+
+
+def _batch_from_json(data: dict[str, Any]) -> StoredBatch:
+    known = {f.name for f in fields(StoredBatch)}
+    values = {k: v for k, v in data.items() if k in known}
+    for key in _BATCH_TIMES:
+        if values.get(key) is not None:
+            values[key] = datetime.fromisoformat(values[key])
+    values["status"] = BatchStatus(values["status"])
+    return StoredBatch(**values)
+
+
+def _file_from_json(data: dict[str, Any]) -> StoredFile:
+    known = {f.name for f in fields(StoredFile)}
+    return StoredFile(**{k: v for k, v in data.items() if k in known})
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, tmp_dir: Path) -> None:
+    """Write `data` to `path` so that a crash leaves the old or the new content, never a mix."""
+    tmp = tmp_dir / f"{path.name}.{uuid.uuid4().hex}.tmp"
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fsync_dir(path.parent)
+
+
+def install_file(src: Path, dest: Path) -> None:
+    """Move a fully written (and fsynced) temp file into place, durably."""
+    src.replace(dest)
+    fsync_dir(dest.parent)
+
+
+class EmulatorState:
+    """Files and batches of one emulator, kept in memory and on disk.
+
+    Construction does no I/O; `load()` (run by the app's lifespan) creates the
+    folders and reads every record. Mutations change the in-memory record
+    first and then persist a snapshot with `save_file` / `save_batch`.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.files_dir = data_dir / "files"
+        self.batches_dir = data_dir / "batches"
+        self.spool_dir = data_dir / "spool"
+        self.fail_once_dir = data_dir / "fail_once"
+        self.tmp_dir = data_dir / "tmp"
+        self._files: dict[str, StoredFile] = {}
+        self._batches: dict[str, StoredBatch] = {}
+        self._seq = 0
+        self._secret = b""
+        # One lock per record path so that concurrent saves land in order.
+        self._write_locks: dict[Path, anyio.Lock] = {}
+        self.loaded = False
+
+    # -- start-up -------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Create the layout if needed and read every record (idempotent)."""
+        if self.loaded:
+            return
+        await anyio.to_thread.run_sync(self._load_sync)
+        self.loaded = True
+        log.info(
+            "emulator.state.loaded",
+            data_dir=str(self.data_dir),
+            files=len(self._files),
+            batches=len(self._batches),
+        )
+
+    def _load_sync(self) -> None:
+        for folder in (self.files_dir, self.batches_dir, self.spool_dir, self.fail_once_dir, self.tmp_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        # Whatever sits in tmp/ is an upload or a write that a crash interrupted.
+        for leftover in self.tmp_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+        secret_path = self.data_dir / "secret"
+        if not secret_path.exists():
+            atomic_write_bytes(secret_path, secrets.token_bytes(32), tmp_dir=self.tmp_dir)
+        self._secret = secret_path.read_bytes()
+        for meta in self.files_dir.glob("*.json"):
+            record = _file_from_json(json.loads(meta.read_bytes()))
+            self._files[record.id] = record
+        for meta in self.batches_dir.glob("*.json"):
+            batch = _batch_from_json(json.loads(meta.read_bytes()))
+            self._batches[batch.id] = batch
+        seqs = [r.seq for r in self._files.values()] + [b.seq for b in self._batches.values()]
+        self._seq = max(seqs, default=0)
+
+    def next_seq(self) -> int:
+        """A number larger than that of every record so far."""
+        self._seq += 1
+        return self._seq
+
+    # -- files ----------------------------------------------------------------
+
+    @staticmethod
+    def new_file_id() -> str:
+        """A Together-style file id (it matches the SDK's safe-id pattern)."""
+        return f"file-{uuid.uuid4()}"
+
+    def file(self, file_id: str) -> StoredFile | None:
+        """The file with this id, if any."""
+        return self._files.get(file_id)
+
+    def files(self) -> list[StoredFile]:
+        """Every file, newest first."""
+        return sorted(self._files.values(), key=lambda f: (f.created_at, f.seq), reverse=True)
+
+    def find_processed_by_checksum(self, checksum: str) -> StoredFile | None:
+        """The oldest processed file with this sha256, for Together's 409 reuse."""
+        matches = [f for f in self._files.values() if f.processed and f.checksum == checksum]
+        return min(matches, key=lambda f: f.seq, default=None)
+
+    def content_path(self, file_id: str) -> Path:
+        """Where a file's content lives."""
+        return self.files_dir / f"{file_id}.data"
+
+    def temp_path(self, hint: str = "upload") -> Path:
+        """A fresh path under tmp/ (same filesystem as the stores, so renames are atomic)."""
+        return self.tmp_dir / f"{hint}.{uuid.uuid4().hex}.tmp"
+
+    async def save_file(self, record: StoredFile) -> None:
+        """Record a new or changed file's metadata durably."""
+        self._files[record.id] = record
+        await self._write_json(self.files_dir / f"{record.id}.json", lambda: asdict(record))
+
+    async def install_content(self, record: StoredFile, tmp: Path) -> None:
+        """Move fsynced content from tmp/ into place, then save the metadata that points at it."""
+        await anyio.to_thread.run_sync(install_file, tmp, self.content_path(record.id))
+        record.uploaded = True
+        await self.save_file(record)
+
+    # -- batches --------------------------------------------------------------
+
+    @staticmethod
+    def new_batch_id() -> str:
+        """Together batch ids are bare UUIDs."""
+        return str(uuid.uuid4())
+
+    def batch(self, batch_id: str) -> StoredBatch | None:
+        """The batch with this id, if any."""
+        return self._batches.get(batch_id)
+
+    def batches(self) -> list[StoredBatch]:
+        """Every batch, newest first."""
+        return sorted(self._batches.values(), key=lambda b: (b.created_at, b.seq), reverse=True)
+
+    def unfinished_batches(self) -> list[StoredBatch]:
+        """Batches a restart must pick up again, oldest first."""
+        return sorted(
+            (b for b in self._batches.values() if not b.status.terminal),
+            key=lambda b: (b.created_at, b.seq),
+        )
+
+    async def save_batch(self, batch: StoredBatch) -> None:
+        """Record a new or changed batch durably."""
+        self._batches[batch.id] = batch
+        await self._write_json(self.batches_dir / f"{batch.id}.json", lambda: _batch_to_json(batch))
+
+    def spool_path(self, batch_id: str) -> Path:
+        """Where a running batch collects its answers."""
+        return self.spool_dir / f"{batch_id}.jsonl"
+
+    # -- fail_once memory -----------------------------------------------------
+
+    async def first_failure(self, key: str) -> bool:
+        """True the first time `key` is seen (and remember it durably); False afterwards."""
+        marker = self.fail_once_dir / hashlib.sha256(key.encode()).hexdigest()
+        return await anyio.to_thread.run_sync(_create_marker, marker)
+
+    # -- upload signatures ----------------------------------------------------
+
+    def sign(self, file_id: str) -> str:
+        """The signature of a presigned-style upload URL for this file."""
+        return hmac.new(self._secret, file_id.encode(), hashlib.sha256).hexdigest()
+
+    def verify(self, file_id: str, signature: str) -> bool:
+        """Whether `signature` was issued by this emulator for this file."""
+        return bool(self._secret) and hmac.compare_digest(self.sign(file_id), signature)
+
+    # -- plumbing -------------------------------------------------------------
+
+    async def _write_json(self, path: Path, snapshot: Callable[[], dict[str, Any]]) -> None:
+        lock = self._write_locks.setdefault(path, anyio.Lock())
+        async with lock:
+            # Serialise inside the lock: the last writer writes the latest state.
+            data = json.dumps(snapshot(), sort_keys=True).encode()
+            # Shielded: a record write that starts is finished even when its caller is cancelled.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: atomic_write_bytes(path, data, tmp_dir=self.tmp_dir))
+
+
+def _create_marker(marker: Path) -> bool:
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    os.fsync(fd)
+    os.close(fd)
+    fsync_dir(marker.parent)
+    return True
