@@ -1,0 +1,118 @@
+"""The emulator as an ASGI app: routes, auth, control middleware, and the worker's lifespan."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from batchd.emulator.control import Control, ControlMiddleware, control_routes
+from batchd.emulator.engines import EchoEngine, Engine
+from batchd.emulator.state import Clock, EmulatorState, utc_now
+from batchd.emulator.together import UPLOAD_ROUTE, batch_error, file_error, together_routes
+from batchd.emulator.transfer import receive_presigned_put
+from batchd.emulator.worker import BatchWorker, Gate
+
+log = structlog.get_logger()
+
+#: Path prefixes that need `Authorization: Bearer …` (the OpenAI dialect will add "/openai/v1/").
+PROTECTED_PREFIXES: tuple[str, ...] = ("/v1/",)
+
+
+class AuthMiddleware:
+    """Requires a bearer token on the API paths: any non-empty one, or exactly `api_key` if set."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, prefixes: Sequence[str] = PROTECTED_PREFIXES) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.prefixes = tuple(prefixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefixes) and not self._allowed(scope):
+            response = file_error(401, "Invalid API key provided", code="invalid_api_key")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        header = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return False
+        return self.api_key is None or hmac.compare_digest(token.encode(), self.api_key.encode())
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (unknown route, wrong method, bad form) in the dialect's shape."""
+    assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/v1/batches"):
+        return batch_error(exc.status_code, str(exc.detail))
+    return file_error(exc.status_code, str(exc.detail))
+
+
+def create_app(
+    data_dir: Path,
+    *,
+    engine: Engine | None = None,
+    api_key: str | None = None,
+    clock: Clock = utc_now,
+    concurrency: int = 64,
+) -> Starlette:
+    """Build the emulator over `data_dir` (created if missing).
+
+    `engine` answers requests (default: `EchoEngine()`); `api_key`, when set,
+    is the only bearer token accepted; `clock` is the source of every "now";
+    `concurrency` bounds the requests of one batch in flight at once. The
+    app's lifespan loads the state and runs the batch worker: run it with a
+    server (`serve_emulator`) or `app.router.lifespan_context(app)`.
+    """
+    state = EmulatorState(data_dir)
+    gate = Gate()
+    worker = BatchWorker(state, engine or EchoEngine(), gate, clock, concurrency=concurrency)
+    control = Control(gate)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await state.load()
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            log.info("emulator.started", data_dir=str(data_dir))
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
+        log.info("emulator.stopped", data_dir=str(data_dir))
+
+    async def upload(request: Request) -> Response:
+        return await receive_presigned_put(request, state)
+
+    routes = [
+        *together_routes(state, worker, clock),
+        Route("/_emulator/upload/{file_id}", upload, methods=["PUT"], name=UPLOAD_ROUTE),
+        *control_routes(control, state),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[
+            # Outermost: counts and faults see every request, authorised or not.
+            Middleware(ControlMiddleware, control=control),
+            Middleware(AuthMiddleware, api_key=api_key),
+        ],
+        exception_handlers={HTTPException: _http_error},
+    )
