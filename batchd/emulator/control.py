@@ -151,7 +151,15 @@ class ControlMiddleware:
         if fault is None:
             await self.app(scope, receive, send)
             return
-        log.info("emulator.fault.injected", method=method, path=path, **asdict(fault))
+        log.info(
+            "emulator.fault.injected",
+            method=method,
+            path=path,
+            status=fault.status,
+            act=fault.act,
+            truncate_at=fault.truncate_at,
+            remaining=fault.times,
+        )
         if fault.truncate_at is not None:
             await self._truncated(scope, receive, send, fault.truncate_at)
             return
@@ -178,7 +186,7 @@ class ControlMiddleware:
         try:
             await self.app(scope, receive, cut)
         except* _Truncated:
-            log.info("emulator.fault.truncated", path=scope["path"], sent=sent)
+            log.info("emulator.fault.truncated", path=scope["path"], bytes=limit)
 
 
 async def _discard(message: Message) -> None:

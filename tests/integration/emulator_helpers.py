@@ -1,0 +1,159 @@
+"""Helpers for tests that talk to the embedded emulator (over loopback HTTP or ASGITransport)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from batchd.emulator import create_app, serve_emulator
+from batchd.models import BatchEndpoint
+
+CHAT = BatchEndpoint.CHAT_COMPLETIONS
+TERMINAL = frozenset({"COMPLETED", "FAILED", "EXPIRED", "CANCELLED"})
+
+
+class BearerAuth(httpx.Auth):
+    """Adds the API key; a request sent with `auth=NO_AUTH` (the presigned PUT) goes without it."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        yield request
+
+
+#: Per-request override of the client's auth: send no Authorization header.
+NO_AUTH = httpx.Auth()
+
+
+def request_line(
+    custom_id: str,
+    text: str = "hello",
+    *,
+    trigger: dict[str, Any] | None = None,
+    endpoint: str = CHAT,
+) -> dict[str, Any]:
+    """One batch input line for `endpoint`, with an optional `batchd_emulator` trigger."""
+    body: dict[str, Any] = {"model": "echo-model"}
+    if endpoint == BatchEndpoint.CHAT_COMPLETIONS:
+        body["messages"] = [{"role": "user", "content": text}]
+    elif endpoint == BatchEndpoint.COMPLETIONS:
+        body["prompt"] = text
+    else:
+        body["input"] = text
+    if trigger is not None:
+        body["batchd_emulator"] = trigger
+    return {"custom_id": custom_id, "method": "POST", "url": endpoint, "body": body}
+
+
+def to_jsonl(lines: Iterable[dict[str, Any]]) -> bytes:
+    """Encode request lines as a JSONL file."""
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+def parse_jsonl(data: bytes) -> list[dict[str, Any]]:
+    """Decode a JSONL file."""
+    return [json.loads(line) for line in data.splitlines() if line.strip()]
+
+
+@asynccontextmanager
+async def asgi_emulator(data_dir: Path, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A client on an in-process emulator (no socket). ASGITransport does not run the
+    lifespan, so it is entered here: that loads the state and starts the batch worker."""
+    app = create_app(data_dir, **options)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://emulator.test", auth=BearerAuth("test-key")
+        ) as client:
+            yield client
+
+
+@asynccontextmanager
+async def http_emulator(data_dir: Path, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A client on an emulator served over real loopback HTTP."""
+    async with (
+        serve_emulator(create_app(data_dir, **options)) as base_url,
+        httpx.AsyncClient(base_url=base_url, auth=BearerAuth("test-key")) as client,
+    ):
+        yield client
+
+
+async def upload(client: httpx.AsyncClient, data: bytes, name: str = "batch.jsonl") -> str:
+    """Together's three-step upload; returns the file id (an existing one on 409)."""
+    form = {
+        "purpose": (None, "batch-api"),
+        "file_name": (None, name),
+        "file_type": (None, "jsonl"),
+        "checksum": (None, hashlib.sha256(data).hexdigest()),
+    }
+    started = await client.post("/v1/files", files=form)
+    if started.status_code == 409:
+        file_id: str = started.json()["file_id"]
+        return file_id
+    assert started.status_code == 302, started.text
+    put = await client.put(started.headers["location"], content=data, auth=NO_AUTH)
+    assert put.status_code == 200, put.text
+    file_id = started.headers["x-together-file-id"]
+    done = await client.post(f"/v1/files/{file_id}/preprocess")
+    assert done.status_code == 200, done.text
+    return file_id
+
+
+async def create_batch(client: httpx.AsyncClient, file_id: str, endpoint: str = CHAT, **extra: Any) -> str:
+    """Create a batch and return its id."""
+    answer = await client.post(
+        "/v1/batches",
+        json={"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h", **extra},
+    )
+    assert answer.status_code == 201, answer.text
+    batch_id: str = answer.json()["job"]["id"]
+    return batch_id
+
+
+async def wait_for_batch(
+    client: httpx.AsyncClient,
+    batch_id: str,
+    statuses: Iterable[str] = TERMINAL,
+    *,
+    until: Callable[[dict[str, Any]], bool] | None = None,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
+    """Poll until the batch reaches one of `statuses` (or satisfies `until`).
+
+    Polling at a short interval is the one wait allowed here: the worker
+    advances in the background and has no event to await over HTTP.
+    """
+    wanted = set(statuses)
+    with anyio.fail_after(timeout):
+        while True:
+            job: dict[str, Any] = (await client.get(f"/v1/batches/{batch_id}")).json()
+            if until(job) if until is not None else job["status"] in wanted:
+                return job
+            await anyio.sleep(0.01)
+
+
+async def download(client: httpx.AsyncClient, file_id: str | None) -> list[dict[str, Any]]:
+    """The lines of a stored file; [] for a null file id."""
+    if file_id is None:
+        return []
+    answer = await client.get(f"/v1/files/{file_id}/content")
+    assert answer.status_code == 200, answer.text
+    return parse_jsonl(answer.content)
+
+
+async def run_batch(
+    client: httpx.AsyncClient, lines: list[dict[str, Any]], endpoint: str = CHAT
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Upload, create, wait for the end; return (job, output lines, error lines)."""
+    file_id = await upload(client, to_jsonl(lines))
+    job = await wait_for_batch(client, await create_batch(client, file_id, endpoint))
+    return job, await download(client, job["output_file_id"]), await download(client, job["error_file_id"])
