@@ -280,12 +280,15 @@ class Daemon:
                 systemd.notify("WATCHDOG=1")
                 last_ping = time.monotonic()
             now = self._clock()
+            # A job busy while we read may have moved on since: skip it this tick, or its
+            # stale row would start the same step twice (the next wake-up sees it fresh).
+            busy_during_read = set(self._busy)
             jobs = await db(self.store.active_jobs)
             batches = await db(self.store.active_remote_batches)
             next_at = now + IDLE_TICK_S
             polls: list[tuple[Job, Action]] = []
             for job in jobs:
-                if job.id in self._busy:
+                if job.id in self._busy or job.id in busy_during_read:
                     continue
                 action = lifecycle.next_action(job, batches.get(job.id, []), now)
                 if action.step is Step.NONE:
@@ -362,7 +365,7 @@ class Daemon:
             await self._give_up(job, f"upload refused: {exc.message}")
             return
         await db(
-            self.store.add_remote_intent, job.id, file_id=file_id, state=JobState.SUBMITTING,
+            self.store.add_remote_intent, job.id, file_id=file_id, expect=JobState.UPLOADING, state=JobState.SUBMITTING,
             attempts=0, next_check_at=None, last_error=None,
         )  # fmt: skip
         log.info("job.uploaded", job_id=job.id, file_id=file_id)
@@ -380,7 +383,11 @@ class Daemon:
             return
         assert job.endpoint and job.completion_window
         # Commit the attempt before sending: after a crash, the next try lists before creating.
-        batch = await db(self.store.update_remote, batch.id, create_attempts=batch.create_attempts + 1)
+        # The compare-and-set makes a second, racing create step fail here, before the network.
+        batch = await db(
+            self.store.update_remote, batch.id, expect={"create_attempts": batch.create_attempts, "remote_id": None},
+            create_attempts=batch.create_attempts + 1,
+        )  # fmt: skip
         try:
             remote = await self.provider.create_batch(
                 input_file_id=batch.input_file_id,
@@ -391,7 +398,10 @@ class Daemon:
         except ProviderError as exc:
             if not exc.outcome_unknown:
                 # The provider said no before acting: nothing to reconcile next time.
-                await db(self.store.update_remote, batch.id, create_attempts=batch.create_attempts - 1)
+                await db(
+                    self.store.update_remote, batch.id, expect={"create_attempts": batch.create_attempts},
+                    create_attempts=batch.create_attempts - 1,
+                )  # fmt: skip
             if exc.retryable:
                 raise
             await self._give_up(job, f"batch create refused: {exc.message}")
@@ -424,6 +434,7 @@ class Daemon:
         await db(
             self.store.update_remote,
             batch.id,
+            expect={"remote_id": None},
             remote_id=remote.id,
             status=remote.status.value,
             remote_created_at=remote.created_at.timestamp() if remote.created_at else None,

@@ -300,12 +300,29 @@ class Store:
     # ------------------------------------------------------------ remote batches
 
     def add_remote_intent(
-        self, job_id: str, *, file_id: str, round_: int = 0, shard: int = 0, **job_values: Any
+        self,
+        job_id: str,
+        *,
+        file_id: str,
+        expect: JobState,
+        round_: int = 0,
+        shard: int = 0,
+        **job_values: Any,
     ) -> RemoteBatchRecord:
-        """Commit the uploaded file id and the intent to create a remote batch, before the create call."""
+        """Commit the uploaded file id and the intent to create a remote batch, before the create call.
+
+        Applies only while the job is still in `expect` (else StaleState), so a
+        repeated step can never record a second intent.
+        """
         now = self.now()
         job_values["input_file_id"] = file_id
+        job_values["updated_at"] = now
         with self._write() as conn:
+            changed = conn.execute(
+                update(jobs).where(jobs.c.id == job_id, jobs.c.state == expect.value).values(**_db_values(job_values))
+            ).rowcount
+            if changed != 1:
+                raise StaleState(f"job {job_id} is not in state {expect}")
             result = conn.execute(
                 insert(remote_batches).values(
                     job_id=job_id,
@@ -318,8 +335,6 @@ class Store:
                     updated_at=now,
                 )
             )
-            job_values["updated_at"] = now
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(**_db_values(job_values)))
             key = result.inserted_primary_key
             assert key is not None
             row = conn.execute(select(remote_batches).where(remote_batches.c.id == key[0])).one()
@@ -338,15 +353,26 @@ class Store:
         self,
         record_id: int,
         *,
+        expect: Mapping[str, Any] | None = None,
         job_values: Mapping[str, Any] | None = None,
         events_: Sequence[NewEvent] = (),
         **values: Any,
     ) -> RemoteBatchRecord:
-        """Change a remote batch and, in the same transaction, its job."""
+        """Change a remote batch and, in the same transaction, its job.
+
+        `expect` maps columns to the values they must still hold (a compare-and-set:
+        e.g. the create attempt count, so two racing creates cannot both proceed);
+        otherwise StaleState is raised and nothing changes.
+        """
         now = self.now()
         values["updated_at"] = now
+        query = update(remote_batches).where(remote_batches.c.id == record_id).values(**values)
+        for column, value in (expect or {}).items():
+            col = remote_batches.c[column]
+            query = query.where(col.is_(None) if value is None else col == value)
         with self._write() as conn:
-            conn.execute(update(remote_batches).where(remote_batches.c.id == record_id).values(**values))
+            if conn.execute(query).rowcount != 1:
+                raise StaleState(f"remote batch {record_id} changed meanwhile (expected {expect})")
             row = conn.execute(select(remote_batches).where(remote_batches.c.id == record_id)).one()
             if job_values:
                 changes = {**job_values, "updated_at": now}

@@ -85,7 +85,7 @@ def test_find_by_id_prefix_and_name(store: Store) -> None:
 
 def test_remote_intent_then_bind(store: Store) -> None:
     new_job(store)
-    record = store.add_remote_intent("a" * 32, file_id="file-1", state=JobState.SUBMITTING)
+    record = store.add_remote_intent("a" * 32, file_id="file-1", expect=JobState.RECEIVED, state=JobState.SUBMITTING)
     assert (record.remote_id, record.status, record.intent_at) == (None, "creating", 1000.0)
     assert store.get_job("a" * 32).input_file_id == "file-1"  # type: ignore[union-attr]
     store.update_remote(record.id, remote_id="b1", status="validating", job_values={"state": JobState.VALIDATING})

@@ -1,0 +1,262 @@
+"""What acceptance tests share: the emulator as a Together server on loopback, a
+webhook receiver, and the real `batchd run` as a subprocess with real folders."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+from standardwebhooks.webhooks import Webhook
+from starlette.types import Receive, Scope, Send
+
+from batchd.emulator.app import create_app
+from batchd.emulator.server import serve_emulator
+
+SECRET = "whsec_" + base64.b64encode(b"acceptance-tests-secret-key-32by").decode()
+READY_TIMEOUT_S = 30.0
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float, what: str = "condition") -> None:
+    """Wait for something another process does (a log line, an exit): there is no event to await."""
+    with anyio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110 - the other side is a separate process
+            await anyio.sleep(0.05)
+
+
+@dataclass
+class Hook:
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def event(self) -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(self.body)
+        return parsed
+
+
+@dataclass
+class Receiver:
+    """An ASGI webhook receiver that records every request and wakes waiters."""
+
+    url: str = ""
+    hooks: list[Hook] = field(default_factory=list)
+    #: answer this many requests with 503 before accepting any
+    refuse: int = 0
+    _changed: anyio.Event = field(default_factory=anyio.Event)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        self.hooks.append(Hook(headers, body))
+        self._changed.set()
+        self._changed = anyio.Event()
+        status = 503 if len(self.hooks) <= self.refuse else 204
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def wait_for(self, predicate: Callable[[list[Hook]], bool], timeout: float = 60) -> list[Hook]:
+        with anyio.fail_after(timeout):
+            while not predicate(self.hooks):
+                await self._changed.wait()
+        return self.hooks
+
+    def verified(self) -> list[dict[str, Any]]:
+        """Every event, each checked with the reference Standard Webhooks verifier."""
+        wh = Webhook(SECRET)
+        return [wh.verify(h.body, h.headers) for h in self.hooks]
+
+
+@dataclass
+class Emulator:
+    url: str
+    http: httpx.AsyncClient
+
+    async def control(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self.http.request(method, f"{self.url}/_emulator/{path}", **kwargs)
+        response.raise_for_status()
+        return response.json()
+
+    async def creates(self) -> list[dict[str, Any]]:
+        stats = await self.control("GET", "stats")
+        creates: list[dict[str, Any]] = stats["batch_creates"]
+        return creates
+
+
+@dataclass
+class Workspace:
+    root: Path
+    config: Path
+    env: dict[str, str]
+
+    @property
+    def inbox(self) -> Path:
+        return self.root / "state" / "inbox"
+
+    @property
+    def outbox(self) -> Path:
+        return self.root / "state" / "outbox"
+
+    def drop(self, name: str, lines: list[dict[str, Any]] | bytes) -> Path:
+        """Write under an ignored name, then rename into the inbox (the producer protocol)."""
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        data = lines if isinstance(lines, bytes) else "".join(json.dumps(x) + "\n" for x in lines).encode()
+        tmp = self.inbox / f".{name}.tmp"
+        tmp.write_bytes(data)
+        target = self.inbox / name
+        os.rename(tmp, target)
+        return target
+
+    async def batchd(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run a batchd command without blocking the event loop (the emulator lives in it)."""
+        with anyio.fail_after(timeout):
+            done = await anyio.run_process(
+                [sys.executable, "-m", "batchd", "--config", str(self.config), *args], env=self.env, check=False
+            )
+        return subprocess.CompletedProcess(
+            done.args, done.returncode, done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
+        )
+
+
+def make_workspace(tmp_path: Path, emulator_url: str, hook_url: str) -> Workspace:
+    root = tmp_path / "ws"
+    root.mkdir()
+    config = root / "batchd.toml"
+    config.write_text(
+        f"""
+state_dir = "state"
+
+[provider]
+kind = "together"
+base_url = "{emulator_url}"
+
+[inbox]
+settle_s = 0.2
+rescan_s = 1.0
+
+[polling]
+min_interval_s = 0.2
+max_interval_s = 1.0
+
+[delivery]
+timeout_s = 5.0
+retry_delays_s = [0.2, 0.5, 1.0]
+
+[[webhooks]]
+url = "{hook_url}"
+secret = "{SECRET}"
+""",
+        encoding="utf-8",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
+    env["TOGETHER_API_KEY"] = "acceptance-key"
+    return Workspace(root, config, env)
+
+
+class DaemonProcess:
+    """`python -m batchd run` as a subprocess, its JSON logs in a file."""
+
+    def __init__(self, ws: Workspace, *extra: str) -> None:
+        self.log_path = ws.root / f"daemon-{len(list(ws.root.glob('daemon-*.log')))}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "batchd", "--config", str(ws.config), "run", *extra],
+            env=ws.env, stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def logs(self) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return found
+
+    def has_logged(self, event: str) -> bool:
+        return any(entry.get("event") == event for entry in self.logs())
+
+    async def until_logged(self, event: str, timeout: float = READY_TIMEOUT_S) -> None:
+        def seen() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}: {self.log_path.read_text()}")
+            return self.has_logged(event)
+
+        await eventually(seen, timeout)
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    async def wait(self, timeout: float = 10.0) -> int:
+        await eventually(lambda: self.proc.poll() is not None, timeout)
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@dataclass
+class Harness:
+    ws: Workspace
+    emulator: Emulator
+    receiver: Receiver
+    daemons: list[DaemonProcess]
+
+    def start(self, *extra: str) -> DaemonProcess:
+        daemon = DaemonProcess(self.ws, *extra)
+        self.daemons.append(daemon)
+        return daemon
+
+
+@asynccontextmanager
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    """The emulator as a Together server, a webhook receiver, a workspace; daemons killed at the end.
+
+    A context manager rather than fixtures: the servers' task groups must be entered and left
+    in the test's own task.
+    """
+    receiver = Receiver()
+    async with (
+        serve_emulator(create_app(tmp_path / "emulator"), host="127.0.0.1", port=0) as url,
+        serve_emulator(receiver, host="127.0.0.1", port=0) as hook_url,
+        httpx.AsyncClient() as http,
+    ):
+        receiver.url = hook_url + "/hooks"
+        h = Harness(make_workspace(tmp_path, url, receiver.url), Emulator(url, http), receiver, [])
+        try:
+            yield h
+        finally:
+            for daemon in h.daemons:
+                daemon.kill()
+
+
+def chat(custom_id: str, text: str = "hello", trigger: dict[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": text}]}
+    if trigger:
+        body["batchd_emulator"] = trigger
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
