@@ -89,13 +89,20 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await state.load()
-        async with anyio.create_task_group() as tg:
-            await tg.start(worker.run)
-            log.info("emulator.started", data_dir=str(data_dir))
-            try:
-                yield
-            finally:
-                tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(worker.run)
+                log.info("emulator.started", data_dir=str(data_dir))
+                try:
+                    yield
+                finally:
+                    tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # Entered directly (`app.router.lifespan_context(app)`), the caller's exception
+            # comes out as itself rather than wrapped by the worker's task group.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
         log.info("emulator.stopped", data_dir=str(data_dir))
 
     async def upload(request: Request) -> Response:

@@ -93,7 +93,9 @@ async def serve_emulator(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -
     url = _url(sock)
     config = uvicorn.Config(
         app,
-        lifespan="on",
+        # "auto": an ASGI app without lifespan support (a test's webhook receiver) still runs,
+        # while a lifespan that reports a failed start-up still stops the server.
+        lifespan="auto",
         log_config=None,
         access_log=False,
         http="h11",
@@ -116,14 +118,21 @@ async def serve_emulator(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -
         if not ready.is_set():
             raise RuntimeError(f"the emulator at {url} stopped before it was ready")
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(serve)
-        try:
-            await ready.wait()
-            log.debug("emulator.listening", url=url)
-            yield url
-        finally:
-            server.should_exit = True
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve)
+            try:
+                await ready.wait()
+                log.debug("emulator.listening", url=url)
+                yield url
+            finally:
+                server.should_exit = True
+    except BaseExceptionGroup as group:
+        # The task group is an implementation detail: the caller's own exception (or the
+        # start-up failure) comes out as itself, not wrapped in a group.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 async def _run(

@@ -580,3 +580,17 @@ async def test_serve_emulator_leaves_signal_handlers_alone(tmp_path: Path) -> No
         assert signal.getsignal(signal.SIGTERM) is owner
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+async def test_exceptions_come_out_unwrapped(tmp_path: Path) -> None:
+    with pytest.raises(LookupError):
+        async with serve_emulator(create_app(tmp_path / "served")):
+            raise LookupError("from the caller")
+    with pytest.raises(LookupError):
+        async with asgi_emulator(tmp_path / "in-process"):
+            raise LookupError("from the caller")
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("the data dir cannot be created here")
+    with pytest.raises(RuntimeError, match="failed to start"):
+        async with serve_emulator(create_app(not_a_dir)):
+            pass
