@@ -35,7 +35,10 @@ log = structlog.get_logger("batchd.inbox")
 SPEC_KEYS = frozenset({"input", "completion_window", "model", "webhook_url", "metadata"})
 #: A spec is a small JSON document; anything bigger is a mistake, not a spec.
 MAX_SPEC_BYTES = 1_000_000
-UPLOAD_NAME = "upload.jsonl"
+#: The upload copy, beside the claimed file. Hidden on purpose: a submission's name never
+#: starts with "." (such names are ignored), so a dropped `upload.jsonl` is never overwritten
+#: by its own normalised copy (which would lose the user's bytes).
+UPLOAD_NAME = ".upload.jsonl"
 
 
 class Kind(StrEnum):
