@@ -268,6 +268,13 @@ class Inbox:
             raise _whole_file(source, "encoding", "a spec must be UTF-8") from None
         except json.JSONDecodeError as exc:
             raise _on_line(source, exc.lineno, "json", f"not valid JSON ({exc.msg})") from None
+        # Anything json.loads raises is the spec's fault (too deeply nested, an integer over
+        # Python's digit limit); escaping as an exception would stop intake, and recover()
+        # would meet the same claimed spec at every start.
+        except RecursionError:
+            raise _whole_file(source, "json", "not valid JSON (nested too deeply)") from None
+        except ValueError as exc:
+            raise _whole_file(source, "json", f"not valid JSON ({exc})") from None
         if not isinstance(raw, dict):
             raise _whole_file(source, "spec", "a spec must be a JSON object")
         unknown = sorted(set(raw) - SPEC_KEYS)
@@ -277,8 +284,11 @@ class Inbox:
         if not isinstance(data_path, str) or not data_path:
             raise _whole_file(source, "input", "`input` (the JSONL file, relative to the inbox) is required")
         window = raw.get("completion_window")
+        # isascii: str.isdigit() also accepts digits such as "²" that no provider reads as a number.
         if window is not None and (
-            not isinstance(window, str) or not window[:-1].isdigit() or window[-1:] not in ("h", "d")
+            not isinstance(window, str)
+            or not (window[:-1].isascii() and window[:-1].isdigit())
+            or window[-1:] not in ("h", "d")
         ):
             raise _whole_file(source, "completion_window", 'must look like "24h"')
         model = raw.get("model")
