@@ -100,15 +100,26 @@ def verify(
 
 def allowed_webhook_url(url: str, allow_list: Sequence[str]) -> str | None:
     """The allow-list entry a spec's webhook_url matches (scheme, host, port, path prefix), or None."""
-    parts = urlsplit(url)
+    # urlsplit raises on a bad IPv6 literal and .port on a port that is not a number in
+    # 0-65535: a user's URL that cannot be parsed matches nothing (an exception here would
+    # escape Inbox.take and stop intake).
+    try:
+        parts = urlsplit(url)
+        port = _port(parts)
+    except ValueError:
+        return None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
         return None
     for entry in allow_list:
-        allowed = urlsplit(entry)
+        try:
+            allowed = urlsplit(entry)
+            allowed_port = _port(allowed)
+        except ValueError:
+            continue  # the config check does not look at ports; a bad entry allows nothing
         if (
             parts.scheme == allowed.scheme
             and parts.hostname == allowed.hostname
-            and _port(parts) == _port(allowed)
+            and port == allowed_port
             and parts.path.startswith(allowed.path)
         ):
             return entry
