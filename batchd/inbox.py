@@ -172,13 +172,20 @@ class Inbox:
         for claim_dir in sorted(self.claimed_root.iterdir()):
             if not claim_dir.is_dir() or self._store.job_exists(claim_dir.name):
                 continue
+            # Whatever was claimed counts, whatever its type (a symlink or a FIFO is claimed only to
+            # be rejected); only folders (a spec's data/) and hidden names (our upload copy and
+            # temp files) are ours.
             submitted = [
-                p for p in claim_dir.iterdir() if p.name != UPLOAD_NAME and not p.name.startswith(".")
-                and (p.is_symlink() or p.is_file())
+                p for p in sorted(claim_dir.iterdir())
+                if not p.name.startswith(".") and not stat.S_ISDIR(p.lstat().st_mode)
             ]  # fmt: skip
             if not submitted:
-                # Only our own (empty) claim folder: the rename never happened.
-                claim_dir.rmdir()
+                # Our own claim folder, from a claim whose rename never happened. Anything
+                # left inside is kept: a start-up must not fail on it, nor delete it.
+                try:
+                    claim_dir.rmdir()
+                except OSError as exc:
+                    log.warning("inbox.claim_folder_kept", path=str(claim_dir), error=str(exc))
                 continue
             log.warning("inbox.recovering_claim", job_id=claim_dir.name, source=submitted[0].name)
             jobs.append(self._process(claim_dir.name, submitted[0]))
@@ -207,6 +214,9 @@ class Inbox:
         kind = classify(claimed)
         if claimed.is_symlink():
             raise _whole_file(source, "symlink", "symlinks are not followed; drop the file itself")
+        if not stat.S_ISREG(claimed.lstat().st_mode):
+            # A FIFO or a device is never opened: reading one could block intake forever.
+            raise _whole_file(source, "file_type", "not a regular file; drop a regular file")
         if kind is Kind.BAD:
             raise _whole_file(source, "extension", "only NAME.jsonl (requests) and NAME.json (a spec) are taken")
         limits = PROVIDER_LIMITS[settings.provider.kind]
