@@ -46,6 +46,8 @@ class InboxWatcher:
     def __init__(self, folder: Path) -> None:
         self._folder = folder
         self._inotify: INotify | None = None
+        #: the folder went away (deleted or moved): watch it again once it is back
+        self._lost = False
         self._open()
 
     def _open(self) -> None:
@@ -64,13 +66,31 @@ class InboxWatcher:
 
     async def read(self, *, timeout: float, stop: anyio.Event) -> list[WatchEvent]:
         """Events that arrive within `timeout` seconds (an empty list when none or when stopped)."""
+        if self._inotify is None and self._lost and self._folder.is_dir():
+            # Checked on every read, not only when the folder vanished: it may come back later
+            # (re-created by an operator), and without a watch only the rescans would see files.
+            self._open()
+            if self._inotify is not None:
+                self._lost = False
+                return [WatchEvent("rescan", self._folder)]
         if self._inotify is None:
             with anyio.move_on_after(timeout):
                 await stop.wait()
             return []
-        with anyio.move_on_after(timeout):
-            await anyio.wait_readable(self._inotify.fileno())
-        if self._inotify is None:
+        fd = self._inotify.fileno()
+        # Wait for the first of: events, the timeout, `stop`. Waiting on the descriptor alone
+        # would hold a stopping caller for the whole timeout (the rescan interval).
+        async with anyio.create_task_group() as tg:
+
+            async def until_stopped() -> None:
+                await stop.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(until_stopped)
+            with anyio.move_on_after(timeout):
+                await anyio.wait_readable(fd)
+            tg.cancel_scope.cancel()
+        if self._inotify is None or stop.is_set():
             return []
         try:
             raw = self._inotify.read(timeout=0)
@@ -83,8 +103,10 @@ class InboxWatcher:
                 if ev.mask & (flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF):
                     # The folder itself went away or moved: watch it again when it is back.
                     self.close()
+                    self._lost = True
                     if self._folder.is_dir():
                         self._open()
+                        self._lost = self._inotify is None
                 continue
             if not ev.name or is_ignored_name(ev.name):
                 continue
