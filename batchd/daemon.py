@@ -286,23 +286,28 @@ class Daemon:
             jobs = await db(self.store.active_jobs)
             batches = await db(self.store.active_remote_batches)
             next_at = now + IDLE_TICK_S
-            polls: list[tuple[Job, Action]] = []
+            pollable: list[tuple[Job, Action]] = []
             for job in jobs:
                 if job.id in self._busy or job.id in busy_during_read:
                     continue
                 action = lifecycle.next_action(job, batches.get(job.id, []), now)
                 if action.step is Step.NONE:
                     continue
+                if action.step is Step.POLL:
+                    pollable.append((job, action))
                 if action.at > now:
                     next_at = min(next_at, action.at)
                     continue
-                self._busy.add(job.id)
-                if action.step is Step.POLL:
-                    polls.append((job, action))
-                else:
+                if action.step is not Step.POLL:
+                    self._busy.add(job.id)
                     tg.start_soon(self._run_step, job, action)
-            if polls:
-                tg.start_soon(self._poll_round, polls)
+            due = [(job, action) for job, action in pollable if action.at <= now]
+            if due:
+                # One list call serves every job in flight; without enough of them, one get per due job.
+                sweep = lifecycle.use_sweep(len(pollable))
+                polls = pollable if sweep else due
+                self._busy.update(job.id for job, _ in polls)
+                tg.start_soon(self._poll_round, polls, sweep, now)
             self._wake = anyio.Event()
             with anyio.move_on_after(max(0.0, next_at - self._clock())):
                 await self._wake.wait()
@@ -452,21 +457,26 @@ class Daemon:
         )
         log.info(f"job.batch_{how}", job_id=job.id, remote_batch_id=remote.id, status=remote.status.value)
 
-    async def _poll_round(self, polls: list[tuple[Job, Action]]) -> None:
-        """Poll due jobs: one list call when many are due, else one get each."""
+    async def _poll_round(self, polls: list[tuple[Job, Action]], sweep: bool, now: float) -> None:
+        """Poll jobs: with `sweep`, one list call for all of them (and a get only for a due job the
+        list missed); otherwise one get per job."""
         try:
             found: dict[str, RemoteBatch] = {}
-            if lifecycle.use_sweep(len(polls)):
+            if sweep:
                 try:
                     found = {r.id: r for r in await self.provider.list_batches()}
                 except ProviderError as exc:
-                    for job, _ in polls:
-                        await self._step_failed(job, exc)
+                    for job, action in polls:
+                        if action.at <= now:
+                            await self._step_failed(job, exc)
                     return
             for job, action in polls:
                 assert action.batch is not None and action.batch.remote_id is not None
+                remote = found.get(action.batch.remote_id)
+                if remote is None and action.at > now:
+                    continue
                 try:
-                    remote = found.get(action.batch.remote_id) or await self.provider.get_batch(action.batch.remote_id)
+                    remote = remote or await self.provider.get_batch(action.batch.remote_id)
                     await self._apply(job, action.batch, remote)
                 except ProviderError as exc:
                     await self._step_failed(job, exc)

@@ -15,7 +15,7 @@ from enum import StrEnum
 
 from batchd.models import Job, JobState, RemoteBatchRecord, RemoteStatus
 
-#: When at least this many jobs are due for a poll at once, one list call serves them all.
+#: When at least this many jobs are in flight, one list call serves them all instead of a get each.
 SWEEP_MIN_JOBS = 3
 
 #: Each poll without news stretches the interval by this factor (up to the maximum).
@@ -118,17 +118,18 @@ def next_poll_interval(previous: float | None, changed: bool, policy: PollPolicy
 
 
 def retry_delay(attempts: int, policy: PollPolicy, rng: random.Random) -> float:
-    """Backoff after `attempts` consecutive failures of a step: full jitter, capped.
+    """Backoff after `attempts` consecutive failures of a step: jittered, doubling, capped.
 
-    The floor keeps a dead provider from being hammered when min_interval_s is tiny.
+    It starts at the polling minimum and never exceeds the polling maximum, so
+    an outage is retried as patiently as a quiet batch is polled.
     """
-    ceiling = min(max(policy.max_interval_s, 1.0), max(policy.min_interval_s, 0.5) * 2 ** max(attempts, 0))
+    ceiling = min(policy.max_interval_s, policy.min_interval_s * 2 ** max(attempts, 0))
     return rng.uniform(ceiling / 2, ceiling)
 
 
-def use_sweep(due_polls: int) -> bool:
-    """Whether one list call should replace individual gets."""
-    return due_polls >= SWEEP_MIN_JOBS
+def use_sweep(in_flight: int) -> bool:
+    """Whether one list call should replace individual gets, given the jobs in flight."""
+    return in_flight >= SWEEP_MIN_JOBS
 
 
 def unanswered_code(batches: Sequence[RemoteBatchRecord], cancel_requested: bool) -> str:

@@ -1,0 +1,233 @@
+"""The daemon in-process against the emulator over loopback: reconciliation, refusals,
+outages, cancellation, the list sweep, recovery. Real SQLite, real HTTP, real files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+from structlog.testing import capture_logs
+
+from batchd.config import ConfigError, Settings, load_settings
+from batchd.daemon import Daemon
+from batchd.emulator.app import create_app
+from batchd.emulator.server import serve_emulator
+from batchd.models import JobState
+from batchd.providers.together import TogetherProvider
+from batchd.retry import RetryPolicy
+from batchd.store import Store
+
+
+def chat(custom_id: str, trigger: dict[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": custom_id}]}
+    if trigger:
+        body["batchd_emulator"] = trigger
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 20) -> None:
+    """Wait for the daemon's background tasks to reach a state."""
+    with anyio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110 - the daemon offers no event per job state
+            await anyio.sleep(0.02)
+
+
+@dataclass
+class Rig:
+    settings: Settings
+    store: Store
+    daemon: Daemon
+    url: str
+    http: httpx.AsyncClient
+
+    def drop(self, name: str, lines: list[dict[str, Any]]) -> None:
+        inbox = self.settings.inbox_dir
+        inbox.mkdir(parents=True, exist_ok=True)
+        tmp = inbox / f".{name}.tmp"
+        tmp.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+        tmp.rename(inbox / name)
+
+    async def control(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self.http.request(method, f"{self.url}/_emulator/{path}", **kwargs)
+        response.raise_for_status()
+        return response.json()
+
+    async def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = await self.control("GET", "stats")
+        return stats
+
+    async def drain(self, timeout: float = 30) -> None:
+        result = await self.daemon.run(once=True, timeout=timeout)
+        assert result.drained
+
+    def job(self, name: str) -> Any:
+        (job,) = [j for j in self.store.list_jobs() if j.name == name]
+        return job
+
+    def outbox_lines(self, name: str, file: str) -> list[dict[str, Any]]:
+        path = self.settings.outbox_dir / name / file
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@asynccontextmanager
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    config = tmp_path / "batchd.toml"
+    config.write_text(
+        'state_dir = "state"\n[provider]\nkind = "together"\nbase_url = "http://127.0.0.1:1"\n'
+        "[polling]\nmin_interval_s = 0.02\nmax_interval_s = 0.1\n[inbox]\nsettle_s = 0.0\n",
+        encoding="utf-8",
+    )
+    settings = load_settings(config, environ={"TOGETHER_API_KEY": "k"})
+    store = Store(settings.database_url)
+    store.migrate()
+    async with (
+        serve_emulator(create_app(tmp_path / "emulator"), host="127.0.0.1", port=0) as url,
+        httpx.AsyncClient() as http,
+    ):
+        # One attempt per call: the daemon's own step backoff is what these tests watch.
+        provider = TogetherProvider(http, base_url=url, api_key="k", retry=RetryPolicy(attempts=1))
+        daemon = Daemon(settings, store=store, provider=provider)
+        try:
+            yield Rig(settings, store, daemon, url, http)
+        finally:
+            store.close()
+
+
+async def test_a_create_whose_answer_was_lost_is_adopted_not_repeated(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        # The batch is really created, but the daemon sees a 503.
+        await r.control("POST", "faults", json={"method": "POST", "path": "/v1/batches", "status": 503, "act": True})
+        r.drop("lost.jsonl", [chat("a"), chat("b")])
+        with capture_logs() as logs:
+            await r.drain()
+        assert r.job("lost").state is JobState.COMPLETED
+        assert len((await r.stats())["batch_creates"]) == 1
+        assert "job.batch_adopted" in [e["event"] for e in logs]
+        (batch,) = r.store.remote_batches(r.job("lost").id)
+        assert batch.create_attempts == 1
+
+
+async def test_a_refused_create_is_retried_without_reconciling(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        await r.control("POST", "faults", json={"method": "POST", "path": "/v1/batches", "status": 429})
+        r.drop("busy.jsonl", [chat("a")])
+        with capture_logs() as logs:
+            await r.drain()
+        assert r.job("busy").state is JobState.COMPLETED
+        assert len((await r.stats())["batch_creates"]) == 1
+        events = [e["event"] for e in logs]
+        assert "job.step_failed" in events and "job.reconcile_none" not in events
+
+
+async def test_an_upload_refused_for_good_fails_the_job_with_every_request_accounted(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        await r.control("POST", "faults", json={"method": "POST", "path": "/v1/files", "status": 400})
+        r.drop("refused.jsonl", [chat("a"), chat("b")])
+        await r.drain()
+        job = r.job("refused")
+        assert job.state is JobState.FAILED and "upload refused" in (job.reason or "")
+        errors = r.outbox_lines("refused", "errors.jsonl")
+        assert [(e["custom_id"], e["error"]["code"], e["response"]) for e in errors] == [
+            ("a", "not_submitted", None),
+            ("b", "not_submitted", None),
+        ]
+        meta = json.loads((r.settings.outbox_dir / "refused" / "job.json").read_text())
+        assert meta["status"] == "failed" and meta["remote_batch_ids"] == []
+        assert (await r.stats())["batch_creates"] == []
+
+
+async def test_a_provider_outage_backs_off_and_recovers_by_itself(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        fault = {"method": "GET", "path": "/v1/batches/*", "status": 503, "times": 6}
+        await r.control("POST", "faults", json=fault)
+        r.drop("outage.jsonl", [chat("a")])
+        with capture_logs() as logs:
+            await r.drain()
+        assert r.job("outage").state is JobState.COMPLETED
+        waits = [e["wait_s"] for e in logs if e["event"] == "job.step_failed"]
+        assert len(waits) == 6
+        assert all(0 < w <= 0.1 for w in waits)
+
+
+async def test_cancel_while_in_flight_keeps_what_was_answered(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        await r.control("POST", "pause")
+        r.drop("cancel.jsonl", [chat("a"), chat("b")])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(r.drain)
+            await eventually(lambda: bool(r.store.list_jobs()) and r.job("cancel").state is JobState.VALIDATING)
+            r.store.update_job(r.job("cancel").id, cancel_requested=True)
+            r.daemon.wake()
+        job = r.job("cancel")
+        assert job.state is JobState.CANCELLED
+        codes = {e["custom_id"]: e["error"]["code"] for e in r.outbox_lines("cancel", "errors.jsonl")}
+        assert codes == {"a": "batch_cancelled", "b": "batch_cancelled"}
+        assert r.store.deliveries(job_id=job.id) == []  # no endpoint configured, none queued
+
+
+async def test_cancel_before_submission_never_reaches_the_provider(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        r.drop("early.jsonl", [chat("a")])
+        r.daemon.inbox.ensure_folders()
+        job = r.daemon.inbox.take(r.settings.inbox_dir / "early.jsonl")
+        assert job is not None
+        r.store.update_job(job.id, cancel_requested=True)
+        await r.drain()
+        assert r.job("early").state is JobState.CANCELLED
+        assert (await r.stats())["requests"].get("POST /v1/files", 0) == 0
+
+
+async def test_many_jobs_in_flight_are_polled_with_one_list_call(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        await r.control("POST", "pause")
+        for i in range(4):
+            r.drop(f"many-{i}.jsonl", [chat(f"x{i}")])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(r.drain)
+            await eventually(
+                lambda: (
+                    len(r.store.list_jobs()) == 4 and all(j.state is JobState.VALIDATING for j in r.store.list_jobs())
+                )
+            )
+            before = (await r.stats())["requests"]
+            await eventually(lambda: all((j.poll_interval_s or 0) >= 0.05 for j in r.store.list_jobs()))
+            after = (await r.stats())["requests"]
+            await r.control("POST", "resume")
+        sweeps = after.get("GET /v1/batches", 0) - before.get("GET /v1/batches", 0)
+        singles = sum(v for k, v in after.items() if k.startswith("GET /v1/batches/")) - sum(
+            v for k, v in before.items() if k.startswith("GET /v1/batches/")
+        )
+        assert sweeps >= 1 and singles == 0
+        assert all(j.state is JobState.COMPLETED for j in r.store.list_jobs())
+
+
+async def test_a_claim_without_a_job_row_is_taken_again_at_start(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        r.daemon.inbox.ensure_folders()
+        claim = r.daemon.inbox.claimed_root / ("c" * 32)
+        claim.mkdir(parents=True)
+        (claim / "crashed.jsonl").write_text(json.dumps(chat("z")) + "\n", encoding="utf-8")
+        await r.drain()
+        job = r.job("crashed")
+        assert job.id == "c" * 32 and job.state is JobState.COMPLETED
+        assert [e["custom_id"] for e in r.outbox_lines("crashed", "output.jsonl")] == ["z"]
+
+
+async def test_reload_with_a_broken_config_keeps_the_old_one(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        old = r.daemon.settings
+
+        def broken() -> Settings:
+            raise ConfigError("unknown key polling.fast")
+
+        r.daemon._reload = broken
+        with capture_logs() as logs:
+            r.daemon._reload_settings()
+        assert r.daemon.settings is old
+        assert next(e for e in logs if e["event"] == "daemon.reload_refused")["error"] == "unknown key polling.fast"
