@@ -13,6 +13,9 @@ In Python::
     async with serve_emulator(create_app(data_dir)) as base_url:
         ...
 
+The OpenAI dialect (`/openai/v1/...`) is not served yet; the stored files
+and batches (`state.py`) are dialect-neutral so it can be added over them.
+
 Files and batches live under the data dir and survive a restart: a batch that
 was VALIDATING or IN_PROGRESS is run again from the start (answers are
 deterministic, so nothing changes but `fail_once`, see below). One emulator
