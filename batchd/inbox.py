@@ -352,11 +352,7 @@ class Inbox:
     def _reject(self, job_id: str, claimed: Path, rejection: Rejection) -> Job:
         settings = self._settings()
         source = claimed.name
-        target = self.rejected_dir / source
-        if os.path.lexists(target):
-            stem, dot, ext = source.rpartition(".")
-            target = self.rejected_dir / (f"{stem}.{job_id[:8]}.{ext}" if dot else f"{source}.{job_id[:8]}")
-        report_path = target.with_name(target.name + ".errors.txt")
+        target, report_path = self._reserve_rejected_name(source, job_id, rejection.report)
         now = self._store.now()
         data = {
             "id": job_id,
@@ -383,6 +379,35 @@ class Inbox:
         log.warning("inbox.rejected", job_id=job_id, source=source, reason=rejection.reason)
         self._finish_rejection(job, rejection.report)
         return job
+
+    def _reserve_rejected_name(self, source: str, job_id: str, report: str) -> tuple[Path, Path]:
+        """Pick `rejected/NAME.EXT` (if taken: `NAME.<short id>.EXT`) and hold it by creating its report.
+
+        The report is created with O_EXCL before the rejection is committed. A check for a
+        free name alone is not enough: two daemons sharing the inbox that reject files of the
+        same name at once would both pick it, and the second rename would silently replace
+        the first file (os.rename overwrites).
+        """
+        self.rejected_dir.mkdir(parents=True, exist_ok=True)
+        stem, dot, ext = source.rpartition(".")
+        own = f"{stem}.{job_id[:8]}.{ext}" if dot else f"{source}.{job_id[:8]}"
+        for name in (source, own):
+            target = self.rejected_dir / name
+            report_path = self.rejected_dir / f"{name}.errors.txt"
+            if name == source and os.path.lexists(target):
+                continue
+            try:
+                fd = os.open(report_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                if name == source:
+                    continue
+                # The name carries this job's id: a report left by an earlier try of this
+                # very job (a crash before its commit). Ours to overwrite.
+                fd = os.open(report_path, os.O_WRONLY | os.O_TRUNC)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(report)
+            return target, report_path
+        raise AssertionError("unreachable: the job's own name is always available")
 
     def _finish_rejection(self, job: Job, report: str) -> None:
         """Write the report, then move the file (byte-identical) beside it."""
