@@ -34,6 +34,8 @@ log = structlog.get_logger("batchd.webhooks")
 
 #: Attempts to one endpoint at the same time; a slow receiver only holds up its own queue.
 PER_ENDPOINT_CONCURRENCY = 4
+#: New due deliveries picked up per `run_due` call.
+DUE_BATCH = 100
 
 
 def new_event(event_type: str, data: Mapping[str, Any], *, now: float) -> tuple[str, bytes]:
@@ -213,7 +215,11 @@ class Deliverer:
 
     async def run_due(self, tg: anyio.abc.TaskGroup) -> None:
         """Start an attempt for every due delivery not already on its way."""
-        due = await anyio.to_thread.run_sync(lambda: self._store.due_deliveries(self._clock()))
+        # Deliveries in flight are still due in the store (their outcome is not recorded yet) and
+        # sort first. Ask for that many more: with a fixed limit, a backlog held by one hanging
+        # endpoint fills every batch, and no other endpoint gets a delivery until it times out.
+        limit = DUE_BATCH + len(self._in_flight)
+        due = await anyio.to_thread.run_sync(lambda: self._store.due_deliveries(self._clock(), limit=limit))
         for delivery in due:
             if delivery.id in self._in_flight:
                 continue
