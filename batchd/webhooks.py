@@ -220,8 +220,15 @@ class Deliverer:
         # endpoint fills every batch, and no other endpoint gets a delivery until it times out.
         limit = DUE_BATCH + len(self._in_flight)
         due = await anyio.to_thread.run_sync(lambda: self._store.due_deliveries(self._clock(), limit=limit))
+        # An endpoint that answered 410 stays disabled: Store.disable_endpoint parks what was pending
+        # then, and an event created later is parked here rather than sent to it again.
+        disabled = await anyio.to_thread.run_sync(self._store.disabled_endpoints) if due else {}
         for delivery in due:
             if delivery.id in self._in_flight:
+                continue
+            if delivery.url in disabled:
+                await self._update(delivery.id, state="disabled", last_error=disabled[delivery.url])
+                log.info("webhook.parked", event_id=delivery.event_id, url=delivery.url, reason=disabled[delivery.url])
                 continue
             self._in_flight.add(delivery.id)
             tg.start_soon(self._attempt_guarded, delivery)
