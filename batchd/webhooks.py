@@ -310,9 +310,12 @@ class Deliverer:
         try:
             if delivery.secret_ref == "inbox":
                 # Resolve once, check, and connect to exactly the checked address.
-                url, host = await pinned_target(url, settings.inbox.allow_webhook_urls)
-                headers["host"] = urlsplit(delivery.url).netloc
-                extensions["sni_hostname"] = host
+                url, _host = await pinned_target(url, settings.inbox.allow_webhook_urls)
+                # Host and SNI in their ASCII (IDNA) form, as httpx would send them for the
+                # name: a header must be ASCII, and "bücher.example" raised UnicodeEncodeError.
+                original = httpx.URL(delivery.url)
+                headers["host"] = original.netloc.decode("ascii")
+                extensions["sni_hostname"] = original.raw_host.decode("ascii")
             response = await self._http.post(
                 url,
                 content=delivery.body,
