@@ -257,7 +257,14 @@ class Deliverer:
         if not secrets:
             outcome = Outcome(None, "endpoint is no longer configured")
         else:
-            outcome = await self._send(delivery, secrets)
+            try:
+                outcome = await self._send(delivery, secrets)
+            except Exception as exc:
+                # Whatever breaks one attempt is a failed attempt, retried on the schedule. Raised
+                # out of here it would end the daemon's task group, and the same due delivery
+                # would end it again after every restart.
+                bound.exception("webhook.attempt_error")
+                outcome = Outcome(None, f"{type(exc).__name__}: {exc}")
         now = self._clock()
         attempts = delivery.attempts + 1
         if outcome.status is not None and 200 <= outcome.status < 300:
