@@ -63,6 +63,15 @@ def acquire_lock(state_dir: Path) -> StateLock:
     return StateLock(path, fd)
 
 
+def direct_to_loopback() -> dict[str, httpx.AsyncBaseTransport | None]:
+    """Transports that take loopback addresses past any proxy named in the environment.
+
+    A server whose http_proxy points at a corporate proxy must still reach its own
+    embedded backend (and a receiver on the same host) directly.
+    """
+    return {f"all://{host}": httpx.AsyncHTTPTransport() for host in ("127.0.0.1", "localhost", "[::1]")}
+
+
 def local_engine(settings: Settings, http: httpx.AsyncClient) -> Engine:
     if settings.local.engine == "upstream":
         return UpstreamEngine(http, settings.local.upstream_url, settings.local.concurrency)
@@ -101,8 +110,8 @@ async def serve(
         previous = await db(store.migrate)
         log.info("service.database", url=_safe_url(settings.database_url), schema_from=previous)
         async with (
-            httpx.AsyncClient(timeout=API_TIMEOUT) as api_http,
-            httpx.AsyncClient(follow_redirects=False) as hook_http,
+            httpx.AsyncClient(timeout=API_TIMEOUT, mounts=direct_to_loopback()) as api_http,
+            httpx.AsyncClient(follow_redirects=False, mounts=direct_to_loopback()) as hook_http,
             open_provider(settings, api_http) as provider,
         ):
             daemon: Daemon | None = None

@@ -89,6 +89,10 @@ async def test_three_files_end_to_end(tmp_path: Path) -> None:
 
         daemon.signal(signal.SIGTERM)
         assert await daemon.wait(timeout=10) == 0
+        # Secrets never reach the logs or the outbox.
+        secret_key = h.ws.env["TOGETHER_API_KEY"]
+        assert secret_key not in daemon.log_path.read_text()
+        assert all(secret_key not in p.read_text() for p in h.ws.outbox.glob("*/job.json"))
 
 
 async def test_malformed_file_is_rejected_and_the_daemon_keeps_going(tmp_path: Path) -> None:

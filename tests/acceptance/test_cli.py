@@ -1,0 +1,154 @@
+"""The installed command line as a user runs it: exit codes, output, files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from tests.acceptance.conftest import chat, harness
+
+
+def batchd(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
+    return subprocess.run(
+        [sys.executable, "-m", "batchd", *args], env={**base, **(env or {})}, capture_output=True, text=True,
+        timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def write_jsonl(path: Path, lines: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    return path
+
+
+def local_config(tmp_path: Path) -> Path:
+    config = tmp_path / "batchd.toml"
+    config.write_text('state_dir = "state"\n', encoding="utf-8")
+    return config
+
+
+def test_validate_exit_codes_and_line_numbered_problems(tmp_path: Path) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", [chat("a"), chat("b")])
+    ok = batchd("validate", str(good))
+    assert ok.returncode == 0 and "2 requests" in ok.stdout
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(json.dumps(chat("a")).encode() + b"\n{nope\n" + json.dumps(chat("a")).encode() + b"\n")
+    result = batchd("validate", str(bad))
+    assert result.returncode == 1
+    assert "bad.jsonl" in result.stdout and "line 2" in result.stdout and "line 3" in result.stdout
+
+    as_json = batchd("validate", "--json", str(bad))
+    report = json.loads(as_json.stdout)
+    assert as_json.returncode == 1
+    assert [(p["line"], p["rule"]) for p in report["problems"]] == [(2, "json"), (3, "duplicate_custom_id")]
+
+    assert batchd("validate", str(tmp_path / "missing.jsonl")).returncode == 2
+    assert batchd("validate").returncode == 2
+
+
+def test_submit_drops_atomically_and_refuses_bad_files(tmp_path: Path) -> None:
+    config = local_config(tmp_path)
+    src = write_jsonl(tmp_path / "src.jsonl", [chat("a")])
+    result = batchd("--config", str(config), "submit", str(src), "--name", "nightly run")
+    assert result.returncode == 0, result.stderr
+    inbox = tmp_path / "state" / "inbox"
+    assert (inbox / "nightly run.jsonl").read_bytes() == src.read_bytes()
+    assert [p.name for p in inbox.iterdir()] == ["nightly run.jsonl"]  # no temporary left behind
+
+    again = batchd("--config", str(config), "submit", str(src), "--name", "nightly run")
+    assert again.returncode == 1 and "already waiting" in again.stderr
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{}\n", encoding="utf-8")
+    refused = batchd("--config", str(config), "submit", str(bad))
+    assert refused.returncode == 1 and "custom_id" in refused.stderr
+    assert not (inbox / "bad.jsonl").exists()
+
+
+def test_configuration_errors_exit_two(tmp_path: Path) -> None:
+    config = local_config(tmp_path)
+    result = batchd("--config", str(config), "jobs", env={"BATCHD_POLLING_MIN_INTERVAL_S": "soon"})
+    assert result.returncode == 2 and "polling.min_interval_s" in result.stderr
+    missing = batchd("--config", str(tmp_path / "nope.toml"), "jobs")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert batchd("--config", str(config), "run", "--timeout", "3").returncode == 2
+
+
+async def test_jobs_show_cancel_and_retry_beside_a_finished_run(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        h.ws.drop("report.jsonl", [chat("a"), chat("b")])
+        done = await h.ws.batchd("run", "--once", "--timeout", "60", timeout=90)
+        assert done.returncode == 0, done.stdout
+
+        listing = await h.ws.batchd("jobs", "--json")
+        (job,) = json.loads(listing.stdout)
+        assert (job["name"], job["state"], job["requests"]) == ("report", "completed", 2)
+        assert job["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
+
+        table = await h.ws.batchd("jobs")
+        assert "completed" in table.stdout and "report" in table.stdout
+
+        shown = await h.ws.batchd("show", job["id"][:6])
+        assert json.loads(shown.stdout)["remote_batches"][0]["remote_id"] == job["remote_batch_ids"][0]
+        assert (await h.ws.batchd("show", "no-such-job")).returncode == 1
+
+        refused = await h.ws.batchd("cancel", "report")
+        assert refused.returncode == 1 and "already completed" in refused.stderr
+
+        retried = await h.ws.batchd("retry", "report")
+        assert retried.returncode == 0, retried.stderr
+        again = await h.ws.batchd("run", "--once", "--timeout", "60", timeout=90)
+        assert again.returncode == 0
+        jobs = json.loads((await h.ws.batchd("jobs", "--json")).stdout)
+        assert [j["state"] for j in jobs] == ["completed", "completed"]
+        # A manual retry is a new job with its own outbox folder.
+        assert sorted(p.name for p in h.ws.outbox.iterdir()) == ["report", f"report.{jobs[1]['id'][:8]}"]
+
+
+def test_demo_runs_offline_and_exits_zero(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path), "TOGETHER_API_KEY": "", "http_proxy": "http://127.0.0.1:9", "https_proxy": ""}
+    result = batchd("demo", env=env, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "completed" in result.stdout
+    assert "signature verified" in result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_emulator_command_serves_the_together_dialect(tmp_path: Path) -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "batchd", "emulator", "--port", str(port), "--data-dir", str(tmp_path / "emu")]
+    async with (
+        await anyio.open_process(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc,
+        httpx.AsyncClient() as http,
+    ):
+
+        async def answers() -> bool:
+            try:
+                r = await http.get(f"http://127.0.0.1:{port}/v1/batches", headers={"Authorization": "Bearer k"})
+            except httpx.TransportError:
+                return False
+            return r.status_code == 200 and r.json() == []
+
+        with anyio.fail_after(30):
+            while not await answers():  # noqa: ASYNC110 - the server is another process
+                await anyio.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(10):
+            assert await proc.wait() == 0
+    assert (tmp_path / "emu").is_dir()
