@@ -314,29 +314,40 @@ class Deliverer:
         url = delivery.url
         extensions: dict[str, Any] = {}
         settings = self._settings()
-        try:
-            if delivery.secret_ref == "inbox":
-                # Resolve once, check, and connect to exactly the checked address.
-                url, _host = await pinned_target(url, settings.inbox.allow_webhook_urls)
-                # Host and SNI in their ASCII (IDNA) form, as httpx would send them for the
-                # name: a header must be ASCII, and "bücher.example" raised UnicodeEncodeError.
-                original = httpx.URL(delivery.url)
-                headers["host"] = original.netloc.decode("ascii")
-                extensions["sni_hostname"] = original.raw_host.decode("ascii")
-            response = await self._http.post(
-                url,
-                content=delivery.body,
-                headers=headers,
-                timeout=settings.delivery.timeout_s,
-                follow_redirects=False,
-                extensions=extensions,
-            )
-        except Refused as exc:
-            return Outcome(None, f"refused: {exc}")
-        except (httpx.HTTPError, OSError) as exc:
-            return Outcome(None, f"{type(exc).__name__}: {exc}")
-        return Outcome(
-            response.status_code,
-            None if response.is_success else f"HTTP {response.status_code}",
-            retry_after_s(response),
-        )
+        timeout_s = settings.delivery.timeout_s
+        status: int | None = None
+        retry_after: float | None = None
+        # timeout_s bounds the whole attempt (resolving included). httpx's timeout bounds each
+        # network wait only, so a receiver sending a byte now and then held the attempt, and a
+        # slot of its endpoint, for as long as it liked.
+        with anyio.move_on_after(timeout_s):
+            try:
+                if delivery.secret_ref == "inbox":
+                    # Resolve once, check, and connect to exactly the checked address.
+                    url, _host = await pinned_target(url, settings.inbox.allow_webhook_urls)
+                    # Host and SNI in their ASCII (IDNA) form, as httpx would send them for the
+                    # name: a header must be ASCII, and "bücher.example" raised UnicodeEncodeError.
+                    original = httpx.URL(delivery.url)
+                    headers["host"] = original.netloc.decode("ascii")
+                    extensions["sni_hostname"] = original.raw_host.decode("ascii")
+                async with self._http.stream(
+                    "POST",
+                    url,
+                    content=delivery.body,
+                    headers=headers,
+                    timeout=timeout_s,
+                    follow_redirects=False,
+                    extensions=extensions,
+                ) as response:
+                    # Only the status and Retry-After count; the body is never read, so a large
+                    # or slow one costs neither memory nor time.
+                    status, retry_after = response.status_code, retry_after_s(response)
+            except Refused as exc:
+                return Outcome(None, f"refused: {exc}")
+            except httpx.TimeoutException:
+                pass  # the same failure as the deadline below, whichever fires first
+            except (httpx.HTTPError, OSError) as exc:
+                return Outcome(None, f"{type(exc).__name__}: {exc}")
+        if status is None:
+            return Outcome(None, f"timed out: no answer within {timeout_s:g} s")
+        return Outcome(status, None if 200 <= status < 300 else f"HTTP {status}", retry_after)
