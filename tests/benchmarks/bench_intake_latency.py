@@ -1,0 +1,646 @@
+"""Intake latency: from a file's rename into the inbox to the provider receiving its batch create.
+
+Not part of the test run (tests/benchmarks is outside pytest's testpaths).
+Run from the repository root::
+
+    python -m tests.benchmarks.bench_intake_latency [--drops 100] [--requests 10] [--json]
+
+What is measured: the time from the atomic rename of a JSONL file into the
+inbox (the producer protocol of DESIGN §3) to the moment the provider receives
+that file's `POST /v1/batches`. The issue's goal is a median under 100 ms on
+the embedded backend.
+
+How: this process serves the emulator (`batchd.emulator.app.create_app`, echo
+engine) with `serve_emulator` on a loopback port, wrapped in a small ASGI
+middleware that timestamps every API request on arrival. The real daemon runs
+as a subprocess (`python -m batchd --config X run`, its own event loop) with
+`provider.kind = "together"`, `base_url` = that URL and `TOGETHER_API_KEY=bench`.
+That is exactly the embedded backend's code path: `provider.kind = "local"`
+serves the same app with the same `serve_emulator` on a loopback port and
+reaches it through the same `TogetherProvider`; only the process boundary
+differs (here the emulator does not share the daemon's event loop, so its
+own work does not slow the daemon down, and the measuring side owns it).
+Both timestamps (before the rename, on the request's arrival) are taken in
+this process; wall-clock `time.time()` is also kept to line them up with the
+daemon's JSON log, whose ISO timestamps give the per-stage breakdown.
+
+Two runs:
+
+* sequential: --drops files, one at a time; each is renamed in only after the
+  previous one's create arrived (plus --gap seconds), so each latency is
+  measured on an otherwise quiet intake (earlier jobs still finish in the
+  background: polls, downloads, outbox writes).
+* burst: --drops files renamed in as fast as possible; reported are the time
+  from the first rename to the last create, and each file's own latency.
+
+Every dropped file has its own content (the first `custom_id` names the drop),
+so each has its own sha256 and its own file id; a create is matched to its
+drop through the emulator's stored copy of the uploaded file, and a drop that
+gets two creates is reported (DESIGN §2 promises one remote batch per
+submission; the benchmark then exits 1, numbers still printed).
+
+Output: n, median, p90, p99 and max in ms per run, then where the time goes:
+the daemon's log (`--log-level`, JSON lines) and the middleware's
+timestamps split each latency into stages — rename → `inbox.claimed` →
+`inbox.accepted` → `job.uploading` → the upload's three requests
+(`POST /v1/files`, `PUT` of the bytes, `preprocess`) → `job.uploaded` → the
+create's arrival — and the emulator's own time per request is shown beside
+them. `--json` adds every drop's latency and stages. The daemon is stopped
+with SIGTERM and must exit 0. Wall-clock numbers: read them with the load
+average printed at the end (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import anyio.abc
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from batchd.emulator.app import create_app
+from batchd.emulator.server import serve_emulator
+from batchd.emulator.state import EmulatorState
+
+#: Seconds to wait for one create (or for the daemon to start) before giving up.
+STEP_TIMEOUT_S = 30.0
+#: SIGTERM must end the daemon within DESIGN §7's 10 s; a little slack for a loaded machine.
+STOP_TIMEOUT_S = 15.0
+#: The daemon's log events that mark the stages of intake.
+LOG_STAGES = ("inbox.claimed", "inbox.accepted", "job.uploading", "job.uploaded")
+#: The stages from rename to create: key, then what the time is spent on. Each ends where the next begins.
+STAGES = (
+    ("claim", "rename -> inbox.claimed: inotify wake-up, thread hop, claim rename"),
+    ("accept", "inbox.claimed -> inbox.accepted: validate, upload copy + sha256, insert job"),
+    ("schedule", "inbox.accepted -> job.uploading: scheduler round, free step slot, state write"),
+    ("files", "job.uploading -> POST /v1/files arrives"),
+    ("put", "POST /v1/files arrives -> PUT of the bytes arrives"),
+    ("preprocess", "PUT arrives -> POST .../preprocess arrives"),
+    ("uploaded", "preprocess arrives -> job.uploaded: answer, intent write"),
+    ("create", "job.uploaded -> POST /v1/batches arrives: scheduler round, step slot, attempt write"),
+)
+#: The emulator's requests on the path, by Hit.kind.
+REQUEST_KINDS = (
+    ("files", "POST /v1/files (upload start, 302)"),
+    ("put", "PUT /_emulator/upload/{id}"),
+    ("preprocess", "POST /v1/files/{id}/preprocess"),
+    ("create", "POST /v1/batches"),
+)
+
+
+# ---------------------------------------------------------------- the provider side
+
+
+@dataclass
+class Hit:
+    """One API request as the emulator saw it."""
+
+    method: str
+    path: str
+    #: time.monotonic() / time.time() when the app was called (headers parsed, body not yet read)
+    mono: float
+    wall: float
+    #: time.monotonic() when the answer's last byte was handed to the server
+    done: float | None = None
+    #: the file the request is about (path, response header or create body), when there is one
+    file_id: str | None = None
+    status: int | None = None
+    body: bytearray = field(default_factory=bytearray)
+
+    @property
+    def kind(self) -> str:
+        """Which step of intake this request is (see REQUEST_KINDS), else "other"."""
+        if self.method == "POST" and self.path == "/v1/files":
+            return "files"
+        if self.method == "PUT" and self.path.startswith("/_emulator/upload/"):
+            return "put"
+        if self.method == "POST" and self.path.endswith("/preprocess"):
+            return "preprocess"
+        if self.method == "POST" and self.path == "/v1/batches":
+            return "create"
+        return "other"
+
+
+class Recorder:
+    """ASGI middleware that timestamps every HTTP request before the emulator sees it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.hits: list[Hit] = []
+        #: the batch creates, in order of arrival
+        self.creates: list[Hit] = []
+        #: the input files of those creates: one per drop, unless the daemon created a batch twice
+        self.created_files: set[str] = set()
+        self._arrived = anyio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        hit = Hit(scope["method"], scope["path"], time.monotonic(), time.time())
+        self.hits.append(hit)
+        parts = hit.path.strip("/").split("/")
+        # /_emulator/upload/{id} (the PUT) and /v1/files/{id}/preprocess name their file.
+        if len(parts) >= 3 and parts[-1] != "content" and parts[1] in ("upload", "files"):
+            hit.file_id = parts[2]
+        is_create = hit.method == "POST" and hit.path == "/v1/batches"
+
+        async def receive_body() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                hit.body.extend(message.get("body", b""))
+            return message
+
+        async def send_answer(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                hit.status = int(message["status"])
+                for name, value in message.get("headers", []):
+                    # Step 1 of the upload answers 302 with the new file's id in a header.
+                    if name.lower() == b"x-together-file-id":
+                        hit.file_id = value.decode("latin-1")
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                hit.done = time.monotonic()
+            await send(message)
+
+        await self.app(scope, receive_body if is_create else receive, send_answer)
+        if is_create:
+            try:
+                hit.file_id = json.loads(bytes(hit.body)).get("input_file_id")
+            except ValueError:
+                hit.file_id = None
+            self.creates.append(hit)
+            if hit.file_id is not None:
+                self.created_files.add(hit.file_id)
+            self._arrived.set()
+            self._arrived = anyio.Event()
+
+    async def wait_creates(self, count: int, timeout: float) -> None:
+        """Return once creates for `count` distinct input files have arrived; TimeoutError after `timeout` s.
+
+        Distinct files, not requests: a duplicate create (a daemon bug) must not stand in for another drop's.
+        """
+        with anyio.fail_after(timeout):
+            while len(self.created_files) < count:
+                await self._arrived.wait()
+
+
+# ---------------------------------------------------------------- the producer side
+
+
+@dataclass
+class Drop:
+    """One file renamed into the inbox."""
+
+    index: int
+    name: str
+    mono: float
+    wall: float
+
+
+def custom_id(run: str, index: int, line: int) -> str:
+    return f"{run}-{index:04d}-{line:03d}"
+
+
+def file_content(run: str, index: int, requests: int) -> bytes:
+    """A valid chat batch file whose custom_ids (hence sha256) belong to this drop alone."""
+    lines = []
+    for line in range(requests):
+        request = {
+            "custom_id": custom_id(run, index, line),
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "bench-model",
+                "messages": [{"role": "user", "content": f"Say hello to request {line} of drop {index}."}],
+                "max_tokens": 16,
+            },
+        }
+        lines.append(json.dumps(request, separators=(",", ":")))
+    return ("\n".join(lines) + "\n").encode()
+
+
+async def stage(inbox: Path, run: str, index: int, requests: int) -> tuple[Path, Path]:
+    """Write a drop under an ignored name; return (temp path, final path)."""
+    name = f"{run}-{index:04d}.jsonl"
+    tmp = inbox / f".{name}.tmp"
+    await anyio.Path(tmp).write_bytes(file_content(run, index, requests))
+    return tmp, inbox / name
+
+
+def rename_in(index: int, tmp: Path, final: Path) -> Drop:
+    """The producer's atomic rename, timestamped right before it."""
+    mono, wall = time.monotonic(), time.time()
+    os.rename(tmp, final)
+    return Drop(index, final.name, mono, wall)
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+def write_config(root: Path, base_url: str) -> Path:
+    config = root / "batchd.toml"
+    config.write_text(
+        f"""state_dir = "{root / "state"}"
+
+[provider]
+kind = "together"
+base_url = "{base_url}"
+
+[polling]
+min_interval_s = 0.2
+
+[inbox]
+settle_s = 0.2
+""",
+        encoding="utf-8",
+    )
+    return config
+
+
+def daemon_env() -> dict[str, str]:
+    # BATCHD_* from the caller's shell would silently change what is measured.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
+    env["TOGETHER_API_KEY"] = "bench"
+    return env
+
+
+async def wait_for_log(log_path: Path, event: str, process: anyio.abc.Process, timeout: float) -> None:
+    """Until the daemon's log holds `event` (it logs JSON lines: stdout is a file)."""
+    needle = f'"event": "{event}"'
+    with anyio.fail_after(timeout):
+        while needle not in await anyio.Path(log_path).read_text(encoding="utf-8", errors="replace"):
+            if process.returncode is not None:
+                raise RuntimeError(f"the daemon exited with {process.returncode} before {event}; see {log_path}")
+            await anyio.sleep(0.05)
+
+
+def read_log(log_path: Path) -> list[dict[str, Any]]:
+    records = []
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "event" in record:
+            records.append(record)
+    return records
+
+
+def log_wall(record: dict[str, Any]) -> float:
+    return datetime.fromisoformat(str(record["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), linear interpolation between closest ranks."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summary(values_s: Sequence[float]) -> dict[str, float]:
+    """n, median, p90, p99, max in milliseconds."""
+    ms = [v * 1000 for v in values_s]
+    return {
+        "n": len(ms),
+        "median_ms": statistics.median(ms) if ms else float("nan"),
+        "p90_ms": percentile(ms, 90),
+        "p99_ms": percentile(ms, 99),
+        "max_ms": max(ms, default=float("nan")),
+    }
+
+
+def first_custom_id(state: EmulatorState, file_id: str) -> str | None:
+    """The first custom_id of a file the emulator stored (the content the daemon uploaded)."""
+    try:
+        with state.content_path(file_id).open("rb") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    value = first.get("custom_id") if isinstance(first, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def match_creates(
+    drops: Sequence[Drop], creates: Sequence[Hit], state: EmulatorState, run: str
+) -> tuple[dict[int, Hit], dict[int, int]]:
+    """Each drop's first create, found through the uploaded content's first custom_id.
+
+    Also returns, per drop, how many creates arrived in all: more than one is a
+    duplicate remote batch, which DESIGN §2 forbids.
+    """
+    by_first = {custom_id(run, d.index, 0): d.index for d in drops}
+    matched: dict[int, Hit] = {}
+    counts: dict[int, int] = {}
+    for hit in creates:
+        first = first_custom_id(state, hit.file_id) if hit.file_id else None
+        if first in by_first:
+            index = by_first[first]
+            counts[index] = counts.get(index, 0) + 1
+            matched.setdefault(index, hit)
+    return matched, counts
+
+
+def drop_stages(
+    drops: Sequence[Drop], matched: dict[int, Hit], hits: Sequence[Hit], log: Sequence[dict[str, Any]]
+) -> dict[int, dict[str, float]]:
+    """For each matched drop, the seconds spent in each of STAGES (wall clock; a stage is absent when unseen)."""
+    job_of: dict[str, str] = {}
+    events: dict[str, dict[str, float]] = {}
+    for record in log:
+        job_id = record.get("job_id")
+        if not isinstance(job_id, str):
+            continue
+        if record["event"] == "inbox.claimed":
+            job_of[str(record.get("source"))] = job_id
+        if record["event"] in LOG_STAGES:
+            events.setdefault(job_id, {}).setdefault(str(record["event"]), log_wall(record))
+    arrivals: dict[tuple[str, str], float] = {}
+    for hit in hits:
+        if hit.file_id is not None:
+            arrivals.setdefault((hit.file_id, hit.kind), hit.wall)
+    result: dict[int, dict[str, float]] = {}
+    for drop in drops:
+        create = matched.get(drop.index)
+        job_id = job_of.get(drop.name)
+        if create is None or create.file_id is None or job_id is None:
+            continue
+        seen = events.get(job_id, {})
+        fid = create.file_id
+        points = [
+            drop.wall,
+            seen.get("inbox.claimed"),
+            seen.get("inbox.accepted"),
+            seen.get("job.uploading"),
+            arrivals.get((fid, "files")),
+            arrivals.get((fid, "put")),
+            arrivals.get((fid, "preprocess")),
+            seen.get("job.uploaded"),
+            create.wall,
+        ]
+        spans: dict[str, float] = {}
+        for (key, _), start, end in zip(STAGES, points[:-1], points[1:], strict=True):
+            if start is not None and end is not None:
+                spans[key] = end - start
+        result[drop.index] = spans
+    return result
+
+
+def handling_times(hits: Sequence[Hit], files: set[str]) -> dict[str, list[float]]:
+    """Seconds the emulator took to answer each kind of request about `files` (arrival to last byte)."""
+    times: dict[str, list[float]] = {key: [] for key, _ in REQUEST_KINDS}
+    for hit in hits:
+        if hit.file_id in files and hit.kind in times and hit.done is not None:
+            times[hit.kind].append(hit.done - hit.mono)
+    return times
+
+
+# ---------------------------------------------------------------- the runs
+
+
+@dataclass
+class RunResult:
+    name: str
+    drops: list[Drop]
+    latencies_s: list[float]
+    #: per drop index: seconds per stage
+    stages: dict[int, dict[str, float]]
+    #: per request kind: the emulator's own handling time, seconds
+    handling: dict[str, list[float]]
+    #: first rename to last create
+    span_s: float
+    #: drops whose file got more than one batch created (index -> creates)
+    duplicates: dict[int, int]
+
+    def stage_summary(self) -> list[tuple[str, str, dict[str, float]]]:
+        return [
+            (key, label, summary([spans[key] for spans in self.stages.values() if key in spans]))
+            for key, label in STAGES
+        ]
+
+
+async def run_sequential(inbox: Path, recorder: Recorder, drops: int, requests: int, gap_s: float) -> list[Drop]:
+    done: list[Drop] = []
+    start = len(recorder.created_files)
+    for index in range(drops):
+        tmp, final = await stage(inbox, "seq", index, requests)
+        done.append(rename_in(index, tmp, final))
+        await recorder.wait_creates(start + index + 1, STEP_TIMEOUT_S)
+        await anyio.sleep(gap_s)
+    return done
+
+
+async def run_burst(inbox: Path, recorder: Recorder, drops: int, requests: int) -> list[Drop]:
+    staged = [await stage(inbox, "burst", index, requests) for index in range(drops)]
+    start = len(recorder.created_files)
+    done = [rename_in(index, tmp, final) for index, (tmp, final) in enumerate(staged)]
+    await recorder.wait_creates(start + drops, STEP_TIMEOUT_S + drops)
+    return done
+
+
+async def wait_finished(outbox: Path, count: int, timeout: float) -> None:
+    """Until `count` jobs have written job.json (the background tail of the previous run)."""
+    with anyio.fail_after(timeout):
+        # The outbox is the daemon's only sign of a finished job visible from here: poll it.
+        while True:
+            finished = await anyio.to_thread.run_sync(lambda: list(outbox.glob("*/job.json")))
+            if len(finished) >= count:
+                return
+            await anyio.sleep(0.1)
+
+
+def result_of(
+    name: str, drops: list[Drop], recorder: Recorder, state: EmulatorState, log: list[dict[str, Any]]
+) -> RunResult:
+    matched, counts = match_creates(drops, recorder.creates, state, name)
+    missing = [d.index for d in drops if d.index not in matched]
+    if missing:
+        raise RuntimeError(f"{name}: no batch create matched drops {missing[:10]}")
+    latencies = [matched[d.index].mono - d.mono for d in drops]
+    span = max(h.mono for h in matched.values()) - min(d.mono for d in drops)
+    duplicates = {index: n for index, n in counts.items() if n > 1}
+    files = {h.file_id for h in matched.values() if h.file_id is not None}
+    return RunResult(
+        name=name,
+        drops=drops,
+        latencies_s=latencies,
+        stages=drop_stages(drops, matched, recorder.hits, log),
+        handling=handling_times(recorder.hits, files),
+        span_s=span,
+        duplicates=duplicates,
+    )
+
+
+async def bench(root: Path, args: argparse.Namespace, daemon_log: IO[bytes]) -> tuple[list[RunResult], int]:
+    """Serve the emulator, run the daemon against it, drop files; return the results and the daemon's exit code."""
+    data_dir = root / "emulator"
+    recorder = Recorder(create_app(data_dir))
+    state = EmulatorState(data_dir)
+    inbox = root / "state" / "inbox"
+    outbox = root / "state" / "outbox"
+    log_path = Path(daemon_log.name)
+    async with serve_emulator(recorder) as url:
+        config = write_config(root, url)
+        command = [sys.executable, "-m", "batchd", "--config", str(config), "run", "--log-level", args.log_level]
+        process = await anyio.open_process(
+            command, stdin=subprocess.DEVNULL, stdout=daemon_log, stderr=subprocess.STDOUT, env=daemon_env()
+        )
+        try:
+            await wait_for_log(log_path, "daemon.ready", process, STEP_TIMEOUT_S)
+            seq_drops = await run_sequential(inbox, recorder, args.drops, args.requests, args.gap)
+            await wait_finished(outbox, args.drops, STEP_TIMEOUT_S + args.drops)
+            burst_drops = await run_burst(inbox, recorder, args.drops, args.requests)
+            await wait_finished(outbox, 2 * args.drops, STEP_TIMEOUT_S + args.drops)
+        finally:
+            # Shielded: even when interrupted, the daemon is stopped and reaped before the folder goes.
+            with anyio.CancelScope(shield=True):
+                if process.returncode is None:
+                    process.send_signal(signal.SIGTERM)
+                    with anyio.move_on_after(STOP_TIMEOUT_S):
+                        await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+                    print(f"the daemon ignored SIGTERM for {STOP_TIMEOUT_S} s and was killed", file=sys.stderr)
+    code = process.returncode
+    records = await anyio.to_thread.run_sync(read_log, log_path)
+    results = [
+        result_of("seq", seq_drops, recorder, state, records),
+        result_of("burst", burst_drops, recorder, state, records),
+    ]
+    return results, -1 if code is None else code
+
+
+# ---------------------------------------------------------------- output
+
+
+LABELS = {"seq": "sequential", "burst": "burst"}
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers depend on besides batchd: the CPUs and how busy they were."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {"cpus": os.cpu_count(), "loadavg_1_5_15": [round(x, 2) for x in load], "python": sys.version.split()[0]}
+
+
+def print_table(results: Sequence[RunResult], daemon_exit: int, host: dict[str, Any]) -> None:
+    row = "{:<36} {:>4} {:>9} {:>9} {:>9} {:>9}"
+    print("intake latency: rename into the inbox -> POST /v1/batches received by the provider (ms)")
+    print(row.format("run", "n", "median", "p90", "p99", "max"))
+    for r in results:
+        s = summary(r.latencies_s)
+        label = "sequential" if r.name == "seq" else "burst, each file"
+        cells = (f"{s[k]:.1f}" for k in ("median_ms", "p90_ms", "p99_ms", "max_ms"))
+        print(row.format(label, s["n"], *cells))
+        if r.name == "burst":
+            print(row.format("burst, first rename -> last create", s["n"], f"{r.span_s * 1000:.1f}", "", "", ""))
+    stage_row = "  {:<82} {:>8} {:>8} {:>8} {:>8}"
+    for r in results:
+        print(f"\nwhere the time goes ({LABELS[r.name]}), ms:")
+        print(stage_row.format("stage", "median", "p90", "p99", "max"))
+        for _, label, s in r.stage_summary():
+            print(stage_row.format(label, *(f"{s[k]:.1f}" for k in ("median_ms", "p90_ms", "p99_ms", "max_ms"))))
+        print("  the emulator's own handling time per request (arrival -> last byte out):")
+        for key, label in REQUEST_KINDS:
+            s = summary(r.handling[key])
+            print(stage_row.format("  " + label, *(f"{s[k]:.1f}" for k in ("median_ms", "p90_ms", "p99_ms", "max_ms"))))
+    print(f"\ndaemon exit code after SIGTERM: {daemon_exit}")
+    print(f"machine: {host['cpus']} CPUs, load average {host['loadavg_1_5_15']}, Python {host['python']}")
+    for r in results:
+        if r.duplicates:
+            shown = ", ".join(f"{r.name}-{i:04d} x{n}" for i, n in sorted(r.duplicates.items()))
+            print(f"DUPLICATE remote batches ({r.name}): {len(r.duplicates)} drops got more than one create: {shown}")
+
+
+def as_json(results: Sequence[RunResult], daemon_exit: int, host: dict[str, Any]) -> dict[str, Any]:
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value * 1000, 3)
+
+    return {
+        "daemon_exit": daemon_exit,
+        "machine": host,
+        "runs": {
+            r.name: {
+                **summary(r.latencies_s),
+                "span_ms": ms(r.span_s),
+                "stages_ms": {key: s for key, _, s in r.stage_summary()},
+                "emulator_handling_ms": {key: summary(r.handling[key]) for key, _ in REQUEST_KINDS},
+                "duplicate_creates": {f"{r.name}-{i:04d}": n for i, n in sorted(r.duplicates.items())},
+                "drops": [
+                    {
+                        "name": d.name,
+                        "latency_ms": ms(latency),
+                        **{key: ms(r.stages.get(d.index, {}).get(key)) for key, _ in STAGES},
+                    }
+                    for d, latency in zip(r.drops, r.latencies_s, strict=True)
+                ],
+            }
+            for r in results
+        },
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--drops", type=int, default=100, help="files per run (default 100)")
+    parser.add_argument("--requests", type=int, default=10, help="requests per file (default 10)")
+    parser.add_argument("--gap", type=float, default=0.1, help="sequential: seconds between a create and the next drop")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info"], help="the daemon's log level")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--keep", type=Path, help="use (and keep) this folder, e.g. to read the daemon's log")
+    args = parser.parse_args(argv)
+    # The emulator logs every request through structlog; here only its warnings matter.
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        parser.error(f"--keep {args.keep}: the folder must be new or empty (a fresh state dir is measured)")
+    root = args.keep or Path(tempfile.mkdtemp(prefix="batchd-bench-intake-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with (root / "daemon.log").open("wb") as daemon_log:
+            results, daemon_exit = anyio.run(bench, root, args, daemon_log)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    host = machine()
+    if args.json:
+        print(json.dumps(as_json(results, daemon_exit, host), indent=2))
+    else:
+        print_table(results, daemon_exit, host)
+    failed = False
+    if daemon_exit != 0:
+        print(f"the daemon exited with {daemon_exit} after SIGTERM (expected 0)", file=sys.stderr)
+        failed = True
+    if any(r.duplicates for r in results):
+        # The numbers stand, but DESIGN §2 promises one remote batch per submission.
+        print("a submission became more than one remote batch (DESIGN §2 forbids it)", file=sys.stderr)
+        failed = True
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
