@@ -138,11 +138,16 @@ class Inbox:
     def candidates(self) -> list[Path]:
         """Entries of the inbox that are submissions (or must be rejected), oldest name first."""
         found = []
-        with os.scandir(self.dir) as entries:
-            for entry in entries:
-                path = Path(entry.path)
-                if classify(path) is not Kind.IGNORE:
-                    found.append(path)
+        try:
+            with os.scandir(self.dir) as entries:
+                for entry in entries:
+                    path = Path(entry.path)
+                    if classify(path) is not Kind.IGNORE:
+                        found.append(path)
+        except FileNotFoundError:
+            # The folder was removed under a running daemon: nothing to take until it is back
+            # (the watcher watches it again then); raising here would stop intake.
+            log.warning("inbox.missing", inbox=str(self.dir))
         return sorted(found)
 
     # ------------------------------------------------------------ taking
