@@ -13,7 +13,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,13 @@ log = structlog.get_logger("batchd.daemon")
 CLOCK_SKEW_S = 60.0
 #: How often the scheduler looks at the database even without a wake-up (CLI actions).
 IDLE_TICK_S = 1.0
-#: Steps running at once (uploads, creates, downloads); polls are grouped separately.
+#: Uploads, creates and cancels running at once; polls are grouped separately.
 MAX_CONCURRENT_STEPS = 16
+#: Downloads and merges running at once: they are long and heavy, and must never hold the
+#: slots new submissions need.
+MAX_CONCURRENT_DOWNLOADS = 4
+#: Inbox files claimed and validated at once (each in a worker thread).
+MAX_CONCURRENT_TAKES = 4
 #: SIGTERM to exit: in-flight steps get this long to finish before they are parked.
 STOP_GRACE_S = 7.0
 
@@ -90,6 +95,9 @@ class Daemon:
         self._wake_delivery = anyio.Event()
         self._busy: set[str] = set()
         self._steps = anyio.CapacityLimiter(MAX_CONCURRENT_STEPS)
+        self._downloads = anyio.CapacityLimiter(MAX_CONCURRENT_DOWNLOADS)
+        self._takes = anyio.CapacityLimiter(MAX_CONCURRENT_TAKES)
+        self._taking: set[Path] = set()
         self._intake_pending = 0
         #: set once recovery is done and every loop runs (what READY=1 tells systemd)
         self.ready = anyio.Event()
@@ -200,39 +208,46 @@ class Daemon:
         settling: dict[Path, float] = {}
         watcher = None if once else InboxWatcher(self.settings.inbox_dir)
         try:
-            await self._rescan(settling)
-            next_rescan = self._clock() + self.settings.inbox.rescan_s
-            while not self._stop.is_set():
-                if once and not settling:
-                    break
-                now = self._clock()
-                deadline = min([next_rescan, *settling.values()])
-                events: list[WatchEvent] = []
-                if watcher is not None:
-                    events = await watcher.read(timeout=max(0.0, deadline - now), stop=self._stop)
-                else:
-                    with anyio.move_on_after(max(0.0, deadline - now)):
-                        await self._stop.wait()
-                rescan = False
-                for ev in events:
-                    if ev.kind == "ready":
-                        settling.pop(ev.path, None)
-                        await self._take(ev.path)
-                    elif ev.kind == "changed":
-                        settling[ev.path] = self._clock() + self.settings.inbox.settle_s
-                    else:
-                        rescan = True
-                now = self._clock()
-                if rescan or now >= next_rescan or any(at <= now for at in settling.values()):
-                    await self._rescan(settling)
-                    if now >= next_rescan:
-                        next_rescan = now + self.settings.inbox.rescan_s
+            async with anyio.create_task_group() as takes:
+                await self._watch(takes, watcher, settling, once)
         finally:
             self._intake_settled = True
             if watcher is not None:
                 watcher.close()
 
-    async def _rescan(self, settling: dict[Path, float]) -> None:
+    async def _watch(
+        self, takes: anyio.abc.TaskGroup, watcher: InboxWatcher | None, settling: dict[Path, float], once: bool
+    ) -> None:
+        """Take files as events and rescans find them, until stopped (or, with `once`, settled)."""
+        await self._rescan(takes, settling)
+        next_rescan = self._clock() + self.settings.inbox.rescan_s
+        while not self._stop.is_set():
+            if once and not settling:
+                break
+            now = self._clock()
+            deadline = min([next_rescan, *settling.values()])
+            events: list[WatchEvent] = []
+            if watcher is not None:
+                events = await watcher.read(timeout=max(0.0, deadline - now), stop=self._stop)
+            else:
+                with anyio.move_on_after(max(0.0, deadline - now)):
+                    await self._stop.wait()
+            rescan = False
+            for ev in events:
+                if ev.kind == "ready":
+                    settling.pop(ev.path, None)
+                    self._start_take(takes, ev.path)
+                elif ev.kind == "changed":
+                    settling[ev.path] = self._clock() + self.settings.inbox.settle_s
+                else:
+                    rescan = True
+            now = self._clock()
+            if rescan or now >= next_rescan or any(at <= now for at in settling.values()):
+                await self._rescan(takes, settling)
+                if now >= next_rescan:
+                    next_rescan = now + self.settings.inbox.rescan_s
+
+    async def _rescan(self, takes: anyio.abc.TaskGroup, settling: dict[Path, float]) -> None:
         now = time.time()  # compared with file mtimes, which are wall-clock
         settle = self.settings.inbox.settle_s
         found = await db(self.inbox.candidates)
@@ -243,7 +258,7 @@ class Daemon:
             if self._stop.is_set():
                 return
             if classify(path) is Kind.BAD:
-                await self._take(path)
+                self._start_take(takes, path)
                 continue
             try:
                 mtime = path.lstat().st_mtime
@@ -251,19 +266,28 @@ class Daemon:
                 continue
             if now - mtime >= settle:
                 settling.pop(path, None)
-                await self._take(path)
+                self._start_take(takes, path)
             else:
                 # Seen only by a rescan and still changing: wait until it has been quiet for settle_s.
                 settling[path] = self._clock() + (mtime + settle - now)
 
-    async def _take(self, path: Path) -> None:
+    def _start_take(self, takes: anyio.abc.TaskGroup, path: Path) -> None:
+        # An event and a rescan can name the same file; one take per path at a time.
+        if path in self._taking:
+            return
+        self._taking.add(path)
         self._intake_pending += 1
+        takes.start_soon(self._take, path)
+
+    async def _take(self, path: Path) -> None:
         try:
-            job = await db(self.inbox.take, path)
+            async with self._takes:
+                job = await db(self.inbox.take, path)
         except OSError as exc:
             log.error("inbox.take_failed", path=str(path), error=str(exc))
             return
         finally:
+            self._taking.discard(path)
             self._intake_pending -= 1
         if job is not None:
             self.wake()
@@ -279,6 +303,8 @@ class Daemon:
             if watchdog is not None and time.monotonic() - last_ping >= watchdog:
                 systemd.notify("WATCHDOG=1")
                 last_ping = time.monotonic()
+            # A fresh event before reading: a wake() that lands during the reads must not be lost.
+            self._wake = anyio.Event()
             now = self._clock()
             # A job busy while we read may have moved on since: skip it this tick, or its
             # stale row would start the same step twice (the next wake-up sees it fresh).
@@ -308,14 +334,13 @@ class Daemon:
                 polls = pollable if sweep else due
                 self._busy.update(job.id for job, _ in polls)
                 tg.start_soon(self._poll_round, polls, sweep, now)
-            self._wake = anyio.Event()
             with anyio.move_on_after(max(0.0, next_at - self._clock())):
                 await self._wake.wait()
 
     async def _run_step(self, job: Job, action: Action) -> None:
         bound = log.bind(job_id=job.id, step=action.step.value)
         try:
-            async with self._steps:
+            async with self._downloads if action.step is Step.DOWNLOAD else self._steps:
                 if action.step is Step.UPLOAD:
                     await self._upload(job)
                 elif action.step is Step.CREATE:
@@ -339,6 +364,8 @@ class Daemon:
             self.wake()
 
     async def _step_failed(self, job: Job, exc: Exception) -> None:
+        # The step may have moved the job on before failing (upload, then create): back off from there.
+        job = await db(self.store.get_job, job.id) or job
         attempts = job.attempts + 1
         delay = lifecycle.retry_delay(attempts, self.policy, self._rng)
         if isinstance(exc, ProviderError) and exc.retry_after:
@@ -369,11 +396,15 @@ class Daemon:
                 raise
             await self._give_up(job, f"upload refused: {exc.message}")
             return
-        await db(
+        batch = await db(
             self.store.add_remote_intent, job.id, file_id=file_id, expect=JobState.UPLOADING, state=JobState.SUBMITTING,
             attempts=0, next_check_at=None, last_error=None,
         )  # fmt: skip
         log.info("job.uploaded", job_id=job.id, file_id=file_id)
+        # Straight on to the create: the intent is committed, and a scheduler round would only add latency.
+        job = replace(job, state=JobState.SUBMITTING, input_file_id=file_id, attempts=0)
+        if not job.cancel_requested:
+            await self._create(job, batch, reconcile_first=False)
 
     async def _give_up(self, job: Job, reason: str) -> None:
         """The provider refused for good: finish the job (its outbox says not_submitted)."""
