@@ -240,6 +240,10 @@ class Deliverer:
                 await self.attempt(delivery)
         finally:
             self._in_flight.discard(delivery.id)
+            # Forget an idle endpoint's limiter: spec URLs may differ per job, and a long-running
+            # daemon would otherwise keep one limiter for every URL it ever called.
+            if limiter.borrowed_tokens == 0 and limiter.statistics().tasks_waiting == 0:
+                self._limiters.pop(delivery.url, None)
 
     def _secrets_for(self, delivery: Delivery) -> tuple[Secret, ...]:
         settings = self._settings()
