@@ -368,19 +368,25 @@ class Inbox:
             "reason": rejection.reason,
         }
         event = build_event(settings, "batch.rejected", data, now=now, job_webhook_url=None)
-        job = self._store.insert_job(
-            id=job_id,
-            name=outbox_name(source),
-            source=source,
-            state=JobState.REJECTED,
-            provider=settings.provider.kind,
-            claimed_path=str(claimed),
-            rejected_path=str(target),
-            report_path=str(report_path),
-            reason=rejection.reason,
-            finished_at=now,
-            events_=[event],
-        )
+        try:
+            job = self._store.insert_job(
+                id=job_id,
+                name=outbox_name(source),
+                source=source,
+                state=JobState.REJECTED,
+                provider=settings.provider.kind,
+                claimed_path=str(claimed),
+                rejected_path=str(target),
+                report_path=str(report_path),
+                reason=rejection.reason,
+                finished_at=now,
+                events_=[event],
+            )
+        except BaseException:
+            # Not committed: give the name back (the report is ours, written a moment ago), so
+            # that the retry after recover() does not leave a report without its file.
+            report_path.unlink(missing_ok=True)
+            raise
         log.warning("inbox.rejected", job_id=job_id, source=source, reason=rejection.reason)
         self._finish_rejection(job, rejection.report)
         return job
