@@ -443,6 +443,22 @@ def test_recover_finishes_a_rejection_interrupted_before_the_move(env: Env, monk
     assert len(env.store.deliveries()) == 1
 
 
+def test_recover_finishes_a_rejection_interrupted_before_its_commit(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(*_args: Any, **_kw: Any) -> Job:
+        raise Crash
+
+    env.drop("x.csv", b"a,b\n")
+    monkeypatch.setattr(env.store, "insert_job", crash)
+    with pytest.raises(Crash):
+        env.inbox.take(env.inbox_dir / "x.csv")
+    monkeypatch.undo()
+    assert env.store.list_jobs() == []
+    assert list((env.inbox_dir / "rejected").iterdir()) == []
+    (job,) = env.inbox.recover()
+    assert_rejected(env, job, "x.csv", b"a,b\n")
+    assert sorted(p.name for p in (env.inbox_dir / "rejected").iterdir()) == ["x.csv", "x.csv.errors.txt"]
+
+
 def test_two_daemons_rejecting_the_same_name_keep_both_files(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     def crash(*_args: Any, **_kw: Any) -> None:
         raise Crash
