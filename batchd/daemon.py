@@ -464,29 +464,28 @@ class Daemon:
         return True
 
     async def _bind(self, job: Job, batch: RemoteBatchRecord, remote: RemoteBatch, *, how: str) -> None:
-        now = self._clock()
         state = lifecycle.state_for_remote(remote.status)
-        interval = self.policy.min_interval_s
         await db(
             self.store.update_remote,
             batch.id,
             expect={"remote_id": None},
             remote_id=remote.id,
-            status=remote.status.value,
             remote_created_at=remote.created_at.timestamp() if remote.created_at else None,
-            output_file_id=remote.output_file_id,
-            error_file_id=remote.error_file_id,
-            error=remote.error,
-            progress=remote.progress,
-            job_values={
-                "state": state,
-                "poll_interval_s": interval,
-                "next_check_at": now + interval,
-                "attempts": 0,
-                "last_error": None,
-            },
+            **_remote_fields(remote),
+            job_values=self._next_check(state, self.policy.min_interval_s),
         )
         log.info(f"job.batch_{how}", job_id=job.id, remote_batch_id=remote.id, status=remote.status.value)
+
+    def _next_check(self, state: JobState, interval: float) -> dict[str, Any]:
+        """Job fields after a successful contact with the provider."""
+        now = self._clock()
+        return {
+            "state": state,
+            "poll_interval_s": interval,
+            "next_check_at": now if state == JobState.DOWNLOADING else now + interval,
+            "attempts": 0,
+            "last_error": None,
+        }
 
     async def _poll_round(self, polls: list[tuple[Job, Action]], sweep: bool, now: float) -> None:
         """Poll jobs: with `sweep`, one list call for all of them (and a get only for a due job the
@@ -517,27 +516,13 @@ class Daemon:
             self.wake()
 
     async def _apply(self, job: Job, batch: RemoteBatchRecord, remote: RemoteBatch) -> None:
-        now = self._clock()
         changed = remote.status.value != batch.status
         state = lifecycle.state_for_remote(remote.status)
         if job.state == JobState.CANCELLING and not remote.status.terminal:
             state = JobState.CANCELLING
         interval = lifecycle.next_poll_interval(job.poll_interval_s, changed, self.policy)
         await db(
-            self.store.update_remote,
-            batch.id,
-            status=remote.status.value,
-            output_file_id=remote.output_file_id,
-            error_file_id=remote.error_file_id,
-            error=remote.error,
-            progress=remote.progress,
-            job_values={
-                "state": state,
-                "poll_interval_s": interval,
-                "next_check_at": now if state == JobState.DOWNLOADING else now + interval,
-                "attempts": 0,
-                "last_error": None,
-            },
+            self.store.update_remote, batch.id, **_remote_fields(remote), job_values=self._next_check(state, interval)
         )
         if changed:
             log.info(
@@ -625,6 +610,17 @@ class Daemon:
             self._wake_delivery = anyio.Event()
             with anyio.move_on_after(max(wait, 0.01)):
                 await self._wake_delivery.wait()
+
+
+def _remote_fields(remote: RemoteBatch) -> dict[str, Any]:
+    """What batchd keeps of a remote batch each time it hears about it."""
+    return {
+        "status": remote.status.value,
+        "output_file_id": remote.output_file_id,
+        "error_file_id": remote.error_file_id,
+        "error": remote.error,
+        "progress": remote.progress,
+    }
 
 
 def _upload_name(job: Job) -> str:
