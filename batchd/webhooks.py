@@ -208,6 +208,8 @@ class Deliverer:
         self._rng = rng or random.Random()
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
         self._in_flight: set[int] = set()
+        #: one set per run_due in progress: deliveries whose attempt ended meanwhile
+        self._ended_during_run: list[set[int]] = []
 
     @property
     def busy(self) -> bool:
@@ -219,19 +221,28 @@ class Deliverer:
         # sort first. Ask for that many more: with a fixed limit, a backlog held by one hanging
         # endpoint fills every batch, and no other endpoint gets a delivery until it times out.
         limit = DUE_BATCH + len(self._in_flight)
-        due = await anyio.to_thread.run_sync(lambda: self._store.due_deliveries(self._clock(), limit=limit))
-        # An endpoint that answered 410 stays disabled: Store.disable_endpoint parks what was pending
-        # then, and an event created later is parked here rather than sent to it again.
-        disabled = await anyio.to_thread.run_sync(self._store.disabled_endpoints) if due else {}
-        for delivery in due:
-            if delivery.id in self._in_flight:
-                continue
-            if delivery.url in disabled:
-                await self._update(delivery.id, state="disabled", last_error=disabled[delivery.url])
-                log.info("webhook.parked", event_id=delivery.event_id, url=delivery.url, reason=disabled[delivery.url])
-                continue
-            self._in_flight.add(delivery.id)
-            tg.start_soon(self._attempt_guarded, delivery)
+        # An attempt that ends while this call awaits the store has left the in-flight set, yet
+        # its delivery may be in the due list read before its outcome was recorded: starting it
+        # again sent the event twice. Such ids are collected here and skipped.
+        ended: set[int] = set()
+        self._ended_during_run.append(ended)
+        try:
+            due = await anyio.to_thread.run_sync(lambda: self._store.due_deliveries(self._clock(), limit=limit))
+            # An endpoint that answered 410 stays disabled: Store.disable_endpoint parks what was
+            # pending then, and an event created later is parked here rather than sent to it again.
+            disabled = await anyio.to_thread.run_sync(self._store.disabled_endpoints) if due else {}
+            for delivery in due:
+                if delivery.id in self._in_flight or delivery.id in ended:
+                    continue
+                if delivery.url in disabled:
+                    reason = disabled[delivery.url]
+                    await self._update(delivery.id, state="disabled", last_error=reason)
+                    log.info("webhook.parked", event_id=delivery.event_id, url=delivery.url, reason=reason)
+                    continue
+                self._in_flight.add(delivery.id)
+                tg.start_soon(self._attempt_guarded, delivery)
+        finally:
+            self._ended_during_run.remove(ended)
 
     async def _attempt_guarded(self, delivery: Delivery) -> None:
         limiter = self._limiters.setdefault(delivery.url, anyio.CapacityLimiter(PER_ENDPOINT_CONCURRENCY))
@@ -240,6 +251,8 @@ class Deliverer:
                 await self.attempt(delivery)
         finally:
             self._in_flight.discard(delivery.id)
+            for ended in self._ended_during_run:
+                ended.add(delivery.id)
             # Forget an idle endpoint's limiter: spec URLs may differ per job, and a long-running
             # daemon would otherwise keep one limiter for every URL it ever called.
             if limiter.borrowed_tokens == 0 and limiter.statistics().tasks_waiting == 0:
