@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,7 +31,7 @@ from batchd.config import Secret, Settings, WebhookEndpoint, load_settings
 from batchd.emulator.server import serve_emulator
 from batchd.models import Delivery, JobState
 from batchd.store import Store
-from batchd.webhooks import Deliverer, Refused, build_event, event_targets, pinned_target, sign, verify
+from batchd.webhooks import Deliverer, Outcome, Refused, build_event, event_targets, pinned_target, sign, verify
 
 SECRET_A = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 SECRET_B = "whsec_dGhpcyBpcyBhbm90aGVyIHNlY3JldCBrZXkhIQ=="
@@ -315,6 +316,51 @@ async def test_every_attempt_sends_the_same_id_and_body_freshly_signed(tmp_path:
         assert len({r.headers["webhook-signature"] for r in requests}) == 3
         for request in requests:
             assert_signed(request, delivery.body, event_id, [SECRET_A, SECRET_B])
+
+
+async def test_an_attempt_ending_during_another_run_is_not_started_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with harness(tmp_path) as h:
+        h.rx.script["/hook"] = [Answer(hang=True), Answer(200)]
+        event_id = h.emit()
+        # The second run_due has read the delivery as due (its attempt still in flight) and
+        # then waits on the store until that attempt has ended.
+        fetched, attempt_ended = threading.Event(), threading.Event()
+        disabled_endpoints = h.store.disabled_endpoints
+        calls = 0
+
+        def held() -> dict[str, str]:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                fetched.set()
+                attempt_ended.wait(10)
+            return disabled_endpoints()
+
+        attempt = h.deliverer.attempt
+        returned = anyio.Event()
+
+        async def attempt_and_tell(delivery: Delivery) -> Outcome:
+            try:
+                return await attempt(delivery)
+            finally:
+                returned.set()
+
+        monkeypatch.setattr(h.store, "disabled_endpoints", held)
+        monkeypatch.setattr(h.deliverer, "attempt", attempt_and_tell)
+        async with anyio.create_task_group() as tg:
+            await h.deliverer.run_due(tg)
+            tg.start_soon(h.deliverer.run_due, tg)
+            await anyio.to_thread.run_sync(fetched.wait, 10)
+            h.rx.release.set()
+            with anyio.fail_after(10):
+                await returned.wait()
+            await anyio.wait_all_tasks_blocked()
+            assert not h.deliverer.busy
+            attempt_ended.set()
+        assert h.one(event_id).state == "delivered"
+        assert len(h.rx.received) == 1
 
 
 async def test_a_redirect_is_not_followed_and_is_retried(tmp_path: Path) -> None:
