@@ -246,7 +246,14 @@ class Inbox:
         if spec is not None and data.parent != claimed.parent / "data":
             (claimed.parent / "data").mkdir(exist_ok=True)
             moved = claimed.parent / "data" / data.name
-            os.rename(data, moved)
+            try:
+                os.rename(data, moved)
+            except FileNotFoundError:
+                # Gone since it was checked: another spec naming the same file claimed it first
+                # (takes run in parallel). A rejection, not an error that leaves this spec
+                # claimed without a job until the next start.
+                (claimed.parent / "data").rmdir()
+                raise _whole_file(source, "input", f"{spec.input} does not exist (any more)") from None
             data = moved
         upload = claimed.parent / UPLOAD_NAME
         copy = write_upload_copy(data, upload, model=spec.model if spec else None)
