@@ -263,6 +263,26 @@ def test_a_missing_data_file_is_rejected(env: Env) -> None:
     assert "file: input: data/nope.jsonl does not exist" in report
 
 
+def test_a_spec_whose_data_is_claimed_by_another_spec_meanwhile_is_rejected(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = spec(env, "s.json", {"input": "data/x.jsonl"})
+    check = Inbox._check
+    taken = env.root / "taken-by-the-other-spec.jsonl"
+
+    def check_then_lose_the_data(self: Inbox, claimed: Path, settings: Settings) -> Any:
+        result = check(self, claimed, settings)
+        os.rename(env.inbox_dir / "data" / "x.jsonl", taken)
+        return result
+
+    monkeypatch.setattr(Inbox, "_check", check_then_lose_the_data)
+    job = env.take("s.json")
+    monkeypatch.undo()
+    report = assert_rejected(env, job, "s.json", raw)
+    assert "file: input: data/x.jsonl does not exist" in report
+    assert taken.read_bytes() == GOOD
+
+
 def test_a_spec_whose_data_has_bad_lines_is_rejected_and_the_data_stays(env: Env) -> None:
     data = request("a") + b"not json\n"
     raw = spec(env, "s.json", {"input": "data/x.jsonl"}, data=data)
