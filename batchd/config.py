@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -293,7 +294,11 @@ def _choice(table: Mapping[str, Any], key: str, name: str, default: str, choices
 def _http_url(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{name} must be a URL string, not {value!r}")
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"{name} is not a valid URL: {value!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{name} must be an http(s) URL, not {value!r}")
     return value
@@ -347,12 +352,18 @@ def _webhook_secrets(values: tuple[str, ...], name: str) -> tuple[Secret, ...]:
         if not value.startswith("whsec_"):
             raise ConfigError(f"{name}: a webhook secret must look like whsec_<base64>")
         try:
-            key = base64.b64decode(value[len("whsec_") :], validate=True)
+            key = decode_secret(value)
         except (binascii.Error, ValueError) as exc:
             raise ConfigError(f"{name}: the part after whsec_ is not valid base64") from exc
         if len(key) < 16:
             raise ConfigError(f"{name}: a webhook secret needs at least 16 random bytes (24–64 advised)")
     return tuple(Secret(v) for v in values)
+
+
+def decode_secret(value: str) -> bytes:
+    """The key bytes of a `whsec_<base64>` secret (padding optional, as the reference library allows)."""
+    encoded = value.removeprefix("whsec_")
+    return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
 
 
 def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -407,7 +418,7 @@ def _build(raw: Mapping[str, Any], *, base_dir: Path, environ: Mapping[str, str]
 
     sb = _table(raw, "submit")
     window = _str(sb, "completion_window", "submit.completion_window", "24h")
-    if not window or not window[:-1].isdigit() or window[-1] not in "hd":
+    if not re.fullmatch(r"[0-9]+[hd]", window):
         raise ConfigError(f"submit.completion_window must look like '24h', not {window!r}")
 
     po = _table(raw, "polling")

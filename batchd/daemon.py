@@ -92,7 +92,6 @@ class Daemon:
         self._rng = rng or random.Random()
         self._stop = anyio.Event()
         self._wake = anyio.Event()
-        self._wake_delivery = anyio.Event()
         self._busy: set[str] = set()
         self._steps = anyio.CapacityLimiter(MAX_CONCURRENT_STEPS)
         self._downloads = anyio.CapacityLimiter(MAX_CONCURRENT_DOWNLOADS)
@@ -112,10 +111,14 @@ class Daemon:
             systemd.notify("STOPPING=1")
             self._stop.set()
         self._wake.set()
-        self._wake_delivery.set()
+        self._poke_deliverer()
 
     def wake(self) -> None:
         self._wake.set()
+
+    def _poke_deliverer(self) -> None:
+        if self.deliverer is not None:
+            self.deliverer.poke()
 
     @property
     def policy(self) -> PollPolicy:
@@ -137,7 +140,8 @@ class Daemon:
                 loops.start_soon(self._signals)
                 loops.start_soon(self._intake, once)
                 loops.start_soon(self._schedule, work)
-                loops.start_soon(self._deliveries, work)
+                if self.deliverer is not None:
+                    loops.start_soon(self.deliverer.serve, work)
                 systemd.notify("READY=1")
                 self.ready.set()
                 log.info("daemon.ready", inbox=str(self.settings.inbox_dir), provider=self.provider.kind)
@@ -283,8 +287,9 @@ class Daemon:
         try:
             async with self._takes:
                 job = await db(self.inbox.take, path)
-        except OSError as exc:
-            log.error("inbox.take_failed", path=str(path), error=str(exc))
+        except Exception as exc:
+            # A full disk or a bug must not stop intake; a claimed file is taken again at the next start.
+            log.exception("inbox.take_failed", path=str(path), error=str(exc))
             return
         finally:
             self._taking.discard(path)
@@ -292,7 +297,7 @@ class Daemon:
         if job is not None:
             self.wake()
             if job.state == JobState.REJECTED:
-                self._wake_delivery.set()
+                self._poke_deliverer()
 
     # ------------------------------------------------------------ scheduling
 
@@ -330,7 +335,9 @@ class Daemon:
             due = [(job, action) for job, action in pollable if action.at <= now]
             if due:
                 # One list call serves every job in flight; without enough of them, one get per due job.
-                sweep = lifecycle.use_sweep(len(pollable))
+                # Count the busy ones too: a job skipped for this tick is still in flight.
+                in_flight = sum(1 for job in jobs if job.state in lifecycle.IN_FLIGHT)
+                sweep = lifecycle.use_sweep(in_flight)
                 polls = pollable if sweep else due
                 self._busy.update(job.id for job, _ in polls)
                 tg.start_soon(self._poll_round, polls, sweep, now)
@@ -591,25 +598,7 @@ class Daemon:
             "job.finished", job_id=job.id, status=state.value, completed=merge.completed, failed=merge.failed,
             outbox=str(folder),
         )  # fmt: skip
-        self._wake_delivery.set()
-
-    # ------------------------------------------------------------ webhooks
-
-    async def _deliveries(self, tg: anyio.abc.TaskGroup) -> None:
-        if self.deliverer is None:
-            return
-        while not self._stop.is_set():
-            try:
-                await self.deliverer.run_due(tg)
-                next_at = await db(self.store.next_delivery_at)
-            except Exception:
-                log.exception("webhook.loop_failed")
-                next_at = None
-            now = self._clock()
-            wait = IDLE_TICK_S if next_at is None else min(IDLE_TICK_S, max(0.0, next_at - now))
-            self._wake_delivery = anyio.Event()
-            with anyio.move_on_after(max(wait, 0.01)):
-                await self._wake_delivery.wait()
+        self._poke_deliverer()
 
 
 def _remote_fields(remote: RemoteBatch) -> dict[str, Any]:

@@ -56,7 +56,8 @@ class PollPolicy:
     max_interval_s: float
 
 
-_IN_FLIGHT = (JobState.VALIDATING, JobState.IN_PROGRESS, JobState.FINALIZING, JobState.CANCELLING)
+#: States in which the provider holds the batch and the job is polled.
+IN_FLIGHT = (JobState.VALIDATING, JobState.IN_PROGRESS, JobState.FINALIZING, JobState.CANCELLING)
 
 
 def next_action(job: Job, batches: Sequence[RemoteBatchRecord], now: float) -> Action:
@@ -79,7 +80,7 @@ def next_action(job: Job, batches: Sequence[RemoteBatchRecord], now: float) -> A
             # Nothing can exist remotely yet: end here without creating anything.
             return Action(Step.DOWNLOAD, now)
         return Action(Step.CREATE, due, batch, reconcile_first=batch.create_attempts > 0)
-    if state in _IN_FLIGHT:
+    if state in IN_FLIGHT:
         live = [b for b in batches if b.remote_id is not None and not _remote_terminal(b.status)]
         if job.cancel_requested and state != JobState.CANCELLING and live:
             return Action(Step.CANCEL, now, live[0])

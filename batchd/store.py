@@ -9,7 +9,7 @@ which every dialect stores without time-zone surprises.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -438,11 +438,13 @@ class Store:
         with self._read() as conn:
             return [_delivery(r._mapping) for r in conn.execute(query).all()]
 
-    def next_delivery_at(self) -> float | None:
+    def next_delivery_at(self, exclude: Collection[int] = ()) -> float | None:
+        """When the next pending delivery is due, leaving out `exclude` (attempts under way)."""
+        query = select(func.min(deliveries.c.next_attempt_at)).where(deliveries.c.state == "pending")
+        if exclude:
+            query = query.where(deliveries.c.id.not_in(list(exclude)))
         with self._read() as conn:
-            value = conn.execute(
-                select(func.min(deliveries.c.next_attempt_at)).where(deliveries.c.state == "pending")
-            ).scalar()
+            value = conn.execute(query).scalar()
         return float(value) if value is not None else None
 
     def deliveries(self, *, event_id: str | None = None, job_id: str | None = None) -> list[Delivery]:

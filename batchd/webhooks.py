@@ -25,7 +25,7 @@ import anyio
 import httpx
 import structlog
 
-from batchd.config import Secret, Settings
+from batchd.config import Secret, Settings, decode_secret
 from batchd.models import Delivery, NewEvent
 from batchd.retry import retry_after_s
 from batchd.store import Store
@@ -70,7 +70,7 @@ def build_event(
 
 def secret_key(secret: Secret) -> bytes:
     """The HMAC key of a `whsec_<base64>` secret."""
-    return base64.b64decode(secret.reveal().removeprefix("whsec_"))
+    return decode_secret(secret.reveal())
 
 
 def sign(secrets: Sequence[Secret], msg_id: str, timestamp: int, body: bytes) -> str:
@@ -208,12 +208,33 @@ class Deliverer:
         self._rng = rng or random.Random()
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
         self._in_flight: set[int] = set()
+        self._wake = anyio.Event()
         #: one set per run_due in progress: deliveries whose attempt ended meanwhile
         self._ended_during_run: list[set[int]] = []
 
     @property
     def busy(self) -> bool:
         return bool(self._in_flight)
+
+    def poke(self) -> None:
+        """Look at the store now: a new event was committed, or an attempt ended."""
+        self._wake.set()
+
+    async def serve(self, tg: anyio.abc.TaskGroup, *, idle_s: float = 1.0) -> None:
+        """Deliver until cancelled: attempts run in `tg`; the loop sleeps until the next one is due."""
+        while True:
+            # A fresh event before reading: a poke() during the reads must not be lost.
+            self._wake = anyio.Event()
+            try:
+                await self.run_due(tg)
+                next_at = await anyio.to_thread.run_sync(self._store.next_delivery_at, frozenset(self._in_flight))
+            except Exception:
+                # A locked or vanished database must not end deliveries for the daemon's lifetime.
+                log.exception("webhook.loop_failed")
+                next_at = None
+            wait = idle_s if next_at is None else min(idle_s, max(0.0, next_at - self._clock()))
+            with anyio.move_on_after(wait):
+                await self._wake.wait()
 
     async def run_due(self, tg: anyio.abc.TaskGroup) -> None:
         """Start an attempt for every due delivery not already on its way."""
@@ -253,6 +274,7 @@ class Deliverer:
             self._in_flight.discard(delivery.id)
             for ended in self._ended_during_run:
                 ended.add(delivery.id)
+            self.poke()
             # Forget an idle endpoint's limiter: spec URLs may differ per job, and a long-running
             # daemon would otherwise keep one limiter for every URL it ever called.
             if limiter.borrowed_tokens == 0 and limiter.statistics().tasks_waiting == 0:

@@ -76,6 +76,11 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
         ("[local]\nconcurrency = 0\n", "local.concurrency"),
         ("[local]\nengine = 'upstream'\n", "local.upstream_url"),
         ("[submit]\ncompletion_window = 'tomorrow'\n", "submit.completion_window"),
+        ("[submit]\ncompletion_window = '²h'\n", "submit.completion_window"),
+        (
+            "[inbox]\nallow_webhook_urls = ['https://h:99999/']\nwebhook_secret = '" + SECRET + "'\n",
+            "inbox.allow_webhook_urls[0]",
+        ),
         ("[delivery]\nretry_delays_s = [1, -2]\n", "delivery.retry_delays_s"),
         ("[[webhooks]]\nurl = 'ftp://x'\nsecret = '" + SECRET + "'\n", "webhooks[0].url"),
         ("[[webhooks]]\nurl = 'https://x'\n", "webhooks[0].secret"),
@@ -123,6 +128,12 @@ def test_webhook_secrets_rotation_list_and_event_filter(tmp_path: Path) -> None:
     (endpoint,) = load_settings(path, environ={}).webhooks
     assert endpoint.secrets == (Secret(SECRET), Secret(other))
     assert endpoint.events == ("batch.failed",)
+
+
+def test_unpadded_webhook_secret_is_accepted(tmp_path: Path) -> None:
+    unpadded = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWg"  # 26 bytes, base64 without "=="
+    path = write(tmp_path, f"[[webhooks]]\nurl = 'https://h/'\nsecret = '{unpadded}'\n")
+    assert load_settings(path, environ={}).webhooks[0].secrets == (Secret(unpadded),)
 
 
 def test_plain_postgresql_url_uses_the_shipped_driver(tmp_path: Path) -> None:
