@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from batchd.config import Settings
+from batchd.fsutil import write_atomic
 from batchd.models import PROVIDER_LIMITS, Job, JobState
 from batchd.results import outbox_name
 from batchd.store import Store
@@ -431,15 +432,5 @@ class Inbox:
         """Write the report, then move the file (byte-identical) beside it."""
         assert job.rejected_path and job.report_path and job.claimed_path
         self.rejected_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(Path(job.report_path), report)
+        write_atomic(Path(job.report_path), report.encode("utf-8"))
         os.rename(job.claimed_path, job.rejected_path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file so that it is either absent or complete."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

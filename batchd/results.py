@@ -15,13 +15,14 @@ import sqlite3
 import tempfile
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import structlog
 
+from batchd.fsutil import fsync_dir, strip_eol, write_atomic
 from batchd.validation import iter_custom_ids
 
 __all__ = [
@@ -125,14 +126,6 @@ def _usage_of(answer: Mapping[str, Any]) -> str | None:
     return json.dumps(ints, separators=(",", ":")) if ints else None
 
 
-def _strip_eol(raw: bytes) -> bytes:
-    if raw.endswith(b"\n"):
-        raw = raw[:-1]
-    if raw.endswith(b"\r"):
-        raw = raw[:-1]
-    return raw
-
-
 # Row of the scratch `answer` table: custom_id, file index, byte offset, length, ok, usage.
 _AnswerRow = tuple[str, int, int, int, int, str | None]
 
@@ -149,7 +142,7 @@ def _scan_answers(answers: Sequence[Path], unreadable: _Unreadable) -> Iterator[
         with path.open("rb") as stream:
             for number, raw in enumerate(stream, start=1):
                 start, offset = offset, offset + len(raw)
-                content = _strip_eol(raw)
+                content = strip_eol(raw)
                 if not content.strip():
                     continue
                 try:
@@ -339,7 +332,7 @@ def _write_outputs(
     finally:
         for fd in fds:
             os.close(fd)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return output.lines, errors.lines, unanswered, usage
 
 
@@ -400,24 +393,6 @@ def merge_results(
     return result
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def _temp_beside(dest: Path) -> Iterator[Path]:
-    temp = dest.with_name(f".{dest.name}.tmp")
-    try:
-        yield temp
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
 def write_job_json(folder: Path, doc: Mapping[str, Any]) -> Path:
     """Write ``folder/job.json`` atomically (temp, fsync, rename, fsync of the folder).
 
@@ -425,12 +400,5 @@ def write_job_json(folder: Path, doc: Mapping[str, Any]) -> Path:
     complete, so callers write it last.
     """
     dest = folder / "job.json"
-    text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
-    with _temp_beside(dest) as temp:
-        with temp.open("wb") as stream:
-            stream.write(text.encode("utf-8"))
-            stream.flush()
-            os.fsync(stream.fileno())
-        temp.replace(dest)
-    _fsync_dir(folder)
+    write_atomic(dest, (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     return dest

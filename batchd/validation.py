@@ -44,11 +44,11 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+from batchd.fsutil import atomic_file, strip_eol
 from batchd.models import SUPPORTED_ENDPOINTS, BatchEndpoint, Limits
 
 __all__ = [
@@ -180,18 +180,9 @@ def _read_lines(stream: IO[bytes], cap: int | None = None) -> Iterator[_Line]:
                     break
             yield _Line(number, None, length)
             continue
-        content = _strip_eol(raw)
+        content = strip_eol(raw)
         if content.strip():
             yield _Line(number, content, len(content) + 1)
-
-
-def _strip_eol(raw: bytes) -> bytes:
-    if raw.endswith(b"\n"):
-        raw = raw[:-1]
-    # A trailing CR is the rest of a CRLF (or a lone CR before EOF): never part of JSON.
-    if raw.endswith(b"\r"):
-        raw = raw[:-1]
-    return raw
 
 
 def _show(value: Any) -> str:
@@ -433,34 +424,6 @@ def _rewrite_model(content: bytes, model: str) -> bytes:
         return json.dumps(request, separators=(",", ":")).encode("ascii")
 
 
-@contextmanager
-def _atomic_file(dest: Path) -> Iterator[IO[bytes]]:
-    """Write `dest` through a hidden temp name, fsync, rename, fsync the folder.
-
-    The temp name is fixed, so a run repeated after a crash overwrites its own
-    leftover rather than adding another.
-    """
-    temp = dest.with_name(f".{dest.name}.tmp")
-    try:
-        with temp.open("wb", buffering=1 << 20) as stream:
-            yield stream
-            stream.flush()
-            os.fsync(stream.fileno())
-        temp.replace(dest)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(dest.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_upload_copy(src: Path, dest: Path, *, model: str | None = None) -> UploadCopy:
     """Write the copy batchd uploads: one request per line, ``\\n`` ends, no BOM, no blank lines.
 
@@ -472,7 +435,7 @@ def write_upload_copy(src: Path, dest: Path, *, model: str | None = None) -> Upl
     digest = hashlib.sha256()
     size = 0
     count = 0
-    with src.open("rb") as stream, _atomic_file(dest) as out:
+    with src.open("rb") as stream, atomic_file(dest) as out:
         for line in _read_lines(stream):
             assert line.content is not None  # no cap given: every line comes whole
             content = _rewrite_model(line.content, model) if model is not None else line.content

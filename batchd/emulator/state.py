@@ -38,6 +38,8 @@ import anyio
 import anyio.to_thread
 import structlog
 
+from batchd.fsutil import fsync_dir
+
 log = structlog.get_logger()
 
 #: Where every "now" of the emulator comes from (aware, UTC); tests inject their own.
@@ -158,15 +160,6 @@ def _batch_from_json(data: dict[str, Any]) -> StoredBatch:
 def _file_from_json(data: dict[str, Any]) -> StoredFile:
     known = {f.name for f in fields(StoredFile)}
     return StoredFile(**{k: v for k, v in data.items() if k in known})
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, tmp_dir: Path) -> None:
