@@ -8,6 +8,7 @@ a committed intent, so a crash at any point resumes from the database.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import signal
@@ -24,11 +25,12 @@ import structlog
 
 from batchd import lifecycle, systemd
 from batchd.config import ConfigError, Settings
+from batchd.crashpoints import crashpoint
 from batchd.inbox import Inbox, Kind, classify
 from batchd.lifecycle import Action, PollPolicy, Step
 from batchd.models import Job, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.providers.base import Provider, ProviderError
-from batchd.results import MergeResult, choose_outbox_folder, merge_results, write_job_json
+from batchd.results import MergeResult, choose_outbox_folder, merge_results, truncated_tail, write_job_json
 from batchd.store import StaleState, Store
 from batchd.watch import InboxWatcher, WatchEvent
 from batchd.webhooks import Deliverer, build_event
@@ -403,6 +405,7 @@ class Daemon:
                 raise
             await self._give_up(job, f"upload refused: {exc.message}")
             return
+        crashpoint("after_upload_answer")
         batch = await db(
             self.store.add_remote_intent, job.id, file_id=file_id, expect=JobState.UPLOADING, state=JobState.SUBMITTING,
             attempts=0, next_check_at=None, last_error=None,
@@ -449,6 +452,7 @@ class Daemon:
                 raise
             await self._give_up(job, f"batch create refused: {exc.message}")
             return
+        crashpoint("after_create_answer")
         await self._bind(job, batch, remote, how="created")
 
     async def _reconcile(self, job: Job, batch: RemoteBatchRecord) -> bool:
@@ -482,6 +486,49 @@ class Daemon:
             job_values=self._next_check(state, self.policy.min_interval_s),
         )
         log.info(f"job.batch_{how}", job_id=job.id, remote_batch_id=remote.id, status=remote.status.value)
+
+    async def _write_outbox(self, job: Job) -> dict[str, Any]:
+        """Download, merge in input order, write job.json last; return its content."""
+        settings = self.settings
+        batches = await db(self.store.remote_batches, job.id)
+        work = settings.state_dir / "work" / job.id
+        await anyio.Path(work).mkdir(parents=True, exist_ok=True)
+        answers: list[Path] = []
+        for batch in batches:
+            for kind, file_id in (("output", batch.output_file_id), ("errors", batch.error_file_id)):
+                if batch.remote_id and file_id:
+                    dest = work / f"{batch.remote_id}.{kind}.jsonl"
+                    size = await self.provider.download_file(file_id, dest)
+                    if await db(truncated_tail, dest):
+                        # A body that ended mid-line although its length looked right: fetch it whole again.
+                        await anyio.Path(dest).unlink()
+                        raise ProviderError(f"{file_id} arrived cut off mid-line", retryable=True)
+                    log.info("job.downloaded", job_id=job.id, file_id=file_id, bytes=size)
+                    answers.append(dest)
+        crashpoint("after_download")
+        if job.outbox_path is None:
+            folder = await db(choose_outbox_folder, settings.outbox_dir, job.name, job.id)
+            # Recorded before anything is written into it, so a restart reuses this folder.
+            job = await db(self.store.update_job, job.id, expect=job.state, outbox_path=str(folder))
+        folder = Path(job.outbox_path or "")
+        code = lifecycle.unanswered_code(batches, job.cancel_requested)
+        assert job.upload_path is not None
+        merge: MergeResult = await db(
+            merge_results,
+            input_path=Path(job.upload_path),
+            answers=answers,
+            folder=folder,
+            unanswered_code=code,
+            scratch_dir=work,
+        )
+        state = lifecycle.final_state(merge.unanswered, code)
+        reason = job.reason
+        if state != JobState.COMPLETED and reason is None:
+            reason = _reason(batches, merge, code)
+        doc = job_document(job, state, merge, batches, folder, finished_at=self._clock(), reason=reason)
+        await db(write_job_json, folder, doc)
+        crashpoint("after_job_json")
+        return doc
 
     def _next_check(self, state: JobState, interval: float) -> dict[str, Any]:
         """Job fields after a successful contact with the provider."""
@@ -553,52 +600,41 @@ class Daemon:
 
     async def _download(self, job: Job) -> None:
         """Fetch every result file, write the outbox, then finish the job in one transaction."""
-        settings = self.settings
-        batches = await db(self.store.remote_batches, job.id)
-        work = settings.state_dir / "work" / job.id
-        await anyio.Path(work).mkdir(parents=True, exist_ok=True)
-        answers: list[Path] = []
-        for batch in batches:
-            for kind, file_id in (("output", batch.output_file_id), ("errors", batch.error_file_id)):
-                if batch.remote_id and file_id:
-                    dest = work / f"{batch.remote_id}.{kind}.jsonl"
-                    size = await self.provider.download_file(file_id, dest)
-                    log.info("job.downloaded", job_id=job.id, file_id=file_id, bytes=size)
-                    answers.append(dest)
-        if job.outbox_path is None:
-            folder = await db(choose_outbox_folder, settings.outbox_dir, job.name, job.id)
-            # Recorded before anything is written into it, so a restart reuses this folder.
-            job = await db(self.store.update_job, job.id, expect=job.state, outbox_path=str(folder))
-        folder = Path(job.outbox_path or "")
-        code = lifecycle.unanswered_code(batches, job.cancel_requested)
-        assert job.upload_path is not None
-        merge: MergeResult = await db(
-            merge_results,
-            input_path=Path(job.upload_path),
-            answers=answers,
-            folder=folder,
-            unanswered_code=code,
-            scratch_dir=work,
-        )
-        state = lifecycle.final_state(merge.unanswered, code)
-        now = self._clock()
-        reason = job.reason
-        if state != JobState.COMPLETED and reason is None:
-            reason = _reason(batches, merge, code)
-        doc = job_document(job, state, merge, batches, folder, finished_at=now, reason=reason)
-        await db(write_job_json, folder, doc)
+        doc = await db(_finished_document, job)
+        if doc is None:
+            doc = await self._write_outbox(job)
+        state = JobState(doc["status"])
+        finished_at = _timestamp(doc["finished_at"])
         event = build_event(
-            settings, lifecycle.event_type(state), webhook_data(doc), now=now, job_webhook_url=job.webhook_url
-        )
+            self.settings, lifecycle.event_type(state), webhook_data(doc), now=finished_at,
+            job_webhook_url=job.webhook_url,
+        )  # fmt: skip
         await db(
-            self.store.update_job, job.id, expect=job.state, state=state, finished_at=now, reason=reason,
-            request_counts=doc["request_counts"], usage=doc["usage"], events_=[event],
+            self.store.update_job, job.id, expect=job.state, state=state, finished_at=finished_at,
+            reason=doc["reason"], request_counts=doc["request_counts"], usage=doc["usage"], events_=[event],
         )  # fmt: skip
         log.info(
-            "job.finished", job_id=job.id, status=state.value, completed=merge.completed, failed=merge.failed,
-            outbox=str(folder),
+            "job.finished", job_id=job.id, status=state.value, completed=doc["request_counts"]["completed"],
+            failed=doc["request_counts"]["failed"], output_file=doc["output_file"], error_file=doc["error_file"],
         )  # fmt: skip
         self._poke_deliverer()
+
+
+def _finished_document(job: Job) -> dict[str, Any] | None:
+    """The job.json a crash left behind after writing it but before the terminal commit."""
+    if job.outbox_path is None:
+        return None
+    path = Path(job.outbox_path) / "job.json"
+    try:
+        doc: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    # job.json is written atomically, so it is whole; it only has to be this job's.
+    return doc if doc.get("id") == job.id else None
+
+
+def _timestamp(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def _remote_fields(remote: RemoteBatch) -> dict[str, Any]:

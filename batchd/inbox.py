@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from batchd.config import Settings
+from batchd.crashpoints import crashpoint
 from batchd.fsutil import write_atomic
 from batchd.models import PROVIDER_LIMITS, Job, JobState
 from batchd.results import outbox_name
@@ -168,6 +169,7 @@ class Inbox:
             claim_dir.rmdir()
             return None
         log.info("inbox.claimed", job_id=job_id, source=path.name)
+        crashpoint("after_claim")
         return self._process(job_id, claimed)
 
     def recover(self) -> list[Job]:
@@ -175,8 +177,10 @@ class Inbox:
         jobs: list[Job] = []
         if not self.claimed_root.is_dir():
             return jobs
+        # Claim folders are kept for ever, so read every job id once rather than ask per folder.
+        known = self._store.job_ids()
         for claim_dir in sorted(self.claimed_root.iterdir()):
-            if not claim_dir.is_dir() or self._store.job_exists(claim_dir.name):
+            if claim_dir.name in known or not claim_dir.is_dir():
                 continue
             # Whatever was claimed counts, whatever its type (a symlink or a FIFO is claimed only to
             # be rejected); only folders (a spec's data/) and hidden names (our upload copy and

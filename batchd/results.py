@@ -393,6 +393,29 @@ def merge_results(
     return result
 
 
+def truncated_tail(path: Path, *, window: int = 1 << 20) -> bool:
+    """Whether a downloaded JSONL file ends inside a line that is not valid JSON (cut off).
+
+    A length check catches most cut bodies; this catches the rest (a body sent
+    without Content-Length, or a server that announced the short length).
+    Only the last `window` bytes are read.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return False
+    with path.open("rb") as stream:
+        stream.seek(max(0, size - window))
+        tail = stream.read()
+    if tail.endswith(b"\n"):
+        return False
+    last = tail.rsplit(b"\n", 1)[-1]
+    try:
+        json.loads(last)
+    except ValueError:
+        return True
+    return False
+
+
 def write_job_json(folder: Path, doc: Mapping[str, Any]) -> Path:
     """Write ``folder/job.json`` atomically (temp, fsync, rename, fsync of the folder).
 

@@ -238,6 +238,11 @@ class Store:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
         return _job(row._mapping) if row else None
 
+    def job_ids(self) -> set[str]:
+        """Every job id, for matching against claim folders in one query."""
+        with self._read() as conn:
+            return {str(r[0]) for r in conn.execute(select(jobs.c.id)).all()}
+
     def job_exists(self, job_id: str) -> bool:
         return self.get_job(job_id) is not None
 

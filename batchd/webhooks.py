@@ -26,6 +26,7 @@ import httpx
 import structlog
 
 from batchd.config import Secret, Settings, decode_secret
+from batchd.crashpoints import crashpoint
 from batchd.models import Delivery, NewEvent
 from batchd.retry import retry_after_s
 from batchd.store import Store
@@ -298,6 +299,7 @@ class Deliverer:
         else:
             try:
                 outcome = await self._send(delivery, secrets)
+                crashpoint("after_webhook_sent")
             except Exception as exc:
                 # Whatever breaks one attempt is a failed attempt, retried on the schedule. Raised
                 # out of here it would end the daemon's task group, and the same due delivery

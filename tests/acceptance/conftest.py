@@ -173,12 +173,12 @@ secret = "{SECRET}"
 class DaemonProcess:
     """`python -m batchd run` as a subprocess, its JSON logs in a file."""
 
-    def __init__(self, ws: Workspace, *extra: str) -> None:
+    def __init__(self, ws: Workspace, *extra: str, env: dict[str, str] | None = None) -> None:
         self.log_path = ws.root / f"daemon-{len(list(ws.root.glob('daemon-*.log')))}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "batchd", "--config", str(ws.config), "run", *extra],
-            env=ws.env, stdout=self._log, stderr=subprocess.STDOUT,
+            env={**ws.env, **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 
     def logs(self) -> list[dict[str, Any]]:
@@ -189,6 +189,9 @@ class DaemonProcess:
             except json.JSONDecodeError:
                 continue
         return found
+
+    def dead_or_ready(self) -> bool:
+        return self.proc.poll() is not None or self.has_logged("daemon.ready")
 
     def has_logged(self, event: str) -> bool:
         return any(entry.get("event") == event for entry in self.logs())
@@ -223,8 +226,8 @@ class Harness:
     receiver: Receiver
     daemons: list[DaemonProcess]
 
-    def start(self, *extra: str) -> DaemonProcess:
-        daemon = DaemonProcess(self.ws, *extra)
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(self.ws, *extra, env=env)
         self.daemons.append(daemon)
         return daemon
 

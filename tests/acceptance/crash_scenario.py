@@ -1,0 +1,132 @@
+"""Kill the real daemon with SIGKILL over and over, restart it each time, then prove
+nothing was lost and nothing happened twice. Used by the CI test (a fixed seed, a few
+dozen kills) and by the stress benchmark (hundreds of jobs, a thousand kills)."""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from standardwebhooks.webhooks import Webhook
+
+from batchd.crashpoints import ENV
+from tests.acceptance.conftest import SECRET, DaemonProcess, Harness, chat, eventually, read_jsonl
+
+#: Every place the daemon can be stopped dead on purpose, in pipeline order. A fresh file
+#: is dropped before each so that the point is certainly reached.
+CRASH_POINTS = (
+    "after_claim",
+    "after_upload_answer",
+    "after_create_answer",
+    "after_download",
+    "after_job_json",
+    "after_webhook_sent",
+)
+
+
+@dataclass
+class Outcome:
+    kills: int = 0
+    files: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def integrity_ok(db: Path) -> bool:
+    conn = sqlite3.connect(db)
+    try:
+        return bool(conn.execute("PRAGMA integrity_check").fetchone() == ("ok",))
+    finally:
+        conn.close()
+
+
+def _requests(name: str, rng: random.Random) -> list[dict[str, Any]]:
+    count = rng.randint(1, 6)
+    lines = [chat(f"{name}-{k}", f"{name} request {k}") for k in range(count)]
+    if rng.random() < 0.2:
+        # A request the provider fails for good: still a completed job, the error accounted.
+        lines[0] = chat(f"{name}-0", trigger={"error": "invalid_model"})
+    return lines
+
+
+async def _until_dead(daemon: DaemonProcess, timeout: float) -> int:
+    await eventually(lambda: daemon.proc.poll() is not None, timeout)
+    return await daemon.wait()
+
+
+async def run(h: Harness, *, jobs: int, random_kills: int, seed: int, max_kill_delay_s: float = 0.6) -> Outcome:
+    """Drop `jobs` files, kill at every crash point and `random_kills` random moments, then drain."""
+    rng = random.Random(seed)
+    out = Outcome()
+    db = h.ws.root / "state" / "batchd.db"
+    names = iter(f"f{i:04d}" for i in range(jobs + len(CRASH_POINTS)))
+
+    def drop() -> None:
+        name = next(names)
+        out.files[name] = _requests(name, rng)
+        h.ws.drop(f"{name}.jsonl", out.files[name])
+
+    for _ in range(jobs):
+        drop()
+    plan: list[str | None] = [*CRASH_POINTS, *([None] * random_kills)]
+    rng.shuffle(plan)
+    for point in plan:
+        if point is None:
+            daemon = h.start()
+            await daemon.until_logged("daemon.ready")
+            # A kill at a random moment of the daemon's work (the moment is the experiment).
+            await anyio.sleep(rng.uniform(0, max_kill_delay_s))
+            daemon.proc.kill()
+            await daemon.wait()
+        else:
+            daemon = h.start(env={ENV: point})
+            # Leftover work may reach the point before the new file does: dying early is fine.
+            await eventually(daemon.dead_or_ready, 30)
+            drop()
+            code = await _until_dead(daemon, 60)
+            assert code == -9, f"daemon did not die at {point}: exit {code}"
+        out.kills += 1
+        assert integrity_ok(db), f"integrity_check failed after kill {out.kills}"
+    done = await h.ws.batchd("run", "--once", "--timeout", "240", timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert integrity_ok(db)
+    return out
+
+
+async def check(h: Harness, out: Outcome) -> None:
+    """Every job complete and accounted for, each input created once, each webhook stable."""
+    creates = await h.emulator.creates()
+    per_input: dict[str, int] = defaultdict(int)
+    for create in creates:
+        per_input[create["input_file_id"]] += 1
+    duplicated = {k: v for k, v in per_input.items() if v != 1}
+    assert not duplicated, f"inputs created more than once: {duplicated}"
+    assert len(creates) == len(out.files)
+
+    folders = {p.name: p for p in h.ws.outbox.iterdir() if (p / "job.json").exists()}
+    assert sorted(folders) == sorted(out.files), f"one complete outbox folder per file: {sorted(folders)}"
+    for name, sent in out.files.items():
+        meta = json.loads((folders[name] / "job.json").read_text(encoding="utf-8"))
+        assert meta["status"] == "completed", (name, meta["status"], meta["reason"])
+        assert len(meta["remote_batch_ids"]) == 1
+        got = [line["custom_id"] for line in read_jsonl(folders[name] / "output.jsonl")]
+        if (folders[name] / "errors.jsonl").exists():
+            got += [line["custom_id"] for line in read_jsonl(folders[name] / "errors.jsonl")]
+        assert sorted(got) == sorted(x["custom_id"] for x in sent), name
+        assert meta["request_counts"]["total"] == len(sent)
+
+    verifier = Webhook(SECRET)
+    ids_per_job: dict[str, set[str]] = defaultdict(set)
+    bodies_per_id: dict[str, set[bytes]] = defaultdict(set)
+    for hook in h.receiver.hooks:
+        event = verifier.verify(hook.body, hook.headers)
+        ids_per_job[event["data"]["id"]].add(hook.headers["webhook-id"])
+        bodies_per_id[hook.headers["webhook-id"]].add(hook.body)
+    job_ids = {json.loads((f / "job.json").read_text())["id"] for f in folders.values()}
+    assert set(ids_per_job) == job_ids, "every job's webhook arrived"
+    assert all(len(ids) == 1 for ids in ids_per_job.values()), "one stable webhook-id per job"
+    assert all(len(bodies) == 1 for bodies in bodies_per_id.values()), "identical bytes on every attempt"
