@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -30,7 +31,7 @@ from batchd.inbox import Inbox, Kind, classify
 from batchd.lifecycle import Action, PollPolicy, Step
 from batchd.models import Job, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.providers.base import Provider, ProviderError
-from batchd.results import MergeResult, choose_outbox_folder, merge_results, truncated_tail, write_job_json
+from batchd.results import MergeResult, merge_results, outbox_candidates, truncated_tail, write_job_json
 from batchd.store import StaleState, Store
 from batchd.watch import InboxWatcher, WatchEvent
 from batchd.webhooks import Deliverer, build_event
@@ -506,11 +507,10 @@ class Daemon:
                     log.info("job.downloaded", job_id=job.id, file_id=file_id, bytes=size)
                     answers.append(dest)
         crashpoint("after_download")
-        if job.outbox_path is None:
-            folder = await db(choose_outbox_folder, settings.outbox_dir, job.name, job.id)
-            # Recorded before anything is written into it, so a restart reuses this folder.
-            job = await db(self.store.update_job, job.id, expect=job.state, outbox_path=str(folder))
-        folder = Path(job.outbox_path or "")
+        # Reserved in the database, then created: a restart finds the reservation and reuses it.
+        candidates = outbox_candidates(settings.outbox_dir, job.name, job.id)
+        folder = await db(self.store.reserve_outbox, job.id, candidates, os.path.lexists)
+        await anyio.Path(folder).mkdir(parents=True, exist_ok=True)
         code = lifecycle.unanswered_code(batches, job.cancel_requested)
         assert job.upload_path is not None
         merge: MergeResult = await db(

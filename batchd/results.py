@@ -28,8 +28,8 @@ from batchd.validation import iter_custom_ids
 __all__ = [
     "UNANSWERED_CODES",
     "MergeResult",
-    "choose_outbox_folder",
     "merge_results",
+    "outbox_candidates",
     "outbox_name",
     "write_job_json",
 ]
@@ -65,26 +65,15 @@ def outbox_name(source: str) -> str:
     return name
 
 
-def choose_outbox_folder(outbox_dir: Path, name: str, job_id: str) -> Path:
-    """Create and return the job's outbox folder with an atomic ``mkdir``.
+def outbox_candidates(outbox_dir: Path, name: str, job_id: str) -> list[Path]:
+    """The folders a job's results may go to, in order of preference (DESIGN §4).
 
     ``outbox_dir/NAME/`` when free, else ``NAME.<short job id>/`` (the first 8
-    characters of `job_id`). Should that exist too (a crash after its mkdir
-    but before the caller recorded it), ``NAME.<job id>/``. Only ever creates:
-    the caller records the folder before writing into it and reuses the
-    recorded one after a crash. FileExistsError when every name is taken;
-    other OSErrors propagate.
+    characters of `job_id`), and as a last resort ``NAME.<job id>/``. The Store
+    reserves one of them for the job before it is created (see the daemon).
     """
-    outbox_dir.mkdir(parents=True, exist_ok=True)
-    candidates = dict.fromkeys([name, f"{name}.{job_id[:SHORT_ID_LENGTH]}", f"{name}.{job_id}"])
-    for candidate in candidates:
-        folder = outbox_dir / candidate
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue
-        return folder
-    raise FileExistsError(f"every outbox folder name for {name!r} (job {job_id}) is taken in {outbox_dir}")
+    names = dict.fromkeys([name, f"{name}.{job_id[:SHORT_ID_LENGTH]}", f"{name}.{job_id}"])
+    return [outbox_dir / n for n in names]
 
 
 @dataclass(frozen=True)

@@ -155,12 +155,23 @@ endpoints = Table(
 )
 
 
+#: Two jobs never share an outbox folder: the reservation is the unique value.
+outbox_unique = Index("ux_jobs_outbox_path", jobs.c.outbox_path, unique=True)
+
+
 def _migrate_v1(conn: Connection) -> None:
+    # A new database gets the current schema at once; the later steps then find nothing to do.
     metadata.create_all(conn)
 
 
-#: Forward migrations, in order; each runs once, in its own transaction.
-MIGRATIONS: tuple[tuple[int, Any], ...] = ((1, _migrate_v1),)
+def _migrate_v2(conn: Connection) -> None:
+    outbox_unique.create(conn, checkfirst=True)
+
+
+#: Forward migrations, in order; each runs once, in its own transaction. Each later step brings a
+#: database made by an older release to the current schema and checks first, so on a database
+#: step 1 just created it does nothing.
+MIGRATIONS: tuple[tuple[int, Any], ...] = ((1, _migrate_v1), (2, _migrate_v2))
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -297,6 +308,32 @@ class Store:
             self._insert_events(conn, job_id, events_, now)
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
         return _job(row._mapping)
+
+    def reserve_outbox(self, job_id: str, candidates: Sequence[Path], taken: Callable[[Path], bool]) -> Path:
+        """Record the job's outbox folder before it is created: the first candidate that no other
+        job holds and that `taken` (a look at the disk) does not report in use.
+
+        Reserving first and creating second means a crash in between leaves a reservation
+        (the restart creates the folder), never an orphan folder nobody owns.
+        """
+        with self._write() as conn:
+            current = conn.execute(select(jobs.c.outbox_path).where(jobs.c.id == job_id)).scalar()
+            if current:
+                return Path(current)
+            held = {
+                str(p)
+                for (p,) in conn.execute(
+                    select(jobs.c.outbox_path).where(jobs.c.outbox_path.in_([str(c) for c in candidates]))
+                ).all()
+            }
+            for candidate in candidates:
+                if str(candidate) in held or taken(candidate):
+                    continue
+                conn.execute(
+                    update(jobs).where(jobs.c.id == job_id).values(outbox_path=str(candidate), updated_at=self.now())
+                )
+                return candidate
+        raise FileExistsError(f"every outbox folder name for job {job_id} is taken: {[str(c) for c in candidates]}")
 
     def counts_by_state(self) -> dict[str, int]:
         with self._read() as conn:

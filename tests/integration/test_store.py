@@ -113,3 +113,34 @@ def test_integrity_after_use(store: Store, tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "batchd.db")
     assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     conn.close()
+
+
+def test_a_database_from_the_first_release_is_migrated_forward(store: Store) -> None:
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP INDEX ux_jobs_outbox_path")
+        conn.exec_driver_sql("UPDATE schema_version SET version = 1")
+    again = Store(store.url)
+    assert again.migrate() == 1
+    assert again.schema_version() == SCHEMA_VERSION
+    with again.engine.connect() as conn:
+        names = [row[1] for row in conn.exec_driver_sql("PRAGMA index_list(jobs)")]
+    assert "ux_jobs_outbox_path" in names
+    again.close()
+
+
+def test_outbox_reservation_is_unique_sticky_and_skips_folders_in_use(store: Store, tmp_path: Path) -> None:
+    new_job(store, "a" * 32, name="report")
+    new_job(store, "b" * 32, name="report")
+    candidates_a = [tmp_path / "report", tmp_path / "report.aaaaaaaa"]
+    candidates_b = [tmp_path / "report", tmp_path / "report.bbbbbbbb"]
+    nothing_on_disk = lambda _p: False  # noqa: E731
+    assert store.reserve_outbox("a" * 32, candidates_a, nothing_on_disk) == tmp_path / "report"
+    # The other job with the same name gets the next name, though nothing exists on disk yet.
+    assert store.reserve_outbox("b" * 32, candidates_b, nothing_on_disk) == tmp_path / "report.bbbbbbbb"
+    # Asked again (a restart), a job keeps its reservation.
+    assert store.reserve_outbox("a" * 32, candidates_a, lambda _p: True) == tmp_path / "report"
+    new_job(store, "c" * 32, name="mine")
+    user_folder = tmp_path / "mine"
+    assert store.reserve_outbox("c" * 32, [user_folder, tmp_path / "mine.cccccccc"], lambda p: p == user_folder) == (
+        tmp_path / "mine.cccccccc"
+    )

@@ -15,8 +15,8 @@ from batchd import results
 from batchd.results import (
     UNANSWERED_CODES,
     MergeResult,
-    choose_outbox_folder,
     merge_results,
+    outbox_candidates,
     outbox_name,
     write_job_json,
 )
@@ -248,26 +248,13 @@ def test_outbox_name(source: str, name: str) -> None:
     assert outbox_name(source) == name
 
 
-def test_choose_outbox_folder_collision(tmp_path: Path) -> None:
-    outbox = tmp_path / "outbox"
-    job_a, job_b = "0123456789abcdef", "fedcba9876543210"
-    first = choose_outbox_folder(outbox, "batch", job_a)
-    second = choose_outbox_folder(outbox, "batch", job_b)
-    third = choose_outbox_folder(outbox, "batch", job_b)
-    assert first == outbox / "batch"
-    assert second == outbox / "batch.fedcba98"
-    assert third == outbox / f"batch.{job_b}"  # the short name was taken too: a crash before recording
-    with pytest.raises(FileExistsError):
-        choose_outbox_folder(outbox, "batch", job_b)
-    assert all(p.is_dir() for p in (first, second, third))
-
-
-def test_choose_outbox_folder_other_errors_raise(tmp_path: Path) -> None:
-    blocker = tmp_path / "outbox"
-    blocker.write_text("a file where the outbox should be")
-    with pytest.raises(OSError):
-        choose_outbox_folder(blocker, "batch", "0123456789")
-    assert blocker.read_text() == "a file where the outbox should be"
+def test_outbox_candidates_in_order_of_preference(tmp_path: Path) -> None:
+    job = "0123456789abcdef"
+    assert outbox_candidates(tmp_path, "batch", job) == [
+        tmp_path / "batch",
+        tmp_path / "batch.01234567",
+        tmp_path / "batch.0123456789abcdef",
+    ]
 
 
 def test_write_job_json(tmp_path: Path) -> None:
