@@ -216,3 +216,24 @@ async def test_pending_webhook_survives_a_refusing_receiver_and_a_restart(tmp_pa
         assert accepted.body == refused.body
         assert accepted.event["type"] == "batch.completed"
         h.receiver.verified()
+
+
+async def test_sighup_with_a_broken_config_keeps_the_daemon_on_the_old_one(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        daemon = h.start()
+        await daemon.until_logged("daemon.ready")
+        good = h.ws.config.read_text()
+        h.ws.config.write_text("colour = 'blue'\n" + good)
+        daemon.signal(signal.SIGHUP)
+        await daemon.until_logged("daemon.reload_refused")
+        refused = next(e for e in daemon.logs() if e["event"] == "daemon.reload_refused")
+        assert "unknown key colour" in refused["error"]
+        # Still alive and still working on the old settings.
+        h.ws.drop("after-hup.jsonl", [chat("h-1")])
+        await h.receiver.wait_for(lambda hooks: len(hooks) >= 1)
+        assert daemon.proc.poll() is None
+        h.ws.config.write_text(good.replace("min_interval_s = 0.2", "min_interval_s = 0.3"))
+        daemon.signal(signal.SIGHUP)
+        await daemon.until_logged("daemon.reloaded")
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait(timeout=10) == 0

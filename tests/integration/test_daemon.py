@@ -231,3 +231,24 @@ async def test_reload_with_a_broken_config_keeps_the_old_one(tmp_path: Path) -> 
             r.daemon._reload_settings()
         assert r.daemon.settings is old
         assert next(e for e in logs if e["event"] == "daemon.reload_refused")["error"] == "unknown key polling.fast"
+
+
+async def test_a_download_cut_off_halfway_is_resumed_and_the_outbox_is_whole(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        sent = [chat(f"req-{i:03d}") for i in range(40)]
+        fault = {"method": "GET", "path": "/v1/files/*/content", "truncate_at": 1500}
+        await r.control("POST", "faults", json=fault)
+        r.drop("cut.jsonl", sent)
+        with capture_logs() as logs:
+            await r.drain()
+        assert r.job("cut").state is JobState.COMPLETED
+        out = r.outbox_lines("cut", "output.jsonl")
+        assert [line["custom_id"] for line in out] == [x["custom_id"] for x in sent]
+        assert [line["response"]["body"]["choices"][0]["message"]["content"] for line in out[:2]] == [
+            "echo: req-000",
+            "echo: req-001",
+        ]
+        # The cut was noticed and the rest fetched with a Range request, not the whole file again.
+        assert any(e["event"] == "job.step_failed" and "received 1500 bytes" in e["error"] for e in logs)
+        requests = (await r.stats())["requests"]
+        assert sum(v for k, v in requests.items() if k.endswith("/content")) == 2
