@@ -193,6 +193,9 @@ class DaemonProcess:
     def dead_or_ready(self) -> bool:
         return self.proc.poll() is not None or self.has_logged("daemon.ready")
 
+    def logs_named(self, event: str) -> list[dict[str, Any]]:
+        return [entry for entry in self.logs() if entry.get("event") == event]
+
     def has_logged(self, event: str) -> bool:
         return any(entry.get("event") == event for entry in self.logs())
 
