@@ -1,0 +1,170 @@
+"""Cutting a submission into shards within a provider's limits, and choosing what a
+follow-up round resubmits. Streaming file work; no network, no database.
+
+Both work on the upload copy (one request per line, `\\n`-terminated, in input
+order), so a shard is a contiguous run of its lines and a follow-up file keeps
+the input order too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from batchd.fsutil import atomic_file, strip_eol
+from batchd.models import Limits
+
+#: HTTP statuses in a result line that say "try again later".
+TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
+#: Words in an error code or type that say the same without an HTTP status.
+TRANSIENT_WORDS = (
+    "rate_limit",
+    "rate limit",
+    "ratelimit",
+    "too_many_requests",
+    "overload",
+    "timeout",
+    "timed_out",
+    "timed out",
+    "server_error",
+    "internal_error",
+    "service_unavailable",
+    "unavailable",
+    "capacity",
+    "try again",
+)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One contiguous run of input lines, uploaded as one remote batch."""
+
+    index: int
+    path: Path
+    sha256: str
+    size_bytes: int
+    request_count: int
+
+
+def split(src: Path, dest_dir: Path, limits: Limits, *, prefix: str) -> list[Shard]:
+    """Cut `src` on line boundaries into files of at most `limits` each.
+
+    A file that fits is its own single shard (no copy). Otherwise shards are
+    written to `dest_dir/<prefix>-NNN.jsonl` atomically; running it again after
+    a crash rewrites the same shards. Lines are never split; a single line over
+    the byte limit is the validator's business (it rejects the file).
+    """
+    size = src.stat().st_size
+    count = _count_lines(src)
+    if size <= limits.max_bytes and count <= limits.max_requests:
+        return [Shard(0, src, _sha256(src), size, count)]
+    shards: list[Shard] = []
+    with src.open("rb") as stream:
+        pending: bytes | None = None
+        while True:
+            index = len(shards)
+            path = dest_dir / f"{prefix}-{index:03d}.jsonl"
+            digest = hashlib.sha256()
+            written = lines = 0
+            with atomic_file(path) as out:
+                while True:
+                    line = pending if pending is not None else stream.readline()
+                    pending = None
+                    if not line:
+                        break
+                    if lines and (lines + 1 > limits.max_requests or written + len(line) > limits.max_bytes):
+                        pending = line
+                        break
+                    out.write(line)
+                    digest.update(line)
+                    written += len(line)
+                    lines += 1
+            if lines == 0:
+                path.unlink()
+                break
+            shards.append(Shard(index, path, digest.hexdigest(), written, lines))
+            if pending is None:
+                break
+    return shards
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as stream:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: stream.read(1 << 20), b""))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_transient(answer: Mapping[str, Any]) -> bool:
+    """Whether an error answer failed for a passing reason (resubmitting may succeed)."""
+    response = answer.get("response")
+    if isinstance(response, dict):
+        status = response.get("status_code")
+        if isinstance(status, int) and not isinstance(status, bool):
+            return status in TRANSIENT_STATUSES or 500 <= status <= 599
+    error = answer.get("error")
+    if isinstance(error, dict):
+        words = " ".join(str(error.get(k, "")) for k in ("code", "type", "message")).lower()
+        return any(word in words for word in TRANSIENT_WORDS)
+    return False
+
+
+def _resubmittable(answer: Mapping[str, Any], unanswered_codes: frozenset[str]) -> bool:
+    if answer.get("response") is None and isinstance(answer.get("error"), dict):
+        # A line batchd synthesized for a request the provider never answered.
+        code = answer["error"].get("code")
+        if code in unanswered_codes:
+            return True
+    return is_transient(answer)
+
+
+def _errors_in_order(errors: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with errors.open("rb") as stream:
+        for raw in stream:
+            content = strip_eol(raw)
+            if content.strip():
+                answer = json.loads(content)
+                yield str(answer["custom_id"]), answer
+
+
+def write_followups(
+    upload: Path, errors: Path | None, dest: Path, *, unanswered_codes: frozenset[str] = frozenset({"batch_expired"})
+) -> int:
+    """Write to `dest` the request lines of `upload` whose line in `errors` is a transient
+    failure or an unanswered request with one of `unanswered_codes`; return how many.
+
+    `errors` is the merged errors.jsonl, in input order like `upload`, so one pass
+    over both in step (a merge join) finds them with constant memory.
+    """
+    count = 0
+    with atomic_file(dest) as out:
+        if errors is not None and errors.exists():
+            count = _join(upload, _errors_in_order(errors), out, unanswered_codes)
+    return count
+
+
+def _join(upload: Path, failures: Iterator[tuple[str, dict[str, Any]]], out: IO[bytes], codes: frozenset[str]) -> int:
+    count = 0
+    wanted = next(failures, None)
+    with upload.open("rb") as stream:
+        for raw in stream:
+            if wanted is None:
+                break
+            request = json.loads(strip_eol(raw))
+            if str(request["custom_id"]) != wanted[0]:
+                continue
+            if _resubmittable(wanted[1], codes):
+                out.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                count += 1
+            wanted = next(failures, None)
+    return count
