@@ -66,6 +66,10 @@ async def db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
 
 
+class _Stopped(Exception):
+    """Stopped (a signal) before the work drained."""
+
+
 @dataclass
 class RunResult:
     drained: bool
@@ -149,7 +153,7 @@ class Daemon:
                 self.ready.set()
                 log.info("daemon.ready", inbox=str(self.settings.inbox_dir), provider=self.provider.kind)
                 if once:
-                    with anyio.move_on_after(math.inf if timeout is None else timeout):
+                    with anyio.move_on_after(math.inf if timeout is None else timeout), contextlib.suppress(_Stopped):
                         await self._until_drained()
                         drained = True
                     self.stop()
@@ -163,14 +167,17 @@ class Daemon:
 
     async def _until_drained(self) -> None:
         while True:
+            # Intake first: a take that ends while the store is read has already inserted its job,
+            # so reading "intake settled" after the store could miss that job (and stop too early).
+            intake_done = self._intake_settled and not self._intake_pending
             active = await db(self.store.active_jobs)
             pending = await db(self.store.pending_delivery_count)
-            if self._intake_settled and not active and not pending and not self._intake_pending:
+            if intake_done and not active and not pending:
                 return
             with anyio.move_on_after(0.1):
                 await self._stop.wait()
             if self._stop.is_set():
-                return
+                raise _Stopped
 
     def _warn_fast_polling(self) -> None:
         if self.provider.kind != "local" and self.settings.polling.min_interval_s < 30:
