@@ -18,12 +18,8 @@ from structlog.testing import capture_logs
 
 from batchd.models import PROVIDER_LIMITS, RemoteStatus
 from batchd.providers.base import Provider, ProviderError
-from batchd.providers.together import (
-    TogetherProvider,
-    normalise_base_url,
-    parse_batch_job,
-    parse_error_message,
-)
+from batchd.providers.http import parse_error_message
+from batchd.providers.together import TogetherProvider, normalise_base_url, parse_batch_job
 from batchd.retry import RetryPolicy
 
 KEY = "tgp_v1_secret-key-do-not-log"
