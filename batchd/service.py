@@ -24,16 +24,13 @@ from batchd.emulator.engines import EchoEngine, Engine, UpstreamEngine
 from batchd.emulator.server import serve_emulator
 from batchd.models import PROVIDER_LIMITS
 from batchd.providers.base import Provider
-from batchd.providers.http import direct_to_loopback
+from batchd.providers.http import API_TIMEOUT, direct_to_loopback
 from batchd.providers.openai import OpenAIProvider
 from batchd.providers.together import TogetherProvider
 from batchd.store import Store
 from batchd.webhooks import Deliverer
 
 log = structlog.get_logger("batchd.service")
-
-#: Provider API calls: uploads and downloads of 100 MB files need a generous read timeout.
-API_TIMEOUT = httpx.Timeout(120.0, connect=15.0)
 
 
 class LockHeld(Exception):

@@ -33,6 +33,9 @@ CHUNK_SIZE = 1024 * 1024
 
 DEFAULT_RETRY = RetryPolicy()
 
+#: Provider API calls: uploads and downloads of 100 MB files need a generous read timeout.
+API_TIMEOUT = httpx.Timeout(120.0, connect=15.0)
+
 
 def direct_to_loopback() -> dict[str, httpx.AsyncBaseTransport | None]:
     """Transports that take loopback addresses past any proxy named in the environment.
