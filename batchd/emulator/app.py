@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from batchd.emulator.control import Control, ControlMiddleware, control_routes
 from batchd.emulator.engines import EchoEngine, Engine
 from batchd.emulator.state import Clock, EmulatorState, utc_now
+from batchd.emulator.timeline import Timeline
 from batchd.emulator.together import UPLOAD_ROUTE, batch_error, file_error, together_routes
 from batchd.emulator.transfer import receive_presigned_put
 from batchd.emulator.worker import BatchWorker, Gate
@@ -72,18 +73,21 @@ def create_app(
     api_key: str | None = None,
     clock: Clock = utc_now,
     concurrency: int = 64,
+    timeline: Timeline | None = None,
 ) -> Starlette:
     """Build the emulator over `data_dir` (created if missing).
 
     `engine` answers requests (default: `EchoEngine()`); `api_key`, when set,
     is the only bearer token accepted; `clock` is the source of every "now";
-    `concurrency` bounds the requests of one batch in flight at once. The
+    `concurrency` bounds the requests of one batch in flight at once;
+    `timeline` sets how long a batch spends in each state (default: no
+    longer than it takes). The
     app's lifespan loads the state and runs the batch worker: run it with a
     server (`serve_emulator`) or `app.router.lifespan_context(app)`.
     """
     state = EmulatorState(data_dir)
     gate = Gate()
-    worker = BatchWorker(state, engine or EchoEngine(), gate, clock, concurrency=concurrency)
+    worker = BatchWorker(state, engine or EchoEngine(), gate, clock, concurrency=concurrency, timeline=timeline)
     control = Control(gate)
 
     @asynccontextmanager
