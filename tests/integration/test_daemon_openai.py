@@ -1,12 +1,10 @@
 """The daemon with provider.kind = "openai" against the emulator's OpenAI dialect over loopback.
 
-Real SQLite, real HTTP, real files. These tests need the dialect in the
-emulator (branch `emulator`); until it is merged they are skipped.
+Real SQLite, real HTTP, real files.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from structlog.testing import capture_logs
 
 from batchd.config import Settings, load_settings
@@ -26,11 +23,6 @@ from batchd.models import JobState
 from batchd.providers.openai import OpenAIProvider
 from batchd.retry import RetryPolicy
 from batchd.store import Store
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("batchd.emulator.openai") is None,
-    reason="needs the emulator's OpenAI dialect (/openai/v1, branch `emulator`), not merged yet",
-)
 
 
 def chat(custom_id: str) -> dict[str, Any]:

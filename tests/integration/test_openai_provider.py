@@ -1,13 +1,11 @@
 """OpenAIProvider and Client(provider="openai") against the emulator's OpenAI dialect over loopback.
 
-The dialect is served under `/openai/v1` (DESIGN §7). These tests need it in
-the emulator (branch `emulator`); until it is merged they are skipped.
+The dialect is served under `/openai/v1` (DESIGN §7).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,11 +25,6 @@ from batchd.providers.base import ProviderError
 from batchd.providers.openai import OpenAIProvider
 from batchd.retry import RetryPolicy
 from tests.integration.emulator_helpers import request_line, to_jsonl
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("batchd.emulator.openai") is None,
-    reason="needs the emulator's OpenAI dialect (/openai/v1, branch `emulator`), not merged yet",
-)
 
 KEY = "openai-test-key"
 
