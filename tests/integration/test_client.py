@@ -136,7 +136,9 @@ async def test_failed_download_leaves_the_output_alone(tmp_path: Path) -> None:
         assert file_names(tmp_path) == ["in.jsonl", "results.jsonl"]
 
 
-async def test_an_interrupted_download_is_resumed_within_the_call(tmp_path: Path) -> None:
+async def test_an_interrupted_download_is_resumed_within_the_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with emulator(tmp_path) as (url, control), AsyncClient(api_key=KEY, base_url=url) as client:
         uploaded = await client.files.upload(file=write_batch(tmp_path / "in.jsonl", 50))
         done = await wait_for(
@@ -148,7 +150,15 @@ async def test_an_interrupted_download_is_resumed_within_the_call(tmp_path: Path
         fault = {"method": "GET", "path": f"/v1/files/{done.output_file_id}/content", "truncate_at": 1000}
         (await control.post("/_emulator/faults", json=fault)).raise_for_status()
         output = tmp_path / "results.jsonl"
+        # The retry's backoff is recorded, not slept (the client offers no sleep of its own to inject).
+        waits: list[float] = []
+
+        async def record(seconds: float) -> None:
+            waits.append(seconds)
+
+        monkeypatch.setattr(client._provider, "_sleep", record)
         got = await client.files.retrieve_content(id=done.output_file_id, output=output)
+        assert len(waits) == 1
         assert len(output.read_text(encoding="utf-8").splitlines()) == 50
         assert got.size == output.stat().st_size > 1000
         stats = (await control.get("/_emulator/stats")).json()
