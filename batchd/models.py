@@ -104,8 +104,15 @@ SUPPORTED_ENDPOINTS: tuple[str, ...] = (
 )
 
 
-class BatchJobStatus:
-    """The seed's status values (lower case)."""
+class BatchJobStatus(StrEnum):
+    """The seed's status values (lower case), from either wire dialect.
+
+    A member compares equal to its value in any letter case, because the seed's
+    own examples compare `batch.status == "COMPLETED"` while its values are
+    lower case: `BatchJobStatus.COMPLETED == "COMPLETED" == "completed"`.
+    Hashing uses the lower-case value, so a member finds a lower-case key in a
+    dict or set (an upper-case plain-str key cannot be found: str hashes by case).
+    """
 
     VALIDATING = "validating"
     FAILED = "failed"
@@ -115,6 +122,28 @@ class BatchJobStatus:
     EXPIRED = "expired"
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):
+            return str.__eq__(self, other.lower())
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        if isinstance(other, str):
+            return not str.__eq__(self, other.lower())
+        return NotImplemented
+
+    __hash__ = str.__hash__
+
+    @classmethod
+    def _missing_(cls, value: object) -> BatchJobStatus | None:
+        # `BatchJobStatus("COMPLETED")` and Together's old `CANCELING` find their member.
+        if isinstance(value, str):
+            lowered = {"canceling": "cancelling", "canceled": "cancelled"}.get(value.lower(), value.lower())
+            for member in cls:
+                if member.value == lowered:
+                    return member
+        return None
 
 
 @dataclass(frozen=True)
@@ -156,6 +185,66 @@ class RemoteBatch:
     metadata: Mapping[str, str] | None = None
     #: the wire object as received, for the client API and for debugging
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file the provider stored, as its upload answer describes it."""
+
+    id: str
+    filename: str
+    bytes: int
+    #: the provider's word: "batch-api" (Together), "batch" (OpenAI)
+    purpose: str
+    created_at: datetime | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchJob:
+    """A batch as the seed's client API shows it, whatever the wire dialect.
+
+    Times are unix seconds; `status` is a `BatchJobStatus` (lower case, equal
+    to either spelling). Together sends no `request_counts` (None) and one
+    finish time, shown under the field of the status it finished in.
+    """
+
+    id: str
+    object: str = "batch"
+    endpoint: str
+    errors: dict[str, Any] | None = None
+    input_file_id: str
+    completion_window: str
+    status: BatchJobStatus
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    #: unix seconds; 0 when the provider did not say
+    created_at: int
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: dict[str, int] | None = None
+    #: beyond the seed: 0–100 (Together), the batch's metadata (OpenAI)
+    progress: float | None = None
+    metadata: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One line of a batch input file (the seed's request format)."""
+
+    custom_id: str
+    method: str
+    url: str
+    body: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"custom_id": self.custom_id, "method": self.method, "url": self.url, "body": self.body}
 
 
 @dataclass(frozen=True)

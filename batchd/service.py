@@ -24,14 +24,13 @@ from batchd.emulator.engines import EchoEngine, Engine, UpstreamEngine
 from batchd.emulator.server import serve_emulator
 from batchd.models import PROVIDER_LIMITS
 from batchd.providers.base import Provider
+from batchd.providers.http import API_TIMEOUT, direct_to_loopback
+from batchd.providers.openai import OpenAIProvider
 from batchd.providers.together import TogetherProvider
 from batchd.store import Store
 from batchd.webhooks import Deliverer
 
 log = structlog.get_logger("batchd.service")
-
-#: Provider API calls: uploads and downloads of 100 MB files need a generous read timeout.
-API_TIMEOUT = httpx.Timeout(120.0, connect=15.0)
 
 
 class LockHeld(Exception):
@@ -63,15 +62,6 @@ def acquire_lock(state_dir: Path) -> StateLock:
     return StateLock(path, fd)
 
 
-def direct_to_loopback() -> dict[str, httpx.AsyncBaseTransport | None]:
-    """Transports that take loopback addresses past any proxy named in the environment.
-
-    A server whose http_proxy points at a corporate proxy must still reach its own
-    embedded backend (and a receiver on the same host) directly.
-    """
-    return {f"all://{host}": httpx.AsyncHTTPTransport() for host in ("127.0.0.1", "localhost", "[::1]")}
-
-
 def local_engine(settings: Settings, http: httpx.AsyncClient) -> Engine:
     if settings.local.engine == "upstream":
         return UpstreamEngine(http, settings.local.upstream_url, settings.local.concurrency)
@@ -88,11 +78,15 @@ async def open_provider(settings: Settings, http: httpx.AsyncClient) -> AsyncIte
             log.info("service.local_backend", url=url, data_dir=str(settings.local_dir))
             yield TogetherProvider(http, base_url=url, api_key="local", kind="local", limits=PROVIDER_LIMITS["local"])
         return
+    assert settings.provider.api_key is not None
+    api_key = settings.provider.api_key.reveal()
     if kind == "together":
-        assert settings.provider.api_key is not None
-        yield TogetherProvider(http, base_url=settings.provider.base_url, api_key=settings.provider.api_key.reveal())
+        yield TogetherProvider(http, base_url=settings.provider.base_url, api_key=api_key)
         return
-    raise ConfigError(f"provider.kind = {kind!r} is not available in this version yet (use 'together' or 'local')")
+    if kind == "openai":
+        yield OpenAIProvider(http, base_url=settings.provider.base_url, api_key=api_key)
+        return
+    raise ConfigError(f"provider.kind = {kind!r} is not a known provider (use 'local', 'together' or 'openai')")
 
 
 async def serve(

@@ -125,6 +125,17 @@ token, or exactly `api_key` when the app was created with one; else 401.
 
 from batchd.emulator.app import create_app
 from batchd.emulator.engines import EchoEngine, Engine, UpstreamEngine
+from batchd.emulator.faults import RandomFaults
 from batchd.emulator.server import run_emulator, serve_emulator
+from batchd.emulator.timeline import Timeline
 
-__all__ = ["EchoEngine", "Engine", "UpstreamEngine", "create_app", "run_emulator", "serve_emulator"]
+__all__ = [
+    "EchoEngine",
+    "Engine",
+    "RandomFaults",
+    "Timeline",
+    "UpstreamEngine",
+    "create_app",
+    "run_emulator",
+    "serve_emulator",
+]

@@ -1,4 +1,4 @@
-"""The emulator as an ASGI app: routes, auth, control middleware, and the worker's lifespan."""
+"""The emulator as an ASGI app: both dialects' routes, auth, control middleware, and the worker's lifespan."""
 
 from __future__ import annotations
 
@@ -19,15 +19,19 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from batchd.emulator.control import Control, ControlMiddleware, control_routes
 from batchd.emulator.engines import EchoEngine, Engine
+from batchd.emulator.faults import Faults, RandomFaults
+from batchd.emulator.openai import PREFIX as OPENAI_PREFIX
+from batchd.emulator.openai import openai_error, openai_routes
 from batchd.emulator.state import Clock, EmulatorState, utc_now
+from batchd.emulator.timeline import Timeline
 from batchd.emulator.together import UPLOAD_ROUTE, batch_error, file_error, together_routes
 from batchd.emulator.transfer import receive_presigned_put
 from batchd.emulator.worker import BatchWorker, Gate
 
 log = structlog.get_logger()
 
-#: Path prefixes that need `Authorization: Bearer …` (the OpenAI dialect will add "/openai/v1/").
-PROTECTED_PREFIXES: tuple[str, ...] = ("/v1/",)
+#: Path prefixes that need `Authorization: Bearer …`: the Together and the OpenAI dialect.
+PROTECTED_PREFIXES: tuple[str, ...] = ("/v1/", f"{OPENAI_PREFIX}/")
 
 
 class AuthMiddleware:
@@ -60,6 +64,8 @@ class AuthMiddleware:
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own errors (unknown route, wrong method, bad form) in the dialect's shape."""
     assert isinstance(exc, HTTPException)
+    if request.url.path.startswith(OPENAI_PREFIX):
+        return openai_error(exc.status_code, str(exc.detail))
     if request.url.path.startswith("/v1/batches"):
         return batch_error(exc.status_code, str(exc.detail))
     return file_error(exc.status_code, str(exc.detail))
@@ -72,19 +78,25 @@ def create_app(
     api_key: str | None = None,
     clock: Clock = utc_now,
     concurrency: int = 64,
+    timeline: Timeline | None = None,
+    random_faults: RandomFaults | None = None,
+    latency_s: float = 0.0,
 ) -> Starlette:
     """Build the emulator over `data_dir` (created if missing).
 
     `engine` answers requests (default: `EchoEngine()`); `api_key`, when set,
     is the only bearer token accepted; `clock` is the source of every "now";
-    `concurrency` bounds the requests of one batch in flight at once. The
+    `concurrency` bounds the requests of one batch in flight at once;
+    `timeline` sets how long a batch spends in each state (default: no
+    longer than it takes); `random_faults` and `latency_s` start the
+    emulator with those faults in force (as if posted to /_emulator/faults). The
     app's lifespan loads the state and runs the batch worker: run it with a
     server (`serve_emulator`) or `app.router.lifespan_context(app)`.
     """
     state = EmulatorState(data_dir)
     gate = Gate()
-    worker = BatchWorker(state, engine or EchoEngine(), gate, clock, concurrency=concurrency)
-    control = Control(gate)
+    worker = BatchWorker(state, engine or EchoEngine(), gate, clock, concurrency=concurrency, timeline=timeline)
+    control = Control(gate, Faults(random=random_faults, latency_s=latency_s))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -110,6 +122,7 @@ def create_app(
 
     routes = [
         *together_routes(state, worker, clock),
+        *openai_routes(state, worker, clock),
         Route("/_emulator/upload/{file_id}", upload, methods=["PUT"], name=UPLOAD_ROUTE),
         *control_routes(control, state),
     ]

@@ -1,8 +1,9 @@
 """Engines answer the requests of a batch, one request at a time.
 
 `EchoEngine` is deterministic and offline (demos and tests): the same request
-always gets the same reply, byte for byte. `UpstreamEngine` forwards each
-request to a real OpenAI-compatible server (vLLM, llama.cpp, Ollama, …).
+always gets the same reply, byte for byte. `UpstreamEngine` (in `upstream.py`)
+forwards each request to a real OpenAI-compatible server (vLLM, llama.cpp,
+Ollama, …).
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import json
 import math
 from typing import Any, Protocol
 
-import anyio
-import httpx
 import structlog
 
 from batchd.emulator.triggers import openai_error_body
+from batchd.emulator.upstream import UpstreamEngine, upstream_base
 from batchd.models import BatchEndpoint
 
 log = structlog.get_logger()
+
+__all__ = ["ECHO_CREATED", "EchoEngine", "Engine", "UpstreamEngine", "upstream_base"]
 
 
 class Engine(Protocol):
@@ -163,49 +165,3 @@ class EchoEngine:
             "usage": _usage(prompt_tokens, 0),
         }
         return 200, reply
-
-
-def upstream_base(upstream_url: str) -> str:
-    """The server root of an OpenAI-compatible URL given with or without a trailing /v1."""
-    base = upstream_url.rstrip("/")
-    return base.removesuffix("/v1")
-
-
-class UpstreamEngine:
-    """Forwards every request to an OpenAI-compatible server, at most `concurrency` at a time.
-
-    The `http` client is owned by the caller (it sets timeouts and closes it).
-    A transport failure or a non-JSON answer becomes a 502 with an OpenAI-style
-    error body, so it lands in the batch's error file like any other failure.
-    """
-
-    def __init__(self, http: httpx.AsyncClient, upstream_url: str, concurrency: int) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        self._http = http
-        self._base = upstream_base(upstream_url)
-        self._concurrency = concurrency
-        # Created on first use: anyio primitives need a running event loop.
-        self._limiter: anyio.CapacityLimiter | None = None
-
-    async def respond(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """POST `body` to `{upstream}{endpoint}` and return its status and JSON body."""
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(self._concurrency)
-        url = f"{self._base}{endpoint}"
-        async with self._limiter:
-            try:
-                response = await self._http.post(url, json=body)
-            except httpx.HTTPError as exc:
-                log.warning("emulator.upstream.unreachable", url=url, error=type(exc).__name__)
-                message = f"upstream request failed: {type(exc).__name__}: {exc}"
-                return 502, openai_error_body(502, message, code="upstream_unavailable")
-        try:
-            payload = response.json()
-        except ValueError:
-            payload = None
-        if not isinstance(payload, dict):
-            log.warning("emulator.upstream.bad_body", url=url, status=response.status_code)
-            message = f"upstream answered {response.status_code} without a JSON object"
-            return 502, openai_error_body(502, message, code="upstream_bad_response")
-        return response.status_code, payload

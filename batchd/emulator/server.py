@@ -6,11 +6,13 @@ backend, the tests); `run_emulator` is the blocking `batchd emulator` command.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import socket
 from collections.abc import AsyncIterator, Generator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -18,9 +20,13 @@ import httpx
 import structlog
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from batchd.emulator.app import create_app
+from batchd.emulator.control import TRANSPORT_KEY
 from batchd.emulator.engines import Engine, UpstreamEngine
+from batchd.emulator.faults import RandomFaults
+from batchd.emulator.timeline import Timeline
 
 log = structlog.get_logger()
 
@@ -52,6 +58,20 @@ class EmbeddedServer(uvicorn.Server):
         await super().startup(sockets=sockets)
         if self.started and self.ready is not None:
             self.ready.set()
+
+
+class TransportInState(H11Protocol):
+    """uvicorn's h11 protocol that also hands each request its connection's transport.
+
+    It goes into `scope["state"]` under `TRANSPORT_KEY`, so that a `drop`
+    fault can close the connection without any response: ASGI itself has no
+    way to do that (uvicorn answers 500 for an app that returns without one).
+    """
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's
+        """uvicorn's bookkeeping, then a per-connection copy of the state that carries the transport."""
+        super().connection_made(transport)
+        self.app_state = {**self.app_state, TRANSPORT_KEY: transport}
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -98,7 +118,7 @@ async def serve_emulator(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -
         lifespan="auto",
         log_config=None,
         access_log=False,
-        http="h11",
+        http=TransportInState,
         ws="none",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
@@ -135,20 +155,42 @@ async def serve_emulator(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -
         raise
 
 
-async def _run(
-    host: str, port: int, data_dir: Path, api_key: str | None, upstream_url: str | None, concurrency: int
-) -> None:
+@dataclass(frozen=True)
+class _Options:
+    api_key: str | None
+    upstream_url: str | None
+    upstream_api_key: str | None
+    concurrency: int
+    timeline: Timeline | None
+    random_faults: RandomFaults | None
+    latency_s: float
+
+
+async def _run(host: str, port: int, data_dir: Path, options: _Options) -> None:
     async with AsyncExitStack() as stack:
         engine: Engine | None = None
-        if upstream_url:
+        if options.upstream_url:
             # Model calls can be slow; connecting should not be.
             timeout = httpx.Timeout(600.0, connect=10.0)
             http = await stack.enter_async_context(httpx.AsyncClient(timeout=timeout))
-            engine = UpstreamEngine(http, upstream_url, concurrency)
-        app = create_app(data_dir, engine=engine, api_key=api_key)
+            engine = UpstreamEngine(http, options.upstream_url, options.concurrency, api_key=options.upstream_api_key)
+        app = create_app(
+            data_dir,
+            engine=engine,
+            api_key=options.api_key,
+            timeline=options.timeline,
+            random_faults=options.random_faults,
+            latency_s=options.latency_s,
+        )
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with serve_emulator(app, host, port) as url:
-                log.info("emulator.serving", url=url, data_dir=str(data_dir), engine="upstream" if engine else "echo")
+                log.info(
+                    "emulator.serving",
+                    url=url,
+                    openai_base_url=f"{url}/openai/v1",
+                    data_dir=str(data_dir),
+                    engine="upstream" if engine else "echo",
+                )
                 async for signum in signals:
                     log.info("emulator.stopping", signal=signal.Signals(signum).name)
                     break
@@ -162,10 +204,17 @@ def run_emulator(
     api_key: str | None = None,
     upstream_url: str | None = None,
     concurrency: int = 16,
+    upstream_api_key: str | None = None,
+    timeline: Timeline | None = None,
+    random_faults: RandomFaults | None = None,
+    latency_s: float = 0.0,
 ) -> None:
     """Serve the emulator until SIGINT or SIGTERM (the `batchd emulator` command); blocking.
 
     Uses the echo engine unless `upstream_url` names an OpenAI-compatible
-    server, which then gets at most `concurrency` requests at once.
+    server, which then gets at most `concurrency` requests at once (with
+    `upstream_api_key` as its bearer token, if given). `api_key`, `timeline`,
+    `random_faults` and `latency_s` are those of `create_app`.
     """
-    anyio.run(_run, host, port, data_dir, api_key, upstream_url, concurrency)
+    options = _Options(api_key, upstream_url, upstream_api_key, concurrency, timeline, random_faults, latency_s)
+    anyio.run(_run, host, port, data_dir, options)

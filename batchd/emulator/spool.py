@@ -1,7 +1,8 @@
 """Streaming helpers of the batch worker: reading input lines, collecting answers, writing result files.
 
 Nothing here holds a whole file in memory: inputs are read in blocks, answers
-are appended to a spool file as they come, and the result files are written
+are appended to a spool file as they come (fsynced in small groups, so a
+restart resumes a batch where it stopped), and the result files are written
 from the spool through a small index (hash, offset, length per answer).
 """
 
@@ -10,17 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, BinaryIO, Self
 
 import anyio
+import anyio.to_thread
 from anyio.abc import AsyncResource
+
+from batchd.emulator.answers import usage_of
 
 _BOM = b"\xef\xbb\xbf"
 _READ_BLOCK = 256 * 1024
-_SPOOL_FLUSH_BYTES = 1024 * 1024
 # b"o " or b"e ", 64 hex digits, one space: then the JSON line.
 _PREFIX = 67
 
@@ -88,52 +92,150 @@ def dump_line(line: dict[str, Any]) -> bytes:
     return json.dumps(line, ensure_ascii=False).encode() + b"\n"
 
 
-class SpoolWriter(AsyncResource):
-    """Collects a running batch's answers in completion order, buffered, in a spool file.
+@dataclass
+class SpoolSummary:
+    """What a spool holds: the answered requests (by custom_id hash) and their counts."""
 
-    Opening truncates the spool: a batch picked up again after a restart is
-    answered from scratch.
+    answered: set[str] = field(default_factory=set)
+    #: answers for the output file (2xx)
+    completed: int = 0
+    #: answers for the error file
+    failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+def _parse_record(raw: bytes) -> tuple[str, bool, dict[str, Any]] | None:
+    """(hash, ok, line) of a complete spool record; None for a torn or foreign one."""
+    if len(raw) < _PREFIX + 2 or raw[:2] not in (b"o ", b"e ") or raw[66:67] != b" " or not raw.endswith(b"\n"):
+        return None
+    try:
+        line = json.loads(raw[_PREFIX:])
+    except ValueError:
+        return None
+    if not isinstance(line, dict):
+        return None
+    return raw[2:66].decode("ascii", errors="replace"), raw[:1] == b"o", line
+
+
+def recover_spool(path: Path) -> SpoolSummary:
+    """Read what an earlier run recorded and cut off a torn last record (a crash mid-write).
+
+    Blocking: run it in a worker thread. A record is kept only when it is a
+    whole, parseable line; everything from the first bad one on is dropped,
+    and those requests are simply asked again.
+    """
+    summary = SpoolSummary()
+    if not path.exists():
+        return summary
+    good_end = 0
+    with path.open("r+b") as f:
+        for raw in f:
+            parsed = _parse_record(raw)
+            if parsed is None:
+                break
+            good_end += len(raw)
+            key, ok, line = parsed
+            if key in summary.answered:
+                continue
+            summary.answered.add(key)
+            if ok:
+                summary.completed += 1
+                response = line.get("response")
+                body = response.get("body") if isinstance(response, dict) else None
+                if isinstance(body, dict):
+                    used_in, used_out = usage_of(body)
+                    summary.input_tokens += used_in
+                    summary.output_tokens += used_out
+            else:
+                summary.failed += 1
+        if f.seek(0, os.SEEK_END) != good_end:
+            f.truncate(good_end)
+            f.flush()
+            os.fsync(f.fileno())
+    return summary
+
+
+def spool_record(ok: bool, custom_id: str, line: dict[str, Any]) -> bytes:
+    """One spool record: `o`/`e`, the custom_id hash (the sort key), the result line."""
+    return (b"o " if ok else b"e ") + custom_id_hash(custom_id).encode() + b" " + dump_line(line)
+
+
+class Spool(AsyncResource):
+    """A running batch's answers, appended in completion order and fsynced as they come.
+
+    Opening recovers what an earlier run of the same batch recorded
+    (`summary`), so a restart resumes the batch without asking those
+    requests again. `append()` returns once its record is on disk: appends
+    that arrive while one fsync runs are written together by the next
+    (group commit), so a kill loses at most the answers still waiting.
     """
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._file: anyio.AsyncFile[bytes] | None = None
-        self._buffer: list[bytes] = []
-        self._buffered = 0
-        self._lock = anyio.Lock()
+        self._file: BinaryIO | None = None
+        self.summary = SpoolSummary()
+        self._pending: list[bytes] = []
+        #: groups are numbered; every record joins the group being collected
+        self._collecting = 0
+        #: groups below this number are on disk
+        self._synced = 0
+        self._writing = False
+        self._changed = anyio.Event()
+        self._broken: BaseException | None = None
 
     async def __aenter__(self) -> Self:
-        self._file = await anyio.open_file(self._path, "wb")
+        self.summary = await anyio.to_thread.run_sync(recover_spool, self._path)
+        self._file = await anyio.to_thread.run_sync(self._path.open, "ab")
         return self
 
-    def append(self, ok: bool, custom_id: str, line: dict[str, Any]) -> None:
-        """Add one answer: `ok` for the output file, else for the error file."""
-        record = (b"o " if ok else b"e ") + custom_id_hash(custom_id).encode() + b" " + dump_line(line)
-        self._buffer.append(record)
-        self._buffered += len(record)
+    async def append(self, answers: Sequence[tuple[bool, str, dict[str, Any]]]) -> None:
+        """Record answers `(ok, custom_id, line)` (`ok`: for the output file); return once they are durable."""
+        self._pending.extend(spool_record(ok, custom_id, line) for ok, custom_id, line in answers)
+        group = self._collecting
+        while self._synced <= group:
+            if self._broken is not None:
+                raise RuntimeError(f"the spool {self._path} could not be written") from self._broken
+            if self._writing:
+                await self._changed.wait()
+                continue
+            await self._write_pending()
+        self.summary.answered.update(custom_id_hash(custom_id) for _, custom_id, _ in answers)
 
-    @property
-    def full(self) -> bool:
-        """Whether enough is buffered to be worth a write."""
-        return self._buffered >= _SPOOL_FLUSH_BYTES
+    async def _write_pending(self) -> None:
+        self._writing = True
+        data, self._pending = b"".join(self._pending), []
+        group = self._collecting
+        self._collecting += 1
+        try:
+            # Shielded: once taken from the queue, the records must reach the disk.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._write_sync, data)
+            self._synced = group + 1
+        except Exception as exc:
+            self._broken = exc
+            raise
+        finally:
+            self._writing = False
+            self._changed.set()
+            self._changed = anyio.Event()
 
-    async def flush(self) -> None:
-        """Write out what is buffered."""
-        async with self._lock:
-            if not self._buffer or self._file is None:
-                return
-            data = b"".join(self._buffer)
-            self._buffer.clear()
-            self._buffered = 0
-            await self._file.write(data)
+    def _write_sync(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     async def aclose(self) -> None:
-        """Flush and close; shielded so that cancellation never leaks the descriptor."""
+        """Write what is still pending (appends cancelled while waiting) and close."""
         with anyio.CancelScope(shield=True):
-            if self._file is not None:
-                await self.flush()
-                await self._file.aclose()
-                self._file = None
+            if self._file is None:
+                return
+            if self._pending and self._broken is None:
+                data, self._pending = b"".join(self._pending), []
+                await anyio.to_thread.run_sync(self._write_sync, data)
+            await anyio.to_thread.run_sync(self._file.close)
+            self._file = None
 
 
 @dataclass(frozen=True)
@@ -157,15 +259,23 @@ def write_sorted_results(spool: Path, output: Path, errors: Path) -> WrittenResu
         with spool.open("rb") as f:
             offset = 0
             for raw in f:
+                # A torn last record (a crash mid-write, never recovered) is not an answer.
+                if not raw.endswith(b"\n") or raw[:2] not in (b"o ", b"e "):
+                    break
                 index.append((raw[2:66], offset + _PREFIX, len(raw) - _PREFIX, raw[:1] == b"o"))
                 offset += len(raw)
     index.sort()
     counts = [0, 0, 0, 0]
+    previous: bytes | None = None
     with output.open("wb") as out, errors.open("wb") as err:
         src = spool.open("rb") if index else None
         try:
-            for _key, start, length, ok in index:
+            for key, start, length, ok in index:
                 assert src is not None
+                # A request recorded twice (never expected) is written once.
+                if key == previous:
+                    continue
+                previous = key
                 src.seek(start)
                 data = src.read(length)
                 (out if ok else err).write(data)

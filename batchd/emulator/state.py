@@ -1,15 +1,17 @@
 """Persistent state of the emulator: stored files and batches under a data dir.
 
-The records are dialect-neutral: the Together dialect (and later the OpenAI
-one) renders the same `StoredFile` / `StoredBatch` in its own wire shape, so
-a file uploaded through one dialect can feed a batch created through another.
+The records are dialect-neutral: the Together and the OpenAI dialect render
+the same `StoredFile` / `StoredBatch` in their own wire shapes, so a file
+uploaded through one dialect can feed a batch created through the other, and
+every batch is listed by both.
 
 Layout of the data dir (one emulator process per data dir)::
 
     files/<file id>.json      metadata of a stored file
     files/<file id>.data      its content (absent until uploaded)
     batches/<batch id>.json   a batch record
-    spool/<batch id>.jsonl    answers of a running batch, in completion order
+    spool/<batch id>.jsonl    answers of a running batch, in completion order, fsynced as they
+                              come (a restart resumes the batch without asking again)
     fail_once/<sha256>        one empty marker per request that already failed once
     tmp/                      uploads and atomic writes in progress (emptied at start)
     secret                    the key that signs presigned-style upload URLs
@@ -65,6 +67,10 @@ class BatchStatus(StrEnum):
     VALIDATING = "validating"
     #: requests are being answered
     IN_PROGRESS = "in_progress"
+    #: every request is answered; the result files are being written
+    FINALIZING = "finalizing"
+    #: a cancel was asked for; the batch ends CANCELLED with what it answered so far
+    CANCELLING = "cancelling"
     #: every request was answered (some answers may be errors)
     COMPLETED = "completed"
     #: the input was bad, or a `fail_batch` trigger stopped it
@@ -77,7 +83,12 @@ class BatchStatus(StrEnum):
     @property
     def terminal(self) -> bool:
         """Whether the batch will never change again."""
-        return self not in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
+        return self not in (
+            BatchStatus.VALIDATING,
+            BatchStatus.IN_PROGRESS,
+            BatchStatus.FINALIZING,
+            BatchStatus.CANCELLING,
+        )
 
 
 @dataclass
@@ -100,6 +111,10 @@ class StoredFile:
     uploaded: bool = False
     #: the client called preprocess (or the file was uploaded in one step)
     processed: bool = False
+    #: the batch whose result file this is (None for an uploaded file)
+    result_of: str | None = None
+    #: unix seconds after which the file would be deleted (shown by the OpenAI dialect; never enforced)
+    expires_at: int | None = None
 
 
 @dataclass
@@ -108,7 +123,7 @@ class StoredBatch:
 
     id: str
     seq: int
-    #: the dialect that created it ("together"; later "openai")
+    #: the dialect that created it ("together" or "openai"): its limits and result-line shapes apply
     dialect: str
     input_file_id: str
     endpoint: str
@@ -128,14 +143,24 @@ class StoredBatch:
     completed: int = 0
     #: requests answered with an error line or a non-2xx response
     failed: int = 0
+    #: usage summed over the 2xx answers (`prompt_tokens` / `completion_tokens` of their bodies)
+    input_tokens: int = 0
+    output_tokens: int = 0
     in_progress_at: datetime | None = None
+    finalizing_at: datetime | None = None
+    cancelling_at: datetime | None = None
+    #: when it reached its terminal status
     finished_at: datetime | None = None
     output_file_id: str | None = None
     error_file_id: str | None = None
+    #: why it FAILED, in words (Together's `error`); the next three structure it for OpenAI's `errors`
     error: str | None = None
+    error_code: str | None = None
+    error_line: int | None = None
+    error_param: str | None = None
 
 
-_BATCH_TIMES = ("created_at", "deadline", "in_progress_at", "finished_at")
+_BATCH_TIMES = ("created_at", "deadline", "in_progress_at", "finalizing_at", "cancelling_at", "finished_at")
 
 
 def _batch_to_json(batch: StoredBatch) -> dict[str, Any]:
@@ -283,8 +308,10 @@ class EmulatorState:
     # -- batches --------------------------------------------------------------
 
     @staticmethod
-    def new_batch_id() -> str:
-        """Together batch ids are bare UUIDs."""
+    def new_batch_id(dialect: str = "together") -> str:
+        """Together batch ids are bare UUIDs; OpenAI's look like `batch_<hex>`."""
+        if dialect == "openai":
+            return f"batch_{uuid.uuid4().hex}"
         return str(uuid.uuid4())
 
     def batch(self, batch_id: str) -> StoredBatch | None:

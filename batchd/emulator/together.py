@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from batchd.emulator.state import Clock, EmulatorState, StoredBatch, StoredFile, iso_z
+from batchd.emulator.state import BatchStatus, Clock, EmulatorState, StoredBatch, StoredFile, iso_z
 from batchd.emulator.transfer import content_response, receive_upload_file
 from batchd.emulator.triggers import openai_error_body
 from batchd.emulator.worker import BatchWorker, NotCancellable
@@ -35,6 +35,12 @@ FILE_TYPES = ("jsonl", "csv", "parquet")
 #: The route name of the presigned-style upload URL (registered by the app).
 UPLOAD_ROUTE = "emulator_upload"
 
+#: OpenAI's purposes as Together names them (a file uploaded through one dialect, seen through the other).
+TOGETHER_PURPOSES = {"batch": "batch-api", "batch_output": "batch-api"}
+#: Statuses Together does not have: finalizing is still IN_PROGRESS (at 100%); cancelling is
+#: CANCELING, as an older Together SDK spells it.
+TOGETHER_STATUS = {BatchStatus.FINALIZING: "IN_PROGRESS", BatchStatus.CANCELLING: "CANCELING"}
+
 _CHECKSUM = re.compile(r"^[0-9a-f]{64}$")
 _WINDOW = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _WINDOW_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -48,7 +54,7 @@ def file_json(record: StoredFile) -> dict[str, Any]:
         "created_at": record.created_at,
         "filename": record.filename,
         "bytes": record.bytes,
-        "purpose": record.purpose,
+        "purpose": TOGETHER_PURPOSES.get(record.purpose, record.purpose),
         "FileType": record.file_type,
         "LineCount": record.line_count,
         "Processed": record.processed,
@@ -62,7 +68,7 @@ def batch_json(batch: StoredBatch) -> dict[str, Any]:
         "user_id": EMULATOR_USER_ID,
         "input_file_id": batch.input_file_id,
         "file_size_bytes": batch.file_size_bytes,
-        "status": batch.status.value.upper(),
+        "status": TOGETHER_STATUS.get(batch.status, batch.status.value.upper()),
         "job_deadline": iso_z(batch.deadline),
         "created_at": iso_z(batch.created_at),
         "endpoint": batch.endpoint,
@@ -217,7 +223,7 @@ def together_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) -> 
             return batch_error(400, "priority must be an integer")
         created = clock()
         batch = StoredBatch(
-            id=state.new_batch_id(),
+            id=state.new_batch_id("together"),
             seq=state.next_seq(),
             dialect="together",
             input_file_id=record.id,
@@ -245,12 +251,14 @@ def together_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) -> 
 
     async def cancel_batch(request: Request) -> Response:
         try:
-            batch = await worker.cancel(request.path_params["batch_id"])
+            # Together answers CANCELLED at once, unless the timeline asks for a visible cancelling period.
+            wait = worker.timeline.cancelling_s == 0
+            batch = await worker.cancel(request.path_params["batch_id"], wait=wait)
         except KeyError:
             return batch_error(404, "batch not found")
         except NotCancellable as exc:
             return batch_error(400, f"batch is {str(exc).upper()} and cannot be cancelled")
-        log.info("emulator.batch.cancelled", batch_id=batch.id)
+        log.info("emulator.batch.cancel_requested", batch_id=batch.id, status=batch.status.value)
         return JSONResponse(batch_json(batch))
 
     return [

@@ -107,14 +107,3 @@ def openai_error_body(status: int, message: str, *, code: str | None = None) -> 
     """An OpenAI-style error body `{"error": {"message", "type", "param", "code"}}`."""
     kind = _STATUS_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
-
-def error_line(custom_id: str, code: str) -> dict[str, Any]:
-    """A Together error line: a request that failed without an HTTP answer."""
-    return {"custom_id": custom_id, "error": {"message": f"Emulated error: {code}", "code": code}}
-
-
-def status_line(custom_id: str, status: int) -> dict[str, Any]:
-    """A response line whose status is an error, with an OpenAI-style body."""
-    body = openai_error_body(status, f"Emulated HTTP {status}", code=f"emulated_{status}")
-    return {"custom_id": custom_id, "response": {"status_code": status, "body": body}}

@@ -1,9 +1,11 @@
-"""The batch worker: VALIDATING → IN_PROGRESS → a terminal status, with result files.
+"""The batch worker: VALIDATING → IN_PROGRESS → FINALIZING → a terminal status, with result files.
 
 Each batch runs in its own task under the worker's task group. Whoever moves
 a batch (its run, or a cancel) holds that batch's lock, so a cancel and the
-run never write the same batch at once. A batch that was not finished when
-the process stopped is run again from the start after a restart.
+run never write the same batch at once. Every answer is recorded durably in
+the batch's spool as it arrives; a batch that was not finished when the
+process stopped is picked up after a restart and only the requests without a
+recorded answer are asked again.
 """
 
 from __future__ import annotations
@@ -18,28 +20,35 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 import structlog
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 
-from batchd.emulator.engines import Engine
-from batchd.emulator.spool import RequestLines, SpoolWriter, WrittenResults, write_sorted_results
-from batchd.emulator.state import BatchStatus, Clock, EmulatorState, StoredBatch, StoredFile
-from batchd.emulator.triggers import (
-    TRIGGER_KEY,
-    TriggerError,
-    error_line,
-    fail_once_key,
-    split_trigger,
-    status_line,
+from batchd.emulator.answers import (
+    EXPIRED_CODE,
+    EXPIRED_MESSAGE,
+    Answer,
+    error_answer,
+    render_line,
+    status_answer,
 )
-from batchd.models import PROVIDER_LIMITS
+from batchd.emulator.engines import Engine
+from batchd.emulator.spool import RequestLines, Spool, WrittenResults, custom_id_hash, write_sorted_results
+from batchd.emulator.state import BatchStatus, Clock, EmulatorState, StoredBatch, StoredFile
+from batchd.emulator.timeline import Timeline
+from batchd.emulator.triggers import TRIGGER_KEY, TriggerError, fail_once_key, split_trigger
+from batchd.models import PROVIDER_LIMITS, Limits
 
 log = structlog.get_logger()
 
-#: Together's per-batch limits (DESIGN §3: the local backend uses them too).
-LIMITS = PROVIDER_LIMITS["together"]
-#: Longest custom_id Together accepts.
+#: Longest custom_id both services accept.
 MAX_CUSTOM_ID = 64
+#: OpenAI keeps batch result files 30 days unless told otherwise.
+OPENAI_RESULT_TTL_S = 30 * 24 * 3600
+
+
+def limits_for(dialect: str) -> Limits:
+    """The per-batch limits of the dialect that created a batch (Together: 100 MB, OpenAI: 200 MB)."""
+    return PROVIDER_LIMITS["openai" if dialect == "openai" else "together"]
 
 
 class Gate:
@@ -75,7 +84,25 @@ class Gate:
 
 
 class NotCancellable(Exception):
-    """The batch already ended."""
+    """The batch already ended (or is finalizing)."""
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """Why a batch FAILED: Together shows `message`; OpenAI's `errors` list shows every field."""
+
+    message: str
+    code: str
+    line: int | None = None
+    param: str | None = None
+
+
+class LineProblem(ValueError):
+    """A request line breaks a rule."""
+
+    def __init__(self, lineno: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(f"line {lineno}: {message}")
+        self.problem = InputProblem(f"line {lineno}: {message}", code, lineno, param)
 
 
 @dataclass(frozen=True)
@@ -91,31 +118,44 @@ class InputPlan:
     #: the line number of the stop trigger
     stop_line: int = 0
     #: why the input is invalid (the batch FAILS); None when valid
-    error: str | None = None
+    problem: InputProblem | None = None
+
+
+def _result_name(batch: StoredBatch, output: bool) -> str:
+    if batch.dialect == "openai":
+        # OpenAI's own names: batch_abc_output.jsonl, batch_abc_error.jsonl.
+        return f"{batch.id}_{'output' if output else 'error'}.jsonl"
+    return f"batch_{batch.id}_{'output' if output else 'errors'}.jsonl"
+
+
+def _invalid(message: str, code: str, param: str | None = None) -> InputPlan:
+    return InputPlan(0, 0, problem=InputProblem(message, code, None, param))
 
 
 def _check_line(lineno: int, raw: bytes, endpoint: str) -> tuple[str, Any]:
-    """Return (custom_id, trigger or None) of a valid request line; raise ValueError otherwise."""
+    """Return (custom_id, trigger or None) of a valid request line; raise LineProblem otherwise."""
     try:
         obj = json.loads(raw)
     except ValueError:
-        raise ValueError(f"line {lineno}: not valid JSON") from None
+        raise LineProblem(lineno, "not valid JSON", "invalid_json_line") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"line {lineno}: not a JSON object")
+        raise LineProblem(lineno, "not a JSON object", "invalid_json_line")
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= MAX_CUSTOM_ID:
-        raise ValueError(f"line {lineno}: custom_id must be a string of 1 to {MAX_CUSTOM_ID} characters")
+        message = f"custom_id must be a string of 1 to {MAX_CUSTOM_ID} characters"
+        raise LineProblem(lineno, message, "invalid_custom_id", "custom_id")
     if obj.get("method", "POST") != "POST":
-        raise ValueError(f"line {lineno}: method must be POST")
+        raise LineProblem(lineno, "method must be POST", "invalid_method", "method")
     if obj.get("url") != endpoint:
-        raise ValueError(f"line {lineno}: url {obj.get('url')!r} is not the batch endpoint {endpoint!r}")
+        message = f"url {obj.get('url')!r} is not the batch endpoint {endpoint!r}"
+        raise LineProblem(lineno, message, "mismatched_endpoint", "url")
     body = obj.get("body")
     if not isinstance(body, dict):
-        raise ValueError(f"line {lineno}: body must be a JSON object")
+        raise LineProblem(lineno, "body must be a JSON object", "invalid_body", "body")
     try:
         trigger, _ = split_trigger(body)
     except TriggerError as exc:
-        raise ValueError(f"line {lineno}: {exc}") from None
+        raise LineProblem(lineno, str(exc), "invalid_trigger", f"body.{TRIGGER_KEY}") from None
     return custom_id, trigger
 
 
@@ -123,19 +163,29 @@ class BatchWorker:
     """Runs batches: validation, answering through the engine, result files.
 
     `concurrency` bounds the requests of one batch in flight at once (the
-    engine may bound them further). Call `run()` in a task group; `enqueue()`
-    hands it a new batch; `cancel()` ends one with what it answered so far.
+    engine may bound them further); `timeline` sets how long each state
+    lasts at least. Call `run()` in a task group; `enqueue()` hands it a new
+    batch; `cancel()` ends one with what it answered so far.
     """
 
     def __init__(
-        self, state: EmulatorState, engine: Engine, gate: Gate, clock: Clock, *, concurrency: int = 64
+        self,
+        state: EmulatorState,
+        engine: Engine,
+        gate: Gate,
+        clock: Clock,
+        *,
+        concurrency: int = 64,
+        timeline: Timeline | None = None,
     ) -> None:
         self._state = state
         self._engine = engine
         self._gate = gate
         self._clock = clock
         self._concurrency = concurrency
+        self.timeline = timeline or Timeline()
         self._send: MemoryObjectSendStream[str] | None = None
+        self._tg: TaskGroup | None = None
         self._runs: dict[str, anyio.CancelScope] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._cancelling: set[str] = set()
@@ -148,6 +198,7 @@ class BatchWorker:
         self._send = send
         try:
             async with receive, anyio.create_task_group() as tg:
+                self._tg = tg
                 for batch in self._state.unfinished_batches():
                     log.info("emulator.batch.resumed", batch_id=batch.id, status=batch.status.value)
                     tg.start_soon(self._run_batch, batch.id)
@@ -155,6 +206,7 @@ class BatchWorker:
                 async for batch_id in receive:
                     tg.start_soon(self._run_batch, batch_id)
         finally:
+            self._tg = None
             self._send = None
             send.close()
 
@@ -165,35 +217,69 @@ class BatchWorker:
             return
         self._send.send_nowait(batch_id)
 
-    async def cancel(self, batch_id: str) -> StoredBatch:
+    async def cancel(self, batch_id: str, *, wait: bool = True) -> StoredBatch:
         """Stop a batch and end it CANCELLED, keeping the answers it already has.
 
-        Raises KeyError for an unknown batch and NotCancellable for a finished one.
+        With `wait` (Together's dialect) the batch is CANCELLED when this
+        returns, even while the emulator is paused. Without it (OpenAI's
+        dialect) it is CANCELLING when this returns; the worker ends it after
+        `timeline.cancelling_s`, once not paused. Raises KeyError for an
+        unknown batch and NotCancellable for a finished or finalizing one.
         """
         batch = self._state.batch(batch_id)
         if batch is None:
             raise KeyError(batch_id)
-        if batch.status.terminal:
+        if batch.status is BatchStatus.CANCELLING and not wait:
+            return batch
+        if batch.status.terminal or batch.status is BatchStatus.FINALIZING:
             raise NotCancellable(batch.status.value)
         self._cancelling.add(batch_id)
         try:
             run = self._runs.get(batch_id)
             if run is not None:
                 run.cancel()
-            # The run gives the lock back once its cancellation has unwound (its spool is flushed).
+            # The run gives the lock back once its cancellation has unwound (its spool is closed).
             async with self._lock(batch_id):
+                # Looked up again: the run may have moved it meanwhile.
+                batch = self._state.batch(batch_id)
+                assert batch is not None
+                if batch.status is BatchStatus.FINALIZING:
+                    # The run was stopped after its last answer: finish what it was finishing.
+                    await self._finish(batch, BatchStatus.COMPLETED)
                 if batch.status.terminal:
                     raise NotCancellable(batch.status.value)
-                await self._finish(batch, BatchStatus.CANCELLED)
+                if wait:
+                    await self._finish(batch, BatchStatus.CANCELLED)
+                    return batch
+                batch.status = BatchStatus.CANCELLING
+                batch.cancelling_at = self._clock()
+                await self._state.save_batch(batch)
+                log.info("emulator.batch.cancelling", batch_id=batch_id)
         finally:
             self._cancelling.discard(batch_id)
+        if self._tg is not None:
+            self._tg.start_soon(self._end_cancelling, batch_id)
         return batch
 
     def _lock(self, batch_id: str) -> anyio.Lock:
         return self._locks.setdefault(batch_id, anyio.Lock())
 
+    async def _end_cancelling(self, batch_id: str) -> None:
+        """CANCELLING → CANCELLED after the timeline's wait, once not paused."""
+        await anyio.sleep(self.timeline.cancelling_s)
+        await self._gate.wait()
+        async with self._lock(batch_id):
+            batch = self._state.batch(batch_id)
+            if batch is not None and batch.status is BatchStatus.CANCELLING:
+                await self._finish(batch, BatchStatus.CANCELLED)
+
     async def _run_batch(self, batch_id: str) -> None:
         if batch_id in self._runs or batch_id in self._cancelling:
+            return
+        batch = self._state.batch(batch_id)
+        if batch is not None and batch.status is BatchStatus.CANCELLING:
+            # Stopped while cancelling: the cancel is carried out now.
+            await self._end_cancelling(batch_id)
             return
         scope = anyio.CancelScope()
         self._runs[batch_id] = scope
@@ -203,27 +289,36 @@ class BatchWorker:
                     batch = self._state.batch(batch_id)
                     if batch is None or batch.status.terminal or batch_id in self._cancelling:
                         return
+                    if batch.status is BatchStatus.CANCELLING:
+                        return
                     try:
                         await self._process(batch)
                     except Exception as exc:
                         # A bug or a full disk must not leave the batch IN_PROGRESS forever.
                         log.exception("emulator.batch.crashed", batch_id=batch_id)
-                        await self._finish(batch, BatchStatus.FAILED, error=f"internal error: {exc}")
+                        problem = InputProblem(f"internal error: {exc}", "internal_error")
+                        await self._finish(batch, BatchStatus.FAILED, problem=problem)
         finally:
             self._runs.pop(batch_id, None)
 
     # -- one batch ------------------------------------------------------------
 
     async def _process(self, batch: StoredBatch) -> None:
+        started = anyio.current_time()
         await self._gate.wait()
+        if batch.status is BatchStatus.FINALIZING:
+            # Stopped after its last answer: every answer is in the spool.
+            await self._finalize(batch)
+            return
         plan = await self._plan(batch)
-        if plan.error is not None:
-            log.info("emulator.batch.invalid", batch_id=batch.id, error=plan.error)
-            await self._finish(batch, BatchStatus.FAILED, error=plan.error)
+        if plan.problem is not None:
+            log.info("emulator.batch.invalid", batch_id=batch.id, error=plan.problem.message)
+            await self._finish(batch, BatchStatus.FAILED, problem=plan.problem)
             return
         batch.total = plan.total
-        await self._gate.wait()
         if batch.status is BatchStatus.VALIDATING:
+            await anyio.sleep_until(started + self.timeline.validating_s)
+            await self._gate.wait()
             batch.status = BatchStatus.IN_PROGRESS
             batch.in_progress_at = self._clock()
             await self._state.save_batch(batch)
@@ -233,17 +328,28 @@ class BatchWorker:
         if expired:
             await self._finish(batch, BatchStatus.EXPIRED)
         elif plan.stop is BatchStatus.FAILED:
-            error = f"batch failed at line {plan.stop_line} ({TRIGGER_KEY}.fail_batch)"
-            await self._finish(batch, BatchStatus.FAILED, error=error)
+            message = f"batch failed at line {plan.stop_line} ({TRIGGER_KEY}.fail_batch)"
+            problem = InputProblem(message, "batch_failed", plan.stop_line)
+            await self._finish(batch, BatchStatus.FAILED, problem=problem)
         elif plan.stop is not None:
             await self._finish(batch, plan.stop)
         else:
-            await self._finish(batch, BatchStatus.COMPLETED)
+            await self._finalize(batch)
+
+    async def _finalize(self, batch: StoredBatch) -> None:
+        if batch.status is not BatchStatus.FINALIZING:
+            batch.status = BatchStatus.FINALIZING
+            batch.finalizing_at = self._clock()
+            await self._state.save_batch(batch)
+        await anyio.sleep(self.timeline.finalizing_s)
+        await self._gate.wait()
+        await self._finish(batch, BatchStatus.COMPLETED)
 
     async def _plan(self, batch: StoredBatch) -> InputPlan:
         """Check every line of the input (streamed) and find the first stop trigger."""
-        if batch.file_size_bytes > LIMITS.max_bytes:
-            return InputPlan(0, 0, error=f"input file is larger than {LIMITS.max_bytes} bytes")
+        limits = limits_for(batch.dialect)
+        if batch.file_size_bytes > limits.max_bytes:
+            return _invalid(f"input file is larger than {limits.max_bytes} bytes", "file_too_large", "input_file_id")
         seen: set[str] = set()
         limit: int | None = None
         stop: BatchStatus | None = None
@@ -253,10 +359,16 @@ class BatchWorker:
                 for lineno, raw in block:
                     try:
                         custom_id, trigger = _check_line(lineno, raw, batch.endpoint)
-                    except ValueError as exc:
-                        return InputPlan(0, 0, error=str(exc))
+                    except LineProblem as exc:
+                        return InputPlan(0, 0, problem=exc.problem)
                     if custom_id in seen:
-                        return InputPlan(0, 0, error=f"line {lineno}: duplicate custom_id {custom_id!r}")
+                        problem = InputProblem(
+                            f"line {lineno}: duplicate custom_id {custom_id!r}",
+                            "duplicate_custom_id",
+                            lineno,
+                            "custom_id",
+                        )
+                        return InputPlan(0, 0, problem=problem)
                     seen.add(custom_id)
                     if limit is None and trigger is not None and trigger.stops_batch:
                         limit = len(seen) - 1
@@ -264,82 +376,124 @@ class BatchWorker:
                         stop_line = lineno
                 await anyio.lowlevel.checkpoint()
         if not seen:
-            return InputPlan(0, 0, error="the input file holds no requests")
-        if len(seen) > LIMITS.max_requests:
-            return InputPlan(0, 0, error=f"the input file holds more than {LIMITS.max_requests} requests")
+            return _invalid("the input file holds no requests", "empty_file", "input_file_id")
+        if len(seen) > limits.max_requests:
+            message = f"the input file holds more than {limits.max_requests} requests"
+            return _invalid(message, "too_many_requests_in_batch", "input_file_id")
         total = len(seen)
         return InputPlan(total, total if limit is None else limit, stop, stop_line)
 
     async def _execute(self, batch: StoredBatch, plan: InputPlan) -> bool:
         """Answer the first `plan.limit` requests; True when the completion window ran out first."""
-        batch.completed = batch.failed = 0
-        batch.progress = 0.0
         slots = anyio.Semaphore(self._concurrency)
-        dispatched = 0
+        pace = self.timeline.in_progress_min_s
+        position = 0
         expired = False
         input_path = self._state.content_path(batch.input_file_id)
-        async with (
-            SpoolWriter(self._state.spool_path(batch.id)) as spool,
-            RequestLines(input_path) as lines,
-            # Innermost: every answer task ends before the spool is closed.
-            anyio.create_task_group() as tg,
-        ):
-            while dispatched < plan.limit and not expired and (block := await lines.next_lines()):
-                for _lineno, raw in block[: plan.limit - dispatched]:
-                    if self._clock() >= batch.deadline:
-                        expired = True
-                        break
-                    await self._gate.wait()
-                    await slots.acquire()
-                    tg.start_soon(self._answer_into, batch, raw, spool, slots)
-                    dispatched += 1
+        async with Spool(self._state.spool_path(batch.id)) as spool:
+            done = spool.summary
+            batch.completed, batch.failed = done.completed, done.failed
+            batch.input_tokens, batch.output_tokens = done.input_tokens, done.output_tokens
+            self._update_progress(batch)
+            if done.answered:
+                log.info("emulator.batch.resuming", batch_id=batch.id, answered=len(done.answered))
+            started = anyio.current_time()
+            async with (
+                RequestLines(input_path) as lines,
+                # Innermost: every answer task ends before the spool is closed.
+                anyio.create_task_group() as tg,
+            ):
+                while position < plan.limit and not expired and (block := await lines.next_lines()):
+                    for _lineno, raw in block[: plan.limit - position]:
+                        position += 1
+                        request = json.loads(raw)  # validated in _plan
+                        if custom_id_hash(request["custom_id"]) in done.answered:
+                            continue
+                        if pace:
+                            # Spread the requests over the IN_PROGRESS time, so progress climbs steadily.
+                            await anyio.sleep_until(started + pace * (position - 1) / plan.limit)
+                        if self._clock() >= batch.deadline:
+                            expired = True
+                            break
+                        await self._gate.wait()
+                        await slots.acquire()
+                        tg.start_soon(self._answer_into, batch, request, spool, slots)
+            if not expired:
+                await anyio.sleep_until(started + pace)
+            if batch.dialect == "openai" and (expired or plan.stop is BatchStatus.EXPIRED):
+                await self._record_expired(batch, spool)
         return expired
 
-    async def _answer_into(self, batch: StoredBatch, raw: bytes, spool: SpoolWriter, slots: anyio.Semaphore) -> None:
+    async def _answer_into(
+        self, batch: StoredBatch, request: dict[str, Any], spool: Spool, slots: anyio.Semaphore
+    ) -> None:
         try:
-            ok, custom_id, line = await self._answer(batch, raw)
+            answer = await self._answer(batch, request)
             # Paused: the answer is held back, so the batch does not advance.
             await self._gate.wait()
-            spool.append(ok, custom_id, line)
-            if ok:
+            await spool.append([(answer.ok, answer.custom_id, render_line(batch.dialect, batch.id, answer))])
+            if answer.ok:
                 batch.completed += 1
+                used_in, used_out = answer.usage()
+                batch.input_tokens += used_in
+                batch.output_tokens += used_out
             else:
                 batch.failed += 1
-            batch.progress = round(100.0 * (batch.completed + batch.failed) / max(batch.total, 1), 2)
-            if spool.full:
-                await spool.flush()
+            self._update_progress(batch)
         finally:
             slots.release()
 
-    async def _answer(self, batch: StoredBatch, raw: bytes) -> tuple[bool, str, dict[str, Any]]:
-        """One request's result line and whether it belongs in the output file."""
-        request = json.loads(raw)  # validated in _plan
+    @staticmethod
+    def _update_progress(batch: StoredBatch) -> None:
+        batch.progress = round(100.0 * (batch.completed + batch.failed) / max(batch.total, 1), 2)
+
+    async def _record_expired(self, batch: StoredBatch, spool: Spool) -> None:
+        """OpenAI writes a `batch_expired` error line for every request an expired batch never ran."""
+        async with RequestLines(self._state.content_path(batch.input_file_id)) as lines:
+            while block := await lines.next_lines():
+                records = []
+                for _lineno, raw in block:
+                    custom_id: str = json.loads(raw)["custom_id"]
+                    if custom_id_hash(custom_id) not in spool.summary.answered:
+                        answer = error_answer(custom_id, EXPIRED_CODE, EXPIRED_MESSAGE)
+                        records.append((False, custom_id, render_line(batch.dialect, batch.id, answer)))
+                if records:
+                    await spool.append(records)
+                    batch.failed += len(records)
+
+    async def _answer(self, batch: StoredBatch, request: dict[str, Any]) -> Answer:
+        """One request's answer: from its trigger, else from the engine."""
         custom_id: str = request["custom_id"]
         trigger, body = split_trigger(request["body"])
         if trigger is not None:
             if trigger.error is not None:
-                return False, custom_id, error_line(custom_id, trigger.error)
+                return error_answer(custom_id, trigger.error)
             if trigger.status is not None:
-                return False, custom_id, status_line(custom_id, trigger.status)
+                return status_answer(custom_id, trigger.status)
             if trigger.fail_once is not None and await self._state.first_failure(fail_once_key(custom_id, body)):
-                return False, custom_id, status_line(custom_id, trigger.fail_once)
+                return status_answer(custom_id, trigger.fail_once)
         try:
             status, reply = await self._engine.respond(batch.endpoint, body)
         except Exception:
             log.exception("emulator.engine.crashed", batch_id=batch.id, custom_id=custom_id)
-            return False, custom_id, status_line(custom_id, 500)
-        line = {"custom_id": custom_id, "response": {"status_code": status, "body": reply}}
-        return 200 <= status < 300, custom_id, line
+            return status_answer(custom_id, 500)
+        return Answer(custom_id, status_code=status, body=reply)
 
-    async def _finish(self, batch: StoredBatch, status: BatchStatus, *, error: str | None = None) -> None:
+    async def _finish(self, batch: StoredBatch, status: BatchStatus, *, problem: InputProblem | None = None) -> None:
         """Write the result files and record the terminal status; never interrupted half-way."""
         with anyio.CancelScope(shield=True):
             output_id, error_id = await self._write_results(batch)
+            now = self._clock()
             batch.status = status
-            batch.error = error
+            batch.error = problem.message if problem is not None else None
+            batch.error_code = problem.code if problem is not None else None
+            batch.error_line = problem.line if problem is not None else None
+            batch.error_param = problem.param if problem is not None else None
             batch.output_file_id = output_id
             batch.error_file_id = error_id
-            batch.finished_at = self._clock()
+            if status is BatchStatus.CANCELLED and batch.cancelling_at is None:
+                batch.cancelling_at = now
+            batch.finished_at = now
             if status is BatchStatus.COMPLETED:
                 batch.progress = 100.0
             await self._state.save_batch(batch)
@@ -350,7 +504,7 @@ class BatchWorker:
             status=status.value,
             completed=batch.completed,
             failed=batch.failed,
-            error=error,
+            error=batch.error,
         )
 
     async def _write_results(self, batch: StoredBatch) -> tuple[str | None, str | None]:
@@ -359,24 +513,30 @@ class BatchWorker:
         written: WrittenResults = await anyio.to_thread.run_sync(
             write_sorted_results, self._state.spool_path(batch.id), out_tmp, err_tmp
         )
-        output_id = await self._install_result(batch, out_tmp, "output", written.output_lines, written.output_bytes)
-        error_id = await self._install_result(batch, err_tmp, "errors", written.error_lines, written.error_bytes)
+        # The counts follow the files (a cancel may have cut the run between two answers).
+        batch.completed, batch.failed = written.output_lines, written.error_lines
+        output_id = await self._install_result(batch, out_tmp, True, written.output_lines, written.output_bytes)
+        error_id = await self._install_result(batch, err_tmp, False, written.error_lines, written.error_bytes)
         return output_id, error_id
 
-    async def _install_result(self, batch: StoredBatch, tmp: Path, kind: str, lines: int, size: int) -> str | None:
+    async def _install_result(self, batch: StoredBatch, tmp: Path, output: bool, lines: int, size: int) -> str | None:
         if lines == 0:
             await anyio.Path(tmp).unlink(missing_ok=True)
             return None
+        created = int(self._clock().timestamp())
+        openai = batch.dialect == "openai"
         record = StoredFile(
             id=self._state.new_file_id(),
             seq=self._state.next_seq(),
-            filename=f"batch_{batch.id}_{kind}.jsonl",
-            purpose="batch-api",
+            filename=_result_name(batch, output),
+            purpose="batch_output" if openai else "batch-api",
             file_type="jsonl",
-            created_at=int(self._clock().timestamp()),
+            created_at=created,
             bytes=size,
             line_count=lines,
             processed=True,
+            result_of=batch.id,
+            expires_at=created + OPENAI_RESULT_TTL_S if openai else None,
         )
         await self._state.install_content(record, tmp)
         return record.id

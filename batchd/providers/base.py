@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from batchd.models import Limits, RemoteBatch
+from batchd.models import Limits, RemoteBatch, RemoteFile
 
 
 class ProviderError(Exception):
@@ -53,11 +53,19 @@ class Provider(Protocol):
         """
         ...
 
+    async def upload(self, path: Path, *, filename: str, sha256: str) -> RemoteFile:
+        """`upload_file`, answering what the provider says about the stored file (the client shows it)."""
+        ...
+
     async def create_batch(
-        self, *, input_file_id: str, endpoint: str, completion_window: str, job_id: str
+        self, *, input_file_id: str, endpoint: str, completion_window: str, job_id: str | None = None
     ) -> RemoteBatch:
         """Create a batch. Never retried blindly: a lost answer raises
-        ProviderError(outcome_unknown=True) and the caller reconciles by listing."""
+        ProviderError(outcome_unknown=True) and the caller reconciles by listing.
+
+        `job_id` is batchd's job (the daemon always gives it; the client has
+        none): where the dialect has metadata it goes there as `batchd_job_id`.
+        """
         ...
 
     async def get_batch(self, batch_id: str) -> RemoteBatch: ...

@@ -157,3 +157,59 @@ async def run_batch(
     file_id = await upload(client, to_jsonl(lines))
     job = await wait_for_batch(client, await create_batch(client, file_id, endpoint))
     return job, await download(client, job["output_file_id"]), await download(client, job["error_file_id"])
+
+
+# -- the OpenAI dialect ----------------------------------------------------------
+
+OPENAI = "/openai/v1"
+OPENAI_TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+
+
+async def openai_upload(client: httpx.AsyncClient, data: bytes, name: str = "batch.jsonl") -> str:
+    """OpenAI's one-step multipart upload with purpose=batch; returns the file id."""
+    answer = await client.post(f"{OPENAI}/files", files={"purpose": (None, "batch"), "file": (name, data)})
+    assert answer.status_code == 200, answer.text
+    file_id: str = answer.json()["id"]
+    return file_id
+
+
+async def openai_create(client: httpx.AsyncClient, file_id: str, endpoint: str = CHAT, **extra: Any) -> dict[str, Any]:
+    """Create a batch through the OpenAI dialect; returns the Batch object."""
+    answer = await client.post(
+        f"{OPENAI}/batches",
+        json={"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h", **extra},
+    )
+    assert answer.status_code == 200, answer.text
+    batch: dict[str, Any] = answer.json()
+    return batch
+
+
+async def openai_wait(
+    client: httpx.AsyncClient,
+    batch_id: str,
+    *,
+    until: Callable[[dict[str, Any]], bool] | None = None,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
+    """Poll the OpenAI dialect until the batch is terminal (or satisfies `until`)."""
+    with anyio.fail_after(timeout):
+        while True:
+            batch: dict[str, Any] = (await client.get(f"{OPENAI}/batches/{batch_id}")).json()
+            if until(batch) if until is not None else batch["status"] in OPENAI_TERMINAL:
+                return batch
+            await anyio.sleep(0.01)
+
+
+async def openai_download(client: httpx.AsyncClient, file_id: str | None) -> list[dict[str, Any]]:
+    """The lines of a stored file through the OpenAI dialect; [] for a null file id."""
+    if file_id is None:
+        return []
+    answer = await client.get(f"{OPENAI}/files/{file_id}/content")
+    assert answer.status_code == 200, answer.text
+    return parse_jsonl(answer.content)
+
+
+async def openai_run(client: httpx.AsyncClient, lines: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """Upload and create through the OpenAI dialect, then wait for the end; returns the Batch."""
+    created = await openai_create(client, await openai_upload(client, to_jsonl(lines)), **extra)
+    return await openai_wait(client, created["id"])

@@ -1,4 +1,4 @@
-"""The official `together` SDK (v3), unchanged, against the emulator on a loopback port.
+"""The official `together` (v3) and `openai` SDKs, unchanged, against the emulator on a loopback port.
 
 No environment tweak is needed for the upload: the SDK checks the presigned
 `Location` with `_validate_upload_server_url`, which allows plain http and
@@ -17,6 +17,7 @@ import anyio
 import anyio.to_thread
 import httpx
 import pytest
+from openai import AsyncOpenAI, OpenAI
 from together import AsyncTogether, Together
 from together.lib.resources.files import FileAlreadyExistsError
 
@@ -94,3 +95,85 @@ async def test_async_sdk_reuse_by_checksum_files_and_cancel(tmp_path: Path) -> N
             cancelled = await client.batches.cancel(created.job.id)
             assert cancelled.status == "CANCELLED" and cancelled.completed_at is not None
             await control.post("/_emulator/resume")
+
+
+# -- the openai SDK ------------------------------------------------------------------
+
+OPENAI_TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+def openai_round_trip(base_url: str, input_path: Path) -> tuple[str, list[str], list[str], bytes]:
+    """Plain blocking SDK code, as a user would write it: upload, create, poll, list, download."""
+    with OpenAI(api_key="any-key", base_url=f"{base_url}/openai/v1") as client:
+        uploaded = client.files.create(file=input_path, purpose="batch")
+        assert uploaded.purpose == "batch" and uploaded.bytes == input_path.stat().st_size
+        created = client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"job": "sdk-test"},
+        )
+        deadline = time.monotonic() + 20
+        batch = client.batches.retrieve(created.id)
+        while batch.status not in OPENAI_TERMINAL:
+            assert time.monotonic() < deadline, batch
+            time.sleep(0.02)
+            batch = client.batches.retrieve(created.id)
+        assert batch.status == "completed" and batch.metadata == {"job": "sdk-test"}
+        assert batch.request_counts is not None and batch.request_counts.completed == len(LINES)
+        assert batch.output_file_id is not None and batch.completed_at is not None
+        more = []
+        for _ in range(2):
+            again = client.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            more.append(again.id)
+        # limit=1: the SDK follows `has_more` and `after` through three pages.
+        listed = [b.id for b in client.batches.list(limit=1)]
+        output = client.files.content(batch.output_file_id).read()
+        return batch.id, more, listed, output
+
+
+async def test_sync_openai_sdk_uploads_creates_polls_lists_and_downloads(tmp_path: Path) -> None:
+    input_path = write_input(tmp_path / "input")
+    async with serve_emulator(create_app(tmp_path / "emulator")) as base_url:
+        batch_id, more, listed, output = await anyio.to_thread.run_sync(openai_round_trip, base_url, input_path)
+    assert listed == [*more[::-1], batch_id]
+    results = parse_jsonl(output)
+    assert sorted(r["custom_id"] for r in results) == sorted(line["custom_id"] for line in LINES)
+    assert all(r["response"]["status_code"] == 200 and r["error"] is None for r in results)
+
+
+async def test_async_openai_sdk_round_trip_and_cancel(tmp_path: Path) -> None:
+    input_path = write_input(tmp_path / "input")
+    async with (
+        serve_emulator(create_app(tmp_path / "emulator")) as base_url,
+        AsyncOpenAI(api_key="any-key", base_url=f"{base_url}/openai/v1") as client,
+        httpx.AsyncClient(base_url=base_url) as control,
+    ):
+        uploaded = await client.files.create(file=input_path, purpose="batch")
+        assert (await client.files.retrieve(uploaded.id)).status == "processed"
+        created = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        with anyio.fail_after(20):
+            batch = await client.batches.retrieve(created.id)
+            while batch.status not in OPENAI_TERMINAL:
+                await anyio.sleep(0.02)
+                batch = await client.batches.retrieve(created.id)
+        assert batch.status == "completed" and batch.output_file_id is not None
+        content = await client.files.content(batch.output_file_id)
+        assert len(parse_jsonl(content.content)) == len(LINES)
+
+        await control.post("/_emulator/pause")
+        held = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        cancelling = await client.batches.cancel(held.id)
+        assert cancelling.status == "cancelling" and cancelling.cancelling_at is not None
+        await control.post("/_emulator/resume")
+        with anyio.fail_after(20):
+            while (await client.batches.retrieve(held.id)).status != "cancelled":  # noqa: ASYNC110 - over HTTP
+                await anyio.sleep(0.02)
+        listed = [b.id async for b in client.batches.list(limit=1)]
+        assert listed == [held.id, created.id]

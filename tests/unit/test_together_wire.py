@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import tracemalloc
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
-from email.message import EmailMessage
-from email.parser import BytesParser
-from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +15,23 @@ from structlog.testing import capture_logs
 
 from batchd.models import PROVIDER_LIMITS, RemoteStatus
 from batchd.providers.base import Provider, ProviderError
-from batchd.providers.together import (
-    TogetherProvider,
-    normalise_base_url,
-    parse_batch_job,
-    parse_error_message,
-)
+from batchd.providers.http import parse_error_message
+from batchd.providers.together import TogetherProvider, normalise_base_url, parse_batch_job
 from batchd.retry import RetryPolicy
+from tests.unit.fake_http import (
+    BrokenStream,
+    FakeApi,
+    Handler,
+    RecordingSleep,
+    StreamingTransport,
+    answer,
+    form_parts,
+    raise_,
+)
 
 KEY = "tgp_v1_secret-key-do-not-log"
 BASE = "https://api.together.test"
 STORAGE = "https://storage.test/upload/abc?sig=xyz"
-
-Handler = Callable[[httpx.Request], httpx.Response]
 
 
 def job(**overrides: Any) -> dict[str, Any]:
@@ -55,60 +56,9 @@ def job(**overrides: Any) -> dict[str, Any]:
     return body
 
 
-class RecordingSleep:
-    def __init__(self) -> None:
-        self.calls: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
-
-
-class FakeTogether:
-    """Answers each request from a script of handlers keyed by (method, path); records requests."""
-
-    def __init__(self) -> None:
-        self.requests: list[httpx.Request] = []
-        self.bodies: list[bytes] = []
-        #: when False, request bodies are drained and only their sizes kept (memory tests)
-        self.keep_bodies = True
-        self.body_sizes: list[int] = []
-        self.script: dict[tuple[str, str], list[Handler]] = {}
-
-    def on(self, method: str, path: str, *handlers: Handler) -> None:
-        self.script.setdefault((method, path), []).extend(handlers)
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        if self.keep_bodies:
-            self.bodies.append(await request.aread())
-            self.body_sizes.append(len(self.bodies[-1]))
-        else:
-            assert isinstance(request.stream, httpx.AsyncByteStream)
-            self.body_sizes.append(sum([len(chunk) async for chunk in request.stream]))
-        self.requests.append(request)
-        queue = self.script.get((request.method, request.url.path))
-        if not queue:
-            return httpx.Response(404, json={"error": f"no script for {request.method} {request.url.path}"})
-        handler = queue.pop(0) if len(queue) > 1 else queue[0]
-        return handler(request)
-
-    def sent(self, method: str, path: str) -> list[httpx.Request]:
-        return [r for r in self.requests if r.method == method and r.url.path == path]
-
-
-def answer(status: int, **kwargs: Any) -> Handler:
-    return lambda request: httpx.Response(status, **kwargs)
-
-
-def raise_(exc: Exception) -> Handler:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise exc
-
-    return handler
-
-
 @pytest.fixture
-def fake() -> FakeTogether:
-    return FakeTogether()
+def fake() -> FakeApi:
+    return FakeApi()
 
 
 @pytest.fixture
@@ -117,7 +67,7 @@ def sleep() -> RecordingSleep:
 
 
 @pytest.fixture
-async def http(fake: FakeTogether) -> AsyncIterator[httpx.AsyncClient]:
+async def http(fake: FakeApi) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as client:
         yield client
 
@@ -125,14 +75,6 @@ async def http(fake: FakeTogether) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 def provider(http: httpx.AsyncClient, sleep: RecordingSleep) -> TogetherProvider:
     return TogetherProvider(http, base_url=BASE + "/v1/", api_key=KEY, retry=RetryPolicy(attempts=3), sleep=sleep)
-
-
-def form_parts(request: httpx.Request, body: bytes) -> list[EmailMessage]:
-    """The parts of a multipart/form-data body."""
-    head = f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode()
-    message = BytesParser(policy=default_policy).parsebytes(head + body)
-    assert isinstance(message, EmailMessage)
-    return list(message.iter_parts())  # type: ignore[arg-type]
 
 
 # -- construction ---------------------------------------------------------
@@ -182,7 +124,7 @@ def redirect_to_storage(request: httpx.Request) -> httpx.Response:
     return httpx.Response(302, headers={"Location": STORAGE, "X-Together-File-Id": "file-new"})
 
 
-async def test_upload_three_steps(provider: TogetherProvider, fake: FakeTogether, batch_file: Path) -> None:
+async def test_upload_three_steps(provider: TogetherProvider, fake: FakeApi, batch_file: Path) -> None:
     fake.on("POST", "/v1/files", redirect_to_storage)
     fake.on("PUT", "/upload/abc", answer(200))
     fake.on("POST", "/v1/files/file-new/preprocess", answer(200, json={"id": "file-new", "Processed": True}))
@@ -223,7 +165,7 @@ async def test_upload_three_steps(provider: TogetherProvider, fake: FakeTogether
 
 
 async def test_upload_relative_location_resolves_against_the_api(
-    provider: TogetherProvider, fake: FakeTogether, batch_file: Path
+    provider: TogetherProvider, fake: FakeApi, batch_file: Path
 ) -> None:
     fake.on("POST", "/v1/files", answer(302, headers={"Location": "/_store/x", "X-Together-File-Id": "f-2"}))
     fake.on("PUT", "/_store/x", answer(200))
@@ -233,16 +175,14 @@ async def test_upload_relative_location_resolves_against_the_api(
     assert "authorization" not in fake.requests[1].headers
 
 
-async def test_upload_409_reuses_the_existing_file(
-    provider: TogetherProvider, fake: FakeTogether, batch_file: Path
-) -> None:
+async def test_upload_409_reuses_the_existing_file(provider: TogetherProvider, fake: FakeApi, batch_file: Path) -> None:
     fake.on("POST", "/v1/files", answer(409, json={"file_id": "file-old"}))
     assert await provider.upload_file(batch_file, filename="b.jsonl", sha256="0" * 64) == "file-old"
     assert len(fake.requests) == 1
 
 
 async def test_upload_start_other_status_is_an_error(
-    provider: TogetherProvider, fake: FakeTogether, batch_file: Path
+    provider: TogetherProvider, fake: FakeApi, batch_file: Path
 ) -> None:
     body = {"error": {"message": "Invalid purpose", "type": "invalid_request_error", "param": "purpose"}}
     fake.on("POST", "/v1/files", answer(400, json=body))
@@ -256,7 +196,7 @@ async def test_upload_start_other_status_is_an_error(
 
 
 async def test_upload_302_without_headers_is_an_error(
-    provider: TogetherProvider, fake: FakeTogether, batch_file: Path
+    provider: TogetherProvider, fake: FakeApi, batch_file: Path
 ) -> None:
     fake.on("POST", "/v1/files", answer(302, headers={"Location": STORAGE}))
     with pytest.raises(ProviderError, match="X-Together-File-Id"):
@@ -264,7 +204,7 @@ async def test_upload_302_without_headers_is_an_error(
 
 
 async def test_upload_steps_are_retried(
-    provider: TogetherProvider, fake: FakeTogether, batch_file: Path, sleep: RecordingSleep
+    provider: TogetherProvider, fake: FakeApi, batch_file: Path, sleep: RecordingSleep
 ) -> None:
     fake.on("POST", "/v1/files", answer(503), redirect_to_storage)
     fake.on("PUT", "/upload/abc", raise_(httpx.WriteError("reset")), answer(200))
@@ -276,7 +216,7 @@ async def test_upload_steps_are_retried(
     assert fake.bodies[3] == BATCH_BYTES
 
 
-async def test_upload_put_refused_is_an_error(provider: TogetherProvider, fake: FakeTogether, batch_file: Path) -> None:
+async def test_upload_put_refused_is_an_error(provider: TogetherProvider, fake: FakeApi, batch_file: Path) -> None:
     fake.on("POST", "/v1/files", redirect_to_storage)
     fake.on("PUT", "/upload/abc", answer(403, text="<Error>SignatureDoesNotMatch</Error>"))
     with pytest.raises(ProviderError, match="SignatureDoesNotMatch"):
@@ -293,7 +233,7 @@ async def create(provider: TogetherProvider) -> Any:
     )
 
 
-async def test_create_201(provider: TogetherProvider, fake: FakeTogether) -> None:
+async def test_create_201(provider: TogetherProvider, fake: FakeApi) -> None:
     fake.on("POST", "/v1/batches", answer(201, json={"job": job(status="VALIDATING"), "warning": None}))
     batch = await create(provider)
     assert batch.id == "b-1"
@@ -308,7 +248,7 @@ async def test_create_201(provider: TogetherProvider, fake: FakeTogether) -> Non
     }
 
 
-async def test_create_null_job_carries_the_warning(provider: TogetherProvider, fake: FakeTogether) -> None:
+async def test_create_null_job_carries_the_warning(provider: TogetherProvider, fake: FakeApi) -> None:
     fake.on("POST", "/v1/batches", answer(201, json={"job": None, "warning": "model not available"}))
     with pytest.raises(ProviderError) as info:
         await create(provider)
@@ -329,7 +269,7 @@ async def test_create_null_job_carries_the_warning(provider: TogetherProvider, f
     ids=["503", "500", "timeout", "protocol", "unreadable-201"],
 )
 async def test_create_lost_answer_is_outcome_unknown_and_sent_once(
-    provider: TogetherProvider, fake: FakeTogether, sleep: RecordingSleep, handler: Handler
+    provider: TogetherProvider, fake: FakeApi, sleep: RecordingSleep, handler: Handler
 ) -> None:
     fake.on("POST", "/v1/batches", handler)
     with pytest.raises(ProviderError) as info:
@@ -341,7 +281,7 @@ async def test_create_lost_answer_is_outcome_unknown_and_sent_once(
 
 
 async def test_create_429_is_retryable_with_known_outcome(
-    provider: TogetherProvider, fake: FakeTogether, sleep: RecordingSleep
+    provider: TogetherProvider, fake: FakeApi, sleep: RecordingSleep
 ) -> None:
     fake.on("POST", "/v1/batches", answer(429, headers={"retry-after": "4"}, json={"error": "rate"}))
     with pytest.raises(ProviderError) as info:
@@ -354,7 +294,7 @@ async def test_create_429_is_retryable_with_known_outcome(
     assert sleep.calls == []
 
 
-async def test_create_400_is_final(provider: TogetherProvider, fake: FakeTogether) -> None:
+async def test_create_400_is_final(provider: TogetherProvider, fake: FakeApi) -> None:
     fake.on("POST", "/v1/batches", answer(400, json={"error": "Invalid endpoint"}))
     with pytest.raises(ProviderError) as info:
         await create(provider)
@@ -367,7 +307,7 @@ async def test_create_400_is_final(provider: TogetherProvider, fake: FakeTogethe
 
 
 async def test_get_429_retried_honouring_retry_after(
-    provider: TogetherProvider, fake: FakeTogether, sleep: RecordingSleep
+    provider: TogetherProvider, fake: FakeApi, sleep: RecordingSleep
 ) -> None:
     fake.on(
         "GET",
@@ -383,17 +323,13 @@ async def test_get_429_retried_honouring_retry_after(
     assert len(fake.requests) == 2
 
 
-async def test_get_transport_error_retried(
-    provider: TogetherProvider, fake: FakeTogether, sleep: RecordingSleep
-) -> None:
+async def test_get_transport_error_retried(provider: TogetherProvider, fake: FakeApi, sleep: RecordingSleep) -> None:
     fake.on("GET", "/v1/batches/b-1", raise_(httpx.ConnectError("refused")), answer(200, json=job()))
     assert (await provider.get_batch("b-1")).id == "b-1"
     assert len(sleep.calls) == 1
 
 
-async def test_get_gives_up_after_the_policy(
-    provider: TogetherProvider, fake: FakeTogether, sleep: RecordingSleep
-) -> None:
+async def test_get_gives_up_after_the_policy(provider: TogetherProvider, fake: FakeApi, sleep: RecordingSleep) -> None:
     fake.on("GET", "/v1/batches/b-1", answer(503, json={"error": "capacity"}))
     with pytest.raises(ProviderError) as info:
         await provider.get_batch("b-1")
@@ -403,7 +339,7 @@ async def test_get_gives_up_after_the_policy(
     assert len(sleep.calls) == 2
 
 
-async def test_batch_endpoint_error_shape(provider: TogetherProvider, fake: FakeTogether) -> None:
+async def test_batch_endpoint_error_shape(provider: TogetherProvider, fake: FakeApi) -> None:
     fake.on("GET", "/v1/batches/nope", answer(404, json={"error": "Batch job not found"}))
     with pytest.raises(ProviderError) as info:
         await provider.get_batch("nope")
@@ -413,13 +349,13 @@ async def test_batch_endpoint_error_shape(provider: TogetherProvider, fake: Fake
     assert len(fake.requests) == 1
 
 
-async def test_batch_id_is_one_path_segment(provider: TogetherProvider, fake: FakeTogether) -> None:
+async def test_batch_id_is_one_path_segment(provider: TogetherProvider, fake: FakeApi) -> None:
     fake.on("GET", "/v1/batches/a/../b", answer(200, json=job(id="a/../b")))
     await provider.get_batch("a/../b")
     assert fake.requests[0].url.raw_path == b"/v1/batches/a%2F..%2Fb"
 
 
-async def test_list_bare_array(provider: TogetherProvider, fake: FakeTogether) -> None:
+async def test_list_bare_array(provider: TogetherProvider, fake: FakeApi) -> None:
     fake.on("GET", "/v1/batches", answer(200, json=[job(id="b-1"), job(id="b-2", status="CANCELING")]))
     batches = await provider.list_batches()
     assert [(b.id, b.status) for b in batches] == [
@@ -428,13 +364,13 @@ async def test_list_bare_array(provider: TogetherProvider, fake: FakeTogether) -
     ]
 
 
-async def test_list_not_an_array(provider: TogetherProvider, fake: FakeTogether) -> None:
+async def test_list_not_an_array(provider: TogetherProvider, fake: FakeApi) -> None:
     fake.on("GET", "/v1/batches", answer(200, json={"data": []}))
     with pytest.raises(ProviderError, match="array"):
         await provider.list_batches()
 
 
-async def test_cancel(provider: TogetherProvider, fake: FakeTogether) -> None:
+async def test_cancel(provider: TogetherProvider, fake: FakeApi) -> None:
     fake.on("POST", "/v1/batches/b-1/cancel", answer(200, json=job(status="CANCELLED")))
     assert (await provider.cancel_batch("b-1")).status is RemoteStatus.CANCELLED
     assert fake.requests[0].headers["authorization"] == f"Bearer {KEY}"
@@ -517,17 +453,6 @@ def test_error_message_shapes(payload: Any, message: str | None) -> None:
 CONTENT = bytes(range(256)) * 400  # 102,400 bytes
 
 
-class BrokenStream(httpx.AsyncByteStream):
-    """A body that breaks off after `cut` bytes, as a dropped connection does."""
-
-    def __init__(self, data: bytes, cut: int) -> None:
-        self.data, self.cut = data, cut
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield self.data[: self.cut]
-        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
-
-
 def serve_content(request: httpx.Request) -> httpx.Response:
     """Honours `Range: bytes=N-` like a storage server."""
     header = request.headers.get("range")
@@ -548,14 +473,14 @@ def short_body(cut: int) -> Handler:
     return answer(200, content=CONTENT[:cut], headers={"Content-Length": str(len(CONTENT))})
 
 
-def ranges(fake: FakeTogether) -> Iterator[str | None]:
+def ranges(fake: FakeApi) -> Iterator[str | None]:
     return (r.headers.get("range") for r in fake.requests)
 
 
 CONTENT_PATH = "/v1/files/file-out/content"
 
 
-async def test_download_whole(provider: TogetherProvider, fake: FakeTogether, tmp_path: Path) -> None:
+async def test_download_whole(provider: TogetherProvider, fake: FakeApi, tmp_path: Path) -> None:
     fake.on("GET", CONTENT_PATH, serve_content)
     dest = tmp_path / "out.jsonl"
     assert await provider.download_file("file-out", dest) == len(CONTENT)
@@ -566,7 +491,7 @@ async def test_download_whole(provider: TogetherProvider, fake: FakeTogether, tm
 
 
 async def test_download_short_body_resumed_with_range(
-    provider: TogetherProvider, fake: FakeTogether, sleep: RecordingSleep, tmp_path: Path
+    provider: TogetherProvider, fake: FakeApi, sleep: RecordingSleep, tmp_path: Path
 ) -> None:
     fake.on("GET", CONTENT_PATH, short_body(30_000), serve_content)
     dest = tmp_path / "out.jsonl"
@@ -577,7 +502,7 @@ async def test_download_short_body_resumed_with_range(
 
 
 async def test_download_dropped_connection_keeps_prefix(
-    provider: TogetherProvider, fake: FakeTogether, tmp_path: Path
+    provider: TogetherProvider, fake: FakeApi, tmp_path: Path
 ) -> None:
     dropped = answer(200, stream=BrokenStream(CONTENT, 50_000), headers={"Content-Length": str(len(CONTENT))})
     fake.on("GET", CONTENT_PATH, dropped, serve_content)
@@ -588,7 +513,7 @@ async def test_download_dropped_connection_keeps_prefix(
 
 
 async def test_download_short_body_without_retries_leaves_prefix(
-    http: httpx.AsyncClient, fake: FakeTogether, sleep: RecordingSleep, tmp_path: Path
+    http: httpx.AsyncClient, fake: FakeApi, sleep: RecordingSleep, tmp_path: Path
 ) -> None:
     once = TogetherProvider(http, base_url=BASE, api_key=KEY, retry=RetryPolicy(attempts=1), sleep=sleep)
     fake.on("GET", CONTENT_PATH, short_body(1000))
@@ -599,7 +524,7 @@ async def test_download_short_body_without_retries_leaves_prefix(
     assert dest.read_bytes() == CONTENT[:1000]
 
 
-async def test_download_existing_prefix_resumes(provider: TogetherProvider, fake: FakeTogether, tmp_path: Path) -> None:
+async def test_download_existing_prefix_resumes(provider: TogetherProvider, fake: FakeApi, tmp_path: Path) -> None:
     fake.on("GET", CONTENT_PATH, serve_content)
     dest = tmp_path / "out.jsonl"
     dest.write_bytes(CONTENT[:777])
@@ -608,7 +533,7 @@ async def test_download_existing_prefix_resumes(provider: TogetherProvider, fake
     assert list(ranges(fake)) == ["bytes=777-"]
 
 
-async def test_download_range_ignored_rewrites(provider: TogetherProvider, fake: FakeTogether, tmp_path: Path) -> None:
+async def test_download_range_ignored_rewrites(provider: TogetherProvider, fake: FakeApi, tmp_path: Path) -> None:
     fake.on("GET", CONTENT_PATH, answer(200, content=CONTENT))
     dest = tmp_path / "out.jsonl"
     dest.write_bytes(b"stale prefix that is not the file")
@@ -616,7 +541,7 @@ async def test_download_range_ignored_rewrites(provider: TogetherProvider, fake:
     assert dest.read_bytes() == CONTENT
 
 
-async def test_download_already_complete(provider: TogetherProvider, fake: FakeTogether, tmp_path: Path) -> None:
+async def test_download_already_complete(provider: TogetherProvider, fake: FakeApi, tmp_path: Path) -> None:
     fake.on("GET", CONTENT_PATH, serve_content)
     dest = tmp_path / "out.jsonl"
     dest.write_bytes(CONTENT)
@@ -625,9 +550,7 @@ async def test_download_already_complete(provider: TogetherProvider, fake: FakeT
     assert list(ranges(fake)) == [f"bytes={len(CONTENT)}-"]
 
 
-async def test_download_wrong_206_start_starts_over(
-    provider: TogetherProvider, fake: FakeTogether, tmp_path: Path
-) -> None:
+async def test_download_wrong_206_start_starts_over(provider: TogetherProvider, fake: FakeApi, tmp_path: Path) -> None:
     wrong = answer(206, content=CONTENT[5:], headers={"Content-Range": f"bytes 5-{len(CONTENT) - 1}/{len(CONTENT)}"})
     fake.on("GET", CONTENT_PATH, wrong, serve_content)
     dest = tmp_path / "out.jsonl"
@@ -637,7 +560,7 @@ async def test_download_wrong_206_start_starts_over(
     assert list(ranges(fake)) == ["bytes=10-", None]
 
 
-async def test_download_not_found(provider: TogetherProvider, fake: FakeTogether, tmp_path: Path) -> None:
+async def test_download_not_found(provider: TogetherProvider, fake: FakeApi, tmp_path: Path) -> None:
     body = {"error": {"message": "File not found", "type": "invalid_request_error", "code": "not_found"}}
     fake.on("GET", CONTENT_PATH, answer(404, json=body))
     with pytest.raises(ProviderError) as info:
@@ -650,7 +573,7 @@ async def test_download_not_found(provider: TogetherProvider, fake: FakeTogether
 
 
 async def test_key_never_in_repr_or_logs(
-    provider: TogetherProvider, fake: FakeTogether, batch_file: Path, tmp_path: Path
+    provider: TogetherProvider, fake: FakeApi, batch_file: Path, tmp_path: Path
 ) -> None:
     assert KEY not in repr(provider)
     assert KEY not in str(vars(provider).get("base_url"))
@@ -684,17 +607,7 @@ def traced_peak() -> int:
     return tracemalloc.get_traced_memory()[1]
 
 
-class StreamingTransport(httpx.AsyncBaseTransport):
-    """Like MockTransport, but does not read the whole request body before the handler."""
-
-    def __init__(self, handler: FakeTogether) -> None:
-        self.handler = handler
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await self.handler(request)
-
-
-async def test_upload_streams_from_disk(fake: FakeTogether, sleep: RecordingSleep, tmp_path: Path) -> None:
+async def test_upload_streams_from_disk(fake: FakeApi, sleep: RecordingSleep, tmp_path: Path) -> None:
     big = tmp_path / "big.jsonl"
     with big.open("wb") as f:
         for _ in range(BIG // len(PIECE)):
@@ -715,7 +628,7 @@ async def test_upload_streams_from_disk(fake: FakeTogether, sleep: RecordingSlee
     assert peak < BIG // 4
 
 
-async def test_download_streams_to_disk(provider: TogetherProvider, fake: FakeTogether, tmp_path: Path) -> None:
+async def test_download_streams_to_disk(provider: TogetherProvider, fake: FakeApi, tmp_path: Path) -> None:
     async def body() -> AsyncIterator[bytes]:
         for _ in range(BIG // len(PIECE)):
             yield PIECE

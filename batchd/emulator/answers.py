@@ -1,0 +1,88 @@
+"""One request's answer, and the result line each dialect writes for it.
+
+The worker produces a dialect-neutral `Answer`; the batch's dialect (the one
+that created it) decides the line's shape in the result files:
+
+* Together: `{"custom_id", "response": {"status_code", "body"}}`, or
+  `{"custom_id", "error": {"message", "code"}}` for a failure without an HTTP answer.
+* OpenAI: `{"id": "batch_req_…", "custom_id", "response": {"status_code",
+  "request_id", "body"}, "error": null}`, or `{"id", "custom_id", "response":
+  null, "error": {"code", "message"}}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from batchd.emulator.triggers import openai_error_body
+
+#: The error code OpenAI writes for every request an expired batch never ran.
+EXPIRED_CODE = "batch_expired"
+EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one request got: an HTTP answer (`status_code` + `body`) or an error without one."""
+
+    custom_id: str
+    #: None: the request failed without an HTTP answer (`error_code` says why)
+    status_code: int | None = None
+    body: dict[str, Any] | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether it belongs in the output file (a 2xx answer) rather than the error file."""
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+    def usage(self) -> tuple[int, int]:
+        """(input, output) tokens of a 2xx body's `usage`; zeros when absent."""
+        if not self.ok or self.body is None:
+            return 0, 0
+        return usage_of(self.body)
+
+
+def usage_of(body: dict[str, Any]) -> tuple[int, int]:
+    """(input, output) tokens of a reply body: chat/completions or responses-style `usage`."""
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return 0, 0
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    counts = [v if isinstance(v, int) and not isinstance(v, bool) else 0 for v in (prompt, completion)]
+    return counts[0], counts[1]
+
+
+def error_answer(custom_id: str, code: str, message: str | None = None) -> Answer:
+    """A failure without an HTTP answer (the `error` trigger, an expired request)."""
+    return Answer(custom_id, error_code=code, error_message=message or f"Emulated error: {code}")
+
+
+def status_answer(custom_id: str, status: int) -> Answer:
+    """An HTTP error answer with an OpenAI-style body (the `status` and `fail_once` triggers)."""
+    body = openai_error_body(status, f"Emulated HTTP {status}", code=f"emulated_{status}")
+    return Answer(custom_id, status_code=status, body=body)
+
+
+def _ids(batch_id: str, custom_id: str) -> tuple[str, str]:
+    # Derived, not random: a request answered again after a restart keeps its ids.
+    digest = hashlib.sha256(f"{batch_id}\x00{custom_id}".encode()).hexdigest()
+    return f"batch_req_{digest[:32]}", f"req_{digest[32:64]}"
+
+
+def render_line(dialect: str, batch_id: str, answer: Answer) -> dict[str, Any]:
+    """The result line of `answer` in the shape of `dialect`."""
+    if dialect == "openai":
+        line_id, request_id = _ids(batch_id, answer.custom_id)
+        if answer.status_code is None:
+            error = {"code": answer.error_code, "message": answer.error_message}
+            return {"id": line_id, "custom_id": answer.custom_id, "response": None, "error": error}
+        response = {"status_code": answer.status_code, "request_id": request_id, "body": answer.body}
+        return {"id": line_id, "custom_id": answer.custom_id, "response": response, "error": None}
+    if answer.status_code is None:
+        return {"custom_id": answer.custom_id, "error": {"message": answer.error_message, "code": answer.error_code}}
+    return {"custom_id": answer.custom_id, "response": {"status_code": answer.status_code, "body": answer.body}}

@@ -1,0 +1,142 @@
+"""The upstream engine: each request of a batch goes to a real OpenAI-compatible server.
+
+vLLM, llama.cpp's server, Ollama or a hosted real-time API answer
+`POST {upstream}/v1/chat/completions` (…) one request at a time; this engine
+turns them into a Batch API. Requests go out at most `concurrency` at once;
+429, 5xx and transport errors are retried with full-jitter backoff that
+honours `Retry-After`, a bounded number of times, and the last answer (or a
+502 for a server that never answered) lands in the batch's error file like any
+other failure. Durability is the worker's: every answer is recorded in the
+batch's spool as it arrives, so a restart does not send answered requests again.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+import structlog
+
+from batchd.emulator.triggers import openai_error_body
+from batchd.retry import RetryPolicy, backoff_s, is_retryable_status, retry_after_s
+
+log = structlog.get_logger()
+
+#: Attempts per request (the first included) and the backoff between them.
+UPSTREAM_RETRY = RetryPolicy(attempts=5, base_s=0.5, cap_s=30.0)
+#: A longer Retry-After is cut to this: a batch should not stall for hours on one answer.
+MAX_RETRY_AFTER_S = 300.0
+
+
+def upstream_base(upstream_url: str) -> str:
+    """The server root of an OpenAI-compatible URL given with or without a trailing /v1."""
+    base = upstream_url.rstrip("/")
+    return base.removesuffix("/v1")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One attempt's result: what the batch would record, and whether to try again."""
+
+    status: int
+    body: dict[str, Any]
+    retryable: bool
+    #: the server's advice, in seconds
+    retry_after: float | None = None
+
+
+def retry_wait(
+    policy: RetryPolicy,
+    attempt: int,
+    outcome: Outcome,
+    rng: random.Random,
+    *,
+    max_retry_after: float = MAX_RETRY_AFTER_S,
+) -> float | None:
+    """Seconds to wait before trying again after attempt number `attempt`, or None to keep `outcome`.
+
+    Full-jitter backoff, raised to the server's `Retry-After` (capped at
+    `max_retry_after`).
+    """
+    if not outcome.retryable or attempt >= policy.attempts:
+        return None
+    wait = backoff_s(policy, attempt, rng)
+    if outcome.retry_after is not None:
+        wait = max(wait, min(outcome.retry_after, max_retry_after))
+    return wait
+
+
+class UpstreamEngine:
+    """Forwards every request to an OpenAI-compatible server, at most `concurrency` at a time.
+
+    The `http` client is owned by the caller (it sets timeouts and closes
+    it). `api_key` is sent as a bearer token when given. `retry` bounds the
+    attempts per request; `sleep` and `rng` are injectable so tests record
+    backoffs instead of waiting. A slot is held only while a request is on
+    the wire, never during a backoff.
+    """
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        upstream_url: str,
+        concurrency: int,
+        *,
+        api_key: str | None = None,
+        retry: RetryPolicy = UPSTREAM_RETRY,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._http = http
+        self._base = upstream_base(upstream_url)
+        self._concurrency = concurrency
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._retry = retry
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        # Created on first use: anyio primitives need a running event loop.
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    async def respond(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """POST `body` to `{upstream}{endpoint}` (retrying what may succeed later); its status and JSON body."""
+        url = f"{self._base}{endpoint}"
+        attempt = 0
+        while True:
+            attempt += 1
+            outcome = await self._attempt(url, body)
+            wait = retry_wait(self._retry, attempt, outcome, self._rng)
+            if wait is None:
+                return outcome.status, outcome.body
+            log.info("emulator.upstream.retry", url=url, status=outcome.status, attempt=attempt, wait_s=round(wait, 3))
+            await self._sleep(wait)
+
+    async def _attempt(self, url: str, body: dict[str, Any]) -> Outcome:
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self._concurrency)
+        async with self._limiter:
+            try:
+                response = await self._http.post(url, json=body, headers=self._headers)
+            except httpx.HTTPError as exc:
+                log.warning("emulator.upstream.unreachable", url=url, error=type(exc).__name__)
+                message = f"upstream request failed: {type(exc).__name__}: {exc}"
+                error = openai_error_body(502, message, code="upstream_unavailable")
+                # A transport failure (refused, reset, timed out) may pass; a malformed URL will not.
+                return Outcome(502, error, retryable=isinstance(exc, httpx.TransportError))
+        retryable = is_retryable_status(response.status_code)
+        retry_after = retry_after_s(response)
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            log.warning("emulator.upstream.bad_body", url=url, status=response.status_code)
+            message = f"upstream answered {response.status_code} without a JSON object"
+            error = openai_error_body(502, message, code="upstream_bad_response")
+            return Outcome(502, error, retryable, retry_after)
+        return Outcome(response.status_code, payload, retryable, retry_after)

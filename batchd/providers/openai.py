@@ -1,0 +1,255 @@
+"""The OpenAI dialect of the Batch API, over an httpx.AsyncClient the caller owns.
+
+Wire facts are in PROVIDERS.md; the official `openai` SDK is the reference.
+Unlike Together's, OpenAI's base URL includes `/v1` (`https://api.openai.com/v1`),
+so paths here start below it (`/files`, `/batches`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import anyio
+import httpx
+import structlog
+
+from batchd.models import PROVIDER_LIMITS, Limits, RemoteBatch, RemoteFile, RemoteStatus
+from batchd.providers.base import ProviderError
+from batchd.providers.http import (
+    DEFAULT_RETRY,
+    HttpProvider,
+    MultipartUpload,
+    body_json,
+    error_from_response,
+    optional_id,
+    parse_time,
+    remote_file,
+)
+from batchd.retry import RetryPolicy
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+#: The metadata key that names batchd's job on a remote batch (the daemon reconciles by it).
+JOB_ID_KEY = "batchd_job_id"
+#: The largest page `GET /batches` serves.
+PAGE_LIMIT = 100
+#: `RemoteBatch.error` names at most this many of a batch's errors.
+MAX_ERRORS_SHOWN = 10
+
+
+def normalise_base_url(url: str) -> str:
+    """`https://api.openai.com/v1/` → `https://api.openai.com/v1`: the base keeps its /v1."""
+    return url.strip().rstrip("/")
+
+
+# ---------------------------------------------------------------------------
+# wire parsing (pure)
+
+
+def errors_text(value: Any) -> str | None:
+    """A Batch's `errors` list object → one readable line per error, naming input lines.
+
+    `{"object": "list", "data": [{"code", "line", "message", "param"}]}` →
+    `line 3: custom_id is missing (code=missing_required_parameter, param=custom_id); …`
+    """
+    if not isinstance(value, Mapping):
+        return None
+    data = value.get("data")
+    if not isinstance(data, list) or not data:
+        return None
+    parts: list[str] = []
+    for item in data[:MAX_ERRORS_SHOWN]:
+        if not isinstance(item, Mapping):
+            parts.append(json.dumps(item, default=str))
+            continue
+        message = item.get("message") if isinstance(item.get("message"), str) and item.get("message") else "error"
+        details = [f"{key}={item[key]}" for key in ("code", "param") if item.get(key)]
+        text = f"{message} ({', '.join(details)})" if details else str(message)
+        line = item.get("line")
+        parts.append(f"line {line}: {text}" if isinstance(line, int) and not isinstance(line, bool) else text)
+    if len(data) > MAX_ERRORS_SHOWN:
+        parts.append(f"and {len(data) - MAX_ERRORS_SHOWN} more")
+    return "; ".join(parts)
+
+
+def _request_counts(value: Any) -> dict[str, int] | None:
+    if not isinstance(value, Mapping):
+        return None
+    counts = {
+        key: count
+        for key in ("total", "completed", "failed")
+        if isinstance(count := value.get(key), int) and not isinstance(count, bool)
+    }
+    return counts or None
+
+
+def _metadata(value: Any) -> dict[str, str] | None:
+    if not isinstance(value, Mapping):
+        return None
+    return {str(key): str(item) for key, item in value.items() if item is not None}
+
+
+def parse_batch(obj: Mapping[str, Any]) -> RemoteBatch:
+    """An OpenAI Batch as sent on the wire → RemoteBatch (raises ProviderError if malformed)."""
+    batch_id = obj.get("id")
+    status = obj.get("status")
+    if not isinstance(batch_id, str) or not batch_id or not isinstance(status, str):
+        raise ProviderError(f"malformed Batch: id={batch_id!r} status={status!r}")
+    try:
+        remote_status = RemoteStatus.parse(status)
+    except ValueError as exc:
+        raise ProviderError(f"Batch {batch_id}: unknown status {status!r}") from exc
+    return RemoteBatch(
+        id=batch_id,
+        status=remote_status,
+        input_file_id=str(obj.get("input_file_id") or ""),
+        endpoint=str(obj.get("endpoint") or ""),
+        created_at=parse_time(obj.get("created_at")),
+        output_file_id=optional_id(obj.get("output_file_id")),
+        error_file_id=optional_id(obj.get("error_file_id")),
+        error=errors_text(obj.get("errors")),
+        request_counts=_request_counts(obj.get("request_counts")),
+        metadata=_metadata(obj.get("metadata")),
+        raw=dict(obj),
+    )
+
+
+def _batch_or_error(body: Any, what: str) -> RemoteBatch:
+    if not isinstance(body, Mapping):
+        raise ProviderError(f"{what}: expected a Batch object")
+    return parse_batch(body)
+
+
+# ---------------------------------------------------------------------------
+# the provider
+
+
+class OpenAIProvider(HttpProvider):
+    """OpenAI's Batch API (and batchd's emulator of it under `/openai/v1`) seen as a `Provider`."""
+
+    dialect = "openai"
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        api_key: str,
+        kind: str = "openai",
+        limits: Limits | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        super().__init__(
+            http,
+            base_url=normalise_base_url(base_url),
+            api_key=api_key,
+            kind=kind,
+            limits=limits if limits is not None else PROVIDER_LIMITS["openai"],
+            retry=retry,
+            sleep=sleep,
+        )
+
+    def _content_path(self, file_id: str) -> str:
+        return f"/files/{quote(file_id, safe='')}/content"
+
+    # -- files -------------------------------------------------------------
+
+    async def upload_file(self, path: Path, *, filename: str, sha256: str) -> str:
+        """Upload a batch input file (one multipart POST, streamed from disk); return its file id."""
+        return (await self.upload(path, filename=filename, sha256=sha256)).id
+
+    async def upload(self, path: Path, *, filename: str, sha256: str) -> RemoteFile:
+        """`upload_file`, answering OpenAI's FileObject.
+
+        Retried like any idempotent call. OpenAI does not deduplicate by
+        checksum (`sha256` is only logged), so a retry after a lost answer can
+        leave an unused file on the account, never a second batch.
+        """
+        what = "openai.upload"
+        size = (await anyio.Path(path).stat()).st_size
+        upload = MultipartUpload({"purpose": "batch"}, file_field="file", path=path, filename=filename, size=size)
+
+        async def once() -> Any:
+            # A fresh body per attempt; aclosing: an interrupted POST closes the file now, not at collection.
+            async with aclosing(upload.body()) as body:
+                response = await self._request(
+                    "POST", "/files", what=what, content=body, headers=upload.headers, follow_redirects=False
+                )
+            if response.status_code != 200:
+                raise error_from_response(response, what)
+            return body_json(response, what)
+
+        answer = await self._retried(once, what)
+        stored = remote_file(answer, fallback_id="", filename=filename, size=size, purpose="batch")
+        log.info("provider.upload", file_id=stored.id, filename=filename, sha256=sha256, bytes=size)
+        return stored
+
+    # -- batches -----------------------------------------------------------
+
+    async def create_batch(
+        self, *, input_file_id: str, endpoint: str, completion_window: str, job_id: str | None = None
+    ) -> RemoteBatch:
+        """Create a batch carrying `metadata.batchd_job_id`; never retried here.
+
+        A lost answer (network, 408, 5xx, unreadable body) raises
+        ProviderError(outcome_unknown=True): the daemon then lists the batches
+        and adopts the one whose metadata names its job.
+        """
+        what = "openai.create"
+        payload: dict[str, Any] = {
+            "input_file_id": input_file_id,
+            "endpoint": endpoint,
+            "completion_window": completion_window,
+        }
+        if job_id is not None:
+            payload["metadata"] = {JOB_ID_KEY: job_id}
+        _, body = await self._post_create("/batches", payload, what)
+        batch = parse_batch(body)
+        log.info("provider.create", remote_batch_id=batch.id, input_file_id=input_file_id, job_id=job_id)
+        return batch
+
+    async def get_batch(self, batch_id: str) -> RemoteBatch:
+        """The batch's current state (retried)."""
+        what = "openai.get"
+        return _batch_or_error(await self._get_json("GET", f"/batches/{quote(batch_id, safe='')}", what), what)
+
+    async def cancel_batch(self, batch_id: str) -> RemoteBatch:
+        """Ask OpenAI to cancel the batch; it stays `cancelling` for up to ~10 minutes (retried)."""
+        what = "openai.cancel"
+        body = await self._get_json("POST", f"/batches/{quote(batch_id, safe='')}/cancel", what)
+        batch = _batch_or_error(body, what)
+        log.info("provider.cancel", remote_batch_id=batch.id, status=batch.status.value)
+        return batch
+
+    async def list_batches(self) -> list[RemoteBatch]:
+        """Every batch on the account, following the `after` cursor through every page (each page retried)."""
+        what = "openai.list"
+        batches: list[RemoteBatch] = []
+        seen: set[str] = set()
+        after: str | None = None
+        while True:
+            params: dict[str, str | int] = {"limit": PAGE_LIMIT}
+            if after is not None:
+                params["after"] = after
+            body = await self._get_json("GET", "/batches", what, params=params)
+            data = body.get("data") if isinstance(body, Mapping) else None
+            if not isinstance(data, list) or not all(isinstance(item, Mapping) for item in data):
+                raise ProviderError(f"{what}: expected a list object with a `data` array of Batch objects")
+            page = [parse_batch(item) for item in data]
+            batches.extend(batch for batch in page if batch.id not in seen)
+            seen.update(batch.id for batch in page)
+            if body.get("has_more") is not True or not page:
+                return batches
+            last = body.get("last_id")
+            cursor = last if isinstance(last, str) and last else page[-1].id
+            if cursor == after:
+                # A cursor that does not move would page forever.
+                raise ProviderError(f"{what}: the page after {after!r} ends at the same cursor")
+            after = cursor
