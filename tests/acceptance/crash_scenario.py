@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from standardwebhooks.webhooks import Webhook
 
 from batchd.crashpoints import ENV
-from tests.acceptance.conftest import SECRET, DaemonProcess, Harness, chat, eventually, read_jsonl
+from tests.acceptance.conftest import DaemonProcess, Harness, chat, eventually, read_jsonl
 
 #: Every place the daemon can be stopped dead on purpose, in pipeline order. A fresh file
 #: is dropped before each so that the point is certainly reached.
@@ -119,11 +118,9 @@ async def check(h: Harness, out: Outcome) -> None:
         assert sorted(got) == sorted(x["custom_id"] for x in sent), name
         assert meta["request_counts"]["total"] == len(sent)
 
-    verifier = Webhook(SECRET)
     ids_per_job: dict[str, set[str]] = defaultdict(set)
     bodies_per_id: dict[str, set[bytes]] = defaultdict(set)
-    for hook in h.receiver.hooks:
-        event = verifier.verify(hook.body, hook.headers)
+    for hook, event in zip(h.receiver.hooks, h.receiver.verified(), strict=True):
         ids_per_job[event["data"]["id"]].add(hook.headers["webhook-id"])
         bodies_per_id[hook.headers["webhook-id"]].add(hook.body)
     job_ids = {json.loads((f / "job.json").read_text())["id"] for f in folders.values()}
