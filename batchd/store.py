@@ -31,6 +31,7 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
+    case,
     create_engine,
     event,
     func,
@@ -44,10 +45,12 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from batchd.models import (
     TERMINAL_STATES,
     Delivery,
+    EndpointStats,
     Job,
     JobState,
     NewEvent,
     RemoteBatchRecord,
+    StoredEvent,
 )
 
 metadata = MetaData()
@@ -541,6 +544,123 @@ class Store:
                 if conn.execute(unchanged.values(**values)).rowcount == 0:
                     conn.execute(query.values(**{k: v for k, v in values.items() if k in own}))
 
+    def get_event(self, event_id: str) -> StoredEvent | None:
+        with self._read() as conn:
+            row = conn.execute(select(events).where(events.c.id == event_id)).first()
+        return _event(row._mapping) if row else None
+
+    def job_events(self, job_id: str) -> list[StoredEvent]:
+        with self._read() as conn:
+            rows = conn.execute(
+                select(events).where(events.c.job_id == job_id).order_by(events.c.created_at, events.c.id)
+            ).all()
+        return [_event(r._mapping) for r in rows]
+
+    def replay_event(self, event_id: str, targets: Sequence[tuple[str, str]]) -> dict[str, str]:
+        """Send an event again to each (url, secret_ref): same id, same body bytes, due now.
+
+        Returns, per url, "queued" (a new delivery row) or "due_now" (a pending one brought forward).
+        """
+        # A finished delivery (delivered, dead, parked) gets a new row rather than being reset:
+        # the old row stays as the record of what happened (when it arrived, what killed it),
+        # and the daemon never writes to a finished row, so nothing it does can undo the
+        # replay. A delivery still pending is only made due now, so that one event never has
+        # two deliveries under way to the same URL; an attempt of it running meanwhile keeps
+        # that time (record_outcomes).
+        now = self.now()
+        done: dict[str, str] = {}
+        with self._write() as conn:
+            latest = conn.execute(
+                select(deliveries.c.url, func.max(deliveries.c.id))
+                .where(deliveries.c.event_id == event_id)
+                .group_by(deliveries.c.url)
+            ).all()
+            latest_ids = {str(url): int(i) for url, i in latest}
+            for url, secret_ref in targets:
+                row_id = latest_ids.get(url)
+                if row_id is not None:
+                    brought = conn.execute(
+                        update(deliveries)
+                        .where(deliveries.c.id == row_id, deliveries.c.state == "pending")
+                        .values(next_attempt_at=now)
+                    ).rowcount
+                    if brought:
+                        done[url] = "due_now"
+                        continue
+                conn.execute(
+                    insert(deliveries).values(
+                        event_id=event_id, url=url, secret_ref=secret_ref, state="pending", attempts=0,
+                        next_attempt_at=now,
+                    )
+                )  # fmt: skip
+                done[url] = "queued"
+        return done
+
+    def enable_endpoint(self, url: str) -> int | None:
+        """Undo a 410: the endpoint is enabled and its parked deliveries are due now.
+
+        Returns how many deliveries were resumed, or None when the endpoint was not disabled.
+        """
+        now = self.now()
+        with self._write() as conn:
+            changed = conn.execute(
+                update(endpoints)
+                .where(endpoints.c.url == url, endpoints.c.disabled_at.is_not(None))
+                .values(disabled_at=None, reason=None)
+            ).rowcount
+            if not changed:
+                return None
+            resumed = conn.execute(
+                update(deliveries)
+                .where(deliveries.c.url == url, deliveries.c.state == "disabled")
+                .values(state="pending", next_attempt_at=now)
+            ).rowcount
+        return int(resumed)
+
+    def endpoint_stats(self) -> list[EndpointStats]:
+        """Per URL that deliveries went to (or that is disabled): counts by state, failures, replays."""
+        states = ("pending", "delivered", "dead", "disabled")
+        found: dict[str, dict[str, Any]] = {}
+        latest_ids = select(func.max(deliveries.c.id)).group_by(deliveries.c.event_id, deliveries.c.url)
+        last_errors = select(func.max(deliveries.c.id)).where(deliveries.c.last_error.is_not(None))
+        with self._read() as conn:
+            for url, state, n in conn.execute(
+                select(deliveries.c.url, deliveries.c.state, func.count())
+                .where(deliveries.c.id.in_(latest_ids.scalar_subquery()))
+                .group_by(deliveries.c.url, deliveries.c.state)
+            ).all():
+                if state in states:
+                    found.setdefault(str(url), {})[str(state)] = int(n)
+            delivered_rows = func.sum(case((deliveries.c.state == "delivered", 1), else_=0))
+            for url, attempts, delivered, rows, secret_ref, next_at in conn.execute(
+                select(
+                    deliveries.c.url,
+                    func.sum(deliveries.c.attempts),
+                    delivered_rows,
+                    func.count(),
+                    func.max(deliveries.c.secret_ref),
+                    func.min(case((deliveries.c.state == "pending", deliveries.c.next_attempt_at))),
+                ).group_by(deliveries.c.url)
+            ).all():
+                entry = found.setdefault(str(url), {})
+                entry["failed_attempts"] = int(attempts or 0) - int(delivered or 0)
+                entry["replayed"] = int(rows) - sum(entry.get(s, 0) for s in states)
+                entry["secret_ref"] = secret_ref
+                entry["next_attempt_at"] = float(next_at) if next_at is not None else None
+            for url, error in conn.execute(
+                select(deliveries.c.url, deliveries.c.last_error).where(
+                    deliveries.c.id.in_(last_errors.group_by(deliveries.c.url).scalar_subquery())
+                )
+            ).all():
+                found.setdefault(str(url), {})["last_error"] = error
+            for url, disabled_at, reason in conn.execute(
+                select(endpoints.c.url, endpoints.c.disabled_at, endpoints.c.reason).where(
+                    endpoints.c.disabled_at.is_not(None)
+                )
+            ).all():
+                found.setdefault(str(url), {}).update(disabled_at=float(disabled_at), disabled_reason=reason)
+        return [EndpointStats(url=url, **values) for url, values in sorted(found.items())]
+
 
 # ---------------------------------------------------------------- helpers
 
@@ -588,6 +708,12 @@ def _job(row: RowMapping) -> Job:
 
 def _remote(row: RowMapping) -> RemoteBatchRecord:
     return RemoteBatchRecord(**dict(row))
+
+
+def _event(row: RowMapping) -> StoredEvent:
+    data = dict(row)
+    data["body"] = bytes(data["body"])
+    return StoredEvent(**data)
 
 
 def _delivery(row: RowMapping) -> Delivery:
