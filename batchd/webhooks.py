@@ -268,7 +268,7 @@ class Deliverer:
         # a backlog held by one hanging endpoint fills every batch, and no other endpoint gets a
         # delivery until it times out; and re-reading every delivery in flight (bodies included)
         # on each wake-up cost more than the deliveries themselves. The id list stays short: at
-        # most PER_ENDPOINT_QUEUE per endpoint.
+        # most PER_ENDPOINT_QUEUE per endpoint (see _full_endpoints).
         exclude, full = frozenset(self._in_flight), self._full_endpoints()
         # An attempt that ends while this call awaits the store has left the in-flight set, yet
         # its delivery may be in the due list read before its outcome was recorded: starting it
@@ -300,8 +300,10 @@ class Deliverer:
 
     async def _attempt_guarded(self, delivery: Delivery) -> None:
         limiter = self._limiters.setdefault(delivery.url, anyio.CapacityLimiter(PER_ENDPOINT_CONCURRENCY))
+        delivered = False
         try:
-            await self.attempt(delivery, slot=limiter)
+            outcome = await self.attempt(delivery, slot=limiter)
+            delivered = outcome.status is not None and 200 <= outcome.status < 300
         finally:
             self._in_flight.discard(delivery.id)
             queued = self._queued.pop(delivery.url, 1) - 1
@@ -309,14 +311,23 @@ class Deliverer:
                 self._queued[delivery.url] = queued
             for ended in self._ended_during_run:
                 ended.add(delivery.id)
-            self.poke()
+            # Look at the store again once the endpoint's queue is down to half (to refill it),
+            # or after a failure (its retry may be due before the loop's next wake-up); not after
+            # every delivery: each look scans the due deliveries.
+            if queued <= PER_ENDPOINT_QUEUE // 2 or not delivered:
+                self.poke()
             # Forget an idle endpoint's limiter: spec URLs may differ per job, and a long-running
             # daemon would otherwise keep one limiter for every URL it ever called.
             if limiter.borrowed_tokens == 0 and limiter.statistics().tasks_waiting == 0:
                 self._limiters.pop(delivery.url, None)
 
     def _full_endpoints(self) -> frozenset[str]:
-        return frozenset(url for url, n in self._queued.items() if n >= PER_ENDPOINT_QUEUE)
+        """Endpoints left out of the next read: their queue is not yet down to half.
+
+        Refilling only then reads a batch at a time; refilling after every attempt read up to
+        DUE_BATCH rows, bodies included, to take on one or two of them.
+        """
+        return frozenset(url for url, n in self._queued.items() if n > PER_ENDPOINT_QUEUE // 2)
 
     def _secrets_for(self, delivery: Delivery) -> tuple[Secret, ...]:
         settings = self._settings()

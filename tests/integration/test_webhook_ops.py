@@ -21,7 +21,7 @@ from batchd.config import load_settings
 from batchd.inbox import Inbox
 from batchd.models import EndpointStats, JobState
 from batchd.store import Store
-from batchd.webhooks import Refused, pinned_target
+from batchd.webhooks import PER_ENDPOINT_QUEUE, Refused, pinned_target
 from tests.integration.test_webhooks import ALL_EVENTS, SECRET_A, SECRET_B, Answer, harness
 
 
@@ -202,6 +202,30 @@ async def test_an_endpoint_takes_on_a_bounded_queue_and_the_rest_waits_in_the_st
                     await anyio.sleep(0.01)
         assert len(h.rx.received) == 13  # each delivery once
         assert {d.state for d in h.store.deliveries()} == {"delivered"}
+
+
+async def test_a_delivery_wakes_the_loop_only_to_refill_its_queue_and_a_failure_always(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each wake-up reads the store (a scan of the due deliveries): one per delivery held a fast
+    # receiver's rate down. Deliveries wake it once their endpoint's queue is down to half.
+    endpoints = {"/ok": ["batch.completed"], "/fail": ["batch.failed"]}
+    async with harness(tmp_path, endpoints=endpoints) as h:
+        h.rx.script["/fail"] = [Answer(500)]
+        for _ in range(PER_ENDPOINT_QUEUE):
+            h.emit("batch.completed")
+        h.emit("batch.failed")
+        pokes = 0
+
+        def counted() -> None:
+            nonlocal pokes
+            pokes += 1
+
+        monkeypatch.setattr(h.deliverer, "poke", counted)
+        await h.round()
+        assert h.rx.paths().count("/ok") == PER_ENDPOINT_QUEUE
+        # /ok: its queue at half, then each of the last half; /fail: its failed attempt.
+        assert pokes == (PER_ENDPOINT_QUEUE // 2 + 1) + 1
 
 
 # ---------------------------------------------------------------- SSRF: cloud metadata
