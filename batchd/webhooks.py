@@ -38,6 +38,8 @@ log = structlog.get_logger("batchd.webhooks")
 PER_ENDPOINT_CONCURRENCY = 4
 #: Deliveries taken on per endpoint (attempts running and waiting for a slot); more stay in the store.
 PER_ENDPOINT_QUEUE = 64
+#: The longest Retry-After honoured, unless retry_delays_s has a longer delay.
+RETRY_AFTER_CAP_S = 86400.0
 #: New due deliveries picked up per `run_due` call.
 DUE_BATCH = 100
 #: An answer's body is read up to this many bytes, for this long, so its connection can be reused.
@@ -383,7 +385,9 @@ class Deliverer:
             return outcome
         delay = delays[attempts - 1] * self._rng.uniform(0.9, 1.1)
         if outcome.retry_after is not None:
-            delay = max(delay, outcome.retry_after)
+            # Honoured up to a day (or the schedule's longest delay, if longer): a far-off or
+            # absurd Retry-After must not keep a delivery pending for ever, never dead-lettered.
+            delay = max(delay, min(outcome.retry_after, max(RETRY_AFTER_CAP_S, *delays)))
         await self._record(
             delivery.id, {"attempts": attempts, "next_attempt_at": now + delay, "last_status": outcome.status,
             "last_error": outcome.error}, seen_next_at=delivery.next_attempt_at,

@@ -228,6 +228,18 @@ async def test_a_delivery_wakes_the_loop_only_to_refill_its_queue_and_a_failure_
         assert pokes == (PER_ENDPOINT_QUEUE // 2 + 1) + 1
 
 
+async def test_a_retry_after_is_honoured_up_to_a_day(tmp_path: Path) -> None:
+    async with harness(tmp_path, delays=[5]) as h:
+        h.rx.script["/hook"] = [Answer(503, (("retry-after", "999999999"),))]
+        event_id = h.emit()
+        start = h.clock()
+        await h.round()
+        assert h.one(event_id).next_attempt_at == start + 86400
+        h.clock.now = start + 86400
+        await h.round()
+        assert h.one(event_id).state == "dead"  # on schedule, rather than pending for 31 years
+
+
 # ---------------------------------------------------------------- SSRF: cloud metadata
 
 
