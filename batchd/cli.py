@@ -403,3 +403,6 @@ def demo(keep: Path | None) -> None:
     from batchd.demo import run_demo
 
     sys.exit(run_demo(keep))
+
+
+from batchd import cli_webhooks  # noqa: E402, F401 - registers `batchd webhooks` on main

@@ -337,3 +337,39 @@ class Delivery:
     last_status: int | None = None
     last_error: str | None = None
     delivered_at: float | None = None
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """A webhook event as stored: its id and body bytes are what every attempt sends."""
+
+    id: str
+    job_id: str | None
+    type: str
+    body: bytes
+    created_at: float
+
+
+@dataclass(frozen=True)
+class EndpointStats:
+    """What `batchd webhooks` shows of one URL deliveries went to.
+
+    The state counts look at each event's latest delivery to the URL (a replay adds a row);
+    `failed_attempts` counts every attempt that did not deliver, replays included.
+    """
+
+    url: str
+    pending: int = 0
+    delivered: int = 0
+    dead: int = 0
+    #: parked because the endpoint is disabled
+    disabled: int = 0
+    failed_attempts: int = 0
+    #: delivery rows a replay superseded
+    replayed: int = 0
+    next_attempt_at: float | None = None
+    last_error: str | None = None
+    #: "config" ([[webhooks]]) or "inbox" (a spec's webhook_url)
+    secret_ref: str | None = None
+    disabled_at: float | None = None
+    disabled_reason: str | None = None

@@ -30,6 +30,8 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
+    case,
     create_engine,
     event,
     func,
@@ -40,7 +42,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from batchd.models import TERMINAL_STATES, Delivery, Job, JobState, NewEvent, RemoteBatchRecord
+from batchd.models import (
+    TERMINAL_STATES,
+    Delivery,
+    EndpointStats,
+    Job,
+    JobState,
+    NewEvent,
+    RemoteBatchRecord,
+    StoredEvent,
+)
 
 metadata = MetaData()
 
@@ -470,21 +481,31 @@ class Store:
             events.c.body,
         ).join(events, events.c.id == deliveries.c.event_id)
 
-    def due_deliveries(self, now: float, *, limit: int = 100) -> list[Delivery]:
+    def due_deliveries(
+        self, now: float, *, limit: int = 100, exclude: Collection[int] = (), skip_urls: Collection[str] = ()
+    ) -> list[Delivery]:
+        """Pending deliveries due at `now`, oldest first; without `exclude` (attempts under way)
+        and deliveries to `skip_urls` (endpoints whose queue is full)."""
         query = (
             self._deliveries_query()
             .where(deliveries.c.state == "pending", deliveries.c.next_attempt_at <= now)
             .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
             .limit(limit)
         )
+        if exclude:
+            query = query.where(deliveries.c.id.not_in(list(exclude)))
+        if skip_urls:
+            query = query.where(deliveries.c.url.not_in(list(skip_urls)))
         with self._read() as conn:
             return [_delivery(r._mapping) for r in conn.execute(query).all()]
 
-    def next_delivery_at(self, exclude: Collection[int] = ()) -> float | None:
-        """When the next pending delivery is due, leaving out `exclude` (attempts under way)."""
+    def next_delivery_at(self, exclude: Collection[int] = (), *, skip_urls: Collection[str] = ()) -> float | None:
+        """When the next pending delivery is due, leaving out `exclude` (attempts under way) and `skip_urls`."""
         query = select(func.min(deliveries.c.next_attempt_at)).where(deliveries.c.state == "pending")
         if exclude:
             query = query.where(deliveries.c.id.not_in(list(exclude)))
+        if skip_urls:
+            query = query.where(deliveries.c.url.not_in(list(skip_urls)))
         with self._read() as conn:
             value = conn.execute(query).scalar()
         return float(value) if value is not None else None
@@ -530,6 +551,157 @@ class Store:
                 select(endpoints.c.url, endpoints.c.reason).where(endpoints.c.disabled_at.is_not(None))
             ).all()
         return {str(url): str(reason or "") for url, reason in rows}
+
+    def record_outcomes(self, outcomes: Sequence[tuple[int, Mapping[str, Any], float | None]]) -> None:
+        """Several attempts' outcomes in one transaction: (delivery id, values, seen_next_at).
+
+        The Deliverer commits together the outcomes that end while a commit is under way: a
+        commit is an fsync, and one per delivery capped deliveries at about 200 a second.
+        `seen_next_at` (a failed attempt) is the next_attempt_at the attempt started from. If it
+        changed meanwhile, `batchd webhooks replay` made the delivery due again while the
+        attempt ran: that wins (the row stays pending, due when the replay said), and only the
+        attempt's own record (attempts, last status and error) is written.
+        """
+        own = ("attempts", "last_status", "last_error")
+        # One statement per set of columns, executed for many rows: building a statement per
+        # outcome cost more CPU than the delivery itself.
+        plain: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for delivery_id, values, seen_next_at in outcomes:
+            if seen_next_at is None:
+                params = {f"v_{k}": v for k, v in values.items()}
+                plain.setdefault(tuple(sorted(values)), []).append({"v_id": delivery_id, **params})
+        with self._write() as conn:
+            for columns, rows in plain.items():
+                conn.execute(
+                    update(deliveries)
+                    .where(deliveries.c.id == bindparam("v_id"))
+                    .values({c: bindparam(f"v_{c}") for c in columns}),
+                    rows,
+                )
+            for delivery_id, values, seen_next_at in outcomes:
+                if seen_next_at is None:
+                    continue
+                query = update(deliveries).where(deliveries.c.id == delivery_id)
+                unchanged = query.where(deliveries.c.next_attempt_at == seen_next_at)
+                if conn.execute(unchanged.values(**values)).rowcount == 0:
+                    conn.execute(query.values(**{k: v for k, v in values.items() if k in own}))
+
+    def get_event(self, event_id: str) -> StoredEvent | None:
+        with self._read() as conn:
+            row = conn.execute(select(events).where(events.c.id == event_id)).first()
+        return _event(row._mapping) if row else None
+
+    def job_events(self, job_id: str) -> list[StoredEvent]:
+        with self._read() as conn:
+            rows = conn.execute(
+                select(events).where(events.c.job_id == job_id).order_by(events.c.created_at, events.c.id)
+            ).all()
+        return [_event(r._mapping) for r in rows]
+
+    def replay_event(self, event_id: str, targets: Sequence[tuple[str, str]]) -> dict[str, str]:
+        """Send an event again to each (url, secret_ref): same id, same body bytes, due now.
+
+        Returns, per url, "queued" (a new delivery row) or "due_now" (a pending one brought forward).
+        """
+        # A finished delivery (delivered, dead, parked) gets a new row rather than being reset:
+        # the old row stays as the record of what happened (when it arrived, what killed it),
+        # and the daemon never writes to a finished row, so nothing it does can undo the
+        # replay. A delivery still pending is only made due now, so that one event never has
+        # two deliveries under way to the same URL; an attempt of it running meanwhile keeps
+        # that time (record_outcomes).
+        now = self.now()
+        done: dict[str, str] = {}
+        with self._write() as conn:
+            latest = conn.execute(
+                select(deliveries.c.url, func.max(deliveries.c.id))
+                .where(deliveries.c.event_id == event_id)
+                .group_by(deliveries.c.url)
+            ).all()
+            latest_ids = {str(url): int(i) for url, i in latest}
+            for url, secret_ref in targets:
+                row_id = latest_ids.get(url)
+                if row_id is not None:
+                    brought = conn.execute(
+                        update(deliveries)
+                        .where(deliveries.c.id == row_id, deliveries.c.state == "pending")
+                        .values(next_attempt_at=now)
+                    ).rowcount
+                    if brought:
+                        done[url] = "due_now"
+                        continue
+                conn.execute(
+                    insert(deliveries).values(
+                        event_id=event_id, url=url, secret_ref=secret_ref, state="pending", attempts=0,
+                        next_attempt_at=now,
+                    )
+                )  # fmt: skip
+                done[url] = "queued"
+        return done
+
+    def enable_endpoint(self, url: str) -> int | None:
+        """Undo a 410: the endpoint is enabled and its parked deliveries are due now.
+
+        Returns how many deliveries were resumed, or None when the endpoint was not disabled.
+        """
+        now = self.now()
+        with self._write() as conn:
+            changed = conn.execute(
+                update(endpoints)
+                .where(endpoints.c.url == url, endpoints.c.disabled_at.is_not(None))
+                .values(disabled_at=None, reason=None)
+            ).rowcount
+            if not changed:
+                return None
+            resumed = conn.execute(
+                update(deliveries)
+                .where(deliveries.c.url == url, deliveries.c.state == "disabled")
+                .values(state="pending", next_attempt_at=now)
+            ).rowcount
+        return int(resumed)
+
+    def endpoint_stats(self) -> list[EndpointStats]:
+        """Per URL that deliveries went to (or that is disabled): counts by state, failures, replays."""
+        states = ("pending", "delivered", "dead", "disabled")
+        found: dict[str, dict[str, Any]] = {}
+        latest_ids = select(func.max(deliveries.c.id)).group_by(deliveries.c.event_id, deliveries.c.url)
+        last_errors = select(func.max(deliveries.c.id)).where(deliveries.c.last_error.is_not(None))
+        with self._read() as conn:
+            for url, state, n in conn.execute(
+                select(deliveries.c.url, deliveries.c.state, func.count())
+                .where(deliveries.c.id.in_(latest_ids.scalar_subquery()))
+                .group_by(deliveries.c.url, deliveries.c.state)
+            ).all():
+                if state in states:
+                    found.setdefault(str(url), {})[str(state)] = int(n)
+            delivered_rows = func.sum(case((deliveries.c.state == "delivered", 1), else_=0))
+            for url, attempts, delivered, rows, secret_ref, next_at in conn.execute(
+                select(
+                    deliveries.c.url,
+                    func.sum(deliveries.c.attempts),
+                    delivered_rows,
+                    func.count(),
+                    func.max(deliveries.c.secret_ref),
+                    func.min(case((deliveries.c.state == "pending", deliveries.c.next_attempt_at))),
+                ).group_by(deliveries.c.url)
+            ).all():
+                entry = found.setdefault(str(url), {})
+                entry["failed_attempts"] = int(attempts or 0) - int(delivered or 0)
+                entry["replayed"] = int(rows) - sum(entry.get(s, 0) for s in states)
+                entry["secret_ref"] = secret_ref
+                entry["next_attempt_at"] = float(next_at) if next_at is not None else None
+            for url, error in conn.execute(
+                select(deliveries.c.url, deliveries.c.last_error).where(
+                    deliveries.c.id.in_(last_errors.group_by(deliveries.c.url).scalar_subquery())
+                )
+            ).all():
+                found.setdefault(str(url), {})["last_error"] = error
+            for url, disabled_at, reason in conn.execute(
+                select(endpoints.c.url, endpoints.c.disabled_at, endpoints.c.reason).where(
+                    endpoints.c.disabled_at.is_not(None)
+                )
+            ).all():
+                found.setdefault(str(url), {}).update(disabled_at=float(disabled_at), disabled_reason=reason)
+        return [EndpointStats(url=url, **values) for url, values in sorted(found.items())]
 
 
 # ---------------------------------------------------------------- helpers
@@ -578,6 +750,12 @@ def _job(row: RowMapping) -> Job:
 
 def _remote(row: RowMapping) -> RemoteBatchRecord:
     return RemoteBatchRecord(**dict(row))
+
+
+def _event(row: RowMapping) -> StoredEvent:
+    data = dict(row)
+    data["body"] = bytes(data["body"])
+    return StoredEvent(**data)
 
 
 def _delivery(row: RowMapping) -> Delivery:

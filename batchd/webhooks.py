@@ -8,6 +8,7 @@ computed for that attempt.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -17,7 +18,8 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -35,8 +37,15 @@ log = structlog.get_logger("batchd.webhooks")
 
 #: Attempts to one endpoint at the same time; a slow receiver only holds up its own queue.
 PER_ENDPOINT_CONCURRENCY = 4
+#: Deliveries taken on per endpoint (attempts running and waiting for a slot); more stay in the store.
+PER_ENDPOINT_QUEUE = 64
+#: The longest Retry-After honoured, unless retry_delays_s has a longer delay.
+RETRY_AFTER_CAP_S = 86400.0
 #: New due deliveries picked up per `run_due` call.
 DUE_BATCH = 100
+#: An answer's body is read up to this many bytes, for this long, so its connection can be reused.
+DRAIN_BYTES = 64 * 1024
+DRAIN_S = 0.5
 
 
 def new_event(event_type: str, data: Mapping[str, Any], *, now: float) -> tuple[str, bytes]:
@@ -181,6 +190,15 @@ async def pinned_target(url: str, allow_list: Sequence[str]) -> tuple[str, str]:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), host
 
 
+@dataclass
+class _Commit:
+    """Attempt outcomes that go into the store in one transaction."""
+
+    outcomes: list[tuple[int, dict[str, Any], float | None]] = field(default_factory=list)
+    started: bool = False
+    error: BaseException | None = None
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What one attempt ended with."""
@@ -188,6 +206,8 @@ class Outcome:
     status: int | None
     error: str | None
     retry_after: float | None = None
+    #: the first bytes of the answer's body, when asked for (`batchd webhooks test`)
+    excerpt: bytes = b""
 
 
 class Deliverer:
@@ -209,6 +229,11 @@ class Deliverer:
         self._rng = rng or random.Random()
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
         self._in_flight: set[int] = set()
+        #: deliveries taken on per endpoint (running or waiting for a slot)
+        self._queued: dict[str, int] = {}
+        #: outcomes waiting for the next commit (see _record)
+        self._commit = _Commit()
+        self._commit_lock = anyio.Lock()
         self._wake = anyio.Event()
         #: one set per run_due in progress: deliveries whose attempt ended meanwhile
         self._ended_during_run: list[set[int]] = []
@@ -228,7 +253,9 @@ class Deliverer:
             self._wake = anyio.Event()
             try:
                 await self.run_due(tg)
-                next_at = await anyio.to_thread.run_sync(self._store.next_delivery_at, frozenset(self._in_flight))
+                # An endpoint with a full queue is looked at again when one of its attempts ends (a poke).
+                exclude, full = frozenset(self._in_flight), self._full_endpoints()
+                next_at = await anyio.to_thread.run_sync(partial(self._store.next_delivery_at, exclude, skip_urls=full))
             except Exception:
                 # A locked or vanished database must not end deliveries for the daemon's lifetime.
                 log.exception("webhook.loop_failed")
@@ -238,18 +265,23 @@ class Deliverer:
                 await self._wake.wait()
 
     async def run_due(self, tg: anyio.abc.TaskGroup) -> None:
-        """Start an attempt for every due delivery not already on its way."""
-        # Deliveries in flight are still due in the store (their outcome is not recorded yet) and
-        # sort first. Ask for that many more: with a fixed limit, a backlog held by one hanging
-        # endpoint fills every batch, and no other endpoint gets a delivery until it times out.
-        limit = DUE_BATCH + len(self._in_flight)
+        """Start an attempt for every due delivery not already on its way (up to a queue per endpoint)."""
+        # Deliveries in flight are still due in the store (their outcome is not recorded yet):
+        # they are left out of the read, and so is every endpoint whose queue is full. Otherwise
+        # a backlog held by one hanging endpoint fills every batch, and no other endpoint gets a
+        # delivery until it times out; and re-reading every delivery in flight (bodies included)
+        # on each wake-up cost more than the deliveries themselves. The id list stays short: at
+        # most PER_ENDPOINT_QUEUE per endpoint (see _full_endpoints).
+        exclude, full = frozenset(self._in_flight), self._full_endpoints()
         # An attempt that ends while this call awaits the store has left the in-flight set, yet
         # its delivery may be in the due list read before its outcome was recorded: starting it
         # again sent the event twice. Such ids are collected here and skipped.
         ended: set[int] = set()
         self._ended_during_run.append(ended)
         try:
-            due = await anyio.to_thread.run_sync(lambda: self._store.due_deliveries(self._clock(), limit=limit))
+            due = await anyio.to_thread.run_sync(
+                lambda: self._store.due_deliveries(self._clock(), limit=DUE_BATCH, exclude=exclude, skip_urls=full)
+            )
             # An endpoint that answered 410 stays disabled: Store.disable_endpoint parks what was
             # pending then, and an event created later is parked here rather than sent to it again.
             disabled = await anyio.to_thread.run_sync(self._store.disabled_endpoints) if due else {}
@@ -258,28 +290,47 @@ class Deliverer:
                     continue
                 if delivery.url in disabled:
                     reason = disabled[delivery.url]
-                    await self._update(delivery.id, state="disabled", last_error=reason)
+                    await self._record(delivery.id, {"state": "disabled", "last_error": reason})
                     log.info("webhook.parked", event_id=delivery.event_id, url=delivery.url, reason=reason)
                     continue
+                if self._queued.get(delivery.url, 0) >= PER_ENDPOINT_QUEUE:
+                    continue  # taken on when one of its endpoint's attempts ends
                 self._in_flight.add(delivery.id)
+                self._queued[delivery.url] = self._queued.get(delivery.url, 0) + 1
                 tg.start_soon(self._attempt_guarded, delivery)
         finally:
             self._ended_during_run.remove(ended)
 
     async def _attempt_guarded(self, delivery: Delivery) -> None:
         limiter = self._limiters.setdefault(delivery.url, anyio.CapacityLimiter(PER_ENDPOINT_CONCURRENCY))
+        delivered = False
         try:
-            async with limiter:
-                await self.attempt(delivery)
+            outcome = await self.attempt(delivery, slot=limiter)
+            delivered = outcome.status is not None and 200 <= outcome.status < 300
         finally:
             self._in_flight.discard(delivery.id)
+            queued = self._queued.pop(delivery.url, 1) - 1
+            if queued:
+                self._queued[delivery.url] = queued
             for ended in self._ended_during_run:
                 ended.add(delivery.id)
-            self.poke()
+            # Look at the store again once the endpoint's queue is down to half (to refill it),
+            # or after a failure (its retry may be due before the loop's next wake-up); not after
+            # every delivery: each look scans the due deliveries.
+            if queued <= PER_ENDPOINT_QUEUE // 2 or not delivered:
+                self.poke()
             # Forget an idle endpoint's limiter: spec URLs may differ per job, and a long-running
             # daemon would otherwise keep one limiter for every URL it ever called.
             if limiter.borrowed_tokens == 0 and limiter.statistics().tasks_waiting == 0:
                 self._limiters.pop(delivery.url, None)
+
+    def _full_endpoints(self) -> frozenset[str]:
+        """Endpoints left out of the next read: their queue is not yet down to half.
+
+        Refilling only then reads a batch at a time; refilling after every attempt read up to
+        DUE_BATCH rows, bodies included, to take on one or two of them.
+        """
+        return frozenset(url for url, n in self._queued.items() if n > PER_ENDPOINT_QUEUE // 2)
 
     def _secrets_for(self, delivery: Delivery) -> tuple[Secret, ...]:
         settings = self._settings()
@@ -290,105 +341,184 @@ class Deliverer:
                 return endpoint.secrets
         return ()
 
-    async def attempt(self, delivery: Delivery) -> Outcome:
-        """One attempt at one delivery, recorded in the store."""
+    async def attempt(self, delivery: Delivery, *, slot: anyio.CapacityLimiter | None = None) -> Outcome:
+        """One attempt at one delivery, recorded in the store.
+
+        `slot` (the endpoint's limiter) is held for the exchange with the receiver only: the
+        next attempt to the endpoint starts while this outcome is being committed, and the
+        outcomes of several attempts share a commit.
+        """
         bound = log.bind(event_id=delivery.event_id, url=delivery.url, job_id=delivery.job_id)
         secrets = self._secrets_for(delivery)
         if not secrets:
             outcome = Outcome(None, "endpoint is no longer configured")
         else:
-            try:
-                outcome = await self._send(delivery, secrets)
-                crashpoint("after_webhook_sent")
-            except Exception as exc:
-                # Whatever breaks one attempt is a failed attempt, retried on the schedule. Raised
-                # out of here it would end the daemon's task group, and the same due delivery
-                # would end it again after every restart.
-                bound.exception("webhook.attempt_error")
-                outcome = Outcome(None, f"{type(exc).__name__}: {exc}")
+            async with slot or contextlib.nullcontext():
+                try:
+                    outcome = await self._send(delivery, secrets)
+                    crashpoint("after_webhook_sent")
+                except Exception as exc:
+                    # Whatever breaks one attempt is a failed attempt, retried on the schedule.
+                    # Raised out of here it would end the daemon's task group, and the same due
+                    # delivery would end it again after every restart.
+                    bound.exception("webhook.attempt_error")
+                    outcome = Outcome(None, f"{type(exc).__name__}: {exc}")
         now = self._clock()
         attempts = delivery.attempts + 1
         if outcome.status is not None and 200 <= outcome.status < 300:
-            await self._update(
-                delivery.id, state="delivered", attempts=attempts, last_status=outcome.status,
-                last_error=None, delivered_at=now,
-            )  # fmt: skip
+            await self._record(delivery.id, {
+                "state": "delivered", "attempts": attempts, "last_status": outcome.status, "last_error": None,
+                "delivered_at": now,
+            })  # fmt: skip
             bound.info("webhook.delivered", status=outcome.status, attempts=attempts)
             return outcome
         if outcome.status == 410:
             bound.warning("webhook.endpoint_gone", status=410)
-            await self._update(delivery.id, attempts=attempts, last_status=410)
+            await self._record(delivery.id, {"attempts": attempts, "last_status": 410})
             await anyio.to_thread.run_sync(self._store.disable_endpoint, delivery.url, "410 Gone from the receiver")
             return outcome
         delays = self._settings().delivery.retry_delays_s
         if attempts > len(delays) or not secrets:
-            await self._update(
-                delivery.id, state="dead", attempts=attempts, last_status=outcome.status,
-                last_error=outcome.error,
+            await self._record(
+                delivery.id, {"state": "dead", "attempts": attempts, "last_status": outcome.status,
+                "last_error": outcome.error}, seen_next_at=delivery.next_attempt_at,
             )  # fmt: skip
             bound.error("webhook.dead_lettered", attempts=attempts, status=outcome.status, error=outcome.error)
             return outcome
         delay = delays[attempts - 1] * self._rng.uniform(0.9, 1.1)
         if outcome.retry_after is not None:
-            delay = max(delay, outcome.retry_after)
-        await self._update(
-            delivery.id, attempts=attempts, next_attempt_at=now + delay, last_status=outcome.status,
-            last_error=outcome.error,
+            # Honoured up to a day (or the schedule's longest delay, if longer): a far-off or
+            # absurd Retry-After must not keep a delivery pending for ever, never dead-lettered.
+            delay = max(delay, min(outcome.retry_after, max(RETRY_AFTER_CAP_S, *delays)))
+        await self._record(
+            delivery.id, {"attempts": attempts, "next_attempt_at": now + delay, "last_status": outcome.status,
+            "last_error": outcome.error}, seen_next_at=delivery.next_attempt_at,
         )  # fmt: skip
         bound.warning(
             "webhook.retry_scheduled", attempts=attempts, status=outcome.status, error=outcome.error, wait_s=delay
         )
         return outcome
 
-    async def _update(self, delivery_id: int, **values: Any) -> None:
-        await anyio.to_thread.run_sync(lambda: self._store.update_delivery(delivery_id, **values))
+    async def _record(self, delivery_id: int, values: dict[str, Any], *, seen_next_at: float | None = None) -> None:
+        """Record an outcome in the store; returns once it is committed.
+
+        Outcomes that end while a commit is under way go into the next one together (a group
+        commit): every commit is an fsync, and one per delivery held a fast receiver to about
+        200 deliveries a second. `seen_next_at`: see Store.record_outcomes.
+        """
+        commit = self._commit
+        commit.outcomes.append((delivery_id, values, seen_next_at))
+        async with self._commit_lock:
+            # Whoever gets the lock first commits everything gathered so far; the others find
+            # their outcome committed (or its commit failed) when the lock comes to them.
+            if not commit.started:
+                commit.started = True
+                self._commit = _Commit()
+                try:
+                    await anyio.to_thread.run_sync(self._store.record_outcomes, commit.outcomes)
+                except BaseException as exc:
+                    commit.error = exc
+                    raise
+        if commit.error is not None:
+            raise RuntimeError("the outcome of a webhook attempt was not recorded") from commit.error
 
     async def _send(self, delivery: Delivery, secrets: Sequence[Secret]) -> Outcome:
-        timestamp = int(self._clock())
-        headers = {
-            "content-type": "application/json",
-            "user-agent": "batchd-webhooks",
-            "webhook-id": delivery.event_id,
-            "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(secrets, delivery.event_id, timestamp, delivery.body),
-        }
-        url = delivery.url
-        extensions: dict[str, Any] = {}
         settings = self._settings()
-        timeout_s = settings.delivery.timeout_s
-        status: int | None = None
-        retry_after: float | None = None
-        # timeout_s bounds the whole attempt (resolving included). httpx's timeout bounds each
-        # network wait only, so a receiver sending a byte now and then held the attempt, and a
-        # slot of its endpoint, for as long as it liked.
-        with anyio.move_on_after(timeout_s):
-            try:
-                if delivery.secret_ref == "inbox":
-                    # Resolve once, check, and connect to exactly the checked address.
-                    url, _host = await pinned_target(url, settings.inbox.allow_webhook_urls)
-                    # Host and SNI in their ASCII (IDNA) form, as httpx would send them for the
-                    # name: a header must be ASCII, and "bücher.example" raised UnicodeEncodeError.
-                    original = httpx.URL(delivery.url)
-                    headers["host"] = original.netloc.decode("ascii")
-                    extensions["sni_hostname"] = original.raw_host.decode("ascii")
-                async with self._http.stream(
-                    "POST",
-                    url,
-                    content=delivery.body,
-                    headers=headers,
-                    timeout=timeout_s,
-                    follow_redirects=False,
-                    extensions=extensions,
-                ) as response:
-                    # Only the status and Retry-After count; the body is never read, so a large
-                    # or slow one costs neither memory nor time.
-                    status, retry_after = response.status_code, retry_after_s(response)
-            except Refused as exc:
-                return Outcome(None, f"refused: {exc}")
-            except httpx.TimeoutException:
-                pass  # the same failure as the deadline below, whichever fires first
-            except (httpx.HTTPError, OSError) as exc:
+        return await post_event(
+            self._http,
+            delivery.url,
+            event_id=delivery.event_id,
+            body=delivery.body,
+            secrets=secrets,
+            timestamp=int(self._clock()),
+            timeout_s=settings.delivery.timeout_s,
+            allow_list=settings.inbox.allow_webhook_urls if delivery.secret_ref == "inbox" else None,
+        )
+
+
+async def post_event(
+    http: httpx.AsyncClient,
+    url: str,
+    *,
+    event_id: str,
+    body: bytes,
+    secrets: Sequence[Secret],
+    timestamp: int,
+    timeout_s: float,
+    allow_list: Sequence[str] | None = None,
+    peek: int = 0,
+) -> Outcome:
+    """One signed POST of an event; never raises for what the network or the receiver does.
+
+    `allow_list` is given for a spec's URL (signed with the inbox secret): it is then checked,
+    resolved once and pinned (the SSRF guard). `peek` keeps that many first bytes of the answer.
+    """
+    headers = {
+        "content-type": "application/json",
+        "user-agent": "batchd-webhooks",
+        "webhook-id": event_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secrets, event_id, timestamp, body),
+    }
+    target = url
+    extensions: dict[str, Any] = {}
+    status: int | None = None
+    retry_after: float | None = None
+    excerpt = b""
+    # timeout_s bounds the whole attempt (resolving included). httpx's timeout bounds each
+    # network wait only, so a receiver sending a byte now and then held the attempt, and a
+    # slot of its endpoint, for as long as it liked.
+    with anyio.move_on_after(timeout_s):
+        try:
+            if allow_list is not None:
+                # Resolve once, check, and connect to exactly the checked address.
+                target, _host = await pinned_target(url, allow_list)
+                # Host and SNI in their ASCII (IDNA) form, as httpx would send them for the
+                # name: a header must be ASCII, and "bücher.example" raised UnicodeEncodeError.
+                original = httpx.URL(url)
+                headers["host"] = original.netloc.decode("ascii")
+                extensions["sni_hostname"] = original.raw_host.decode("ascii")
+            async with http.stream(
+                "POST",
+                target,
+                content=body,
+                headers=headers,
+                timeout=timeout_s,
+                follow_redirects=False,
+                extensions=extensions,
+            ) as response:
+                status, retry_after = response.status_code, retry_after_s(response)
+                excerpt = await _drain(response, peek)
+        except Refused as exc:
+            return Outcome(None, f"refused: {exc}")
+        except httpx.TimeoutException:
+            pass  # the same failure as the deadline below, whichever fires first
+        except (httpx.HTTPError, OSError) as exc:
+            if status is None:
                 return Outcome(None, f"{type(exc).__name__}: {exc}")
-        if status is None:
-            return Outcome(None, f"timed out: no answer within {timeout_s:g} s")
-        return Outcome(status, None if 200 <= status < 300 else f"HTTP {status}", retry_after)
+    if status is None:
+        return Outcome(None, f"timed out: no answer within {timeout_s:g} s")
+    return Outcome(status, None if 200 <= status < 300 else f"HTTP {status}", retry_after, excerpt)
+
+
+async def _drain(response: httpx.Response, peek: int) -> bytes:
+    """Read a little of the answer's body, keeping its first `peek` bytes.
+
+    Only the status and Retry-After count. Yet a connection whose answer was not read to its
+    end cannot be reused: every delivery paid for a new TCP (and TLS) handshake. So up to
+    DRAIN_BYTES are read for DRAIN_S at most; a larger or slower body just closes the
+    connection, costing neither memory nor much time.
+    """
+    kept = bytearray()
+    read = 0
+    with anyio.move_on_after(DRAIN_S):
+        try:
+            async for chunk in response.aiter_raw():
+                if len(kept) < peek:
+                    kept += chunk[: peek - len(kept)]
+                read += len(chunk)
+                if read > DRAIN_BYTES:
+                    break
+        except httpx.HTTPError:
+            pass  # the status is known; a body cut short changes nothing
+    return bytes(kept)

@@ -40,6 +40,8 @@ class Hook:
     body: bytes
     #: what the reference verifier said on arrival (a receiver checks then: timestamps age)
     verdict: dict[str, Any] | Exception | None = None
+    #: the status the receiver answered with
+    status: int = 0
 
     @property
     def event(self) -> dict[str, Any]:
@@ -55,6 +57,15 @@ class Receiver:
     hooks: list[Hook] = field(default_factory=list)
     #: answer this many requests with 503 before accepting any
     refuse: int = 0
+    #: answer each event's first this many attempts with 503 (counted per webhook-id)
+    refuse_each: int = 0
+    #: statuses to answer with, in order, before the rules above apply
+    script: list[int] = field(default_factory=list)
+    #: the status and body of an accepting answer
+    ok_status: int = 204
+    answer_body: bytes = b""
+    #: called with each request before it is answered (e.g. to kill the daemon mid-attempt)
+    on_request: Callable[[Hook], None] | None = None
     _changed: anyio.Event = field(default_factory=anyio.Event)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -63,6 +74,8 @@ class Receiver:
         body = b""
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the sender went away before its body arrived: nothing was received
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
@@ -71,12 +84,22 @@ class Receiver:
             verdict: dict[str, Any] | Exception = Webhook(SECRET).verify(body, headers)
         except Exception as exc:
             verdict = exc
-        self.hooks.append(Hook(headers, body, verdict))
+        hook = Hook(headers, body, verdict)
+        self.hooks.append(hook)
+        if self.on_request is not None:
+            self.on_request(hook)
+        seen = sum(1 for h in self.hooks if h.headers.get("webhook-id") == headers.get("webhook-id"))
+        if self.script:
+            hook.status = self.script.pop(0)
+        elif len(self.hooks) <= self.refuse or seen <= self.refuse_each:
+            hook.status = 503
+        else:
+            hook.status = self.ok_status
         self._changed.set()
         self._changed = anyio.Event()
-        status = 503 if len(self.hooks) <= self.refuse else 204
-        await send({"type": "http.response.start", "status": status, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
+        answer = self.answer_body if hook.status != 204 else b""
+        await send({"type": "http.response.start", "status": hook.status, "headers": []})
+        await send({"type": "http.response.body", "body": answer})
 
     async def wait_for(self, predicate: Callable[[list[Hook]], bool], timeout: float = 60) -> list[Hook]:
         with anyio.fail_after(timeout):

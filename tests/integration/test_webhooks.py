@@ -324,35 +324,36 @@ async def test_an_attempt_ending_during_another_run_is_not_started_twice(
     async with harness(tmp_path) as h:
         h.rx.script["/hook"] = [Answer(hang=True), Answer(200)]
         event_id = h.emit()
-        # The second run_due has read the delivery as due (its attempt still in flight) and
-        # then waits on the store until that attempt has ended.
+        # The second run_due reads the store while the attempt is in flight, and its answer
+        # comes back only after that attempt has ended.
         fetched, attempt_ended = threading.Event(), threading.Event()
-        disabled_endpoints = h.store.disabled_endpoints
+        due_deliveries = h.store.due_deliveries
         calls = 0
 
-        def held() -> dict[str, str]:
+        def held(*args: Any, **kwargs: Any) -> list[Delivery]:
             nonlocal calls
             calls += 1
+            read = due_deliveries(*args, **kwargs)
             if calls == 2:
                 fetched.set()
                 attempt_ended.wait(10)
-            return disabled_endpoints()
+            return read
 
         attempt = h.deliverer.attempt
         returned = anyio.Event()
 
-        async def attempt_and_tell(delivery: Delivery) -> Outcome:
+        async def attempt_and_tell(delivery: Delivery, **kwargs: Any) -> Outcome:
             try:
-                return await attempt(delivery)
+                return await attempt(delivery, **kwargs)
             finally:
                 returned.set()
 
-        monkeypatch.setattr(h.store, "disabled_endpoints", held)
+        monkeypatch.setattr(h.store, "due_deliveries", held)
         monkeypatch.setattr(h.deliverer, "attempt", attempt_and_tell)
         async with anyio.create_task_group() as tg:
             await h.deliverer.run_due(tg)
             tg.start_soon(h.deliverer.run_due, tg)
-            await anyio.to_thread.run_sync(fetched.wait, 10)
+            assert await anyio.to_thread.run_sync(fetched.wait, 10)
             h.rx.release.set()
             with anyio.fail_after(10):
                 await returned.wait()
