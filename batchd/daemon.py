@@ -22,8 +22,9 @@ import anyio
 import anyio.abc
 import structlog
 
-from batchd import lifecycle, systemd
+from batchd import lifecycle, metrics, systemd
 from batchd.config import ConfigError, Settings
+from batchd.health import LoopMonitor
 from batchd.inbox import Inbox, Kind, classify
 from batchd.lifecycle import Action, PollPolicy, Step
 from batchd.models import Job, JobState, RemoteBatch, RemoteBatchRecord
@@ -101,6 +102,8 @@ class Daemon:
         #: set once recovery is done and every loop runs (what READY=1 tells systemd)
         self.ready = anyio.Event()
         self._intake_settled = False
+        #: the scheduler loop's heartbeat: STATUS= for systemd, the jobs gauge, /healthz's last tick
+        self.monitor = LoopMonitor(store, period_s=IDLE_TICK_S)
 
     # ------------------------------------------------------------ control
 
@@ -189,7 +192,7 @@ class Daemon:
     def _reload_settings(self) -> None:
         if self._reload is None:
             return
-        systemd.notify("RELOADING=1")
+        systemd.notify(systemd.reloading_message())
         try:
             new = self._reload()
         except ConfigError as exc:
@@ -295,6 +298,7 @@ class Daemon:
             self._taking.discard(path)
             self._intake_pending -= 1
         if job is not None:
+            metrics.intake(rejected=job.state == JobState.REJECTED)
             self.wake()
             if job.state == JobState.REJECTED:
                 self._poke_deliverer()
@@ -310,13 +314,18 @@ class Daemon:
                 last_ping = time.monotonic()
             # A fresh event before reading: a wake() that lands during the reads must not be lost.
             self._wake = anyio.Event()
+            self.monitor.begin()
             now = self._clock()
             # A job busy while we read may have moved on since: skip it this tick, or its
             # stale row would start the same step twice (the next wake-up sees it fresh).
             busy_during_read = set(self._busy)
             jobs = await db(self.store.active_jobs)
             batches = await db(self.store.active_remote_batches)
+            await self.monitor.tick(jobs)
             next_at = now + IDLE_TICK_S
+            if watchdog is not None:
+                # Wake in time for the next WATCHDOG=1 even when the loop has nothing to do.
+                next_at = min(next_at, now + max(0.0, last_ping + watchdog - time.monotonic()))
             pollable: list[tuple[Job, Action]] = []
             for job in jobs:
                 if job.id in self._busy or job.id in busy_during_read:
@@ -375,6 +384,7 @@ class Daemon:
         job = await db(self.store.get_job, job.id) or job
         attempts = job.attempts + 1
         delay = lifecycle.retry_delay(attempts, self.policy, self._rng)
+        metrics.retry(f"step.{job.state.value}")
         if isinstance(exc, ProviderError) and exc.retry_after:
             delay = max(delay, exc.retry_after)
         log.warning(
@@ -497,6 +507,7 @@ class Daemon:
     async def _poll_round(self, polls: list[tuple[Job, Action]], sweep: bool, now: float) -> None:
         """Poll jobs: with `sweep`, one list call for all of them (and a get only for a due job the
         list missed); otherwise one get per job."""
+        started = time.monotonic()
         try:
             found: dict[str, RemoteBatch] = {}
             if sweep:
@@ -518,6 +529,7 @@ class Daemon:
                 except ProviderError as exc:
                     await self._step_failed(job, exc)
         finally:
+            metrics.poll_round("sweep" if sweep else "get", time.monotonic() - started)
             for job, _ in polls:
                 self._busy.discard(job.id)
             self.wake()
@@ -594,11 +606,16 @@ class Daemon:
             self.store.update_job, job.id, expect=job.state, state=state, finished_at=now, reason=reason,
             request_counts=doc["request_counts"], usage=doc["usage"], events_=[event],
         )  # fmt: skip
+        metrics.job_finished(state.value, now - job.created_at, [folder / n for n in _OUTBOX_FILES])
         log.info(
             "job.finished", job_id=job.id, status=state.value, completed=merge.completed, failed=merge.failed,
             outbox=str(folder),
         )  # fmt: skip
         self._poke_deliverer()
+
+
+#: What a job writes into its outbox folder (counted by the outbox-bytes metric).
+_OUTBOX_FILES = ("output.jsonl", "errors.jsonl", "job.json")
 
 
 def _remote_fields(remote: RemoteBatch) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from batchd.daemon import Daemon, db
 from batchd.emulator.app import create_app
 from batchd.emulator.engines import EchoEngine, Engine, UpstreamEngine
 from batchd.emulator.server import serve_emulator
+from batchd.health import serve_metrics
 from batchd.models import PROVIDER_LIMITS
 from batchd.providers.base import Provider
 from batchd.providers.together import TogetherProvider
@@ -108,6 +109,7 @@ async def serve(
     batchd_logging.redact_values(secret_values(settings))
     if reload is not None:
         reload = _redacting(reload)
+    address = settings.metrics.address
     lock = acquire_lock(settings.state_dir)
     store = Store(settings.database_url)
     try:
@@ -123,7 +125,9 @@ async def serve(
             daemon = Daemon(settings, store=store, provider=provider, deliverer=deliverer, reload=reload)
             if on_daemon is not None:
                 on_daemon(daemon)
-            result = await daemon.run(once=once, timeout=timeout)
+            # Listening before READY=1; [metrics] listen is read at start only (a reload keeps it).
+            async with serve_metrics(address, daemon.monitor, store):
+                result = await daemon.run(once=once, timeout=timeout)
     finally:
         await anyio.to_thread.run_sync(store.close)
         lock.release()

@@ -221,6 +221,11 @@ class Store:
         with self._read() as conn:
             return int(conn.execute(select(func.max(schema_version.c.version))).scalar() or 0)
 
+    def probe_write(self) -> None:
+        """A write transaction that changes nothing: raises when the database cannot take a write (/healthz)."""
+        with self._write() as conn:
+            conn.execute(update(schema_version).values(version=schema_version.c.version))
+
     # ------------------------------------------------------------ jobs
 
     def insert_job(self, *, events_: Sequence[NewEvent] = (), **values: Any) -> Job:
@@ -390,6 +395,20 @@ class Store:
             .where(jobs.c.state.in_(live))
             .order_by(remote_batches.c.round, remote_batches.c.shard, remote_batches.c.id)
         )
+        found: dict[str, list[RemoteBatchRecord]] = {}
+        with self._read() as conn:
+            for row in conn.execute(query).all():
+                record = _remote(row._mapping)
+                found.setdefault(record.job_id, []).append(record)
+        return found
+
+    def remote_batches_by_job(self, job_ids: Collection[str] | None = None) -> dict[str, list[RemoteBatchRecord]]:
+        """The remote batches of the given jobs (all jobs when None), by job id, in one query."""
+        query = select(remote_batches).order_by(remote_batches.c.round, remote_batches.c.shard, remote_batches.c.id)
+        if job_ids is not None:
+            if not job_ids:
+                return {}
+            query = query.where(remote_batches.c.job_id.in_(list(job_ids)))
         found: dict[str, list[RemoteBatchRecord]] = {}
         with self._read() as conn:
             for row in conn.execute(query).all():

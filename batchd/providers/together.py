@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ import anyio
 import httpx
 import structlog
 
+from batchd import metrics
 from batchd.models import PROVIDER_LIMITS, Limits, RemoteBatch, RemoteStatus
 from batchd.providers.base import ProviderError
 from batchd.retry import RetryPolicy, is_retryable_status, retry_after_s, with_retries
@@ -218,10 +220,14 @@ class TogetherProvider:
         return {"Authorization": f"Bearer {self._api_key}"}
 
     async def _request(self, method: str, path: str, *, what: str, **kwargs: Any) -> httpx.Response:
+        started = time.monotonic()
         try:
-            return await self._http.request(method, self._url(path), headers=self._auth(), **kwargs)
+            response = await self._http.request(method, self._url(path), headers=self._auth(), **kwargs)
         except httpx.TransportError as exc:
+            metrics.api_call(what, None, time.monotonic() - started)
             raise transport_error(exc, what) from exc
+        metrics.api_call(what, response.status_code, time.monotonic() - started)
+        return response
 
     async def _retried(self, call: Callable[[], Awaitable[T]], what: str) -> T:
         return await with_retries(call, policy=self._retry, what=what, sleep=self._sleep)
@@ -290,12 +296,15 @@ class TogetherProvider:
         what = "together.upload.put"
         size = (await anyio.Path(path).stat()).st_size
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        started = time.monotonic()
         try:
             # aclosing: an interrupted PUT must close the file now, not whenever the generator is collected.
             async with aclosing(_file_chunks(path, size)) as chunks:
                 response = await self._http.put(location, content=chunks, headers=headers, follow_redirects=False)
         except httpx.TransportError as exc:
+            metrics.api_call(what, None, time.monotonic() - started)
             raise transport_error(exc, what) from exc
+        metrics.api_call(what, response.status_code, time.monotonic() - started)
         if not response.is_success:
             raise error_from_response(response, what)
         return size
@@ -326,11 +335,16 @@ class TogetherProvider:
         if have > 0:
             headers["Range"] = f"bytes={have}-"
         url = self._url(f"/v1/files/{quote(file_id, safe='')}/content")
+        started, answered = time.monotonic(), False
         try:
             # Together may send the content from storage; httpx drops our key on a cross-origin hop.
             async with self._http.stream("GET", url, headers=headers, follow_redirects=True) as response:
+                metrics.api_call(what, response.status_code, time.monotonic() - started)
+                answered = True
                 return await self._receive(response, dest, have, what)
         except httpx.TransportError as exc:
+            if not answered:  # a body cut short was counted with its status already
+                metrics.api_call(what, None, time.monotonic() - started)
             raise transport_error(exc, what) from exc
 
     async def _receive(self, response: httpx.Response, dest: Path, have: int, what: str) -> int:
@@ -398,12 +412,15 @@ class TogetherProvider:
             "endpoint": endpoint,
             "completion_window": completion_window,
         }
+        started = time.monotonic()
         try:
             response = await self._http.post(self._url("/v1/batches"), json=payload, headers=self._auth())
         except httpx.TransportError as exc:
+            metrics.api_call(what, None, time.monotonic() - started)
             # The request may have reached Together and created the batch.
             raise ProviderError(f"{what}: {type(exc).__name__}: {exc}", retryable=True, outcome_unknown=True) from exc
         code = response.status_code
+        metrics.api_call(what, code, time.monotonic() - started)
         if code in (200, 201):
             body = _json_or_none(response)
             if not isinstance(body, Mapping):
