@@ -158,7 +158,7 @@ class RemoteBatch:
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Job:
     """One submission, as stored."""
 
@@ -199,7 +199,7 @@ class Job:
         return self.id[:8]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RemoteBatchRecord:
     """One remote batch a job owns (or the committed intent to create it)."""
 

@@ -386,6 +386,25 @@ class Store:
                 self._insert_events(conn, row.job_id, events_, now)
         return _remote(row._mapping)
 
+    def update_remotes(
+        self, changes: Sequence[tuple[int, str, Mapping[str, Any], Mapping[str, Any]]], *, chunk: int = 500
+    ) -> None:
+        """Many `(remote batch id, job id, remote values, job values)` updates, `chunk` per transaction.
+
+        For a poll sweep's answers that change no status: one fsync per chunk instead of one per
+        job, and the write lock is never held for long.
+        """
+        for start in range(0, len(changes), chunk):
+            now = self.now()
+            with self._write() as conn:
+                for record_id, job_id, values, job_values in changes[start : start + chunk]:
+                    conn.execute(
+                        update(remote_batches).where(remote_batches.c.id == record_id).values(**values, updated_at=now)
+                    )
+                    conn.execute(
+                        update(jobs).where(jobs.c.id == job_id).values(**_db_values({**job_values, "updated_at": now}))
+                    )
+
     def active_remote_batches(self) -> dict[str, list[RemoteBatchRecord]]:
         """The remote batches of every non-terminal job, by job id (one query per scheduler tick)."""
         live = [s.value for s in JobState if s not in TERMINAL_STATES]

@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import httpx
+import pytest
 
 from batchd import metrics
 from batchd.health import STUCK_AFTER_TICKS, Health, LoopMonitor, create_metrics_app
@@ -155,3 +156,21 @@ def test_probe_write_changes_nothing(tmp_path: Path) -> None:
         assert store.schema_version() == before and time.monotonic() - started < 5
     finally:
         store.close()
+
+
+async def test_a_slow_read_stretches_the_idle_period_and_the_stuck_threshold(tmp_path: Path) -> None:
+    async with opened(tmp_path) as store:
+        clock = Clock()
+        monitor = LoopMonitor(store, clock=clock, notify=lambda _m: None, period_s=1.0)
+        monitor.begin()
+        clock.now += 0.02
+        await monitor.tick([])
+        assert monitor.idle_s() == 1.0  # a quick read: the plain period
+        monitor.begin()
+        clock.now += 0.8  # 10,000 jobs take this long to read
+        await monitor.tick([])
+        assert monitor.idle_s() == pytest.approx(8.0)
+        clock.now += STUCK_AFTER_TICKS * 1.0 + 1
+        assert monitor.stuck_for() is None  # not stuck: waiting its stretched period
+        clock.now += STUCK_AFTER_TICKS * 8.0
+        assert monitor.stuck_for() is not None
