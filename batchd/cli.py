@@ -195,25 +195,6 @@ def submit(obj: Context, file: Path, name: str | None) -> None:
 # ---------------------------------------------------------------- jobs
 
 
-def _job_json(job: Job) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "name": job.name,
-        "state": job.state.value,
-        "source": job.source,
-        "provider": job.provider,
-        "endpoint": job.endpoint,
-        "requests": job.request_count,
-        "request_counts": dict(job.request_counts) if job.request_counts else None,
-        "outbox": job.outbox_path,
-        "reason": job.reason,
-        "last_error": job.last_error,
-        "cancel_requested": job.cancel_requested,
-        "created_at": job.created_at,
-        "finished_at": job.finished_at,
-    }
-
-
 def _find(store: Store, ref: str) -> Job:
     found = store.find_jobs(ref)
     if not found:
@@ -221,51 +202,6 @@ def _find(store: Store, ref: str) -> Job:
     if len(found) > 1 and found[0].id != ref and len({j.name for j in found}) > 1:
         fail(f"{ref!r} matches {len(found)} jobs: {', '.join(j.short_id for j in found[:5])}", 1)
     return found[0]
-
-
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@click.option("--state", "states", multiple=True, type=click.Choice([s.value for s in JobState]))
-@config_options
-@pass_ctx
-def jobs(obj: Context, as_json: bool, states: tuple[str, ...]) -> None:
-    """What is tracked, oldest first."""
-    settings = obj.load()
-    with open_store(settings) as store:
-        found = store.list_jobs([JobState(s) for s in states] or None)
-        remote = {j.id: [b.remote_id for b in store.remote_batches(j.id) if b.remote_id] for j in found}
-    if as_json:
-        click.echo(json.dumps([{**_job_json(j), "remote_batch_ids": remote[j.id]} for j in found], indent=2))
-        return
-    if not found:
-        click.echo("no jobs")
-        return
-    click.echo(f"{'ID':<9} {'STATE':<12} {'REQUESTS':>8} {'OK':>6} {'FAILED':>6}  NAME")
-    for j in found:
-        counts = j.request_counts or {}
-        click.echo(
-            f"{j.short_id:<9} {j.state.value:<12} {j.request_count or 0:>8} "
-            f"{counts.get('completed', ''):>6} {counts.get('failed', ''):>6}  {j.name}"
-        )
-
-
-@main.command()
-@click.argument("job_ref", metavar="JOB")
-@config_options
-@pass_ctx
-def show(obj: Context, job_ref: str) -> None:
-    """Everything about one job (JOB: an id, a unique id prefix or a name)."""
-    settings = obj.load()
-    with open_store(settings) as store:
-        job = _find(store, job_ref)
-        batches = store.remote_batches(job.id)
-    data = _job_json(job)
-    data["remote_batches"] = [
-        {"remote_id": b.remote_id, "status": b.status, "input_file_id": b.input_file_id,
-         "output_file_id": b.output_file_id, "error_file_id": b.error_file_id, "error": b.error}
-        for b in batches
-    ]  # fmt: skip
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 @main.command()
@@ -405,4 +341,9 @@ def demo(keep: Path | None) -> None:
     sys.exit(run_demo(keep))
 
 
-from batchd import cli_webhooks  # noqa: E402, F401 - registers `batchd webhooks` on main
+# ---------------------------------------------------------------- operator commands (cli_ops.py)
+# Last, because those modules use the helpers above; importing cli_webhooks registers `batchd webhooks`.
+from batchd import cli_ops, cli_webhooks  # noqa: E402, F401
+
+for _command in cli_ops.commands():
+    main.add_command(_command)

@@ -105,6 +105,17 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    #: "host:port" of the /metrics and /healthz listener; empty: no listener (port 0: any free port)
+    listen: str = ""
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to listen on, or None when the listener is off."""
+        return _listen_address(self.listen, "metrics.listen") if self.listen else None
+
+
+@dataclass(frozen=True)
 class WebhookEndpoint:
     url: str
     secrets: tuple[Secret, ...]
@@ -126,6 +137,7 @@ class Settings:
     polling: PollingSettings = field(default_factory=PollingSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     webhooks: tuple[WebhookEndpoint, ...] = ()
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     #: the file these settings came from, if any
     config_path: Path | None = None
 
@@ -151,6 +163,7 @@ _SECTION_KEYS: dict[str, set[str]] = {
     "submit": {"completion_window"},
     "polling": {"min_interval_s", "max_interval_s"},
     "delivery": {"timeout_s", "retry_delays_s"},
+    "metrics": {"listen"},
 }
 _WEBHOOK_KEYS = {"url", "secret", "secret_env", "secret_file", "events"}
 
@@ -458,6 +471,7 @@ def _build(raw: Mapping[str, Any], *, base_dir: Path, environ: Mapping[str, str]
             retry_delays_s=tuple(float(d) for d in delays),
         ),
         webhooks=_build_webhooks(raw.get("webhooks", []), base_dir=base_dir, environ=environ),
+        metrics=_build_metrics(_table(raw, "metrics")),
         config_path=config_path,
     )
 
@@ -482,6 +496,23 @@ def _build_webhooks(
             WebhookEndpoint(url=url, secrets=_webhook_secrets(secrets, f"{name}.secret"), events=tuple(events))
         )
     return tuple(endpoints)
+
+
+def _build_metrics(table: Mapping[str, Any]) -> MetricsSettings:
+    listen = _str(table, "listen", "metrics.listen", "")
+    if listen:
+        _listen_address(listen, "metrics.listen")
+    return MetricsSettings(listen=listen)
+
+
+def _listen_address(value: str, name: str) -> tuple[str, int]:
+    """`127.0.0.1:9464`, `[::1]:9464` or `localhost:9464` → (host, port); port 0 picks a free one."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535 or any(c in host for c in "[]/ "):
+        raise ConfigError(f"{name} must be HOST:PORT (e.g. 127.0.0.1:9464 or [::1]:9464), not {value!r}")
+    return host, int(port)
 
 
 def _database_url(value: str, state_dir: Path) -> str:

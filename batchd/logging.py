@@ -1,19 +1,43 @@
 """structlog set-up: JSON lines when stdout is not a terminal (journald), console when it is.
 
 Secrets never reach a log line: values of keys that look like secrets are
-replaced, and Secret objects print as `***` anyway.
+replaced, Secret objects print as `***` anyway, and the configured secret
+values themselves (`redact_values`) are blanked wherever they appear in a
+rendered line, tracebacks included.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 import structlog
 
 _SECRET_WORDS = ("api_key", "secret", "authorization", "password", "token")
+#: Shorter values are not blanked: they would mangle ordinary words (and are no real secrets).
+MIN_SECRET_LENGTH = 8
+
+_secret_values: set[str] = set()
+
+
+def redact_values(values: Iterable[str]) -> None:
+    """Blank these values (API keys, webhook secrets) wherever they appear in a log line from now on."""
+    for value in values:
+        for form in (value, value.removeprefix("whsec_")):
+            if len(form) >= MIN_SECRET_LENGTH:
+                _secret_values.add(form)
+
+
+def scrub(_logger: Any, _method: str, line: Any) -> Any:
+    """After rendering: replace every registered secret value in the finished line."""
+    if isinstance(line, str):
+        # Longest first, so a secret that contains another is blanked whole.
+        for value in sorted(_secret_values, key=len, reverse=True):
+            if value in line:
+                line = line.replace(value, "***")
+    return line
 
 
 def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -38,6 +62,7 @@ def configure(*, level: str = "info", json: bool | None = None) -> None:
             redact,
             structlog.processors.format_exc_info,
             renderer,
+            scrub,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),

@@ -247,7 +247,7 @@ class BatchRequest:
         return {"custom_id": self.custom_id, "method": self.method, "url": self.url, "body": self.body}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Job:
     """One submission, as stored."""
 
@@ -288,7 +288,7 @@ class Job:
         return self.id[:8]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RemoteBatchRecord:
     """One remote batch a job owns (or the committed intent to create it)."""
 

@@ -21,6 +21,7 @@ import httpx
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
+from batchd import metrics
 from batchd.providers.base import ProviderError
 
 T = TypeVar("T")
@@ -130,6 +131,7 @@ async def with_retries(
 
     def before_sleep(state: RetryCallState) -> None:
         error = _last_error(state)
+        metrics.retry(what)
         log.warning(
             "provider.retry",
             what=what,

@@ -17,11 +17,13 @@ import anyio
 import httpx
 import structlog
 
+from batchd import logging as batchd_logging
 from batchd.config import ConfigError, Settings
 from batchd.daemon import Daemon, db
 from batchd.emulator.app import create_app
 from batchd.emulator.engines import EchoEngine, Engine, UpstreamEngine
 from batchd.emulator.server import serve_emulator
+from batchd.health import serve_metrics
 from batchd.models import PROVIDER_LIMITS
 from batchd.providers.base import Provider
 from batchd.providers.http import API_TIMEOUT, direct_to_loopback
@@ -98,6 +100,10 @@ async def serve(
     on_daemon: Callable[[Daemon], None] | None = None,
 ) -> int:
     """Run the daemon until stopped (0) or, with `once`, until drained (0) or timed out (1)."""
+    batchd_logging.redact_values(secret_values(settings))
+    if reload is not None:
+        reload = _redacting(reload)
+    address = settings.metrics.address
     lock = acquire_lock(settings.state_dir)
     store = Store(settings.database_url)
     try:
@@ -113,11 +119,32 @@ async def serve(
             daemon = Daemon(settings, store=store, provider=provider, deliverer=deliverer, reload=reload)
             if on_daemon is not None:
                 on_daemon(daemon)
-            result = await daemon.run(once=once, timeout=timeout)
+            # Listening before READY=1; [metrics] listen is read at start only (a reload keeps it).
+            async with serve_metrics(address, daemon.monitor, store):
+                result = await daemon.run(once=once, timeout=timeout)
     finally:
         await anyio.to_thread.run_sync(store.close)
         lock.release()
     return 0 if (not once or result.drained) else 1
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """Every secret the settings hold: the API key and each webhook secret."""
+    secrets = [*settings.inbox.webhook_secrets, *(s for ep in settings.webhooks for s in ep.secrets)]
+    if settings.provider.api_key is not None:
+        secrets.append(settings.provider.api_key)
+    return [s.reveal() for s in secrets]
+
+
+def _redacting(reload: Callable[[], Settings]) -> Callable[[], Settings]:
+    """A reload that registers the new settings' secrets for redaction before anything logs them."""
+
+    def wrapped() -> Settings:
+        settings = reload()
+        batchd_logging.redact_values(secret_values(settings))
+        return settings
+
+    return wrapped
 
 
 def _safe_url(url: str) -> str:

@@ -243,6 +243,11 @@ class Store:
         with self._read() as conn:
             return int(conn.execute(select(func.max(schema_version.c.version))).scalar() or 0)
 
+    def probe_write(self) -> None:
+        """A write transaction that changes nothing: raises when the database cannot take a write (/healthz)."""
+        with self._write() as conn:
+            conn.execute(update(schema_version).values(version=schema_version.c.version))
+
     # ------------------------------------------------------------ jobs
 
     def insert_job(self, *, events_: Sequence[NewEvent] = (), **values: Any) -> Job:
@@ -434,6 +439,25 @@ class Store:
                 self._insert_events(conn, row.job_id, events_, now)
         return _remote(row._mapping)
 
+    def update_remotes(
+        self, changes: Sequence[tuple[int, str, Mapping[str, Any], Mapping[str, Any]]], *, chunk: int = 500
+    ) -> None:
+        """Many `(remote batch id, job id, remote values, job values)` updates, `chunk` per transaction.
+
+        For a poll sweep's answers that change no status: one fsync per chunk instead of one per
+        job, and the write lock is never held for long.
+        """
+        for start in range(0, len(changes), chunk):
+            now = self.now()
+            with self._write() as conn:
+                for record_id, job_id, values, job_values in changes[start : start + chunk]:
+                    conn.execute(
+                        update(remote_batches).where(remote_batches.c.id == record_id).values(**values, updated_at=now)
+                    )
+                    conn.execute(
+                        update(jobs).where(jobs.c.id == job_id).values(**_db_values({**job_values, "updated_at": now}))
+                    )
+
     def active_remote_batches(self) -> dict[str, list[RemoteBatchRecord]]:
         """The remote batches of every non-terminal job, by job id (one query per scheduler tick)."""
         live = [s.value for s in JobState if s not in TERMINAL_STATES]
@@ -443,6 +467,20 @@ class Store:
             .where(jobs.c.state.in_(live))
             .order_by(remote_batches.c.round, remote_batches.c.shard, remote_batches.c.id)
         )
+        found: dict[str, list[RemoteBatchRecord]] = {}
+        with self._read() as conn:
+            for row in conn.execute(query).all():
+                record = _remote(row._mapping)
+                found.setdefault(record.job_id, []).append(record)
+        return found
+
+    def remote_batches_by_job(self, job_ids: Collection[str] | None = None) -> dict[str, list[RemoteBatchRecord]]:
+        """The remote batches of the given jobs (all jobs when None), by job id, in one query."""
+        query = select(remote_batches).order_by(remote_batches.c.round, remote_batches.c.shard, remote_batches.c.id)
+        if job_ids is not None:
+            if not job_ids:
+                return {}
+            query = query.where(remote_batches.c.job_id.in_(list(job_ids)))
         found: dict[str, list[RemoteBatchRecord]] = {}
         with self._read() as conn:
             for row in conn.execute(query).all():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 
 def notify(message: str, *, environ: dict[str, str] | None = None) -> bool:
@@ -35,3 +36,8 @@ def watchdog_interval_s(environ: dict[str, str] | None = None) -> float | None:
         return int(usec) / 2_000_000
     except ValueError:
         return None
+
+
+def reloading_message() -> str:
+    """RELOADING=1 with the MONOTONIC_USEC= that Type=notify-reload requires (plain Type=notify ignores it)."""
+    return f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"

@@ -27,6 +27,7 @@ import anyio
 import httpx
 import structlog
 
+from batchd import metrics
 from batchd.config import Secret, Settings, decode_secret
 from batchd.crashpoints import crashpoint
 from batchd.models import Delivery, NewEvent
@@ -291,6 +292,7 @@ class Deliverer:
                 if delivery.url in disabled:
                     reason = disabled[delivery.url]
                     await self._record(delivery.id, {"state": "disabled", "last_error": reason})
+                    metrics.webhook("parked")
                     log.info("webhook.parked", event_id=delivery.event_id, url=delivery.url, reason=reason)
                     continue
                 if self._queued.get(delivery.url, 0) >= PER_ENDPOINT_QUEUE:
@@ -371,11 +373,13 @@ class Deliverer:
                 "delivered_at": now,
             })  # fmt: skip
             bound.info("webhook.delivered", status=outcome.status, attempts=attempts)
+            metrics.webhook("delivered")
             return outcome
         if outcome.status == 410:
             bound.warning("webhook.endpoint_gone", status=410)
             await self._record(delivery.id, {"attempts": attempts, "last_status": 410})
             await anyio.to_thread.run_sync(self._store.disable_endpoint, delivery.url, "410 Gone from the receiver")
+            metrics.webhook("gone")
             return outcome
         delays = self._settings().delivery.retry_delays_s
         if attempts > len(delays) or not secrets:
@@ -384,6 +388,7 @@ class Deliverer:
                 "last_error": outcome.error}, seen_next_at=delivery.next_attempt_at,
             )  # fmt: skip
             bound.error("webhook.dead_lettered", attempts=attempts, status=outcome.status, error=outcome.error)
+            metrics.webhook("dead")
             return outcome
         delay = delays[attempts - 1] * self._rng.uniform(0.9, 1.1)
         if outcome.retry_after is not None:
@@ -397,6 +402,7 @@ class Deliverer:
         bound.warning(
             "webhook.retry_scheduled", attempts=attempts, status=outcome.status, error=outcome.error, wait_s=delay
         )
+        metrics.webhook("retry")
         return outcome
 
     async def _record(self, delivery_id: int, values: dict[str, Any], *, seen_next_at: float | None = None) -> None:

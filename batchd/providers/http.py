@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ import anyio
 import httpx
 import structlog
 
+from batchd import metrics
 from batchd.models import Limits, RemoteFile
 from batchd.providers.base import ProviderError
 from batchd.retry import RetryPolicy, is_retryable_status, retry_after_s, with_retries
@@ -292,10 +294,14 @@ class HttpProvider:
 
     async def _request(self, method: str, path: str, *, what: str, **kwargs: Any) -> httpx.Response:
         headers = {**self._auth(), **kwargs.pop("headers", {})}
+        started = time.monotonic()
         try:
-            return await self._http.request(method, self._url(path), headers=headers, **kwargs)
+            response = await self._http.request(method, self._url(path), headers=headers, **kwargs)
         except httpx.TransportError as exc:
+            metrics.api_call(what, None, time.monotonic() - started)
             raise transport_error(exc, what) from exc
+        metrics.api_call(what, response.status_code, time.monotonic() - started)
+        return response
 
     async def _retried(self, call: Callable[[], Awaitable[T]], what: str) -> T:
         return await with_retries(call, policy=self._retry, what=what, sleep=self._sleep)
@@ -318,12 +324,15 @@ class HttpProvider:
         the provider may have created the batch, so the caller reconciles by
         listing before it tries again.
         """
+        started = time.monotonic()
         try:
             response = await self._http.post(self._url(path), json=payload, headers=self._auth())
         except httpx.TransportError as exc:
+            metrics.api_call(what, None, time.monotonic() - started)
             # The request may have reached the provider and created the batch.
             raise ProviderError(f"{what}: {type(exc).__name__}: {exc}", retryable=True, outcome_unknown=True) from exc
         code = response.status_code
+        metrics.api_call(what, code, time.monotonic() - started)
         if code not in (200, 201):
             raise create_refusal(response, what)
         body = json_or_none(response)
@@ -358,11 +367,16 @@ class HttpProvider:
         if have > 0:
             headers["Range"] = f"bytes={have}-"
         url = self._url(self._content_path(file_id))
+        started, answered = time.monotonic(), False
         try:
             # The content may come from storage; httpx drops our key on a cross-origin hop.
             async with self._http.stream("GET", url, headers=headers, follow_redirects=True) as response:
+                metrics.api_call(what, response.status_code, time.monotonic() - started)
+                answered = True
                 return await _receive(response, dest, have, what)
         except httpx.TransportError as exc:
+            if not answered:  # a body cut short was counted with its status already
+                metrics.api_call(what, None, time.monotonic() - started)
             raise transport_error(exc, what) from exc
 
 

@@ -6,6 +6,7 @@ The daemon reaches the embedded local backend through this same code.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
 from pathlib import Path
@@ -16,6 +17,7 @@ import anyio
 import httpx
 import structlog
 
+from batchd import metrics
 from batchd.models import PROVIDER_LIMITS, Limits, RemoteBatch, RemoteFile, RemoteStatus
 from batchd.providers.base import ProviderError
 from batchd.providers.http import (
@@ -167,12 +169,15 @@ class TogetherProvider(HttpProvider):
         what = "together.upload.put"
         size = (await anyio.Path(path).stat()).st_size
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        started = time.monotonic()
         try:
             # aclosing: an interrupted PUT must close the file now, not whenever the generator is collected.
             async with aclosing(file_chunks(path, size)) as chunks:
                 response = await self._http.put(location, content=chunks, headers=headers, follow_redirects=False)
         except httpx.TransportError as exc:
+            metrics.api_call(what, None, time.monotonic() - started)
             raise transport_error(exc, what) from exc
+        metrics.api_call(what, response.status_code, time.monotonic() - started)
         if not response.is_success:
             raise error_from_response(response, what)
         return size

@@ -21,6 +21,7 @@ from standardwebhooks.webhooks import Webhook
 from starlette.types import Receive, Scope, Send
 
 from batchd.emulator.app import create_app
+from batchd.emulator.engines import Engine
 from batchd.emulator.server import serve_emulator
 
 SECRET = "whsec_" + base64.b64encode(b"acceptance-tests-secret-key-32by").decode()
@@ -269,15 +270,15 @@ class Harness:
 
 
 @asynccontextmanager
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+async def harness(tmp_path: Path, *, engine: Engine | None = None) -> AsyncIterator[Harness]:
     """The emulator as a Together server, a webhook receiver, a workspace; daemons killed at the end.
 
     A context manager rather than fixtures: the servers' task groups must be entered and left
-    in the test's own task.
+    in the test's own task. `engine` answers the emulator's requests (default: echo).
     """
     receiver = Receiver()
     async with (
-        serve_emulator(create_app(tmp_path / "emulator"), host="127.0.0.1", port=0) as url,
+        serve_emulator(create_app(tmp_path / "emulator", engine=engine), host="127.0.0.1", port=0) as url,
         serve_emulator(receiver, host="127.0.0.1", port=0) as hook_url,
         httpx.AsyncClient() as http,
     ):

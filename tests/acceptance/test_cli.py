@@ -98,7 +98,7 @@ async def test_jobs_show_cancel_and_retry_beside_a_finished_run(tmp_path: Path) 
         table = await h.ws.batchd("jobs")
         assert "completed" in table.stdout and "report" in table.stdout
 
-        shown = await h.ws.batchd("show", job["id"][:6])
+        shown = await h.ws.batchd("show", "--json", job["id"][:6])
         assert json.loads(shown.stdout)["remote_batches"][0]["remote_id"] == job["remote_batch_ids"][0]
         assert (await h.ws.batchd("show", "no-such-job")).returncode == 1
 

@@ -1,0 +1,344 @@
+"""Operator commands that read the database beside a running daemon: `jobs`, `show`, `watch`.
+
+They never migrate nor create the database (a `sudo batchd jobs` must not leave
+a root-owned database behind) and only read: SQLite's WAL lets them read while
+the daemon writes. Human output is a table; `--json` output is the stable shape
+documented in the README ("Operator commands").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from batchd.config import Settings
+from batchd.daemon import iso
+from batchd.models import Delivery, Job, JobState, RemoteBatchRecord
+from batchd.store import Store
+
+#: Below this many jobs, their remote batches are read by id; above, all at once.
+_BY_ID_LIMIT = 500
+#: Outbox files `show` lists, when they exist.
+_OUTBOX_FILES = ("output.jsonl", "errors.jsonl", "job.json")
+
+
+@contextmanager
+def read_store(settings: Settings) -> Iterator[Store | None]:
+    """The Store for reading, or None when there is no database yet (nothing is created)."""
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
+        yield None
+        return
+    store = Store(settings.database_url)
+    try:
+        try:
+            store.schema_version()
+        except SQLAlchemyError:
+            # A file without batchd's tables: nothing tracked yet.
+            yield None
+            return
+        yield store
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- records (the --json shape)
+
+
+def progress_of(job: Job, batches: Sequence[RemoteBatchRecord]) -> float | None:
+    """Percent of the job's requests answered so far; None when unknown (rejected, or no word yet)."""
+    if job.state == JobState.REJECTED:
+        return None
+    if job.state.terminal:
+        return 100.0
+    if job.state in (JobState.RECEIVED, JobState.UPLOADING, JobState.SUBMITTING):
+        return 0.0
+    bound = [b for b in batches if b.remote_id is not None]
+    if not bound:
+        return None
+    known = [b.progress for b in bound if b.progress is not None]
+    if len(known) != len(bound):
+        return None
+    return round(sum(known) / len(known), 2)
+
+
+def job_record(job: Job, batches: Sequence[RemoteBatchRecord], now: float) -> dict[str, Any]:
+    """One job as `batchd jobs --json` shows it (stable: keys are only ever added)."""
+    counts = dict(job.request_counts) if job.request_counts else None
+    return {
+        "id": job.id,
+        "name": job.name,
+        "state": job.state.value,
+        "source": job.source,
+        "provider": job.provider,
+        "endpoint": job.endpoint,
+        "requests": job.request_count,
+        "request_counts": counts,
+        "progress": progress_of(job, batches),
+        "remote_batch_ids": [b.remote_id for b in batches if b.remote_id],
+        "outbox": job.outbox_path,
+        "reason": job.reason,
+        "last_error": job.last_error,
+        "cancel_requested": job.cancel_requested,
+        "created_at": iso(job.created_at),
+        "finished_at": iso(job.finished_at),
+        "age_s": round(max(0.0, now - job.created_at), 3),
+    }
+
+
+def show_record(
+    job: Job, batches: Sequence[RemoteBatchRecord], deliveries: Sequence[Delivery], now: float
+) -> dict[str, Any]:
+    """Everything about one job (`batchd show --json`): the `jobs` record plus remote batches,
+    timings, files and webhook deliveries."""
+    record = job_record(job, batches, now)
+    outbox = Path(job.outbox_path) if job.outbox_path else None
+    record.update(
+        {
+            "completion_window": job.completion_window,
+            "model": job.model,
+            "metadata": dict(job.metadata),
+            "usage": dict(job.usage) if job.usage else None,
+            "webhook_url": job.webhook_url,
+            "input_file_id": job.input_file_id,
+            "sha256": job.sha256,
+            "size_bytes": job.size_bytes,
+            "attempts": job.attempts,
+            "timings": {
+                "created_at": iso(job.created_at),
+                "updated_at": iso(job.updated_at),
+                "finished_at": iso(job.finished_at),
+                "next_check_at": iso(job.next_check_at),
+                "poll_interval_s": job.poll_interval_s,
+                "duration_s": round((job.finished_at or now) - job.created_at, 3),
+            },
+            "files": {
+                "claimed": job.claimed_path,
+                "spec": job.spec_path,
+                "upload": job.upload_path,
+                "outbox": job.outbox_path,
+                **{
+                    name.replace(".", "_"): str(outbox / name)
+                    for name in _OUTBOX_FILES
+                    if outbox is not None and (outbox / name).is_file()
+                },
+                "report": job.report_path,
+                "rejected": job.rejected_path,
+            },
+            "remote_batches": [
+                {
+                    "remote_id": b.remote_id,
+                    "status": b.status,
+                    "progress": b.progress,
+                    "round": b.round,
+                    "shard": b.shard,
+                    "input_file_id": b.input_file_id,
+                    "output_file_id": b.output_file_id,
+                    "error_file_id": b.error_file_id,
+                    "error": b.error,
+                    "create_attempts": b.create_attempts,
+                    "intent_at": iso(b.intent_at),
+                    "created_at": iso(b.remote_created_at),
+                    "updated_at": iso(b.updated_at),
+                }
+                for b in batches
+            ],
+            "webhooks": [
+                {
+                    "event_id": d.event_id,
+                    "type": d.event_type,
+                    "url": d.url,
+                    "state": d.state,
+                    "attempts": d.attempts,
+                    "last_status": d.last_status,
+                    "last_error": d.last_error,
+                    "delivered_at": iso(d.delivered_at),
+                }
+                for d in deliveries
+            ],
+        }
+    )
+    return record
+
+
+# ---------------------------------------------------------------- human output
+
+
+def human_age(seconds: float) -> str:
+    """45s, 12m, 5h, 3d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{max(0, int(seconds))}s"
+
+
+def progress_text(progress: float | None, width: int = 0) -> str:
+    """`45%`, or with a width a bar too: `[#########...........]  45%`; `-` when unknown."""
+    if progress is None:
+        return "-" if not width else " " * (width + 2) + "    -"
+    percent = f"{math.floor(progress):>3d}%"
+    if not width:
+        return percent
+    filled = min(width, int(width * progress / 100))
+    return f"[{'#' * filled}{'.' * (width - filled)}] {percent}"
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def jobs_table(records: Sequence[dict[str, Any]], *, bar: int = 0) -> list[str]:
+    """The `batchd jobs` table: one line per job."""
+    name_width = min(32, max([4, *(len(r["name"]) for r in records)]))
+    progress_width = (bar + 7) if bar else 8
+    lines = [
+        f"{'ID':<8}  {'NAME':<{name_width}}  {'STATE':<11}  {'PROGRESS':<{progress_width}}  "
+        f"{'REQUESTS':>8}  {'OK':>6}  {'FAILED':>6}  {'AGE':>4}"
+    ]
+    for r in records:
+        counts = r["request_counts"] or {}
+        lines.append(
+            f"{r['id'][:8]:<8}  {_cut(r['name'], name_width):<{name_width}}  {r['state']:<11}  "
+            f"{progress_text(r['progress'], bar):<{progress_width}}  {r['requests'] or '-'!s:>8}  "
+            f"{counts.get('completed', '-')!s:>6}  {counts.get('failed', '-')!s:>6}  {human_age(r['age_s']):>4}"
+        )
+    return lines
+
+
+def show_lines(record: dict[str, Any]) -> list[str]:
+    """`batchd show` for a person: one labelled line per fact."""
+    r = record
+    counts = r["request_counts"] or {}
+    t = r["timings"]
+    lines = [
+        f"job        {r['id']}  ({r['name']})",
+        f"state      {r['state']}  {progress_text(r['progress'])}"
+        + ("  cancel requested" if r["cancel_requested"] else ""),
+        f"source     {r['source']}  {r['requests'] or '?'} requests, {r['size_bytes'] or 0} bytes",
+        f"provider   {r['provider']}  {r['endpoint'] or '-'}  window {r['completion_window'] or '-'}"
+        + (f"  model {r['model']}" if r["model"] else ""),
+        f"requests   ok {counts.get('completed', '-')}, failed {counts.get('failed', '-')}"
+        + (f"  usage {json.dumps(r['usage'])}" if r["usage"] else ""),
+        f"created    {t['created_at']}  ({human_age(r['age_s'])} ago)",
+        f"finished   {t['finished_at'] or '-'}  (took {human_age(t['duration_s'])})"
+        if t["finished_at"]
+        else f"next check {t['next_check_at'] or '-'}  poll every {t['poll_interval_s'] or '-'} s",
+    ]
+    for b in r["remote_batches"]:
+        lines.append(
+            f"remote     {b['remote_id'] or '(creating)'}  {b['status']}  {progress_text(b['progress'])}  "
+            f"input {b['input_file_id']}  output {b['output_file_id'] or '-'}  errors {b['error_file_id'] or '-'}"
+            + (f"  error: {b['error']}" if b["error"] else "")
+        )
+    files = [(k, v) for k, v in r["files"].items() if v]
+    for i, (kind, path) in enumerate(files):
+        lines.append(f"{'files' if i == 0 else '':<10} {kind:<13}{path}")
+    for d in r["webhooks"]:
+        status = f" (HTTP {d['last_status']})" if d["last_status"] else ""
+        lines.append(f"webhook    {d['type']} → {d['url']}  {d['state']}{status}, {d['attempts']} attempts")
+    if r["reason"]:
+        lines.append(f"reason     {r['reason']}")
+    if r["last_error"]:
+        lines.append(f"last error {r['last_error']}")
+    return lines
+
+
+def read_records(store: Store, states: Sequence[JobState] | None, now: float) -> list[dict[str, Any]]:
+    found = store.list_jobs(states or None)
+    ids = [j.id for j in found] if len(found) <= _BY_ID_LIMIT else None
+    batches = store.remote_batches_by_job(ids)
+    return [job_record(j, batches.get(j.id, []), now) for j in found]
+
+
+# ---------------------------------------------------------------- commands
+
+IN_FLIGHT_STATES = [s for s in JobState if not s.terminal]
+
+
+def commands() -> list[click.Command]:
+    """The `jobs`, `show` and `watch` commands, for cli.py to add to the main group.
+
+    Built on call, with cli.py's shared options: cli.py calls this once it has defined
+    them, and importing this module first does not import cli.py half-way.
+    """
+    from batchd.cli import Context, _find, config_options, fail, pass_ctx
+
+    @click.command()
+    @click.option("--json", "as_json", is_flag=True, help="Print a JSON array (shape: README, Operator commands).")
+    @click.option(
+        "--state", "states", multiple=True, type=click.Choice([s.value for s in JobState]), help="Only these."
+    )
+    @config_options
+    @pass_ctx
+    def jobs(obj: Context, as_json: bool, states: tuple[str, ...]) -> None:
+        """What is tracked, oldest first: name, state, progress, requests ok/failed, age."""
+        settings = obj.load()
+        with read_store(settings) as store:
+            records = read_records(store, [JobState(s) for s in states], time.time()) if store else []
+        if as_json:
+            click.echo(json.dumps(records, indent=2, ensure_ascii=False))
+        elif not records:
+            click.echo("no jobs")
+        else:
+            click.echo("\n".join(jobs_table(records)))
+
+    @click.command()
+    @click.argument("job_ref", metavar="JOB")
+    @click.option("--json", "as_json", is_flag=True, help="Print a JSON object (shape: README, Operator commands).")
+    @config_options
+    @pass_ctx
+    def show(obj: Context, job_ref: str, as_json: bool) -> None:
+        """Everything about one job (JOB: an id, a unique id prefix or a name)."""
+        settings = obj.load()
+        with read_store(settings) as store:
+            if store is None:
+                fail(f"no job matches {job_ref!r}", 1)
+            job = _find(store, job_ref)
+            record = show_record(job, store.remote_batches(job.id), store.deliveries(job_id=job.id), time.time())
+        if as_json:
+            click.echo(json.dumps(record, indent=2, ensure_ascii=False))
+        else:
+            click.echo("\n".join(show_lines(record)))
+
+    @click.command()
+    @click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds.")
+    @click.option("--once", is_flag=True, help="Print one snapshot and exit.")
+    @config_options
+    @pass_ctx
+    def watch(obj: Context, interval: float, once: bool) -> None:
+        """Live progress of the jobs in flight, until Ctrl-C (or --once).
+
+        On a terminal the screen is redrawn; otherwise one snapshot is printed per interval.
+        """
+        settings = obj.load()
+        redraw = sys.stdout.isatty() and not once
+        try:
+            while True:
+                now = time.time()
+                with read_store(settings) as store:
+                    records = read_records(store, IN_FLIGHT_STATES, now) if store else []
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+                header = f"{stamp}  {len(records)} jobs in flight"
+                body = jobs_table(records, bar=20) if records else []
+                if redraw:
+                    # Home, clear the screen, draw: no scrollback of old frames.
+                    click.echo("\x1b[H\x1b[2J" + "\n".join([header, *body]))
+                else:
+                    click.echo("\n".join([header, *body, ""]))
+                if once:
+                    return
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            return
+
+    return [jobs, show, watch]

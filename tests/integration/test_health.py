@@ -1,0 +1,176 @@
+"""The scheduler loop's heartbeat and /healthz over a real SQLite file: STATUS= on change,
+a stuck loop and a database that takes no write both answer 503."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from batchd import metrics
+from batchd.health import STUCK_AFTER_TICKS, Health, LoopMonitor, create_metrics_app
+from batchd.models import Job, JobState
+from batchd.store import Store
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def new_job(store: Store, name: str, state: JobState) -> Job:
+    return store.insert_job(id=name.ljust(32, "0"), name=name, source=f"{name}.jsonl", state=state, provider="local")
+
+
+@asynccontextmanager
+async def opened(tmp_path: Path) -> AsyncIterator[Store]:
+    store = Store(f"sqlite:///{tmp_path / 'batchd.db'}")
+    store.migrate()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+async def test_status_is_sent_on_the_first_tick_on_change_and_when_old(tmp_path: Path) -> None:
+    async with opened(tmp_path) as store:
+        sent: list[str] = []
+        clock = Clock()
+        monitor = LoopMonitor(store, clock=clock, notify=sent.append, status_every_s=30)
+        a = new_job(store, "a", JobState.IN_PROGRESS)
+        new_job(store, "r", JobState.REJECTED)
+
+        await monitor.tick([a])
+        assert sent == ["STATUS=1 active (1 in_progress); 1 done (1 rejected); 0 webhooks pending"]
+        clock.now += 5
+        await monitor.tick([a])
+        assert len(sent) == 1  # nothing changed
+
+        a = store.update_job(a.id, state=JobState.DOWNLOADING)
+        await monitor.tick([a])
+        assert sent[-1].startswith("STATUS=1 active (1 downloading)")
+        store.update_job(a.id, state=JobState.COMPLETED)
+        await monitor.tick([])
+        assert sent[-1] == "STATUS=0 active; 2 done (1 completed, 1 rejected); 0 webhooks pending"
+
+        clock.now += 31
+        await monitor.tick([])
+        assert len(sent) == 4 and monitor.status == sent[-1].removeprefix("STATUS=")
+
+
+async def test_the_jobs_gauge_follows_the_status(tmp_path: Path) -> None:
+    m = metrics.enable()
+    try:
+        async with opened(tmp_path) as store:
+            monitor = LoopMonitor(store, notify=lambda _m: None)
+            new_job(store, "done", JobState.COMPLETED)
+            await monitor.tick([])
+            assert m.registry.get_sample_value("batchd_jobs", {"state": "completed"}) == 1
+            assert m.registry.get_sample_value("batchd_scheduler_tick_duration_seconds_count") == 0
+            monitor.begin()
+            await monitor.tick([])
+            assert m.registry.get_sample_value("batchd_scheduler_tick_duration_seconds_count") == 1
+    finally:
+        metrics.disable()
+
+
+async def get(app: Any, path: str) -> httpx.Response:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://batchd") as client:
+        return await client.get(path)
+
+
+async def test_healthz_fails_when_the_loop_stops_ticking(tmp_path: Path) -> None:
+    async with opened(tmp_path) as store:
+        clock = Clock()
+        monitor = LoopMonitor(store, clock=clock, notify=lambda _m: None, period_s=1.0)
+        app = create_metrics_app(Health(monitor, store), metrics.Metrics().registry)
+        await monitor.tick([])
+        healthy = await get(app, "/healthz")
+        assert healthy.status_code == 200 and healthy.json()["status"] == "ok"
+
+        clock.now += STUCK_AFTER_TICKS * 1.0 + 1
+        stuck = await get(app, "/healthz")
+        assert stuck.status_code == 503
+        assert stuck.json()["scheduler"] == f"no tick for {STUCK_AFTER_TICKS + 1:.1f} s"
+        assert stuck.json()["database"] == "ok"
+
+        await monitor.tick([])
+        assert (await get(app, "/healthz")).status_code == 200
+
+
+async def test_healthz_fails_while_the_database_takes_no_write(tmp_path: Path) -> None:
+    async with opened(tmp_path) as store:
+        monitor = LoopMonitor(store, notify=lambda _m: None)
+        await monitor.tick([])
+        health = Health(monitor, store, db_timeout_s=0.3)
+        app = create_metrics_app(health, metrics.Metrics().registry)
+        # Another process holds SQLite's write lock (a stuck writer).
+        holder = sqlite3.connect(tmp_path / "batchd.db", isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            locked = await get(app, "/healthz")
+            assert locked.status_code == 503
+            assert locked.json()["database"] == "a write did not finish within 0.3 s"
+            # The first probe is still waiting: a second check does not pile another thread on.
+            again = await get(app, "/healthz")
+            assert again.status_code == 503 and again.json()["database"].startswith("a write has not finished after")
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        with anyio.fail_after(10):
+            while (await get(app, "/healthz")).status_code != 200:  # noqa: ASYNC110 - the probe thread ends by itself
+                await anyio.sleep(0.05)
+
+
+async def test_healthz_reports_a_write_error(tmp_path: Path) -> None:
+    async with opened(tmp_path) as store:
+
+        def refuse() -> None:
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+
+        monitor = LoopMonitor(store, notify=lambda _m: None)
+        await monitor.tick([])
+        store.probe_write = refuse  # type: ignore[method-assign]
+        broken = await get(create_metrics_app(Health(monitor, store), metrics.Metrics().registry), "/healthz")
+        assert broken.status_code == 503
+        assert broken.json()["database"] == "OperationalError: attempt to write a readonly database"
+
+
+def test_probe_write_changes_nothing(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'batchd.db'}")
+    try:
+        store.migrate()
+        before = store.schema_version()
+        started = time.monotonic()
+        store.probe_write()
+        assert store.schema_version() == before and time.monotonic() - started < 5
+    finally:
+        store.close()
+
+
+async def test_a_slow_read_stretches_the_idle_period_and_the_stuck_threshold(tmp_path: Path) -> None:
+    async with opened(tmp_path) as store:
+        clock = Clock()
+        monitor = LoopMonitor(store, clock=clock, notify=lambda _m: None, period_s=1.0)
+        monitor.begin()
+        clock.now += 0.02
+        await monitor.tick([])
+        assert monitor.idle_s() == 1.0  # a quick read: the plain period
+        monitor.begin()
+        clock.now += 0.8  # 10,000 jobs take this long to read
+        await monitor.tick([])
+        assert monitor.idle_s() == pytest.approx(8.0)
+        clock.now += STUCK_AFTER_TICKS * 1.0 + 1
+        assert monitor.stuck_for() is None  # not stuck: waiting its stretched period
+        clock.now += STUCK_AFTER_TICKS * 8.0
+        assert monitor.stuck_for() is not None
