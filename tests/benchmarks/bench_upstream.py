@@ -23,7 +23,7 @@ one after the other over the same keep-alive-capable httpx client settings:
   the batch reading `completed`: validation, every request through the
   engine, each answer fsynced into the spool, the result files written and
   installed. The emulator is reached in-process (`httpx.ASGITransport`);
-  its status is polled every 20 ms.
+  its status is polled every 100 ms (a few hundredths of the run).
 
 Both sides send the same request bodies. Output: requests/s of each side per
 round, the best and the median, and the ratio of medians; beside them the CPU
@@ -157,7 +157,7 @@ async def through_emulator(url: str, data: bytes, concurrency: int, data_dir: Pa
                 batch = (await client.get(f"/openai/v1/batches/{batch_id}")).json()
                 if batch["status"] not in ("validating", "in_progress", "finalizing"):
                     break
-                await anyio.sleep(0.02)
+                await anyio.sleep(0.1)
             elapsed = since(started)
             counts = batch["request_counts"]
             if batch["status"] != "completed" or counts["completed"] != counts["total"]:
