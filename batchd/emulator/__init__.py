@@ -1,11 +1,14 @@
-"""The embedded Batch API emulator (DESIGN §8): Together's dialect at `/v1/...`.
+"""The embedded Batch API emulator (DESIGN §8): Together's dialect at `/v1/...`, OpenAI's at `/openai/v1/...`.
 
 `batchd emulator` serves it for users; the daemon runs it in-process on a
 loopback port as the "local" backend; batchd's tests talk to it over real
-HTTP. The official `together` SDK works against it unchanged::
+HTTP. The official SDKs work against it unchanged::
 
     from together import Together
     client = Together(api_key="anything", base_url="http://127.0.0.1:8787")
+
+    from openai import OpenAI
+    client = OpenAI(api_key="anything", base_url="http://127.0.0.1:8787/openai/v1")
 
 In Python::
 
@@ -13,39 +16,84 @@ In Python::
     async with serve_emulator(create_app(data_dir)) as base_url:
         ...
 
-The OpenAI dialect (`/openai/v1/...`) is not served yet; the stored files
-and batches (`state.py`) are dialect-neutral so it can be added over them.
+Both dialects share one store: a file uploaded through one can feed a batch
+created through the other, and each lists every batch, rendered in its own
+shape. A batch keeps the rules of the dialect that created it (its limits,
+its result lines). Files and batches live under the data dir and survive a
+restart. Every answer is fsynced into the batch's spool as it arrives
+(appends that arrive during one fsync share the next), so a batch that was
+running when the process stopped (even `kill -9`) resumes after a restart and
+only the requests without a recorded answer are asked again: a kill re-sends
+at most the requests in flight at that moment. One emulator process per
+data dir.
 
-Files and batches live under the data dir and survive a restart: a batch that
-was VALIDATING or IN_PROGRESS is run again from the start (answers are
-deterministic, so nothing changes but `fail_once`, see below). One emulator
-process per data dir.
+`create_app(data_dir, *, engine, api_key, clock, concurrency, timeline,
+random_faults, latency_s)`; `batchd emulator --help` lists the same settings
+as flags (`--api-key`, `--upstream-url`, `--upstream-api-key`,
+`--concurrency`, `--validating-s`, `--in-progress-s`, `--finalizing-s`,
+`--cancelling-s`, `--latency`, `--fault-rate`, `--fault-statuses`,
+`--fault-retry-after`, `--fault-seed`); `--port 0` picks a free port, and the
+`emulator.serving` log line names the URL.
 
 Engines
 -------
 `EchoEngine` (default) answers offline and deterministically: chat
 completions say `"echo: <last user message>"`, completions `"echo: <prompt>"`,
 embeddings are unit vectors derived from sha256 of each input; `usage` counts
-words. `UpstreamEngine` forwards each request body to an OpenAI-compatible
-server (`POST {upstream_url}/v1/chat/completions`, …) with bounded concurrency.
+words. `UpstreamEngine(http, upstream_url, concurrency, api_key=None)`
+forwards each request body to an OpenAI-compatible server (`POST
+{upstream_url}/v1/chat/completions`, …; a trailing `/v1` in the URL is
+accepted), at most `concurrency` at once (16 by default from the command
+line). 408, 429, 5xx and transport errors are retried up to 5 attempts with
+full-jitter backoff (0.5 s doubling, at most 30 s) raised to the server's
+`Retry-After` (at most 300 s); no slot is held during a backoff. What still
+fails lands in the error file: the upstream's own answer, or a 502 with code
+`upstream_unavailable` / `upstream_bad_response`.
 
 What a batch does
 -----------------
 VALIDATING: every non-blank line must be a JSON object with a `custom_id`
 (1–64 characters, unique), `method` POST (if given), `url` equal to the
-batch's endpoint and an object `body`; at most 50,000 requests and 100 MB.
-Otherwise the batch ends FAILED with `error` naming the line. IN_PROGRESS:
-requests go to the engine (bounded concurrency), `progress` goes 0→100.
-Then the result files are stored (purpose `batch-api`) and the batch ends
-COMPLETED with `output_file_id` (2xx answers:
-`{"custom_id", "response": {"status_code", "body"}}`) and `error_file_id`
-(error lines `{"custom_id", "error": {"message", "code"}}` and non-2xx
-answers); either is null when it would be empty. Like Together, result lines
-are NOT in input order (they are sorted by sha256 of `custom_id`): join on
-`custom_id`. When the completion window (default 24h, from the injectable
-clock) runs out, the batch ends EXPIRED with what it answered so far.
-`POST /v1/batches/{id}/cancel` ends a VALIDATING or IN_PROGRESS batch
-CANCELLED at once; the requests already answered stay in its result files.
+batch's endpoint and an object `body`; at most 50,000 requests; at most
+100 MB for a batch created through Together, 200 MB through OpenAI.
+Otherwise the batch FAILS: Together's `error` names the line; OpenAI's
+`errors.data` holds `{"code", "line", "message", "param"}` with codes
+`invalid_json_line`, `invalid_custom_id`, `invalid_method`,
+`mismatched_endpoint`, `invalid_body`, `invalid_trigger`,
+`duplicate_custom_id`, `empty_file`, `too_many_requests_in_batch`,
+`file_too_large` (the emulator's own names). IN_PROGRESS: requests go to the
+engine (bounded concurrency); Together's `progress` goes 0→100, OpenAI's
+`request_counts {total, completed, failed}` count up (and `usage` sums the
+answers' tokens). FINALIZING (OpenAI; Together shows IN_PROGRESS at 100 %):
+the result files are written. Then the batch ends COMPLETED with
+`output_file_id` (2xx answers) and `error_file_id` (everything else); either
+is null when it would be empty, so a completed batch may have only an error
+file. Result lines, Together: `{"custom_id", "response": {"status_code",
+"body"}}`, errors without an HTTP answer `{"custom_id", "error": {"message",
+"code"}}`. OpenAI: `{"id": "batch_req_…", "custom_id", "response":
+{"status_code", "request_id", "body"}, "error": null}` and `{"id",
+"custom_id", "response": null, "error": {"code", "message"}}`. Like the real
+services, result lines are NOT in input order (they are sorted by sha256 of
+`custom_id`): join on `custom_id`. When the completion window (24 h; Together
+also takes other windows such as `1h`; measured on the injectable clock)
+runs out, the batch ends EXPIRED with what it answered so far; OpenAI's
+error file then also holds a `batch_expired` line for every request never
+run. Cancel keeps the requests already answered in the result files:
+Together's cancel answers CANCELLED at once; OpenAI's answers `cancelling`,
+and the batch becomes `cancelled` at the worker's next step (never while
+paused, and not before `Timeline.cancelling_s`). A FINALIZING or finished
+batch cannot be cancelled (Together: 400 with a string error; OpenAI: 400).
+
+Timeline
+--------
+`Timeline(validating_s, in_progress_min_s, finalizing_s, cancelling_s)`,
+seconds of real time, all 0 by default (as fast as the engine answers): a
+batch stays VALIDATING at least `validating_s`; IN_PROGRESS at least
+`in_progress_min_s`, with its requests spread evenly over that time so
+progress climbs steadily; FINALIZING `finalizing_s`; an OpenAI cancel keeps
+the batch `cancelling` for `cancelling_s` (with `cancelling_s > 0` Together's
+cancel answers CANCELING too, then CANCELLED). Deadlines and timestamps come
+from the `clock`; the timeline's waits do not.
 
 Test triggers
 -------------
@@ -54,8 +102,8 @@ It is removed before the engine sees the body. Unknown keys or bad values
 fail the batch at validation (so a typo never passes silently). Keys:
 
 `"error": "<code>"`
-    The request gets an error line `{"custom_id", "error": {"message": "…",
-    "code": "<code>"}}` (e.g. `"invalid_model"`), in the error file.
+    The request gets an error line without an HTTP answer carrying `<code>`
+    (e.g. `"invalid_model"`), in the error file.
 `"status": N` (400–599)
     A response line with `status_code` N and an OpenAI-style error body
     `{"error": {"message", "type", "param", "code"}}`, in the error file.
@@ -66,45 +114,80 @@ fail the batch at validation (so a typo never passes silently). Keys:
     request in a follow-up batch succeeds. The memory is kept in the data dir.
 `"expire_batch": true`
     The batch ends EXPIRED: requests on lines before this one are answered
-    (and in the result files); this line and every later line get nothing.
+    (and in the result files); this line and every later line get nothing
+    (OpenAI: a `batch_expired` error line each).
 `"fail_batch": true`
-    The same, but the batch ends FAILED with `error` naming the line.
+    The same, but the batch ends FAILED with `error` (OpenAI: `errors`, code
+    `batch_failed`) naming the line.
 
 When several keys are given, `error` wins over `status`, which wins over
 `fail_once`; `expire_batch` wins over `fail_batch`.
 
-Control endpoints (no auth; for tests)
---------------------------------------
+Control endpoints (no auth; for tests and for users rehearsing failures)
+------------------------------------------------------------------------
 `POST /_emulator/pause`, `POST /_emulator/resume`
-    While paused no batch advances: each stays VALIDATING or IN_PROGRESS and
-    no answer is recorded, so a test can catch a job in flight without
-    sleeping. Cancel still works while paused. Not persisted.
-`POST /_emulator/faults` with JSON
-    `{"method": "POST", "path": "/v1/batches", "status": 503, "times": 1,
-    "retry_after": 2, "act": false}`: the next `times` (default 1) requests
-    matching method and path (`*` matches exactly one path segment, e.g.
-    `"/v1/files/*/content"`) are answered with `status` and an error body
-    (Together's shape for the path), plus `Retry-After` if `retry_after` is
-    given. `"act": true` carries the request out first and then answers the
-    fault instead (a lost answer: the batch really exists, the client sees
-    503). `"truncate_at": N` (no status needed) lets the real response start
-    with its full `Content-Length` but sends only N body bytes, then closes
-    the connection (a cut download; the server logs "ASGI callable returned
-    without completing response", which is expected). Faults also apply to
-    the presigned upload URL (`PUT /_emulator/upload/*`). Answers
-    `{"faults": [...pending]}`. `GET` lists them; `DELETE` clears them.
+    While paused no batch advances: each stays where it is and no answer is
+    recorded, so a test can catch a job in flight without sleeping.
+    Together's cancel still works while paused; an OpenAI cancel stays
+    `cancelling` until resumed. Not persisted.
+`POST /_emulator/faults` with a JSON object, one of three kinds:
+
+    A targeted fault: `{"method": "POST", "path": "/v1/batches", "status":
+    503, "times": 1, "retry_after": 2, "act": false}`: the next `times`
+    (default 1) requests matching method and path (`*` matches exactly one
+    path segment, e.g. `"/v1/files/*/content"` or `"/openai/v1/batches/*"`)
+    get, instead of their answer, one of:
+
+    * `"status": N`: that status and an error body in the path's dialect
+      (Together's batch endpoints: a bare string), plus `Retry-After` if
+      `retry_after` is given;
+    * `"drop": true`: the connection is closed without any response (the
+      client sees "server disconnected"; in-process, through
+      `httpx.ASGITransport`, the client gets the same
+      `httpx.RemoteProtocolError` raised);
+    * `"truncate_at": N`: the real response starts with its full
+      `Content-Length` but only N body bytes are sent, then the connection
+      closes (a cut download; the server logs "ASGI callable returned
+      without completing response", which is expected).
+
+    `"act": true` (with `status` or `drop`) carries the request out first
+    and then loses its answer (the batch really exists, the client sees the
+    fault). `"delay_s": S` waits S seconds first: alone it makes a slow but
+    correct answer; with another fault, a slow failure.
+
+    The random mode: `{"rate": 0.2, "statuses": [429, 500, 503],
+    "retry_after": 1, "seed": 7}`: from now on every API request (both
+    dialects and the upload URL; never the control endpoints) fails with
+    probability `rate`, with a status drawn from `statuses` (`"drop"` among
+    them drops the connection), `Retry-After` when `retry_after` is given.
+    With a `seed`, the same sequence of requests gets the same faults.
+    `rate: 0` turns it off; posting again replaces it. Targeted faults are
+    served first.
+
+    Latency: `{"latency_s": 0.05}` adds that delay to every API request.
+
+    Faults apply to the presigned-style upload URL (`PUT
+    /_emulator/upload/*`) too. Answers `{"faults": [...pending]}` plus
+    `"random"` and `"latency_s"` when set. `GET` lists them; `DELETE` clears
+    all three kinds.
 `GET /_emulator/stats`
     `{"batch_creates": [{"id", "input_file_id", "created_at"}, ...],
-    "requests": {"POST /v1/batches": n, ...}, "paused": bool}`.
-    `batch_creates` lists every batch ever created, oldest first, from the
-    data dir (it survives restarts); `requests` counts requests by method and
-    concrete path since this process started (control endpoints excluded).
+    "requests": {"POST /v1/batches": n, ...}, "faults_served": {"total": n,
+    "429": n, "drop": n, "truncate": n, "delay": n, ...}, "paused": bool}`.
+    `batch_creates` lists every batch ever created (either dialect), oldest
+    first, from the data dir (it survives restarts); `requests` counts
+    requests by method and concrete path since this process started
+    (control endpoints excluded); `faults_served` counts the faults served
+    since then, by kind (a status, `drop`, `truncate`, or `delay` alone).
 
-Together routes
----------------
-Every `/v1/...` request needs `Authorization: Bearer <token>`: any non-empty
-token, or exactly `api_key` when the app was created with one; else 401.
+Auth
+----
+Every `/v1/...` and `/openai/v1/...` request needs `Authorization: Bearer
+<token>`: any non-empty token, or exactly `api_key` when the app was created
+with one; else 401 with `{"error": {"message", "type", "param", "code"}}`.
 
+Together routes (SDK base URL `http://host:port`)
+-------------------------------------------------
 * `POST /v1/files` (multipart). The SDK's three-step flow: fields `purpose`,
   `file_name`, `file_type`, `checksum` (sha256 hex) and no file part →
   409 `{"file_id"}` if a processed file with that checksum exists, else 302
@@ -120,7 +203,36 @@ token, or exactly `api_key` when the app was created with one; else 401.
   (streamed, `Content-Length`, `Range: bytes=N-` → 206 with `Content-Range`).
 * `POST /v1/batches` → 201 `{"job": BatchJob, "warning": null}`;
   `GET /v1/batches/{id}`; `GET /v1/batches` (a bare array, newest first);
-  `POST /v1/batches/{id}/cancel`.
+  `POST /v1/batches/{id}/cancel`. Upper-case statuses; FINALIZING shows as
+  IN_PROGRESS, cancelling as CANCELING; ISO-8601 times; `completed_at` is
+  set for every terminal status.
+
+OpenAI routes (SDK base URL `http://host:port/openai/v1`)
+---------------------------------------------------------
+* `POST /openai/v1/files` (multipart `file`, `purpose`; `batch` needs a
+  `.jsonl` name; optional `expires_after[anchor]=created_at` and
+  `expires_after[seconds]`, default 30 days) → FileObject `{"id", "object":
+  "file", "bytes", "created_at", "expires_at", "filename", "purpose",
+  "status": "processed", "status_details"}`. Result files have purpose
+  `batch_output`; files uploaded through Together show purpose `batch`.
+* `GET /openai/v1/files` (`purpose`, `limit` 1–10,000, `after`, `order`),
+  `GET /openai/v1/files/{id}`, `GET /openai/v1/files/{id}/content`
+  (streamed, `Range` as above).
+* `POST /openai/v1/batches` `{"input_file_id", "endpoint",
+  "completion_window": "24h", "metadata"?, "output_expires_after"?}` → the
+  Batch itself; `metadata` (at most 16 string pairs, keys ≤ 64 and values
+  ≤ 512 characters) is stored and returned; any other key, another window,
+  an unknown endpoint or a file that is not a batch input → 400 (404 for an
+  unknown file) naming the `param`.
+* `GET /openai/v1/batches/{id}`; `GET /openai/v1/batches?after=ID&limit=N`
+  (1–100, default 20) → `{"object": "list", "data": [...], "first_id",
+  "last_id", "has_more"}`, newest first; `POST /openai/v1/batches/{id}/cancel`.
+  Batch: lower-case `status` (`validating in_progress finalizing completed
+  failed expired cancelling cancelled`), unix-second `created_at
+  in_progress_at expires_at finalizing_at completed_at failed_at expired_at
+  cancelling_at cancelled_at`, `request_counts`, `errors` (null unless it
+  failed), `output_file_id` / `error_file_id` (null when absent), `metadata`,
+  `usage`.
 """
 
 from batchd.emulator.app import create_app

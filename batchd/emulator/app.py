@@ -30,6 +30,8 @@ from batchd.emulator.worker import BatchWorker, Gate
 
 log = structlog.get_logger()
 
+#: Requests of one batch in flight at once for an engine that does not say (the echo engine).
+DEFAULT_CONCURRENCY = 64
 #: Path prefixes that need `Authorization: Bearer …`: the Together and the OpenAI dialect.
 PROTECTED_PREFIXES: tuple[str, ...] = ("/v1/", f"{OPENAI_PREFIX}/")
 
@@ -77,7 +79,7 @@ def create_app(
     engine: Engine | None = None,
     api_key: str | None = None,
     clock: Clock = utc_now,
-    concurrency: int = 64,
+    concurrency: int | None = None,
     timeline: Timeline | None = None,
     random_faults: RandomFaults | None = None,
     latency_s: float = 0.0,
@@ -86,7 +88,9 @@ def create_app(
 
     `engine` answers requests (default: `EchoEngine()`); `api_key`, when set,
     is the only bearer token accepted; `clock` is the source of every "now";
-    `concurrency` bounds the requests of one batch in flight at once;
+    `concurrency` bounds the requests of one batch in flight at the engine
+    at once (default: the engine's own `concurrency` if it has one, as
+    `UpstreamEngine` does, else 64);
     `timeline` sets how long a batch spends in each state (default: no
     longer than it takes); `random_faults` and `latency_s` start the
     emulator with those faults in force (as if posted to /_emulator/faults). The
@@ -95,7 +99,12 @@ def create_app(
     """
     state = EmulatorState(data_dir)
     gate = Gate()
-    worker = BatchWorker(state, engine or EchoEngine(), gate, clock, concurrency=concurrency, timeline=timeline)
+    engine = engine or EchoEngine()
+    if concurrency is None:
+        # More requests in flight than the engine takes would only queue at its limiter, which costs
+        # CPU per request (measured: tests/benchmarks/bench_upstream.py).
+        concurrency = getattr(engine, "concurrency", None) or DEFAULT_CONCURRENCY
+    worker = BatchWorker(state, engine, gate, clock, concurrency=concurrency, timeline=timeline)
     control = Control(gate, Faults(random=random_faults, latency_s=latency_s))
 
     @asynccontextmanager

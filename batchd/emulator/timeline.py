@@ -23,7 +23,8 @@ class Timeline:
     #: FINALIZING (every request answered, result files being written) lasts this long
     finalizing_s: float = 0.0
     #: a batch cancelled through the OpenAI dialect stays CANCELLING this long (and at least until the
-    #: worker's next step: while the emulator is paused it stays CANCELLING)
+    #: worker's next step: while the emulator is paused it stays CANCELLING); when > 0, Together's
+    #: cancel shows CANCELING for this long too instead of answering CANCELLED at once
     cancelling_s: float = 0.0
 
     def __post_init__(self) -> None:

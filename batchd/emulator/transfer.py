@@ -2,7 +2,8 @@
 
 Dialect-neutral: the Together routes use it for the presigned-style PUT, the
 one-step multipart upload and `/v1/files/{id}/content`; the OpenAI dialect
-will reuse the same pieces. Memory never grows with the file size.
+for its multipart upload and `/openai/v1/files/{id}/content`. Memory never
+grows with the file size.
 """
 
 from __future__ import annotations

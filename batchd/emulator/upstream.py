@@ -103,6 +103,11 @@ class UpstreamEngine:
         # Created on first use: anyio primitives need a running event loop.
         self._limiter: anyio.CapacityLimiter | None = None
 
+    @property
+    def concurrency(self) -> int:
+        """Requests this engine sends at once (the worker dispatches no more than that per batch)."""
+        return self._concurrency
+
     async def respond(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """POST `body` to `{upstream}{endpoint}` (retrying what may succeed later); its status and JSON body."""
         url = f"{self._base}{endpoint}"

@@ -162,8 +162,9 @@ def _check_line(lineno: int, raw: bytes, endpoint: str) -> tuple[str, Any]:
 class BatchWorker:
     """Runs batches: validation, answering through the engine, result files.
 
-    `concurrency` bounds the requests of one batch in flight at once (the
-    engine may bound them further); `timeline` sets how long each state
+    `concurrency` bounds the requests of one batch in flight at the engine
+    at once (the engine may bound them further, across batches; an answer
+    waiting for the disk no longer counts); `timeline` sets how long each state
     lasts at least. Call `run()` in a task group; `enqueue()` hands it a new
     batch; `cancel()` ends one with what it answered so far.
     """
@@ -429,19 +430,20 @@ class BatchWorker:
     ) -> None:
         try:
             answer = await self._answer(batch, request)
-            # Paused: the answer is held back, so the batch does not advance.
-            await self._gate.wait()
-            await spool.append([(answer.ok, answer.custom_id, render_line(batch.dialect, batch.id, answer))])
-            if answer.ok:
-                batch.completed += 1
-                used_in, used_out = answer.usage()
-                batch.input_tokens += used_in
-                batch.output_tokens += used_out
-            else:
-                batch.failed += 1
-            self._update_progress(batch)
         finally:
+            # The slot bounds requests at the engine; waiting for the disk must not idle the engine.
             slots.release()
+        # Paused: the answer is held back, so the batch does not advance.
+        await self._gate.wait()
+        await spool.append([(answer.ok, answer.custom_id, render_line(batch.dialect, batch.id, answer))])
+        if answer.ok:
+            batch.completed += 1
+            used_in, used_out = answer.usage()
+            batch.input_tokens += used_in
+            batch.output_tokens += used_out
+        else:
+            batch.failed += 1
+        self._update_progress(batch)
 
     @staticmethod
     def _update_progress(batch: StoredBatch) -> None:

@@ -1,0 +1,151 @@
+"""`batchd emulator` as a user runs it: the OpenAI dialect with the official SDK, flags for
+timelines and faults, and an upstream batch that survives `kill -9` of the emulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+from openai import OpenAI
+
+from batchd.emulator import serve_emulator
+from batchd.emulator.spool import custom_id_hash, recover_spool
+from tests.acceptance.conftest import eventually
+from tests.integration.emulator_helpers import (
+    BearerAuth,
+    openai_create,
+    openai_download,
+    openai_upload,
+    openai_wait,
+    request_line,
+    to_jsonl,
+)
+from tests.integration.upstream_server import CountingUpstream
+
+REQUESTS = 1000
+#: A generous bound on the requests a kill can make the emulator send again: those in flight
+#: upstream (--concurrency 16) and the answers still waiting for the spool's next fsync (a few ms).
+MAX_RESENT = 64
+
+
+class EmulatorProcess:
+    """`python -m batchd emulator --port 0 …` with its JSON log in a file; `url` once it serves."""
+
+    def __init__(self, root: Path, *flags: str) -> None:
+        self.log_path = root / f"emulator-{len(list(root.glob('emulator-*.log')))}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
+        command = [sys.executable, "-m", "batchd", "emulator", "--port", "0", "--data-dir", str(root / "data")]
+        self.proc = subprocess.Popen([*command, *flags], env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.url = ""
+
+    def _serving(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the emulator exited with {self.proc.returncode}: {self.log_path.read_text()}")
+        for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entry: dict[str, Any] = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if entry.get("event") == "emulator.serving":
+                self.url = entry["url"]
+                return True
+        return False
+
+    async def started(self) -> str:
+        await eventually(self._serving, 30, "the emulator serving")
+        return self.url
+
+    async def exited(self) -> int:
+        await eventually(lambda: self.proc.poll() is not None, 30, "the emulator exiting")
+        self._log.close()
+        return self.proc.returncode
+
+    async def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        await eventually(lambda: self.proc.poll() is not None, 15, "the emulator exiting")
+        self._log.close()
+        return self.proc.returncode
+
+
+def openai_sdk_batch(base_url: str, input_path: Path) -> tuple[list[str], str]:
+    """The statuses a plain SDK user sees while polling, and the output."""
+    with OpenAI(api_key="cli-key", base_url=f"{base_url}/openai/v1", max_retries=5) as client:
+        uploaded = client.files.create(file=input_path, purpose="batch")
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        seen: list[str] = [batch.status]
+        while batch.status not in ("completed", "failed", "expired", "cancelled"):
+            batch = client.batches.retrieve(batch.id)
+            seen.append(batch.status)
+        assert batch.output_file_id is not None
+        return seen, client.files.content(batch.output_file_id).text
+
+
+async def test_the_command_serves_openai_with_a_timeline_an_api_key_and_faults(tmp_path: Path) -> None:
+    input_path = tmp_path / "in.jsonl"
+    input_path.write_bytes(to_jsonl([request_line(f"r{i}") for i in range(5)]))
+    flags = ["--api-key", "cli-key", "--validating-s", "0.3", "--finalizing-s", "0.3"]
+    flags += ["--fault-rate", "0.2", "--fault-statuses", "429,503", "--fault-retry-after", "0", "--fault-seed", "3"]
+    emulator = EmulatorProcess(tmp_path, *flags)
+    try:
+        url = await emulator.started()
+        async with httpx.AsyncClient(base_url=url) as http:
+            refused = await http.get("/openai/v1/batches", headers={"Authorization": "Bearer wrong"})
+            assert refused.status_code in (401, 429, 503)
+            seen, output = await anyio.to_thread.run_sync(openai_sdk_batch, url, input_path)
+            stats = (await http.get("/_emulator/stats")).json()
+        assert "validating" in seen and "finalizing" in seen and seen[-1] == "completed"
+        assert len(output.splitlines()) == 5
+        # The SDK retried its way through the faults the flags asked for.
+        assert stats["faults_served"]["total"] >= 1
+        assert set(stats["faults_served"]) <= {"total", "429", "503"}
+    finally:
+        assert await emulator.stop() == 0
+
+
+async def test_a_killed_emulator_resumes_its_upstream_batch_without_resending(tmp_path: Path) -> None:
+    lines = [request_line(f"req-{i:04d}", f"question {i}") for i in range(REQUESTS)]
+    victim: list[EmulatorProcess] = []
+
+    async def kill_half_way(number: int) -> None:
+        if number == REQUESTS // 2:
+            os.kill(victim[0].proc.pid, signal.SIGKILL)
+
+    upstream = CountingUpstream(on_request=kill_half_way)
+    async with serve_emulator(upstream.app()) as upstream_url:
+        flags = ("--upstream-url", upstream_url, "--concurrency", "16")
+        victim.append(EmulatorProcess(tmp_path, *flags))
+        async with httpx.AsyncClient(base_url=await victim[0].started(), auth=BearerAuth("k")) as client:
+            batch_id = (await openai_create(client, await openai_upload(client, to_jsonl(lines))))["id"]
+        assert await victim[0].exited() == -signal.SIGKILL
+
+        # What the killed emulator had made durable: those requests must never be sent again.
+        durable = recover_spool(tmp_path / "data" / "spool" / f"{batch_id}.jsonl").answered
+        assert len(durable) >= REQUESTS // 2 - MAX_RESENT
+        survivor = EmulatorProcess(tmp_path, *flags)
+        try:
+            async with httpx.AsyncClient(base_url=await survivor.started(), auth=BearerAuth("k")) as client:
+                batch = await openai_wait(client, batch_id, timeout=60)
+                output = await openai_download(client, batch["output_file_id"])
+        finally:
+            assert await survivor.stop() == 0
+
+    assert batch["status"] == "completed" and batch["request_counts"]["completed"] == REQUESTS
+    assert sorted(line["custom_id"] for line in output) == [line["custom_id"] for line in lines]
+    for i in range(REQUESTS):
+        if custom_id_hash(f"req-{i:04d}") in durable:
+            assert upstream.received[f"question {i}"] == 1
+    sent_twice = [text for text, count in upstream.received.items() if count > 1]
+    assert max(upstream.received.values()) == 2 or not sent_twice
+    assert len(sent_twice) <= MAX_RESENT and len(upstream.received) == REQUESTS

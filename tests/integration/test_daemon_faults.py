@@ -1,0 +1,99 @@
+"""The daemon against an emulator that fails 20 % of all API requests at random (429/500/503 with
+Retry-After, and dropped connections): every job still completes with one remote batch, and
+Retry-After is honoured at both layers (the provider's own retries and the daemon's step backoff)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import httpx
+import pytest
+from structlog.testing import capture_logs
+
+from batchd.config import load_settings
+from batchd.daemon import Daemon
+from batchd.emulator import RandomFaults, create_app, serve_emulator
+from batchd.models import JobState
+from batchd.providers.together import TogetherProvider
+from batchd.store import Store
+
+#: Short, so the daemon's real step backoff (which honours it) keeps the test quick.
+RETRY_AFTER_S = 0.2
+JOBS = 6
+REQUESTS_PER_JOB = 4
+
+
+class RecordedSleeps:
+    """The provider's retry waits, recorded instead of slept (a checkpoint keeps the loop fair)."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        await anyio.lowlevel.checkpoint()
+
+
+def chat(custom_id: str) -> dict[str, Any]:
+    body = {"model": "m", "messages": [{"role": "user", "content": custom_id}]}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+@pytest.mark.parametrize("statuses", [(429, 500, 503), (429, 500, 503, "drop")], ids=["statuses", "with-drops"])
+async def test_every_job_completes_under_twenty_percent_random_faults(
+    tmp_path: Path, statuses: tuple[int | str, ...]
+) -> None:
+    config = tmp_path / "batchd.toml"
+    config.write_text(
+        'state_dir = "state"\n[provider]\nkind = "together"\nbase_url = "http://127.0.0.1:1"\n'
+        "[polling]\nmin_interval_s = 0.02\nmax_interval_s = 0.1\n[inbox]\nsettle_s = 0.0\n",
+        encoding="utf-8",
+    )
+    settings = load_settings(config, environ={"TOGETHER_API_KEY": "k"})
+    store = Store(settings.database_url)
+    store.migrate()
+    faults = RandomFaults(rate=0.2, statuses=statuses, retry_after=RETRY_AFTER_S, seed=7)
+    sleeps = RecordedSleeps()
+    try:
+        async with (
+            serve_emulator(create_app(tmp_path / "emulator", random_faults=faults)) as url,
+            httpx.AsyncClient() as http,
+        ):
+            provider = TogetherProvider(http, base_url=url, api_key="k", sleep=sleeps)
+            daemon = Daemon(settings, store=store, provider=provider)
+            inbox = settings.inbox_dir
+            inbox.mkdir(parents=True)
+            for j in range(JOBS):
+                lines = [chat(f"job{j}-req{i}") for i in range(REQUESTS_PER_JOB)]
+                tmp = inbox / f".job{j}.tmp"
+                tmp.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+                tmp.rename(inbox / f"job{j}.jsonl")
+            with capture_logs() as logs:
+                result = await daemon.run(once=True, timeout=90)
+            stats = (await http.get(f"{url}/_emulator/stats")).json()
+        jobs = {job.name: job for job in store.list_jobs()}
+    finally:
+        store.close()
+
+    assert result.drained
+    assert sorted(jobs) == [f"job{j}" for j in range(JOBS)]
+    assert all(job.state is JobState.COMPLETED for job in jobs.values()), {n: j.state for n, j in jobs.items()}
+    for j in range(JOBS):
+        output = (settings.outbox_dir / f"job{j}" / "output.jsonl").read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line)["custom_id"] for line in output] == [f"job{j}-req{i}" for i in range(REQUESTS_PER_JOB)]
+    # Faults were really served, and no job got a second remote batch.
+    assert stats["faults_served"]["total"] >= 5
+    assert len(stats["batch_creates"]) == JOBS
+    if "drop" in statuses:
+        # A dropped connection carries no Retry-After: the plain backoff applies.
+        assert stats["faults_served"]["drop"] >= 1
+        return
+    # Retry-After was honoured: by the provider's own retries...
+    assert sleeps.waits and all(wait >= RETRY_AFTER_S for wait in sleeps.waits)
+    # ...and by the daemon's step backoff when a step failed for good (creates are never blindly retried).
+    step_waits = [e["wait_s"] for e in logs if e["event"] == "job.step_failed"]
+    assert all(wait >= RETRY_AFTER_S for wait in step_waits)
