@@ -116,8 +116,12 @@ fail the batch at validation (so a typo never passes silently). Keys:
     The batch ends EXPIRED: requests on lines before this one are answered
     (and in the result files); this line and every later line get nothing
     (OpenAI: a `batch_expired` error line each).
+`"expire_once": true`
+    Like `expire_batch`, but only the first time the emulator ever plans this
+    very line (its bytes): the same request resubmitted in a follow-up batch
+    runs normally. For testing follow-up rounds after an expiry.
 `"fail_batch": true`
-    The same, but the batch ends FAILED with `error` (OpenAI: `errors`, code
+    The same as `expire_batch`, but the batch ends FAILED with `error` (OpenAI: `errors`, code
     `batch_failed`) naming the line.
 
 When several keys are given, `error` wins over `status`, which wins over

@@ -16,7 +16,7 @@ from typing import Any
 #: The key of the trigger object inside a request's `body`; removed before the engine sees the body.
 TRIGGER_KEY = "batchd_emulator"
 
-_KNOWN_KEYS = frozenset({"error", "status", "fail_once", "expire_batch", "fail_batch"})
+_KNOWN_KEYS = frozenset({"error", "status", "fail_once", "expire_batch", "expire_once", "fail_batch"})
 
 
 class TriggerError(ValueError):
@@ -35,6 +35,8 @@ class Trigger:
     fail_once: int | None = None
     #: stop the batch at this line: EXPIRED
     expire_batch: bool = False
+    #: like expire_batch, but only the first time the emulator ever plans this very line
+    expire_once: bool = False
     #: stop the batch at this line: FAILED
     fail_batch: bool = False
 
@@ -80,6 +82,7 @@ def split_trigger(body: Mapping[str, Any]) -> tuple[Trigger | None, dict[str, An
         status=_status(raw["status"], "status") if "status" in raw else None,
         fail_once=_status(raw["fail_once"], "fail_once") if "fail_once" in raw else None,
         expire_batch=_flag(raw.get("expire_batch", False), "expire_batch"),
+        expire_once=_flag(raw.get("expire_once", False), "expire_once"),
         fail_batch=_flag(raw.get("fail_batch", False), "fail_batch"),
     )
     return trigger, clean

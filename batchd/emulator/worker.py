@@ -10,6 +10,7 @@ recorded answer are asked again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from batchd.emulator.engines import Engine
 from batchd.emulator.spool import RequestLines, Spool, WrittenResults, custom_id_hash, write_sorted_results
 from batchd.emulator.state import BatchStatus, Clock, EmulatorState, StoredBatch, StoredFile
 from batchd.emulator.timeline import Timeline
-from batchd.emulator.triggers import TRIGGER_KEY, TriggerError, fail_once_key, split_trigger
+from batchd.emulator.triggers import TRIGGER_KEY, Trigger, TriggerError, fail_once_key, split_trigger
 from batchd.models import PROVIDER_LIMITS, Limits
 
 log = structlog.get_logger()
@@ -371,9 +372,13 @@ class BatchWorker:
                         )
                         return InputPlan(0, 0, problem=problem)
                     seen.add(custom_id)
-                    if limit is None and trigger is not None and trigger.stops_batch:
+                    if limit is None and trigger is not None and await self._stops_here(trigger, raw):
                         limit = len(seen) - 1
-                        stop = BatchStatus.EXPIRED if trigger.expire_batch else BatchStatus.FAILED
+                        stop = (
+                            BatchStatus.FAILED
+                            if trigger.fail_batch and not trigger.expire_batch
+                            else BatchStatus.EXPIRED
+                        )
                         stop_line = lineno
                 await anyio.lowlevel.checkpoint()
         if not seen:
@@ -383,6 +388,14 @@ class BatchWorker:
             return _invalid(message, "too_many_requests_in_batch", "input_file_id")
         total = len(seen)
         return InputPlan(total, total if limit is None else limit, stop, stop_line)
+
+    async def _stops_here(self, trigger: Trigger, raw: bytes) -> bool:
+        """Whether the batch ends at this line (expire_once: only the first time this line is seen)."""
+        if trigger.expire_batch or trigger.fail_batch:
+            return True
+        if trigger.expire_once:
+            return await self._state.first_failure("expire_once\x00" + hashlib.sha256(raw.strip()).hexdigest())
+        return False
 
     async def _execute(self, batch: StoredBatch, plan: InputPlan) -> bool:
         """Answer the first `plan.limit` requests; True when the completion window ran out first."""

@@ -594,3 +594,13 @@ async def test_exceptions_come_out_unwrapped(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="failed to start"):
         async with serve_emulator(create_app(not_a_dir)):
             pass
+
+
+async def test_expire_once_expires_the_first_batch_only(tmp_path: Path) -> None:
+    lines = [request_line("a"), request_line("b", trigger={"expire_once": True}), request_line("c")]
+    async with http_emulator(tmp_path) as client:
+        first, answered, _ = await run_batch(client, lines)
+        assert first["status"] == "EXPIRED" and [x["custom_id"] for x in answered] == ["a"]
+        # The same lines resubmitted (a follow-up round) run normally.
+        again, answered, _ = await run_batch(client, lines[1:])
+        assert again["status"] == "COMPLETED" and sorted(x["custom_id"] for x in answered) == ["b", "c"]
