@@ -40,9 +40,12 @@ custom_ids back from it (`iter_custom_ids`) for results.py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sqlite3
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,9 +82,10 @@ RULES: tuple[str, ...] = (
     "input",
     "stream",
     "empty",
-    "too_many_requests",
     "too_large",
 )
+#: Custom ids kept in memory before the uniqueness check spills to a scratch file.
+_SEEN_IN_MEMORY = 100_000
 
 _BOM = b"\xef\xbb\xbf"
 _MAX_CUSTOM_ID = 64
@@ -123,6 +127,8 @@ class Report:
     endpoint: str | None
     #: the file's size on disk, as dropped
     size_bytes: int
+    #: the model every request names, when they all name the same one
+    model: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -138,6 +144,7 @@ class Report:
             "request_count": self.request_count,
             "endpoint": self.endpoint,
             "size_bytes": self.size_bytes,
+            "model": self.model,
             "problems": [{"line": p.line, "rule": p.rule, "message": p.message} for p in self.problems],
         }
 
@@ -233,8 +240,10 @@ class _Checker:
         self.limits = limits
         self.endpoint: str | None = None
         self.endpoint_line = 0
-        self.seen: dict[str, int] = {}
+        self.seen = _SeenIds()
         self.requests = 0
+        #: the one model every request names, "" once two differ (None before the first)
+        self.model: str | None = None
 
     def check(self, number: int, content: bytes) -> list[Problem]:
         self.requests += 1
@@ -268,13 +277,10 @@ class _Checker:
             message = f"custom_id must be 1 to {_MAX_CUSTOM_ID} characters, got {len(custom_id)}"
             found.append(Problem(number, "custom_id", message))
             return
-        earlier = self.seen.get(custom_id)
+        earlier = self.seen.add(custom_id, number)
         if earlier is not None:
             message = f"custom_id {_show(custom_id)} is already used on line {earlier}"
             found.append(Problem(number, "duplicate_custom_id", message))
-        elif self.requests <= self.limits.max_requests:
-            # Past the request limit the file is rejected anyway: stop growing the set.
-            self.seen[custom_id] = number
 
     def _method(self, number: int, request: dict[str, Any], found: list[Problem]) -> None:
         if "method" not in request:
@@ -316,6 +322,10 @@ class _Checker:
             found.append(Problem(number, "model", "body.model is missing"))
         elif not isinstance(model, str) or not model:
             found.append(Problem(number, "model", f"body.model must be a non-empty string, got {_show(model)}"))
+        elif self.model is None:
+            self.model = model
+        elif self.model != model:
+            self.model = ""
         if url == BatchEndpoint.CHAT_COMPLETIONS:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
@@ -330,7 +340,52 @@ class _Checker:
             found.append(Problem(number, "stream", "body.stream must not be true: batch requests cannot stream"))
 
 
-_NO_SPLIT = "Splitting a file into several batches is not supported yet: split it and drop the parts."
+class _SeenIds:
+    """custom_id → first line, for the uniqueness check, in bounded memory.
+
+    The first _SEEN_IN_MEMORY ids live in a dict; past that they go to a private
+    scratch SQLite file (not the Store: a throwaway index, deleted on close), so
+    a file of millions of requests is checked without holding every id.
+    """
+
+    def __init__(self) -> None:
+        self._memory: dict[str, int] = {}
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._db: sqlite3.Connection | None = None
+
+    def add(self, custom_id: str, line: int) -> int | None:
+        """Remember `custom_id` at `line`; return the earlier line if it was seen before."""
+        earlier = self._memory.get(custom_id)
+        if earlier is not None:
+            return earlier
+        if self._db is None and len(self._memory) < _SEEN_IN_MEMORY:
+            self._memory[custom_id] = line
+            return None
+        db = self._open()
+        try:
+            db.execute("INSERT INTO seen VALUES (?, ?)", (custom_id, line))
+        except sqlite3.IntegrityError:
+            row = db.execute("SELECT line FROM seen WHERE id = ?", (custom_id,)).fetchone()
+            return int(row[0])
+        return None
+
+    def _open(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="batchd-ids-")
+            self._db = sqlite3.connect(Path(self._dir.name) / "seen.db", isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=OFF")
+            self._db.execute("PRAGMA synchronous=OFF")
+            self._db.execute("CREATE TABLE seen (id TEXT PRIMARY KEY, line INTEGER) WITHOUT ROWID")
+            self._db.execute("BEGIN")
+        return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
 
 
 def validate_file(path: Path, *, source: str, limits: Limits, max_reported: int = 100) -> Report:
@@ -343,12 +398,10 @@ def validate_file(path: Path, *, source: str, limits: Limits, max_reported: int 
     checker = _Checker(limits)
     line_problems: list[Problem] = []
     line_problem_count = 0
-    upload_bytes = 0
-    with path.open("rb") as stream:
+    with path.open("rb") as stream, contextlib.closing(checker.seen):
         size_bytes = os.fstat(stream.fileno()).st_size
         # A line longer than a whole batch may hold is never read into memory.
         for line in _read_lines(stream, cap=limits.max_bytes + 1):
-            upload_bytes += line.upload_bytes
             if line.content is None:
                 checker.requests += 1
                 found = [
@@ -368,16 +421,6 @@ def validate_file(path: Path, *, source: str, limits: Limits, max_reported: int 
     file_problems: list[Problem] = []
     if checker.requests == 0:
         file_problems.append(Problem(None, "empty", "the file holds no request (it is empty or only blank)"))
-    if checker.requests > limits.max_requests:
-        message = (
-            f"the file holds {checker.requests:,} requests; the limit per batch is {limits.max_requests:,}. {_NO_SPLIT}"
-        )
-        file_problems.append(Problem(None, "too_many_requests", message))
-    if upload_bytes > limits.max_bytes:
-        message = (
-            f"the requests take {upload_bytes:,} bytes; the limit per batch is {limits.max_bytes:,} bytes. {_NO_SPLIT}"
-        )
-        file_problems.append(Problem(None, "too_large", message))
 
     return Report(
         source=source,
@@ -386,6 +429,7 @@ def validate_file(path: Path, *, source: str, limits: Limits, max_reported: int 
         request_count=checker.requests,
         endpoint=checker.endpoint,
         size_bytes=size_bytes,
+        model=checker.model or None,
     )
 
 

@@ -233,40 +233,31 @@ def test_several_problems_on_one_line(tmp_path: Path) -> None:
     assert {p.line for p in report.problems} == {1}
 
 
-def test_too_many_requests(tmp_path: Path) -> None:
-    limits = Limits(max_bytes=LIMITS.max_bytes, max_requests=2)
-    report = check(tmp_path, b"".join(line(request(f"r{i}")) for i in range(3)), limits=limits)
-    problem = only(report)
-    assert (problem.line, problem.rule) == (None, "too_many_requests")
-    assert "3 requests" in problem.message and "limit per batch is 2" in problem.message
-    assert "not supported yet" in problem.message
+def test_a_file_over_the_batch_limits_is_valid_it_will_be_split(tmp_path: Path) -> None:
+    limits = Limits(max_bytes=300, max_requests=2)
+    report = check(tmp_path, b"".join(line(request(f"r{i}")) for i in range(5)), limits=limits)
+    assert report.ok and report.request_count == 5
 
 
-def test_duplicates_still_found_past_request_limit(tmp_path: Path) -> None:
-    limits = Limits(max_bytes=LIMITS.max_bytes, max_requests=1)
-    report = check(tmp_path, line(request("a")) + line(request("b")) + line(request("a")), limits=limits)
-    assert [(p.line, p.rule) for p in report.problems] == [
-        (None, "too_many_requests"),
-        (3, "duplicate_custom_id"),
-    ]
-
-
-def test_too_large_counts_upload_bytes(tmp_path: Path) -> None:
-    body = line(request("a")) + line(request("b"))
-    exact = Limits(max_bytes=len(body), max_requests=10)
-    # CRLF, blank lines and a BOM are not uploaded, so they do not count.
-    padded = b"\xef\xbb\xbf" + body.replace(b"\n", b"\r\n\r\n")
-    assert check(tmp_path, padded, limits=exact).ok
-    problem = only(check(tmp_path, body, limits=Limits(max_bytes=len(body) - 1, max_requests=10)))
-    assert (problem.line, problem.rule) == (None, "too_large")
-    assert f"{len(body) - 1:,} bytes" in problem.message and "not supported yet" in problem.message
+def test_duplicates_are_found_past_the_in_memory_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Past the window the ids spill to a scratch index; a duplicate is found either way.
+    monkeypatch.setattr("batchd.validation._SEEN_IN_MEMORY", 2)
+    data = b"".join(line(request(c)) for c in ("a", "b", "c", "d", "b", "d"))
+    report = check(tmp_path, data)
+    assert [(p.line, p.rule) for p in report.problems] == [(5, "duplicate_custom_id"), (6, "duplicate_custom_id")]
+    assert "already used on line 2" in report.problems[0].message
+    assert "already used on line 4" in report.problems[1].message
 
 
 def test_overlong_line_is_not_read_whole(tmp_path: Path) -> None:
     long_line = line(request("b", padding="x" * 5000))
     report = check(tmp_path, line(request("a")) + long_line + line(request("c")), limits=Limits(1000, 10))
-    assert [(p.line, p.rule) for p in report.problems] == [(None, "too_large"), (2, "too_large")]
+    assert [(p.line, p.rule) for p in report.problems] == [(2, "too_large")]
     assert report.request_count == 3
+
+
+def test_the_one_model_of_a_file_is_reported(tmp_path: Path) -> None:
+    assert check(tmp_path, line(request("a")) + line(request("b"))).model == "m"
 
 
 def test_problem_cap_keeps_total(tmp_path: Path) -> None:
@@ -279,10 +270,8 @@ def test_problem_cap_keeps_total(tmp_path: Path) -> None:
 
 
 def test_problem_cap_keeps_file_problems_first(tmp_path: Path) -> None:
-    limits = Limits(max_bytes=LIMITS.max_bytes, max_requests=3)
-    report = check(tmp_path, b"{\n" * 10, limits=limits, max_reported=5)
-    assert report.problems[0].rule == "too_many_requests"
-    assert report.problem_count == 11
+    report = check(tmp_path, b"\n" * 3, max_reported=5)
+    assert [p.rule for p in report.problems] == ["empty"]
 
 
 def test_format_report_names_file_line_and_rule(tmp_path: Path) -> None:
