@@ -22,8 +22,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from batchd.config import Settings
-from batchd.daemon import iso
 from batchd.models import Delivery, Job, JobState, RemoteBatchRecord
+from batchd.results import iso
 from batchd.store import Store
 
 #: Below this many jobs, their remote batches are read by id; above, all at once.

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from batchd.models import PROVIDER_LIMITS, Limits
+
 DEFAULT_CONFIG_PATH = Path("/etc/batchd/batchd.toml")
 
 EVENT_TYPES: tuple[str, ...] = (
@@ -68,6 +70,32 @@ class ProviderSettings:
     #: empty: the kind's default (the local backend picks a loopback port at start)
     base_url: str = ""
     api_key: Secret | None = None
+    #: per-batch limits; 0: the provider's own (PROVIDER_LIMITS)
+    max_batch_requests: int = 0
+    max_batch_bytes: int = 0
+
+    @property
+    def limits(self) -> Limits:
+        """What one remote batch may hold: the provider's table, narrowed or widened by config."""
+        base = PROVIDER_LIMITS[self.kind]
+        return Limits(
+            max_bytes=self.max_batch_bytes or base.max_bytes,
+            max_requests=self.max_batch_requests or base.max_requests,
+        )
+
+
+@dataclass(frozen=True)
+class ResubmitSettings:
+    #: automatic follow-up rounds for requests that failed for a passing reason (0: none)
+    max_rounds: int = 2
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million tokens, for a job's estimated cost."""
+
+    input_per_mtok: float
+    output_per_mtok: float
 
 
 @dataclass(frozen=True)
@@ -138,6 +166,9 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     webhooks: tuple[WebhookEndpoint, ...] = ()
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    resubmit: ResubmitSettings = field(default_factory=ResubmitSettings)
+    #: model name → price; a job whose model is listed gets an estimated cost
+    pricing: Mapping[str, Price] = field(default_factory=dict)
     #: the file these settings came from, if any
     config_path: Path | None = None
 
@@ -150,7 +181,16 @@ class Settings:
 # The keys a file may hold, per section; anything else is refused by name.
 _TOP_KEYS = {"state_dir", "inbox_dir", "outbox_dir", "database_url"}
 _SECTION_KEYS: dict[str, set[str]] = {
-    "provider": {"kind", "base_url", "api_key", "api_key_env", "api_key_file"},
+    "provider": {
+        "kind",
+        "base_url",
+        "api_key",
+        "api_key_env",
+        "api_key_file",
+        "max_batch_requests",
+        "max_batch_bytes",
+    },
+    "resubmit": {"max_rounds"},
     "local": {"engine", "upstream_url", "concurrency"},
     "inbox": {
         "settle_s",
@@ -231,6 +271,9 @@ def _check_known_keys(raw: Mapping[str, Any]) -> None:
             for sub in value:
                 if sub not in _SECTION_KEYS[key]:
                     raise ConfigError(f"unknown key {key}.{sub}")
+            continue
+        if key == "pricing":
+            _check_pricing(value)
             continue
         if key == "webhooks":
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -379,6 +422,31 @@ def decode_secret(value: str) -> bytes:
     return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
 
 
+_PRICE_KEYS = {"input_per_mtok", "output_per_mtok"}
+
+
+def _check_pricing(value: Any) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError("[pricing] must be a table of model = {input_per_mtok = …, output_per_mtok = …}")
+    for model, price in value.items():
+        if not isinstance(price, dict):
+            raise ConfigError(f"pricing.{model!r} must be a table {{input_per_mtok = …, output_per_mtok = …}}")
+        for sub in price:
+            if sub not in _PRICE_KEYS:
+                raise ConfigError(f"unknown key pricing.{model!r}.{sub}")
+
+
+def _build_pricing(table: Mapping[str, Any]) -> dict[str, Price]:
+    prices = {}
+    for model, price in table.items():
+        name = f"pricing.{model!r}"
+        prices[model] = Price(
+            input_per_mtok=_num(price, "input_per_mtok", f"{name}.input_per_mtok", 0.0),
+            output_per_mtok=_num(price, "output_per_mtok", f"{name}.output_per_mtok", 0.0),
+        )
+    return prices
+
+
 def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     value = raw.get(key, {})
     if not isinstance(value, dict):
@@ -452,7 +520,13 @@ def _build(raw: Mapping[str, Any], *, base_dir: Path, environ: Mapping[str, str]
         inbox_dir=_path(inbox_text, base_dir) if inbox_text else state_dir / "inbox",
         outbox_dir=_path(outbox_text, base_dir) if outbox_text else state_dir / "outbox",
         database_url=database_url,
-        provider=ProviderSettings(kind=kind, base_url=base_url, api_key=api_key),
+        provider=ProviderSettings(
+            kind=kind,
+            base_url=base_url,
+            api_key=api_key,
+            max_batch_requests=_int(p, "max_batch_requests", "provider.max_batch_requests", 0, 0),
+            max_batch_bytes=_int(p, "max_batch_bytes", "provider.max_batch_bytes", 0, 0),
+        ),
         local=LocalSettings(
             engine=engine,
             upstream_url=upstream_url,
@@ -472,6 +546,8 @@ def _build(raw: Mapping[str, Any], *, base_dir: Path, environ: Mapping[str, str]
         ),
         webhooks=_build_webhooks(raw.get("webhooks", []), base_dir=base_dir, environ=environ),
         metrics=_build_metrics(_table(raw, "metrics")),
+        resubmit=ResubmitSettings(max_rounds=_int(_table(raw, "resubmit"), "max_rounds", "resubmit.max_rounds", 2, 0)),
+        pricing=_build_pricing(_table(raw, "pricing")),
         config_path=config_path,
     )
 

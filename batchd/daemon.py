@@ -30,9 +30,20 @@ from batchd.crashpoints import crashpoint
 from batchd.health import LoopMonitor
 from batchd.inbox import Inbox, Kind, classify
 from batchd.lifecycle import Action, PollPolicy, Step
-from batchd.models import Job, JobState, RemoteBatch, RemoteBatchRecord
+from batchd.models import CREATING, PENDING, REFUSED, SKIPPED, Job, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.providers.base import Provider, ProviderError
-from batchd.results import MergeResult, merge_results, outbox_candidates, truncated_tail, write_job_json
+from batchd.results import (
+    MergeResult,
+    estimate_cost,
+    job_document,
+    merge_results,
+    outbox_candidates,
+    reason_for,
+    truncated_tail,
+    webhook_data,
+    write_job_json,
+)
+from batchd.shards import Shard, split, write_followups
 from batchd.store import StaleState, Store
 from batchd.watch import InboxWatcher, WatchEvent
 from batchd.webhooks import Deliverer, build_event
@@ -53,16 +64,11 @@ MAX_CONCURRENT_DOWNLOADS = 4
 MAX_CONCURRENT_TAKES = 4
 #: SIGTERM to exit: in-flight steps get this long to finish before they are parked.
 STOP_GRACE_S = 7.0
+#: Shards of one job uploaded and created at once.
+SHARDS_AT_ONCE = 4
 #: A sweep's "no news" answers are written this many per transaction, not one fsync per job
 #: (10,000 jobs in flight: a sweep round of 126 s became 6 s).
 QUIET_WRITES_PER_TRANSACTION = 500
-
-
-def iso(ts: float | None) -> str | None:
-    """ISO-8601 UTC with a Z, as job.json and webhooks show times."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 async def db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -370,16 +376,14 @@ class Daemon:
         bound = log.bind(job_id=job.id, step=action.step.value)
         try:
             async with self._downloads if action.step is Step.DOWNLOAD else self._steps:
-                if action.step is Step.UPLOAD:
-                    await self._upload(job)
-                elif action.step is Step.CREATE:
-                    assert action.batch is not None
-                    await self._create(job, action.batch, reconcile_first=action.reconcile_first)
+                if action.step is Step.PLAN:
+                    await self._plan(job)
+                elif action.step is Step.SUBMIT:
+                    await self._submit(job, action.batches)
                 elif action.step is Step.CANCEL:
-                    assert action.batch is not None
-                    await self._cancel(job, action.batch)
+                    await self._cancel(job, action.batches)
                 elif action.step is Step.DOWNLOAD:
-                    await self._download(job)
+                    await self._end_round(job)
         except StaleState:
             bound.info("job.stale_step")
         except ProviderError as exc:
@@ -393,7 +397,7 @@ class Daemon:
             self.wake()
 
     async def _step_failed(self, job: Job, exc: Exception) -> None:
-        # The step may have moved the job on before failing (upload, then create): back off from there.
+        # The step may have moved the job on before failing (planned, uploaded): back off from there.
         job = await db(self.store.get_job, job.id) or job
         attempts = job.attempts + 1
         delay = lifecycle.retry_delay(attempts, self.policy, self._rng)
@@ -410,40 +414,77 @@ class Daemon:
                 next_check_at=self._clock() + delay, last_error=str(exc)[:2000],
             )  # fmt: skip
 
-    # ------------------------------------------------------------ steps
+    # ------------------------------------------------------------ submitting
 
-    async def _upload(self, job: Job) -> None:
-        if job.state == JobState.RECEIVED:
-            job = await db(self.store.update_job, job.id, expect=JobState.RECEIVED, state=JobState.UPLOADING)
-        assert job.upload_path and job.sha256
-        log.info("job.uploading", job_id=job.id, bytes=job.size_bytes)
-        try:
-            file_id = await self.provider.upload_file(
-                Path(job.upload_path), filename=_upload_name(job), sha256=job.sha256
-            )
-        except ProviderError as exc:
-            if exc.retryable:
-                raise
-            await self._give_up(job, f"upload refused: {exc.message}")
+    def _work_dir(self, job: Job) -> Path:
+        return self.settings.state_dir / "work" / job.id
+
+    async def _plan(self, job: Job) -> None:
+        """Round 0: cut the input into shards within the provider's limits, commit them, submit them."""
+        assert job.upload_path is not None
+        work = self._work_dir(job)
+        await anyio.Path(work).mkdir(parents=True, exist_ok=True)
+        limits = self.settings.provider.limits
+        shards = await db(split, Path(job.upload_path), work, limits, prefix="round-0")
+        rows = await db(
+            self.store.plan_round, job.id, expect=job.state, round_=0, shards=[_shard_values(s) for s in shards],
+            state=JobState.UPLOADING, attempts=0, next_check_at=None, last_error=None,
+        )  # fmt: skip
+        log.info("job.planned", job_id=job.id, round=0, shards=len(rows), requests=job.request_count)
+        # Straight on: the plan is committed, and a scheduler round would only add latency.
+        await self._submit(replace(job, state=JobState.UPLOADING, round=0), tuple(rows))
+
+    async def _submit(self, job: Job, rows: tuple[RemoteBatchRecord, ...]) -> None:
+        """Upload and create every given shard (a few at once), then sum the job's state up."""
+        errors: list[ProviderError] = []
+        shards_at_once = anyio.CapacityLimiter(SHARDS_AT_ONCE)
+
+        async def one(row: RemoteBatchRecord) -> None:
+            async with shards_at_once:
+                try:
+                    await self._submit_shard(job, row)
+                except ProviderError as exc:
+                    errors.append(exc)
+                except StaleState:
+                    log.info("job.stale_shard", job_id=job.id, shard=row.shard)
+
+        async with anyio.create_task_group() as tg:
+            for row in rows:
+                tg.start_soon(one, row)
+        await self._sum_up(job.id)
+        if errors:
+            # The shards that worked are recorded; the job backs off and the rest are tried again.
+            raise max(errors, key=lambda e: e.retry_after or 0)
+
+    async def _submit_shard(self, job: Job, row: RemoteBatchRecord) -> None:
+        if job.cancel_requested and (row.status == PENDING or row.create_attempts == 0):
+            # Cancelled before this shard can exist remotely: it is never created.
+            await db(self.store.update_remote, row.id, expect={"status": row.status}, status=SKIPPED)
             return
-        crashpoint("after_upload_answer")
-        batch = await db(
-            self.store.add_remote_intent, job.id, file_id=file_id, expect=JobState.UPLOADING, state=JobState.SUBMITTING,
-            attempts=0, next_check_at=None, last_error=None,
-        )  # fmt: skip
-        log.info("job.uploaded", job_id=job.id, file_id=file_id)
-        # Straight on to the create: the intent is committed, and a scheduler round would only add latency.
-        job = replace(job, state=JobState.SUBMITTING, input_file_id=file_id, attempts=0)
-        if not job.cancel_requested:
-            await self._create(job, batch, reconcile_first=False)
+        if row.status == PENDING:
+            assert row.input_path and row.sha256
+            try:
+                file_id = await self.provider.upload_file(
+                    Path(row.input_path), filename=_upload_name(job, row), sha256=row.sha256
+                )
+            except ProviderError as exc:
+                if exc.retryable:
+                    raise
+                await self._refuse(job, row, f"upload refused: {exc.message}")
+                return
+            crashpoint("after_upload_answer")
+            # The file id and the intent to create, committed before the create call.
+            row = await db(
+                self.store.update_remote, row.id, expect={"status": PENDING}, input_file_id=file_id,
+                status=CREATING, intent_at=self._clock(),
+            )  # fmt: skip
+            log.info("job.uploaded", job_id=job.id, shard=row.shard, round=row.round, file_id=file_id)
+        await self._create(job, row, reconcile_first=row.create_attempts > 0)
 
-    async def _give_up(self, job: Job, reason: str) -> None:
-        """The provider refused for good: finish the job (its outbox says not_submitted)."""
-        log.error("job.refused", job_id=job.id, reason=reason)
-        await db(
-            self.store.update_job, job.id, expect=job.state, state=JobState.DOWNLOADING, reason=reason,
-            attempts=0, next_check_at=None,
-        )  # fmt: skip
+    async def _refuse(self, job: Job, row: RemoteBatchRecord, reason: str) -> None:
+        """The provider refused this shard for good: it ends here (its requests: not_submitted)."""
+        log.error("job.refused", job_id=job.id, shard=row.shard, round=row.round, reason=reason)
+        await db(self.store.update_remote, row.id, expect={"status": row.status}, status=REFUSED, error=reason)
 
     async def _create(self, job: Job, batch: RemoteBatchRecord, *, reconcile_first: bool) -> None:
         if reconcile_first and await self._reconcile(job, batch):
@@ -471,7 +512,7 @@ class Daemon:
                 )  # fmt: skip
             if exc.retryable:
                 raise
-            await self._give_up(job, f"batch create refused: {exc.message}")
+            await self._refuse(job, replace(batch, create_attempts=batch.create_attempts - 1), exc.message)
             return
         crashpoint("after_create_answer")
         await self._bind(job, batch, remote, how="created")
@@ -496,7 +537,6 @@ class Daemon:
         return True
 
     async def _bind(self, job: Job, batch: RemoteBatchRecord, remote: RemoteBatch, *, how: str) -> None:
-        state = lifecycle.state_for_remote(remote.status)
         await db(
             self.store.update_remote,
             batch.id,
@@ -504,15 +544,138 @@ class Daemon:
             remote_id=remote.id,
             remote_created_at=remote.created_at.timestamp() if remote.created_at else None,
             **_remote_fields(remote),
-            job_values=self._next_check(state, self.policy.min_interval_s),
         )
-        log.info(f"job.batch_{how}", job_id=job.id, remote_batch_id=remote.id, status=remote.status.value)
+        log.info(
+            f"job.batch_{how}", job_id=job.id, remote_batch_id=remote.id, status=remote.status.value,
+            shard=batch.shard, round=batch.round,
+        )  # fmt: skip
 
-    async def _write_outbox(self, job: Job) -> dict[str, Any]:
-        """Download, merge in input order, write job.json last; return its content."""
+    async def _sum_up(self, job_id: str) -> None:
+        """Set the job's state from its current round's batches (after a submit step)."""
+        job = await db(self.store.get_job, job_id)
+        assert job is not None
+        rows = lifecycle.current_round(job, await db(self.store.remote_batches, job_id))
+        state = lifecycle.summary_state(rows, cancelling=job.state == JobState.CANCELLING)
+        await db(self.store.update_job, job_id, expect=job.state, **self._next_check(state, self.policy.min_interval_s))
+
+    def _next_check(self, state: JobState, interval: float) -> dict[str, Any]:
+        """Job fields after a successful contact with the provider."""
+        now = self._clock()
+        return {
+            "state": state,
+            "poll_interval_s": interval,
+            "next_check_at": now if state == JobState.DOWNLOADING else now + interval,
+            "attempts": 0,
+            "last_error": None,
+        }
+
+    # ------------------------------------------------------------ polling and cancelling
+
+    async def _poll_round(self, polls: list[tuple[Job, Action]], sweep: bool, now: float) -> None:
+        """Poll jobs: with `sweep`, one list call for all of them (and a get only for a due job's
+        batch the list missed); otherwise one get per live batch of each due job."""
+        started = time.monotonic()
+        try:
+            found: dict[str, RemoteBatch] = {}
+            if sweep:
+                try:
+                    found = {r.id: r for r in await self.provider.list_batches()}
+                except ProviderError as exc:
+                    for job, action in polls:
+                        if action.at <= now:
+                            await self._step_failed(job, exc)
+                    return
+            quiet: list[tuple[int, str, dict[str, Any], dict[str, Any]]] = []
+            for job, action in polls:
+                try:
+                    answers = await self._answers(action.batches, found, due=action.at <= now)
+                    if not answers:
+                        continue
+                    changed, writes = self._poll_writes(job, answers)
+                    if sweep and not changed:
+                        quiet.extend(writes)
+                        if len(quiet) >= QUIET_WRITES_PER_TRANSACTION:
+                            await db(self.store.update_remotes, quiet)
+                            quiet = []
+                    else:
+                        await db(self.store.update_remotes, writes)
+                except ProviderError as exc:
+                    await self._step_failed(job, exc)
+            if quiet:
+                await db(self.store.update_remotes, quiet)
+        finally:
+            metrics.poll_round("sweep" if sweep else "get", time.monotonic() - started)
+            for job, _ in polls:
+                self._busy.discard(job.id)
+            self.wake()
+
+    async def _answers(
+        self, rows: tuple[RemoteBatchRecord, ...], found: dict[str, RemoteBatch], *, due: bool
+    ) -> list[tuple[RemoteBatchRecord, RemoteBatch]]:
+        """Where each live batch is: from the sweep, or asked one by one when the job is due."""
+        answers = []
+        for row in rows:
+            assert row.remote_id is not None
+            remote = found.get(row.remote_id)
+            if remote is None:
+                if not due:
+                    continue
+                remote = await self.provider.get_batch(row.remote_id)
+            answers.append((row, remote))
+        return answers
+
+    def _poll_writes(
+        self, job: Job, answers: list[tuple[RemoteBatchRecord, RemoteBatch]]
+    ) -> tuple[bool, list[tuple[int, str, dict[str, Any], dict[str, Any]]]]:
+        """What provider answers change: (any status changed, one store write per batch)."""
+        changed = False
+        for row, remote in answers:
+            if remote.status.value != row.status:
+                changed = True
+                log.info(
+                    "job.remote_status", job_id=job.id, remote_batch_id=remote.id, status=remote.status.value,
+                    progress=remote.progress, shard=row.shard, round=row.round,
+                )  # fmt: skip
+        rows = [replace(row, status=remote.status.value) for row, remote in answers]
+        state = lifecycle.summary_state(rows, cancelling=job.state == JobState.CANCELLING)
+        interval = lifecycle.next_poll_interval(job.poll_interval_s, changed, self.policy)
+        job_values = self._next_check(state, interval)
+        return changed, [(row.id, job.id, _remote_fields(remote), job_values) for row, remote in answers]
+
+    async def _cancel(self, job: Job, rows: tuple[RemoteBatchRecord, ...]) -> None:
+        log.info("job.cancelling", job_id=job.id, remote_batch_ids=[r.remote_id for r in rows])
+        job = await db(self.store.update_job, job.id, expect=job.state, state=JobState.CANCELLING)
+        answers = []
+        for row in rows:
+            assert row.remote_id is not None
+            try:
+                remote = await self.provider.cancel_batch(row.remote_id)
+            except ProviderError as exc:
+                if exc.retryable:
+                    raise
+                # Already finished remotely: nothing to cancel; its status says how it ended.
+                log.warning("job.cancel_refused", job_id=job.id, remote_batch_id=row.remote_id, error=exc.message)
+                remote = await self.provider.get_batch(row.remote_id)
+            answers.append((row, remote))
+        _changed, writes = self._poll_writes(job, answers)
+        await db(self.store.update_remotes, writes)
+
+    # ------------------------------------------------------------ results
+
+    async def _end_round(self, job: Job) -> None:
+        """Every batch of the round ended: merge what came back, then a follow-up round or the end."""
+        doc = await db(_finished_document, job)
+        if doc is None:
+            doc = await self._merge_round(job)
+            if doc is None:
+                return  # a follow-up round was planned
+        await self._finish(job, doc)
+
+    async def _merge_round(self, job: Job) -> dict[str, Any] | None:
+        """Download, merge in input order; plan a follow-up round (None) or write job.json (its content)."""
         settings = self.settings
         batches = await db(self.store.remote_batches, job.id)
-        work = settings.state_dir / "work" / job.id
+        work = self._work_dir(job)
         await anyio.Path(work).mkdir(parents=True, exist_ok=True)
         answers: list[Path] = []
         for batch in batches:
@@ -541,105 +704,38 @@ class Daemon:
             unanswered_code=code,
             scratch_dir=work,
         )
+        if lifecycle.wants_followup(job, settings.resubmit.max_rounds) and await self._plan_followup(job, folder, work):
+            return None
         state = lifecycle.final_state(merge.unanswered, code)
         reason = job.reason
         if state != JobState.COMPLETED and reason is None:
-            reason = _reason(batches, merge, code)
-        doc = job_document(job, state, merge, batches, folder, finished_at=self._clock(), reason=reason)
+            reason = reason_for(batches, merge, code)
+        doc = job_document(
+            job, state, merge, batches, folder, finished_at=self._clock(), reason=reason,
+            cost=estimate_cost(merge.usage, settings.pricing.get(job.model or "")),
+        )  # fmt: skip
         await db(write_job_json, folder, doc)
         crashpoint("after_job_json")
         return doc
 
-    def _next_check(self, state: JobState, interval: float) -> dict[str, Any]:
-        """Job fields after a successful contact with the provider."""
-        now = self._clock()
-        return {
-            "state": state,
-            "poll_interval_s": interval,
-            "next_check_at": now if state == JobState.DOWNLOADING else now + interval,
-            "attempts": 0,
-            "last_error": None,
-        }
+    async def _plan_followup(self, job: Job, folder: Path, work: Path) -> bool:
+        """Resubmit what failed for a passing reason or went unanswered by an expiry; True if planned."""
+        next_round = job.round + 1
+        followups = work / f"round-{next_round}.jsonl"
+        count = await db(write_followups, Path(job.upload_path or ""), folder / "errors.jsonl", followups)
+        if count == 0:
+            return False
+        shards = await db(split, followups, work, self.settings.provider.limits, prefix=f"round-{next_round}")
+        await db(
+            self.store.plan_round, job.id, expect=job.state, round_=next_round,
+            shards=[_shard_values(s) for s in shards], state=JobState.UPLOADING, attempts=0, next_check_at=None,
+            last_error=None,
+        )  # fmt: skip
+        log.info("job.followup_planned", job_id=job.id, round=next_round, requests=count, shards=len(shards))
+        return True
 
-    async def _poll_round(self, polls: list[tuple[Job, Action]], sweep: bool, now: float) -> None:
-        """Poll jobs: with `sweep`, one list call for all of them (and a get only for a due job the
-        list missed); otherwise one get per job."""
-        started = time.monotonic()
-        try:
-            found: dict[str, RemoteBatch] = {}
-            if sweep:
-                try:
-                    found = {r.id: r for r in await self.provider.list_batches()}
-                except ProviderError as exc:
-                    for job, action in polls:
-                        if action.at <= now:
-                            await self._step_failed(job, exc)
-                    return
-            quiet: list[tuple[int, str, dict[str, Any], dict[str, Any]]] = []
-            for job, action in polls:
-                assert action.batch is not None and action.batch.remote_id is not None
-                remote = found.get(action.batch.remote_id)
-                if remote is None and action.at > now:
-                    continue
-                try:
-                    remote = remote or await self.provider.get_batch(action.batch.remote_id)
-                    changed, fields, job_values = self._poll_update(job, action.batch, remote)
-                    if sweep and not changed:
-                        quiet.append((action.batch.id, job.id, fields, job_values))
-                        if len(quiet) >= QUIET_WRITES_PER_TRANSACTION:
-                            await db(self.store.update_remotes, quiet)
-                            quiet = []
-                    else:
-                        await self._apply(job, action.batch, remote)
-                except ProviderError as exc:
-                    await self._step_failed(job, exc)
-            if quiet:
-                await db(self.store.update_remotes, quiet)
-        finally:
-            metrics.poll_round("sweep" if sweep else "get", time.monotonic() - started)
-            for job, _ in polls:
-                self._busy.discard(job.id)
-            self.wake()
-
-    def _poll_update(
-        self, job: Job, batch: RemoteBatchRecord, remote: RemoteBatch
-    ) -> tuple[bool, dict[str, Any], dict[str, Any]]:
-        """What a provider answer changes: (status changed, remote batch fields, job fields)."""
-        changed = remote.status.value != batch.status
-        state = lifecycle.state_for_remote(remote.status)
-        if job.state == JobState.CANCELLING and not remote.status.terminal:
-            state = JobState.CANCELLING
-        interval = lifecycle.next_poll_interval(job.poll_interval_s, changed, self.policy)
-        return changed, _remote_fields(remote), self._next_check(state, interval)
-
-    async def _apply(self, job: Job, batch: RemoteBatchRecord, remote: RemoteBatch) -> None:
-        changed, fields, job_values = self._poll_update(job, batch, remote)
-        await db(self.store.update_remote, batch.id, **fields, job_values=job_values)
-        if changed:
-            log.info(
-                "job.remote_status", job_id=job.id, remote_batch_id=remote.id, status=remote.status.value,
-                progress=remote.progress,
-            )  # fmt: skip
-
-    async def _cancel(self, job: Job, batch: RemoteBatchRecord) -> None:
-        assert batch.remote_id is not None
-        log.info("job.cancelling", job_id=job.id, remote_batch_id=batch.remote_id)
-        job = await db(self.store.update_job, job.id, expect=job.state, state=JobState.CANCELLING)
-        try:
-            remote = await self.provider.cancel_batch(batch.remote_id)
-        except ProviderError as exc:
-            if exc.retryable:
-                raise
-            # Already finished remotely: nothing to cancel; the next poll sees the end.
-            log.warning("job.cancel_refused", job_id=job.id, error=exc.message)
-            remote = await self.provider.get_batch(batch.remote_id)
-        await self._apply(job, batch, remote)
-
-    async def _download(self, job: Job) -> None:
-        """Fetch every result file, write the outbox, then finish the job in one transaction."""
-        doc = await db(_finished_document, job)
-        if doc is None:
-            doc = await self._write_outbox(job)
+    async def _finish(self, job: Job, doc: dict[str, Any]) -> None:
+        """The terminal transition and its webhook events, in one transaction."""
         state = JobState(doc["status"])
         finished_at = _timestamp(doc["finished_at"])
         event = build_event(
@@ -654,7 +750,8 @@ class Daemon:
         metrics.job_finished(state.value, finished_at - job.created_at, [folder / n for n in _OUTBOX_FILES])
         log.info(
             "job.finished", job_id=job.id, status=state.value, completed=doc["request_counts"]["completed"],
-            failed=doc["request_counts"]["failed"], output_file=doc["output_file"], error_file=doc["error_file"],
+            failed=doc["request_counts"]["failed"], rounds=job.round + 1, output_file=doc["output_file"],
+            error_file=doc["error_file"],
         )  # fmt: skip
         self._poke_deliverer()
 
@@ -691,55 +788,17 @@ def _remote_fields(remote: RemoteBatch) -> dict[str, Any]:
     }
 
 
-def _upload_name(job: Job) -> str:
-    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in job.name)
-    return f"{safe or 'batch'}.jsonl"
+def _upload_name(job: Job, row: RemoteBatchRecord) -> str:
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in job.name) or "batch"
+    if row.round == 0 and row.shard == 0 and row.input_path == job.upload_path:
+        return f"{safe}.jsonl"
+    return f"{safe}.r{row.round}.s{row.shard}.jsonl"
 
 
-def _reason(batches: list[RemoteBatchRecord], merge: MergeResult, code: str) -> str:
-    errors = [b.error for b in batches if b.error]
-    text = f"{merge.unanswered} of {merge.total} requests unanswered ({code})"
-    return f"{text}: {errors[-1]}" if errors else text
-
-
-def job_document(
-    job: Job,
-    state: JobState,
-    merge: MergeResult,
-    batches: list[RemoteBatchRecord],
-    folder: Path,
-    *,
-    finished_at: float,
-    reason: str | None,
-) -> dict[str, Any]:
-    """The content of job.json (DESIGN §4)."""
-    output = folder / "output.jsonl"
-    errors = folder / "errors.jsonl"
+def _shard_values(shard: Shard) -> dict[str, Any]:
     return {
-        "id": job.id,
-        "name": job.name,
-        "status": state.value,
-        "source": job.source,
-        "endpoint": job.endpoint,
-        "provider": job.provider,
-        "remote_batch_ids": [b.remote_id for b in batches if b.remote_id],
-        "request_counts": {"total": merge.total, "completed": merge.completed, "failed": merge.failed},
-        "usage": dict(merge.usage),
-        "created_at": iso(job.created_at),
-        "finished_at": iso(finished_at),
-        "output_file": str(output.resolve()) if output.exists() else None,
-        "error_file": str(errors.resolve()) if errors.exists() else None,
-        "metadata": dict(job.metadata),
-        "reason": reason,
-        "model": job.model,
-        "input_sha256": job.sha256,
+        "input_path": str(shard.path),
+        "request_count": shard.request_count,
+        "size_bytes": shard.size_bytes,
+        "sha256": shard.sha256,
     }
-
-
-def webhook_data(doc: dict[str, Any]) -> dict[str, Any]:
-    """The `data` of a terminal event (DESIGN §5)."""
-    keys = (
-        "id", "name", "status", "provider", "source", "remote_batch_ids", "request_counts", "usage",
-        "output_file", "error_file", "metadata", "reason",
-    )  # fmt: skip
-    return {k: doc[k] for k in keys}

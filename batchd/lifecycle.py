@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from batchd.models import Job, JobState, RemoteBatchRecord, RemoteStatus
+from batchd.models import CREATING, PENDING, REFUSED, SKIPPED, Job, JobState, RemoteBatchRecord, RemoteStatus
 
 #: When at least this many jobs are in flight, one list call serves them all instead of a get each.
 SWEEP_MIN_JOBS = 3
@@ -27,15 +27,15 @@ class Step(StrEnum):
 
     #: nothing: the job is terminal
     NONE = "none"
-    #: upload the input file (RECEIVED or UPLOADING)
-    UPLOAD = "upload"
-    #: create the remote batch whose intent is committed (reconcile first if tried before)
-    CREATE = "create"
-    #: ask the provider where the remote batch is
+    #: cut the round's requests into shards within the provider's limits (RECEIVED)
+    PLAN = "plan"
+    #: upload and create the round's shards that are not created yet
+    SUBMIT = "submit"
+    #: ask the provider where the live remote batches are
     POLL = "poll"
-    #: ask the provider to cancel the remote batch
+    #: ask the provider to cancel the live remote batches
     CANCEL = "cancel"
-    #: fetch result files and write the outbox, then finish
+    #: every batch of the round ended: fetch results, merge; then a follow-up round or the end
     DOWNLOAD = "download"
 
 
@@ -44,10 +44,8 @@ class Action:
     step: Step
     #: unix seconds at which to act (<= now: act now)
     at: float
-    #: the remote batch the step concerns, when there is one
-    batch: RemoteBatchRecord | None = None
-    #: CREATE only: a create may already have happened; list and adopt before creating
-    reconcile_first: bool = False
+    #: the remote batches the step concerns (SUBMIT: those not created; POLL, CANCEL: the live ones)
+    batches: tuple[RemoteBatchRecord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,45 +56,57 @@ class PollPolicy:
 
 #: States in which the provider holds the batch and the job is polled.
 IN_FLIGHT = (JobState.VALIDATING, JobState.IN_PROGRESS, JobState.FINALIZING, JobState.CANCELLING)
+#: Job states from least to most advanced, for summarising several live batches.
+_ADVANCE = (JobState.VALIDATING, JobState.IN_PROGRESS, JobState.FINALIZING, JobState.CANCELLING)
+
+
+def is_live(status: str) -> bool:
+    """A remote batch the provider holds and has not ended."""
+    try:
+        return not RemoteStatus(status).terminal
+    except ValueError:
+        return False
+
+
+def current_round(job: Job, batches: Sequence[RemoteBatchRecord]) -> list[RemoteBatchRecord]:
+    return [b for b in batches if b.round == job.round]
 
 
 def next_action(job: Job, batches: Sequence[RemoteBatchRecord], now: float) -> Action:
-    """The next step for `job`, given its remote batches, at time `now`."""
+    """The next step for `job`, given its remote batches (every round), at time `now`."""
     due = job.next_check_at if job.next_check_at is not None else now
-    state = job.state
-    if state.terminal:
+    if job.state.terminal:
         return Action(Step.NONE, now)
-    pending = [b for b in batches if b.remote_id is None]
-    if state in (JobState.RECEIVED, JobState.UPLOADING):
-        if job.cancel_requested:
-            return Action(Step.DOWNLOAD, now)
-        return Action(Step.UPLOAD, due)
-    if state == JobState.SUBMITTING:
-        if not pending:
-            # The intent row is written with the state change; without one, upload again.
-            return Action(Step.UPLOAD, due)
-        batch = pending[0]
-        if job.cancel_requested and batch.create_attempts == 0:
-            # Nothing can exist remotely yet: end here without creating anything.
-            return Action(Step.DOWNLOAD, now)
-        return Action(Step.CREATE, due, batch, reconcile_first=batch.create_attempts > 0)
-    if state in IN_FLIGHT:
-        live = [b for b in batches if b.remote_id is not None and not _remote_terminal(b.status)]
-        if job.cancel_requested and state != JobState.CANCELLING and live:
-            return Action(Step.CANCEL, now, live[0])
-        if not live:
-            return Action(Step.DOWNLOAD, now)
-        return Action(Step.POLL, due, live[0])
-    if state == JobState.DOWNLOADING:
+    rows = current_round(job, batches)
+    if job.state == JobState.DOWNLOADING:
         return Action(Step.DOWNLOAD, due)
-    raise AssertionError(f"unhandled state {state}")
+    if not rows:
+        # Cancelled before anything was planned: nothing can exist remotely; end here.
+        return Action(Step.DOWNLOAD, now) if job.cancel_requested else Action(Step.PLAN, due)
+    waiting = tuple(b for b in rows if b.status in (PENDING, CREATING))
+    if waiting:
+        return Action(Step.SUBMIT, due, waiting)
+    live = tuple(b for b in rows if is_live(b.status))
+    if job.cancel_requested and job.state != JobState.CANCELLING and live:
+        return Action(Step.CANCEL, now, live)
+    if live:
+        return Action(Step.POLL, due, live)
+    return Action(Step.DOWNLOAD, now)
 
 
-def _remote_terminal(status: str) -> bool:
-    try:
-        return RemoteStatus(status).terminal
-    except ValueError:
-        return False
+def summary_state(rows: Sequence[RemoteBatchRecord], *, cancelling: bool) -> JobState:
+    """The job state that sums up a round's remote batches."""
+    statuses = {b.status for b in rows}
+    if PENDING in statuses:
+        return JobState.UPLOADING
+    if CREATING in statuses:
+        return JobState.SUBMITTING
+    live = [RemoteStatus(b.status) for b in rows if is_live(b.status)]
+    if not live:
+        return JobState.DOWNLOADING
+    if cancelling:
+        return JobState.CANCELLING
+    return min((state_for_remote(s) for s in live), key=_ADVANCE.index)
 
 
 def state_for_remote(status: RemoteStatus) -> JobState:
@@ -133,17 +143,32 @@ def use_sweep(in_flight: int) -> bool:
     return in_flight >= SWEEP_MIN_JOBS
 
 
+#: Why a request ended unanswered, most significant first: when a round's batches ended
+#: differently, the unanswered requests carry the first cause that applies.
+_CAUSES = (
+    (REFUSED, "not_submitted"),
+    (SKIPPED, "batch_cancelled"),
+    (RemoteStatus.CANCELLED.value, "batch_cancelled"),
+    (RemoteStatus.EXPIRED.value, "batch_expired"),
+    (RemoteStatus.FAILED.value, "batch_failed"),
+)
+
+
 def unanswered_code(batches: Sequence[RemoteBatchRecord], cancel_requested: bool) -> str:
-    """The error code for requests the provider never answered (DESIGN §4)."""
-    bound = [b for b in batches if b.remote_id is not None]
-    if not bound:
+    """The error code for requests the provider never answered (DESIGN §4), from the last round."""
+    if not batches:
         return "batch_cancelled" if cancel_requested else "not_submitted"
-    status = bound[-1].status
-    return {
-        RemoteStatus.EXPIRED.value: "batch_expired",
-        RemoteStatus.CANCELLED.value: "batch_cancelled",
-        RemoteStatus.FAILED.value: "batch_failed",
-    }.get(status, "not_returned")
+    last = max(b.round for b in batches)
+    statuses = {b.status for b in batches if b.round == last}
+    for status, code in _CAUSES:
+        if status in statuses:
+            return code
+    return "not_returned"
+
+
+def wants_followup(job: Job, max_rounds: int) -> bool:
+    """Whether a round's passing failures may go to another round (never after a cancel)."""
+    return not job.cancel_requested and job.round < max_rounds
 
 
 def final_state(unanswered: int, code: str) -> JobState:

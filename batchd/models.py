@@ -282,6 +282,8 @@ class Job:
     request_counts: Mapping[str, int] | None = None
     usage: Mapping[str, int] | None = None
     finished_at: float | None = None
+    #: 0 for the first submission; each follow-up round of resubmissions counts up
+    round: int = 0
 
     @property
     def short_id(self) -> str:
@@ -307,6 +309,19 @@ class RemoteBatchRecord:
     error_file_id: str | None = None
     error: str | None = None
     progress: float | None = None
+    #: the shard's own file (a part of the job's input, or a follow-up round's requests)
+    input_path: str | None = None
+    request_count: int | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+
+
+#: Local statuses of a remote batch row besides the provider's (RemoteStatus values).
+PENDING = "pending"  #: planned, not uploaded yet
+CREATING = "creating"  #: uploaded; the intent to create is committed
+SKIPPED = "skipped"  #: never created: the job was cancelled first
+REFUSED = "refused"  #: never created: the provider refused its upload or its create for good
+LOCAL_ENDS = frozenset({SKIPPED, REFUSED})
 
 
 @dataclass(frozen=True)

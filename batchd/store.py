@@ -36,6 +36,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     or_,
     select,
     update,
@@ -43,6 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from batchd.models import (
+    PENDING,
     TERMINAL_STATES,
     Delivery,
     EndpointStats,
@@ -100,6 +102,7 @@ jobs = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("finished_at", Float),
+    Column("round", Integer, nullable=False, default=0, server_default="0"),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_name", "name"),
 )
@@ -125,6 +128,10 @@ remote_batches = Table(
     Column("error", Text),
     Column("progress", Float),
     Column("updated_at", Float, nullable=False),
+    Column("input_path", Text),
+    Column("request_count", Integer),
+    Column("size_bytes", Integer),
+    Column("sha256", String(64)),
     Index("ix_remote_batches_job", "job_id"),
 )
 
@@ -179,10 +186,28 @@ def _migrate_v2(conn: Connection) -> None:
     outbox_unique.create(conn, checkfirst=True)
 
 
+def _add_column(conn: Connection, table: Table, name: str) -> None:
+    """ALTER TABLE … ADD COLUMN for a column declared above, unless it is there already."""
+    if name in {c["name"] for c in inspect(conn).get_columns(table.name)}:
+        return
+    column = table.c[name]
+    ddl = f"ALTER TABLE {table.name} ADD COLUMN {name} {column.type.compile(dialect=conn.dialect)}"
+    if column.server_default is not None:
+        ddl += f" NOT NULL DEFAULT {column.server_default.arg}"  # type: ignore[attr-defined]
+    conn.exec_driver_sql(ddl)
+
+
+def _migrate_v3(conn: Connection) -> None:
+    # Shards and follow-up rounds: a job's round, each remote batch's own input file.
+    _add_column(conn, jobs, "round")
+    for name in ("input_path", "request_count", "size_bytes", "sha256"):
+        _add_column(conn, remote_batches, name)
+
+
 #: Forward migrations, in order; each runs once, in its own transaction. Each later step brings a
 #: database made by an older release to the current schema and checks first, so on a database
 #: step 1 just created it does nothing.
-MIGRATIONS: tuple[tuple[int, Any], ...] = ((1, _migrate_v1), (2, _migrate_v2))
+MIGRATIONS: tuple[tuple[int, Any], ...] = ((1, _migrate_v1), (2, _migrate_v2), (3, _migrate_v3))
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -358,46 +383,43 @@ class Store:
 
     # ------------------------------------------------------------ remote batches
 
-    def add_remote_intent(
-        self,
-        job_id: str,
-        *,
-        file_id: str,
-        expect: JobState,
-        round_: int = 0,
-        shard: int = 0,
-        **job_values: Any,
-    ) -> RemoteBatchRecord:
-        """Commit the uploaded file id and the intent to create a remote batch, before the create call.
+    def plan_round(
+        self, job_id: str, *, expect: JobState, round_: int, shards: Sequence[Mapping[str, Any]], **job_values: Any
+    ) -> list[RemoteBatchRecord]:
+        """Commit a round's shards (status "pending") and the job's change, in one transaction.
 
+        Each shard mapping holds `input_path`, `request_count`, `size_bytes`, `sha256`.
         Applies only while the job is still in `expect` (else StaleState), so a
-        repeated step can never record a second intent.
+        repeated step never plans a round twice.
         """
         now = self.now()
-        job_values["input_file_id"] = file_id
-        job_values["updated_at"] = now
+        values = {**job_values, "round": round_, "updated_at": now}
         with self._write() as conn:
             changed = conn.execute(
-                update(jobs).where(jobs.c.id == job_id, jobs.c.state == expect.value).values(**_db_values(job_values))
+                update(jobs).where(jobs.c.id == job_id, jobs.c.state == expect.value).values(**_db_values(values))
             ).rowcount
             if changed != 1:
                 raise StaleState(f"job {job_id} is not in state {expect}")
-            result = conn.execute(
-                insert(remote_batches).values(
-                    job_id=job_id,
-                    round=round_,
-                    shard=shard,
-                    input_file_id=file_id,
-                    status="creating",
-                    create_attempts=0,
-                    intent_at=now,
-                    updated_at=now,
+            for index, shard in enumerate(shards):
+                conn.execute(
+                    insert(remote_batches).values(
+                        job_id=job_id,
+                        round=round_,
+                        shard=index,
+                        input_file_id="",
+                        status=PENDING,
+                        create_attempts=0,
+                        intent_at=now,
+                        updated_at=now,
+                        **shard,
+                    )
                 )
-            )
-            key = result.inserted_primary_key
-            assert key is not None
-            row = conn.execute(select(remote_batches).where(remote_batches.c.id == key[0])).one()
-        return _remote(row._mapping)
+            rows = conn.execute(
+                select(remote_batches)
+                .where(remote_batches.c.job_id == job_id, remote_batches.c.round == round_)
+                .order_by(remote_batches.c.shard)
+            ).all()
+        return [_remote(r._mapping) for r in rows]
 
     def remote_batches(self, job_id: str) -> list[RemoteBatchRecord]:
         with self._read() as conn:

@@ -83,11 +83,24 @@ def test_find_by_id_prefix_and_name(store: Store) -> None:
     assert store.find_jobs("a%") == []  # LIKE wildcards are escaped
 
 
-def test_remote_intent_then_bind(store: Store) -> None:
+SHARD = {"input_path": "/x/round-0.jsonl", "request_count": 2, "size_bytes": 10, "sha256": "0" * 64}
+
+
+def test_a_round_is_planned_once_then_uploaded_and_bound(store: Store) -> None:
     new_job(store)
-    record = store.add_remote_intent("a" * 32, file_id="file-1", expect=JobState.RECEIVED, state=JobState.SUBMITTING)
-    assert (record.remote_id, record.status, record.intent_at) == (None, "creating", 1000.0)
-    assert store.get_job("a" * 32).input_file_id == "file-1"  # type: ignore[union-attr]
+    (record,) = store.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD], state=JobState.UPLOADING)
+    assert (record.remote_id, record.status, record.input_path, record.round) == (
+        None,
+        "pending",
+        "/x/round-0.jsonl",
+        0,
+    )
+    with pytest.raises(StaleState):
+        store.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD], state=JobState.UPLOADING)
+    assert len(store.remote_batches("a" * 32)) == 1
+    record = store.update_remote(record.id, expect={"status": "pending"}, input_file_id="file-1", status="creating")
+    with pytest.raises(StaleState):
+        store.update_remote(record.id, expect={"status": "pending"}, input_file_id="file-2", status="creating")
     store.update_remote(record.id, remote_id="b1", status="validating", job_values={"state": JobState.VALIDATING})
     assert store.get_job("a" * 32).state is JobState.VALIDATING  # type: ignore[union-attr]
     assert store.bound_remote_ids() == {"b1"}

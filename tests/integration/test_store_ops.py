@@ -18,10 +18,10 @@ def bound_jobs(store: Store, count: int) -> list[tuple[int, str]]:
         job = store.insert_job(
             id=f"{n:032d}", name=f"j{n}", source=f"j{n}.jsonl", state=JobState.SUBMITTING, provider="together"
         )
-        record = store.add_remote_intent(
-            job.id, file_id="file-1", expect=JobState.SUBMITTING, state=JobState.VALIDATING
+        (record,) = store.plan_round(
+            job.id, expect=JobState.SUBMITTING, round_=0, shards=[{"input_path": "x"}], state=JobState.VALIDATING
         )
-        store.update_remote(record.id, remote_id=f"batch-{n}", status="validating")
+        store.update_remote(record.id, input_file_id="file-1", remote_id=f"batch-{n}", status="validating")
         found.append((record.id, job.id))
     return found
 

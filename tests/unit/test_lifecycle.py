@@ -23,12 +23,14 @@ def job(state: JobState, **kw: Any) -> Job:
     )
 
 
-def batch(status: str = "creating", remote_id: str | None = None, attempts: int = 0) -> RemoteBatchRecord:
+def batch(
+    status: str = "creating", remote_id: str | None = None, attempts: int = 0, *, shard: int = 0, round_: int = 0
+) -> RemoteBatchRecord:
     return RemoteBatchRecord(
-        id=1,
+        id=shard + 1,
         job_id="j" * 32,
-        round=0,
-        shard=0,
+        round=round_,
+        shard=shard,
         input_file_id="file-1",
         remote_id=remote_id,
         status=status,
@@ -38,47 +40,77 @@ def batch(status: str = "creating", remote_id: str | None = None, attempts: int 
     )
 
 
-def test_new_job_uploads_now() -> None:
+def test_a_new_job_is_planned_now() -> None:
     action = lifecycle.next_action(job(JobState.RECEIVED), [], NOW)
-    assert (action.step, action.at) == (Step.UPLOAD, NOW)
+    assert (action.step, action.at) == (Step.PLAN, NOW)
 
 
-def test_failed_upload_waits_for_its_backoff() -> None:
-    action = lifecycle.next_action(job(JobState.UPLOADING, next_check_at=NOW + 7), [], NOW)
-    assert (action.step, action.at) == (Step.UPLOAD, NOW + 7)
+def test_shards_not_created_yet_are_submitted_when_the_backoff_is_over() -> None:
+    rows = [batch("pending", shard=0), batch("creating", attempts=1, shard=1), batch("validating", "b", shard=2)]
+    action = lifecycle.next_action(job(JobState.UPLOADING, next_check_at=NOW + 7), rows, NOW)
+    assert (action.step, action.at, [b.shard for b in action.batches]) == (Step.SUBMIT, NOW + 7, [0, 1])
 
 
-def test_first_create_does_not_reconcile_but_a_repeat_does() -> None:
-    first = lifecycle.next_action(job(JobState.SUBMITTING), [batch()], NOW)
-    assert first.step is Step.CREATE and not first.reconcile_first
-    again = lifecycle.next_action(job(JobState.SUBMITTING), [batch(attempts=1)], NOW)
-    assert again.step is Step.CREATE and again.reconcile_first
-
-
-def test_cancel_before_anything_exists_remotely_ends_locally() -> None:
+def test_cancel_before_anything_was_planned_ends_locally() -> None:
     assert lifecycle.next_action(job(JobState.RECEIVED, cancel_requested=True), [], NOW).step is Step.DOWNLOAD
-    assert lifecycle.next_action(job(JobState.SUBMITTING, cancel_requested=True), [batch()], NOW).step is Step.DOWNLOAD
-    # A create that may have happened must be reconciled before anything else.
-    assert (
-        lifecycle.next_action(job(JobState.SUBMITTING, cancel_requested=True), [batch(attempts=1)], NOW).step
-        is Step.CREATE
+    # Planned shards go through SUBMIT, which skips those that cannot exist remotely yet.
+    cancelled = job(JobState.UPLOADING, cancel_requested=True)
+    assert lifecycle.next_action(cancelled, [batch("pending")], NOW).step is Step.SUBMIT
+
+
+def test_in_flight_jobs_poll_every_live_shard_and_cancel_at_once() -> None:
+    live = [batch("in_progress", "b1", shard=0), batch("validating", "b2", shard=1)]
+    done = batch("completed", "b0", shard=2)
+    action = lifecycle.next_action(job(JobState.VALIDATING, next_check_at=NOW + 5), [*live, done], NOW)
+    assert (action.step, action.at, list(action.batches)) == (Step.POLL, NOW + 5, live)
+    cancel = lifecycle.next_action(
+        job(JobState.IN_PROGRESS, cancel_requested=True, next_check_at=NOW + 5), [*live, done], NOW
     )
-
-
-def test_in_flight_jobs_poll_when_due_and_cancel_at_once() -> None:
-    live = batch("in_progress", "b1")
-    action = lifecycle.next_action(job(JobState.IN_PROGRESS, next_check_at=NOW + 5), [live], NOW)
-    assert (action.step, action.at, action.batch) == (Step.POLL, NOW + 5, live)
-    cancel = lifecycle.next_action(job(JobState.IN_PROGRESS, cancel_requested=True, next_check_at=NOW + 5), [live], NOW)
-    assert (cancel.step, cancel.at) == (Step.CANCEL, NOW)
+    assert (cancel.step, cancel.at, list(cancel.batches)) == (Step.CANCEL, NOW, live)
     # Once cancelling, it polls until the provider confirms.
-    assert lifecycle.next_action(job(JobState.CANCELLING, cancel_requested=True), [live], NOW).step is Step.POLL
+    assert lifecycle.next_action(job(JobState.CANCELLING, cancel_requested=True), live, NOW).step is Step.POLL
 
 
-def test_terminal_remote_leads_to_download_and_terminal_job_to_nothing() -> None:
-    assert lifecycle.next_action(job(JobState.DOWNLOADING), [batch("completed", "b1")], NOW).step is Step.DOWNLOAD
+def test_a_round_whose_batches_all_ended_is_downloaded() -> None:
+    rows = [batch("completed", "b1", shard=0), batch("expired", "b2", shard=1), batch("refused", shard=2)]
+    assert lifecycle.next_action(job(JobState.IN_PROGRESS), rows, NOW).step is Step.DOWNLOAD
+    assert lifecycle.next_action(job(JobState.DOWNLOADING), rows, NOW).step is Step.DOWNLOAD
     assert lifecycle.next_action(job(JobState.COMPLETED), [], NOW).step is Step.NONE
     assert lifecycle.next_action(job(JobState.REJECTED), [], NOW).step is Step.NONE
+
+
+def test_only_the_current_round_counts() -> None:
+    old = batch("expired", "b0", round_=0)
+    followup = batch("pending", round_=1)
+    action = lifecycle.next_action(job(JobState.UPLOADING, round=1), [old, followup], NOW)
+    assert (action.step, [b.round for b in action.batches]) == (Step.SUBMIT, [1])
+
+
+@pytest.mark.parametrize(
+    ("statuses", "state"),
+    [
+        (["pending", "creating", "in_progress"], JobState.UPLOADING),
+        (["creating", "in_progress"], JobState.SUBMITTING),
+        (["finalizing", "validating", "completed"], JobState.VALIDATING),
+        (["in_progress", "finalizing"], JobState.IN_PROGRESS),
+        (["completed", "expired", "skipped"], JobState.DOWNLOADING),
+    ],
+)
+def test_a_round_sums_up_to_its_least_advanced_batch(statuses: list[str], state: JobState) -> None:
+    rows = [batch(s, "b", shard=i) for i, s in enumerate(statuses)]
+    assert lifecycle.summary_state(rows, cancelling=False) is state
+
+
+def test_a_cancelling_job_stays_cancelling_until_its_batches_end() -> None:
+    assert lifecycle.summary_state([batch("in_progress", "b")], cancelling=True) is JobState.CANCELLING
+    assert lifecycle.summary_state([batch("cancelled", "b")], cancelling=True) is JobState.DOWNLOADING
+
+
+def test_follow_up_rounds_until_the_limit_and_never_after_a_cancel() -> None:
+    assert lifecycle.wants_followup(job(JobState.DOWNLOADING, round=0), 2)
+    assert lifecycle.wants_followup(job(JobState.DOWNLOADING, round=1), 2)
+    assert not lifecycle.wants_followup(job(JobState.DOWNLOADING, round=2), 2)
+    assert not lifecycle.wants_followup(job(JobState.DOWNLOADING, cancel_requested=True), 2)
 
 
 @pytest.mark.parametrize(
@@ -140,7 +172,17 @@ def test_unanswered_requests_decide_the_final_state(status: str, cancel: bool, c
 
 
 def test_never_submitted() -> None:
-    assert lifecycle.unanswered_code([batch()], False) == "not_submitted"
+    assert lifecycle.unanswered_code([batch("refused")], False) == "not_submitted"
+    assert lifecycle.unanswered_code([], False) == "not_submitted"
+    assert lifecycle.unanswered_code([batch("skipped")], True) == "batch_cancelled"
     assert lifecycle.unanswered_code([], True) == "batch_cancelled"
+
+
+def test_the_last_round_and_its_most_significant_cause_decide_the_code() -> None:
+    rows = [batch("expired", "a", round_=0), batch("completed", "b", round_=1, shard=0)]
+    assert lifecycle.unanswered_code(rows, False) == "not_returned"
+    rows.append(batch("failed", "c", round_=1, shard=1))
+    rows.append(batch("expired", "d", round_=1, shard=2))
+    assert lifecycle.unanswered_code(rows, False) == "batch_expired"
     assert lifecycle.final_state(2, "not_submitted") is JobState.FAILED
     assert lifecycle.event_type(JobState.EXPIRED) == "batch.expired"
