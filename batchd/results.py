@@ -323,6 +323,9 @@ def _write_outputs(
         output.commit()
         if has_errors:
             errors.commit()
+        else:
+            # An earlier merge of this job (a round before a follow-up) may have left one.
+            errors.dest.unlink(missing_ok=True)
     except BaseException:
         output.discard()
         errors.discard()

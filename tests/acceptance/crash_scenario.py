@@ -33,6 +33,12 @@ CRASH_POINTS = (
 class Outcome:
     kills: int = 0
     files: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: requests per remote batch (None: the provider's limit, one batch per file here)
+    shard_size: int | None = None
+
+    def shards(self, name: str) -> int:
+        count = len(self.files[name])
+        return 1 if self.shard_size is None else -(-count // self.shard_size)
 
 
 def integrity_ok(db: Path) -> bool:
@@ -57,10 +63,26 @@ async def _until_dead(daemon: DaemonProcess, timeout: float) -> int:
     return await daemon.wait()
 
 
-async def run(h: Harness, *, jobs: int, random_kills: int, seed: int, max_kill_delay_s: float = 0.6) -> Outcome:
-    """Drop `jobs` files, kill at every crash point and `random_kills` random moments, then drain."""
+async def run(
+    h: Harness,
+    *,
+    jobs: int,
+    random_kills: int,
+    seed: int,
+    max_kill_delay_s: float = 0.6,
+    shard_size: int | None = None,
+) -> Outcome:
+    """Drop `jobs` files, kill at every crash point and `random_kills` random moments, then drain.
+
+    With `shard_size`, every file of more requests than that is cut into several remote batches.
+    """
     rng = random.Random(seed)
-    out = Outcome()
+    out = Outcome(shard_size=shard_size)
+    if shard_size is not None:
+        config = h.ws.config.read_text()
+        h.ws.config.write_text(
+            config.replace('kind = "together"', f'kind = "together"\nmax_batch_requests = {shard_size}')
+        )
     db = h.ws.root / "state" / "batchd.db"
     names = iter(f"f{i:04d}" for i in range(jobs + len(CRASH_POINTS)))
 
@@ -104,14 +126,14 @@ async def check(h: Harness, out: Outcome) -> None:
         per_input[create["input_file_id"]] += 1
     duplicated = {k: v for k, v in per_input.items() if v != 1}
     assert not duplicated, f"inputs created more than once: {duplicated}"
-    assert len(creates) == len(out.files)
+    assert len(creates) == sum(out.shards(name) for name in out.files), "one remote batch per shard"
 
     folders = {p.name: p for p in h.ws.outbox.iterdir() if (p / "job.json").exists()}
     assert sorted(folders) == sorted(out.files), f"one complete outbox folder per file: {sorted(folders)}"
     for name, sent in out.files.items():
         meta = json.loads((folders[name] / "job.json").read_text(encoding="utf-8"))
         assert meta["status"] == "completed", (name, meta["status"], meta["reason"])
-        assert len(meta["remote_batch_ids"]) == 1
+        assert len(meta["remote_batch_ids"]) == out.shards(name)
         got = [line["custom_id"] for line in read_jsonl(folders[name] / "output.jsonl")]
         if (folders[name] / "errors.jsonl").exists():
             got += [line["custom_id"] for line in read_jsonl(folders[name] / "errors.jsonl")]

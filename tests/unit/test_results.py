@@ -292,3 +292,18 @@ def test_job_json_written_last(tmp_path: Path) -> None:
     stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     assert stamps["job.json"] >= max(stamps["output.jsonl"], stamps["errors.jsonl"])
     assert json.loads(job.read_text())["request_counts"]["total"] == 2
+
+
+def test_a_merge_without_errors_removes_the_errors_file_of_an_earlier_round(tmp_path: Path) -> None:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "errors.jsonl").write_text('{"custom_id": "a"}\n', encoding="utf-8")
+    upload = tmp_path / "upload.jsonl"
+    upload.write_text(json.dumps({"custom_id": "a"}) + "\n", encoding="utf-8")
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"custom_id": "a", "response": {"status_code": 200, "body": {}}}) + "\n")
+    result = merge_results(
+        input_path=upload, answers=[answers], folder=folder, unanswered_code="not_returned", scratch_dir=tmp_path
+    )
+    assert (result.completed, result.failed) == (1, 0)
+    assert not (folder / "errors.jsonl").exists()
