@@ -20,7 +20,7 @@ import click
 
 from batchd import logging as batchd_logging
 from batchd.config import ConfigError, Settings, load_settings, parse_override
-from batchd.models import PROVIDER_LIMITS, Job, JobState
+from batchd.models import PROVIDER_LIMITS, Job
 from batchd.store import Store
 from batchd.validation import format_report, validate_file
 
@@ -224,20 +224,17 @@ def cancel(obj: Context, job_ref: str) -> None:
 @config_options
 @pass_ctx
 def retry(obj: Context, job_ref: str) -> None:
-    """Submit a finished job's input again, as a new job with its own outbox folder."""
+    """Submit a finished job's failed and unanswered requests again, as a new job (its own outbox folder)."""
+    from batchd.resubmit import NothingToRetry, retry_job
+
     settings = obj.load()
     with open_store(settings) as store:
         job = _find(store, job_ref)
-        if not job.state.terminal or job.state == JobState.REJECTED or not job.upload_path:
-            fail(f"job {job.short_id} is {job.state.value}: only a finished, accepted job can be retried", 1)
-        new = store.insert_job(
-            id=uuid.uuid4().hex, name=job.name, source=job.source, state=JobState.RECEIVED,
-            provider=settings.provider.kind, endpoint=job.endpoint, claimed_path=job.claimed_path,
-            spec_path=job.spec_path, upload_path=job.upload_path, sha256=job.sha256, size_bytes=job.size_bytes,
-            request_count=job.request_count, completion_window=job.completion_window, model=job.model,
-            webhook_url=job.webhook_url, metadata=dict(job.metadata),
-        )  # fmt: skip
-    click.echo(f"retrying {job.short_id} as new job {new.short_id}")
+        try:
+            new = retry_job(store, settings, job)
+        except NothingToRetry as exc:
+            fail(str(exc), 1)
+    click.echo(f"retrying {new.request_count} requests of {job.short_id} as new job {new.short_id}")
 
 
 # ---------------------------------------------------------------- emulator and demo

@@ -109,6 +109,8 @@ def show_record(
             "model": job.model,
             "metadata": dict(job.metadata),
             "usage": dict(job.usage) if job.usage else None,
+            "round": job.round,
+            "cost": _cost(outbox),
             "webhook_url": job.webhook_url,
             "input_file_id": job.input_file_id,
             "sha256": job.sha256,
@@ -215,6 +217,17 @@ def jobs_table(records: Sequence[dict[str, Any]], *, bar: int = 0) -> list[str]:
     return lines
 
 
+def _cost(outbox: Path | None) -> dict[str, Any] | None:
+    """The estimated cost job.json recorded (with a [pricing] entry for the job's model)."""
+    if outbox is None:
+        return None
+    try:
+        cost = json.loads((outbox / "job.json").read_text(encoding="utf-8")).get("cost")
+    except (OSError, ValueError):
+        return None
+    return cost if isinstance(cost, dict) else None
+
+
 def show_lines(record: dict[str, Any]) -> list[str]:
     """`batchd show` for a person: one labelled line per fact."""
     r = record
@@ -228,7 +241,8 @@ def show_lines(record: dict[str, Any]) -> list[str]:
         f"provider   {r['provider']}  {r['endpoint'] or '-'}  window {r['completion_window'] or '-'}"
         + (f"  model {r['model']}" if r["model"] else ""),
         f"requests   ok {counts.get('completed', '-')}, failed {counts.get('failed', '-')}"
-        + (f"  usage {json.dumps(r['usage'])}" if r["usage"] else ""),
+        + (f"  usage {json.dumps(r['usage'])}" if r["usage"] else "")
+        + (f"  cost ~${r['cost']['estimated_usd']}" if r["cost"] else ""),
         f"created    {t['created_at']}  ({human_age(r['age_s'])} ago)",
         f"finished   {t['finished_at'] or '-'}  (took {human_age(t['duration_s'])})"
         if t["finished_at"]
@@ -236,7 +250,8 @@ def show_lines(record: dict[str, Any]) -> list[str]:
     ]
     for b in r["remote_batches"]:
         lines.append(
-            f"remote     {b['remote_id'] or '(creating)'}  {b['status']}  {progress_text(b['progress'])}  "
+            f"remote     r{b['round']}/s{b['shard']}  {b['remote_id'] or '(not created)'}  {b['status']}  "
+            f"{progress_text(b['progress'])}  "
             f"input {b['input_file_id']}  output {b['output_file_id'] or '-'}  errors {b['error_file_id'] or '-'}"
             + (f"  error: {b['error']}" if b["error"] else "")
         )

@@ -276,7 +276,8 @@ class Inbox:
             size_bytes=copy.size_bytes,
             request_count=copy.request_count,
             completion_window=(spec.completion_window if spec else None) or settings.submit.completion_window,
-            model=spec.model if spec else None,
+            # The spec's override, else the one model every request names (for cost estimates).
+            model=(spec.model if spec else None) or report.model,
             webhook_url=spec.webhook_url if spec else None,
             metadata=dict(spec.metadata) if spec else {},
         )

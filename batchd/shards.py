@@ -138,10 +138,16 @@ def _errors_in_order(errors: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def write_followups(
-    upload: Path, errors: Path | None, dest: Path, *, unanswered_codes: frozenset[str] = frozenset({"batch_expired"})
+    upload: Path,
+    errors: Path | None,
+    dest: Path,
+    *,
+    unanswered_codes: frozenset[str] = frozenset({"batch_expired"}),
+    everything: bool = False,
 ) -> int:
     """Write to `dest` the request lines of `upload` whose line in `errors` is a transient
-    failure or an unanswered request with one of `unanswered_codes`; return how many.
+    failure or an unanswered request with one of `unanswered_codes` (with `everything`:
+    every request with a line in `errors`, as a manual retry wants); return how many.
 
     `errors` is the merged errors.jsonl, in input order like `upload`, so one pass
     over both in step (a merge join) finds them with constant memory.
@@ -149,11 +155,17 @@ def write_followups(
     count = 0
     with atomic_file(dest) as out:
         if errors is not None and errors.exists():
-            count = _join(upload, _errors_in_order(errors), out, unanswered_codes)
+            count = _join(upload, _errors_in_order(errors), out, unanswered_codes, everything)
     return count
 
 
-def _join(upload: Path, failures: Iterator[tuple[str, dict[str, Any]]], out: IO[bytes], codes: frozenset[str]) -> int:
+def _join(
+    upload: Path,
+    failures: Iterator[tuple[str, dict[str, Any]]],
+    out: IO[bytes],
+    codes: frozenset[str],
+    everything: bool,
+) -> int:
     count = 0
     wanted = next(failures, None)
     with upload.open("rb") as stream:
@@ -163,7 +175,7 @@ def _join(upload: Path, failures: Iterator[tuple[str, dict[str, Any]]], out: IO[
             request = json.loads(strip_eol(raw))
             if str(request["custom_id"]) != wanted[0]:
                 continue
-            if _resubmittable(wanted[1], codes):
+            if everything or _resubmittable(wanted[1], codes):
                 out.write(raw if raw.endswith(b"\n") else raw + b"\n")
                 count += 1
             wanted = next(failures, None)

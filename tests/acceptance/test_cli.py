@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import httpx
 
-from tests.acceptance.conftest import chat, harness
+from tests.acceptance.conftest import chat, harness, read_jsonl
 
 
 def batchd(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -86,14 +86,14 @@ def test_configuration_errors_exit_two(tmp_path: Path) -> None:
 
 async def test_jobs_show_cancel_and_retry_beside_a_finished_run(tmp_path: Path) -> None:
     async with harness(tmp_path) as h:
-        h.ws.drop("report.jsonl", [chat("a"), chat("b")])
+        h.ws.drop("report.jsonl", [chat("a"), chat("b"), chat("c", trigger={"error": "invalid_model"})])
         done = await h.ws.batchd("run", "--once", "--timeout", "60", timeout=90)
         assert done.returncode == 0, done.stdout
 
         listing = await h.ws.batchd("jobs", "--json")
         (job,) = json.loads(listing.stdout)
-        assert (job["name"], job["state"], job["requests"]) == ("report", "completed", 2)
-        assert job["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
+        assert (job["name"], job["state"], job["requests"]) == ("report", "completed", 3)
+        assert job["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
 
         table = await h.ws.batchd("jobs")
         assert "completed" in table.stdout and "report" in table.stdout
@@ -105,14 +105,22 @@ async def test_jobs_show_cancel_and_retry_beside_a_finished_run(tmp_path: Path) 
         refused = await h.ws.batchd("cancel", "report")
         assert refused.returncode == 1 and "already completed" in refused.stderr
 
+        # A manual retry resubmits only what did not succeed, as a new job with its own outbox folder.
         retried = await h.ws.batchd("retry", "report")
         assert retried.returncode == 0, retried.stderr
+        assert "retrying 1 requests" in retried.stdout
         again = await h.ws.batchd("run", "--once", "--timeout", "60", timeout=90)
         assert again.returncode == 0
         jobs = json.loads((await h.ws.batchd("jobs", "--json")).stdout)
-        assert [j["state"] for j in jobs] == ["completed", "completed"]
-        # A manual retry is a new job with its own outbox folder.
-        assert sorted(p.name for p in h.ws.outbox.iterdir()) == ["report", f"report.{jobs[1]['id'][:8]}"]
+        assert [(j["state"], j["requests"]) for j in jobs] == [("completed", 3), ("completed", 1)]
+        retry_folder = h.ws.outbox / f"report.{jobs[1]['id'][:8]}"
+        assert sorted(p.name for p in h.ws.outbox.iterdir()) == ["report", retry_folder.name]
+        assert [e["custom_id"] for e in read_jsonl(retry_folder / "errors.jsonl")] == ["c"]
+
+        h.ws.drop("clean.jsonl", [chat("z")])
+        assert (await h.ws.batchd("run", "--once", "--timeout", "60", timeout=90)).returncode == 0
+        nothing = await h.ws.batchd("retry", "clean")
+        assert nothing.returncode == 1 and "nothing to retry" in nothing.stderr
 
 
 def test_demo_runs_offline_and_exits_zero(tmp_path: Path) -> None:

@@ -95,3 +95,20 @@ async def test_small_limits_split_a_file_into_many_shards_merged_in_order(tmp_pa
         ]
         creates = await h.emulator.creates()
         assert len(creates) == 5 and len({c["input_file_id"] for c in creates}) == 5
+
+
+async def test_a_priced_model_gets_an_estimated_cost_in_job_json_and_the_webhook(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        pricing = '\n[pricing]\n"m" = { input_per_mtok = 1000000, output_per_mtok = 2000000 }\n'
+        h.ws.config.write_text(h.ws.config.read_text() + pricing)
+        h.ws.drop("priced.jsonl", [chat("a", "one two three"), chat("b", "four")])
+        await drain(h)
+        meta = job_json(h, "priced")
+        usage = meta["usage"]
+        expected = usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0
+        assert meta["model"] == "m"
+        assert meta["cost"]["estimated_usd"] == expected > 0
+        (event,) = h.receiver.verified()
+        assert event["data"]["cost"] == meta["cost"]
+        shown = await h.ws.batchd("show", "priced")
+        assert f"cost ~${expected}" in shown.stdout

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from batchd.config import ConfigError, Secret, load_settings, parse_override
+from batchd.config import ConfigError, Price, Secret, load_settings, parse_override
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -134,6 +134,22 @@ def test_unpadded_webhook_secret_is_accepted(tmp_path: Path) -> None:
     unpadded = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWg"  # 26 bytes, base64 without "=="
     path = write(tmp_path, f"[[webhooks]]\nurl = 'https://h/'\nsecret = '{unpadded}'\n")
     assert load_settings(path, environ={}).webhooks[0].secrets == (Secret(unpadded),)
+
+
+def test_limits_resubmit_rounds_and_pricing(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[provider]\nmax_batch_requests = 1000\n[resubmit]\nmax_rounds = 0\n"
+        '[pricing]\n"org/model-x" = { input_per_mtok = 0.5, output_per_mtok = 1.5 }\n',
+    )
+    settings = load_settings(path, environ={})
+    assert (settings.provider.limits.max_requests, settings.provider.limits.max_bytes) == (1000, 100 * 1000**2)
+    assert settings.resubmit.max_rounds == 0
+    assert settings.pricing["org/model-x"] == Price(input_per_mtok=0.5, output_per_mtok=1.5)
+    with pytest.raises(ConfigError, match="unknown key pricing"):
+        load_settings(write(tmp_path, '[pricing]\n"m" = { per_token = 1 }\n'), environ={})
+    with pytest.raises(ConfigError, match=r"resubmit\.max_rounds"):
+        load_settings(write(tmp_path, "[resubmit]\nmax_rounds = -1\n"), environ={})
 
 
 def test_plain_postgresql_url_uses_the_shipped_driver(tmp_path: Path) -> None:

@@ -1,0 +1,53 @@
+"""A manual retry (`batchd retry JOB`): a new job for what a finished job left undone.
+
+DESIGN §4: a manual retry of a finished job is a new job with its own outbox
+folder. Its input is the finished job's requests that did not succeed, those
+with a line in its errors.jsonl, in input order; it is submitted like any drop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from pathlib import Path
+
+from batchd.config import Settings
+from batchd.models import Job, JobState
+from batchd.shards import write_followups
+from batchd.store import Store
+
+
+class NothingToRetry(Exception):
+    """Every request of the job succeeded, or it never got that far."""
+
+
+def retry_job(store: Store, settings: Settings, job: Job) -> Job:
+    """Record a new job (received) whose input is `job`'s failed and unanswered requests."""
+    if not job.state.terminal or job.state == JobState.REJECTED or not job.upload_path or not job.outbox_path:
+        raise NothingToRetry(f"job {job.short_id} is {job.state.value}: only a finished, accepted job can be retried")
+    new_id = uuid.uuid4().hex
+    work = settings.state_dir / "work" / new_id
+    work.mkdir(parents=True, exist_ok=True)
+    upload = work / "retry.jsonl"
+    count = write_followups(Path(job.upload_path), Path(job.outbox_path) / "errors.jsonl", upload, everything=True)
+    if count == 0:
+        raise NothingToRetry(f"every request of job {job.short_id} succeeded: nothing to retry")
+    digest = hashlib.sha256(upload.read_bytes()).hexdigest()
+    return store.insert_job(
+        id=new_id,
+        name=job.name,
+        source=job.source,
+        state=JobState.RECEIVED,
+        provider=settings.provider.kind,
+        endpoint=job.endpoint,
+        claimed_path=job.claimed_path,
+        spec_path=job.spec_path,
+        upload_path=str(upload),
+        sha256=digest,
+        size_bytes=upload.stat().st_size,
+        request_count=count,
+        completion_window=job.completion_window,
+        model=job.model,
+        webhook_url=job.webhook_url,
+        metadata=dict(job.metadata),
+    )
