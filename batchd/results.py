@@ -23,6 +23,7 @@ from typing import IO, Any
 
 import structlog
 
+from batchd import jsonl
 from batchd.config import Price
 from batchd.fsutil import fsync_dir, strip_eol, write_atomic
 from batchd.models import Job, JobState, RemoteBatchRecord
@@ -121,7 +122,7 @@ def _usage_of(answer: Mapping[str, Any]) -> str | None:
     if not isinstance(usage, dict):
         return None
     ints = {k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)}
-    return json.dumps(ints, separators=(",", ":")) if ints else None
+    return jsonl.dumps(ints).decode() if ints else None
 
 
 # Row of the scratch `answer` table: custom_id, file index, byte offset, length, ok, usage.
@@ -144,7 +145,7 @@ def _scan_answers(answers: Sequence[Path], unreadable: _Unreadable) -> Iterator[
                 if not content.strip():
                     continue
                 try:
-                    answer = json.loads(content)
+                    answer = jsonl.loads(content)
                 except (ValueError, RecursionError):
                     answer = None
                 custom_id = answer.get("custom_id") if isinstance(answer, dict) else None
@@ -314,7 +315,7 @@ def _write_outputs(
                 line = _pread(fds[file], offset, length)
                 (output if ok else errors).write_line(line)
                 if usage_json is not None:
-                    for key, value in json.loads(usage_json).items():
+                    for key, value in jsonl.loads(usage_json).items():
                         usage[key] = usage.get(key, 0) + value
         # output.jsonl exists even when empty; errors.jsonl only when it has a line.
         output.open()

@@ -9,12 +9,12 @@ the input order too.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from batchd import jsonl
 from batchd.fsutil import atomic_file, strip_eol
 from batchd.models import Limits
 
@@ -133,7 +133,7 @@ def _errors_in_order(errors: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         for raw in stream:
             content = strip_eol(raw)
             if content.strip():
-                answer = json.loads(content)
+                answer = jsonl.loads(content)
                 yield str(answer["custom_id"]), answer
 
 
@@ -172,7 +172,7 @@ def _join(
         for raw in stream:
             if wanted is None:
                 break
-            request = json.loads(strip_eol(raw))
+            request = jsonl.loads(strip_eol(raw))
             if str(request["custom_id"]) != wanted[0]:
                 continue
             if everything or _resubmittable(wanted[1], codes):

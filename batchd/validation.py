@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+from batchd import jsonl
 from batchd.fsutil import atomic_file, strip_eol
 from batchd.models import SUPPORTED_ENDPOINTS, BatchEndpoint, Limits
 
@@ -496,7 +497,7 @@ def iter_custom_ids(path: Path) -> Iterator[str]:
     with path.open("rb") as stream:
         for line in _read_lines(stream):
             assert line.content is not None
-            request = json.loads(line.content)
+            request = jsonl.loads(line.content)
             custom_id = request.get("custom_id") if isinstance(request, dict) else None
             if not isinstance(custom_id, str):
                 raise ValueError(f"{path}: line {line.number} has no string custom_id")
