@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from batchd import crashpoints
 from tests.acceptance import crash_scenario
-from tests.acceptance.conftest import harness
+from tests.acceptance.conftest import chat, harness
 
 
 async def test_kill_minus_nine_anywhere_loses_nothing_and_repeats_nothing(tmp_path: Path) -> None:
@@ -14,3 +15,23 @@ async def test_kill_minus_nine_anywhere_loses_nothing_and_repeats_nothing(tmp_pa
         out = await crash_scenario.run(h, jobs=12, random_kills=12, seed=20261125, shard_size=2)
         assert out.kills == len(crash_scenario.CRASH_POINTS) + 12
         await crash_scenario.check(h, out)
+
+
+async def test_openai_dialect_killed_between_create_and_commit_adopts_by_metadata(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        config = h.ws.config.read_text().replace('kind = "together"', 'kind = "openai"')
+        h.ws.config.write_text(
+            config.replace(f'base_url = "{h.emulator.url}"', f'base_url = "{h.emulator.url}/openai/v1"')
+        )
+        h.ws.env["OPENAI_API_KEY"] = "acceptance-key"
+        h.ws.drop("oa.jsonl", [chat("a"), chat("b")])
+        first = h.start(env={crashpoints.ENV: "after_create_answer"})
+        assert await first.wait(timeout=60) == -9
+        (created,) = await h.emulator.creates()
+        second = h.start()
+        await h.receiver.wait_for(lambda hooks: len(hooks) >= 1)
+        (event,) = h.receiver.verified()
+        assert event["type"] == "batch.completed" and event["data"]["provider"] == "openai"
+        assert event["data"]["remote_batch_ids"] == [created["id"]]
+        assert len(await h.emulator.creates()) == 1
+        assert second.has_logged("job.batch_adopted")
