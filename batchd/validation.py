@@ -493,12 +493,16 @@ def write_upload_copy(src: Path, dest: Path, *, model: str | None = None) -> Upl
 
 
 def iter_custom_ids(path: Path) -> Iterator[str]:
-    """Yield the custom_id of every request of an upload copy, in line order."""
+    """Yield the custom_id of every request of an upload copy, in line order.
+
+    An upload copy is batchd's own normalised file (one JSON object a line, `\n`
+    ends, no blank line), so each raw line is parsed as it is: this runs over
+    every request of every merge.
+    """
     with path.open("rb") as stream:
-        for line in _read_lines(stream):
-            assert line.content is not None
-            request = jsonl.loads(line.content)
+        for number, raw in enumerate(stream, start=1):
+            request = jsonl.loads(raw)
             custom_id = request.get("custom_id") if isinstance(request, dict) else None
             if not isinstance(custom_id, str):
-                raise ValueError(f"{path}: line {line.number} has no string custom_id")
+                raise ValueError(f"{path}: line {number} has no string custom_id")
             yield custom_id
