@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Connection,
@@ -36,10 +37,13 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from batchd.models import (
@@ -77,9 +81,11 @@ jobs = Table(
     #: the normalised copy that is uploaded (defines the input order)
     Column("upload_path", Text),
     Column("sha256", String(64)),
-    Column("size_bytes", Integer),
+    #: 64-bit: PostgreSQL's INTEGER stops at 2 GiB, and a sharded input may be larger
+    Column("size_bytes", BigInteger),
     Column("request_count", Integer),
-    Column("completion_window", String(16)),
+    #: unbounded: a spec's window is only checked for its shape, and PostgreSQL enforces lengths
+    Column("completion_window", Text),
     Column("model", Text),
     Column("webhook_url", Text),
     Column("metadata", JSON, nullable=False, default=dict),
@@ -185,6 +191,10 @@ def _migrate_v2(conn: Connection) -> None:
 MIGRATIONS: tuple[tuple[int, Any], ...] = ((1, _migrate_v1), (2, _migrate_v2))
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
+#: PostgreSQL advisory lock held while migrating (any constant; "batchd" in ASCII), so that daemons
+#: starting together on one database migrate one after the other.
+_MIGRATION_LOCK = 0x626174636864
+
 
 class StaleState(Exception):
     """A transition expected a state the job is no longer in."""
@@ -227,6 +237,11 @@ class Store:
     def migrate(self) -> int:
         """Bring the schema to SCHEMA_VERSION; return the version found before."""
         with self._write() as conn:
+            if conn.dialect.name == "postgresql":
+                # DDL is transactional there and writers do not queue as SQLite's BEGIN IMMEDIATE
+                # makes them: without the lock, two daemons would both find no table and both
+                # create it. The lock is released with the transaction.
+                conn.execute(select(func.pg_advisory_xact_lock(literal(_MIGRATION_LOCK, BigInteger))))
             metadata.tables["schema_version"].create(conn, checkfirst=True)
             found = conn.execute(select(func.max(schema_version.c.version))).scalar()
             current = int(found or 0)
@@ -279,9 +294,11 @@ class Store:
             exact = conn.execute(select(jobs).where(jobs.c.id == ref)).first()
             if exact:
                 return [_job(exact._mapping)]
+            # Ids are lower-case hex: SQLite's LIKE ignores case and PostgreSQL's does not, so the
+            # prefix is lowered to find the same jobs on both.
             rows = conn.execute(
                 select(jobs)
-                .where(or_(jobs.c.id.startswith(ref, autoescape=True), jobs.c.name == ref))
+                .where(or_(jobs.c.id.startswith(ref.lower(), autoescape=True), jobs.c.name == ref))
                 .order_by(jobs.c.created_at.desc())
             ).all()
         return [_job(r._mapping) for r in rows]
@@ -345,9 +362,24 @@ class Store:
             for candidate in candidates:
                 if str(candidate) in held or taken(candidate):
                     continue
-                conn.execute(
-                    update(jobs).where(jobs.c.id == job_id).values(outbox_path=str(candidate), updated_at=self.now())
-                )
+                # On SQLite BEGIN IMMEDIATE keeps everyone else out since `held` was read. On
+                # PostgreSQL another transaction may take this name meanwhile: the unique index
+                # refuses the second (hence a savepoint, to try the next name), and a reservation
+                # of this same job made meanwhile is kept (hence `outbox_path IS NULL`).
+                try:
+                    with conn.begin_nested():
+                        reserved = conn.execute(
+                            update(jobs)
+                            .where(jobs.c.id == job_id, jobs.c.outbox_path.is_(None))
+                            .values(outbox_path=str(candidate), updated_at=self.now())
+                        ).rowcount
+                except IntegrityError:
+                    continue
+                if reserved != 1:
+                    current = conn.execute(select(jobs.c.outbox_path).where(jobs.c.id == job_id)).scalar()
+                    if current is None:
+                        raise StaleState(f"job {job_id} does not exist")
+                    return Path(current)
                 return candidate
         raise FileExistsError(f"every outbox folder name for job {job_id} is taken: {[str(c) for c in candidates]}")
 
@@ -572,11 +604,17 @@ class Store:
         """Mark an endpoint gone (410) and park its pending deliveries as disabled."""
         now = self.now()
         with self._write() as conn:
-            found = conn.execute(select(endpoints.c.url).where(endpoints.c.url == url)).first()
+            found = conn.execute(select(endpoints.c.url).where(endpoints.c.url == url)).first() is not None
+            if not found:
+                # Two 410s from one endpoint can be recorded at once; on PostgreSQL both may find
+                # no row, and the second insert then fails on the key: it updates instead.
+                try:
+                    with conn.begin_nested():
+                        conn.execute(insert(endpoints).values(url=url, disabled_at=now, reason=reason))
+                except IntegrityError:
+                    found = True
             if found:
                 conn.execute(update(endpoints).where(endpoints.c.url == url).values(disabled_at=now, reason=reason))
-            else:
-                conn.execute(insert(endpoints).values(url=url, disabled_at=now, reason=reason))
             conn.execute(
                 update(deliveries)
                 .where(deliveries.c.url == url, deliveries.c.state == "pending")
@@ -650,6 +688,9 @@ class Store:
         now = self.now()
         done: dict[str, str] = {}
         with self._write() as conn:
+            # Two replays of one event at once (PostgreSQL; SQLite's writers queue anyway): the
+            # second waits for the first's rows, so it brings them forward instead of adding more.
+            conn.execute(select(events.c.id).where(events.c.id == event_id).with_for_update())
             latest = conn.execute(
                 select(deliveries.c.url, func.max(deliveries.c.id))
                 .where(deliveries.c.event_id == event_id)
@@ -771,7 +812,18 @@ def _make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # PostgreSQL. Pre-ping: a pooled connection may have died with a server restart or a failover.
+    # A daemon's Store calls run in worker threads, a few at a time, so a modest pool serves it;
+    # several daemons on one server stay far below its max_connections (100 by default).
+    parsed = make_url(url)
+    connect_args: dict[str, Any] = {}
+    if parsed.get_driver_name() in ("psycopg", "psycopg2"):
+        # libpq's own parameters; the URL's query, if it names them, wins.
+        defaults = {"application_name": "batchd", "connect_timeout": 10}
+        connect_args = {k: v for k, v in defaults.items() if k not in parsed.query}
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=30, connect_args=connect_args
+    )
 
 
 def _db_values(values: Mapping[str, Any]) -> dict[str, Any]:
