@@ -23,8 +23,9 @@ def _clean_batchd_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if metafunc.definition.get_closest_marker("each_database"):
-        metafunc.parametrize("database_kind", databases.kinds_for_each_database())
+    marker = metafunc.definition.get_closest_marker("each_database")
+    if marker is not None:
+        metafunc.parametrize("database_kind", databases.kinds_for_each_database(marker.args))
 
 
 @pytest.fixture

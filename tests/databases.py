@@ -3,7 +3,8 @@
 `TEST_DATABASE` picks it for the whole run (read once, at import; the name is outside
 `BATCHD_*`, which every test clears):
 
-* unset: SQLite, except that tests marked `each_database` run on both;
+* unset: SQLite, except that tests marked `each_database` run on both (or on those the
+  marker names: `each_database(POSTGRESQL)` for what only PostgreSQL can show);
 * `sqlite`: SQLite only (a machine without a PostgreSQL server);
 * `postgresql`: every test on PostgreSQL.
 
@@ -43,9 +44,9 @@ ADMIN_URL = os.environ.get(ADMIN_URL_ENV) or DEFAULT_ADMIN_URL
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def kinds_for_each_database() -> list[str]:
-    """The kinds a test marked `each_database` runs on."""
-    return [CHOSEN] if CHOSEN else list(KINDS)
+def kinds_for_each_database(only: tuple[str, ...] = ()) -> list[str]:
+    """The kinds a test marked `each_database(*only)` runs on."""
+    return [kind for kind in (only or KINDS) if not CHOSEN or kind == CHOSEN]
 
 
 def default_kind() -> str:
@@ -108,6 +109,8 @@ class TestDatabases:
         return make_url(ADMIN_URL).set(database=self._made[key]).render_as_string(hide_password=False)
 
     def drop_all(self) -> None:
+        if not self._made:
+            return
         # FORCE: a connection a test left open (a killed daemon's, an unclosed pool) does not
         # keep its database alive.
         with _admin_engine().connect() as conn:
