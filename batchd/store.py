@@ -37,6 +37,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     literal,
     or_,
     select,
@@ -253,6 +254,11 @@ class Store:
                     conn.execute(schema_version.delete())
                     conn.execute(insert(schema_version).values(version=version))
         return current
+
+    def has_schema(self) -> bool:
+        """Whether batchd's tables exist: a new database (or a new SQLite file) has none until migrate()."""
+        with self._engine.connect() as conn:
+            return inspect(conn).has_table(schema_version.name)
 
     def schema_version(self) -> int:
         with self._read() as conn:
