@@ -31,6 +31,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TypeDecorator,
     bindparam,
     case,
     create_engine,
@@ -43,7 +44,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -57,6 +58,24 @@ from batchd.models import (
     RemoteBatchRecord,
     StoredEvent,
 )
+
+
+class OutsideText(TypeDecorator[str]):
+    """Text that comes from outside (a spec, a provider's or a receiver's message, a URL).
+
+    PostgreSQL refuses a NUL character in text, which SQLite keeps: a spec's `"model":
+    "a\\u0000b"` must not make a job impossible to record. There it is stored as U+FFFD,
+    and compared the same way, since parameters go through this type too.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is not None and dialect.name == "postgresql" and "\x00" in value:
+            return value.replace("\x00", "\ufffd")
+        return value
+
 
 metadata = MetaData()
 
@@ -87,13 +106,13 @@ jobs = Table(
     Column("request_count", Integer),
     #: unbounded: a spec's window is only checked for its shape, and PostgreSQL enforces lengths
     Column("completion_window", Text),
-    Column("model", Text),
-    Column("webhook_url", Text),
+    Column("model", OutsideText),
+    Column("webhook_url", OutsideText),
     Column("metadata", JSON, nullable=False, default=dict),
     Column("input_file_id", Text),
     Column("outbox_path", Text),
     #: why the job failed or was rejected (the first problems)
-    Column("reason", Text),
+    Column("reason", OutsideText),
     Column("report_path", Text),
     Column("rejected_path", Text),
     Column("cancel_requested", Boolean, nullable=False, default=False),
@@ -101,7 +120,7 @@ jobs = Table(
     Column("next_check_at", Float),
     #: consecutive failed attempts of the current step (drives the backoff)
     Column("attempts", Integer, nullable=False, default=0),
-    Column("last_error", Text),
+    Column("last_error", OutsideText),
     Column("request_counts", JSON),
     Column("usage", JSON),
     Column("created_at", Float, nullable=False),
@@ -129,7 +148,7 @@ remote_batches = Table(
     Column("remote_created_at", Float),
     Column("output_file_id", Text),
     Column("error_file_id", Text),
-    Column("error", Text),
+    Column("error", OutsideText),
     Column("progress", Float),
     Column("updated_at", Float, nullable=False),
     Index("ix_remote_batches_job", "job_id"),
@@ -151,7 +170,7 @@ deliveries = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("event_id", String(40), ForeignKey("events.id"), nullable=False),
-    Column("url", Text, nullable=False),
+    Column("url", OutsideText, nullable=False),
     #: which secrets sign it: "config" (the [[webhooks]] entry with this url) or "inbox"
     Column("secret_ref", String(16), nullable=False),
     #: pending | delivered | dead | disabled
@@ -159,7 +178,7 @@ deliveries = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_attempt_at", Float, nullable=False),
     Column("last_status", Integer),
-    Column("last_error", Text),
+    Column("last_error", OutsideText),
     Column("delivered_at", Float),
     Index("ix_deliveries_due", "state", "next_attempt_at"),
 )
@@ -167,9 +186,9 @@ deliveries = Table(
 endpoints = Table(
     "endpoints",
     metadata,
-    Column("url", Text, primary_key=True),
+    Column("url", OutsideText, primary_key=True),
     Column("disabled_at", Float),
-    Column("reason", Text),
+    Column("reason", OutsideText),
 )
 
 

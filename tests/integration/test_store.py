@@ -197,3 +197,24 @@ def test_record_ids_come_from_the_database(store: Store) -> None:
     with pytest.raises(StaleState):
         store.update_remote(first.id, expect={"create_attempts": 5}, create_attempts=6)
     assert store.update_remote(first.id, expect={"create_attempts": 0}, create_attempts=1).create_attempts == 1
+
+
+def test_outside_text_with_a_nul_character_is_recorded(store: Store, database_kind: str) -> None:
+    # PostgreSQL refuses NUL in text (SQLite keeps it): there it becomes U+FFFD.
+    nul = "\x00" if database_kind == SQLITE else "\ufffd"
+    new_job(store, model="a\x00b", webhook_url="https://h/\x00")
+    job = store.update_job("a" * 32, last_error="boom\x00", reason="r\x00")
+    assert [job.model, job.webhook_url, job.last_error, job.reason] == [
+        f"a{nul}b",
+        f"https://h/{nul}",
+        f"boom{nul}",
+        f"r{nul}",
+    ]
+    event = NewEvent(id="evt_n", type="batch.failed", body=b"{}", targets=[("https://h/\x00", "inbox")])
+    store.update_job("a" * 32, events_=[event])
+    (delivery,) = store.due_deliveries(1000.0)
+    store.record_outcomes([(delivery.id, {"attempts": 1, "last_error": "refused\x00"}, None)])
+    assert store.deliveries(event_id="evt_n")[0].last_error == f"refused{nul}"
+    store.disable_endpoint("https://h/\x00", "gone\x00")
+    assert store.disabled_endpoints() == {f"https://h/{nul}": f"gone{nul}"}
+    assert store.deliveries(event_id="evt_n")[0].state == "disabled"
