@@ -98,6 +98,7 @@ def test_jobs_on_a_database_without_tables_or_without_a_server(tmp_path: Path) -
     assert down.returncode == 1 and "cannot read the database" in down.stderr and "Traceback" not in down.stderr
 
 
+@pytest.mark.each_database
 async def test_jobs_show_cancel_and_retry_beside_a_finished_run(tmp_path: Path) -> None:
     async with harness(tmp_path) as h:
         h.ws.drop("report.jsonl", [chat("a"), chat("b")])

@@ -17,11 +17,14 @@ from typing import Any
 
 import anyio
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from batchd.emulator.engines import EchoEngine
 from batchd.store import SCHEMA_VERSION, Store
 from tests.acceptance.conftest import SECRET, DaemonProcess, Harness, chat, eventually, harness, read_jsonl
+
+pytestmark = pytest.mark.each_database
 
 # ---------------------------------------------------------------- sd_notify
 

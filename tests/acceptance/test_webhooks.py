@@ -9,10 +9,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from standardwebhooks.webhooks import Webhook
 
 from batchd.store import Store
 from tests.acceptance.conftest import SECRET, DaemonProcess, Hook, Workspace, chat, eventually, harness
+
+pytestmark = pytest.mark.each_database
 
 SECOND_SECRET = "whsec_" + base64.b64encode(b"a second secret for key rotation").decode()
 
