@@ -40,6 +40,9 @@ CHOSEN = os.environ.get(ENV, "").strip().lower()
 if CHOSEN not in ("", *KINDS):
     raise RuntimeError(f"{ENV} must be {' or '.join(KINDS)}, not {CHOSEN!r}")
 ADMIN_URL = os.environ.get(ADMIN_URL_ENV) or DEFAULT_ADMIN_URL
+if make_url(ADMIN_URL).drivername in ("postgresql", "postgres"):
+    # As batchd's config does: a plain postgresql:// URL means the driver of the postgres extra.
+    ADMIN_URL = make_url(ADMIN_URL).set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 #: On CI (CI=true) a PostgreSQL server that cannot be reached fails the tests that need it.
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -128,10 +131,6 @@ def database_url(path: Path) -> str:
         # Outside a test (the benchmarks reuse the acceptance helpers): a SQLite file.
         return f"sqlite:///{path}"
     return _current.url(path)
-
-
-def current_kind() -> str:
-    return _current.kind if _current is not None else SQLITE
 
 
 def begin_test(kind: str) -> TestDatabases:
