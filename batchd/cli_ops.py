@@ -42,12 +42,13 @@ def read_store(settings: Settings) -> Iterator[Store | None]:
     store = Store(settings.database_url)
     try:
         try:
-            store.schema_version()
-        except SQLAlchemyError:
-            # A file without batchd's tables: nothing tracked yet.
-            yield None
-            return
-        yield store
+            tracked = store.has_schema()
+        except SQLAlchemyError as exc:
+            # A server that is down, a file that is not a database: say so, not "no jobs".
+            click.echo(f"batchd: cannot read the database: {exc.__cause__ or exc}", err=True)
+            sys.exit(1)
+        # A database without batchd's tables: nothing tracked yet.
+        yield store if tracked else None
     finally:
         store.close()
 

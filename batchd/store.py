@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Connection,
@@ -30,6 +31,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TypeDecorator,
     bindparam,
     case,
     create_engine,
@@ -37,10 +39,13 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    literal,
     or_,
     select,
     update,
 )
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from batchd.models import (
@@ -54,6 +59,24 @@ from batchd.models import (
     RemoteBatchRecord,
     StoredEvent,
 )
+
+
+class OutsideText(TypeDecorator[str]):
+    """Text that comes from outside (a spec, a provider's or a receiver's message, a URL).
+
+    PostgreSQL refuses a NUL character in text, which SQLite keeps: a spec's `"model":
+    "a\\u0000b"` must not make a job impossible to record. There it is stored as U+FFFD,
+    and compared the same way, since parameters go through this type too.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is not None and dialect.name == "postgresql" and "\x00" in value:
+            return value.replace("\x00", "\ufffd")
+        return value
+
 
 metadata = MetaData()
 
@@ -79,16 +102,18 @@ jobs = Table(
     #: the normalised copy that is uploaded (defines the input order)
     Column("upload_path", Text),
     Column("sha256", String(64)),
-    Column("size_bytes", Integer),
+    #: 64-bit: PostgreSQL's INTEGER stops at 2 GiB, and a sharded input may be larger
+    Column("size_bytes", BigInteger),
     Column("request_count", Integer),
-    Column("completion_window", String(16)),
-    Column("model", Text),
-    Column("webhook_url", Text),
+    #: unbounded: a spec's window is only checked for its shape, and PostgreSQL enforces lengths
+    Column("completion_window", Text),
+    Column("model", OutsideText),
+    Column("webhook_url", OutsideText),
     Column("metadata", JSON, nullable=False, default=dict),
     Column("input_file_id", Text),
     Column("outbox_path", Text),
     #: why the job failed or was rejected (the first problems)
-    Column("reason", Text),
+    Column("reason", OutsideText),
     Column("report_path", Text),
     Column("rejected_path", Text),
     Column("cancel_requested", Boolean, nullable=False, default=False),
@@ -96,7 +121,7 @@ jobs = Table(
     Column("next_check_at", Float),
     #: consecutive failed attempts of the current step (drives the backoff)
     Column("attempts", Integer, nullable=False, default=0),
-    Column("last_error", Text),
+    Column("last_error", OutsideText),
     Column("request_counts", JSON),
     Column("usage", JSON),
     Column("created_at", Float, nullable=False),
@@ -125,12 +150,12 @@ remote_batches = Table(
     Column("remote_created_at", Float),
     Column("output_file_id", Text),
     Column("error_file_id", Text),
-    Column("error", Text),
+    Column("error", OutsideText),
     Column("progress", Float),
     Column("updated_at", Float, nullable=False),
     Column("input_path", Text),
     Column("request_count", Integer),
-    Column("size_bytes", Integer),
+    Column("size_bytes", BigInteger),
     Column("sha256", String(64)),
     Index("ix_remote_batches_job", "job_id"),
 )
@@ -151,7 +176,7 @@ deliveries = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("event_id", String(40), ForeignKey("events.id"), nullable=False),
-    Column("url", Text, nullable=False),
+    Column("url", OutsideText, nullable=False),
     #: which secrets sign it: "config" (the [[webhooks]] entry with this url) or "inbox"
     Column("secret_ref", String(16), nullable=False),
     #: pending | delivered | dead | disabled
@@ -159,7 +184,7 @@ deliveries = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_attempt_at", Float, nullable=False),
     Column("last_status", Integer),
-    Column("last_error", Text),
+    Column("last_error", OutsideText),
     Column("delivered_at", Float),
     Index("ix_deliveries_due", "state", "next_attempt_at"),
 )
@@ -167,9 +192,9 @@ deliveries = Table(
 endpoints = Table(
     "endpoints",
     metadata,
-    Column("url", Text, primary_key=True),
+    Column("url", OutsideText, primary_key=True),
     Column("disabled_at", Float),
-    Column("reason", Text),
+    Column("reason", OutsideText),
 )
 
 
@@ -209,6 +234,10 @@ def _migrate_v3(conn: Connection) -> None:
 #: step 1 just created it does nothing.
 MIGRATIONS: tuple[tuple[int, Any], ...] = ((1, _migrate_v1), (2, _migrate_v2), (3, _migrate_v3))
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+#: PostgreSQL advisory lock held while migrating (any constant; "batchd" in ASCII), so that daemons
+#: starting together on one database migrate one after the other.
+_MIGRATION_LOCK = 0x626174636864
 
 
 class StaleState(Exception):
@@ -252,6 +281,11 @@ class Store:
     def migrate(self) -> int:
         """Bring the schema to SCHEMA_VERSION; return the version found before."""
         with self._write() as conn:
+            if conn.dialect.name == "postgresql":
+                # DDL is transactional there and writers do not queue as SQLite's BEGIN IMMEDIATE
+                # makes them: without the lock, two daemons would both find no table and both
+                # create it. The lock is released with the transaction.
+                conn.execute(select(func.pg_advisory_xact_lock(literal(_MIGRATION_LOCK, BigInteger))))
             metadata.tables["schema_version"].create(conn, checkfirst=True)
             found = conn.execute(select(func.max(schema_version.c.version))).scalar()
             current = int(found or 0)
@@ -263,6 +297,11 @@ class Store:
                     conn.execute(schema_version.delete())
                     conn.execute(insert(schema_version).values(version=version))
         return current
+
+    def has_schema(self) -> bool:
+        """Whether batchd's tables exist: a new database (or a new SQLite file) has none until migrate()."""
+        with self._engine.connect() as conn:
+            return inspect(conn).has_table(schema_version.name)
 
     def schema_version(self) -> int:
         with self._read() as conn:
@@ -304,9 +343,11 @@ class Store:
             exact = conn.execute(select(jobs).where(jobs.c.id == ref)).first()
             if exact:
                 return [_job(exact._mapping)]
+            # Ids are lower-case hex: SQLite's LIKE ignores case and PostgreSQL's does not, so the
+            # prefix is lowered to find the same jobs on both.
             rows = conn.execute(
                 select(jobs)
-                .where(or_(jobs.c.id.startswith(ref, autoescape=True), jobs.c.name == ref))
+                .where(or_(jobs.c.id.startswith(ref.lower(), autoescape=True), jobs.c.name == ref))
                 .order_by(jobs.c.created_at.desc())
             ).all()
         return [_job(r._mapping) for r in rows]
@@ -370,9 +411,24 @@ class Store:
             for candidate in candidates:
                 if str(candidate) in held or taken(candidate):
                     continue
-                conn.execute(
-                    update(jobs).where(jobs.c.id == job_id).values(outbox_path=str(candidate), updated_at=self.now())
-                )
+                # On SQLite BEGIN IMMEDIATE keeps everyone else out since `held` was read. On
+                # PostgreSQL another transaction may take this name meanwhile: the unique index
+                # refuses the second (hence a savepoint, to try the next name), and a reservation
+                # of this same job made meanwhile is kept (hence `outbox_path IS NULL`).
+                try:
+                    with conn.begin_nested():
+                        reserved = conn.execute(
+                            update(jobs)
+                            .where(jobs.c.id == job_id, jobs.c.outbox_path.is_(None))
+                            .values(outbox_path=str(candidate), updated_at=self.now())
+                        ).rowcount
+                except IntegrityError:
+                    continue
+                if reserved != 1:
+                    current = conn.execute(select(jobs.c.outbox_path).where(jobs.c.id == job_id)).scalar()
+                    if current is None:
+                        raise StaleState(f"job {job_id} does not exist")
+                    return Path(current)
                 return candidate
         raise FileExistsError(f"every outbox folder name for job {job_id} is taken: {[str(c) for c in candidates]}")
 
@@ -594,11 +650,17 @@ class Store:
         """Mark an endpoint gone (410) and park its pending deliveries as disabled."""
         now = self.now()
         with self._write() as conn:
-            found = conn.execute(select(endpoints.c.url).where(endpoints.c.url == url)).first()
+            found = conn.execute(select(endpoints.c.url).where(endpoints.c.url == url)).first() is not None
+            if not found:
+                # Two 410s from one endpoint can be recorded at once; on PostgreSQL both may find
+                # no row, and the second insert then fails on the key: it updates instead.
+                try:
+                    with conn.begin_nested():
+                        conn.execute(insert(endpoints).values(url=url, disabled_at=now, reason=reason))
+                except IntegrityError:
+                    found = True
             if found:
                 conn.execute(update(endpoints).where(endpoints.c.url == url).values(disabled_at=now, reason=reason))
-            else:
-                conn.execute(insert(endpoints).values(url=url, disabled_at=now, reason=reason))
             conn.execute(
                 update(deliveries)
                 .where(deliveries.c.url == url, deliveries.c.state == "pending")
@@ -672,6 +734,9 @@ class Store:
         now = self.now()
         done: dict[str, str] = {}
         with self._write() as conn:
+            # Two replays of one event at once (PostgreSQL; SQLite's writers queue anyway): the
+            # second waits for the first's rows, so it brings them forward instead of adding more.
+            conn.execute(select(events.c.id).where(events.c.id == event_id).with_for_update())
             latest = conn.execute(
                 select(deliveries.c.url, func.max(deliveries.c.id))
                 .where(deliveries.c.event_id == event_id)
@@ -793,7 +858,18 @@ def _make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # PostgreSQL. Pre-ping: a pooled connection may have died with a server restart or a failover.
+    # A daemon's Store calls run in worker threads, a few at a time, so a modest pool serves it;
+    # several daemons on one server stay far below its max_connections (100 by default).
+    parsed = make_url(url)
+    connect_args: dict[str, Any] = {}
+    if parsed.get_driver_name() in ("psycopg", "psycopg2"):
+        # libpq's own parameters; the URL's query, if it names them, wins.
+        defaults = {"application_name": "batchd", "connect_timeout": 10}
+        connect_args = {k: v for k, v in defaults.items() if k not in parsed.query}
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=30, connect_args=connect_args
+    )
 
 
 def _db_values(values: Mapping[str, Any]) -> dict[str, Any]:

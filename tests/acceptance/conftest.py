@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 from batchd.emulator.app import create_app
 from batchd.emulator.engines import Engine
 from batchd.emulator.server import serve_emulator
+from tests.databases import database_url
 
 SECRET = "whsec_" + base64.b64encode(b"acceptance-tests-secret-key-32by").decode()
 READY_TIMEOUT_S = 30.0
@@ -139,6 +140,8 @@ class Workspace:
     root: Path
     config: Path
     env: dict[str, str]
+    #: the config's database_url: state/batchd.db, or this test's PostgreSQL database
+    database_url: str
 
     @property
     def inbox(self) -> Path:
@@ -173,9 +176,11 @@ def make_workspace(tmp_path: Path, emulator_url: str, hook_url: str) -> Workspac
     root = tmp_path / "ws"
     root.mkdir()
     config = root / "batchd.toml"
+    url = database_url(root / "state" / "batchd.db")
     config.write_text(
         f"""
 state_dir = "state"
+database_url = "{url}"
 
 [provider]
 kind = "together"
@@ -201,7 +206,7 @@ secret = "{SECRET}"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
     env["TOGETHER_API_KEY"] = "acceptance-key"
-    return Workspace(root, config, env)
+    return Workspace(root, config, env, url)
 
 
 class DaemonProcess:

@@ -13,8 +13,10 @@ from typing import Any
 
 import anyio
 import httpx
+import pytest
 
 from tests.acceptance.conftest import chat, harness, read_jsonl
+from tests.databases import database_url
 
 
 def batchd(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -84,6 +86,19 @@ def test_configuration_errors_exit_two(tmp_path: Path) -> None:
     assert batchd("--config", str(config), "run", "--timeout", "3").returncode == 2
 
 
+@pytest.mark.each_database
+def test_jobs_on_a_database_without_tables_or_without_a_server(tmp_path: Path) -> None:
+    url = database_url(tmp_path / "state" / "batchd.db")
+    config = tmp_path / "batchd.toml"
+    config.write_text(f'state_dir = "state"\ndatabase_url = "{url}"\n', encoding="utf-8")
+    empty = batchd("--config", str(config), "jobs")
+    assert (empty.returncode, empty.stdout) == (0, "no jobs\n"), empty.stderr
+    # Nothing tracked is not the answer when the database cannot be reached.
+    down = batchd("--config", str(config), "jobs", env={"BATCHD_DATABASE_URL": "'postgresql://u@127.0.0.1:1/db'"})
+    assert down.returncode == 1 and "cannot read the database" in down.stderr and "Traceback" not in down.stderr
+
+
+@pytest.mark.each_database
 async def test_jobs_show_cancel_and_retry_beside_a_finished_run(tmp_path: Path) -> None:
     async with harness(tmp_path) as h:
         h.ws.drop("report.jsonl", [chat("a"), chat("b"), chat("c", trigger={"error": "invalid_model"})])

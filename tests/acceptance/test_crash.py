@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from batchd import crashpoints
 from tests.acceptance import crash_scenario
 from tests.acceptance.conftest import chat, harness
+
+pytestmark = pytest.mark.each_database
 
 
 async def test_kill_minus_nine_anywhere_loses_nothing_and_repeats_nothing(tmp_path: Path) -> None:

@@ -7,8 +7,12 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from batchd.store import Store
 from tests.acceptance.conftest import Workspace, chat, eventually, harness, read_jsonl
+
+pytestmark = pytest.mark.each_database
 
 
 def job_json(ws: Workspace, name: str) -> dict[str, Any]:
@@ -149,7 +153,7 @@ async def test_sigterm_mid_job_then_restart_finishes_without_a_second_batch(tmp_
         assert await first.wait(timeout=10) == 0
         assert h.receiver.hooks == []
 
-        store = Store(f"sqlite:///{h.ws.root / 'state' / 'batchd.db'}")
+        store = Store(h.ws.database_url)
         (job,) = store.list_jobs()
         store.close()
         assert job.state.value in ("validating", "in_progress")

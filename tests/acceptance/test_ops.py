@@ -17,11 +17,14 @@ from typing import Any
 
 import anyio
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from batchd.emulator.engines import EchoEngine
 from batchd.store import SCHEMA_VERSION, Store
 from tests.acceptance.conftest import SECRET, DaemonProcess, Harness, chat, eventually, harness, read_jsonl
+
+pytestmark = pytest.mark.each_database
 
 # ---------------------------------------------------------------- sd_notify
 
@@ -53,7 +56,7 @@ async def test_sd_notify_ready_status_watchdog_reload_and_stopping(tmp_path: Pat
 
             await eventually(lambda: bool(messages("READY=1")), 30, "READY=1")
             # READY=1 comes after the database is open and migrated.
-            store = Store(f"sqlite:///{h.ws.root / 'state' / 'batchd.db'}")
+            store = Store(h.ws.database_url)
             try:
                 assert store.schema_version() == SCHEMA_VERSION
             finally:
@@ -199,7 +202,7 @@ async def test_operator_commands_beside_a_running_daemon_and_a_cancel_that_keeps
         h.ws.drop("partial.jsonl", sent)
 
         # Three answered, two held: the provider reports 60 %, and the daemon's next poll records it.
-        store = Store(f"sqlite:///{h.ws.root / 'state' / 'batchd.db'}")
+        store = Store(h.ws.database_url)
         try:
             await eventually(
                 lambda: any(b.progress == 60.0 for bs in store.remote_batches_by_job().values() for b in bs), 30

@@ -9,10 +9,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from standardwebhooks.webhooks import Webhook
 
 from batchd.store import Store
 from tests.acceptance.conftest import SECRET, DaemonProcess, Hook, Workspace, chat, eventually, harness
+
+pytestmark = pytest.mark.each_database
 
 SECOND_SECRET = "whsec_" + base64.b64encode(b"a second secret for key rotation").decode()
 
@@ -37,7 +40,7 @@ def by_event(hooks: list[Hook]) -> dict[str, list[Hook]]:
 
 
 def stored_bodies(ws: Workspace) -> dict[str, bytes]:
-    store = Store(f"sqlite:///{ws.root / 'state' / 'batchd.db'}")
+    store = Store(ws.database_url)
     try:
         return {d.event_id: d.body for d in store.deliveries()}
     finally:

@@ -1,5 +1,5 @@
 """The daemon in-process against the emulator over loopback: reconciliation, refusals,
-outages, cancellation, the list sweep, recovery. Real SQLite, real HTTP, real files."""
+outages, cancellation, the list sweep, recovery. Real SQLite and PostgreSQL, real HTTP, real files."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import httpx
+import pytest
 from structlog.testing import capture_logs
 
 from batchd.config import ConfigError, Settings, load_settings
@@ -22,6 +23,9 @@ from batchd.models import JobState
 from batchd.providers.together import TogetherProvider
 from batchd.retry import RetryPolicy
 from batchd.store import Store
+from tests.databases import database_url
+
+pytestmark = pytest.mark.each_database
 
 
 def chat(custom_id: str, trigger: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -79,7 +83,8 @@ class Rig:
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     config = tmp_path / "batchd.toml"
     config.write_text(
-        'state_dir = "state"\n[provider]\nkind = "together"\nbase_url = "http://127.0.0.1:1"\n'
+        f'state_dir = "state"\ndatabase_url = "{database_url(tmp_path / "state" / "batchd.db")}"\n'
+        '[provider]\nkind = "together"\nbase_url = "http://127.0.0.1:1"\n'
         "[polling]\nmin_interval_s = 0.02\nmax_interval_s = 0.1\n[inbox]\nsettle_s = 0.0\n",
         encoding="utf-8",
     )

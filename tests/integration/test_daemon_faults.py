@@ -20,6 +20,9 @@ from batchd.emulator import RandomFaults, create_app, serve_emulator
 from batchd.models import JobState
 from batchd.providers.together import TogetherProvider
 from batchd.store import Store
+from tests.databases import database_url
+
+pytestmark = pytest.mark.each_database
 
 #: Short, so the daemon's real step backoff (which honours it) keeps the test quick.
 RETRY_AFTER_S = 0.2
@@ -49,7 +52,8 @@ async def test_every_job_completes_under_twenty_percent_random_faults(
 ) -> None:
     config = tmp_path / "batchd.toml"
     config.write_text(
-        'state_dir = "state"\n[provider]\nkind = "together"\nbase_url = "http://127.0.0.1:1"\n'
+        f'state_dir = "state"\ndatabase_url = "{database_url(tmp_path / "state" / "batchd.db")}"\n'
+        '[provider]\nkind = "together"\nbase_url = "http://127.0.0.1:1"\n'
         "[polling]\nmin_interval_s = 0.02\nmax_interval_s = 0.1\n[inbox]\nsettle_s = 0.0\n",
         encoding="utf-8",
     )

@@ -1,6 +1,6 @@
 """The daemon with provider.kind = "openai" against the emulator's OpenAI dialect over loopback.
 
-Real SQLite, real HTTP, real files.
+Real SQLite and PostgreSQL, real HTTP, real files.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from structlog.testing import capture_logs
 
 from batchd.config import Settings, load_settings
@@ -23,6 +24,9 @@ from batchd.models import JobState
 from batchd.providers.openai import OpenAIProvider
 from batchd.retry import RetryPolicy
 from batchd.store import Store
+from tests.databases import database_url
+
+pytestmark = pytest.mark.each_database
 
 
 def chat(custom_id: str) -> dict[str, Any]:
@@ -68,7 +72,8 @@ class Rig:
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     config = tmp_path / "batchd.toml"
     config.write_text(
-        'state_dir = "state"\n[provider]\nkind = "openai"\nbase_url = "http://127.0.0.1:1/openai/v1"\n'
+        f'state_dir = "state"\ndatabase_url = "{database_url(tmp_path / "state" / "batchd.db")}"\n'
+        '[provider]\nkind = "openai"\nbase_url = "http://127.0.0.1:1/openai/v1"\n'
         "[polling]\nmin_interval_s = 0.02\nmax_interval_s = 0.1\n[inbox]\nsettle_s = 0.0\n",
         encoding="utf-8",
     )

@@ -1,23 +1,29 @@
-"""The scheduler loop's heartbeat and /healthz over a real SQLite file: STATUS= on change,
+"""The scheduler loop's heartbeat and /healthz over a real database: STATUS= on change,
 a stuck loop and a database that takes no write both answer 503."""
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 import pytest
+from sqlalchemy import create_engine, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from batchd import metrics
 from batchd.health import STUCK_AFTER_TICKS, Health, LoopMonitor, create_metrics_app
 from batchd.models import Job, JobState
-from batchd.store import Store
+from batchd.store import Store, schema_version
+from tests.databases import database_url, is_sqlite
+
+pytestmark = pytest.mark.each_database
 
 
 class Clock:
@@ -34,7 +40,7 @@ def new_job(store: Store, name: str, state: JobState) -> Job:
 
 @asynccontextmanager
 async def opened(tmp_path: Path) -> AsyncIterator[Store]:
-    store = Store(f"sqlite:///{tmp_path / 'batchd.db'}")
+    store = Store(database_url(tmp_path / "batchd.db"))
     store.migrate()
     try:
         yield store
@@ -84,6 +90,29 @@ async def test_the_jobs_gauge_follows_the_status(tmp_path: Path) -> None:
         metrics.disable()
 
 
+@contextmanager
+def write_lock_held(store: Store) -> Iterator[None]:
+    """A writer in another connection that does not finish: SQLite's write lock, or on
+    PostgreSQL the lock of the row every write probe updates."""
+    if is_sqlite(store.url):
+        holder = sqlite3.connect(make_url(store.url).database or "", isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            yield
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        return
+    engine = create_engine(store.url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(select(schema_version).with_for_update())
+            yield
+            conn.rollback()
+    finally:
+        engine.dispose()
+
+
 async def get(app: Any, path: str) -> httpx.Response:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://batchd") as client:
         return await client.get(path)
@@ -114,19 +143,14 @@ async def test_healthz_fails_while_the_database_takes_no_write(tmp_path: Path) -
         await monitor.tick([])
         health = Health(monitor, store, db_timeout_s=0.3)
         app = create_metrics_app(health, metrics.Metrics().registry)
-        # Another process holds SQLite's write lock (a stuck writer).
-        holder = sqlite3.connect(tmp_path / "batchd.db", isolation_level=None)
-        try:
-            holder.execute("BEGIN IMMEDIATE")
+        # Another process holds the write lock (a stuck writer).
+        with write_lock_held(store):
             locked = await get(app, "/healthz")
             assert locked.status_code == 503
             assert locked.json()["database"] == "a write did not finish within 0.3 s"
             # The first probe is still waiting: a second check does not pile another thread on.
             again = await get(app, "/healthz")
             assert again.status_code == 503 and again.json()["database"].startswith("a write has not finished after")
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
         with anyio.fail_after(10):
             while (await get(app, "/healthz")).status_code != 200:  # noqa: ASYNC110 - the probe thread ends by itself
                 await anyio.sleep(0.05)
@@ -147,7 +171,7 @@ async def test_healthz_reports_a_write_error(tmp_path: Path) -> None:
 
 
 def test_probe_write_changes_nothing(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'batchd.db'}")
+    store = Store(database_url(tmp_path / "batchd.db"))
     try:
         store.migrate()
         before = store.schema_version()

@@ -1,4 +1,4 @@
-"""The inbox (DESIGN §3) over real folders and a real Store on a SQLite file.
+"""The inbox (DESIGN §3) over real folders and a real Store (SQLite and PostgreSQL).
 
 Every rejection is checked the way a user would notice it: the file sits
 byte-identical in `inbox/rejected/`, a report beside it names the file, the
@@ -25,6 +25,9 @@ from batchd.inbox import Inbox, Kind, classify
 from batchd.models import Job, JobState
 from batchd.store import Store
 from batchd.watch import InboxWatcher
+from tests.databases import database_url
+
+pytestmark = pytest.mark.each_database
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 HOOK = "https://ops.example.com/batchd"
@@ -84,7 +87,7 @@ events = ["batch.rejected"]
         encoding="utf-8",
     )
     settings = load_settings(config, environ={})
-    store = Store(f"sqlite:///{tmp_path / 'batchd.db'}", clock=lambda: 1000.0)
+    store = Store(database_url(tmp_path / "batchd.db"), clock=lambda: 1000.0)
     store.migrate()
     inbox = Inbox(lambda: settings, store)
     inbox.ensure_folders()

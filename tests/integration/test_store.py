@@ -1,4 +1,4 @@
-"""The Store over a real SQLite file."""
+"""The Store over a real SQLite file and a real PostgreSQL database (each test runs on both)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import inspect
 
 from batchd.models import JobState, NewEvent
 from batchd.store import SCHEMA_VERSION, StaleState, Store
+from tests.databases import SQLITE, database_url
+
+pytestmark = pytest.mark.each_database
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'batchd.db'}", clock=lambda: 1000.0)
+    s = Store(database_url(tmp_path / "batchd.db"), clock=lambda: 1000.0)
     s.migrate()
     yield s
     s.close()
@@ -32,7 +36,9 @@ def test_migrate_is_idempotent_and_versioned(tmp_path: Path, store: Store) -> No
     again.close()
 
 
-def test_sqlite_pragmas(store: Store) -> None:
+def test_sqlite_pragmas(store: Store, database_kind: str) -> None:
+    if database_kind != SQLITE:
+        pytest.skip("SQLite's own settings")
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
@@ -121,7 +127,9 @@ def test_delivery_scheduling_and_disabled_endpoints(store: Store) -> None:
     assert store.deliveries(event_id="evt_1")[0].state == "disabled"
 
 
-def test_integrity_after_use(store: Store, tmp_path: Path) -> None:
+def test_integrity_after_use(store: Store, tmp_path: Path, database_kind: str) -> None:
+    if database_kind != SQLITE:
+        pytest.skip("PRAGMA integrity_check is SQLite's; the PostgreSQL server keeps its own files whole")
     new_job(store)
     conn = sqlite3.connect(tmp_path / "batchd.db")
     assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
@@ -136,8 +144,8 @@ def test_a_database_from_the_first_release_is_migrated_forward(store: Store) -> 
     assert again.migrate() == 1
     assert again.schema_version() == SCHEMA_VERSION
     with again.engine.connect() as conn:
-        names = [row[1] for row in conn.exec_driver_sql("PRAGMA index_list(jobs)")]
-    assert "ux_jobs_outbox_path" in names
+        indexes = {index["name"]: index["unique"] for index in inspect(conn).get_indexes("jobs")}
+    assert indexes["ux_jobs_outbox_path"]
     again.close()
 
 
@@ -157,3 +165,69 @@ def test_outbox_reservation_is_unique_sticky_and_skips_folders_in_use(store: Sto
     assert store.reserve_outbox("c" * 32, [user_folder, tmp_path / "mine.cccccccc"], lambda p: p == user_folder) == (
         tmp_path / "mine.cccccccc"
     )
+
+
+def test_values_come_back_as_they_went_in(store: Store) -> None:
+    # What each dialect could store differently: JSON, bytes, floats, booleans, big integers, long strings.
+    metadata = {"team": "search", "nested": {"n": [1, 2.5, None, True]}, "text": "naïve ✓"}
+    new_job(
+        store,
+        metadata=metadata,
+        size_bytes=5 * 2**30,
+        completion_window="1" * 40 + "h",
+        cancel_requested=True,
+        next_check_at=1_764_000_000.123456,
+        request_counts={"total": 3, "completed": 2, "failed": 1},
+    )
+    job = store.get_job("a" * 32)
+    assert job is not None
+    assert (job.metadata, job.size_bytes, job.completion_window) == (metadata, 5 * 2**30, "1" * 40 + "h")
+    assert job.cancel_requested is True and job.next_check_at == 1_764_000_000.123456
+    assert job.request_counts == {"total": 3, "completed": 2, "failed": 1} and job.usage is None
+    new_job(store, "b" * 32)
+    assert store.get_job("b" * 32).metadata == {}  # type: ignore[union-attr]
+    body = bytes(range(256))
+    event = NewEvent(id="evt_b", type="batch.failed", body=body, targets=[("u", "config")])
+    store.update_job("a" * 32, events_=[event])
+    assert store.get_event("evt_b").body == body  # type: ignore[union-attr]
+    assert store.deliveries(event_id="evt_b")[0].body == body
+
+
+def test_an_id_prefix_finds_the_same_jobs_whatever_its_case(store: Store) -> None:
+    # SQLite's LIKE ignores ASCII case and PostgreSQL's does not: ids are lower-case hex.
+    new_job(store, "abc" + "0" * 29, name="alpha")
+    assert [j.name for j in store.find_jobs("ABC")] == ["alpha"]
+    assert store.find_jobs("ab_") == [] and store.find_jobs("ab/") == []
+
+
+def test_record_ids_come_from_the_database(store: Store) -> None:
+    new_job(store, "a" * 32)
+    new_job(store, "b" * 32)
+    (first,) = store.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD], state=JobState.UPLOADING)
+    (second,) = store.plan_round("b" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD], state=JobState.UPLOADING)
+    assert second.id > first.id
+    assert [b.id for b in store.remote_batches("b" * 32)] == [second.id]
+    with pytest.raises(StaleState):
+        store.update_remote(first.id, expect={"create_attempts": 5}, create_attempts=6)
+    assert store.update_remote(first.id, expect={"create_attempts": 0}, create_attempts=1).create_attempts == 1
+
+
+def test_outside_text_with_a_nul_character_is_recorded(store: Store, database_kind: str) -> None:
+    # PostgreSQL refuses NUL in text (SQLite keeps it): there it becomes U+FFFD.
+    nul = "\x00" if database_kind == SQLITE else "\ufffd"
+    new_job(store, model="a\x00b", webhook_url="https://h/\x00")
+    job = store.update_job("a" * 32, last_error="boom\x00", reason="r\x00")
+    assert [job.model, job.webhook_url, job.last_error, job.reason] == [
+        f"a{nul}b",
+        f"https://h/{nul}",
+        f"boom{nul}",
+        f"r{nul}",
+    ]
+    event = NewEvent(id="evt_n", type="batch.failed", body=b"{}", targets=[("https://h/\x00", "inbox")])
+    store.update_job("a" * 32, events_=[event])
+    (delivery,) = store.due_deliveries(1000.0)
+    store.record_outcomes([(delivery.id, {"attempts": 1, "last_error": "refused\x00"}, None)])
+    assert store.deliveries(event_id="evt_n")[0].last_error == f"refused{nul}"
+    store.disable_endpoint("https://h/\x00", "gone\x00")
+    assert store.disabled_endpoints() == {f"https://h/{nul}": f"gone{nul}"}
+    assert store.deliveries(event_id="evt_n")[0].state == "disabled"

@@ -1,15 +1,19 @@
 """Store methods the operations work added: a sweep's quiet writes in few transactions, and the
-remote batches of many jobs in one query. Real SQLite."""
+remote batches of many jobs in one query. Real SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import event
 
 from batchd.models import JobState
 from batchd.store import Store
+from tests.databases import database_url
+
+pytestmark = pytest.mark.each_database
 
 
 def bound_jobs(store: Store, count: int) -> list[tuple[int, str]]:
@@ -27,7 +31,7 @@ def bound_jobs(store: Store, count: int) -> list[tuple[int, str]]:
 
 
 def test_update_remotes_writes_every_row_a_chunk_per_transaction(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'batchd.db'}")
+    store = Store(database_url(tmp_path / "batchd.db"))
     try:
         store.migrate()
         rows = bound_jobs(store, 7)
@@ -49,7 +53,7 @@ def test_update_remotes_writes_every_row_a_chunk_per_transaction(tmp_path: Path)
 
 
 def test_remote_batches_by_job_reads_many_jobs_at_once(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'batchd.db'}")
+    store = Store(database_url(tmp_path / "batchd.db"))
     try:
         store.migrate()
         rows = bound_jobs(store, 3)

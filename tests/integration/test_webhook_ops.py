@@ -1,5 +1,5 @@
 """What operators do to deliveries (replay, enable, look) and what keeps deliveries fast, against
-a real receiver and a real SQLite Store; plus the SSRF guard's cloud-metadata cases.
+a real receiver and a real Store (SQLite and PostgreSQL); plus the SSRF guard's cloud-metadata cases.
 
 Built on test_webhooks' harness: a loopback receiver, a fake clock, a Deliverer.
 """
@@ -22,7 +22,10 @@ from batchd.inbox import Inbox
 from batchd.models import EndpointStats, JobState
 from batchd.store import Store
 from batchd.webhooks import PER_ENDPOINT_QUEUE, Refused, pinned_target
+from tests.databases import database_url
 from tests.integration.test_webhooks import ALL_EVENTS, SECRET_A, SECRET_B, Answer, harness
+
+pytestmark = pytest.mark.each_database
 
 
 async def until(predicate: Callable[[], bool]) -> None:
@@ -282,7 +285,7 @@ def test_a_spec_naming_the_metadata_address_is_rejected_at_intake(tmp_path: Path
         encoding="utf-8",
     )
     settings = load_settings(config, environ={})
-    store = Store(f"sqlite:///{tmp_path / 'batchd.db'}")
+    store = Store(database_url(tmp_path / "batchd.db"))
     try:
         store.migrate()
         inbox = Inbox(lambda: settings, store)

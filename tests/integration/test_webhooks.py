@@ -1,7 +1,7 @@
 """Standard Webhooks signing and the delivery worker (DESIGN §5) against a real receiver.
 
 The receiver is a small ASGI app served over loopback; the Store is a real
-SQLite file. Time is a fake clock handed to the Store and the Deliverer, so
+database (SQLite and PostgreSQL). Time is a fake clock handed to the Store and the Deliverer, so
 backoffs are crossed by moving the clock, never by sleeping.
 """
 
@@ -32,6 +32,9 @@ from batchd.emulator.server import serve_emulator
 from batchd.models import Delivery, JobState
 from batchd.store import Store
 from batchd.webhooks import Deliverer, Outcome, Refused, build_event, event_targets, pinned_target, sign, verify
+from tests.databases import database_url
+
+pytestmark = pytest.mark.each_database
 
 SECRET_A = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 SECRET_B = "whsec_dGhpcyBpcyBhbm90aGVyIHNlY3JldCBrZXkhIQ=="
@@ -256,7 +259,7 @@ retry_delays_s = {json.dumps(delays or [5, 300])}
 {hooks}""",
             )
             clock = Clock()
-            store = Store(f"sqlite:///{tmp_path / 'batchd.db'}", clock=clock)
+            store = Store(database_url(tmp_path / "batchd.db"), clock=clock)
             try:
                 store.migrate()
                 # The client follows redirects by default: the Deliverer must refuse them per request.
