@@ -85,6 +85,13 @@ class ProviderSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    #: how long a daemon's hold on a job lasts without a heartbeat (renewed every third of it):
+    #: with several daemons on one PostgreSQL database, a dead daemon's jobs move on after this
+    lease_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class ResubmitSettings:
     #: automatic follow-up rounds for requests that failed for a passing reason (0: none)
     max_rounds: int = 2
@@ -167,6 +174,7 @@ class Settings:
     webhooks: tuple[WebhookEndpoint, ...] = ()
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     resubmit: ResubmitSettings = field(default_factory=ResubmitSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     #: model name → price; a job whose model is listed gets an estimated cost
     pricing: Mapping[str, Price] = field(default_factory=dict)
     #: the file these settings came from, if any
@@ -191,6 +199,7 @@ _SECTION_KEYS: dict[str, set[str]] = {
         "max_batch_bytes",
     },
     "resubmit": {"max_rounds"},
+    "cluster": {"lease_s"},
     "local": {"engine", "upstream_url", "concurrency"},
     "inbox": {
         "settle_s",
@@ -436,6 +445,13 @@ def _check_pricing(value: Any) -> None:
                 raise ConfigError(f"unknown key pricing.{model!r}.{sub}")
 
 
+def _build_cluster(table: Mapping[str, Any]) -> ClusterSettings:
+    lease_s = _num(table, "lease_s", "cluster.lease_s", 30.0)
+    if lease_s <= 0:
+        raise ConfigError("cluster.lease_s must be above 0")
+    return ClusterSettings(lease_s=lease_s)
+
+
 def _build_pricing(table: Mapping[str, Any]) -> dict[str, Price]:
     prices = {}
     for model, price in table.items():
@@ -548,6 +564,7 @@ def _build(raw: Mapping[str, Any], *, base_dir: Path, environ: Mapping[str, str]
         metrics=_build_metrics(_table(raw, "metrics")),
         resubmit=ResubmitSettings(max_rounds=_int(_table(raw, "resubmit"), "max_rounds", "resubmit.max_rounds", 2, 0)),
         pricing=_build_pricing(_table(raw, "pricing")),
+        cluster=_build_cluster(_table(raw, "cluster")),
         config_path=config_path,
     )
 

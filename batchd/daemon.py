@@ -13,8 +13,10 @@ import math
 import os
 import random
 import signal
+import socket
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +30,7 @@ from batchd import lifecycle, metrics, systemd
 from batchd.config import ConfigError, Settings
 from batchd.crashpoints import crashpoint
 from batchd.health import LoopMonitor
-from batchd.inbox import Inbox, Kind, classify
+from batchd.inbox import Inbox, Kind, classify, job_files_dir
 from batchd.lifecycle import Action, PollPolicy, Step
 from batchd.models import CREATING, PENDING, REFUSED, SKIPPED, Job, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.providers.base import Provider, ProviderError
@@ -44,7 +46,7 @@ from batchd.results import (
     write_job_json,
 )
 from batchd.shards import Shard, split, write_followups
-from batchd.store import StaleState, Store
+from batchd.store import LEASE, Lease, StaleState, Store
 from batchd.watch import InboxWatcher, WatchEvent
 from batchd.webhooks import Deliverer, build_event
 
@@ -64,6 +66,9 @@ MAX_CONCURRENT_DOWNLOADS = 4
 MAX_CONCURRENT_TAKES = 4
 #: SIGTERM to exit: in-flight steps get this long to finish before they are parked.
 STOP_GRACE_S = 7.0
+#: Jobs nobody holds that a daemon takes over per heartbeat (several daemons share the rest).
+CLAIM_BATCH = 100
+UNLIMITED = 1 << 62
 #: Shards of one job uploaded and created at once.
 SHARDS_AT_ONCE = 4
 #: A sweep's "no news" answers are written this many per transaction, not one fsync per job
@@ -98,11 +103,14 @@ class Daemon:
         reload: Callable[[], Settings] | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        daemon_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.provider = provider
-        self.inbox = Inbox(lambda: self.settings, store)
+        #: this process's name in the database: the owner of the jobs it holds
+        self.id = daemon_id or uuid.uuid4().hex
+        self.inbox = Inbox(lambda: self.settings, store, owner=self._new_job_owner)
         self.deliverer = deliverer
         self._reload = reload
         self._clock = clock
@@ -139,6 +147,14 @@ class Daemon:
         if self.deliverer is not None:
             self.deliverer.poke()
 
+    def _new_job_owner(self) -> dict[str, Any]:
+        """A job this daemon creates (a take) is its own from the start, at fence 1."""
+        return {"owner": self.id, "fence": 1, "lease_until": self._clock() + self.settings.cluster.lease_s}
+
+    def _lease(self, *held: Job) -> None:
+        """Fence the store writes of the current task to these jobs, at the claims they were read at."""
+        LEASE.set(Lease(self.id, {job.id: job.fence for job in held}))
+
     @property
     def policy(self) -> PollPolicy:
         p = self.settings.polling
@@ -147,6 +163,7 @@ class Daemon:
     async def run(self, *, once: bool = False, timeout: float | None = None) -> RunResult:
         """Run until stopped (or, with `once`, until drained); return whether it drained."""
         await db(self.inbox.ensure_folders)
+        await self._register()
         recovered = await db(self.inbox.recover)
         if recovered:
             log.info("daemon.recovered_claims", jobs=len(recovered))
@@ -159,6 +176,7 @@ class Daemon:
                 loops.start_soon(self._signals)
                 loops.start_soon(self._intake, once)
                 loops.start_soon(self._schedule, work)
+                loops.start_soon(self._heartbeat)
                 if self.deliverer is not None:
                     loops.start_soon(self.deliverer.serve, work)
                 systemd.notify("READY=1")
@@ -174,8 +192,49 @@ class Daemon:
             work.cancel_scope.deadline = anyio.current_time() + STOP_GRACE_S
         if self._busy:
             log.warning("daemon.parked", jobs=sorted(self._busy))
+        # A clean stop frees this daemon's jobs for the others at once (a crash: when the leases end).
+        await db(self.store.release_jobs, self.id)
         log.info("daemon.stopped", drained=drained)
         return RunResult(drained=drained)
+
+    async def _register(self) -> None:
+        """Record this daemon; take over its own earlier incarnations' jobs and the jobs nobody holds."""
+        host = socket.gethostname()
+        earlier = await db(
+            self.store.register_daemon, self.id, host=host, pid=os.getpid(),
+            home=f"{host}:{self.settings.state_dir}",
+        )  # fmt: skip
+        # The state lock proves the earlier daemons of this home dead: no need to wait for their leases.
+        claimed = await self._claim(dead_owners=earlier, limit=UNLIMITED)
+        log.info("daemon.registered", daemon_id=self.id, jobs=claimed)
+
+    async def _claim(self, *, dead_owners: Collection[str] = (), limit: int = CLAIM_BATCH) -> int:
+        claimed = await db(
+            self.store.claim_jobs, self.id, self.settings.cluster.lease_s, limit=limit, dead_owners=dead_owners
+        )
+        if claimed:
+            log.info("daemon.claimed", jobs=len(claimed))
+            self.wake()
+        return len(claimed)
+
+    async def _heartbeat(self) -> None:
+        """Renew this daemon's leases and take over jobs nobody holds, every third of a lease.
+
+        A job lost to another daemon (this one stalled past its lease) simply stops being read
+        by the scheduler, and the fence refuses any write a step still tries to make to it.
+        """
+        while not self._stop.is_set():
+            lease_s = self.settings.cluster.lease_s
+            with anyio.move_on_after(lease_s / 3):
+                await self._stop.wait()
+            if self._stop.is_set():
+                return
+            try:
+                await db(self.store.renew_leases, self.id, lease_s)
+                await self._claim()
+            except Exception:
+                # A database that is briefly unreachable must not end the heartbeat for good.
+                log.exception("daemon.heartbeat_failed")
 
     async def _until_drained(self) -> None:
         while True:
@@ -338,7 +397,7 @@ class Daemon:
             # A job busy while we read may have moved on since: skip it this tick, or its
             # stale row would start the same step twice (the next wake-up sees it fresh).
             busy_during_read = set(self._busy)
-            jobs = await db(self.store.active_jobs)
+            jobs = await db(self.store.active_jobs, self.id)
             batches = await db(self.store.active_remote_batches)
             await self.monitor.tick(jobs)
             next_at = now + self.monitor.idle_s()
@@ -374,6 +433,7 @@ class Daemon:
 
     async def _run_step(self, job: Job, action: Action) -> None:
         bound = log.bind(job_id=job.id, step=action.step.value)
+        self._lease(job)
         try:
             async with self._downloads if action.step is Step.DOWNLOAD else self._steps:
                 if action.step is Step.PLAN:
@@ -417,15 +477,21 @@ class Daemon:
     # ------------------------------------------------------------ submitting
 
     def _work_dir(self, job: Job) -> Path:
+        """This daemon's own scratch space for a job: downloads, the merge's index."""
         return self.settings.state_dir / "work" / job.id
+
+    def _job_files(self, job: Job) -> Path:
+        """Where a job's shard and follow-up files live: beside the inbox, so that any daemon
+        sharing it (several hosts on one PostgreSQL database) can take the job over."""
+        return job_files_dir(self.settings, job.id)
 
     async def _plan(self, job: Job) -> None:
         """Round 0: cut the input into shards within the provider's limits, commit them, submit them."""
         assert job.upload_path is not None
-        work = self._work_dir(job)
-        await anyio.Path(work).mkdir(parents=True, exist_ok=True)
+        files = self._job_files(job)
+        await anyio.Path(files).mkdir(parents=True, exist_ok=True)
         limits = self.settings.provider.limits
-        shards = await db(split, Path(job.upload_path), work, limits, prefix="round-0")
+        shards = await db(split, Path(job.upload_path), files, limits, prefix="round-0")
         rows = await db(
             self.store.plan_round, job.id, expect=job.state, round_=0, shards=[_shard_values(s) for s in shards],
             state=JobState.UPLOADING, attempts=0, next_check_at=None, last_error=None,
@@ -574,6 +640,7 @@ class Daemon:
     async def _poll_round(self, polls: list[tuple[Job, Action]], sweep: bool, now: float) -> None:
         """Poll jobs: with `sweep`, one list call for all of them (and a get only for a due job's
         batch the list missed); otherwise one get per live batch of each due job."""
+        self._lease(*(job for job, _ in polls))
         started = time.monotonic()
         try:
             found: dict[str, RemoteBatch] = {}
@@ -704,7 +771,7 @@ class Daemon:
             unanswered_code=code,
             scratch_dir=work,
         )
-        if lifecycle.wants_followup(job, settings.resubmit.max_rounds) and await self._plan_followup(job, folder, work):
+        if lifecycle.wants_followup(job, settings.resubmit.max_rounds) and await self._plan_followup(job, folder):
             return None
         state = lifecycle.final_state(merge.unanswered, code)
         reason = job.reason
@@ -718,14 +785,16 @@ class Daemon:
         crashpoint("after_job_json")
         return doc
 
-    async def _plan_followup(self, job: Job, folder: Path, work: Path) -> bool:
+    async def _plan_followup(self, job: Job, folder: Path) -> bool:
         """Resubmit what failed for a passing reason or went unanswered by an expiry; True if planned."""
         next_round = job.round + 1
-        followups = work / f"round-{next_round}.jsonl"
+        files = self._job_files(job)
+        await anyio.Path(files).mkdir(parents=True, exist_ok=True)
+        followups = files / f"round-{next_round}.jsonl"
         count = await db(write_followups, Path(job.upload_path or ""), folder / "errors.jsonl", followups)
         if count == 0:
             return False
-        shards = await db(split, followups, work, self.settings.provider.limits, prefix=f"round-{next_round}")
+        shards = await db(split, followups, files, self.settings.provider.limits, prefix=f"round-{next_round}")
         await db(
             self.store.plan_round, job.id, expect=job.state, round_=next_round,
             shards=[_shard_values(s) for s in shards], state=JobState.UPLOADING, attempts=0, next_check_at=None,

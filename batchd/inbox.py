@@ -43,6 +43,12 @@ MAX_SPEC_BYTES = 1_000_000
 UPLOAD_NAME = ".upload.jsonl"
 
 
+def job_files_dir(settings: Settings, job_id: str) -> Path:
+    """A job's shard, follow-up and retry files: beside the inbox (a filesystem every daemon
+    sharing the inbox reaches), apart from the claim folders that recovery scans."""
+    return settings.inbox_dir / ".batchd" / "work" / job_id
+
+
 class Kind(StrEnum):
     """How the inbox treats a directory entry."""
 
@@ -117,9 +123,17 @@ def _from_report(report: Report, *, prefix: str = "") -> Rejection:
 class Inbox:
     """Claims, checks and records submissions; rejects what cannot be taken."""
 
-    def __init__(self, settings: Callable[[], Settings], store: Store) -> None:
+    def __init__(
+        self,
+        settings: Callable[[], Settings],
+        store: Store,
+        *,
+        owner: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
         self._settings = settings
         self._store = store
+        #: the lease fields of a job this process creates (a daemon holds what it takes)
+        self._owner = owner or dict
 
     @property
     def dir(self) -> Path:
@@ -263,6 +277,7 @@ class Inbox:
         upload = claimed.parent / UPLOAD_NAME
         copy = write_upload_copy(data, upload, model=spec.model if spec else None)
         job = self._store.insert_job(
+            **self._owner(),
             id=job_id,
             name=outbox_name(source),
             source=source,

@@ -284,6 +284,10 @@ class Job:
     finished_at: float | None = None
     #: 0 for the first submission; each follow-up round of resubmissions counts up
     round: int = 0
+    #: the daemon holding the job, until lease_until; fence counts the claims
+    owner: str | None = None
+    lease_until: float | None = None
+    fence: int = 0
 
     @property
     def short_id(self) -> str:
@@ -352,6 +356,9 @@ class Delivery:
     last_status: int | None = None
     last_error: str | None = None
     delivered_at: float | None = None
+    #: the daemon sending it, until lease_until
+    owner: str | None = None
+    lease_until: float | None = None
 
 
 @dataclass(frozen=True)

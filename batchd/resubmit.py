@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from batchd.config import Settings
+from batchd.inbox import job_files_dir
 from batchd.models import Job, JobState
 from batchd.shards import write_followups
 from batchd.store import Store
@@ -26,7 +27,7 @@ def retry_job(store: Store, settings: Settings, job: Job) -> Job:
     if not job.state.terminal or job.state == JobState.REJECTED or not job.upload_path or not job.outbox_path:
         raise NothingToRetry(f"job {job.short_id} is {job.state.value}: only a finished, accepted job can be retried")
     new_id = uuid.uuid4().hex
-    work = settings.state_dir / "work" / new_id
+    work = job_files_dir(settings, new_id)
     work.mkdir(parents=True, exist_ok=True)
     upload = work / "retry.jsonl"
     count = write_followups(Path(job.upload_path), Path(job.outbox_path) / "errors.jsonl", upload, everything=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -115,8 +116,11 @@ async def serve(
             open_provider(settings, api_http) as provider,
         ):
             daemon: Daemon | None = None
-            deliverer = Deliverer(store, lambda: daemon.settings if daemon else settings, hook_http)
-            daemon = Daemon(settings, store=store, provider=provider, deliverer=deliverer, reload=reload)
+            daemon_id = uuid.uuid4().hex
+            deliverer = Deliverer(store, lambda: daemon.settings if daemon else settings, hook_http, owner=daemon_id)
+            daemon = Daemon(
+                settings, store=store, provider=provider, deliverer=deliverer, reload=reload, daemon_id=daemon_id
+            )
             if on_daemon is not None:
                 on_daemon(daemon)
             # Listening before READY=1; [metrics] listen is read at start only (a reload keeps it).

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,11 @@ jobs = Table(
     Column("updated_at", Float, nullable=False),
     Column("finished_at", Float),
     Column("round", Integer, nullable=False, default=0, server_default="0"),
+    #: the daemon working on the job, until lease_until (several daemons on one PostgreSQL)
+    Column("owner", String(32)),
+    Column("lease_until", Float),
+    #: counts claims: a daemon that lost its lease cannot commit a step it started before
+    Column("fence", Integer, nullable=False, default=0, server_default="0"),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_name", "name"),
 )
@@ -186,7 +193,23 @@ deliveries = Table(
     Column("last_status", Integer),
     Column("last_error", OutsideText),
     Column("delivered_at", Float),
+    #: the daemon sending it, until lease_until: one sender at a time, another after a crash
+    Column("owner", String(32)),
+    Column("lease_until", Float),
     Index("ix_deliveries_due", "state", "next_attempt_at"),
+)
+
+daemons = Table(
+    "daemons",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    #: host and state directory: a daemon restarted there is the same daemon's successor
+    Column("home", Text, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+    Column("stopped_at", Float),
 )
 
 endpoints = Table(
@@ -229,10 +252,24 @@ def _migrate_v3(conn: Connection) -> None:
         _add_column(conn, remote_batches, name)
 
 
+def _migrate_v4(conn: Connection) -> None:
+    # Leases: several daemons sharing one PostgreSQL database.
+    for name in ("owner", "lease_until", "fence"):
+        _add_column(conn, jobs, name)
+    for name in ("owner", "lease_until"):
+        _add_column(conn, deliveries, name)
+    daemons.create(conn, checkfirst=True)
+
+
 #: Forward migrations, in order; each runs once, in its own transaction. Each later step brings a
 #: database made by an older release to the current schema and checks first, so on a database
 #: step 1 just created it does nothing.
-MIGRATIONS: tuple[tuple[int, Any], ...] = ((1, _migrate_v1), (2, _migrate_v2), (3, _migrate_v3))
+MIGRATIONS: tuple[tuple[int, Any], ...] = (
+    (1, _migrate_v1),
+    (2, _migrate_v2),
+    (3, _migrate_v3),
+    (4, _migrate_v4),
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 #: PostgreSQL advisory lock held while migrating (any constant; "batchd" in ASCII), so that daemons
@@ -241,7 +278,22 @@ _MIGRATION_LOCK = 0x626174636864
 
 
 class StaleState(Exception):
-    """A transition expected a state the job is no longer in."""
+    """A transition expected a state the job is no longer in (or a lease this daemon lost)."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Which jobs a piece of daemon work holds, and at which claim (fence) of each."""
+
+    owner: str
+    fences: Mapping[str, int]
+
+
+#: The lease of the work running in this context (a daemon step, a poll round). Set, every write
+#: to one of those jobs first checks, in its own transaction and with the job row locked, that the
+#: job is still this owner's at that fence: a daemon that lost a job to another cannot write to it.
+#: Unset (the CLI, tests, a single daemon's recovery), writes are not fenced.
+LEASE: ContextVar[Lease | None] = ContextVar("batchd_lease", default=None)
 
 
 class Store:
@@ -312,6 +364,114 @@ class Store:
         with self._write() as conn:
             conn.execute(update(schema_version).values(version=schema_version.c.version))
 
+    # ------------------------------------------------------------ leases
+
+    def _fenced(self, conn: Connection, job_ids: Collection[str]) -> set[str]:
+        """The jobs among `job_ids` the current LEASE may write (all of them without a lease).
+
+        The rows are locked (FOR UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE already
+        excludes every other writer) so no claim can slip in before this transaction commits.
+        """
+        lease = LEASE.get()
+        if lease is None:
+            return set(job_ids)
+        rows = conn.execute(
+            select(jobs.c.id, jobs.c.owner, jobs.c.fence).where(jobs.c.id.in_(list(job_ids))).with_for_update()
+        ).all()
+        return {str(i) for i, owner, fence in rows if owner == lease.owner and fence == lease.fences.get(str(i))}
+
+    def _guard(self, conn: Connection, job_id: str) -> None:
+        if job_id not in self._fenced(conn, [job_id]):
+            raise StaleState(f"job {job_id} is no longer held by this daemon (its lease was lost)")
+
+    def register_daemon(self, daemon_id: str, *, host: str, pid: int, home: str) -> list[str]:
+        """Record a starting daemon; return the ids of earlier daemons with the same `home`.
+
+        `home` is host and state directory: the state lock proves those earlier daemons
+        dead, so their jobs may be taken over at once rather than when their leases end.
+        """
+        now = self.now()
+        with self._write() as conn:
+            earlier = [
+                str(r[0])
+                for r in conn.execute(select(daemons.c.id).where(daemons.c.home == home, daemons.c.id != daemon_id))
+            ]
+            conn.execute(
+                insert(daemons).values(id=daemon_id, host=host, pid=pid, home=home, started_at=now, heartbeat_at=now)
+            )
+            if earlier:
+                conn.execute(
+                    update(daemons)
+                    .where(daemons.c.id.in_(earlier), daemons.c.stopped_at.is_(None))
+                    .values(stopped_at=now)
+                )
+        return earlier
+
+    def renew_leases(self, owner: str, lease_s: float) -> dict[str, int]:
+        """Heartbeat: extend this daemon's leases; return the active jobs it still holds (id → fence)."""
+        now = self.now()
+        live = [s.value for s in JobState if s not in TERMINAL_STATES]
+        with self._write() as conn:
+            conn.execute(update(daemons).where(daemons.c.id == owner).values(heartbeat_at=now))
+            conn.execute(
+                update(jobs).where(jobs.c.owner == owner, jobs.c.state.in_(live)).values(lease_until=now + lease_s)
+            )
+            rows = conn.execute(select(jobs.c.id, jobs.c.fence).where(jobs.c.owner == owner, jobs.c.state.in_(live)))
+            return {str(i): int(f) for i, f in rows}
+
+    def claim_jobs(
+        self, owner: str, lease_s: float, *, limit: int, dead_owners: Collection[str] = ()
+    ) -> dict[str, int]:
+        """Take up to `limit` active jobs nobody holds (no owner, an expired lease, or a dead
+        owner's); return them (id → fence). SKIP LOCKED: daemons claiming at once never wait
+        on each other or take the same job."""
+        now = self.now()
+        live = [s.value for s in JobState if s not in TERMINAL_STATES]
+        free = or_(jobs.c.owner.is_(None), jobs.c.lease_until < now)
+        if dead_owners:
+            free = or_(free, jobs.c.owner.in_(list(dead_owners)))
+        with self._write() as conn:
+            ids = [
+                str(r[0])
+                for r in conn.execute(
+                    select(jobs.c.id)
+                    .where(jobs.c.state.in_(live), free, or_(jobs.c.owner.is_(None), jobs.c.owner != owner))
+                    .order_by(jobs.c.created_at)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+            ]
+            if not ids:
+                return {}
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(ids))
+                .values(owner=owner, lease_until=now + lease_s, fence=jobs.c.fence + 1)
+            )
+            rows = conn.execute(select(jobs.c.id, jobs.c.fence).where(jobs.c.id.in_(ids)))
+            return {str(i): int(f) for i, f in rows}
+
+    def release_jobs(self, owner: str) -> None:
+        """A daemon stopping cleanly: its jobs are free for any daemon at once."""
+        now = self.now()
+        with self._write() as conn:
+            conn.execute(update(jobs).where(jobs.c.owner == owner).values(owner=None, lease_until=None))
+            conn.execute(update(deliveries).where(deliveries.c.owner == owner).values(owner=None, lease_until=None))
+            conn.execute(update(daemons).where(daemons.c.id == owner).values(stopped_at=now))
+
+    def list_daemons(self) -> list[dict[str, Any]]:
+        """Every daemon that ever ran on this database, newest first, with the jobs it holds."""
+        live = [s.value for s in JobState if s not in TERMINAL_STATES]
+        held = (
+            select(func.count())
+            .select_from(jobs)
+            .where(jobs.c.owner == daemons.c.id, jobs.c.state.in_(live))
+            .scalar_subquery()
+        )
+        with self._read() as conn:
+            rows = conn.execute(select(daemons, held.label("jobs")).order_by(daemons.c.started_at.desc())).all()
+        return [dict(r._mapping) for r in rows]
+
     # ------------------------------------------------------------ jobs
 
     def insert_job(self, *, events_: Sequence[NewEvent] = (), **values: Any) -> Job:
@@ -359,9 +519,14 @@ class Store:
         with self._read() as conn:
             return [_job(r._mapping) for r in conn.execute(query).all()]
 
-    def active_jobs(self) -> list[Job]:
-        """Every job not yet in a terminal state."""
-        return self.list_jobs([s for s in JobState if s not in TERMINAL_STATES])
+    def active_jobs(self, owner: str | None = None) -> list[Job]:
+        """Every job not yet in a terminal state (with `owner`: only those that daemon holds)."""
+        live = [s.value for s in JobState if s not in TERMINAL_STATES]
+        query = select(jobs).where(jobs.c.state.in_(live)).order_by(jobs.c.created_at, jobs.c.id)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
+        with self._read() as conn:
+            return [_job(r._mapping) for r in conn.execute(query).all()]
 
     def update_job(
         self,
@@ -385,6 +550,7 @@ class Store:
             expected = [expect] if isinstance(expect, JobState) else list(expect)
             query = query.where(jobs.c.state.in_([s.value for s in expected]))
         with self._write() as conn:
+            self._guard(conn, job_id)
             if conn.execute(query).rowcount != 1:
                 raise StaleState(f"job {job_id} is not in state {expect}")
             self._insert_events(conn, job_id, events_, now)
@@ -399,6 +565,7 @@ class Store:
         (the restart creates the folder), never an orphan folder nobody owns.
         """
         with self._write() as conn:
+            self._guard(conn, job_id)
             current = conn.execute(select(jobs.c.outbox_path).where(jobs.c.id == job_id)).scalar()
             if current:
                 return Path(current)
@@ -451,6 +618,7 @@ class Store:
         now = self.now()
         values = {**job_values, "round": round_, "updated_at": now}
         with self._write() as conn:
+            self._guard(conn, job_id)
             changed = conn.execute(
                 update(jobs).where(jobs.c.id == job_id, jobs.c.state == expect.value).values(**_db_values(values))
             ).rowcount
@@ -511,6 +679,7 @@ class Store:
             if conn.execute(query).rowcount != 1:
                 raise StaleState(f"remote batch {record_id} changed meanwhile (expected {expect})")
             row = conn.execute(select(remote_batches).where(remote_batches.c.id == record_id)).one()
+            self._guard(conn, row.job_id)
             if job_values:
                 changes = {**job_values, "updated_at": now}
                 conn.execute(update(jobs).where(jobs.c.id == row.job_id).values(**_db_values(changes)))
@@ -528,7 +697,11 @@ class Store:
         for start in range(0, len(changes), chunk):
             now = self.now()
             with self._write() as conn:
-                for record_id, job_id, values, job_values in changes[start : start + chunk]:
+                part = changes[start : start + chunk]
+                allowed = self._fenced(conn, {job_id for _, job_id, _, _ in part})
+                for record_id, job_id, values, job_values in part:
+                    if job_id not in allowed:
+                        continue  # taken over by another daemon meanwhile
                     conn.execute(
                         update(remote_batches).where(remote_batches.c.id == record_id).values(**values, updated_at=now)
                     )
@@ -598,10 +771,22 @@ class Store:
         ).join(events, events.c.id == deliveries.c.event_id)
 
     def due_deliveries(
-        self, now: float, *, limit: int = 100, exclude: Collection[int] = (), skip_urls: Collection[str] = ()
+        self,
+        now: float,
+        *,
+        limit: int = 100,
+        exclude: Collection[int] = (),
+        skip_urls: Collection[str] = (),
+        owner: str | None = None,
+        lease_s: float = 60.0,
     ) -> list[Delivery]:
         """Pending deliveries due at `now`, oldest first; without `exclude` (attempts under way)
-        and deliveries to `skip_urls` (endpoints whose queue is full)."""
+        and deliveries to `skip_urls` (endpoints whose queue is full).
+
+        With `owner` they are also claimed for that daemon for `lease_s` (SKIP LOCKED): one
+        sender at a time, and another daemon takes a delivery over once a dead sender's
+        lease has ended (at least once, the same event id).
+        """
         query = (
             self._deliveries_query()
             .where(deliveries.c.state == "pending", deliveries.c.next_attempt_at <= now)
@@ -612,8 +797,21 @@ class Store:
             query = query.where(deliveries.c.id.not_in(list(exclude)))
         if skip_urls:
             query = query.where(deliveries.c.url.not_in(list(skip_urls)))
-        with self._read() as conn:
-            return [_delivery(r._mapping) for r in conn.execute(query).all()]
+        if owner is None:
+            with self._read() as conn:
+                return [_delivery(r._mapping) for r in conn.execute(query).all()]
+        query = query.where(
+            or_(deliveries.c.owner.is_(None), deliveries.c.owner == owner, deliveries.c.lease_until < now)
+        ).with_for_update(of=deliveries, skip_locked=True)
+        with self._write() as conn:
+            found = [_delivery(r._mapping) for r in conn.execute(query).all()]
+            if found:
+                conn.execute(
+                    update(deliveries)
+                    .where(deliveries.c.id.in_([d.id for d in found]))
+                    .values(owner=owner, lease_until=now + lease_s)
+                )
+        return found
 
     def next_delivery_at(self, exclude: Collection[int] = (), *, skip_urls: Collection[str] = ()) -> float | None:
         """When the next pending delivery is due, leaving out `exclude` (attempts under way) and `skip_urls`."""

@@ -222,10 +222,13 @@ class Deliverer:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        owner: str | None = None,
     ) -> None:
         self._store = store
         self._settings = settings
         self._http = http
+        #: the daemon this deliverer belongs to: deliveries are claimed for it (None: not claimed)
+        self._owner = owner
         self._clock = clock
         self._rng = rng or random.Random()
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
@@ -280,8 +283,13 @@ class Deliverer:
         ended: set[int] = set()
         self._ended_during_run.append(ended)
         try:
+            settings = self._settings()
+            # Held long enough for a queued attempt to run out its timeout, and at least a job lease.
+            lease_s = max(settings.cluster.lease_s, 4 * settings.delivery.timeout_s)
             due = await anyio.to_thread.run_sync(
-                lambda: self._store.due_deliveries(self._clock(), limit=DUE_BATCH, exclude=exclude, skip_urls=full)
+                lambda: self._store.due_deliveries(
+                    self._clock(), limit=DUE_BATCH, exclude=exclude, skip_urls=full, owner=self._owner, lease_s=lease_s
+                )
             )
             # An endpoint that answered 410 stays disabled: Store.disable_endpoint parks what was
             # pending then, and an event created later is parked here rather than sent to it again.
