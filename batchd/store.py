@@ -405,6 +405,10 @@ class Store:
                     .where(daemons.c.id.in_(earlier), daemons.c.stopped_at.is_(None))
                     .values(stopped_at=now)
                 )
+                # Their deliveries too: a delivery cut short by the crash goes out again at once.
+                conn.execute(
+                    update(deliveries).where(deliveries.c.owner.in_(earlier)).values(owner=None, lease_until=None)
+                )
         return earlier
 
     def renew_leases(self, owner: str, lease_s: float) -> dict[str, int]:
