@@ -91,6 +91,7 @@ def job_record(job: Job, batches: Sequence[RemoteBatchRecord], now: float) -> di
         "reason": job.reason,
         "last_error": job.last_error,
         "cancel_requested": job.cancel_requested,
+        "owner": job.owner,
         "created_at": iso(job.created_at),
         "finished_at": iso(job.finished_at),
         "age_s": round(max(0.0, now - job.created_at), 3),
@@ -206,14 +207,51 @@ def jobs_table(records: Sequence[dict[str, Any]], *, bar: int = 0) -> list[str]:
     progress_width = (bar + 7) if bar else 8
     lines = [
         f"{'ID':<8}  {'NAME':<{name_width}}  {'STATE':<11}  {'PROGRESS':<{progress_width}}  "
-        f"{'REQUESTS':>8}  {'OK':>6}  {'FAILED':>6}  {'AGE':>4}"
+        f"{'REQUESTS':>8}  {'OK':>6}  {'FAILED':>6}  {'AGE':>4}  OWNER"
     ]
     for r in records:
         counts = r["request_counts"] or {}
         lines.append(
             f"{r['id'][:8]:<8}  {_cut(r['name'], name_width):<{name_width}}  {r['state']:<11}  "
             f"{progress_text(r['progress'], bar):<{progress_width}}  {r['requests'] or '-'!s:>8}  "
-            f"{counts.get('completed', '-')!s:>6}  {counts.get('failed', '-')!s:>6}  {human_age(r['age_s']):>4}"
+            f"{counts.get('completed', '-')!s:>6}  {counts.get('failed', '-')!s:>6}  {human_age(r['age_s']):>4}  "
+            f"{(r.get('owner') or '-')[:8]}"
+        )
+    return lines
+
+
+def daemon_records(rows: Sequence[dict[str, Any]], lease_s: float, now: float) -> list[dict[str, Any]]:
+    """`batchd status --json`: every daemon the database knows, newest first."""
+    records = []
+    for row in rows:
+        if row["stopped_at"] is not None:
+            state = "stopped"
+        elif now - row["heartbeat_at"] > lease_s:
+            state = "gone"  # no heartbeat for a whole lease: killed, or its host is unreachable
+        else:
+            state = "running"
+        records.append(
+            {
+                "id": row["id"],
+                "host": row["host"],
+                "pid": row["pid"],
+                "state": state,
+                "jobs": row["jobs"],
+                "started_at": iso(row["started_at"]),
+                "heartbeat_at": iso(row["heartbeat_at"]),
+                "heartbeat_age_s": round(max(0.0, now - row["heartbeat_at"]), 3),
+                "stopped_at": iso(row["stopped_at"]),
+            }
+        )
+    return records
+
+
+def daemons_table(records: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [f"{'ID':<8}  {'STATE':<8}  {'HOST':<20}  {'PID':>7}  {'JOBS':>5}  {'HEARTBEAT':>9}  STARTED"]
+    for r in records:
+        lines.append(
+            f"{r['id'][:8]:<8}  {r['state']:<8}  {_cut(r['host'], 20):<20}  {r['pid']:>7}  {r['jobs']:>5}  "
+            f"{human_age(r['heartbeat_age_s']) + ' ago':>9}  {r['started_at']}"
         )
     return lines
 
@@ -357,4 +395,24 @@ def commands() -> list[click.Command]:
         except KeyboardInterrupt:
             return
 
-    return [jobs, show, watch]
+    @click.command()
+    @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+    @click.option("--all", "show_all", is_flag=True, help="Also daemons that stopped.")
+    @config_options
+    @pass_ctx
+    def status(obj: Context, as_json: bool, show_all: bool) -> None:
+        """The daemons working on this database: their heartbeats and the jobs each holds."""
+        settings = obj.load()
+        with read_store(settings) as store:
+            rows = store.list_daemons() if store else []
+        records = daemon_records(rows, settings.cluster.lease_s, time.time())
+        if not show_all:
+            records = [r for r in records if r["state"] != "stopped"]
+        if as_json:
+            click.echo(json.dumps(records, indent=2))
+        elif not records:
+            click.echo("no daemon is running")
+        else:
+            click.echo("\n".join(daemons_table(records)))
+
+    return [jobs, show, watch, status]

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import inspect
 
 from batchd.models import JobState, NewEvent
-from batchd.store import SCHEMA_VERSION, StaleState, Store
+from batchd.store import LEASE, SCHEMA_VERSION, Lease, StaleState, Store
 from tests.databases import SQLITE, database_url
 
 pytestmark = pytest.mark.each_database
@@ -231,3 +231,53 @@ def test_outside_text_with_a_nul_character_is_recorded(store: Store, database_ki
     store.disable_endpoint("https://h/\x00", "gone\x00")
     assert store.disabled_endpoints() == {f"https://h/{nul}": f"gone{nul}"}
     assert store.deliveries(event_id="evt_n")[0].state == "disabled"
+
+
+def test_leases_fence_a_daemon_that_lost_its_job(tmp_path: Path) -> None:
+    now = [1000.0]
+    store = Store(database_url(tmp_path / "lease.db"), clock=lambda: now[0])
+    store.migrate()
+    try:
+        new_job(store, "a" * 32)
+        assert store.claim_jobs("A", 30.0, limit=10) == {"a" * 32: 1}
+        assert store.claim_jobs("B", 30.0, limit=10) == {}  # held: nobody else takes it
+        now[0] += 20
+        assert store.renew_leases("A", 30.0) == {"a" * 32: 1}
+        now[0] += 29
+        assert store.claim_jobs("B", 30.0, limit=10) == {}  # renewed: still A's
+        now[0] += 2  # A stalls past its lease: B takes the job over, at the next claim
+        assert store.claim_jobs("B", 30.0, limit=10) == {"a" * 32: 2}
+        token = LEASE.set(Lease("A", {"a" * 32: 1}))
+        try:
+            with pytest.raises(StaleState, match="lease was lost"):
+                store.update_job("a" * 32, state=JobState.UPLOADING)
+        finally:
+            LEASE.reset(token)
+        token = LEASE.set(Lease("B", {"a" * 32: 2}))
+        try:
+            assert store.update_job("a" * 32, state=JobState.UPLOADING).state is JobState.UPLOADING
+        finally:
+            LEASE.reset(token)
+        assert store.renew_leases("A", 30.0) == {}
+        store.release_jobs("B")
+        assert store.get_job("a" * 32).owner is None  # type: ignore[union-attr]
+        assert store.claim_jobs("A", 30.0, limit=10) == {"a" * 32: 3}
+    finally:
+        store.close()
+
+
+def test_a_restarted_daemon_takes_over_its_dead_predecessors_jobs_at_once(tmp_path: Path) -> None:
+    store = Store(database_url(tmp_path / "home.db"), clock=lambda: 1000.0)
+    store.migrate()
+    try:
+        assert store.register_daemon("old", host="h", pid=1, home="h:/state") == []
+        new_job(store, "a" * 32)
+        assert store.claim_jobs("old", 30.0, limit=10) == {"a" * 32: 1}
+        earlier = store.register_daemon("new", host="h", pid=2, home="h:/state")
+        assert earlier == ["old"]
+        assert store.claim_jobs("new", 30.0, limit=10) == {}  # lease not over yet ...
+        assert store.claim_jobs("new", 30.0, limit=10, dead_owners=earlier) == {"a" * 32: 2}  # ... but dead
+        states = {d["id"]: (d["stopped_at"] is not None, d["jobs"]) for d in store.list_daemons()}
+        assert states == {"old": (True, 0), "new": (False, 1)}
+    finally:
+        store.close()
