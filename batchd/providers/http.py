@@ -22,7 +22,7 @@ import httpx
 import structlog
 
 from batchd import metrics
-from batchd.models import Limits, RemoteFile
+from batchd.models import PROVIDER_LIMITS, Limits, RemoteFile
 from batchd.providers.base import ProviderError
 from batchd.retry import RetryPolicy, is_retryable_status, retry_after_s, with_retries
 
@@ -258,21 +258,28 @@ class HttpProvider:
 
     #: "together" | "openai": the wire dialect, whatever `kind` the daemon calls it
     dialect = ""
+    #: the base URL when none is given (empty: one must be)
+    default_base_url = ""
+
+    @staticmethod
+    def normalise_base_url(url: str) -> str:
+        """The dialect's form of a base URL (Together drops a trailing /v1; OpenAI keeps it)."""
+        return url.strip().rstrip("/")
 
     def __init__(
         self,
         http: httpx.AsyncClient,
         *,
-        base_url: str,
         api_key: str,
-        kind: str,
-        limits: Limits,
+        base_url: str | None = None,
+        kind: str | None = None,
+        limits: Limits | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
-        self.kind = kind
-        self.limits = limits
-        self.base_url = base_url
+        self.kind = kind or self.dialect
+        self.limits = limits if limits is not None else PROVIDER_LIMITS[self.kind]
+        self.base_url = self.normalise_base_url(base_url or self.default_base_url)
         self._http = http
         self._api_key = api_key
         self._retry = retry

@@ -8,20 +8,18 @@ so paths here start below it (`/files`, `/batches`).
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import anyio
-import httpx
 import structlog
 
-from batchd.models import PROVIDER_LIMITS, Limits, RemoteBatch, RemoteFile, RemoteStatus
+from batchd.models import RemoteBatch, RemoteFile, RemoteStatus
 from batchd.providers.base import ProviderError
 from batchd.providers.http import (
-    DEFAULT_RETRY,
     HttpProvider,
     MultipartUpload,
     body_json,
@@ -30,7 +28,6 @@ from batchd.providers.http import (
     parse_time,
     remote_file,
 )
-from batchd.retry import RetryPolicy
 
 log = structlog.get_logger(__name__)
 
@@ -134,27 +131,8 @@ class OpenAIProvider(HttpProvider):
     """OpenAI's Batch API (and batchd's emulator of it under `/openai/v1`) seen as a `Provider`."""
 
     dialect = "openai"
-
-    def __init__(
-        self,
-        http: httpx.AsyncClient,
-        *,
-        base_url: str = DEFAULT_BASE_URL,
-        api_key: str,
-        kind: str = "openai",
-        limits: Limits | None = None,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
-    ) -> None:
-        super().__init__(
-            http,
-            base_url=normalise_base_url(base_url),
-            api_key=api_key,
-            kind=kind,
-            limits=limits if limits is not None else PROVIDER_LIMITS["openai"],
-            retry=retry,
-            sleep=sleep,
-        )
+    default_base_url = DEFAULT_BASE_URL
+    normalise_base_url = staticmethod(normalise_base_url)
 
     def _content_path(self, file_id: str) -> str:
         return f"/files/{quote(file_id, safe='')}/content"

@@ -7,7 +7,7 @@ The daemon reaches the embedded local backend through this same code.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -18,10 +18,9 @@ import httpx
 import structlog
 
 from batchd import metrics
-from batchd.models import PROVIDER_LIMITS, Limits, RemoteBatch, RemoteFile, RemoteStatus
+from batchd.models import RemoteBatch, RemoteFile, RemoteStatus
 from batchd.providers.base import ProviderError
 from batchd.providers.http import (
-    DEFAULT_RETRY,
     HttpProvider,
     error_from_response,
     error_text,
@@ -32,7 +31,6 @@ from batchd.providers.http import (
     remote_file,
     transport_error,
 )
-from batchd.retry import RetryPolicy
 
 log = structlog.get_logger(__name__)
 
@@ -82,27 +80,7 @@ class TogetherProvider(HttpProvider):
     """Together's Batch API (and batchd's emulator of it) seen as a `Provider`."""
 
     dialect = "together"
-
-    def __init__(
-        self,
-        http: httpx.AsyncClient,
-        *,
-        base_url: str,
-        api_key: str,
-        kind: str = "together",
-        limits: Limits | None = None,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
-    ) -> None:
-        super().__init__(
-            http,
-            base_url=normalise_base_url(base_url),
-            api_key=api_key,
-            kind=kind,
-            limits=limits if limits is not None else PROVIDER_LIMITS[kind],
-            retry=retry,
-            sleep=sleep,
-        )
+    normalise_base_url = staticmethod(normalise_base_url)
 
     def _content_path(self, file_id: str) -> str:
         return f"/v1/files/{quote(file_id, safe='')}/content"
