@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.lowlevel
-import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from batchd.config import load_settings
-from batchd.daemon import Daemon
-from batchd.emulator import RandomFaults, create_app, serve_emulator
+from batchd.emulator import RandomFaults
 from batchd.models import JobState
-from batchd.providers.together import TogetherProvider
-from batchd.store import Store
-from tests.databases import database_url
+from batchd.retry import RetryPolicy
+from tests.integration.daemon_rig import chat, rig
 
 pytestmark = pytest.mark.each_database
 
@@ -41,47 +36,21 @@ class RecordedSleeps:
         await anyio.lowlevel.checkpoint()
 
 
-def chat(custom_id: str) -> dict[str, Any]:
-    body = {"model": "m", "messages": [{"role": "user", "content": custom_id}]}
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
-
-
 @pytest.mark.parametrize("statuses", [(429, 500, 503), (429, 500, 503, "drop")], ids=["statuses", "with-drops"])
 async def test_every_job_completes_under_twenty_percent_random_faults(
     tmp_path: Path, statuses: tuple[int | str, ...]
 ) -> None:
-    config = tmp_path / "batchd.toml"
-    config.write_text(
-        f'state_dir = "state"\ndatabase_url = "{database_url(tmp_path / "state" / "batchd.db")}"\n'
-        '[provider]\nkind = "together"\nbase_url = "http://127.0.0.1:1"\n'
-        "[polling]\nmin_interval_s = 0.02\nmax_interval_s = 0.1\n[inbox]\nsettle_s = 0.0\n",
-        encoding="utf-8",
-    )
-    settings = load_settings(config, environ={"TOGETHER_API_KEY": "k"})
-    store = Store(settings.database_url)
-    store.migrate()
     faults = RandomFaults(rate=0.2, statuses=statuses, retry_after=RETRY_AFTER_S, seed=7)
     sleeps = RecordedSleeps()
-    try:
-        async with (
-            serve_emulator(create_app(tmp_path / "emulator", random_faults=faults)) as url,
-            httpx.AsyncClient() as http,
-        ):
-            provider = TogetherProvider(http, base_url=url, api_key="k", sleep=sleeps)
-            daemon = Daemon(settings, store=store, provider=provider)
-            inbox = settings.inbox_dir
-            inbox.mkdir(parents=True)
-            for j in range(JOBS):
-                lines = [chat(f"job{j}-req{i}") for i in range(REQUESTS_PER_JOB)]
-                tmp = inbox / f".job{j}.tmp"
-                tmp.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-                tmp.rename(inbox / f"job{j}.jsonl")
-            with capture_logs() as logs:
-                result = await daemon.run(once=True, timeout=90)
-            stats = (await http.get(f"{url}/_emulator/stats")).json()
-        jobs = {job.name: job for job in store.list_jobs()}
-    finally:
-        store.close()
+    # The provider's own retries (default policy) on, their waits recorded instead of slept.
+    async with rig(tmp_path, emulator={"random_faults": faults}, retry=RetryPolicy(), sleep=sleeps) as r:
+        for j in range(JOBS):
+            r.drop(f"job{j}.jsonl", [chat(f"job{j}-req{i}") for i in range(REQUESTS_PER_JOB)])
+        with capture_logs() as logs:
+            result = await r.daemon.run(once=True, timeout=90)
+        stats = await r.stats()
+        jobs = {job.name: job for job in r.store.list_jobs()}
+        settings = r.settings
 
     assert result.drained
     assert sorted(jobs) == [f"job{j}" for j in range(JOBS)]
