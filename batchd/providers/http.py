@@ -22,7 +22,7 @@ import httpx
 import structlog
 
 from batchd import metrics
-from batchd.models import PROVIDER_LIMITS, Limits, RemoteFile
+from batchd.models import PROVIDER_LIMITS, Limits, RemoteFile, RemoteStatus
 from batchd.providers.base import ProviderError
 from batchd.retry import RetryPolicy, is_retryable_status, retry_after_s, with_retries
 
@@ -100,6 +100,18 @@ def parse_error_message(payload: Any) -> str | None:
         return error_text(payload["error"])
     message = payload.get("message")
     return message if isinstance(message, str) and message else None
+
+
+def batch_identity(obj: Mapping[str, Any], noun: str) -> tuple[str, RemoteStatus]:
+    """A batch object's id and normalised status (raises ProviderError when either is missing or odd)."""
+    batch_id = obj.get("id")
+    status = obj.get("status")
+    if not isinstance(batch_id, str) or not batch_id or not isinstance(status, str):
+        raise ProviderError(f"malformed {noun}: id={batch_id!r} status={status!r}")
+    try:
+        return batch_id, RemoteStatus.parse(status)
+    except ValueError as exc:
+        raise ProviderError(f"{noun} {batch_id}: unknown status {status!r}") from exc
 
 
 def optional_id(value: Any) -> str | None:

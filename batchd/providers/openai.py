@@ -17,11 +17,12 @@ from urllib.parse import quote
 import anyio
 import structlog
 
-from batchd.models import RemoteBatch, RemoteFile, RemoteStatus
+from batchd.models import RemoteBatch, RemoteFile
 from batchd.providers.base import ProviderError
 from batchd.providers.http import (
     HttpProvider,
     MultipartUpload,
+    batch_identity,
     body_json,
     error_from_response,
     optional_id,
@@ -94,14 +95,7 @@ def _metadata(value: Any) -> dict[str, str] | None:
 
 def parse_batch(obj: Mapping[str, Any]) -> RemoteBatch:
     """An OpenAI Batch as sent on the wire → RemoteBatch (raises ProviderError if malformed)."""
-    batch_id = obj.get("id")
-    status = obj.get("status")
-    if not isinstance(batch_id, str) or not batch_id or not isinstance(status, str):
-        raise ProviderError(f"malformed Batch: id={batch_id!r} status={status!r}")
-    try:
-        remote_status = RemoteStatus.parse(status)
-    except ValueError as exc:
-        raise ProviderError(f"Batch {batch_id}: unknown status {status!r}") from exc
+    batch_id, remote_status = batch_identity(obj, "Batch")
     return RemoteBatch(
         id=batch_id,
         status=remote_status,

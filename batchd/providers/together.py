@@ -18,10 +18,11 @@ import httpx
 import structlog
 
 from batchd import metrics
-from batchd.models import RemoteBatch, RemoteFile, RemoteStatus
+from batchd.models import RemoteBatch, RemoteFile
 from batchd.providers.base import ProviderError
 from batchd.providers.http import (
     HttpProvider,
+    batch_identity,
     error_from_response,
     error_text,
     file_chunks,
@@ -49,14 +50,7 @@ def normalise_base_url(url: str) -> str:
 
 def parse_batch_job(obj: Mapping[str, Any]) -> RemoteBatch:
     """A Together BatchJob as sent on the wire → RemoteBatch (raises ProviderError if malformed)."""
-    batch_id = obj.get("id")
-    status = obj.get("status")
-    if not isinstance(batch_id, str) or not batch_id or not isinstance(status, str):
-        raise ProviderError(f"malformed BatchJob: id={batch_id!r} status={status!r}")
-    try:
-        remote_status = RemoteStatus.parse(status)
-    except ValueError as exc:
-        raise ProviderError(f"BatchJob {batch_id}: unknown status {status!r}") from exc
+    batch_id, remote_status = batch_identity(obj, "BatchJob")
     progress = obj.get("progress")
     return RemoteBatch(
         id=batch_id,
