@@ -21,7 +21,7 @@ import click
 from batchd import logging as batchd_logging
 from batchd.config import ConfigError, Settings, load_settings, parse_override
 from batchd.models import PROVIDER_LIMITS, Job
-from batchd.store import Store
+from batchd.store import Store, StoreUnavailable
 from batchd.validation import format_report, validate_file
 
 CONFIG_HELP = "Config file (else $BATCHD_CONFIG, else /etc/batchd/batchd.toml)."
@@ -90,7 +90,10 @@ def main(ctx: click.Context, config: str | None, overrides: tuple[str, ...]) -> 
 def open_store(settings: Settings) -> Iterator[Store]:
     store = Store(settings.database_url)
     try:
-        store.migrate()
+        try:
+            store.migrate()
+        except StoreUnavailable as exc:
+            fail(str(exc), 1)
         yield store
     finally:
         store.close()
@@ -115,7 +118,7 @@ def run(obj: Context, once: bool, timeout: float | None, log_level: str) -> None
     batchd_logging.configure(level=log_level)
     try:
         code = anyio.run(lambda: serve(settings, once=once, timeout=timeout, reload=obj.loader()))
-    except LockHeld as exc:
+    except (LockHeld, StoreUnavailable) as exc:
         fail(str(exc), 1)
     except ConfigError as exc:
         fail(f"configuration error: {exc}", 2)

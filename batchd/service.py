@@ -30,7 +30,7 @@ from batchd.providers.base import Provider
 from batchd.providers.http import API_TIMEOUT, direct_to_loopback
 from batchd.providers.openai import OpenAIProvider
 from batchd.providers.together import TogetherProvider
-from batchd.store import Store
+from batchd.store import Store, safe_url
 from batchd.webhooks import Deliverer
 
 log = structlog.get_logger("batchd.service")
@@ -109,7 +109,7 @@ async def serve(
     store = Store(settings.database_url)
     try:
         previous = await db(store.migrate)
-        log.info("service.database", url=_safe_url(settings.database_url), schema_from=previous)
+        log.info("service.database", url=safe_url(settings.database_url), schema_from=previous)
         async with (
             httpx.AsyncClient(timeout=API_TIMEOUT, mounts=direct_to_loopback()) as api_http,
             httpx.AsyncClient(follow_redirects=False, mounts=direct_to_loopback()) as hook_http,
@@ -149,12 +149,3 @@ def _redacting(reload: Callable[[], Settings]) -> Callable[[], Settings]:
         return settings
 
     return wrapped
-
-
-def _safe_url(url: str) -> str:
-    """A database URL without its password."""
-    head, sep, tail = url.partition("@")
-    if not sep or "://" not in head:
-        return url
-    scheme, _, userinfo = head.partition("://")
-    return f"{scheme}://{userinfo.split(':', 1)[0]}@{tail}"

@@ -47,7 +47,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Dialect, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from batchd.models import (
@@ -281,6 +281,15 @@ class StaleState(Exception):
     """A transition expected a state the job is no longer in (or a lease this daemon lost)."""
 
 
+class StoreUnavailable(Exception):
+    """The database cannot be opened or brought to this batchd's schema (said without the password)."""
+
+
+def safe_url(url: str) -> str:
+    """A database URL without its password, for logs and messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 @dataclass(frozen=True)
 class Lease:
     """Which jobs a piece of daemon work holds, and at which claim (fence) of each."""
@@ -331,7 +340,17 @@ class Store:
     # ------------------------------------------------------------ schema
 
     def migrate(self) -> int:
-        """Bring the schema to SCHEMA_VERSION; return the version found before."""
+        """Bring the schema to SCHEMA_VERSION; return the version found before.
+
+        Raises StoreUnavailable when the server cannot be reached or the file cannot be opened,
+        and when the schema is newer than this batchd knows: start-up stops with a message then.
+        """
+        try:
+            return self._migrate()
+        except OperationalError as exc:
+            raise StoreUnavailable(f"cannot open the database {safe_url(self.url)}: {exc.orig or exc}") from exc
+
+    def _migrate(self) -> int:
         with self._write() as conn:
             if conn.dialect.name == "postgresql":
                 # DDL is transactional there and writers do not queue as SQLite's BEGIN IMMEDIATE
@@ -342,7 +361,10 @@ class Store:
             found = conn.execute(select(func.max(schema_version.c.version))).scalar()
             current = int(found or 0)
             if current > SCHEMA_VERSION:
-                raise RuntimeError(f"database schema version {current} is newer than this batchd ({SCHEMA_VERSION})")
+                raise StoreUnavailable(
+                    f"the database {safe_url(self.url)} has schema version {current}, newer than this"
+                    f" batchd knows ({SCHEMA_VERSION}): upgrade batchd"
+                )
             for version, step in MIGRATIONS:
                 if version > current:
                     step(conn)

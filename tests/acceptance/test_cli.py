@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,29 @@ def test_jobs_on_a_database_without_tables_or_without_a_server(tmp_path: Path) -
     # Nothing tracked is not the answer when the database cannot be reached.
     down = batchd("--config", str(config), "jobs", env={"BATCHD_DATABASE_URL": "'postgresql://u@127.0.0.1:1/db'"})
     assert down.returncode == 1 and "cannot read the database" in down.stderr and "Traceback" not in down.stderr
+
+
+def test_run_and_webhooks_stop_with_a_message_when_the_database_cannot_be_opened(tmp_path: Path) -> None:
+    config = local_config(tmp_path)
+    # Nothing listens on port 1: the server is down. The password must not reach the message.
+    down = {"BATCHD_DATABASE_URL": "'postgresql://batchd:hunter2@127.0.0.1:1/batchd'"}
+    for command in (["run"], ["webhooks"]):
+        result = batchd("--config", str(config), *command, env=down)
+        assert result.returncode == 1, (command, result.stderr)
+        assert "cannot open the database postgresql+psycopg://batchd:***@127.0.0.1:1/batchd" in result.stderr
+        assert "hunter2" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+    # A database written by a newer batchd is not touched: the daemon says to upgrade.
+    (tmp_path / "state").mkdir(exist_ok=True)
+    db = tmp_path / "state" / "batchd.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (999)")
+    newer = batchd("--config", str(config), "run", env={"BATCHD_DATABASE_URL": f"'sqlite:///{db}'"})
+    assert newer.returncode == 1 and "schema version 999" in newer.stderr and "upgrade batchd" in newer.stderr
+    assert "Traceback" not in newer.stderr, newer.stderr
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(999,)]
 
 
 @pytest.mark.each_database
