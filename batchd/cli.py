@@ -110,12 +110,14 @@ def open_store(settings: Settings) -> Iterator[Store]:
 @pass_ctx
 def run(obj: Context, once: bool, timeout: float | None, log_level: str) -> None:
     """Run the daemon in the foreground (systemd's ExecStart)."""
+    from batchd.memory import limit_malloc_arenas
     from batchd.service import LockHeld, serve
 
     if timeout is not None and not once:
         fail("--timeout needs --once", 2)
     settings = obj.load()
     batchd_logging.configure(level=log_level)
+    limit_malloc_arenas()
     try:
         code = anyio.run(lambda: serve(settings, once=once, timeout=timeout, reload=obj.loader()))
     except (LockHeld, StoreUnavailable) as exc:

@@ -256,11 +256,10 @@ async def _send_test(
     allow_list: tuple[str, ...] | None,
     peek: int,
 ) -> Outcome:
-    import httpx
 
-    from batchd.providers.http import direct_to_loopback
+    from batchd.providers.http import http_client
 
-    async with httpx.AsyncClient(follow_redirects=False, mounts=direct_to_loopback()) as http:
+    async with http_client(follow_redirects=False) as http:
         return await post_event(
             http, url, event_id=event_id, body=body, secrets=secrets, timestamp=int(time.time()),
             timeout_s=settings.delivery.timeout_s, allow_list=allow_list, peek=peek,

@@ -38,7 +38,8 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from batchd.models import BatchJob, BatchJobStatus, RemoteBatch, RemoteStatus
 from batchd.providers.base import Provider
-from batchd.providers.http import API_TIMEOUT, CHUNK_SIZE, direct_to_loopback, parse_time
+from batchd.providers.http import API_TIMEOUT, CHUNK_SIZE, parse_time
+from batchd.providers.http import http_client as new_http_client
 from batchd.providers.openai import OpenAIProvider
 from batchd.providers.together import TogetherProvider
 from batchd.retry import RetryPolicy
@@ -286,9 +287,7 @@ class AsyncClient:
     ) -> None:
         key, url = _settings(provider, api_key, base_url)
         self._owns_http = http_client is None
-        self._http = (
-            http_client if http_client is not None else httpx.AsyncClient(timeout=timeout, mounts=direct_to_loopback())
-        )
+        self._http = http_client if http_client is not None else new_http_client(timeout=timeout)
         retry = RetryPolicy(attempts=max(0, max_retries) + 1)
         wire: TogetherProvider | OpenAIProvider
         if provider == "openai":

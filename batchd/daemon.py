@@ -386,6 +386,9 @@ class Daemon:
     async def _schedule(self, tg: anyio.abc.TaskGroup) -> None:
         watchdog = systemd.watchdog_interval_s()
         last_ping = 0.0
+        # What the last tick read: unchanged jobs and batches are kept as those objects (Store.active_jobs).
+        known_jobs: dict[str, Job] = {}
+        known_batches: dict[int, RemoteBatchRecord] = {}
         while not self._stop.is_set():
             if watchdog is not None and time.monotonic() - last_ping >= watchdog:
                 systemd.notify("WATCHDOG=1")
@@ -397,8 +400,10 @@ class Daemon:
             # A job busy while we read may have moved on since: skip it this tick, or its
             # stale row would start the same step twice (the next wake-up sees it fresh).
             busy_during_read = set(self._busy)
-            jobs = await db(self.store.active_jobs, self.id)
-            batches = await db(self.store.active_remote_batches)
+            jobs = await db(self.store.active_jobs, self.id, known=known_jobs)
+            batches = await db(self.store.active_remote_batches, known=known_batches)
+            known_jobs = {job.id: job for job in jobs}
+            known_batches = {row.id: row for rows in batches.values() for row in rows}
             await self.monitor.tick(jobs)
             next_at = now + self.monitor.idle_s()
             if watchdog is not None:
@@ -645,8 +650,11 @@ class Daemon:
         try:
             found: dict[str, RemoteBatch] = {}
             if sweep:
+                wanted = {row.remote_id for _, action in polls for row in action.batches}
                 try:
-                    found = {r.id: r for r in await self.provider.list_batches()}
+                    # Only this round's batches, without their wire objects: the round holds them
+                    # while it writes, and an account's list holds every batch it ever ran.
+                    found = {r.id: replace(r, raw={}) for r in await self.provider.list_batches() if r.id in wanted}
                 except ProviderError as exc:
                     for job, action in polls:
                         if action.at <= now:

@@ -27,7 +27,7 @@ from batchd.emulator.server import serve_emulator
 from batchd.health import serve_metrics
 from batchd.models import PROVIDER_LIMITS
 from batchd.providers.base import Provider
-from batchd.providers.http import API_TIMEOUT, direct_to_loopback
+from batchd.providers.http import API_TIMEOUT, http_client
 from batchd.providers.openai import OpenAIProvider
 from batchd.providers.together import TogetherProvider
 from batchd.store import Store, safe_url
@@ -111,8 +111,8 @@ async def serve(
         previous = await db(store.migrate)
         log.info("service.database", url=safe_url(settings.database_url), schema_from=previous)
         async with (
-            httpx.AsyncClient(timeout=API_TIMEOUT, mounts=direct_to_loopback()) as api_http,
-            httpx.AsyncClient(follow_redirects=False, mounts=direct_to_loopback()) as hook_http,
+            http_client(timeout=API_TIMEOUT) as api_http,
+            http_client(follow_redirects=False) as hook_http,
             open_provider(settings, api_http) as provider,
         ):
             daemon: Daemon | None = None

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -543,16 +543,22 @@ class Store:
         if states:
             query = query.where(jobs.c.state.in_([s.value for s in states]))
         with self._read() as conn:
-            return [_job(r._mapping) for r in conn.execute(query).all()]
+            return [_job(r._mapping) for r in conn.execute(query)]
 
-    def active_jobs(self, owner: str | None = None) -> list[Job]:
-        """Every job not yet in a terminal state (with `owner`: only those that daemon holds)."""
+    def active_jobs(self, owner: str | None = None, *, known: Mapping[str, Job] | None = None) -> list[Job]:
+        """Every job not yet in a terminal state (with `owner`: only those that daemon holds).
+
+        `known`: the jobs an earlier read returned; one that has not changed since comes back as
+        that same object. The scheduler reads every tick while its poll rounds still hold the
+        last tick's jobs: so it keeps one copy of each job in memory, not one per tick in flight.
+        """
         live = [s.value for s in JobState if s not in TERMINAL_STATES]
         query = select(jobs).where(jobs.c.state.in_(live)).order_by(jobs.c.created_at, jobs.c.id)
         if owner is not None:
             query = query.where(jobs.c.owner == owner)
         with self._read() as conn:
-            return [_job(r._mapping) for r in conn.execute(query).all()]
+            # Row by row, not .all(): the raw rows of 10,000 jobs are not held beside the jobs.
+            return [_unchanged(_job(r._mapping), known) for r in conn.execute(query)]
 
     def update_job(
         self,
@@ -735,8 +741,13 @@ class Store:
                         update(jobs).where(jobs.c.id == job_id).values(**_db_values({**job_values, "updated_at": now}))
                     )
 
-    def active_remote_batches(self) -> dict[str, list[RemoteBatchRecord]]:
-        """The remote batches of every non-terminal job, by job id (one query per scheduler tick)."""
+    def active_remote_batches(
+        self, *, known: Mapping[int, RemoteBatchRecord] | None = None
+    ) -> dict[str, list[RemoteBatchRecord]]:
+        """The remote batches of every non-terminal job, by job id (one query per scheduler tick).
+
+        `known` by row id, as in active_jobs.
+        """
         live = [s.value for s in JobState if s not in TERMINAL_STATES]
         query = (
             select(remote_batches)
@@ -746,8 +757,8 @@ class Store:
         )
         found: dict[str, list[RemoteBatchRecord]] = {}
         with self._read() as conn:
-            for row in conn.execute(query).all():
-                record = _remote(row._mapping)
+            for row in conn.execute(query):
+                record = _unchanged(_remote(row._mapping), known)
                 found.setdefault(record.job_id, []).append(record)
         return found
 
@@ -760,7 +771,7 @@ class Store:
             query = query.where(remote_batches.c.job_id.in_(list(job_ids)))
         found: dict[str, list[RemoteBatchRecord]] = {}
         with self._read() as conn:
-            for row in conn.execute(query).all():
+            for row in conn.execute(query):
                 record = _remote(row._mapping)
                 found.setdefault(record.job_id, []).append(record)
         return found
@@ -1110,6 +1121,15 @@ def _job(row: RowMapping) -> Job:
 
 def _remote(row: RowMapping) -> RemoteBatchRecord:
     return RemoteBatchRecord(**dict(row))
+
+
+_Record = TypeVar("_Record", Job, RemoteBatchRecord)
+
+
+def _unchanged(fresh: _Record, known: Mapping[Any, _Record] | None) -> _Record:
+    """The object read before when it equals the fresh one (frozen: either will do), else the fresh one."""
+    before = known.get(fresh.id) if known else None
+    return before if before is not None and before == fresh else fresh
 
 
 def _event(row: RowMapping) -> StoredEvent:

@@ -52,7 +52,6 @@ from typing import IO, Any
 
 import anyio
 import anyio.abc
-import httpx
 import structlog
 from starlette.types import Receive, Scope, Send
 
@@ -60,7 +59,7 @@ from batchd import logging as batchd_logging
 from batchd.config import load_settings
 from batchd.emulator.server import EmbeddedServer, serve_emulator
 from batchd.models import JobState
-from batchd.providers.http import direct_to_loopback
+from batchd.providers.http import http_client
 from batchd.store import Store
 from batchd.webhooks import Deliverer, build_event
 from tests.benchmarks.bench_intake_latency import (
@@ -297,7 +296,7 @@ async def run_throughput(root: Path, events: int) -> ThroughputRun:
                     provider="local", events_=[event],
                 )  # fmt: skip
             insert_s = time.perf_counter() - start
-            async with httpx.AsyncClient(follow_redirects=False, mounts=direct_to_loopback()) as http:
+            async with http_client(follow_redirects=False) as http:
                 deliverer = Deliverer(store, lambda: settings, http, rng=random.Random(1))
                 cpu0, start = cpu_seconds(), time.perf_counter()
                 async with anyio.create_task_group() as tg:

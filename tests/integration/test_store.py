@@ -113,6 +113,28 @@ def test_a_round_is_planned_once_then_uploaded_and_bound(store: Store) -> None:
     assert [b.remote_id for b in store.active_remote_batches()["a" * 32]] == ["b1"]
 
 
+def test_a_tick_keeps_the_objects_of_jobs_and_batches_that_did_not_change(store: Store) -> None:
+    new_job(store, "a" * 32, "a")
+    new_job(store, "b" * 32, "b")
+    (row_a,) = store.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD], state=JobState.UPLOADING)
+    (row_b,) = store.plan_round("b" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD], state=JobState.UPLOADING)
+    jobs = {job.id: job for job in store.active_jobs()}
+    batches = {row.id: row for rows in store.active_remote_batches().values() for row in rows}
+
+    store.update_job("b" * 32, attempts=1)
+    store.update_remote(row_b.id, input_file_id="file-b", status="creating")
+    again = {job.id: job for job in store.active_jobs(known=jobs)}
+    again_batches = store.active_remote_batches(known=batches)
+
+    # One copy in memory of what did not change (a scheduler's poll round may still hold it)...
+    assert again["a" * 32] is jobs["a" * 32]
+    assert again_batches["a" * 32][0] is batches[row_a.id]
+    # ...and what changed is read afresh.
+    assert again["b" * 32] is not jobs["b" * 32] and again["b" * 32].attempts == 1
+    assert again_batches["b" * 32][0].status == "creating"
+    assert store.active_jobs()[0] is not jobs["a" * 32]  # without `known`, every object is new
+
+
 def test_delivery_scheduling_and_disabled_endpoints(store: Store) -> None:
     new_job(store)
     event = NewEvent(id="evt_1", type="batch.failed", body=b"{}", targets=[("https://a/", "config")])
