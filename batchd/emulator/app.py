@@ -12,7 +12,7 @@ import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -71,6 +71,16 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if request.url.path.startswith("/v1/batches"):
         return batch_error(exc.status_code, str(exc.detail))
     return file_error(exc.status_code, str(exc.detail))
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """A client that went away mid-request (killed, timed out): one log line, not a traceback.
+
+    Nothing was stored for it (an upload is installed only once its whole body is in), and the
+    answer reaches nobody.
+    """
+    log.info("emulator.client_disconnected", method=request.method, path=request.url.path)
+    return Response(status_code=400)
 
 
 def create_app(
@@ -143,5 +153,5 @@ def create_app(
             Middleware(ControlMiddleware, control=control),
             Middleware(AuthMiddleware, api_key=api_key),
         ],
-        exception_handlers={HTTPException: _http_error},
+        exception_handlers={HTTPException: _http_error, ClientDisconnect: _client_gone},
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import signal
 from datetime import UTC, datetime, timedelta
@@ -13,6 +14,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from batchd.emulator import EchoEngine, create_app, serve_emulator
 from batchd.models import BatchEndpoint
@@ -604,3 +606,36 @@ async def test_expire_once_expires_the_first_batch_only(tmp_path: Path) -> None:
         # The same lines resubmitted (a follow-up round) run normally.
         again, answered, _ = await run_batch(client, lines[1:])
         assert again["status"] == "COMPLETED" and sorted(x["custom_id"] for x in answered) == ["b", "c"]
+
+
+@pytest.mark.parametrize("path", ["/v1/files", "/openai/v1/files"])
+async def test_an_upload_its_client_cuts_off_is_one_log_line_and_stores_nothing(
+    tmp_path: Path, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    form = (
+        b'--cut\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--cut\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
+        + to_jsonl([request_line("a")])
+    )
+    async with serve_emulator(create_app(tmp_path), port=0) as base_url:
+        url = httpx.URL(base_url)
+        assert url.port is not None
+        with capture_logs() as logs:
+            # A client killed mid-upload: the headers promise far more body than ever comes.
+            stream = await anyio.connect_tcp(url.host, url.port)
+            head = (
+                f"POST {path} HTTP/1.1\r\nHost: {url.host}\r\nAuthorization: Bearer test\r\nContent-Length: 1000000\r\n"
+                "Content-Type: multipart/form-data; boundary=cut\r\n\r\n"
+            )
+            await stream.send(head.encode() + form)
+            await stream.aclose()
+            with anyio.fail_after(10):
+                while not any(e["event"] == "emulator.client_disconnected" for e in logs):  # noqa: ASYNC110 - a log line: no event to await
+                    await anyio.sleep(0.01)
+        async with httpx.AsyncClient(base_url=base_url, auth=BearerAuth("test")) as client:
+            listed = (await client.get(path)).json()
+    assert [e for e in logs if e["event"] == "emulator.client_disconnected"] == [
+        {"event": "emulator.client_disconnected", "method": "POST", "path": path, "log_level": "info"}
+    ]
+    assert (listed if isinstance(listed, list) else listed["data"]) == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
