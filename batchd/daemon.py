@@ -140,6 +140,11 @@ class Daemon:
         self._wake.set()
         self._poke_deliverer()
 
+    @property
+    def busy(self) -> frozenset[str]:
+        """The jobs that have a step or a poll round running now."""
+        return frozenset(self._busy)
+
     def wake(self) -> None:
         self._wake.set()
 

@@ -113,8 +113,18 @@ async def test_many_jobs_in_flight_are_polled_with_one_list_call(tmp_path: Path)
                     len(r.store.list_jobs()) == 4 and all(j.state is JobState.VALIDATING for j in r.store.list_jobs())
                 )
             )
+            # A round started while fewer were in flight asks for its batches one by one, rightly. The
+            # window opens once a sweep has been asked for since and no round is running: ticks run one
+            # after another, so a tick that read before all four were in flight has decided by then,
+            # and its rounds are over.
+            swept = (await r.stats())["requests"].get("GET /v1/batches", 0)
+            with anyio.fail_after(20):
+                while (await r.stats())["requests"].get("GET /v1/batches", 0) <= swept or r.daemon.busy:  # noqa: ASYNC110 - no event per poll
+                    await anyio.sleep(0.02)
             before = (await r.stats())["requests"]
-            await eventually(lambda: all((j.poll_interval_s or 0) >= 0.05 for j in r.store.list_jobs()))
+            # ...and closes once every job has been polled again (each poll moves its next check).
+            checks = {j.id: j.next_check_at for j in r.store.list_jobs()}
+            await eventually(lambda: all(j.next_check_at != checks[j.id] for j in r.store.list_jobs()))
             after = (await r.stats())["requests"]
             await r.control("POST", "resume")
         sweeps = after.get("GET /v1/batches", 0) - before.get("GET /v1/batches", 0)
