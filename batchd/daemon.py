@@ -657,9 +657,9 @@ class Daemon:
             if sweep:
                 wanted = {row.remote_id for _, action in polls for row in action.batches}
                 try:
-                    # Only this round's batches, without their wire objects: the round holds them
-                    # while it writes, and an account's list holds every batch it ever ran.
-                    found = {r.id: replace(r, raw={}) for r in await self.provider.list_batches() if r.id in wanted}
+                    # Only this round's batches: the round holds them while it writes, and an
+                    # account's list holds every batch it ever ran.
+                    found = {r.id: r for r in await self.provider.list_batches() if r.id in wanted}
                 except ProviderError as exc:
                     for job, action in polls:
                         if action.at <= now:

@@ -272,6 +272,9 @@ MIGRATIONS: tuple[tuple[int, Any], ...] = (
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
+#: The `state` values of jobs not yet ended: what the scheduler, the leases and the heartbeat read.
+LIVE_STATES = [s.value for s in JobState if s not in TERMINAL_STATES]
+
 #: PostgreSQL advisory lock held while migrating (any constant; "batchd" in ASCII), so that daemons
 #: starting together on one database migrate one after the other.
 _MIGRATION_LOCK = 0x626174636864
@@ -436,13 +439,11 @@ class Store:
     def renew_leases(self, owner: str, lease_s: float) -> dict[str, int]:
         """Heartbeat: extend this daemon's leases; return the active jobs it still holds (id → fence)."""
         now = self.now()
-        live = [s.value for s in JobState if s not in TERMINAL_STATES]
+        held = (jobs.c.owner == owner, jobs.c.state.in_(LIVE_STATES))
         with self._write() as conn:
             conn.execute(update(daemons).where(daemons.c.id == owner).values(heartbeat_at=now))
-            conn.execute(
-                update(jobs).where(jobs.c.owner == owner, jobs.c.state.in_(live)).values(lease_until=now + lease_s)
-            )
-            rows = conn.execute(select(jobs.c.id, jobs.c.fence).where(jobs.c.owner == owner, jobs.c.state.in_(live)))
+            conn.execute(update(jobs).where(*held).values(lease_until=now + lease_s))
+            rows = conn.execute(select(jobs.c.id, jobs.c.fence).where(*held))
             return {str(i): int(f) for i, f in rows}
 
     def claim_jobs(
@@ -452,7 +453,6 @@ class Store:
         owner's); return them (id → fence). SKIP LOCKED: daemons claiming at once never wait
         on each other or take the same job."""
         now = self.now()
-        live = [s.value for s in JobState if s not in TERMINAL_STATES]
         free = or_(jobs.c.owner.is_(None), jobs.c.lease_until < now)
         if dead_owners:
             free = or_(free, jobs.c.owner.in_(list(dead_owners)))
@@ -461,7 +461,7 @@ class Store:
                 str(r[0])
                 for r in conn.execute(
                     select(jobs.c.id)
-                    .where(jobs.c.state.in_(live), free, or_(jobs.c.owner.is_(None), jobs.c.owner != owner))
+                    .where(jobs.c.state.in_(LIVE_STATES), free, or_(jobs.c.owner.is_(None), jobs.c.owner != owner))
                     .order_by(jobs.c.created_at)
                     .limit(limit)
                     .with_for_update(skip_locked=True)
@@ -487,11 +487,10 @@ class Store:
 
     def list_daemons(self) -> list[dict[str, Any]]:
         """Every daemon that ever ran on this database, newest first, with the jobs it holds."""
-        live = [s.value for s in JobState if s not in TERMINAL_STATES]
         held = (
             select(func.count())
             .select_from(jobs)
-            .where(jobs.c.owner == daemons.c.id, jobs.c.state.in_(live))
+            .where(jobs.c.owner == daemons.c.id, jobs.c.state.in_(LIVE_STATES))
             .scalar_subquery()
         )
         with self._read() as conn:
@@ -552,8 +551,7 @@ class Store:
         that same object. The scheduler reads every tick while its poll rounds still hold the
         last tick's jobs: so it keeps one copy of each job in memory, not one per tick in flight.
         """
-        live = [s.value for s in JobState if s not in TERMINAL_STATES]
-        query = select(jobs).where(jobs.c.state.in_(live)).order_by(jobs.c.created_at, jobs.c.id)
+        query = select(jobs).where(jobs.c.state.in_(LIVE_STATES)).order_by(jobs.c.created_at, jobs.c.id)
         if owner is not None:
             query = query.where(jobs.c.owner == owner)
         with self._read() as conn:
@@ -748,11 +746,10 @@ class Store:
 
         `known` by row id, as in active_jobs.
         """
-        live = [s.value for s in JobState if s not in TERMINAL_STATES]
         query = (
             select(remote_batches)
             .join(jobs, jobs.c.id == remote_batches.c.job_id)
-            .where(jobs.c.state.in_(live))
+            .where(jobs.c.state.in_(LIVE_STATES))
             .order_by(remote_batches.c.round, remote_batches.c.shard, remote_batches.c.id)
         )
         found: dict[str, list[RemoteBatchRecord]] = {}
