@@ -21,7 +21,7 @@ import click
 from batchd import logging as batchd_logging
 from batchd.config import ConfigError, Settings, load_settings, parse_override
 from batchd.models import PROVIDER_LIMITS, Job
-from batchd.store import Store, StoreUnavailable
+from batchd.store import StaleState, Store, StoreUnavailable
 from batchd.validation import format_report, validate_file
 
 CONFIG_HELP = "Config file (else $BATCHD_CONFIG, else /etc/batchd/batchd.toml)."
@@ -201,7 +201,7 @@ def submit(obj: Context, file: Path, name: str | None) -> None:
 
 
 def _find(store: Store, ref: str) -> Job:
-    found = store.find_jobs(ref)
+    found = store.jobs.find(ref)
     if not found:
         fail(f"no job matches {ref!r}", 1)
     if len(found) > 1 and found[0].id != ref and len({j.name for j in found}) > 1:
@@ -220,7 +220,10 @@ def cancel(obj: Context, job_ref: str) -> None:
         job = _find(store, job_ref)
         if job.state.terminal:
             fail(f"job {job.short_id} is already {job.state.value}", 1)
-        store.update_job(job.id, cancel_requested=True)
+        try:
+            store.jobs.request_cancel(job.id)
+        except StaleState:
+            fail(f"job {job.short_id} has already ended", 1)
     click.echo(f"cancel requested for {job.short_id} ({job.name})")
 
 

@@ -308,9 +308,9 @@ def show_lines(record: dict[str, Any]) -> list[str]:
 
 
 def read_records(store: Store, states: Sequence[JobState] | None, now: float) -> list[dict[str, Any]]:
-    found = store.list_jobs(states or None)
+    found = store.jobs.select(states or None)
     ids = [j.id for j in found] if len(found) <= _BY_ID_LIMIT else None
-    batches = store.remote_batches_by_job(ids)
+    batches = store.batches.by_job(ids)
     return [job_record(j, batches.get(j.id, []), now) for j in found]
 
 
@@ -358,7 +358,7 @@ def commands() -> list[click.Command]:
             if store is None:
                 fail(f"no job matches {job_ref!r}", 1)
             job = _find(store, job_ref)
-            record = show_record(job, store.remote_batches(job.id), store.deliveries(job_id=job.id), time.time())
+            record = show_record(job, store.batches.of_job(job.id), store.deliveries.select(job_id=job.id), time.time())
         if as_json:
             click.echo(json.dumps(record, indent=2, ensure_ascii=False))
         else:
@@ -404,7 +404,7 @@ def commands() -> list[click.Command]:
         """The daemons working on this database: their heartbeats and the jobs each holds."""
         settings = obj.load()
         with read_store(settings) as store:
-            rows = store.list_daemons() if store else []
+            rows = store.cluster.daemons() if store else []
         records = daemon_records(rows, settings.cluster.lease_s, time.time())
         if not show_all:
             records = [r for r in records if r["state"] != "stopped"]

@@ -47,7 +47,7 @@ def webhooks(obj: Context, as_json: bool) -> None:
         return
     settings = obj.load()
     with open_store(settings) as store:
-        rows = endpoint_rows(settings, store.endpoint_stats())
+        rows = endpoint_rows(settings, store.deliveries.endpoint_stats())
     if as_json:
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
@@ -122,14 +122,14 @@ def replay(obj: Context, event_id: str | None, job_ref: str | None, url: str | N
     complete = True
     with open_store(settings) as store:
         if event_id is not None:
-            event = store.get_event(event_id)
+            event = store.deliveries.get_event(event_id)
             if event is None:
                 fail(f"no event {event_id!r}", 1)
             found = [event]
         else:
             assert job_ref is not None
             job = find_job(store, job_ref)
-            found = store.job_events(job.id)
+            found = store.deliveries.job_events(job.id)
             if not found:
                 fail(f"job {job.short_id} ({job.name}) has no webhook events", 1)
         for event in found:
@@ -140,7 +140,7 @@ def replay(obj: Context, event_id: str | None, job_ref: str | None, url: str | N
 
 def _replay_one(settings: Settings, store: Store, event: StoredEvent, url: str | None) -> bool:
     """Queue one event again for its endpoints (or `url`) and print what was done; False if one was skipped."""
-    targets = {d.url: d.secret_ref for d in store.deliveries(event_id=event.id)}
+    targets = {d.url: d.secret_ref for d in store.deliveries.select(event_id=event.id)}
     configured = {ep.url for ep in settings.webhooks}
     if url is not None:
         if url in targets:
@@ -153,7 +153,7 @@ def _replay_one(settings: Settings, store: Store, event: StoredEvent, url: str |
     if not targets:
         click.echo(f"{event.id}: no endpoint to send it to (pass --url a configured endpoint)", err=True)
         return False
-    disabled = store.disabled_endpoints()
+    disabled = store.deliveries.disabled_endpoints()
     sendable = []
     for target, secret_ref in targets.items():
         if target in disabled:
@@ -169,7 +169,7 @@ def _replay_one(settings: Settings, store: Store, event: StoredEvent, url: str |
         else:
             sendable.append((target, secret_ref))
     if sendable:
-        done = store.replay_event(event.id, sendable)
+        done = store.deliveries.replay_event(event.id, sendable)
         for target, how in done.items():
             said = "queued again" if how == "queued" else "was still pending, now due"
             click.echo(f"{event.id} ({event.type}) -> {target}: {said}")
@@ -187,8 +187,8 @@ def enable(obj: Context, url: str) -> None:
     """Enable URL again after it answered 410 Gone; its parked deliveries become due now."""
     settings = obj.load()
     with open_store(settings) as store:
-        resumed = store.enable_endpoint(url)
-        disabled = sorted(store.disabled_endpoints())
+        resumed = store.deliveries.enable_endpoint(url)
+        disabled = sorted(store.deliveries.disabled_endpoints())
     if resumed is None:
         known = f" (disabled: {', '.join(disabled)})" if disabled else " (no endpoint is disabled)"
         fail(f"{url} is not disabled{known}", 1)

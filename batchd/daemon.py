@@ -32,7 +32,7 @@ from batchd.crashpoints import crashpoint
 from batchd.health import LoopMonitor
 from batchd.inbox import Inbox, Kind, classify, job_files_dir
 from batchd.lifecycle import Action, PollPolicy, Step
-from batchd.models import CREATING, PENDING, REFUSED, SKIPPED, Job, JobState, RemoteBatch, RemoteBatchRecord
+from batchd.models import BatchStatus, Job, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.providers.base import Provider, ProviderError
 from batchd.results import (
     MergeResult,
@@ -46,7 +46,7 @@ from batchd.results import (
     write_job_json,
 )
 from batchd.shards import Shard, split, write_followups
-from batchd.store import LEASE, Lease, StaleState, Store
+from batchd.store import LEASE, Ending, Hold, Lease, NextCheck, PollAnswer, ShardPlan, StaleState, Store
 from batchd.watch import InboxWatcher, WatchEvent
 from batchd.webhooks import Deliverer, build_event
 
@@ -152,9 +152,9 @@ class Daemon:
         if self.deliverer is not None:
             self.deliverer.poke()
 
-    def _new_job_owner(self) -> dict[str, Any]:
+    def _new_job_owner(self) -> Hold:
         """A job this daemon creates (a take) is its own from the start, at fence 1."""
-        return {"owner": self.id, "fence": 1, "lease_until": self._clock() + self.settings.cluster.lease_s}
+        return Hold(owner=self.id, fence=1, lease_until=self._clock() + self.settings.cluster.lease_s)
 
     def _lease(self, *held: Job) -> None:
         """Fence the store writes of the current task to these jobs, at the claims they were read at."""
@@ -198,7 +198,7 @@ class Daemon:
         if self._busy:
             log.warning("daemon.parked", jobs=sorted(self._busy))
         # A clean stop frees this daemon's jobs for the others at once (a crash: when the leases end).
-        await db(self.store.release_jobs, self.id)
+        await db(self.store.cluster.release, self.id)
         log.info("daemon.stopped", drained=drained)
         return RunResult(drained=drained)
 
@@ -206,7 +206,7 @@ class Daemon:
         """Record this daemon; take over its own earlier incarnations' jobs and the jobs nobody holds."""
         host = socket.gethostname()
         earlier = await db(
-            self.store.register_daemon, self.id, host=host, pid=os.getpid(),
+            self.store.cluster.register, self.id, host=host, pid=os.getpid(),
             home=f"{host}:{self.settings.state_dir}",
         )  # fmt: skip
         # The state lock proves the earlier daemons of this home dead: no need to wait for their leases.
@@ -215,7 +215,7 @@ class Daemon:
 
     async def _claim(self, *, dead_owners: Collection[str] = (), limit: int = CLAIM_BATCH) -> int:
         claimed = await db(
-            self.store.claim_jobs, self.id, self.settings.cluster.lease_s, limit=limit, dead_owners=dead_owners
+            self.store.cluster.claim, self.id, self.settings.cluster.lease_s, limit=limit, dead_owners=dead_owners
         )
         if claimed:
             log.info("daemon.claimed", jobs=len(claimed))
@@ -235,7 +235,7 @@ class Daemon:
             if self._stop.is_set():
                 return
             try:
-                await db(self.store.renew_leases, self.id, lease_s)
+                await db(self.store.cluster.renew, self.id, lease_s)
                 await self._claim()
             except Exception:
                 # A database that is briefly unreachable must not end the heartbeat for good.
@@ -246,8 +246,8 @@ class Daemon:
             # Intake first: a take that ends while the store is read has already inserted its job,
             # so reading "intake settled" after the store could miss that job (and stop too early).
             intake_done = self._intake_settled and not self._intake_pending
-            active = await db(self.store.active_jobs)
-            pending = await db(self.store.pending_delivery_count)
+            active = await db(self.store.jobs.live)
+            pending = await db(self.store.deliveries.pending_count)
             if intake_done and not active and not pending:
                 return
             with anyio.move_on_after(0.1):
@@ -405,8 +405,8 @@ class Daemon:
             # A job busy while we read may have moved on since: skip it this tick, or its
             # stale row would start the same step twice (the next wake-up sees it fresh).
             busy_during_read = set(self._busy)
-            jobs = await db(self.store.active_jobs, self.id, known=known_jobs)
-            batches = await db(self.store.active_remote_batches, known=known_batches)
+            jobs = await db(self.store.jobs.live, self.id, known=known_jobs)
+            batches = await db(self.store.batches.of_live_jobs, known=known_batches)
             known_jobs = {job.id: job for job in jobs}
             known_batches = {row.id: row for rows in batches.values() for row in rows}
             await self.monitor.tick(jobs)
@@ -468,7 +468,7 @@ class Daemon:
 
     async def _step_failed(self, job: Job, exc: Exception) -> None:
         # The step may have moved the job on before failing (planned, uploaded): back off from there.
-        job = await db(self.store.get_job, job.id) or job
+        job = await db(self.store.jobs.get, job.id) or job
         attempts = job.attempts + 1
         delay = lifecycle.retry_delay(attempts, self.policy, self._rng)
         metrics.retry(f"step.{job.state.value}")
@@ -480,8 +480,8 @@ class Daemon:
         )  # fmt: skip
         with contextlib.suppress(StaleState):
             await db(
-                self.store.update_job, job.id, expect=job.state, attempts=attempts,
-                next_check_at=self._clock() + delay, last_error=str(exc)[:2000],
+                self.store.jobs.back_off, job.id, expect=job.state, attempts=attempts,
+                next_check_at=self._clock() + delay, error=str(exc)[:2000],
             )  # fmt: skip
 
     # ------------------------------------------------------------ submitting
@@ -503,9 +503,8 @@ class Daemon:
         limits = self.settings.provider.limits
         shards = await db(split, Path(job.upload_path), files, limits, prefix="round-0")
         rows = await db(
-            self.store.plan_round, job.id, expect=job.state, round_=0, shards=[_shard_values(s) for s in shards],
-            state=JobState.UPLOADING, attempts=0, next_check_at=None, last_error=None,
-        )  # fmt: skip
+            self.store.batches.plan_round, job.id, expect=job.state, round_=0, shards=[_shard_plan(s) for s in shards]
+        )
         log.info("job.planned", job_id=job.id, round=0, shards=len(rows), requests=job.request_count)
         # Straight on: the plan is committed, and a scheduler round would only add latency.
         await self._submit(replace(job, state=JobState.UPLOADING, round=0), tuple(rows))
@@ -533,11 +532,11 @@ class Daemon:
             raise max(errors, key=lambda e: e.retry_after or 0)
 
     async def _submit_shard(self, job: Job, row: RemoteBatchRecord) -> None:
-        if job.cancel_requested and (row.status == PENDING or row.create_attempts == 0):
+        if job.cancel_requested and (row.status == BatchStatus.PENDING or row.create_attempts == 0):
             # Cancelled before this shard can exist remotely: it is never created.
-            await db(self.store.update_remote, row.id, expect={"status": row.status}, status=SKIPPED)
+            await db(self.store.batches.skip, row)
             return
-        if row.status == PENDING:
+        if row.status == BatchStatus.PENDING:
             assert row.input_path and row.sha256
             try:
                 file_id = await self.provider.upload_file(
@@ -550,17 +549,14 @@ class Daemon:
                 return
             crashpoint("after_upload_answer")
             # The file id and the intent to create, committed before the create call.
-            row = await db(
-                self.store.update_remote, row.id, expect={"status": PENDING}, input_file_id=file_id,
-                status=CREATING, intent_at=self._clock(),
-            )  # fmt: skip
+            row = await db(self.store.batches.record_upload, row.id, file_id=file_id, intent_at=self._clock())
             log.info("job.uploaded", job_id=job.id, shard=row.shard, round=row.round, file_id=file_id)
         await self._create(job, row, reconcile_first=row.create_attempts > 0)
 
     async def _refuse(self, job: Job, row: RemoteBatchRecord, reason: str) -> None:
         """The provider refused this shard for good: it ends here (its requests: not_submitted)."""
         log.error("job.refused", job_id=job.id, shard=row.shard, round=row.round, reason=reason)
-        await db(self.store.update_remote, row.id, expect={"status": row.status}, status=REFUSED, error=reason)
+        await db(self.store.batches.refuse, row, reason)
 
     async def _create(self, job: Job, batch: RemoteBatchRecord, *, reconcile_first: bool) -> None:
         if reconcile_first and await self._reconcile(job, batch):
@@ -568,10 +564,7 @@ class Daemon:
         assert job.endpoint and job.completion_window
         # Commit the attempt before sending: after a crash, the next try lists before creating.
         # The compare-and-set makes a second, racing create step fail here, before the network.
-        batch = await db(
-            self.store.update_remote, batch.id, expect={"create_attempts": batch.create_attempts, "remote_id": None},
-            create_attempts=batch.create_attempts + 1,
-        )  # fmt: skip
+        batch = await db(self.store.batches.count_create, batch)
         try:
             remote = await self.provider.create_batch(
                 input_file_id=batch.input_file_id,
@@ -582,10 +575,7 @@ class Daemon:
         except ProviderError as exc:
             if not exc.outcome_unknown:
                 # The provider said no before acting: nothing to reconcile next time.
-                await db(
-                    self.store.update_remote, batch.id, expect={"create_attempts": batch.create_attempts},
-                    create_attempts=batch.create_attempts - 1,
-                )  # fmt: skip
+                await db(self.store.batches.uncount_create, batch)
             if exc.retryable:
                 raise
             await self._refuse(job, replace(batch, create_attempts=batch.create_attempts - 1), exc.message)
@@ -596,7 +586,7 @@ class Daemon:
     async def _reconcile(self, job: Job, batch: RemoteBatchRecord) -> bool:
         """Adopt a remote batch an earlier, interrupted create made; True if one was found."""
         remotes = await self.provider.list_batches()
-        bound = await db(self.store.bound_remote_ids)
+        bound = await db(self.store.batches.bound_ids)
         earliest = batch.intent_at - CLOCK_SKEW_S
         candidates = [
             r for r in remotes
@@ -613,14 +603,7 @@ class Daemon:
         return True
 
     async def _bind(self, job: Job, batch: RemoteBatchRecord, remote: RemoteBatch, *, how: str) -> None:
-        await db(
-            self.store.update_remote,
-            batch.id,
-            expect={"remote_id": None},
-            remote_id=remote.id,
-            remote_created_at=remote.created_at.timestamp() if remote.created_at else None,
-            **_remote_fields(remote),
-        )
+        await db(self.store.batches.bind, batch.id, remote)
         log.info(
             f"job.batch_{how}", job_id=job.id, remote_batch_id=remote.id, status=remote.status.value,
             shard=batch.shard, round=batch.round,
@@ -628,22 +611,17 @@ class Daemon:
 
     async def _sum_up(self, job_id: str) -> None:
         """Set the job's state from its current round's batches (after a submit step)."""
-        job = await db(self.store.get_job, job_id)
+        job = await db(self.store.jobs.get, job_id)
         assert job is not None
-        rows = lifecycle.current_round(job, await db(self.store.remote_batches, job_id))
+        rows = lifecycle.current_round(job, await db(self.store.batches.of_job, job_id))
         state = lifecycle.summary_state(rows, cancelling=job.state == JobState.CANCELLING)
-        await db(self.store.update_job, job_id, expect=job.state, **self._next_check(state, self.policy.min_interval_s))
+        check = self._next_check(state, self.policy.min_interval_s)
+        await db(self.store.jobs.record_answer, job_id, expect=job.state, check=check)
 
-    def _next_check(self, state: JobState, interval: float) -> dict[str, Any]:
-        """Job fields after a successful contact with the provider."""
+    def _next_check(self, state: JobState, interval: float) -> NextCheck:
+        """The job's state after a successful contact with the provider, and when to look again."""
         now = self._clock()
-        return {
-            "state": state,
-            "poll_interval_s": interval,
-            "next_check_at": now if state == JobState.DOWNLOADING else now + interval,
-            "attempts": 0,
-            "last_error": None,
-        }
+        return NextCheck(state, interval, now if state == JobState.DOWNLOADING else now + interval)
 
     # ------------------------------------------------------------ polling and cancelling
 
@@ -665,7 +643,7 @@ class Daemon:
                         if action.at <= now:
                             await self._step_failed(job, exc)
                     return
-            quiet: list[tuple[int, str, dict[str, Any], dict[str, Any]]] = []
+            quiet: list[PollAnswer] = []
             for job, action in polls:
                 try:
                     answers = await self._answers(action.batches, found, due=action.at <= now)
@@ -675,14 +653,14 @@ class Daemon:
                     if sweep and not changed:
                         quiet.extend(writes)
                         if len(quiet) >= QUIET_WRITES_PER_TRANSACTION:
-                            await db(self.store.update_remotes, quiet)
+                            await db(self.store.batches.record_polls, quiet)
                             quiet = []
                     else:
-                        await db(self.store.update_remotes, writes)
+                        await db(self.store.batches.record_polls, writes)
                 except ProviderError as exc:
                     await self._step_failed(job, exc)
             if quiet:
-                await db(self.store.update_remotes, quiet)
+                await db(self.store.batches.record_polls, quiet)
         finally:
             metrics.poll_round("sweep" if sweep else "get", time.monotonic() - started)
             for job, _ in polls:
@@ -706,25 +684,25 @@ class Daemon:
 
     def _poll_writes(
         self, job: Job, answers: list[tuple[RemoteBatchRecord, RemoteBatch]]
-    ) -> tuple[bool, list[tuple[int, str, dict[str, Any], dict[str, Any]]]]:
+    ) -> tuple[bool, list[PollAnswer]]:
         """What provider answers change: (any status changed, one store write per batch)."""
         changed = False
         for row, remote in answers:
-            if remote.status.value != row.status:
+            if BatchStatus.of(remote.status) != row.status:
                 changed = True
                 log.info(
                     "job.remote_status", job_id=job.id, remote_batch_id=remote.id, status=remote.status.value,
                     progress=remote.progress, shard=row.shard, round=row.round,
                 )  # fmt: skip
-        rows = [replace(row, status=remote.status.value) for row, remote in answers]
+        rows = [replace(row, status=BatchStatus.of(remote.status)) for row, remote in answers]
         state = lifecycle.summary_state(rows, cancelling=job.state == JobState.CANCELLING)
         interval = lifecycle.next_poll_interval(job.poll_interval_s, changed, self.policy)
-        job_values = self._next_check(state, interval)
-        return changed, [(row.id, job.id, _remote_fields(remote), job_values) for row, remote in answers]
+        check = self._next_check(state, interval)
+        return changed, [PollAnswer(row.id, job.id, remote, job.state, check) for row, remote in answers]
 
     async def _cancel(self, job: Job, rows: tuple[RemoteBatchRecord, ...]) -> None:
         log.info("job.cancelling", job_id=job.id, remote_batch_ids=[r.remote_id for r in rows])
-        job = await db(self.store.update_job, job.id, expect=job.state, state=JobState.CANCELLING)
+        job = await db(self.store.jobs.start_cancelling, job.id, expect=job.state)
         answers = []
         for row in rows:
             assert row.remote_id is not None
@@ -738,7 +716,7 @@ class Daemon:
                 remote = await self.provider.get_batch(row.remote_id)
             answers.append((row, remote))
         _changed, writes = self._poll_writes(job, answers)
-        await db(self.store.update_remotes, writes)
+        await db(self.store.batches.record_polls, writes)
 
     # ------------------------------------------------------------ results
 
@@ -754,7 +732,7 @@ class Daemon:
     async def _merge_round(self, job: Job) -> dict[str, Any] | None:
         """Download, merge in input order; plan a follow-up round (None) or write job.json (its content)."""
         settings = self.settings
-        batches = await db(self.store.remote_batches, job.id)
+        batches = await db(self.store.batches.of_job, job.id)
         work = self._work_dir(job)
         await anyio.Path(work).mkdir(parents=True, exist_ok=True)
         answers: list[Path] = []
@@ -772,7 +750,7 @@ class Daemon:
         crashpoint("after_download")
         # Reserved in the database, then created: a restart finds the reservation and reuses it.
         candidates = outbox_candidates(settings.outbox_dir, job.name, job.id)
-        folder = await db(self.store.reserve_outbox, job.id, candidates, os.path.lexists)
+        folder = await db(self.store.jobs.reserve_outbox, job.id, candidates, os.path.lexists)
         await anyio.Path(folder).mkdir(parents=True, exist_ok=True)
         code = lifecycle.unanswered_code(batches, job.cancel_requested)
         assert job.upload_path is not None
@@ -809,9 +787,8 @@ class Daemon:
             return False
         shards = await db(split, followups, files, self.settings.provider.limits, prefix=f"round-{next_round}")
         await db(
-            self.store.plan_round, job.id, expect=job.state, round_=next_round,
-            shards=[_shard_values(s) for s in shards], state=JobState.UPLOADING, attempts=0, next_check_at=None,
-            last_error=None,
+            self.store.batches.plan_round, job.id, expect=job.state, round_=next_round,
+            shards=[_shard_plan(s) for s in shards],
         )  # fmt: skip
         log.info("job.followup_planned", job_id=job.id, round=next_round, requests=count, shards=len(shards))
         return True
@@ -824,10 +801,8 @@ class Daemon:
             self.settings, lifecycle.event_type(state), webhook_data(doc), now=finished_at,
             job_webhook_url=job.webhook_url,
         )  # fmt: skip
-        job = await db(
-            self.store.update_job, job.id, expect=job.state, state=state, finished_at=finished_at,
-            reason=doc["reason"], request_counts=doc["request_counts"], usage=doc["usage"], events_=[event],
-        )  # fmt: skip
+        ending = Ending(state, finished_at, doc["reason"], doc["request_counts"], doc["usage"])
+        job = await db(self.store.jobs.finish, job.id, expect=job.state, ending=ending, events=[event])
         folder = Path(job.outbox_path or ".")
         metrics.job_finished(state.value, finished_at - job.created_at, [folder / n for n in _OUTBOX_FILES])
         log.info(
@@ -859,17 +834,6 @@ def _timestamp(text: str) -> float:
 _OUTBOX_FILES = ("output.jsonl", "errors.jsonl", "job.json")
 
 
-def _remote_fields(remote: RemoteBatch) -> dict[str, Any]:
-    """What batchd keeps of a remote batch each time it hears about it."""
-    return {
-        "status": remote.status.value,
-        "output_file_id": remote.output_file_id,
-        "error_file_id": remote.error_file_id,
-        "error": remote.error,
-        "progress": remote.progress,
-    }
-
-
 def _upload_name(job: Job, row: RemoteBatchRecord) -> str:
     safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in job.name) or "batch"
     if row.round == 0 and row.shard == 0 and row.input_path == job.upload_path:
@@ -877,10 +841,5 @@ def _upload_name(job: Job, row: RemoteBatchRecord) -> str:
     return f"{safe}.r{row.round}.s{row.shard}.jsonl"
 
 
-def _shard_values(shard: Shard) -> dict[str, Any]:
-    return {
-        "input_path": str(shard.path),
-        "request_count": shard.request_count,
-        "size_bytes": shard.size_bytes,
-        "sha256": shard.sha256,
-    }
+def _shard_plan(shard: Shard) -> ShardPlan:
+    return ShardPlan(str(shard.path), shard.request_count, shard.size_bytes, shard.sha256)

@@ -125,7 +125,7 @@ async def _demo(workspace: Path) -> int:
             seen: str | None = None
             with anyio.fail_after(45):
                 while True:
-                    jobs = daemons[0].store.list_jobs()
+                    jobs = daemons[0].store.jobs.select()
                     if jobs:
                         job = jobs[0]
                         if job.state.value != seen:

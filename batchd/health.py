@@ -106,8 +106,8 @@ class LoopMonitor:
             return
         self._active = active
         self._status_at = now
-        counts = await anyio.to_thread.run_sync(self._store.counts_by_state)
-        pending = await anyio.to_thread.run_sync(self._store.pending_delivery_count)
+        counts = await anyio.to_thread.run_sync(self._store.jobs.counts_by_state)
+        pending = await anyio.to_thread.run_sync(self._store.deliveries.pending_count)
         metrics.set_job_counts(counts)
         self.status = status_line(counts, pending)
         self._notify(f"STATUS={self.status}")

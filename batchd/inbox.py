@@ -28,7 +28,7 @@ from batchd.crashpoints import crashpoint
 from batchd.fsutil import write_atomic
 from batchd.models import PROVIDER_LIMITS, Job, JobState
 from batchd.results import outbox_name
-from batchd.store import Store
+from batchd.store import Hold, NewJob, RejectedJob, Store
 from batchd.validation import Problem, Report, format_report, validate_file, write_upload_copy
 from batchd.webhooks import allowed_webhook_url, build_event
 
@@ -128,12 +128,12 @@ class Inbox:
         settings: Callable[[], Settings],
         store: Store,
         *,
-        owner: Callable[[], Mapping[str, Any]] | None = None,
+        owner: Callable[[], Hold | None] | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
-        #: the lease fields of a job this process creates (a daemon holds what it takes)
-        self._owner = owner or dict
+        #: the hold on a job this process creates (a daemon holds what it takes; None: nobody)
+        self._owner = owner or (lambda: None)
 
     @property
     def dir(self) -> Path:
@@ -192,7 +192,7 @@ class Inbox:
         if not self.claimed_root.is_dir():
             return jobs
         # Claim folders are kept for ever, so read every job id once rather than ask per folder.
-        known = self._store.job_ids()
+        known = self._store.jobs.ids()
         for claim_dir in sorted(self.claimed_root.iterdir()):
             if claim_dir.name in known or not claim_dir.is_dir():
                 continue
@@ -213,7 +213,7 @@ class Inbox:
                 continue
             log.warning("inbox.recovering_claim", job_id=claim_dir.name, source=submitted[0].name)
             jobs.append(self._process(claim_dir.name, submitted[0]))
-        for job in self._store.list_jobs([JobState.REJECTED]):
+        for job in self._store.jobs.select([JobState.REJECTED]):
             if job.claimed_path and job.rejected_path and os.path.lexists(job.claimed_path):
                 self._finish_rejection(job, self._analyse_for_report(job))
         return jobs
@@ -276,12 +276,10 @@ class Inbox:
             data = moved
         upload = claimed.parent / UPLOAD_NAME
         copy = write_upload_copy(data, upload, model=spec.model if spec else None)
-        job = self._store.insert_job(
-            **self._owner(),
+        new = NewJob(
             id=job_id,
             name=outbox_name(source),
             source=source,
-            state=JobState.RECEIVED,
             provider=settings.provider.kind,
             endpoint=report.endpoint,
             claimed_path=str(data),
@@ -295,7 +293,9 @@ class Inbox:
             model=(spec.model if spec else None) or report.model,
             webhook_url=spec.webhook_url if spec else None,
             metadata=dict(spec.metadata) if spec else {},
+            hold=self._owner(),
         )
+        job = self._store.jobs.insert(new)
         log.info("inbox.accepted", job_id=job_id, source=source, requests=copy.request_count)
         return job
 
@@ -397,19 +397,18 @@ class Inbox:
         }
         event = build_event(settings, "batch.rejected", data, now=now, job_webhook_url=None)
         try:
-            job = self._store.insert_job(
+            rejected = RejectedJob(
                 id=job_id,
                 name=outbox_name(source),
                 source=source,
-                state=JobState.REJECTED,
                 provider=settings.provider.kind,
                 claimed_path=str(claimed),
                 rejected_path=str(target),
                 report_path=str(report_path),
                 reason=rejection.reason,
                 finished_at=now,
-                events_=[event],
             )
+            job = self._store.jobs.insert_rejected(rejected, [event])
         except BaseException:
             # Not committed: give the name back (the report is ours, written a moment ago), so
             # that the retry after recover() does not leave a report without its file.

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from batchd.models import CREATING, PENDING, REFUSED, SKIPPED, Job, JobState, RemoteBatchRecord, RemoteStatus
+from batchd.models import BatchStatus, Job, JobState, RemoteBatchRecord, RemoteStatus
 
 #: When at least this many jobs are in flight, one list call serves them all instead of a get each.
 SWEEP_MIN_JOBS = 3
@@ -60,12 +60,27 @@ IN_FLIGHT = (JobState.VALIDATING, JobState.IN_PROGRESS, JobState.FINALIZING, Job
 _ADVANCE = (JobState.VALIDATING, JobState.IN_PROGRESS, JobState.FINALIZING, JobState.CANCELLING)
 
 
-def is_live(status: str) -> bool:
-    """A remote batch the provider holds and has not ended."""
-    try:
-        return not RemoteStatus(status).terminal
-    except ValueError:
-        return False
+#: How an accepted job may end (`rejected` is only ever inserted, never reached).
+ENDINGS = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED})
+#: The states a live job may move to from each state. A crash can leave a job's row behind its
+#: batches (e.g. `uploading` with every batch created), and a sweep's answer may name only some
+#: of a round's batches, so within a round any live state may follow any other. What never
+#: happens: leaving an ending, going back to `received`, entering `rejected`, or moving on
+#: from `downloading` other than by a follow-up round (`uploading`) or an ending.
+NEXT_STATES: dict[JobState, frozenset[JobState]] = {
+    JobState.RECEIVED: frozenset({JobState.UPLOADING}) | ENDINGS,
+    **{
+        state: frozenset(IN_FLIGHT) | {JobState.UPLOADING, JobState.SUBMITTING, JobState.DOWNLOADING} | ENDINGS
+        for state in (JobState.UPLOADING, JobState.SUBMITTING, *IN_FLIGHT)
+    },
+    JobState.DOWNLOADING: frozenset({JobState.UPLOADING}) | ENDINGS,
+    **{state: frozenset() for state in JobState if state.terminal},
+}
+
+
+def may_move(before: JobState, after: JobState) -> bool:
+    """Whether the life cycle lets a job go from `before` to `after` (staying put always may)."""
+    return after == before or after in NEXT_STATES[before]
 
 
 def current_round(job: Job, batches: Sequence[RemoteBatchRecord]) -> list[RemoteBatchRecord]:
@@ -83,10 +98,10 @@ def next_action(job: Job, batches: Sequence[RemoteBatchRecord], now: float) -> A
     if not rows:
         # Cancelled before anything was planned: nothing can exist remotely; end here.
         return Action(Step.DOWNLOAD, now) if job.cancel_requested else Action(Step.PLAN, due)
-    waiting = tuple(b for b in rows if b.status in (PENDING, CREATING))
+    waiting = tuple(b for b in rows if b.status.waiting)
     if waiting:
         return Action(Step.SUBMIT, due, waiting)
-    live = tuple(b for b in rows if is_live(b.status))
+    live = tuple(b for b in rows if b.status.live)
     if job.cancel_requested and job.state != JobState.CANCELLING and live:
         return Action(Step.CANCEL, now, live)
     if live:
@@ -97,16 +112,16 @@ def next_action(job: Job, batches: Sequence[RemoteBatchRecord], now: float) -> A
 def summary_state(rows: Sequence[RemoteBatchRecord], *, cancelling: bool) -> JobState:
     """The job state that sums up a round's remote batches."""
     statuses = {b.status for b in rows}
-    if PENDING in statuses:
+    if BatchStatus.PENDING in statuses:
         return JobState.UPLOADING
-    if CREATING in statuses:
+    if BatchStatus.CREATING in statuses:
         return JobState.SUBMITTING
-    live = [RemoteStatus(b.status) for b in rows if is_live(b.status)]
+    live = [b.status.remote for b in rows if b.status.live]
     if not live:
         return JobState.DOWNLOADING
     if cancelling:
         return JobState.CANCELLING
-    return min((state_for_remote(s) for s in live), key=_ADVANCE.index)
+    return min((state_for_remote(s) for s in live if s is not None), key=_ADVANCE.index)
 
 
 def state_for_remote(status: RemoteStatus) -> JobState:
@@ -146,11 +161,11 @@ def use_sweep(in_flight: int) -> bool:
 #: Why a request ended unanswered, most significant first: when a round's batches ended
 #: differently, the unanswered requests carry the first cause that applies.
 _CAUSES = (
-    (REFUSED, "not_submitted"),
-    (SKIPPED, "batch_cancelled"),
-    (RemoteStatus.CANCELLED.value, "batch_cancelled"),
-    (RemoteStatus.EXPIRED.value, "batch_expired"),
-    (RemoteStatus.FAILED.value, "batch_failed"),
+    (BatchStatus.REFUSED, "not_submitted"),
+    (BatchStatus.SKIPPED, "batch_cancelled"),
+    (BatchStatus.CANCELLED, "batch_cancelled"),
+    (BatchStatus.EXPIRED, "batch_expired"),
+    (BatchStatus.FAILED, "batch_failed"),
 )
 
 

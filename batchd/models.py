@@ -89,6 +89,52 @@ class RemoteStatus(StrEnum):
         )
 
 
+class BatchStatus(StrEnum):
+    """Where one of a job's remote batches is, as batchd records it (the `remote_batches.status`
+    column): batchd's own steps before the provider holds the batch, then the provider's status."""
+
+    #: planned, not uploaded yet
+    PENDING = "pending"
+    #: uploaded; the intent to create is committed (the create may be under way)
+    CREATING = "creating"
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    CANCELLING = "cancelling"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    #: never created: the job was cancelled first
+    SKIPPED = "skipped"
+    #: never created: the provider refused its upload or its create for good
+    REFUSED = "refused"
+
+    @classmethod
+    def of(cls, remote: RemoteStatus) -> BatchStatus:
+        """The record of a status the provider reported."""
+        return cls(remote.value)
+
+    @property
+    def waiting(self) -> bool:
+        """Not created yet: the submit step uploads or creates it."""
+        return self in (BatchStatus.PENDING, BatchStatus.CREATING)
+
+    @property
+    def remote(self) -> RemoteStatus | None:
+        """The provider's status, once the provider holds the batch; None before (or never)."""
+        try:
+            return RemoteStatus(self.value)
+        except ValueError:
+            return None
+
+    @property
+    def live(self) -> bool:
+        """The provider holds the batch and has not ended it: it is polled."""
+        remote = self.remote
+        return remote is not None and not remote.terminal
+
+
 class BatchEndpoint:
     """Endpoints a batch may target (the seed's names)."""
 
@@ -304,7 +350,7 @@ class RemoteBatchRecord:
     shard: int
     input_file_id: str
     remote_id: str | None
-    status: str
+    status: BatchStatus
     create_attempts: int
     intent_at: float
     updated_at: float
@@ -318,14 +364,6 @@ class RemoteBatchRecord:
     request_count: int | None = None
     size_bytes: int | None = None
     sha256: str | None = None
-
-
-#: Local statuses of a remote batch row besides the provider's (RemoteStatus values).
-PENDING = "pending"  #: planned, not uploaded yet
-CREATING = "creating"  #: uploaded; the intent to create is committed
-SKIPPED = "skipped"  #: never created: the job was cancelled first
-REFUSED = "refused"  #: never created: the provider refused its upload or its create for good
-LOCAL_ENDS = frozenset({SKIPPED, REFUSED})
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from batchd.config import Settings
 from batchd.inbox import job_files_dir
 from batchd.models import Job, JobState
 from batchd.shards import write_followups
-from batchd.store import Store
+from batchd.store import NewJob, Store
 
 
 class NothingToRetry(Exception):
@@ -34,11 +34,10 @@ def retry_job(store: Store, settings: Settings, job: Job) -> Job:
     if count == 0:
         raise NothingToRetry(f"every request of job {job.short_id} succeeded: nothing to retry")
     digest = hashlib.sha256(upload.read_bytes()).hexdigest()
-    return store.insert_job(
+    new = NewJob(
         id=new_id,
         name=job.name,
         source=job.source,
-        state=JobState.RECEIVED,
         provider=settings.provider.kind,
         endpoint=job.endpoint,
         claimed_path=job.claimed_path,
@@ -52,3 +51,4 @@ def retry_job(store: Store, settings: Settings, job: Job) -> Job:
         webhook_url=job.webhook_url,
         metadata=dict(job.metadata),
     )
+    return store.jobs.insert(new)

@@ -259,7 +259,8 @@ class Deliverer:
                 await self.run_due(tg)
                 # An endpoint with a full queue is looked at again when one of its attempts ends (a poke).
                 exclude, full = frozenset(self._in_flight), self._full_endpoints()
-                next_at = await anyio.to_thread.run_sync(partial(self._store.next_delivery_at, exclude, skip_urls=full))
+                next_due = partial(self._store.deliveries.next_due_at, exclude, skip_urls=full)
+                next_at = await anyio.to_thread.run_sync(next_due)
             except Exception:
                 # A locked or vanished database must not end deliveries for the daemon's lifetime.
                 log.exception("webhook.loop_failed")
@@ -287,13 +288,13 @@ class Deliverer:
             # Held long enough for a queued attempt to run out its timeout, and at least a job lease.
             lease_s = max(settings.cluster.lease_s, 4 * settings.delivery.timeout_s)
             due = await anyio.to_thread.run_sync(
-                lambda: self._store.due_deliveries(
+                lambda: self._store.deliveries.due(
                     self._clock(), limit=DUE_BATCH, exclude=exclude, skip_urls=full, owner=self._owner, lease_s=lease_s
                 )
             )
             # An endpoint that answered 410 stays disabled: Store.disable_endpoint parks what was
             # pending then, and an event created later is parked here rather than sent to it again.
-            disabled = await anyio.to_thread.run_sync(self._store.disabled_endpoints) if due else {}
+            disabled = await anyio.to_thread.run_sync(self._store.deliveries.disabled_endpoints) if due else {}
             for delivery in due:
                 if delivery.id in self._in_flight or delivery.id in ended:
                     continue
@@ -386,7 +387,8 @@ class Deliverer:
         if outcome.status == 410:
             bound.warning("webhook.endpoint_gone", status=410)
             await self._record(delivery.id, {"attempts": attempts, "last_status": 410})
-            await anyio.to_thread.run_sync(self._store.disable_endpoint, delivery.url, "410 Gone from the receiver")
+            gone = "410 Gone from the receiver"
+            await anyio.to_thread.run_sync(self._store.deliveries.disable_endpoint, delivery.url, gone)
             metrics.webhook("gone")
             return outcome
         delays = self._settings().delivery.retry_delays_s
@@ -429,7 +431,7 @@ class Deliverer:
                 commit.started = True
                 self._commit = _Commit()
                 try:
-                    await anyio.to_thread.run_sync(self._store.record_outcomes, commit.outcomes)
+                    await anyio.to_thread.run_sync(self._store.deliveries.record_outcomes, commit.outcomes)
                 except BaseException as exc:
                     commit.error = exc
                     raise

@@ -44,7 +44,7 @@ def start(h: Harness, homes: list[Workspace]) -> list[DaemonProcess]:
 def jobs_by_owner(h: Harness) -> Counter[str | None]:
     store = Store(h.ws.database_url)
     try:
-        return Counter(job.owner for job in store.list_jobs())
+        return Counter(job.owner for job in store.jobs.select())
     finally:
         store.close()
 

@@ -154,7 +154,7 @@ async def test_sigterm_mid_job_then_restart_finishes_without_a_second_batch(tmp_
         assert h.receiver.hooks == []
 
         store = Store(h.ws.database_url)
-        (job,) = store.list_jobs()
+        (job,) = store.jobs.select()
         store.close()
         assert job.state.value in ("validating", "in_progress")
 

@@ -204,9 +204,7 @@ async def test_operator_commands_beside_a_running_daemon_and_a_cancel_that_keeps
         # Three answered, two held: the provider reports 60 %, and the daemon's next poll records it.
         store = Store(h.ws.database_url)
         try:
-            await eventually(
-                lambda: any(b.progress == 60.0 for bs in store.remote_batches_by_job().values() for b in bs), 30
-            )
+            await eventually(lambda: any(b.progress == 60.0 for bs in store.batches.by_job().values() for b in bs), 30)
         finally:
             store.close()
 

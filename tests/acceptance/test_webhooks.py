@@ -42,7 +42,7 @@ def by_event(hooks: list[Hook]) -> dict[str, list[Hook]]:
 def stored_bodies(ws: Workspace) -> dict[str, bytes]:
     store = Store(ws.database_url)
     try:
-        return {d.event_id: d.body for d in store.deliveries()}
+        return {d.event_id: d.body for d in store.deliveries.select()}
     finally:
         store.close()
 

@@ -77,12 +77,12 @@ async def failover(files: int, lease_s: float) -> dict[str, float]:
                 await eventually(lambda: sum(len(d.logs_named("job.batch_created")) for d in procs) >= files, 300)
                 store = Store(h.ws.database_url)
                 try:
-                    owners = Counter(job.owner for job in store.active_jobs())
+                    owners = Counter(job.owner for job in store.jobs.live())
                     victim_id, held = owners.most_common(1)[0]
                     victim = next(d for d in procs if d.logs_named("daemon.registered")[0]["daemon_id"] == victim_id)
                     victim.proc.kill()
                     killed = time.monotonic()
-                    await eventually(lambda: not any(j.owner == victim_id for j in store.active_jobs()), 300)
+                    await eventually(lambda: not any(j.owner == victim_id for j in store.jobs.live()), 300)
                     took = time.monotonic() - killed
                 finally:
                     store.close()

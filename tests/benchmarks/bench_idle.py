@@ -51,12 +51,12 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import insert
 
-from batchd import store as store_tables
 from batchd.emulator.app import create_app
 from batchd.emulator.server import serve_emulator
 from batchd.providers.together import TogetherProvider
 from batchd.retry import RetryPolicy
 from batchd.store import Store
+from batchd.store import schema as store_tables
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 60.0

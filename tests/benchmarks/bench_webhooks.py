@@ -72,6 +72,7 @@ from tests.benchmarks.bench_intake_latency import (
     summary,
     wait_for_log,
 )
+from tests.store_helpers import add_job
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 LATENCY_GOAL_MS = 50.0
@@ -216,7 +217,7 @@ async def run_latency(root: Path, jobs: int, daemon_log: IO[bytes]) -> LatencyRe
                     await process.wait()
     store = Store(f"sqlite:///{root / 'state' / 'batchd.db'}")
     try:
-        finished = {job.id: job.finished_at for job in store.list_jobs()}
+        finished = {job.id: job.finished_at for job in store.jobs.select()}
     finally:
         store.close()
     logged = {
@@ -291,10 +292,7 @@ async def run_throughput(root: Path, events: int) -> ThroughputRun:
             for index in range(events):
                 data = {"id": f"job-{index}", "name": f"bench-{index}", "status": "completed"}
                 event = build_event(settings, "batch.completed", data, now=time.time(), job_webhook_url=None)
-                store.insert_job(
-                    id=f"job-{index}", name=f"bench-{index}", source="bench.jsonl", state=JobState.COMPLETED,
-                    provider="local", events_=[event],
-                )  # fmt: skip
+                add_job(store, f"job-{index}", f"bench-{index}", state=JobState.COMPLETED, events=[event])
             insert_s = time.perf_counter() - start
             async with http_client(follow_redirects=False) as http:
                 deliverer = Deliverer(store, lambda: settings, http, rng=random.Random(1))
@@ -303,11 +301,11 @@ async def run_throughput(root: Path, events: int) -> ThroughputRun:
                     tg.start_soon(deliverer.serve, tg)
                     with anyio.fail_after(STEP_TIMEOUT_S + events / 50):
                         # The Deliverer signals nothing when it is done: ask the store, as `run --once` does.
-                        while await anyio.to_thread.run_sync(store.pending_delivery_count):  # noqa: ASYNC110
+                        while await anyio.to_thread.run_sync(store.deliveries.pending_count):  # noqa: ASYNC110
                             await anyio.sleep(0.05)
                     drain_s, cpu_s = time.perf_counter() - start, cpu_seconds() - cpu0
                     tg.cancel_scope.cancel()
-            delivered = sum(1 for d in store.deliveries() if d.state == "delivered")
+            delivered = sum(1 for d in store.deliveries.select() if d.state == "delivered")
         finally:
             store.close()
     finally:

@@ -71,7 +71,7 @@ class Rig:
         assert result.drained
 
     def job(self, name: str) -> Job:
-        (job,) = [j for j in self.store.list_jobs() if j.name == name]
+        (job,) = [j for j in self.store.jobs.select() if j.name == name]
         return job
 
     def outbox_lines(self, name: str, file: str) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ async def test_a_create_whose_answer_was_lost_is_adopted_not_repeated(tmp_path: 
         assert r.job("lost").state is JobState.COMPLETED
         assert len((await r.stats())["batch_creates"]) == 1
         assert "job.batch_adopted" in [e["event"] for e in logs]
-        (batch,) = r.store.remote_batches(r.job("lost").id)
+        (batch,) = r.store.batches.of_job(r.job("lost").id)
         assert batch.create_attempts == 1
 
 
@@ -79,14 +79,14 @@ async def test_cancel_while_in_flight_keeps_what_was_answered(tmp_path: Path) ->
         r.drop("cancel.jsonl", [chat("a"), chat("b")])
         async with anyio.create_task_group() as tg:
             tg.start_soon(r.drain)
-            await eventually(lambda: bool(r.store.list_jobs()) and r.job("cancel").state is JobState.VALIDATING)
-            r.store.update_job(r.job("cancel").id, cancel_requested=True)
+            await eventually(lambda: bool(r.store.jobs.select()) and r.job("cancel").state is JobState.VALIDATING)
+            r.store.jobs.request_cancel(r.job("cancel").id)
             r.daemon.wake()
         job = r.job("cancel")
         assert job.state is JobState.CANCELLED
         codes = {e["custom_id"]: e["error"]["code"] for e in r.outbox_lines("cancel", "errors.jsonl")}
         assert codes == {"a": "batch_cancelled", "b": "batch_cancelled"}
-        assert r.store.deliveries(job_id=job.id) == []  # no endpoint configured, none queued
+        assert r.store.deliveries.select(job_id=job.id) == []  # no endpoint configured, none queued
 
 
 async def test_cancel_before_submission_never_reaches_the_provider(tmp_path: Path) -> None:
@@ -95,7 +95,7 @@ async def test_cancel_before_submission_never_reaches_the_provider(tmp_path: Pat
         r.daemon.inbox.ensure_folders()
         job = r.daemon.inbox.take(r.settings.inbox_dir / "early.jsonl")
         assert job is not None
-        r.store.update_job(job.id, cancel_requested=True)
+        r.store.jobs.request_cancel(job.id)
         await r.drain()
         assert r.job("early").state is JobState.CANCELLED
         assert (await r.stats())["requests"].get("POST /v1/files", 0) == 0
@@ -109,9 +109,7 @@ async def test_many_jobs_in_flight_are_polled_with_one_list_call(tmp_path: Path)
         async with anyio.create_task_group() as tg:
             tg.start_soon(r.drain)
             await eventually(
-                lambda: (
-                    len(r.store.list_jobs()) == 4 and all(j.state is JobState.VALIDATING for j in r.store.list_jobs())
-                )
+                lambda: len(jobs := r.store.jobs.select()) == 4 and all(j.state is JobState.VALIDATING for j in jobs)
             )
             # A round started while fewer were in flight asks for its batches one by one, rightly. The
             # window opens once a sweep has been asked for since and no round is running: ticks run one
@@ -123,8 +121,8 @@ async def test_many_jobs_in_flight_are_polled_with_one_list_call(tmp_path: Path)
                     await anyio.sleep(0.02)
             before = (await r.stats())["requests"]
             # ...and closes once every job has been polled again (each poll moves its next check).
-            checks = {j.id: j.next_check_at for j in r.store.list_jobs()}
-            await eventually(lambda: all(j.next_check_at != checks[j.id] for j in r.store.list_jobs()))
+            checks = {j.id: j.next_check_at for j in r.store.jobs.select()}
+            await eventually(lambda: all(j.next_check_at != checks[j.id] for j in r.store.jobs.select()))
             after = (await r.stats())["requests"]
             await r.control("POST", "resume")
         sweeps = after.get("GET /v1/batches", 0) - before.get("GET /v1/batches", 0)
@@ -132,7 +130,7 @@ async def test_many_jobs_in_flight_are_polled_with_one_list_call(tmp_path: Path)
             v for k, v in before.items() if k.startswith("GET /v1/batches/")
         )
         assert sweeps >= 1 and singles == 0
-        assert all(j.state is JobState.COMPLETED for j in r.store.list_jobs())
+        assert all(j.state is JobState.COMPLETED for j in r.store.jobs.select())
 
 
 async def test_a_claim_without_a_job_row_is_taken_again_at_start(tmp_path: Path) -> None:

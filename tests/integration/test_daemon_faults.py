@@ -49,7 +49,7 @@ async def test_every_job_completes_under_twenty_percent_random_faults(
         with capture_logs() as logs:
             result = await r.daemon.run(once=True, timeout=90)
         stats = await r.stats()
-        jobs = {job.name: job for job in r.store.list_jobs()}
+        jobs = {job.name: job for job in r.store.jobs.select()}
         settings = r.settings
 
     assert result.drained

@@ -46,7 +46,7 @@ async def test_a_create_whose_answer_was_lost_is_adopted_by_its_metadata(tmp_pat
         assert job.state is JobState.COMPLETED
         assert len((await r.control("GET", "stats"))["batch_creates"]) == 1
         assert "job.batch_adopted" in [e["event"] for e in logs]
-        (batch,) = r.store.remote_batches(job.id)
+        (batch,) = r.store.batches.of_job(job.id)
         assert batch.create_attempts == 1
         assert batch.remote_id is not None
         assert (await r.provider.get_batch(batch.remote_id)).metadata == {"batchd_job_id": job.id}

@@ -20,8 +20,9 @@ from sqlalchemy.pool import NullPool
 from batchd import metrics
 from batchd.health import STUCK_AFTER_TICKS, Health, LoopMonitor, create_metrics_app
 from batchd.models import Job, JobState
-from batchd.store import Store, schema_version
+from batchd.store import NextCheck, Store, schema_version
 from tests.databases import database_url, is_sqlite
+from tests.store_helpers import add_job, end_job
 
 pytestmark = pytest.mark.each_database
 
@@ -35,7 +36,7 @@ class Clock:
 
 
 def new_job(store: Store, name: str, state: JobState) -> Job:
-    return store.insert_job(id=name.ljust(32, "0"), name=name, source=f"{name}.jsonl", state=state, provider="local")
+    return add_job(store, name.ljust(32, "0"), name, state=state)
 
 
 @asynccontextmanager
@@ -62,10 +63,11 @@ async def test_status_is_sent_on_the_first_tick_on_change_and_when_old(tmp_path:
         await monitor.tick([a])
         assert len(sent) == 1  # nothing changed
 
-        a = store.update_job(a.id, state=JobState.DOWNLOADING)
+        check = NextCheck(JobState.DOWNLOADING, 5.0, store.now())
+        a = store.jobs.record_answer(a.id, expect=JobState.IN_PROGRESS, check=check)
         await monitor.tick([a])
         assert sent[-1].startswith("STATUS=1 active (1 downloading)")
-        store.update_job(a.id, state=JobState.COMPLETED)
+        end_job(store, a.id, JobState.COMPLETED, expect=JobState.DOWNLOADING)
         await monitor.tick([])
         assert sent[-1] == "STATUS=0 active; 2 done (1 completed, 1 rejected); 0 webhooks pending"
 

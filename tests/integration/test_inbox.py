@@ -99,7 +99,7 @@ def assert_rejected(env: Env, job: Job, dropped: str, content: bytes, *, as_name
     """Everything a user sees of a rejection; returns the report's text."""
     name = as_name or dropped
     assert job.state is JobState.REJECTED
-    assert env.store.get_job(job.id) == job
+    assert env.store.jobs.get(job.id) == job
     assert not os.path.lexists(env.inbox_dir / dropped)
     moved = env.inbox_dir / "rejected" / name
     assert job.rejected_path == str(moved)
@@ -111,9 +111,9 @@ def assert_rejected(env: Env, job: Job, dropped: str, content: bytes, *, as_name
     assert job.report_path == str(report_path)
     report = report_path.read_text(encoding="utf-8")
     assert dropped in report
-    (delivery,) = env.store.deliveries(job_id=job.id)
+    (delivery,) = env.store.deliveries.select(job_id=job.id)
     assert (delivery.event_type, delivery.url, delivery.state) == ("batch.rejected", HOOK, "pending")
-    assert delivery.id in {d.id for d in env.store.due_deliveries(1000.0)}
+    assert delivery.id in {d.id for d in env.store.deliveries.due(1000.0)}
     data = json.loads(delivery.body)["data"]
     assert data["id"] == job.id
     assert data["status"] == "rejected"
@@ -319,7 +319,7 @@ def test_a_webhook_url_inside_the_allow_list_is_accepted(env: Env) -> None:
     job = env.take("s.json")
     assert job.state is JobState.RECEIVED
     assert job.webhook_url == ALLOWED + "team-a"
-    assert env.store.deliveries(job_id=job.id) == []
+    assert env.store.deliveries.select(job_id=job.id) == []
 
 
 # ---------------------------------------------------------------- ignored entries
@@ -338,7 +338,7 @@ def test_ignored_entries_are_left_alone(env: Env) -> None:
     for name in ignored:
         assert (env.inbox_dir / name).read_bytes() == GOOD
     assert (env.inbox_dir / "data" / "z.jsonl").read_bytes() == GOOD
-    assert env.store.list_jobs() == []
+    assert env.store.jobs.select() == []
     assert list((env.inbox_dir / ".batchd" / "claimed").iterdir()) == []
 
 
@@ -373,8 +373,8 @@ def test_a_plain_request_file_is_claimed(env: Env) -> None:
     assert (job.request_count, job.endpoint) == (2, "/v1/chat/completions")
     assert (job.sha256, job.size_bytes) == (hashlib.sha256(GOOD).hexdigest(), len(GOOD))
     assert job.completion_window == "24h"
-    assert env.store.get_job(job.id) == job
-    assert env.store.deliveries(job_id=job.id) == []
+    assert env.store.jobs.get(job.id) == job
+    assert env.store.deliveries.select(job_id=job.id) == []
 
 
 def test_a_spec_overrides_the_model_in_the_upload_copy_only(env: Env) -> None:
@@ -441,7 +441,7 @@ def test_recover_removes_an_empty_claim_folder(env: Env) -> None:
     claim.mkdir()
     assert env.inbox.recover() == []
     assert not claim.exists()
-    assert env.store.list_jobs() == []
+    assert env.store.jobs.select() == []
 
 
 def test_recover_finishes_a_rejection_interrupted_before_the_move(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -454,7 +454,7 @@ def test_recover_finishes_a_rejection_interrupted_before_the_move(env: Env, monk
     with pytest.raises(Crash):
         env.inbox.take(env.inbox_dir / "bad.jsonl")
     monkeypatch.undo()
-    (job,) = env.store.list_jobs()
+    (job,) = env.store.jobs.select()
     assert job.state is JobState.REJECTED
     assert Path(str(job.claimed_path)).read_bytes() == content
     assert not Path(str(job.rejected_path)).exists()
@@ -463,7 +463,7 @@ def test_recover_finishes_a_rejection_interrupted_before_the_move(env: Env, monk
     report = assert_rejected(env, job, "bad.jsonl", content)
     assert "line 2: json:" in report
     assert env.inbox.recover() == []  # nothing left to do; no second event
-    assert len(env.store.deliveries()) == 1
+    assert len(env.store.deliveries.select()) == 1
 
 
 def test_recover_finishes_a_rejection_interrupted_before_its_commit(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -471,11 +471,11 @@ def test_recover_finishes_a_rejection_interrupted_before_its_commit(env: Env, mo
         raise Crash
 
     env.drop("x.csv", b"a,b\n")
-    monkeypatch.setattr(env.store, "insert_job", crash)
+    monkeypatch.setattr(env.store.jobs, "insert_rejected", crash)
     with pytest.raises(Crash):
         env.inbox.take(env.inbox_dir / "x.csv")
     monkeypatch.undo()
-    assert env.store.list_jobs() == []
+    assert env.store.jobs.select() == []
     assert list((env.inbox_dir / "rejected").iterdir()) == []
     (job,) = env.inbox.recover()
     assert_rejected(env, job, "x.csv", b"a,b\n")
@@ -492,7 +492,7 @@ def test_two_daemons_rejecting_the_same_name_keep_both_files(env: Env, monkeypat
     with pytest.raises(Crash):
         env.inbox.take(env.inbox_dir / "x.csv")
     monkeypatch.undo()
-    (job_a,) = env.store.list_jobs()
+    (job_a,) = env.store.jobs.select()
     # ...when daemon B, sharing the inbox, rejects another x.csv.
     other = Inbox(lambda: env.settings, env.store)
     env.drop("x.csv", b"from B")
@@ -527,7 +527,7 @@ def test_two_takes_of_one_path_make_one_job(env: Env) -> None:
     first = env.inbox.take(env.inbox_dir / "x.jsonl")
     second = env.inbox.take(env.inbox_dir / "x.jsonl")
     assert first is not None and second is None
-    assert [j.id for j in env.store.list_jobs()] == [first.id]
+    assert [j.id for j in env.store.jobs.select()] == [first.id]
     assert [p.name for p in (env.inbox_dir / ".batchd" / "claimed").iterdir()] == [first.id]
 
 

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import inspect
 
-from batchd.models import JobState, NewEvent
-from batchd.store import LEASE, SCHEMA_VERSION, Lease, StaleState, Store
+from batchd.models import BatchStatus, JobState, NewEvent, RemoteBatch, RemoteStatus
+from batchd.store import (
+    LEASE,
+    SCHEMA_VERSION,
+    Ending,
+    IllegalTransition,
+    Lease,
+    NextCheck,
+    ShardPlan,
+    StaleState,
+    Store,
+)
 from tests.databases import SQLITE, database_url
+from tests.store_helpers import add_job, end_job
 
 pytestmark = pytest.mark.each_database
 
@@ -26,7 +38,11 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def new_job(store: Store, job_id: str = "a" * 32, name: str = "x", **kw: Any) -> None:
-    store.insert_job(id=job_id, name=name, source=f"{name}.jsonl", state=JobState.RECEIVED, provider="local", **kw)
+    add_job(store, job_id, name, **kw)
+
+
+def answered(state: JobState) -> NextCheck:
+    return NextCheck(state, 5.0, 1005.0)
 
 
 def test_migrate_is_idempotent_and_versioned(tmp_path: Path, store: Store) -> None:
@@ -48,10 +64,30 @@ def test_sqlite_pragmas(store: Store, database_kind: str) -> None:
 
 def test_a_transition_expects_a_state(store: Store) -> None:
     new_job(store)
-    store.update_job("a" * 32, expect=JobState.RECEIVED, state=JobState.UPLOADING)
+    store.batches.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[])
     with pytest.raises(StaleState):
-        store.update_job("a" * 32, expect=JobState.RECEIVED, state=JobState.UPLOADING)
-    assert store.get_job("a" * 32).state is JobState.UPLOADING  # type: ignore[union-attr]
+        store.batches.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[])
+    assert store.jobs.get("a" * 32).state is JobState.UPLOADING  # type: ignore[union-attr]
+    with pytest.raises(StaleState):
+        store.jobs.back_off("a" * 32, expect=JobState.RECEIVED, attempts=1, next_check_at=1001.0, error="late")
+    store.jobs.record_answer("a" * 32, expect=JobState.UPLOADING, check=answered(JobState.VALIDATING))
+    assert store.jobs.get("a" * 32).state is JobState.VALIDATING  # type: ignore[union-attr]
+
+
+def test_a_move_the_life_cycle_never_makes_is_refused(store: Store) -> None:
+    new_job(store)
+    with pytest.raises(IllegalTransition):  # only planning a round leaves `received`
+        store.jobs.record_answer("a" * 32, expect=JobState.RECEIVED, check=answered(JobState.IN_PROGRESS))
+    with pytest.raises(IllegalTransition):  # an ending comes only through finish(), with its events
+        store.jobs.record_answer("a" * 32, expect=JobState.RECEIVED, check=answered(JobState.COMPLETED))
+    end_job(store, "a" * 32, JobState.CANCELLED, expect=JobState.RECEIVED)
+    with pytest.raises(IllegalTransition):  # nothing leaves an ending
+        store.batches.plan_round("a" * 32, expect=JobState.CANCELLED, round_=1, shards=[])
+    with pytest.raises(IllegalTransition):
+        end_job(store, "a" * 32, JobState.COMPLETED, expect=JobState.CANCELLED)
+    with pytest.raises(StaleState):  # a cancel asked for too late
+        store.jobs.request_cancel("a" * 32)
+    assert store.jobs.get("a" * 32).state is JobState.CANCELLED  # type: ignore[union-attr]
 
 
 def test_terminal_transition_commits_its_events_together(store: Store) -> None:
@@ -62,9 +98,9 @@ def test_terminal_transition_commits_its_events_together(store: Store) -> None:
         body=b'{"a":1}',
         targets=[("https://a/", "config"), ("https://h/x", "inbox")],
     )
-    job = store.update_job("a" * 32, state=JobState.COMPLETED, events_=[event])
+    job = end_job(store, "a" * 32, JobState.COMPLETED, [event], expect=JobState.RECEIVED)
     assert job.finished_at == 1000.0
-    due = store.due_deliveries(1000.0)
+    due = store.deliveries.due(1000.0)
     assert [(d.url, d.secret_ref, d.body, d.event_type) for d in due] == [
         ("https://a/", "config", b'{"a":1}', "batch.completed"),
         ("https://h/x", "inbox", b'{"a":1}', "batch.completed"),
@@ -75,56 +111,64 @@ def test_a_failed_transition_inserts_no_event(store: Store) -> None:
     new_job(store)
     event = NewEvent(id="evt_1", type="batch.completed", body=b"{}", targets=[("https://a/", "config")])
     with pytest.raises(StaleState):
-        store.update_job("a" * 32, expect=JobState.DOWNLOADING, state=JobState.COMPLETED, events_=[event])
-    assert store.pending_delivery_count() == 0
+        end_job(store, "a" * 32, JobState.COMPLETED, [event], expect=JobState.DOWNLOADING)
+    assert store.deliveries.pending_count() == 0
 
 
 def test_find_by_id_prefix_and_name(store: Store) -> None:
     new_job(store, "abc" + "0" * 29, name="alpha")
     new_job(store, "abd" + "0" * 29, name="beta")
-    assert [j.name for j in store.find_jobs("abc")] == ["alpha"]
-    assert [j.name for j in store.find_jobs("beta")] == ["beta"]
-    assert len(store.find_jobs("ab")) == 2
-    assert store.find_jobs("zzz") == []
-    assert store.find_jobs("a%") == []  # LIKE wildcards are escaped
+    assert [j.name for j in store.jobs.find("abc")] == ["alpha"]
+    assert [j.name for j in store.jobs.find("beta")] == ["beta"]
+    assert len(store.jobs.find("ab")) == 2
+    assert store.jobs.find("zzz") == []
+    assert store.jobs.find("a%") == []  # LIKE wildcards are escaped
 
 
-SHARD = {"input_path": "/x/round-0.jsonl", "request_count": 2, "size_bytes": 10, "sha256": "0" * 64}
+SHARD = ShardPlan(input_path="/x/round-0.jsonl", request_count=2, size_bytes=10, sha256="0" * 64)
+
+
+def remote(batch_id: str, status: RemoteStatus) -> RemoteBatch:
+    return RemoteBatch(id=batch_id, status=status, input_file_id="file-1", endpoint="/v1/chat/completions")
 
 
 def test_a_round_is_planned_once_then_uploaded_and_bound(store: Store) -> None:
     new_job(store)
-    (record,) = store.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD], state=JobState.UPLOADING)
+    (record,) = store.batches.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD])
     assert (record.remote_id, record.status, record.input_path, record.round) == (
         None,
-        "pending",
+        BatchStatus.PENDING,
         "/x/round-0.jsonl",
         0,
     )
     with pytest.raises(StaleState):
-        store.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD], state=JobState.UPLOADING)
-    assert len(store.remote_batches("a" * 32)) == 1
-    record = store.update_remote(record.id, expect={"status": "pending"}, input_file_id="file-1", status="creating")
+        store.batches.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD])
+    assert len(store.batches.of_job("a" * 32)) == 1
+    record = store.batches.record_upload(record.id, file_id="file-1", intent_at=1000.0)
     with pytest.raises(StaleState):
-        store.update_remote(record.id, expect={"status": "pending"}, input_file_id="file-2", status="creating")
-    store.update_remote(record.id, remote_id="b1", status="validating", job_values={"state": JobState.VALIDATING})
-    assert store.get_job("a" * 32).state is JobState.VALIDATING  # type: ignore[union-attr]
-    assert store.bound_remote_ids() == {"b1"}
-    assert [b.remote_id for b in store.active_remote_batches()["a" * 32]] == ["b1"]
+        store.batches.record_upload(record.id, file_id="file-2", intent_at=1000.0)
+    bound = store.batches.bind(record.id, remote("b1", RemoteStatus.VALIDATING))
+    assert (bound.remote_id, bound.status, bound.input_file_id) == ("b1", BatchStatus.VALIDATING, "file-1")
+    with pytest.raises(StaleState):  # bound once: another batch is never adopted into the same row
+        store.batches.bind(record.id, remote("b2", RemoteStatus.VALIDATING))
+    store.jobs.record_answer("a" * 32, expect=JobState.UPLOADING, check=answered(JobState.VALIDATING))
+    assert store.jobs.get("a" * 32).state is JobState.VALIDATING  # type: ignore[union-attr]
+    assert store.batches.bound_ids() == {"b1"}
+    assert [b.remote_id for b in store.batches.of_live_jobs()["a" * 32]] == ["b1"]
 
 
 def test_a_tick_keeps_the_objects_of_jobs_and_batches_that_did_not_change(store: Store) -> None:
     new_job(store, "a" * 32, "a")
     new_job(store, "b" * 32, "b")
-    (row_a,) = store.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD], state=JobState.UPLOADING)
-    (row_b,) = store.plan_round("b" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD], state=JobState.UPLOADING)
-    jobs = {job.id: job for job in store.active_jobs()}
-    batches = {row.id: row for rows in store.active_remote_batches().values() for row in rows}
+    (row_a,) = store.batches.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD])
+    (row_b,) = store.batches.plan_round("b" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD])
+    jobs = {job.id: job for job in store.jobs.live()}
+    batches = {row.id: row for rows in store.batches.of_live_jobs().values() for row in rows}
 
-    store.update_job("b" * 32, attempts=1)
-    store.update_remote(row_b.id, input_file_id="file-b", status="creating")
-    again = {job.id: job for job in store.active_jobs(known=jobs)}
-    again_batches = store.active_remote_batches(known=batches)
+    store.jobs.back_off("b" * 32, expect=JobState.UPLOADING, attempts=1, next_check_at=1001.0, error="boom")
+    store.batches.record_upload(row_b.id, file_id="file-b", intent_at=1000.0)
+    again = {job.id: job for job in store.jobs.live(known=jobs)}
+    again_batches = store.batches.of_live_jobs(known=batches)
 
     # One copy in memory of what did not change (a scheduler's poll round may still hold it)...
     assert again["a" * 32] is jobs["a" * 32]
@@ -132,21 +176,21 @@ def test_a_tick_keeps_the_objects_of_jobs_and_batches_that_did_not_change(store:
     # ...and what changed is read afresh.
     assert again["b" * 32] is not jobs["b" * 32] and again["b" * 32].attempts == 1
     assert again_batches["b" * 32][0].status == "creating"
-    assert store.active_jobs()[0] is not jobs["a" * 32]  # without `known`, every object is new
+    assert store.jobs.live()[0] is not jobs["a" * 32]  # without `known`, every object is new
 
 
 def test_delivery_scheduling_and_disabled_endpoints(store: Store) -> None:
     new_job(store)
     event = NewEvent(id="evt_1", type="batch.failed", body=b"{}", targets=[("https://a/", "config")])
-    store.update_job("a" * 32, state=JobState.FAILED, events_=[event])
-    (d,) = store.due_deliveries(1000.0)
-    store.update_delivery(d.id, attempts=1, next_attempt_at=1005.0)
-    assert store.due_deliveries(1004.0) == []
-    assert store.next_delivery_at() == 1005.0
-    store.disable_endpoint("https://a/", "410")
-    assert store.pending_delivery_count() == 0
-    assert store.disabled_endpoints() == {"https://a/": "410"}
-    assert store.deliveries(event_id="evt_1")[0].state == "disabled"
+    end_job(store, "a" * 32, JobState.FAILED, [event], expect=JobState.RECEIVED)
+    (d,) = store.deliveries.due(1000.0)
+    store.deliveries.update_delivery(d.id, attempts=1, next_attempt_at=1005.0)
+    assert store.deliveries.due(1004.0) == []
+    assert store.deliveries.next_due_at() == 1005.0
+    store.deliveries.disable_endpoint("https://a/", "410")
+    assert store.deliveries.pending_count() == 0
+    assert store.deliveries.disabled_endpoints() == {"https://a/": "410"}
+    assert store.deliveries.select(event_id="evt_1")[0].state == "disabled"
 
 
 def test_integrity_after_use(store: Store, tmp_path: Path, database_kind: str) -> None:
@@ -177,82 +221,73 @@ def test_outbox_reservation_is_unique_sticky_and_skips_folders_in_use(store: Sto
     candidates_a = [tmp_path / "report", tmp_path / "report.aaaaaaaa"]
     candidates_b = [tmp_path / "report", tmp_path / "report.bbbbbbbb"]
     nothing_on_disk = lambda _p: False  # noqa: E731
-    assert store.reserve_outbox("a" * 32, candidates_a, nothing_on_disk) == tmp_path / "report"
+    assert store.jobs.reserve_outbox("a" * 32, candidates_a, nothing_on_disk) == tmp_path / "report"
     # The other job with the same name gets the next name, though nothing exists on disk yet.
-    assert store.reserve_outbox("b" * 32, candidates_b, nothing_on_disk) == tmp_path / "report.bbbbbbbb"
+    assert store.jobs.reserve_outbox("b" * 32, candidates_b, nothing_on_disk) == tmp_path / "report.bbbbbbbb"
     # Asked again (a restart), a job keeps its reservation.
-    assert store.reserve_outbox("a" * 32, candidates_a, lambda _p: True) == tmp_path / "report"
+    assert store.jobs.reserve_outbox("a" * 32, candidates_a, lambda _p: True) == tmp_path / "report"
     new_job(store, "c" * 32, name="mine")
     user_folder = tmp_path / "mine"
-    assert store.reserve_outbox("c" * 32, [user_folder, tmp_path / "mine.cccccccc"], lambda p: p == user_folder) == (
-        tmp_path / "mine.cccccccc"
-    )
+    candidates_c = [user_folder, tmp_path / "mine.cccccccc"]
+    assert store.jobs.reserve_outbox("c" * 32, candidates_c, lambda p: p == user_folder) == tmp_path / "mine.cccccccc"
 
 
 def test_values_come_back_as_they_went_in(store: Store) -> None:
     # What each dialect could store differently: JSON, bytes, floats, booleans, big integers, long strings.
     metadata = {"team": "search", "nested": {"n": [1, 2.5, None, True]}, "text": "naïve ✓"}
-    new_job(
-        store,
-        metadata=metadata,
-        size_bytes=5 * 2**30,
-        completion_window="1" * 40 + "h",
-        cancel_requested=True,
-        next_check_at=1_764_000_000.123456,
-        request_counts={"total": 3, "completed": 2, "failed": 1},
-    )
-    job = store.get_job("a" * 32)
-    assert job is not None
+    new_job(store, metadata=metadata, size_bytes=5 * 2**30, completion_window="1" * 40 + "h", state=JobState.UPLOADING)
+    store.jobs.request_cancel("a" * 32)
+    check = NextCheck(JobState.VALIDATING, 5.0, 1_764_000_000.123456)
+    job = store.jobs.record_answer("a" * 32, expect=JobState.UPLOADING, check=check)
     assert (job.metadata, job.size_bytes, job.completion_window) == (metadata, 5 * 2**30, "1" * 40 + "h")
     assert job.cancel_requested is True and job.next_check_at == 1_764_000_000.123456
-    assert job.request_counts == {"total": 3, "completed": 2, "failed": 1} and job.usage is None
+    assert job.request_counts is None and job.usage is None
     new_job(store, "b" * 32)
-    assert store.get_job("b" * 32).metadata == {}  # type: ignore[union-attr]
+    assert store.jobs.get("b" * 32).metadata == {}  # type: ignore[union-attr]
     body = bytes(range(256))
     event = NewEvent(id="evt_b", type="batch.failed", body=body, targets=[("u", "config")])
-    store.update_job("a" * 32, events_=[event])
-    assert store.get_event("evt_b").body == body  # type: ignore[union-attr]
-    assert store.deliveries(event_id="evt_b")[0].body == body
+    counts = {"total": 3, "completed": 2, "failed": 1}
+    job = end_job(store, "a" * 32, JobState.FAILED, [event], expect=JobState.VALIDATING, request_counts=counts)
+    assert job.request_counts == counts and job.usage == {}
+    assert store.deliveries.get_event("evt_b").body == body  # type: ignore[union-attr]
+    assert store.deliveries.select(event_id="evt_b")[0].body == body
 
 
 def test_an_id_prefix_finds_the_same_jobs_whatever_its_case(store: Store) -> None:
     # SQLite's LIKE ignores ASCII case and PostgreSQL's does not: ids are lower-case hex.
     new_job(store, "abc" + "0" * 29, name="alpha")
-    assert [j.name for j in store.find_jobs("ABC")] == ["alpha"]
-    assert store.find_jobs("ab_") == [] and store.find_jobs("ab/") == []
+    assert [j.name for j in store.jobs.find("ABC")] == ["alpha"]
+    assert store.jobs.find("ab_") == [] and store.jobs.find("ab/") == []
 
 
 def test_record_ids_come_from_the_database(store: Store) -> None:
     new_job(store, "a" * 32)
     new_job(store, "b" * 32)
-    (first,) = store.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD], state=JobState.UPLOADING)
-    (second,) = store.plan_round("b" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD], state=JobState.UPLOADING)
+    (first,) = store.batches.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD])
+    (second,) = store.batches.plan_round("b" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD])
     assert second.id > first.id
-    assert [b.id for b in store.remote_batches("b" * 32)] == [second.id]
+    assert [b.id for b in store.batches.of_job("b" * 32)] == [second.id]
     with pytest.raises(StaleState):
-        store.update_remote(first.id, expect={"create_attempts": 5}, create_attempts=6)
-    assert store.update_remote(first.id, expect={"create_attempts": 0}, create_attempts=1).create_attempts == 1
+        store.batches.count_create(replace(first, create_attempts=5))
+    assert store.batches.count_create(first).create_attempts == 1
 
 
 def test_outside_text_with_a_nul_character_is_recorded(store: Store, database_kind: str) -> None:
     # PostgreSQL refuses NUL in text (SQLite keeps it): there it becomes U+FFFD.
     nul = "\x00" if database_kind == SQLITE else "\ufffd"
     new_job(store, model="a\x00b", webhook_url="https://h/\x00")
-    job = store.update_job("a" * 32, last_error="boom\x00", reason="r\x00")
-    assert [job.model, job.webhook_url, job.last_error, job.reason] == [
-        f"a{nul}b",
-        f"https://h/{nul}",
-        f"boom{nul}",
-        f"r{nul}",
-    ]
+    job = store.jobs.back_off("a" * 32, expect=JobState.RECEIVED, attempts=1, next_check_at=1001.0, error="boom\x00")
+    assert [job.model, job.webhook_url, job.last_error] == [f"a{nul}b", f"https://h/{nul}", f"boom{nul}"]
     event = NewEvent(id="evt_n", type="batch.failed", body=b"{}", targets=[("https://h/\x00", "inbox")])
-    store.update_job("a" * 32, events_=[event])
-    (delivery,) = store.due_deliveries(1000.0)
-    store.record_outcomes([(delivery.id, {"attempts": 1, "last_error": "refused\x00"}, None)])
-    assert store.deliveries(event_id="evt_n")[0].last_error == f"refused{nul}"
-    store.disable_endpoint("https://h/\x00", "gone\x00")
-    assert store.disabled_endpoints() == {f"https://h/{nul}": f"gone{nul}"}
-    assert store.deliveries(event_id="evt_n")[0].state == "disabled"
+    ending = Ending(JobState.FAILED, 1000.0, "r\x00", {"total": 0, "completed": 0, "failed": 0}, {})
+    job = store.jobs.finish("a" * 32, expect=JobState.RECEIVED, ending=ending, events=[event])
+    assert job.reason == f"r{nul}"
+    (delivery,) = store.deliveries.due(1000.0)
+    store.deliveries.record_outcomes([(delivery.id, {"attempts": 1, "last_error": "refused\x00"}, None)])
+    assert store.deliveries.select(event_id="evt_n")[0].last_error == f"refused{nul}"
+    store.deliveries.disable_endpoint("https://h/\x00", "gone\x00")
+    assert store.deliveries.disabled_endpoints() == {f"https://h/{nul}": f"gone{nul}"}
+    assert store.deliveries.select(event_id="evt_n")[0].state == "disabled"
 
 
 def test_leases_fence_a_daemon_that_lost_its_job(tmp_path: Path) -> None:
@@ -261,29 +296,30 @@ def test_leases_fence_a_daemon_that_lost_its_job(tmp_path: Path) -> None:
     store.migrate()
     try:
         new_job(store, "a" * 32)
-        assert store.claim_jobs("A", 30.0, limit=10) == {"a" * 32: 1}
-        assert store.claim_jobs("B", 30.0, limit=10) == {}  # held: nobody else takes it
+        assert store.cluster.claim("A", 30.0, limit=10) == {"a" * 32: 1}
+        assert store.cluster.claim("B", 30.0, limit=10) == {}  # held: nobody else takes it
         now[0] += 20
-        assert store.renew_leases("A", 30.0) == {"a" * 32: 1}
+        assert store.cluster.renew("A", 30.0) == {"a" * 32: 1}
         now[0] += 29
-        assert store.claim_jobs("B", 30.0, limit=10) == {}  # renewed: still A's
+        assert store.cluster.claim("B", 30.0, limit=10) == {}  # renewed: still A's
         now[0] += 2  # A stalls past its lease: B takes the job over, at the next claim
-        assert store.claim_jobs("B", 30.0, limit=10) == {"a" * 32: 2}
+        assert store.cluster.claim("B", 30.0, limit=10) == {"a" * 32: 2}
         token = LEASE.set(Lease("A", {"a" * 32: 1}))
         try:
             with pytest.raises(StaleState, match="lease was lost"):
-                store.update_job("a" * 32, state=JobState.UPLOADING)
+                store.batches.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[])
         finally:
             LEASE.reset(token)
         token = LEASE.set(Lease("B", {"a" * 32: 2}))
         try:
-            assert store.update_job("a" * 32, state=JobState.UPLOADING).state is JobState.UPLOADING
+            store.batches.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[])
+            assert store.jobs.get("a" * 32).state is JobState.UPLOADING  # type: ignore[union-attr]
         finally:
             LEASE.reset(token)
-        assert store.renew_leases("A", 30.0) == {}
-        store.release_jobs("B")
-        assert store.get_job("a" * 32).owner is None  # type: ignore[union-attr]
-        assert store.claim_jobs("A", 30.0, limit=10) == {"a" * 32: 3}
+        assert store.cluster.renew("A", 30.0) == {}
+        store.cluster.release("B")
+        assert store.jobs.get("a" * 32).owner is None  # type: ignore[union-attr]
+        assert store.cluster.claim("A", 30.0, limit=10) == {"a" * 32: 3}
     finally:
         store.close()
 
@@ -292,14 +328,14 @@ def test_a_restarted_daemon_takes_over_its_dead_predecessors_jobs_at_once(tmp_pa
     store = Store(database_url(tmp_path / "home.db"), clock=lambda: 1000.0)
     store.migrate()
     try:
-        assert store.register_daemon("old", host="h", pid=1, home="h:/state") == []
+        assert store.cluster.register("old", host="h", pid=1, home="h:/state") == []
         new_job(store, "a" * 32)
-        assert store.claim_jobs("old", 30.0, limit=10) == {"a" * 32: 1}
-        earlier = store.register_daemon("new", host="h", pid=2, home="h:/state")
+        assert store.cluster.claim("old", 30.0, limit=10) == {"a" * 32: 1}
+        earlier = store.cluster.register("new", host="h", pid=2, home="h:/state")
         assert earlier == ["old"]
-        assert store.claim_jobs("new", 30.0, limit=10) == {}  # lease not over yet ...
-        assert store.claim_jobs("new", 30.0, limit=10, dead_owners=earlier) == {"a" * 32: 2}  # ... but dead
-        states = {d["id"]: (d["stopped_at"] is not None, d["jobs"]) for d in store.list_daemons()}
+        assert store.cluster.claim("new", 30.0, limit=10) == {}  # lease not over yet ...
+        assert store.cluster.claim("new", 30.0, limit=10, dead_owners=earlier) == {"a" * 32: 2}  # ... but dead
+        states = {d["id"]: (d["stopped_at"] is not None, d["jobs"]) for d in store.cluster.daemons()}
         assert states == {"old": (True, 0), "new": (False, 1)}
     finally:
         store.close()

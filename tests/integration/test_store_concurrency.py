@@ -20,8 +20,9 @@ import pytest
 from sqlalchemy import event
 
 from batchd.models import JobState, NewEvent
-from batchd.store import SCHEMA_VERSION, StaleState, Store
+from batchd.store import SCHEMA_VERSION, ShardPlan, StaleState, Store
 from tests.databases import POSTGRESQL, database_url
+from tests.store_helpers import add_job, end_job
 
 pytestmark = pytest.mark.each_database(POSTGRESQL)
 
@@ -37,7 +38,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def new_job(store: Store, job_id: str, name: str = "report", state: JobState = JobState.RECEIVED) -> None:
-    store.insert_job(id=job_id, name=name, source=f"{name}.jsonl", state=state, provider="local")
+    add_job(store, job_id, name, state=state)
 
 
 def both(*calls: Callable[[], T]) -> list[T | BaseException]:
@@ -88,15 +89,15 @@ def test_two_jobs_never_reserve_the_same_outbox_folder(store: Store, tmp_path: P
         return False
 
     results = both(
-        lambda: store.reserve_outbox("a" * 32, [tmp_path / "report", tmp_path / "report.a"], nothing_on_disk),
-        lambda: store.reserve_outbox("b" * 32, [tmp_path / "report", tmp_path / "report.b"], nothing_on_disk),
+        lambda: store.jobs.reserve_outbox("a" * 32, [tmp_path / "report", tmp_path / "report.a"], nothing_on_disk),
+        lambda: store.jobs.reserve_outbox("b" * 32, [tmp_path / "report", tmp_path / "report.b"], nothing_on_disk),
     )
     assert not any(isinstance(r, BaseException) for r in results), results
     assert sorted(map(str, results)) in (
         [str(tmp_path / "report"), str(tmp_path / "report.b")],
         [str(tmp_path / "report"), str(tmp_path / "report.a")],
     )
-    held = {j.id: j.outbox_path for j in store.list_jobs()}
+    held = {j.id: j.outbox_path for j in store.jobs.select()}
     assert held == {"a" * 32: str(results[0]), "b" * 32: str(results[1])}
 
 
@@ -104,33 +105,33 @@ def test_a_job_reserved_twice_at_once_keeps_one_folder(store: Store, tmp_path: P
     new_job(store, "a" * 32)
     with meeting_after(store, "outbox_path IN"):
         results = both(
-            lambda: store.reserve_outbox("a" * 32, [tmp_path / "one"], lambda _p: False),
-            lambda: store.reserve_outbox("a" * 32, [tmp_path / "two"], lambda _p: False),
+            lambda: store.jobs.reserve_outbox("a" * 32, [tmp_path / "one"], lambda _p: False),
+            lambda: store.jobs.reserve_outbox("a" * 32, [tmp_path / "two"], lambda _p: False),
         )
     assert results[0] == results[1], results
-    assert store.get_job("a" * 32).outbox_path == str(results[0])  # type: ignore[union-attr]
+    assert store.jobs.get("a" * 32).outbox_path == str(results[0])  # type: ignore[union-attr]
 
 
 def test_one_transition_wins_a_race(store: Store) -> None:
     new_job(store, "a" * 32)
     with meeting_after(store, None):
         results = both(
-            lambda: store.update_job("a" * 32, expect=JobState.RECEIVED, state=JobState.UPLOADING, attempts=1),
-            lambda: store.update_job("a" * 32, expect=JobState.RECEIVED, state=JobState.UPLOADING, attempts=2),
+            lambda: end_job(store, "a" * 32, JobState.CANCELLED, expect=JobState.RECEIVED),
+            lambda: end_job(store, "a" * 32, JobState.FAILED, expect=JobState.RECEIVED),
         )
     assert sorted(type(r).__name__ for r in results) == ["Job", "StaleState"], results
 
 
-SHARD = {"input_path": "/x/round-0.jsonl", "request_count": 1, "size_bytes": 10, "sha256": "0" * 64}
+SHARD = ShardPlan(input_path="/x/round-0.jsonl", request_count=1, size_bytes=10, sha256="0" * 64)
 
 
 def test_one_create_attempt_wins_a_race(store: Store) -> None:
     new_job(store, "a" * 32)
-    (record,) = store.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD], state=JobState.UPLOADING)
+    (record,) = store.batches.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD])
     with meeting_after(store, None):
         results = both(
-            lambda: store.update_remote(record.id, expect={"create_attempts": 0, "remote_id": None}, create_attempts=1),
-            lambda: store.update_remote(record.id, expect={"create_attempts": 0, "remote_id": None}, create_attempts=1),
+            lambda: store.batches.count_create(record),
+            lambda: store.batches.count_create(record),
         )
     assert sorted(type(r).__name__ for r in results) == ["RemoteBatchRecord", "StaleState"], results
     assert isinstance(next(r for r in results if isinstance(r, BaseException)), StaleState)
@@ -140,21 +141,21 @@ def test_one_plan_wins_a_race(store: Store) -> None:
     new_job(store, "a" * 32)
 
     def plan() -> Any:
-        return store.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD], state=JobState.UPLOADING)
+        return store.batches.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD])
 
     with meeting_after(store, None):
         results = both(plan, plan)
     assert sorted(type(r).__name__ for r in results) == ["StaleState", "list"], results
-    assert len(store.remote_batches("a" * 32)) == 1
+    assert len(store.batches.of_job("a" * 32)) == 1
 
 
 def test_one_upload_result_wins_a_race(store: Store) -> None:
     new_job(store, "a" * 32)
-    (record,) = store.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD], state=JobState.UPLOADING)
+    (record,) = store.batches.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD])
     with meeting_after(store, None):
         results = both(
-            lambda: store.update_remote(record.id, expect={"status": "pending"}, input_file_id="f1", status="creating"),
-            lambda: store.update_remote(record.id, expect={"status": "pending"}, input_file_id="f2", status="creating"),
+            lambda: store.batches.record_upload(record.id, file_id="f1", intent_at=1000.0),
+            lambda: store.batches.record_upload(record.id, file_id="f2", intent_at=1000.0),
         )
     assert sorted(type(r).__name__ for r in results) == ["RemoteBatchRecord", "StaleState"], results
 
@@ -162,19 +163,19 @@ def test_one_upload_result_wins_a_race(store: Store) -> None:
 def test_two_410s_at_once_disable_the_endpoint(store: Store) -> None:
     with meeting_after(store, "FROM endpoints"):
         results = both(
-            lambda: store.disable_endpoint("https://gone.example/", "410 Gone"),
-            lambda: store.disable_endpoint("https://gone.example/", "410 Gone"),
+            lambda: store.deliveries.disable_endpoint("https://gone.example/", "410 Gone"),
+            lambda: store.deliveries.disable_endpoint("https://gone.example/", "410 Gone"),
         )
     assert results == [None, None]
-    assert store.disabled_endpoints() == {"https://gone.example/": "410 Gone"}
+    assert store.deliveries.disabled_endpoints() == {"https://gone.example/": "410 Gone"}
 
 
 def test_two_replays_at_once_add_one_delivery(store: Store) -> None:
     new_job(store, "a" * 32)
     event_ = NewEvent(id="evt_1", type="batch.completed", body=b"{}", targets=[("https://a/", "config")])
-    store.update_job("a" * 32, state=JobState.COMPLETED, events_=[event_])
-    (delivery,) = store.deliveries(event_id="evt_1")
-    store.update_delivery(delivery.id, state="delivered")
+    end_job(store, "a" * 32, JobState.COMPLETED, [event_], expect=JobState.RECEIVED)
+    (delivery,) = store.deliveries.select(event_id="evt_1")
+    store.deliveries.update_delivery(delivery.id, state="delivered")
     # The first replay stops after reading the event's deliveries; the second starts meanwhile.
     release = threading.Event()
     stopped = threading.Event()
@@ -185,7 +186,7 @@ def test_two_replays_at_once_add_one_delivery(store: Store) -> None:
             release.wait(10)
 
     def replay() -> dict[str, str]:
-        return store.replay_event("evt_1", [("https://a/", "config")])
+        return store.deliveries.replay_event("evt_1", [("https://a/", "config")])
 
     event.listen(store.engine, "after_cursor_execute", after)
     try:
@@ -201,7 +202,7 @@ def test_two_replays_at_once_add_one_delivery(store: Store) -> None:
         release.set()
         event.remove(store.engine, "after_cursor_execute", after)
     assert outcomes == [{"https://a/": "queued"}, {"https://a/": "due_now"}]
-    assert [d.state for d in store.deliveries(event_id="evt_1")] == ["delivered", "pending"]
+    assert [d.state for d in store.deliveries.select(event_id="evt_1")] == ["delivered", "pending"]
 
 
 def test_daemons_starting_together_migrate_once(tmp_path: Path) -> None:

@@ -9,9 +9,15 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from batchd.models import JobState
-from batchd.store import Store
+from batchd.models import JobState, RemoteBatch, RemoteStatus
+from batchd.store import NextCheck, PollAnswer, ShardPlan, Store
 from tests.databases import database_url
+from tests.store_helpers import add_job
+
+
+def remote(batch_id: str, progress: float | None = None) -> RemoteBatch:
+    return RemoteBatch(batch_id, RemoteStatus.VALIDATING, "file-1", "/v1/chat/completions", progress=progress)
+
 
 pytestmark = pytest.mark.each_database
 
@@ -19,13 +25,12 @@ pytestmark = pytest.mark.each_database
 def bound_jobs(store: Store, count: int) -> list[tuple[int, str]]:
     found = []
     for n in range(count):
-        job = store.insert_job(
-            id=f"{n:032d}", name=f"j{n}", source=f"j{n}.jsonl", state=JobState.SUBMITTING, provider="together"
-        )
-        (record,) = store.plan_round(
-            job.id, expect=JobState.SUBMITTING, round_=0, shards=[{"input_path": "x"}], state=JobState.VALIDATING
-        )
-        store.update_remote(record.id, input_file_id="file-1", remote_id=f"batch-{n}", status="validating")
+        job = add_job(store, f"{n:032d}", f"j{n}", provider="together")
+        (record,) = store.batches.plan_round(job.id, expect=JobState.RECEIVED, round_=0, shards=[ShardPlan("x")])
+        store.batches.record_upload(record.id, file_id="file-1", intent_at=store.now())
+        store.batches.bind(record.id, remote(f"batch-{n}"))
+        check = NextCheck(JobState.VALIDATING, 5.0, store.now())
+        store.jobs.record_answer(job.id, expect=JobState.UPLOADING, check=check)
         found.append((record.id, job.id))
     return found
 
@@ -37,17 +42,17 @@ def test_update_remotes_writes_every_row_a_chunk_per_transaction(tmp_path: Path)
         rows = bound_jobs(store, 7)
         begins: list[Any] = []
         event.listen(store.engine, "begin", lambda conn: begins.append(conn))
-        changes = [
-            (record_id, job_id, {"status": "validating", "progress": 5.0},
-             {"state": JobState.VALIDATING, "poll_interval_s": 7.5, "next_check_at": 123.0})
-            for record_id, job_id in rows
-        ]  # fmt: skip
-        store.update_remotes(changes, chunk=3)
+        check = NextCheck(JobState.VALIDATING, 7.5, 123.0)
+        answers = [
+            PollAnswer(record_id, job_id, remote(f"batch-{n}", progress=5.0), JobState.VALIDATING, check)
+            for n, (record_id, job_id) in enumerate(rows)
+        ]
+        store.batches.record_polls(answers, chunk=3)
         assert len(begins) == 3
         for _record_id, job_id in rows:
-            job = store.get_job(job_id)
+            job = store.jobs.get(job_id)
             assert job is not None and (job.poll_interval_s, job.next_check_at) == (7.5, 123.0)
-            assert [b.progress for b in store.remote_batches(job_id)] == [5.0]
+            assert [b.progress for b in store.batches.of_job(job_id)] == [5.0]
     finally:
         store.close()
 
@@ -57,10 +62,10 @@ def test_remote_batches_by_job_reads_many_jobs_at_once(tmp_path: Path) -> None:
     try:
         store.migrate()
         rows = bound_jobs(store, 3)
-        everything = store.remote_batches_by_job()
+        everything = store.batches.by_job()
         assert sorted(everything) == sorted(job_id for _, job_id in rows)
-        some = store.remote_batches_by_job([rows[0][1]])
+        some = store.batches.by_job([rows[0][1]])
         assert list(some) == [rows[0][1]] and some[rows[0][1]][0].remote_id == "batch-0"
-        assert store.remote_batches_by_job([]) == {}
+        assert store.batches.by_job([]) == {}
     finally:
         store.close()

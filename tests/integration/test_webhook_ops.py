@@ -42,22 +42,22 @@ async def test_replay_sends_a_delivered_event_again_with_the_same_id_and_body(tm
     async with harness(tmp_path) as h:
         event_id = h.emit()
         await h.round()
-        (first,) = h.store.deliveries(event_id=event_id)
+        (first,) = h.store.deliveries.select(event_id=event_id)
         assert first.state == "delivered"
         h.clock.now += 60
-        assert h.store.replay_event(event_id, [(first.url, "config")]) == {first.url: "queued"}
+        assert h.store.deliveries.replay_event(event_id, [(first.url, "config")]) == {first.url: "queued"}
         await h.round()
         sent, again = h.rx.received
         assert again.headers["webhook-id"] == sent.headers["webhook-id"] == event_id
-        assert again.body == sent.body == h.store.get_event(event_id).body  # type: ignore[union-attr]
+        assert again.body == sent.body == h.store.deliveries.get_event(event_id).body  # type: ignore[union-attr]
         assert again.headers["webhook-timestamp"] == str(int(h.clock()))
         for secret in (SECRET_A, SECRET_B):
             Webhook(secret).verify(again.body, again.headers)
         # The first delivery stays as it was: a record of when it arrived.
-        older, newer = h.store.deliveries(event_id=event_id)
+        older, newer = h.store.deliveries.select(event_id=event_id)
         assert older == first
         assert (newer.state, newer.attempts, newer.delivered_at) == ("delivered", 1, h.clock())
-        (stats,) = h.store.endpoint_stats()
+        (stats,) = h.store.deliveries.endpoint_stats()
         assert stats == EndpointStats(
             url=first.url, delivered=1, replayed=1, secret_ref="config", failed_attempts=0, last_error=None
         )
@@ -70,22 +70,22 @@ async def test_replay_gives_a_dead_event_a_fresh_schedule(tmp_path: Path) -> Non
         await h.round()
         h.clock.now += 2
         await h.round()
-        (dead,) = h.store.deliveries(event_id=event_id)
+        (dead,) = h.store.deliveries.select(event_id=event_id)
         assert (dead.state, dead.attempts) == ("dead", 2)
-        (stats,) = h.store.endpoint_stats()
+        (stats,) = h.store.deliveries.endpoint_stats()
         assert (stats.dead, stats.failed_attempts, stats.last_error) == (1, 2, "HTTP 500")
 
-        h.store.replay_event(event_id, [(dead.url, "config")])
+        h.store.deliveries.replay_event(event_id, [(dead.url, "config")])
         await h.round()  # refused again: a retry is scheduled, not a dead-letter at once
-        _, fresh = h.store.deliveries(event_id=event_id)
+        _, fresh = h.store.deliveries.select(event_id=event_id)
         assert (fresh.state, fresh.attempts) == ("pending", 1)
         h.rx.script["/hook"] = [Answer(200)]
         h.clock.now = fresh.next_attempt_at
         await h.round()
-        assert [d.state for d in h.store.deliveries(event_id=event_id)] == ["dead", "delivered"]
+        assert [d.state for d in h.store.deliveries.select(event_id=event_id)] == ["dead", "delivered"]
         assert {r.headers["webhook-id"] for r in h.rx.received} == {event_id}
         assert len({r.body for r in h.rx.received}) == 1
-        (stats,) = h.store.endpoint_stats()
+        (stats,) = h.store.deliveries.endpoint_stats()
         assert (stats.dead, stats.delivered, stats.pending, stats.replayed, stats.failed_attempts) == (0, 1, 0, 1, 3)
 
 
@@ -98,10 +98,10 @@ async def test_replaying_a_pending_delivery_makes_it_due_now_even_while_an_attem
             await until(lambda: bool(h.rx.received))
             # The operator replays while the attempt waits for its answer.
             h.clock.now += 1
-            (pending,) = h.store.deliveries(event_id=event_id)
-            assert h.store.replay_event(event_id, [(pending.url, "config")]) == {pending.url: "due_now"}
+            (pending,) = h.store.deliveries.select(event_id=event_id)
+            assert h.store.deliveries.replay_event(event_id, [(pending.url, "config")]) == {pending.url: "due_now"}
             h.rx.release.set()
-        (delivery,) = h.store.deliveries(event_id=event_id)
+        (delivery,) = h.store.deliveries.select(event_id=event_id)
         # The 503 is recorded, yet the delivery stays due now rather than in 300 s.
         assert (delivery.state, delivery.attempts, delivery.last_status) == ("pending", 1, 503)
         assert delivery.next_attempt_at == h.clock()
@@ -116,7 +116,7 @@ async def test_an_event_can_be_replayed_to_an_endpoint_configured_since(tmp_path
         event_id = h.emit("batch.completed")  # /new's filter leaves it out
         await h.round()
         assert h.rx.paths() == ["/old"]
-        h.store.replay_event(event_id, [(f"{h.url}/new", "config")])
+        h.store.deliveries.replay_event(event_id, [(f"{h.url}/new", "config")])
         await h.round()
         assert h.rx.paths() == ["/old", "/new"]
         assert h.rx.received[1].headers["webhook-id"] == event_id
@@ -134,17 +134,17 @@ async def test_enabling_an_endpoint_resumes_what_was_parked(tmp_path: Path) -> N
         await h.round()
         third = h.emit()
         await h.round()
-        assert h.store.disabled_endpoints() == {gone: "410 Gone from the receiver"}
-        (stats,) = h.store.endpoint_stats()
+        assert h.store.deliveries.disabled_endpoints() == {gone: "410 Gone from the receiver"}
+        (stats,) = h.store.deliveries.endpoint_stats()
         assert (stats.disabled, stats.pending, stats.failed_attempts) == (3, 0, 2)
         assert (stats.disabled_at, stats.disabled_reason) == (h.clock(), "410 Gone from the receiver")
 
-        assert h.store.enable_endpoint(gone) == 3
-        assert h.store.enable_endpoint(gone) is None
-        assert h.store.disabled_endpoints() == {}
+        assert h.store.deliveries.enable_endpoint(gone) == 3
+        assert h.store.deliveries.enable_endpoint(gone) is None
+        assert h.store.deliveries.disabled_endpoints() == {}
         await h.round()
         assert {h.one(first).state, h.one(second).state, h.one(third).state} == {"delivered"}
-        (stats,) = h.store.endpoint_stats()
+        (stats,) = h.store.deliveries.endpoint_stats()
         assert (stats.delivered, stats.disabled, stats.disabled_at) == (3, 0, None)
 
 
@@ -157,7 +157,7 @@ async def test_outcomes_that_end_during_a_commit_share_the_next_one(
     async with harness(tmp_path) as h:
         for _ in range(8):
             h.emit()
-        record = h.store.record_outcomes
+        record = h.store.deliveries.record_outcomes
         commits: list[int] = []
         others_waiting = threading.Event()
 
@@ -167,7 +167,7 @@ async def test_outcomes_that_end_during_a_commit_share_the_next_one(
                 assert others_waiting.wait(10)
             record(outcomes)
 
-        monkeypatch.setattr(h.store, "record_outcomes", slow_first)
+        monkeypatch.setattr(h.store.deliveries, "record_outcomes", slow_first)
         async with anyio.create_task_group() as tg:
             await h.deliverer.run_due(tg)
             await until(lambda: h.rx.answered == 8)
@@ -176,7 +176,7 @@ async def test_outcomes_that_end_during_a_commit_share_the_next_one(
             others_waiting.set()
         # The first commit takes what had ended when it began (at most the endpoint's 4 slots).
         assert len(commits) == 2 and sum(commits) == 8 and commits[0] <= 4
-        assert {d.state for d in h.store.deliveries()} == {"delivered"}
+        assert {d.state for d in h.store.deliveries.select()} == {"delivered"}
 
 
 async def test_an_endpoint_takes_on_a_bounded_queue_and_the_rest_waits_in_the_store(
@@ -197,14 +197,14 @@ async def test_an_endpoint_takes_on_a_bounded_queue_and_the_rest_waits_in_the_st
             await h.deliverer.run_due(tg)
             assert len(h.deliverer._in_flight) == 5
             # The serve loop must not spin on the 7 due deliveries it cannot take on yet.
-            assert h.store.next_delivery_at(h.deliverer._in_flight, skip_urls=[f"{h.url}/hang"]) is None
+            assert h.store.deliveries.next_due_at(h.deliverer._in_flight, skip_urls=[f"{h.url}/hang"]) is None
             h.rx.release.set()
             with anyio.fail_after(30):
-                while h.store.pending_delivery_count():
+                while h.store.deliveries.pending_count():
                     await h.deliverer.run_due(tg)
                     await anyio.sleep(0.01)
         assert len(h.rx.received) == 13  # each delivery once
-        assert {d.state for d in h.store.deliveries()} == {"delivered"}
+        assert {d.state for d in h.store.deliveries.select()} == {"delivered"}
 
 
 async def test_a_delivery_wakes_the_loop_only_to_refill_its_queue_and_a_failure_always(

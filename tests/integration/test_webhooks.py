@@ -33,6 +33,7 @@ from batchd.models import Delivery, JobState
 from batchd.store import Store
 from batchd.webhooks import Deliverer, Outcome, Refused, build_event, event_targets, pinned_target, sign, verify
 from tests.databases import database_url
+from tests.store_helpers import add_job
 
 pytestmark = pytest.mark.each_database
 
@@ -206,10 +207,7 @@ class Harness:
         data = {"id": job_id, "name": "n", "status": event_type.removeprefix("batch."), "source": "n.jsonl"}
         event = build_event(self.settings, event_type, data, now=self.clock(), job_webhook_url=webhook_url)
         state = JobState(event_type.removeprefix("batch."))
-        self.store.insert_job(
-            id=job_id, name="n", source="n.jsonl", state=state, provider="local", webhook_url=webhook_url,
-            events_=[event],
-        )  # fmt: skip
+        add_job(self.store, job_id, "n", state=state, events=[event], webhook_url=webhook_url)
         return event.id
 
     async def round(self) -> None:
@@ -218,7 +216,7 @@ class Harness:
             await self.deliverer.run_due(tg)
 
     def one(self, event_id: str) -> Delivery:
-        (delivery,) = self.store.deliveries(event_id=event_id)
+        (delivery,) = self.store.deliveries.select(event_id=event_id)
         return delivery
 
 
@@ -305,9 +303,9 @@ async def test_every_attempt_sends_the_same_id_and_body_freshly_signed(tmp_path:
         event_id = h.emit()
         for _ in range(3):
             await h.round()
-            next_at = h.store.next_delivery_at()
+            next_at = h.store.deliveries.next_due_at()
             if next_at is not None:
-                assert h.store.due_deliveries(h.clock()) == []
+                assert h.store.deliveries.due(h.clock()) == []
                 h.clock.now = next_at
         delivery = h.one(event_id)
         assert (delivery.state, delivery.attempts, delivery.last_status) == ("delivered", 3, 200)
@@ -330,7 +328,7 @@ async def test_an_attempt_ending_during_another_run_is_not_started_twice(
         # The second run_due reads the store while the attempt is in flight, and its answer
         # comes back only after that attempt has ended.
         fetched, attempt_ended = threading.Event(), threading.Event()
-        due_deliveries = h.store.due_deliveries
+        due_deliveries = h.store.deliveries.due
         calls = 0
 
         def held(*args: Any, **kwargs: Any) -> list[Delivery]:
@@ -351,7 +349,7 @@ async def test_an_attempt_ending_during_another_run_is_not_started_twice(
             finally:
                 returned.set()
 
-        monkeypatch.setattr(h.store, "due_deliveries", held)
+        monkeypatch.setattr(h.store.deliveries, "due", held)
         monkeypatch.setattr(h.deliverer, "attempt", attempt_and_tell)
         async with anyio.create_task_group() as tg:
             await h.deliverer.run_due(tg)
@@ -385,11 +383,11 @@ async def test_410_disables_the_endpoint_and_parks_its_deliveries(tmp_path: Path
         gone, other = f"{h.url}/gone", f"{h.url}/other"
         h.rx.script["/gone"] = [Answer(410)]
         first, second = h.emit(), h.emit("batch.failed")
-        (to_gone, _) = h.store.deliveries(event_id=first)
+        (to_gone, _) = h.store.deliveries.select(event_id=first)
         assert to_gone.url == gone
         await h.deliverer.attempt(to_gone)
-        assert h.store.disabled_endpoints() == {gone: "410 Gone from the receiver"}
-        states = {(d.event_id, d.url): (d.state, d.attempts) for d in h.store.deliveries()}
+        assert h.store.deliveries.disabled_endpoints() == {gone: "410 Gone from the receiver"}
+        states = {(d.event_id, d.url): (d.state, d.attempts) for d in h.store.deliveries.select()}
         assert states == {
             (first, gone): ("disabled", 1),
             (first, other): ("pending", 0),
@@ -402,8 +400,9 @@ async def test_410_disables_the_endpoint_and_parks_its_deliveries(tmp_path: Path
         third = h.emit()
         await h.round()
         assert h.rx.paths() == ["/gone", "/other", "/other", "/other"]
-        assert {d.url: d.state for d in h.store.deliveries(event_id=third)} == {gone: "disabled", other: "delivered"}
-        assert h.store.pending_delivery_count() == 0
+        third_states = {d.url: d.state for d in h.store.deliveries.select(event_id=third)}
+        assert third_states == {gone: "disabled", other: "delivered"}
+        assert h.store.deliveries.pending_count() == 0
 
 
 async def test_retry_after_is_honoured(tmp_path: Path) -> None:
@@ -431,12 +430,12 @@ async def test_after_the_last_delay_a_delivery_is_dead_not_dropped(tmp_path: Pat
         for attempt in (1, 2, 3):
             await h.round()
             assert len(h.rx.received) == attempt
-            next_at = h.store.next_delivery_at()
+            next_at = h.store.deliveries.next_due_at()
             if next_at is not None:
                 h.clock.now = next_at
         delivery = h.one(event_id)
         assert (delivery.state, delivery.attempts, delivery.last_status) == ("dead", 3, 500)
-        assert h.store.pending_delivery_count() == 0
+        assert h.store.deliveries.pending_count() == 0
         h.clock.now += 10**6
         await h.round()
         assert len(h.rx.received) == 3
@@ -475,10 +474,10 @@ async def test_a_hanging_endpoint_does_not_delay_another(tmp_path: Path) -> None
             assert h.rx.paths().count("/hang") >= 1
             h.rx.release.set()
             with anyio.fail_after(30):
-                while h.store.pending_delivery_count():
+                while h.store.deliveries.pending_count():
                     await h.deliverer.run_due(tg)
                     await anyio.sleep(0.01)
-        assert {d.state for d in h.store.deliveries()} == {"delivered"}
+        assert {d.state for d in h.store.deliveries.select()} == {"delivered"}
 
 
 # ---------------------------------------------------------------- spec URLs (SSRF guard)

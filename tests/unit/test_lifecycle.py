@@ -10,7 +10,7 @@ import pytest
 
 from batchd import lifecycle
 from batchd.lifecycle import PollPolicy, Step
-from batchd.models import Job, JobState, RemoteBatchRecord, RemoteStatus
+from batchd.models import BatchStatus, Job, JobState, RemoteBatchRecord, RemoteStatus
 
 NOW = 1_000_000.0
 POLICY = PollPolicy(min_interval_s=5.0, max_interval_s=60.0)
@@ -33,7 +33,7 @@ def batch(
         shard=shard,
         input_file_id="file-1",
         remote_id=remote_id,
-        status=status,
+        status=BatchStatus(status),
         create_attempts=attempts,
         intent_at=NOW - 10,
         updated_at=NOW,

@@ -19,7 +19,7 @@ from batchd import metrics, systemd
 from batchd.cli_ops import human_age, jobs_table, progress_of, progress_text
 from batchd.config import ConfigError, load_settings
 from batchd.health import status_line
-from batchd.models import Job, JobState, RemoteBatchRecord
+from batchd.models import BatchStatus, Job, JobState, RemoteBatchRecord
 
 # ---------------------------------------------------------------- sd_notify
 
@@ -216,7 +216,7 @@ def job(state: JobState, **values: object) -> Job:
 
 def remote(progress: float | None, remote_id: str | None = "b1") -> RemoteBatchRecord:
     return RemoteBatchRecord(id=1, job_id="f" * 32, round=0, shard=0, input_file_id="file-1", remote_id=remote_id,
-                             status="in_progress", create_attempts=1, intent_at=1000.0, updated_at=1000.0,
+                             status=BatchStatus.IN_PROGRESS, create_attempts=1, intent_at=1000.0, updated_at=1000.0,
                              progress=progress)  # fmt: skip
 
 

@@ -1,0 +1,61 @@
+"""The durable state of batchd: one SQL database behind one `Store`.
+
+This package is the only part of batchd that speaks SQL. The `Store` is the front the rest
+of the code holds: the connection, its transactions and migrations (`database.py`), and one
+small class per aggregate, each in its own module:
+
+    store.jobs        jobs and the named transitions of their life cycle   (jobs.py)
+    store.batches     each job's remote batches: plans, creates, polls     (batches.py)
+    store.deliveries  webhook events, deliveries and endpoints            (deliveries.py)
+    store.cluster     the daemons sharing the database, and their leases  (cluster.py)
+
+Writes take typed records (`writes.py`) and name the transition they make; every method is
+one transaction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from batchd.store.batches import RemoteBatchStore
+from batchd.store.cluster import ClusterStore
+from batchd.store.database import LEASE, Database, Lease, StaleState, StoreUnavailable, safe_url
+from batchd.store.deliveries import DeliveryStore
+from batchd.store.jobs import IllegalTransition, JobStore
+from batchd.store.schema import SCHEMA_VERSION, schema_version
+from batchd.store.writes import Ending, Hold, NewJob, NextCheck, PollAnswer, RejectedJob, ShardPlan
+
+__all__ = [
+    "LEASE",
+    "SCHEMA_VERSION",
+    "ClusterStore",
+    "DeliveryStore",
+    "Ending",
+    "Hold",
+    "IllegalTransition",
+    "JobStore",
+    "Lease",
+    "NewJob",
+    "NextCheck",
+    "PollAnswer",
+    "RejectedJob",
+    "RemoteBatchStore",
+    "ShardPlan",
+    "StaleState",
+    "Store",
+    "StoreUnavailable",
+    "safe_url",
+    "schema_version",
+]
+
+
+class Store(Database):
+    """Jobs, remote batches, webhook deliveries and cluster membership in one SQL database."""
+
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(url, clock=clock)
+        self.jobs = JobStore(self)
+        self.batches = RemoteBatchStore(self)
+        self.deliveries = DeliveryStore(self)
+        self.cluster = ClusterStore(self)

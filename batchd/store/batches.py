@@ -1,0 +1,211 @@
+"""Remote batches: each job's shards and follow-up rounds, and what the provider said of each.
+
+A row is the committed intent to create a batch before it is the batch: `pending` (planned),
+`creating` (uploaded, the create may be under way), then the provider's status once bound.
+Each write is a compare-and-set on what the caller read, so two racing steps cannot both
+proceed (StaleState for the loser).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from sqlalchemy import Connection, select, update
+
+from batchd.models import BatchStatus, JobState, RemoteBatch, RemoteBatchRecord
+from batchd.store.database import Database, StaleState, fenced, guard
+from batchd.store.jobs import check_move, db_values, next_check_values
+from batchd.store.rows import remote_from_row, unchanged
+from batchd.store.schema import LIVE_STATES, jobs, remote_batches
+from batchd.store.writes import PollAnswer, ShardPlan
+
+#: Rows in the order a job's rounds and shards are read everywhere.
+_ORDER = (remote_batches.c.round, remote_batches.c.shard, remote_batches.c.id)
+
+
+class RemoteBatchStore:
+    """The `remote_batches` table: plans, creates, bindings and poll answers."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # ------------------------------------------------------------ reads
+
+    def of_job(self, job_id: str) -> list[RemoteBatchRecord]:
+        """Every remote batch of one job, every round, in order."""
+        with self._db.read() as conn:
+            rows = conn.execute(select(remote_batches).where(remote_batches.c.job_id == job_id).order_by(*_ORDER)).all()
+        return [remote_from_row(r._mapping) for r in rows]
+
+    def by_job(self, job_ids: Collection[str] | None = None) -> dict[str, list[RemoteBatchRecord]]:
+        """The remote batches of the given jobs (all jobs when None), by job id, in one query."""
+        query = select(remote_batches).order_by(*_ORDER)
+        if job_ids is not None:
+            if not job_ids:
+                return {}
+            query = query.where(remote_batches.c.job_id.in_(list(job_ids)))
+        found: dict[str, list[RemoteBatchRecord]] = {}
+        with self._db.read() as conn:
+            for row in conn.execute(query):
+                record = remote_from_row(row._mapping)
+                found.setdefault(record.job_id, []).append(record)
+        return found
+
+    def of_live_jobs(
+        self, *, known: Mapping[int, RemoteBatchRecord] | None = None
+    ) -> dict[str, list[RemoteBatchRecord]]:
+        """The remote batches of every non-terminal job, by job id (one query per scheduler tick).
+
+        `known` by row id, as in JobStore.live.
+        """
+        query = (
+            select(remote_batches)
+            .join(jobs, jobs.c.id == remote_batches.c.job_id)
+            .where(jobs.c.state.in_(LIVE_STATES))
+            .order_by(*_ORDER)
+        )
+        found: dict[str, list[RemoteBatchRecord]] = {}
+        with self._db.read() as conn:
+            for row in conn.execute(query):
+                record = unchanged(remote_from_row(row._mapping), known)
+                found.setdefault(record.job_id, []).append(record)
+        return found
+
+    def bound_ids(self) -> set[str]:
+        """Remote batch ids already owned by some job (never adopted twice)."""
+        with self._db.read() as conn:
+            rows = conn.execute(select(remote_batches.c.remote_id).where(remote_batches.c.remote_id.is_not(None))).all()
+        return {str(r[0]) for r in rows}
+
+    # ------------------------------------------------------------ planning
+
+    def plan_round(
+        self, job_id: str, *, expect: JobState, round_: int, shards: Sequence[ShardPlan]
+    ) -> list[RemoteBatchRecord]:
+        """Commit a round's shards (`pending`) and move the job to `uploading`, in one transaction.
+
+        Applies only while the job is still in `expect` (else StaleState), so a repeated step
+        never plans a round twice. The job's failure count and next check start afresh.
+        """
+        if expect != JobState.UPLOADING:
+            check_move(expect, JobState.UPLOADING)
+        now = self._db.now()
+        job_values = {
+            "state": JobState.UPLOADING, "round": round_, "attempts": 0, "next_check_at": None, "last_error": None,
+            "updated_at": now,
+        }  # fmt: skip
+        with self._db.write() as conn:
+            guard(conn, job_id)
+            changed = conn.execute(
+                update(jobs).where(jobs.c.id == job_id, jobs.c.state == expect.value).values(**db_values(job_values))
+            ).rowcount
+            if changed != 1:
+                raise StaleState(f"job {job_id} is not in state {expect.value}")
+            planned = BatchStatus.PENDING.value
+            fresh = {"round": round_, "input_file_id": "", "status": planned, "create_attempts": 0, "intent_at": now}
+            rows_in = [
+                {"job_id": job_id, "shard": index, "updated_at": now, **fresh, **asdict(shard)}
+                for index, shard in enumerate(shards)
+            ]
+            if rows_in:
+                conn.execute(remote_batches.insert(), rows_in)
+            rows = conn.execute(
+                select(remote_batches)
+                .where(remote_batches.c.job_id == job_id, remote_batches.c.round == round_)
+                .order_by(remote_batches.c.shard)
+            ).all()
+        return [remote_from_row(r._mapping) for r in rows]
+
+    # ------------------------------------------------------------ before the provider holds it
+
+    def skip(self, record: RemoteBatchRecord) -> RemoteBatchRecord:
+        """Never created: the job was cancelled first."""
+        return self._set(record.id, {"status": record.status}, {"status": BatchStatus.SKIPPED})
+
+    def refuse(self, record: RemoteBatchRecord, reason: str) -> RemoteBatchRecord:
+        """Never created: the provider refused its upload or its create for good."""
+        return self._set(record.id, {"status": record.status}, {"status": BatchStatus.REFUSED, "error": reason})
+
+    def record_upload(self, record_id: int, *, file_id: str, intent_at: float) -> RemoteBatchRecord:
+        """The input file is uploaded, and the intent to create the batch is committed with it."""
+        values = {"input_file_id": file_id, "status": BatchStatus.CREATING, "intent_at": intent_at}
+        return self._set(record_id, {"status": BatchStatus.PENDING}, values)
+
+    def count_create(self, record: RemoteBatchRecord) -> RemoteBatchRecord:
+        """A create is about to be sent: counted first, so that after a crash the next try lists
+        before it creates; the compare-and-set stops a second, racing create before the network."""
+        expect = {"create_attempts": record.create_attempts, "remote_id": None}
+        return self._set(record.id, expect, {"create_attempts": record.create_attempts + 1})
+
+    def uncount_create(self, record: RemoteBatchRecord) -> RemoteBatchRecord:
+        """The provider refused the create before acting: nothing to reconcile next time."""
+        expect = {"create_attempts": record.create_attempts}
+        return self._set(record.id, expect, {"create_attempts": record.create_attempts - 1})
+
+    def bind(self, record_id: int, remote: RemoteBatch) -> RemoteBatchRecord:
+        """The provider's batch (created or adopted) is this row's, and never another's."""
+        values = {
+            "remote_id": remote.id,
+            "remote_created_at": remote.created_at.timestamp() if remote.created_at else None,
+            **remote_values(remote),
+        }
+        return self._set(record_id, {"remote_id": None}, values)
+
+    def _set(self, record_id: int, expect: Mapping[str, Any], values: Mapping[str, Any]) -> RemoteBatchRecord:
+        """Change one row while its `expect` columns still hold those values (else StaleState)."""
+        query = update(remote_batches).where(remote_batches.c.id == record_id)
+        for column, value in db_values(expect).items():
+            col = remote_batches.c[column]
+            query = query.where(col.is_(None) if value is None else col == value)
+        with self._db.write() as conn:
+            if conn.execute(query.values(**db_values(values), updated_at=self._db.now())).rowcount != 1:
+                raise StaleState(f"remote batch {record_id} changed meanwhile (expected {dict(expect)})")
+            row = conn.execute(select(remote_batches).where(remote_batches.c.id == record_id)).one()
+            guard(conn, row.job_id)
+        return remote_from_row(row._mapping)
+
+    # ------------------------------------------------------------ the provider's answers
+
+    def record_polls(self, answers: Sequence[PollAnswer], *, chunk: int = 500) -> None:
+        """Many poll answers, `chunk` per transaction: each remote batch's news and its job's next check.
+
+        For a sweep's answers that change no status: one fsync per chunk instead of one per
+        job, and the write lock is never held for long. A job taken over by another daemon
+        meanwhile is left alone; a job that moved on since the answer was read keeps its state.
+        """
+        for answer in answers:
+            if answer.check.state != answer.expect:
+                check_move(answer.expect, answer.check.state)
+        for start in range(0, len(answers), chunk):
+            with self._db.write() as conn:
+                self._record_chunk(conn, answers[start : start + chunk])
+
+    def _record_chunk(self, conn: Connection, part: Sequence[PollAnswer]) -> None:
+        now = self._db.now()
+        allowed = fenced(conn, {a.job_id for a in part})
+        for answer in part:
+            if answer.job_id not in allowed:
+                continue  # taken over by another daemon meanwhile
+            conn.execute(
+                update(remote_batches)
+                .where(remote_batches.c.id == answer.record_id)
+                .values(**db_values(remote_values(answer.remote)), updated_at=now)
+            )
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == answer.job_id, jobs.c.state == answer.expect.value)
+                .values(**db_values(next_check_values(answer.check)), updated_at=now)
+            )
+
+
+def remote_values(remote: RemoteBatch) -> dict[str, Any]:
+    """What batchd keeps of a remote batch each time it hears about it."""
+    return {
+        "status": BatchStatus.of(remote.status),
+        "output_file_id": remote.output_file_id,
+        "error_file_id": remote.error_file_id,
+        "error": remote.error,
+        "progress": remote.progress,
+    }

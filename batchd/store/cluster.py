@@ -1,0 +1,110 @@
+"""Cluster membership: the daemons sharing one database, and their leases on jobs (DESIGN §2).
+
+Each daemon registers at start, renews its leases by heartbeat, takes over jobs nobody holds
+(SKIP LOCKED: daemons claiming at once never wait on each other or take the same job), and
+frees its jobs when it stops cleanly. A claim counts up the job's fence, so a daemon that lost
+a job cannot commit a step it started before (see `database.fenced`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+from sqlalchemy import func, insert, or_, select, update
+
+from batchd.store.database import Database
+from batchd.store.schema import LIVE_STATES, daemons, deliveries, jobs
+
+
+class ClusterStore:
+    """The `daemons` table, and the lease columns of jobs and deliveries."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def register(self, daemon_id: str, *, host: str, pid: int, home: str) -> list[str]:
+        """Record a starting daemon; return the ids of earlier daemons with the same `home`.
+
+        `home` is host and state directory: the state lock proves those earlier daemons
+        dead, so their jobs may be taken over at once rather than when their leases end.
+        """
+        now = self._db.now()
+        with self._db.write() as conn:
+            earlier = [
+                str(r[0])
+                for r in conn.execute(select(daemons.c.id).where(daemons.c.home == home, daemons.c.id != daemon_id))
+            ]
+            conn.execute(
+                insert(daemons).values(id=daemon_id, host=host, pid=pid, home=home, started_at=now, heartbeat_at=now)
+            )
+            if earlier:
+                conn.execute(
+                    update(daemons)
+                    .where(daemons.c.id.in_(earlier), daemons.c.stopped_at.is_(None))
+                    .values(stopped_at=now)
+                )
+                # Their deliveries too: a delivery cut short by the crash goes out again at once.
+                conn.execute(
+                    update(deliveries).where(deliveries.c.owner.in_(earlier)).values(owner=None, lease_until=None)
+                )
+        return earlier
+
+    def renew(self, owner: str, lease_s: float) -> dict[str, int]:
+        """Heartbeat: extend this daemon's leases; return the active jobs it still holds (id → fence)."""
+        now = self._db.now()
+        held = (jobs.c.owner == owner, jobs.c.state.in_(LIVE_STATES))
+        with self._db.write() as conn:
+            conn.execute(update(daemons).where(daemons.c.id == owner).values(heartbeat_at=now))
+            conn.execute(update(jobs).where(*held).values(lease_until=now + lease_s))
+            rows = conn.execute(select(jobs.c.id, jobs.c.fence).where(*held))
+            return {str(i): int(f) for i, f in rows}
+
+    def claim(self, owner: str, lease_s: float, *, limit: int, dead_owners: Collection[str] = ()) -> dict[str, int]:
+        """Take up to `limit` active jobs nobody holds (no owner, an expired lease, or a dead
+        owner's); return them (id → fence). SKIP LOCKED: daemons claiming at once never wait
+        on each other or take the same job."""
+        now = self._db.now()
+        free = or_(jobs.c.owner.is_(None), jobs.c.lease_until < now)
+        if dead_owners:
+            free = or_(free, jobs.c.owner.in_(list(dead_owners)))
+        with self._db.write() as conn:
+            ids = [
+                str(r[0])
+                for r in conn.execute(
+                    select(jobs.c.id)
+                    .where(jobs.c.state.in_(LIVE_STATES), free, or_(jobs.c.owner.is_(None), jobs.c.owner != owner))
+                    .order_by(jobs.c.created_at)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+            ]
+            if not ids:
+                return {}
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(ids))
+                .values(owner=owner, lease_until=now + lease_s, fence=jobs.c.fence + 1)
+            )
+            rows = conn.execute(select(jobs.c.id, jobs.c.fence).where(jobs.c.id.in_(ids)))
+            return {str(i): int(f) for i, f in rows}
+
+    def release(self, owner: str) -> None:
+        """A daemon stopping cleanly: its jobs are free for any daemon at once."""
+        now = self._db.now()
+        with self._db.write() as conn:
+            conn.execute(update(jobs).where(jobs.c.owner == owner).values(owner=None, lease_until=None))
+            conn.execute(update(deliveries).where(deliveries.c.owner == owner).values(owner=None, lease_until=None))
+            conn.execute(update(daemons).where(daemons.c.id == owner).values(stopped_at=now))
+
+    def daemons(self) -> list[dict[str, Any]]:
+        """Every daemon that ever ran on this database, newest first, with the jobs it holds."""
+        held = (
+            select(func.count())
+            .select_from(jobs)
+            .where(jobs.c.owner == daemons.c.id, jobs.c.state.in_(LIVE_STATES))
+            .scalar_subquery()
+        )
+        with self._db.read() as conn:
+            rows = conn.execute(select(daemons, held.label("jobs")).order_by(daemons.c.started_at.desc())).all()
+        return [dict(r._mapping) for r in rows]

@@ -1,0 +1,246 @@
+"""Jobs: one row per submission, and the named transitions of its life cycle (DESIGN §2).
+
+Every write names what changes (a method per transition, a typed record for its values),
+checks the move against `lifecycle.may_move`, and applies only while the job is still in
+the state the caller read (else StaleState): a repeated or raced step never writes twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from batchd import lifecycle
+from batchd.models import Job, JobState, NewEvent
+from batchd.store.database import Database, StaleState, guard
+from batchd.store.deliveries import insert_events
+from batchd.store.rows import job_from_row, unchanged
+from batchd.store.schema import LIVE_STATES, jobs
+from batchd.store.writes import Ending, NewJob, NextCheck, RejectedJob
+
+
+class IllegalTransition(ValueError):
+    """A write that the job life cycle never allows (a bug in the caller, not a race)."""
+
+
+def check_move(before: JobState, after: JobState) -> None:
+    if not lifecycle.may_move(before, after):
+        raise IllegalTransition(f"a job never moves from {before.value} to {after.value}")
+
+
+class JobStore:
+    """The `jobs` table: reads, inserts and the life cycle's transitions."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # ------------------------------------------------------------ reads
+
+    def get(self, job_id: str) -> Job | None:
+        with self._db.read() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        return job_from_row(row._mapping) if row else None
+
+    def ids(self) -> set[str]:
+        """Every job id, for matching against claim folders in one query."""
+        with self._db.read() as conn:
+            return {str(r[0]) for r in conn.execute(select(jobs.c.id)).all()}
+
+    def find(self, ref: str) -> list[Job]:
+        """Jobs matching an id, a unique id prefix, or a name (newest first)."""
+        with self._db.read() as conn:
+            exact = conn.execute(select(jobs).where(jobs.c.id == ref)).first()
+            if exact:
+                return [job_from_row(exact._mapping)]
+            # Ids are lower-case hex: SQLite's LIKE ignores case and PostgreSQL's does not, so the
+            # prefix is lowered to find the same jobs on both.
+            rows = conn.execute(
+                select(jobs)
+                .where(or_(jobs.c.id.startswith(ref.lower(), autoescape=True), jobs.c.name == ref))
+                .order_by(jobs.c.created_at.desc())
+            ).all()
+        return [job_from_row(r._mapping) for r in rows]
+
+    def select(self, states: Sequence[JobState] | None = None) -> list[Job]:
+        """Every job (or those in `states`), oldest first."""
+        query = select(jobs).order_by(jobs.c.created_at, jobs.c.id)
+        if states:
+            query = query.where(jobs.c.state.in_([s.value for s in states]))
+        with self._db.read() as conn:
+            return [job_from_row(r._mapping) for r in conn.execute(query)]
+
+    def live(self, owner: str | None = None, *, known: Mapping[str, Job] | None = None) -> list[Job]:
+        """Every job not yet in a terminal state (with `owner`: only those that daemon holds).
+
+        `known`: the jobs an earlier read returned; one that has not changed since comes back as
+        that same object. The scheduler reads every tick while its poll rounds still hold the
+        last tick's jobs: so it keeps one copy of each job in memory, not one per tick in flight.
+        """
+        query = select(jobs).where(jobs.c.state.in_(LIVE_STATES)).order_by(jobs.c.created_at, jobs.c.id)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
+        with self._db.read() as conn:
+            # Row by row, not .all(): the raw rows of 10,000 jobs are not held beside the jobs.
+            return [unchanged(job_from_row(r._mapping), known) for r in conn.execute(query)]
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self._db.read() as conn:
+            rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
+        return {str(state): int(n) for state, n in rows}
+
+    # ------------------------------------------------------------ inserts
+
+    def insert(self, new: NewJob) -> Job:
+        """A new job in state `received` (held by `new.hold`'s daemon, if given)."""
+        values = asdict(new)
+        hold = values.pop("hold")
+        values["metadata"] = dict(new.metadata)
+        return self._insert({**values, "state": JobState.RECEIVED.value, **(hold or {})}, ())
+
+    def insert_rejected(self, rejected: RejectedJob, events: Sequence[NewEvent]) -> Job:
+        """A rejected file, finished at once, and its `batch.rejected` event, in one transaction."""
+        return self._insert({**asdict(rejected), "state": JobState.REJECTED.value}, events)
+
+    def _insert(self, values: dict[str, Any], events: Sequence[NewEvent]) -> Job:
+        now = self._db.now()
+        values = {"created_at": now, "updated_at": now, "metadata": {}, **values}
+        with self._db.write() as conn:
+            conn.execute(insert(jobs).values(**values))
+            insert_events(conn, values["id"], events, now)
+            row = conn.execute(select(jobs).where(jobs.c.id == values["id"])).one()
+        return job_from_row(row._mapping)
+
+    # ------------------------------------------------------------ transitions
+
+    def request_cancel(self, job_id: str) -> Job:
+        """The operator asks for a cancel; the daemon carries it out. StaleState once the job has ended."""
+        with self._db.write() as conn:
+            changed = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state.in_(LIVE_STATES))
+                .values(cancel_requested=True, updated_at=self._db.now())
+            ).rowcount
+            if changed != 1:
+                raise StaleState(f"job {job_id} has ended (or does not exist): nothing to cancel")
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+        return job_from_row(row._mapping)
+
+    def record_answer(self, job_id: str, *, expect: JobState, check: NextCheck) -> Job:
+        """The provider answered: the job's new state, and when to look again; failures are reset."""
+        if check.state.terminal:
+            raise IllegalTransition(f"{check.state.value} is an ending: a job ends through finish()")
+        return self._move(job_id, expect, next_check_values(check))
+
+    def back_off(self, job_id: str, *, expect: JobState, attempts: int, next_check_at: float, error: str) -> Job:
+        """A step failed: the job stays where it is and is tried again at `next_check_at`."""
+        return self._move(job_id, expect, {"attempts": attempts, "next_check_at": next_check_at, "last_error": error})
+
+    def start_cancelling(self, job_id: str, *, expect: JobState) -> Job:
+        """The cancel of the job's live batches is being sent."""
+        return self._move(job_id, expect, {"state": JobState.CANCELLING})
+
+    def finish(self, job_id: str, *, expect: JobState, ending: Ending, events: Sequence[NewEvent]) -> Job:
+        """The terminal transition and the webhook events it sends, in one transaction."""
+        if not ending.state.terminal or ending.state is JobState.REJECTED:
+            raise IllegalTransition(f"{ending.state.value} is not how an accepted job ends")
+        values = {
+            "state": ending.state,
+            "finished_at": ending.finished_at,
+            "reason": ending.reason,
+            "request_counts": dict(ending.request_counts),
+            "usage": dict(ending.usage),
+        }
+        return self._move(job_id, expect, values, events)
+
+    def _move(self, job_id: str, expect: JobState, values: dict[str, Any], events: Sequence[NewEvent] = ()) -> Job:
+        """Apply `values` while the job is still in `expect` (else StaleState), with `events`."""
+        target = values.get("state", expect)
+        if target != expect:
+            check_move(expect, target)
+        now = self._db.now()
+        with self._db.write() as conn:
+            guard(conn, job_id)
+            changed = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state == expect.value)
+                .values(**db_values(values), updated_at=now)
+            ).rowcount
+            if changed != 1:
+                raise StaleState(f"job {job_id} is not in state {expect.value}")
+            insert_events(conn, job_id, events, now)
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+        return job_from_row(row._mapping)
+
+    # ------------------------------------------------------------ outbox
+
+    def reserve_outbox(self, job_id: str, candidates: Sequence[Path], taken: Callable[[Path], bool]) -> Path:
+        """Record the job's outbox folder before it is created: the first candidate that no other
+        job holds and that `taken` (a look at the disk) does not report in use.
+
+        Reserving first and creating second means a crash in between leaves a reservation
+        (the restart creates the folder), never an orphan folder nobody owns.
+        """
+        with self._db.write() as conn:
+            guard(conn, job_id)
+            current = conn.execute(select(jobs.c.outbox_path).where(jobs.c.id == job_id)).scalar()
+            if current:
+                return Path(current)
+            held = {
+                str(p)
+                for (p,) in conn.execute(
+                    select(jobs.c.outbox_path).where(jobs.c.outbox_path.in_([str(c) for c in candidates]))
+                ).all()
+            }
+            for candidate in candidates:
+                if str(candidate) in held or taken(candidate):
+                    continue
+                reserved = self._try_reserve(conn, job_id, candidate)
+                if reserved is not None:
+                    return reserved
+        raise FileExistsError(f"every outbox folder name for job {job_id} is taken: {[str(c) for c in candidates]}")
+
+    def _try_reserve(self, conn: Connection, job_id: str, candidate: Path) -> Path | None:
+        """Reserve `candidate`; None when another job took it meanwhile.
+
+        On SQLite BEGIN IMMEDIATE keeps everyone else out since the caller read what is held.
+        On PostgreSQL another transaction may take this name meanwhile: the unique index
+        refuses the second (hence a savepoint, to try the next name), and a reservation of
+        this same job made meanwhile is kept (hence `outbox_path IS NULL`).
+        """
+        try:
+            with conn.begin_nested():
+                reserved = conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == job_id, jobs.c.outbox_path.is_(None))
+                    .values(outbox_path=str(candidate), updated_at=self._db.now())
+                ).rowcount
+        except IntegrityError:
+            return None
+        if reserved == 1:
+            return candidate
+        current = conn.execute(select(jobs.c.outbox_path).where(jobs.c.id == job_id)).scalar()
+        if current is None:
+            raise StaleState(f"job {job_id} does not exist")
+        return Path(current)
+
+
+def next_check_values(check: NextCheck) -> dict[str, Any]:
+    """The job columns a NextCheck sets (the contact worked: the failure count starts again)."""
+    return {
+        "state": check.state,
+        "poll_interval_s": check.poll_interval_s,
+        "next_check_at": check.next_check_at,
+        "attempts": 0,
+        "last_error": None,
+    }
+
+
+def db_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Enum members (job states, batch statuses) as the plain strings the columns hold."""
+    return {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items()}

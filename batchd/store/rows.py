@@ -1,0 +1,45 @@
+"""Rows as records: what the store's reads hand to the rest of batchd."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from sqlalchemy import RowMapping
+
+from batchd.models import BatchStatus, Delivery, Job, JobState, RemoteBatchRecord, StoredEvent
+
+
+def job_from_row(row: RowMapping) -> Job:
+    data = dict(row)
+    data["state"] = JobState(data["state"])
+    data["metadata"] = data.get("metadata") or {}
+    data["cancel_requested"] = bool(data.get("cancel_requested"))
+    return Job(**data)
+
+
+def remote_from_row(row: RowMapping) -> RemoteBatchRecord:
+    data = dict(row)
+    data["status"] = BatchStatus(data["status"])
+    return RemoteBatchRecord(**data)
+
+
+def event_from_row(row: RowMapping) -> StoredEvent:
+    data = dict(row)
+    data["body"] = bytes(data["body"])
+    return StoredEvent(**data)
+
+
+def delivery_from_row(row: RowMapping) -> Delivery:
+    data = dict(row)
+    data["body"] = bytes(data["body"])
+    return Delivery(**data)
+
+
+_Record = TypeVar("_Record", Job, RemoteBatchRecord)
+
+
+def unchanged(fresh: _Record, known: Mapping[Any, _Record] | None) -> _Record:
+    """The object read before when it equals the fresh one (frozen: either will do), else the fresh one."""
+    before = known.get(fresh.id) if known else None
+    return before if before is not None and before == fresh else fresh

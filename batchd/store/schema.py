@@ -1,0 +1,247 @@
+"""The tables of batchd's state and the forward migrations that bring an older database to them.
+
+Times are unix seconds (float), which every dialect stores without time-zone surprises.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    inspect,
+)
+from sqlalchemy.engine import Dialect
+
+from batchd.models import TERMINAL_STATES, JobState
+
+
+class OutsideText(TypeDecorator[str]):
+    """Text that comes from outside (a spec, a provider's or a receiver's message, a URL).
+
+    PostgreSQL refuses a NUL character in text, which SQLite keeps: a spec's `"model":
+    "a\\u0000b"` must not make a job impossible to record. There it is stored as U+FFFD,
+    and compared the same way, since parameters go through this type too.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is not None and dialect.name == "postgresql" and "\x00" in value:
+            return value.replace("\x00", "\ufffd")
+        return value
+
+
+metadata = MetaData()
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, nullable=False),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", Text, nullable=False),
+    #: the file name as dropped (NAME.jsonl or NAME.json)
+    Column("source", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("provider", String(16), nullable=False),
+    Column("endpoint", Text),
+    #: the claimed data file under inbox/.batchd/claimed/<id>/
+    Column("claimed_path", Text),
+    Column("spec_path", Text),
+    #: the normalised copy that is uploaded (defines the input order)
+    Column("upload_path", Text),
+    Column("sha256", String(64)),
+    #: 64-bit: PostgreSQL's INTEGER stops at 2 GiB, and a sharded input may be larger
+    Column("size_bytes", BigInteger),
+    Column("request_count", Integer),
+    #: unbounded: a spec's window is only checked for its shape, and PostgreSQL enforces lengths
+    Column("completion_window", Text),
+    Column("model", OutsideText),
+    Column("webhook_url", OutsideText),
+    Column("metadata", JSON, nullable=False, default=dict),
+    Column("input_file_id", Text),
+    Column("outbox_path", Text),
+    #: why the job failed or was rejected (the first problems)
+    Column("reason", OutsideText),
+    Column("report_path", Text),
+    Column("rejected_path", Text),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("poll_interval_s", Float),
+    Column("next_check_at", Float),
+    #: consecutive failed attempts of the current step (drives the backoff)
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", OutsideText),
+    Column("request_counts", JSON),
+    Column("usage", JSON),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("round", Integer, nullable=False, default=0, server_default="0"),
+    #: the daemon working on the job, until lease_until (several daemons on one PostgreSQL)
+    Column("owner", String(32)),
+    Column("lease_until", Float),
+    #: counts claims: a daemon that lost its lease cannot commit a step it started before
+    Column("fence", Integer, nullable=False, default=0, server_default="0"),
+    Index("ix_jobs_state", "state"),
+    Index("ix_jobs_name", "name"),
+)
+
+remote_batches = Table(
+    "remote_batches",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(32), ForeignKey("jobs.id"), nullable=False),
+    #: 0 for the first submission; follow-up rounds count up
+    Column("round", Integer, nullable=False, default=0),
+    Column("shard", Integer, nullable=False, default=0),
+    Column("input_file_id", Text, nullable=False),
+    #: the provider's batch id; NULL while only the intent to create exists
+    Column("remote_id", Text, unique=True),
+    #: "creating" until bound, then the normalised remote status
+    Column("status", String(16), nullable=False),
+    Column("create_attempts", Integer, nullable=False, default=0),
+    Column("intent_at", Float, nullable=False),
+    Column("remote_created_at", Float),
+    Column("output_file_id", Text),
+    Column("error_file_id", Text),
+    Column("error", OutsideText),
+    Column("progress", Float),
+    Column("updated_at", Float, nullable=False),
+    Column("input_path", Text),
+    Column("request_count", Integer),
+    Column("size_bytes", BigInteger),
+    Column("sha256", String(64)),
+    Index("ix_remote_batches_job", "job_id"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("job_id", String(32), ForeignKey("jobs.id")),
+    Column("type", String(32), nullable=False),
+    #: the exact body bytes, sent identically on every attempt
+    Column("body", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("event_id", String(40), ForeignKey("events.id"), nullable=False),
+    Column("url", OutsideText, nullable=False),
+    #: which secrets sign it: "config" (the [[webhooks]] entry with this url) or "inbox"
+    Column("secret_ref", String(16), nullable=False),
+    #: pending | delivered | dead | disabled
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("last_status", Integer),
+    Column("last_error", OutsideText),
+    Column("delivered_at", Float),
+    #: the daemon sending it, until lease_until: one sender at a time, another after a crash
+    Column("owner", String(32)),
+    Column("lease_until", Float),
+    Index("ix_deliveries_due", "state", "next_attempt_at"),
+)
+
+daemons = Table(
+    "daemons",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    #: host and state directory: a daemon restarted there is the same daemon's successor
+    Column("home", Text, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+    Column("stopped_at", Float),
+)
+
+endpoints = Table(
+    "endpoints",
+    metadata,
+    Column("url", OutsideText, primary_key=True),
+    Column("disabled_at", Float),
+    Column("reason", OutsideText),
+)
+
+
+#: Two jobs never share an outbox folder: the reservation is the unique value.
+outbox_unique = Index("ux_jobs_outbox_path", jobs.c.outbox_path, unique=True)
+
+
+def _migrate_v1(conn: Connection) -> None:
+    # A new database gets the current schema at once; the later steps then find nothing to do.
+    metadata.create_all(conn)
+
+
+def _migrate_v2(conn: Connection) -> None:
+    outbox_unique.create(conn, checkfirst=True)
+
+
+def _add_column(conn: Connection, table: Table, name: str) -> None:
+    """ALTER TABLE … ADD COLUMN for a column declared above, unless it is there already."""
+    if name in {c["name"] for c in inspect(conn).get_columns(table.name)}:
+        return
+    column = table.c[name]
+    ddl = f"ALTER TABLE {table.name} ADD COLUMN {name} {column.type.compile(dialect=conn.dialect)}"
+    if column.server_default is not None:
+        ddl += f" NOT NULL DEFAULT {column.server_default.arg}"  # type: ignore[attr-defined]
+    conn.exec_driver_sql(ddl)
+
+
+def _migrate_v3(conn: Connection) -> None:
+    # Shards and follow-up rounds: a job's round, each remote batch's own input file.
+    _add_column(conn, jobs, "round")
+    for name in ("input_path", "request_count", "size_bytes", "sha256"):
+        _add_column(conn, remote_batches, name)
+
+
+def _migrate_v4(conn: Connection) -> None:
+    # Leases: several daemons sharing one PostgreSQL database.
+    for name in ("owner", "lease_until", "fence"):
+        _add_column(conn, jobs, name)
+    for name in ("owner", "lease_until"):
+        _add_column(conn, deliveries, name)
+    daemons.create(conn, checkfirst=True)
+
+
+#: Forward migrations, in order; each runs once, in its own transaction. Each later step brings a
+#: database made by an older release to the current schema and checks first, so on a database
+#: step 1 just created it does nothing.
+MIGRATIONS: tuple[tuple[int, Any], ...] = (
+    (1, _migrate_v1),
+    (2, _migrate_v2),
+    (3, _migrate_v3),
+    (4, _migrate_v4),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+#: The `state` values of jobs not yet ended: what the scheduler, the leases and the heartbeat read.
+LIVE_STATES = [s.value for s in JobState if s not in TERMINAL_STATES]
+
+#: PostgreSQL advisory lock held while migrating (any constant; "batchd" in ASCII), so that daemons
+#: starting together on one database migrate one after the other.
+MIGRATION_LOCK = 0x626174636864

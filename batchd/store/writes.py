@@ -1,0 +1,109 @@
+"""What a write to the store says: typed records for its transitions.
+
+No column name travels as a string outside the store: each transition method of an
+aggregate takes one of these records (or plain typed arguments), and the aggregate
+alone knows which columns that means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchd.models import JobState, RemoteBatch
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A daemon's claim on a job: it holds the job at `fence` until `lease_until`."""
+
+    owner: str
+    fence: int
+    lease_until: float
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A submission the inbox accepted (or a manual retry): inserted as `received`."""
+
+    id: str
+    name: str
+    source: str
+    provider: str
+    endpoint: str | None = None
+    claimed_path: str | None = None
+    spec_path: str | None = None
+    upload_path: str | None = None
+    sha256: str | None = None
+    size_bytes: int | None = None
+    request_count: int | None = None
+    completion_window: str | None = None
+    model: str | None = None
+    webhook_url: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    #: the daemon that took the file holds the job from the start; None: nobody yet
+    hold: Hold | None = None
+
+
+@dataclass(frozen=True)
+class RejectedJob:
+    """A dropped file that will not be taken: inserted as `rejected`, already finished."""
+
+    id: str
+    name: str
+    source: str
+    provider: str
+    claimed_path: str
+    rejected_path: str
+    report_path: str
+    reason: str
+    finished_at: float
+
+
+@dataclass(frozen=True)
+class NextCheck:
+    """A job's state after the provider answered, and when to look at it again.
+
+    Writing one also clears the step's failure count and last error: the contact worked.
+    """
+
+    state: JobState
+    poll_interval_s: float
+    next_check_at: float
+
+
+@dataclass(frozen=True)
+class Ending:
+    """A job's terminal transition: how it ended and what job.json says of it."""
+
+    state: JobState
+    finished_at: float
+    reason: str | None
+    request_counts: Mapping[str, int]
+    usage: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One remote batch of a round, as planned: its own input file."""
+
+    input_path: str
+    request_count: int | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class PollAnswer:
+    """What the provider said of one remote batch, and the job's next check that follows.
+
+    `expect` is the job state the answer was read against: the job's part of the write applies
+    only while the job is still in it.
+    """
+
+    record_id: int
+    job_id: str
+    remote: RemoteBatch
+    expect: JobState
+    check: NextCheck

@@ -1,0 +1,57 @@
+"""Arranging the store for a test: jobs put in a state through the store's own transitions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from batchd.models import Job, JobState, NewEvent
+from batchd.store import Ending, NewJob, NextCheck, RejectedJob, Store
+
+#: What a test's job says it answered when it ends (no request: nothing was submitted).
+NO_COUNTS = {"total": 0, "completed": 0, "failed": 0}
+
+
+def add_job(
+    store: Store,
+    job_id: str = "a" * 32,
+    name: str = "x",
+    *,
+    state: JobState = JobState.RECEIVED,
+    events: Sequence[NewEvent] = (),
+    **fields: Any,
+) -> Job:
+    """A job named `name` in `state`, brought there the way the daemon would (insert, plan, answers, end)."""
+    fields.setdefault("provider", "local")
+    if state is JobState.REJECTED:
+        rejected = RejectedJob(
+            id=job_id, name=name, source=f"{name}.jsonl", claimed_path="", rejected_path="", report_path="",
+            reason="rejected by a test", finished_at=store.now(), provider=fields["provider"],
+        )  # fmt: skip
+        return store.jobs.insert_rejected(rejected, events)
+    job = store.jobs.insert(NewJob(id=job_id, name=name, source=f"{name}.jsonl", **fields))
+    if state is JobState.RECEIVED:
+        assert not events, "a job gets its events when it ends"
+        return job
+    if state.terminal:
+        return end_job(store, job_id, state, events, expect=JobState.RECEIVED)
+    store.batches.plan_round(job_id, expect=JobState.RECEIVED, round_=0, shards=[])
+    if state is JobState.UPLOADING:
+        found = store.jobs.get(job_id)
+        assert found is not None
+        return found
+    return store.jobs.record_answer(job_id, expect=JobState.UPLOADING, check=NextCheck(state, 5.0, store.now()))
+
+
+def end_job(
+    store: Store,
+    job_id: str,
+    state: JobState,
+    events: Sequence[NewEvent] = (),
+    *,
+    expect: JobState,
+    request_counts: dict[str, int] | None = None,
+) -> Job:
+    """The terminal transition of a test's job, with its events."""
+    ending = Ending(state, store.now(), None, request_counts or NO_COUNTS, {})
+    return store.jobs.finish(job_id, expect=expect, ending=ending, events=events)
