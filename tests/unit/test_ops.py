@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from batchd import logging as batchd_logging
 from batchd import metrics, systemd
-from batchd.cli_ops import human_age, jobs_table, progress_of, progress_text
+from batchd.cli.records import human_age, jobs_table, progress_of, progress_text
 from batchd.config import ConfigError, load_settings
 from batchd.health import status_line
 from batchd.models import BatchStatus, Job, JobState, RemoteBatchRecord
@@ -242,7 +242,7 @@ def test_ages_bars_and_the_table() -> None:
 
 
 def test_the_readme_documents_every_json_key() -> None:
-    from batchd.cli_ops import job_record, show_record
+    from batchd.cli.records import job_record, show_record
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Operator commands", 1)[1].split("\n## ", 1)[0]

@@ -11,17 +11,15 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import UTC, datetime
-from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
 import click
 
-from batchd.cli import Context, config_options, fail, main, open_store, pass_ctx
-from batchd.cli import _find as find_job
+from batchd.cli.common import Context, config_options, fail, find_job, open_store, pass_ctx
+from batchd.cli.records import endpoint_rows
 from batchd.config import Secret, Settings
-from batchd.models import EndpointStats, StoredEvent
+from batchd.models import StoredEvent
 from batchd.store import Store
 from batchd.webhooks import Outcome, new_event, post_event
 
@@ -29,13 +27,7 @@ from batchd.webhooks import Outcome, new_event, post_event
 TEST_PEEK_BYTES = 200
 
 
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-@main.group(invoke_without_command=True)
+@click.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array (one object per endpoint).")
 @config_options
 @pass_ctx
@@ -66,38 +58,6 @@ def webhooks(obj: Context, as_json: bool) -> None:
             click.echo(f"{'':<10}disabled since {row['disabled_at']}: {row['disabled_reason']}")
         if row["pending"]:
             click.echo(f"{'':<10}next attempt {row['next_attempt_at']}; last error: {row['last_error'] or '-'}")
-
-
-def endpoint_rows(settings: Settings, stats: list[EndpointStats]) -> list[dict[str, Any]]:
-    """One row per configured endpoint (even if idle), then every other URL deliveries went to."""
-    configured = {ep.url: ep for ep in settings.webhooks}
-    by_url = {s.url: s for s in stats}
-    urls = list(configured) + sorted(url for url in by_url if url not in configured)
-    rows = []
-    for url in urls:
-        s = by_url.get(url) or EndpointStats(url)
-        endpoint = configured.get(url)
-        rows.append(
-            {
-                "url": url,
-                # "spec": a job's own webhook_url (signed with the inbox secret)
-                "kind": "config" if endpoint is not None or s.secret_ref == "config" else "spec",
-                "configured": endpoint is not None,
-                "events": list(endpoint.events) if endpoint is not None else None,
-                "endpoint_disabled": s.disabled_at is not None,
-                "disabled_at": _iso(s.disabled_at),
-                "disabled_reason": s.disabled_reason,
-                "pending": s.pending,
-                "delivered": s.delivered,
-                "failed_attempts": s.failed_attempts,
-                "dead": s.dead,
-                "disabled": s.disabled,
-                "replayed": s.replayed,
-                "next_attempt_at": _iso(s.next_attempt_at),
-                "last_error": s.last_error,
-            }
-        )
-    return rows
 
 
 # ---------------------------------------------------------------- replay

@@ -1,28 +1,20 @@
-"""Operator commands that read the database beside a running daemon: `jobs`, `show`, `watch`.
+"""What `jobs`, `show`, `watch`, `status` and `webhooks` print: pure records and tables.
 
-They never migrate nor create the database (a `sudo batchd jobs` must not leave
-a root-owned database behind) and only read: SQLite's WAL lets them read while
-the daemon writes. Human output is a table; `--json` output is the stable shape
-documented in the README ("Operator commands").
+The records are the `--json` shapes documented in the README ("Operator commands"):
+stable, keys are only ever added. The tables and lines are the human output.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import click
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
-
 from batchd.config import Settings
-from batchd.models import Delivery, Job, JobState, RemoteBatchRecord
+from batchd.models import Delivery, EndpointStats, Job, JobState, RemoteBatchRecord
 from batchd.results import iso
 from batchd.store import Store
 
@@ -30,27 +22,6 @@ from batchd.store import Store
 _BY_ID_LIMIT = 500
 #: Outbox files `show` lists, when they exist.
 _OUTBOX_FILES = ("output.jsonl", "errors.jsonl", "job.json")
-
-
-@contextmanager
-def read_store(settings: Settings) -> Iterator[Store | None]:
-    """The Store for reading, or None when there is no database yet (nothing is created)."""
-    url = make_url(settings.database_url)
-    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
-        yield None
-        return
-    store = Store(settings.database_url)
-    try:
-        try:
-            tracked = store.has_schema()
-        except SQLAlchemyError as exc:
-            # A server that is down, a file that is not a database: say so, not "no jobs".
-            click.echo(f"batchd: cannot read the database: {exc.__cause__ or exc}", err=True)
-            sys.exit(1)
-        # A database without batchd's tables: nothing tracked yet.
-        yield store if tracked else None
-    finally:
-        store.close()
 
 
 # ---------------------------------------------------------------- records (the --json shape)
@@ -314,105 +285,43 @@ def read_records(store: Store, states: Sequence[JobState] | None, now: float) ->
     return [job_record(j, batches.get(j.id, []), now) for j in found]
 
 
-# ---------------------------------------------------------------- commands
-
-IN_FLIGHT_STATES = [s for s in JobState if not s.terminal]
+# ---------------------------------------------------------------- webhook endpoints
 
 
-def commands() -> list[click.Command]:
-    """The `jobs`, `show` and `watch` commands, for cli.py to add to the main group.
+def _iso(ts: float | None) -> str | None:
+    """ISO-8601 UTC to the second, as the webhooks table shows times (results.iso keeps the microseconds)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
-    Built on call, with cli.py's shared options: cli.py calls this once it has defined
-    them, and importing this module first does not import cli.py half-way.
-    """
-    from batchd.cli import Context, _find, config_options, fail, pass_ctx
 
-    @click.command()
-    @click.option("--json", "as_json", is_flag=True, help="Print a JSON array (shape: README, Operator commands).")
-    @click.option(
-        "--state", "states", multiple=True, type=click.Choice([s.value for s in JobState]), help="Only these."
-    )
-    @config_options
-    @pass_ctx
-    def jobs(obj: Context, as_json: bool, states: tuple[str, ...]) -> None:
-        """What is tracked, oldest first: name, state, progress, requests ok/failed, age."""
-        settings = obj.load()
-        with read_store(settings) as store:
-            records = read_records(store, [JobState(s) for s in states], time.time()) if store else []
-        if as_json:
-            click.echo(json.dumps(records, indent=2, ensure_ascii=False))
-        elif not records:
-            click.echo("no jobs")
-        else:
-            click.echo("\n".join(jobs_table(records)))
-
-    @click.command()
-    @click.argument("job_ref", metavar="JOB")
-    @click.option("--json", "as_json", is_flag=True, help="Print a JSON object (shape: README, Operator commands).")
-    @config_options
-    @pass_ctx
-    def show(obj: Context, job_ref: str, as_json: bool) -> None:
-        """Everything about one job (JOB: an id, a unique id prefix or a name)."""
-        settings = obj.load()
-        with read_store(settings) as store:
-            if store is None:
-                fail(f"no job matches {job_ref!r}", 1)
-            job = _find(store, job_ref)
-            record = show_record(job, store.batches.of_job(job.id), store.deliveries.select(job_id=job.id), time.time())
-        if as_json:
-            click.echo(json.dumps(record, indent=2, ensure_ascii=False))
-        else:
-            click.echo("\n".join(show_lines(record)))
-
-    @click.command()
-    @click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds.")
-    @click.option("--once", is_flag=True, help="Print one snapshot and exit.")
-    @config_options
-    @pass_ctx
-    def watch(obj: Context, interval: float, once: bool) -> None:
-        """Live progress of the jobs in flight, until Ctrl-C (or --once).
-
-        On a terminal the screen is redrawn; otherwise one snapshot is printed per interval.
-        """
-        settings = obj.load()
-        redraw = sys.stdout.isatty() and not once
-        try:
-            while True:
-                now = time.time()
-                with read_store(settings) as store:
-                    records = read_records(store, IN_FLIGHT_STATES, now) if store else []
-                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-                header = f"{stamp}  {len(records)} jobs in flight"
-                body = jobs_table(records, bar=20) if records else []
-                if redraw:
-                    # Home, clear the screen, draw: no scrollback of old frames.
-                    click.echo("\x1b[H\x1b[2J" + "\n".join([header, *body]))
-                else:
-                    click.echo("\n".join([header, *body, ""]))
-                if once:
-                    return
-                time.sleep(interval)
-        except KeyboardInterrupt:
-            return
-
-    @click.command()
-    @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-    @click.option("--all", "show_all", is_flag=True, help="Also daemons that stopped.")
-    @config_options
-    @pass_ctx
-    def status(obj: Context, as_json: bool, show_all: bool) -> None:
-        """The daemons working on this database: their heartbeats and the jobs each holds."""
-        settings = obj.load()
-        with read_store(settings) as store:
-            rows = store.cluster.daemons() if store else []
-        records = daemon_records(rows, settings.cluster.lease_s, time.time())
-        if not show_all:
-            records = [r for r in records if r["state"] != "stopped"]
-        if as_json:
-            click.echo(json.dumps(records, indent=2))
-        elif not records:
-            click.echo("no daemon is running")
-        else:
-            click.echo("\n".join(daemons_table(records)))
-
-    return [jobs, show, watch, status]
+def endpoint_rows(settings: Settings, stats: list[EndpointStats]) -> list[dict[str, Any]]:
+    """One row per configured endpoint (even if idle), then every other URL deliveries went to."""
+    configured = {ep.url: ep for ep in settings.webhooks}
+    by_url = {s.url: s for s in stats}
+    urls = list(configured) + sorted(url for url in by_url if url not in configured)
+    rows = []
+    for url in urls:
+        s = by_url.get(url) or EndpointStats(url)
+        endpoint = configured.get(url)
+        rows.append(
+            {
+                "url": url,
+                # "spec": a job's own webhook_url (signed with the inbox secret)
+                "kind": "config" if endpoint is not None or s.secret_ref == "config" else "spec",
+                "configured": endpoint is not None,
+                "events": list(endpoint.events) if endpoint is not None else None,
+                "endpoint_disabled": s.disabled_at is not None,
+                "disabled_at": _iso(s.disabled_at),
+                "disabled_reason": s.disabled_reason,
+                "pending": s.pending,
+                "delivered": s.delivered,
+                "failed_attempts": s.failed_attempts,
+                "dead": s.dead,
+                "disabled": s.disabled,
+                "replayed": s.replayed,
+                "next_attempt_at": _iso(s.next_attempt_at),
+                "last_error": s.last_error,
+            }
+        )
+    return rows
