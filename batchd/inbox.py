@@ -25,7 +25,7 @@ import structlog
 
 from batchd.config import Settings
 from batchd.crashpoints import crashpoint
-from batchd.fsutil import write_atomic
+from batchd.durable_files import write_atomic
 from batchd.models import PROVIDER_LIMITS, Job, JobState
 from batchd.results import outbox_name
 from batchd.store import Store

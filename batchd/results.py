@@ -26,7 +26,8 @@ import structlog
 
 from batchd import jsonl
 from batchd.config import Price
-from batchd.fsutil import fsync_dir, strip_eol, write_atomic
+from batchd.durable_files import fsync_dir, write_atomic
+from batchd.jsonl import strip_eol
 from batchd.models import Job, JobState, RemoteBatchRecord
 from batchd.validation import iter_custom_ids
 

@@ -52,7 +52,8 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from batchd import jsonl
-from batchd.fsutil import atomic_file, strip_eol
+from batchd.durable_files import atomic_file
+from batchd.jsonl import strip_eol
 from batchd.models import SUPPORTED_ENDPOINTS, BatchEndpoint, Limits
 
 __all__ = [
