@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import anyio
 import click
 
-from batchd import logging as batchd_logging
+from batchd import logs as batchd_logging
 from batchd.config import ConfigError, Settings, load_settings, parse_override
 from batchd.models import PROVIDER_LIMITS, Job
 from batchd.store import Store, StoreUnavailable

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from batchd import logging as batchd_logging
+from batchd import logs
 from batchd.config import load_settings
 from batchd.daemon import Daemon
 from batchd.emulator.server import serve_emulator
@@ -90,7 +90,7 @@ def run_demo(keep: Path | None = None) -> int:
 
 async def _demo(workspace: Path) -> int:
     echo = click.echo
-    batchd_logging.configure(level="error")
+    logs.configure(level="error")
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     receiver = Receiver()
     async with serve_emulator(receiver, host="127.0.0.1", port=0) as hook_url:

@@ -55,7 +55,7 @@ import anyio.abc
 import structlog
 from starlette.types import Receive, Scope, Send
 
-from batchd import logging as batchd_logging
+from batchd import logs as batchd_logging
 from batchd.config import load_settings
 from batchd.emulator.server import EmbeddedServer, serve_emulator
 from batchd.models import JobState
