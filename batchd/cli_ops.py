@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from batchd.config import Settings
 from batchd.models import Delivery, Job, JobState, RemoteBatchRecord
-from batchd.results import iso
+from batchd.outbox import iso
 from batchd.store import Store
 
 #: Below this many jobs, their remote batches are read by id; above, all at once.

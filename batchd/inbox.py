@@ -27,7 +27,7 @@ from batchd.config import Settings
 from batchd.crashpoints import crashpoint
 from batchd.durable_files import write_atomic
 from batchd.models import PROVIDER_LIMITS, Job, JobState
-from batchd.results import outbox_name
+from batchd.outbox import outbox_name
 from batchd.store import Store
 from batchd.validation import Problem, Report, format_report, validate_file, write_upload_copy
 from batchd.webhooks import allowed_webhook_url, build_event
