@@ -29,7 +29,8 @@ from batchd.durable_files import write_atomic
 from batchd.models import PROVIDER_LIMITS, Job, JobState
 from batchd.outbox import outbox_name
 from batchd.store import Store
-from batchd.validation import Problem, Report, format_report, validate_file, write_upload_copy
+from batchd.upload_copy import write_upload_copy
+from batchd.validation import Problem, Report, format_report, validate_file
 from batchd.webhooks import allowed_webhook_url, build_event
 
 log = structlog.get_logger("batchd.inbox")

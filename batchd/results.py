@@ -25,7 +25,7 @@ import structlog
 from batchd import jsonl
 from batchd.durable_files import fsync_dir
 from batchd.jsonl import strip_eol
-from batchd.validation import iter_custom_ids
+from batchd.upload_copy import iter_custom_ids
 
 __all__ = [
     "UNANSWERED_CODES",
