@@ -33,18 +33,10 @@ from batchd.health import LoopMonitor
 from batchd.inbox import Inbox, Kind, classify, job_files_dir
 from batchd.lifecycle import Action, PollPolicy, Step
 from batchd.models import BatchStatus, Job, JobState, RemoteBatch, RemoteBatchRecord
+from batchd.outbox import job_document, outbox_candidates, reason_for, write_job_json
+from batchd.pricing import estimate_cost
 from batchd.providers.base import Provider, ProviderError
-from batchd.results import (
-    MergeResult,
-    estimate_cost,
-    job_document,
-    merge_results,
-    outbox_candidates,
-    reason_for,
-    truncated_tail,
-    webhook_data,
-    write_job_json,
-)
+from batchd.results import MergeResult, merge_results, truncated_tail, webhook_data
 from batchd.shards import Shard, split, write_followups
 from batchd.store import LEASE, Ending, Hold, Lease, NextCheck, PollAnswer, ShardPlan, StaleState, Store
 from batchd.watch import InboxWatcher, WatchEvent

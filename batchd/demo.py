@@ -24,10 +24,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from batchd import logging as batchd_logging
+from batchd import logs
+from batchd.asgi_server import serve_app
 from batchd.config import load_settings
 from batchd.daemon import Daemon
-from batchd.emulator.server import serve_emulator
 from batchd.models import JobState
 from batchd.service import serve
 from batchd.webhooks import verify
@@ -90,10 +90,10 @@ def run_demo(keep: Path | None = None) -> int:
 
 async def _demo(workspace: Path) -> int:
     echo = click.echo
-    batchd_logging.configure(level="error")
+    logs.configure(level="error")
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     receiver = Receiver()
-    async with serve_emulator(receiver, host="127.0.0.1", port=0) as hook_url:
+    async with serve_app(receiver, host="127.0.0.1", port=0) as hook_url:
         config = workspace / "batchd.toml"
         config.write_text(
             f'state_dir = "state"\n\n[polling]\nmin_interval_s = 0.2\nmax_interval_s = 1.0\n\n'

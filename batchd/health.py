@@ -30,8 +30,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from batchd import metrics, systemd
+from batchd.asgi_server import serve_app
 from batchd.config import ConfigError
-from batchd.emulator.server import serve_emulator
 from batchd.models import Job, JobState
 from batchd.store import Store
 
@@ -194,7 +194,7 @@ async def serve_metrics(
         async with AsyncExitStack() as stack:
             app = create_metrics_app(Health(monitor, store), registry)
             try:
-                url = await stack.enter_async_context(serve_emulator(app, *address))
+                url = await stack.enter_async_context(serve_app(app, *address))
             except OSError as exc:
                 raise ConfigError(f"metrics.listen: cannot listen on {address[0]}:{address[1]}: {exc}") from exc
             log.info("metrics.listening", url=url, metrics=f"{url}/metrics", healthz=f"{url}/healthz")

@@ -25,11 +25,12 @@ import structlog
 
 from batchd.config import Settings
 from batchd.crashpoints import crashpoint
-from batchd.fsutil import write_atomic
+from batchd.durable_files import write_atomic
 from batchd.models import PROVIDER_LIMITS, Job, JobState
-from batchd.results import outbox_name
+from batchd.outbox import outbox_name
 from batchd.store import Hold, NewJob, RejectedJob, Store
-from batchd.validation import Problem, Report, format_report, validate_file, write_upload_copy
+from batchd.upload_copy import write_upload_copy
+from batchd.validation import Problem, Report, format_report, validate_file
 from batchd.webhooks import allowed_webhook_url, build_event
 
 log = structlog.get_logger("batchd.inbox")

@@ -1,4 +1,4 @@
-"""Outbox folders: naming, result ordering and accounting, job.json (DESIGN §4).
+"""Merging a job's results into its outbox folder: ordering and accounting (DESIGN §4).
 
 `merge_results` joins the provider's result files (in any order, over several
 rounds) back onto the input file's order without holding either in memory: a
@@ -13,36 +13,26 @@ import json
 import os
 import sqlite3
 import tempfile
-import unicodedata
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 import structlog
 
 from batchd import jsonl
-from batchd.config import Price
-from batchd.fsutil import fsync_dir, strip_eol, write_atomic
-from batchd.models import Job, JobState, RemoteBatchRecord
-from batchd.validation import iter_custom_ids
+from batchd.durable_files import fsync_dir
+from batchd.jsonl import strip_eol
+from batchd.upload_copy import iter_custom_ids
 
 __all__ = [
     "UNANSWERED_CODES",
     "MergeResult",
-    "estimate_cost",
-    "iso",
-    "job_document",
     "merge_results",
-    "outbox_candidates",
-    "outbox_name",
-    "reason_for",
     "truncated_tail",
     "webhook_data",
-    "write_job_json",
 ]
 
 log = structlog.get_logger("batchd.results")
@@ -56,35 +46,9 @@ UNANSWERED_CODES: Mapping[str, str] = {
     "not_returned": "the provider's batch ended without returning a result for this request",
 }
 
-SHORT_ID_LENGTH = 8
 # Individual log events per kind of dropped answer; the summary event counts them all.
 _LOG_CAP = 100
 _ROWS_PER_BATCH = 50_000
-
-
-def outbox_name(source: str) -> str:
-    """The outbox folder name for a dropped file: its name without the last extension.
-
-    Spaces and non-ASCII are kept; control characters become ``_``.
-    """
-    stem, dot, _extension = source.rpartition(".")
-    name = stem if dot and stem else source
-    name = "".join("_" if unicodedata.category(char) == "Cc" else char for char in name)
-    # "." and ".." are not folder names one can create; "" is no name at all.
-    if name.strip(".") == "":
-        name = name.replace(".", "_") or "_"
-    return name
-
-
-def outbox_candidates(outbox_dir: Path, name: str, job_id: str) -> list[Path]:
-    """The folders a job's results may go to, in order of preference (DESIGN §4).
-
-    ``outbox_dir/NAME/`` when free, else ``NAME.<short job id>/`` (the first 8
-    characters of `job_id`), and as a last resort ``NAME.<job id>/``. The Store
-    reserves one of them for the job before it is created (see the daemon).
-    """
-    names = dict.fromkeys([name, f"{name}.{job_id[:SHORT_ID_LENGTH]}", f"{name}.{job_id}"])
-    return [outbox_dir / n for n in names]
 
 
 @dataclass(frozen=True)
@@ -453,93 +417,6 @@ def truncated_tail(path: Path, *, window: int = 1 << 20) -> bool:
     except ValueError:
         return True
     return False
-
-
-def write_job_json(folder: Path, doc: Mapping[str, Any]) -> Path:
-    """Write ``folder/job.json`` atomically (temp, fsync, rename, fsync of the folder).
-
-    Pretty-printed UTF-8 with non-ASCII kept. Its presence means the folder is
-    complete, so callers write it last.
-    """
-    dest = folder / "job.json"
-    write_atomic(dest, (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-    return dest
-
-
-def iso(ts: float | None) -> str | None:
-    """ISO-8601 UTC with a Z, as job.json and webhooks show times."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-
-
-def reason_for(batches: Sequence[RemoteBatchRecord], merge: MergeResult, code: str) -> str:
-    """Why a job ended without every request answered, in a line."""
-    errors = [b.error for b in batches if b.error]
-    text = f"{merge.unanswered} of {merge.total} requests unanswered ({code})"
-    return f"{text}: {errors[-1]}" if errors else text
-
-
-def job_document(
-    job: Job,
-    state: JobState,
-    merge: MergeResult,
-    batches: Sequence[RemoteBatchRecord],
-    folder: Path,
-    *,
-    finished_at: float,
-    reason: str | None,
-    cost: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The content of job.json (DESIGN §4, plus `rounds`, `cost`, `reason`, `model`, `input_sha256`)."""
-    output = folder / "output.jsonl"
-    errors = folder / "errors.jsonl"
-    return {
-        "id": job.id,
-        "name": job.name,
-        "status": state.value,
-        "source": job.source,
-        "endpoint": job.endpoint,
-        "provider": job.provider,
-        "remote_batch_ids": [b.remote_id for b in batches if b.remote_id],
-        "request_counts": {"total": merge.total, "completed": merge.completed, "failed": merge.failed},
-        "usage": dict(merge.usage),
-        "created_at": iso(job.created_at),
-        "finished_at": iso(finished_at),
-        "output_file": str(output.resolve()) if output.exists() else None,
-        "error_file": str(errors.resolve()) if errors.exists() else None,
-        "metadata": dict(job.metadata),
-        "reason": reason,
-        "model": job.model,
-        "input_sha256": job.sha256,
-        "rounds": _rounds(batches),
-        "cost": dict(cost) if cost else None,
-    }
-
-
-def _rounds(batches: Sequence[RemoteBatchRecord]) -> list[dict[str, Any]]:
-    """Every round and its remote batches, as job.json and `batchd show` list them."""
-    rounds: dict[int, list[dict[str, Any]]] = {}
-    for b in batches:
-        rounds.setdefault(b.round, []).append(
-            {"shard": b.shard, "remote_batch_id": b.remote_id, "status": b.status, "requests": b.request_count,
-             "error": b.error}
-        )  # fmt: skip
-    return [{"round": r, "batches": rounds[r]} for r in sorted(rounds)]
-
-
-def estimate_cost(usage: Mapping[str, int], price: Price | None) -> dict[str, Any] | None:
-    """An estimated cost from token totals and a configured price (None without a price)."""
-    if price is None:
-        return None
-    prompt = usage.get("prompt_tokens", 0)
-    completion = usage.get("completion_tokens", 0)
-    usd = (prompt * price.input_per_mtok + completion * price.output_per_mtok) / 1_000_000
-    return {
-        "estimated_usd": round(usd, 6),
-        "input_per_mtok": price.input_per_mtok,
-        "output_per_mtok": price.output_per_mtok,
-    }
 
 
 def webhook_data(doc: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import anyio
 import httpx
 import structlog
 
-from batchd import logging as batchd_logging
+from batchd import logs
 from batchd.config import ConfigError, Settings
 from batchd.daemon import Daemon, db
 from batchd.emulator.app import create_app
@@ -101,7 +101,7 @@ async def serve(
     on_daemon: Callable[[Daemon], None] | None = None,
 ) -> int:
     """Run the daemon until stopped (0) or, with `once`, until drained (0) or timed out (1)."""
-    batchd_logging.redact_values(secret_values(settings))
+    logs.redact_values(secret_values(settings))
     if reload is not None:
         reload = _redacting(reload)
     address = settings.metrics.address
@@ -145,7 +145,7 @@ def _redacting(reload: Callable[[], Settings]) -> Callable[[], Settings]:
 
     def wrapped() -> Settings:
         settings = reload()
-        batchd_logging.redact_values(secret_values(settings))
+        logs.redact_values(secret_values(settings))
         return settings
 
     return wrapped

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from batchd import jsonl
-from batchd.fsutil import atomic_file, strip_eol
+from batchd.durable_files import atomic_file
+from batchd.jsonl import strip_eol
 from batchd.models import Limits
 
 #: HTTP statuses in a result line that say "try again later".

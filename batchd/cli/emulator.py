@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from batchd import logging as batchd_logging
+from batchd import logs
 
 
 def _fault_statuses(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int | str, ...]:
@@ -81,7 +81,7 @@ def emulator(
     from batchd.emulator.server import run_emulator
     from batchd.emulator.timeline import Timeline
 
-    batchd_logging.configure()
+    logs.configure()
     random_faults = None
     if fault_rate > 0:
         random_faults = RandomFaults(fault_rate, fault_statuses, retry_after=fault_retry_after, seed=fault_seed)

@@ -15,7 +15,7 @@ from typing import Any
 
 from batchd.config import Settings
 from batchd.models import Delivery, EndpointStats, Job, JobState, RemoteBatchRecord
-from batchd.results import iso
+from batchd.outbox import iso
 from batchd.store import Store
 
 #: Below this many jobs, their remote batches are read by id; above, all at once.

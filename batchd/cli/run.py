@@ -7,7 +7,7 @@ import sys
 import anyio
 import click
 
-from batchd import logging as batchd_logging
+from batchd import logs
 from batchd.cli.common import Context, config_options, fail, pass_ctx
 from batchd.config import ConfigError
 from batchd.store import StoreUnavailable
@@ -27,7 +27,7 @@ def run(obj: Context, once: bool, timeout: float | None, log_level: str) -> None
     if timeout is not None and not once:
         fail("--timeout needs --once", 2)
     settings = obj.load()
-    batchd_logging.configure(level=log_level)
+    logs.configure(level=log_level)
     limit_malloc_arenas()
     try:
         code = anyio.run(lambda: serve(settings, once=once, timeout=timeout, reload=obj.loader()))

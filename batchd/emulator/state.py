@@ -40,7 +40,7 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from batchd.fsutil import fsync_dir
+from batchd.durable_files import fsync_dir
 
 log = structlog.get_logger()
 

@@ -55,9 +55,10 @@ import anyio.abc
 import structlog
 from starlette.types import Receive, Scope, Send
 
-from batchd import logging as batchd_logging
+from batchd import logs as batchd_logging
+from batchd.asgi_server import EmbeddedServer
 from batchd.config import load_settings
-from batchd.emulator.server import EmbeddedServer, serve_emulator
+from batchd.emulator.server import serve_emulator
 from batchd.models import JobState
 from batchd.providers.http import http_client
 from batchd.store import Store

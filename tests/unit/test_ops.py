@@ -14,7 +14,7 @@ import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from batchd import logging as batchd_logging
+from batchd import logs as batchd_logging
 from batchd import metrics, systemd
 from batchd.cli.records import human_age, jobs_table, progress_of, progress_text
 from batchd.config import ConfigError, load_settings

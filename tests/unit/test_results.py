@@ -12,14 +12,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from batchd import results
-from batchd.results import (
-    UNANSWERED_CODES,
-    MergeResult,
-    merge_results,
-    outbox_candidates,
-    outbox_name,
-    write_job_json,
-)
+from batchd.outbox import outbox_candidates, outbox_name, write_job_json
+from batchd.results import UNANSWERED_CODES, MergeResult, merge_results
 
 
 def write_input(tmp_path: Path, ids: list[str]) -> Path:

@@ -10,15 +10,8 @@ from typing import Any
 import pytest
 
 from batchd.models import PROVIDER_LIMITS, Limits
-from batchd.validation import (
-    RULES,
-    Problem,
-    Report,
-    format_report,
-    iter_custom_ids,
-    validate_file,
-    write_upload_copy,
-)
+from batchd.upload_copy import iter_custom_ids, write_upload_copy
+from batchd.validation import RULES, Problem, Report, format_report, validate_file
 
 LIMITS = PROVIDER_LIMITS["together"]
 CHAT = "/v1/chat/completions"

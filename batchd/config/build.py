@@ -1,7 +1,7 @@
-"""Settings: a TOML file, `BATCHD_*` environment overrides and command-line flags (DESIGN §6).
+"""Building Settings from checked raw values: typed readers, secrets, and one builder per section.
 
-Precedence is flags > environment > file > defaults. Every problem names the key
-it is about and is raised as ConfigError, which the CLI turns into exit code 2.
+Every problem names the key it is about and is raised as ConfigError, which the CLI
+turns into exit code 2.
 """
 
 from __future__ import annotations
@@ -10,320 +10,31 @@ import base64
 import binascii
 import os
 import re
-import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from batchd.models import PROVIDER_LIMITS, Limits
-
-DEFAULT_CONFIG_PATH = Path("/etc/batchd/batchd.toml")
-
-EVENT_TYPES: tuple[str, ...] = (
-    "batch.completed",
-    "batch.failed",
-    "batch.expired",
-    "batch.cancelled",
-    "batch.rejected",
+from batchd.config.settings import (
+    DEFAULT_BASE_URLS,
+    DEFAULT_KEY_ENVS,
+    EVENT_TYPES,
+    ClusterSettings,
+    ConfigError,
+    DeliverySettings,
+    InboxSettings,
+    LocalSettings,
+    MetricsSettings,
+    PollingSettings,
+    Price,
+    ProviderSettings,
+    ResubmitSettings,
+    Secret,
+    Settings,
+    SubmitSettings,
+    WebhookEndpoint,
+    listen_address,
 )
-
-DEFAULT_BASE_URLS = {
-    "together": "https://api.together.ai",
-    "openai": "https://api.openai.com/v1",
-}
-
-DEFAULT_KEY_ENVS = {"together": "TOGETHER_API_KEY", "openai": "OPENAI_API_KEY"}
-
-
-class ConfigError(Exception):
-    """A configuration problem; the message names the key."""
-
-
-class Secret:
-    """A secret string that never shows itself in a repr, a log line or an f-string."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-@dataclass(frozen=True)
-class ProviderSettings:
-    kind: str = "local"
-    #: empty: the kind's default (the local backend picks a loopback port at start)
-    base_url: str = ""
-    api_key: Secret | None = None
-    #: per-batch limits; 0: the provider's own (PROVIDER_LIMITS)
-    max_batch_requests: int = 0
-    max_batch_bytes: int = 0
-
-    @property
-    def limits(self) -> Limits:
-        """What one remote batch may hold: the provider's table, narrowed or widened by config."""
-        base = PROVIDER_LIMITS[self.kind]
-        return Limits(
-            max_bytes=self.max_batch_bytes or base.max_bytes,
-            max_requests=self.max_batch_requests or base.max_requests,
-        )
-
-
-@dataclass(frozen=True)
-class ClusterSettings:
-    #: how long a daemon's hold on a job lasts without a heartbeat (renewed every third of it):
-    #: with several daemons on one PostgreSQL database, a dead daemon's jobs move on after this
-    lease_s: float = 30.0
-
-
-@dataclass(frozen=True)
-class ResubmitSettings:
-    #: automatic follow-up rounds for requests that failed for a passing reason (0: none)
-    max_rounds: int = 2
-
-
-@dataclass(frozen=True)
-class Price:
-    """USD per million tokens, for a job's estimated cost."""
-
-    input_per_mtok: float
-    output_per_mtok: float
-
-
-@dataclass(frozen=True)
-class LocalSettings:
-    engine: str = "echo"
-    upstream_url: str = ""
-    concurrency: int = 16
-
-
-@dataclass(frozen=True)
-class InboxSettings:
-    settle_s: float = 1.0
-    #: full rescans of the inbox (events are hints; the rescan is the truth)
-    rescan_s: float = 30.0
-    allow_webhook_urls: tuple[str, ...] = ()
-    #: signs events for a spec's webhook_url; several during rotation
-    webhook_secrets: tuple[Secret, ...] = ()
-
-
-@dataclass(frozen=True)
-class SubmitSettings:
-    completion_window: str = "24h"
-
-
-@dataclass(frozen=True)
-class PollingSettings:
-    min_interval_s: float = 5.0
-    max_interval_s: float = 60.0
-
-
-@dataclass(frozen=True)
-class DeliverySettings:
-    timeout_s: float = 15.0
-    retry_delays_s: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
-
-
-@dataclass(frozen=True)
-class MetricsSettings:
-    #: "host:port" of the /metrics and /healthz listener; empty: no listener (port 0: any free port)
-    listen: str = ""
-
-    @property
-    def address(self) -> tuple[str, int] | None:
-        """(host, port) to listen on, or None when the listener is off."""
-        return _listen_address(self.listen, "metrics.listen") if self.listen else None
-
-
-@dataclass(frozen=True)
-class WebhookEndpoint:
-    url: str
-    secrets: tuple[Secret, ...]
-    events: tuple[str, ...] = EVENT_TYPES
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything batchd is configured with. Paths are absolute."""
-
-    state_dir: Path
-    inbox_dir: Path
-    outbox_dir: Path
-    database_url: str
-    provider: ProviderSettings = field(default_factory=ProviderSettings)
-    local: LocalSettings = field(default_factory=LocalSettings)
-    inbox: InboxSettings = field(default_factory=InboxSettings)
-    submit: SubmitSettings = field(default_factory=SubmitSettings)
-    polling: PollingSettings = field(default_factory=PollingSettings)
-    delivery: DeliverySettings = field(default_factory=DeliverySettings)
-    webhooks: tuple[WebhookEndpoint, ...] = ()
-    metrics: MetricsSettings = field(default_factory=MetricsSettings)
-    resubmit: ResubmitSettings = field(default_factory=ResubmitSettings)
-    cluster: ClusterSettings = field(default_factory=ClusterSettings)
-    #: model name → price; a job whose model is listed gets an estimated cost
-    pricing: Mapping[str, Price] = field(default_factory=dict)
-    #: the file these settings came from, if any
-    config_path: Path | None = None
-
-    @property
-    def local_dir(self) -> Path:
-        """Where the embedded backend keeps its files and batches."""
-        return self.state_dir / "local"
-
-
-# The keys a file may hold, per section; anything else is refused by name.
-_TOP_KEYS = {"state_dir", "inbox_dir", "outbox_dir", "database_url"}
-_SECTION_KEYS: dict[str, set[str]] = {
-    "provider": {
-        "kind",
-        "base_url",
-        "api_key",
-        "api_key_env",
-        "api_key_file",
-        "max_batch_requests",
-        "max_batch_bytes",
-    },
-    "resubmit": {"max_rounds"},
-    "cluster": {"lease_s"},
-    "local": {"engine", "upstream_url", "concurrency"},
-    "inbox": {
-        "settle_s",
-        "rescan_s",
-        "allow_webhook_urls",
-        "webhook_secret",
-        "webhook_secret_env",
-        "webhook_secret_file",
-    },
-    "submit": {"completion_window"},
-    "polling": {"min_interval_s", "max_interval_s"},
-    "delivery": {"timeout_s", "retry_delays_s"},
-    "metrics": {"listen"},
-}
-_WEBHOOK_KEYS = {"url", "secret", "secret_env", "secret_file", "events"}
-
-
-def find_config_path(flag: str | Path | None, environ: Mapping[str, str]) -> tuple[Path, bool]:
-    """The config file to read and whether the user named it explicitly."""
-    if flag:
-        return Path(flag), True
-    if environ.get("BATCHD_CONFIG"):
-        return Path(environ["BATCHD_CONFIG"]), True
-    return DEFAULT_CONFIG_PATH, False
-
-
-def load_settings(
-    config: str | Path | None = None,
-    *,
-    environ: Mapping[str, str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> Settings:
-    """Read the file, apply `BATCHD_*` overrides, then flag overrides (dotted keys)."""
-    env = os.environ if environ is None else environ
-    path, explicit = find_config_path(config, env)
-    raw: dict[str, Any] = {}
-    base_dir = Path.cwd()
-    if path.is_file():
-        try:
-            with path.open("rb") as fh:
-                raw = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-        base_dir = path.resolve().parent
-    elif explicit:
-        raise ConfigError(f"config file {path} does not exist")
-    _check_known_keys(raw)
-    _apply_env(raw, env)
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
-    return _build(raw, base_dir=base_dir, environ=env, config_path=path.resolve() if path.is_file() else None)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`section.key=value` from a `--set` flag; the value is a TOML literal or a bare string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE")
-    return key.strip(), _literal(value.strip())
-
-
-def _literal(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def _check_known_keys(raw: Mapping[str, Any]) -> None:
-    for key, value in raw.items():
-        if key in _TOP_KEYS:
-            continue
-        if key in _SECTION_KEYS:
-            if not isinstance(value, dict):
-                raise ConfigError(f"[{key}] must be a table")
-            for sub in value:
-                if sub not in _SECTION_KEYS[key]:
-                    raise ConfigError(f"unknown key {key}.{sub}")
-            continue
-        if key == "pricing":
-            _check_pricing(value)
-            continue
-        if key == "webhooks":
-            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-                raise ConfigError("webhooks must be an array of tables ([[webhooks]])")
-            for i, entry in enumerate(value):
-                for sub in entry:
-                    if sub not in _WEBHOOK_KEYS:
-                        raise ConfigError(f"unknown key webhooks[{i}].{sub}")
-            continue
-        raise ConfigError(f"unknown key {key}")
-
-
-def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
-    for name, value in environ.items():
-        if not name.startswith("BATCHD_"):
-            continue
-        rest = name[len("BATCHD_") :].lower()
-        if rest in _TOP_KEYS:
-            raw[rest] = _literal(value)
-            continue
-        for section, keys in _SECTION_KEYS.items():
-            prefix = section + "_"
-            if rest.startswith(prefix) and rest[len(prefix) :] in keys:
-                raw.setdefault(section, {})[rest[len(prefix) :]] = _literal(value)
-                break
-        # Anything else (BATCHD_CONFIG, a secret named by *_env) is not an override.
-
-
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    section, _, key = dotted.partition(".")
-    if not key:
-        if section not in _TOP_KEYS:
-            raise ConfigError(f"unknown key {dotted}")
-        raw[section] = value
-        return
-    if section not in _SECTION_KEYS or key not in _SECTION_KEYS[section]:
-        raise ConfigError(f"unknown key {dotted}")
-    raw.setdefault(section, {})[key] = value
-
-
-# ---------------------------------------------------------------- typed readers
 
 
 def _str(table: Mapping[str, Any], key: str, name: str, default: str) -> str:
@@ -431,20 +142,6 @@ def decode_secret(value: str) -> bytes:
     return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
 
 
-_PRICE_KEYS = {"input_per_mtok", "output_per_mtok"}
-
-
-def _check_pricing(value: Any) -> None:
-    if not isinstance(value, dict):
-        raise ConfigError("[pricing] must be a table of model = {input_per_mtok = …, output_per_mtok = …}")
-    for model, price in value.items():
-        if not isinstance(price, dict):
-            raise ConfigError(f"pricing.{model!r} must be a table {{input_per_mtok = …, output_per_mtok = …}}")
-        for sub in price:
-            if sub not in _PRICE_KEYS:
-                raise ConfigError(f"unknown key pricing.{model!r}.{sub}")
-
-
 def _build_cluster(table: Mapping[str, Any]) -> ClusterSettings:
     lease_s = _num(table, "lease_s", "cluster.lease_s", 30.0)
     if lease_s <= 0:
@@ -470,7 +167,10 @@ def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value
 
 
-def _build(raw: Mapping[str, Any], *, base_dir: Path, environ: Mapping[str, str], config_path: Path | None) -> Settings:
+def build_settings(
+    raw: Mapping[str, Any], *, base_dir: Path, environ: Mapping[str, str], config_path: Path | None
+) -> Settings:
+    """Settings from raw values whose keys `load.py` has checked; relative paths resolve against base_dir."""
     state_dir = _path(_str(raw, "state_dir", "state_dir", "/var/lib/batchd"), base_dir)
     inbox_text = _str(raw, "inbox_dir", "inbox_dir", "")
     outbox_text = _str(raw, "outbox_dir", "outbox_dir", "")
@@ -594,18 +294,8 @@ def _build_webhooks(
 def _build_metrics(table: Mapping[str, Any]) -> MetricsSettings:
     listen = _str(table, "listen", "metrics.listen", "")
     if listen:
-        _listen_address(listen, "metrics.listen")
+        listen_address(listen, "metrics.listen")
     return MetricsSettings(listen=listen)
-
-
-def _listen_address(value: str, name: str) -> tuple[str, int]:
-    """`127.0.0.1:9464`, `[::1]:9464` or `localhost:9464` → (host, port); port 0 picks a free one."""
-    host, sep, port = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or int(port) > 65535 or any(c in host for c in "[]/ "):
-        raise ConfigError(f"{name} must be HOST:PORT (e.g. 127.0.0.1:9464 or [::1]:9464), not {value!r}")
-    return host, int(port)
 
 
 def _database_url(value: str, state_dir: Path) -> str:

@@ -43,12 +43,3 @@ def write_atomic(dest: Path, data: bytes) -> None:
     """Replace `dest` with `data` atomically and durably."""
     with atomic_file(dest) as stream:
         stream.write(data)
-
-
-def strip_eol(raw: bytes) -> bytes:
-    """A line without its `\\n` and the `\\r` of a CRLF (never part of JSON)."""
-    if raw.endswith(b"\n"):
-        raw = raw[:-1]
-    if raw.endswith(b"\r"):
-        raw = raw[:-1]
-    return raw

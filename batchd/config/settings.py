@@ -1,0 +1,186 @@
+"""What batchd is configured with: the frozen Settings, Secret, ConfigError and the constants they use.
+
+No file, no environment: `load.py` finds and reads those, `build.py` turns them into these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchd.models import PROVIDER_LIMITS, Limits
+
+EVENT_TYPES: tuple[str, ...] = (
+    "batch.completed",
+    "batch.failed",
+    "batch.expired",
+    "batch.cancelled",
+    "batch.rejected",
+)
+
+DEFAULT_BASE_URLS = {
+    "together": "https://api.together.ai",
+    "openai": "https://api.openai.com/v1",
+}
+
+DEFAULT_KEY_ENVS = {"together": "TOGETHER_API_KEY", "openai": "OPENAI_API_KEY"}
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the key."""
+
+
+class Secret:
+    """A secret string that never shows itself in a repr, a log line or an f-string."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    kind: str = "local"
+    #: empty: the kind's default (the local backend picks a loopback port at start)
+    base_url: str = ""
+    api_key: Secret | None = None
+    #: per-batch limits; 0: the provider's own (PROVIDER_LIMITS)
+    max_batch_requests: int = 0
+    max_batch_bytes: int = 0
+
+    @property
+    def limits(self) -> Limits:
+        """What one remote batch may hold: the provider's table, narrowed or widened by config."""
+        base = PROVIDER_LIMITS[self.kind]
+        return Limits(
+            max_bytes=self.max_batch_bytes or base.max_bytes,
+            max_requests=self.max_batch_requests or base.max_requests,
+        )
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    #: how long a daemon's hold on a job lasts without a heartbeat (renewed every third of it):
+    #: with several daemons on one PostgreSQL database, a dead daemon's jobs move on after this
+    lease_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ResubmitSettings:
+    #: automatic follow-up rounds for requests that failed for a passing reason (0: none)
+    max_rounds: int = 2
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million tokens, for a job's estimated cost."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    engine: str = "echo"
+    upstream_url: str = ""
+    concurrency: int = 16
+
+
+@dataclass(frozen=True)
+class InboxSettings:
+    settle_s: float = 1.0
+    #: full rescans of the inbox (events are hints; the rescan is the truth)
+    rescan_s: float = 30.0
+    allow_webhook_urls: tuple[str, ...] = ()
+    #: signs events for a spec's webhook_url; several during rotation
+    webhook_secrets: tuple[Secret, ...] = ()
+
+
+@dataclass(frozen=True)
+class SubmitSettings:
+    completion_window: str = "24h"
+
+
+@dataclass(frozen=True)
+class PollingSettings:
+    min_interval_s: float = 5.0
+    max_interval_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    timeout_s: float = 15.0
+    retry_delays_s: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    #: "host:port" of the /metrics and /healthz listener; empty: no listener (port 0: any free port)
+    listen: str = ""
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to listen on, or None when the listener is off."""
+        return listen_address(self.listen, "metrics.listen") if self.listen else None
+
+
+@dataclass(frozen=True)
+class WebhookEndpoint:
+    url: str
+    secrets: tuple[Secret, ...]
+    events: tuple[str, ...] = EVENT_TYPES
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything batchd is configured with. Paths are absolute."""
+
+    state_dir: Path
+    inbox_dir: Path
+    outbox_dir: Path
+    database_url: str
+    provider: ProviderSettings = field(default_factory=ProviderSettings)
+    local: LocalSettings = field(default_factory=LocalSettings)
+    inbox: InboxSettings = field(default_factory=InboxSettings)
+    submit: SubmitSettings = field(default_factory=SubmitSettings)
+    polling: PollingSettings = field(default_factory=PollingSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    webhooks: tuple[WebhookEndpoint, ...] = ()
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    resubmit: ResubmitSettings = field(default_factory=ResubmitSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    #: model name → price; a job whose model is listed gets an estimated cost
+    pricing: Mapping[str, Price] = field(default_factory=dict)
+    #: the file these settings came from, if any
+    config_path: Path | None = None
+
+    @property
+    def local_dir(self) -> Path:
+        """Where the embedded backend keeps its files and batches."""
+        return self.state_dir / "local"
+
+
+def listen_address(value: str, name: str) -> tuple[str, int]:
+    """`127.0.0.1:9464`, `[::1]:9464` or `localhost:9464` → (host, port); port 0 picks a free one."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535 or any(c in host for c in "[]/ "):
+        raise ConfigError(f"{name} must be HOST:PORT (e.g. 127.0.0.1:9464 or [::1]:9464), not {value!r}")
+    return host, int(port)

@@ -1,0 +1,228 @@
+"""The per-line rules of a batch file, one class per dialect of request lines (DESIGN §3).
+
+Pure: a rules object takes one line's bytes and returns its problems, with no
+file, no clock and no SQL. What it must remember across lines (the custom_ids
+already used) is handed in as a `SeenIds`; `batchd.validation` streams a file
+through it, counts the lines and holds the whole-file rules. The rule names are
+published; batchd.validation's docstring lists them.
+
+`OpenAIRules` checks the lines Together, OpenAI and the local backend take
+(OpenAI's batch format). Another dialect's lines (Anthropic's `params`,
+Gemini's `key`/`request`) get a class of their own beside it, with the same
+`LineRules` shape.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from batchd.models import SUPPORTED_ENDPOINTS, BatchEndpoint
+
+__all__ = ["LineRules", "OpenAIRules", "Problem", "SeenIds", "show_value"]
+
+_MAX_CUSTOM_ID = 64
+# Longest user value quoted in a message, so one bad line cannot bloat the report.
+_SHOW_MAX = 80
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a batch file."""
+
+    #: 1-based line number; None for a problem of the whole file
+    line: int | None
+    #: stable short name of the rule (see batchd.validation's docstring)
+    rule: str
+    #: what is wrong, for a person
+    message: str
+
+    def __str__(self) -> str:
+        where = "file" if self.line is None else f"line {self.line}"
+        return f"{where}: {self.rule}: {self.message}"
+
+
+class SeenIds(Protocol):
+    """The custom_ids of a file so far: the one memory the per-line rules need."""
+
+    def add(self, custom_id: str, line: int) -> int | None:
+        """Remember `custom_id` at `line`; return the earlier line if it was seen before."""
+        ...
+
+
+class LineRules(Protocol):
+    """One dialect's per-line rules, with the little state they share across the lines of one file."""
+
+    @property
+    def endpoint(self) -> str | None:
+        """The batch's endpoint: the first supported one the lines name (None before it)."""
+        ...
+
+    @property
+    def model(self) -> str | None:
+        """The one model every request names so far; "" once two differ (None before the first)."""
+        ...
+
+    def check(self, number: int, content: bytes) -> list[Problem]:
+        """The problems of line `number` (its bytes without the line end); empty when it is fine."""
+        ...
+
+
+def show_value(value: Any) -> str:
+    """A user's value quoted as JSON (control characters escaped), shortened."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 1] + "…"
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of a value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; providers do not.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _parse(text: str) -> tuple[Any, str | None]:
+    """Parse one line; return (value, None) or (None, the json problem's message)."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant), None
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg}: column {exc.colno})"
+    except ValueError as exc:  # NaN/Infinity, or an integer too long to convert
+        return None, f"not valid JSON ({exc})"
+    except RecursionError:
+        return None, "not valid JSON (nested too deeply)"
+
+
+def _request_object(number: int, content: bytes) -> dict[str, Any] | Problem:
+    """The line as a JSON object, or its encoding, json or object problem (every dialect's first rules)."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = content[exc.start]
+        where = f"byte 0x{bad:02x} at byte {exc.start + 1} of the line"
+        return Problem(number, "encoding", f"not valid UTF-8 ({where})")
+    value, error = _parse(text)
+    if error is not None:
+        return Problem(number, "json", error)
+    if not isinstance(value, dict):
+        return Problem(number, "object", f"a request must be a JSON object, got {_kind(value)}")
+    return value
+
+
+class OpenAIRules:
+    """OpenAI's batch lines, as Together, OpenAI and the local backend take them.
+
+    `{"custom_id", "method": "POST", "url", "body"}`: custom_id 1–64 characters
+    and unique, url a supported endpoint and the same on every line, body an
+    object with `model` and what its endpoint needs, `stream` not true.
+    """
+
+    def __init__(self, seen: SeenIds) -> None:
+        self.seen = seen
+        self.endpoint: str | None = None
+        self.endpoint_line = 0
+        #: the one model every request names, "" once two differ (None before the first)
+        self.model: str | None = None
+
+    def check(self, number: int, content: bytes) -> list[Problem]:
+        """The problems of line `number`; several rules can fail on one line."""
+        value = _request_object(number, content)
+        if isinstance(value, Problem):
+            return [value]
+        found: list[Problem] = []
+        self._custom_id(number, value, found)
+        self._method(number, value, found)
+        url = self._url(number, value, found)
+        self._body(number, value, url, found)
+        return found
+
+    def _custom_id(self, number: int, request: dict[str, Any], found: list[Problem]) -> None:
+        if "custom_id" not in request:
+            found.append(Problem(number, "custom_id", "custom_id is missing"))
+            return
+        custom_id = request["custom_id"]
+        if not isinstance(custom_id, str):
+            found.append(Problem(number, "custom_id", f"custom_id must be a string, got {_kind(custom_id)}"))
+            return
+        if not 1 <= len(custom_id) <= _MAX_CUSTOM_ID:
+            message = f"custom_id must be 1 to {_MAX_CUSTOM_ID} characters, got {len(custom_id)}"
+            found.append(Problem(number, "custom_id", message))
+            return
+        earlier = self.seen.add(custom_id, number)
+        if earlier is not None:
+            message = f"custom_id {show_value(custom_id)} is already used on line {earlier}"
+            found.append(Problem(number, "duplicate_custom_id", message))
+
+    def _method(self, number: int, request: dict[str, Any], found: list[Problem]) -> None:
+        if "method" not in request:
+            found.append(Problem(number, "method", 'method is missing (it must be "POST")'))
+        elif request["method"] != "POST":
+            found.append(Problem(number, "method", f'method must be "POST", got {show_value(request["method"])}'))
+
+    def _url(self, number: int, request: dict[str, Any], found: list[Problem]) -> str | None:
+        """Check `url`; return it when it is a supported endpoint."""
+        supported = ", ".join(SUPPORTED_ENDPOINTS)
+        if "url" not in request:
+            found.append(Problem(number, "url", f"url is missing (supported: {supported})"))
+            return None
+        url = request["url"]
+        if not isinstance(url, str) or url not in SUPPORTED_ENDPOINTS:
+            message = f"url {show_value(url)} is not a supported endpoint (supported: {supported})"
+            found.append(Problem(number, "url", message))
+            return None
+        if self.endpoint is None:
+            self.endpoint, self.endpoint_line = url, number
+        elif url != self.endpoint:
+            message = (
+                f"url {show_value(url)} differs from {show_value(self.endpoint)} (line {self.endpoint_line}); "
+                "every request of a batch must use the same endpoint"
+            )
+            found.append(Problem(number, "mixed_url", message))
+        return url
+
+    def _body(self, number: int, request: dict[str, Any], url: str | None, found: list[Problem]) -> None:
+        if "body" not in request:
+            found.append(Problem(number, "body", "body is missing"))
+            return
+        body = request["body"]
+        if not isinstance(body, dict):
+            found.append(Problem(number, "body", f"body must be a JSON object, got {_kind(body)}"))
+            return
+        model = body.get("model")
+        if "model" not in body:
+            found.append(Problem(number, "model", "body.model is missing"))
+        elif not isinstance(model, str) or not model:
+            found.append(Problem(number, "model", f"body.model must be a non-empty string, got {show_value(model)}"))
+        elif self.model is None:
+            self.model = model
+        elif self.model != model:
+            self.model = ""
+        if url == BatchEndpoint.CHAT_COMPLETIONS:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                got = "nothing" if "messages" not in body else show_value(messages)
+                message = f"body.messages must be a non-empty list for {url}, got {got}"
+                found.append(Problem(number, "messages", message))
+        elif url == BatchEndpoint.COMPLETIONS and body.get("prompt") is None:
+            found.append(Problem(number, "prompt", f"body.prompt is required for {url}"))
+        elif url == BatchEndpoint.EMBEDDINGS and body.get("input") is None:
+            found.append(Problem(number, "input", f"body.input is required for {url}"))
+        if body.get("stream") is True:
+            found.append(Problem(number, "stream", "body.stream must not be true: batch requests cannot stream"))

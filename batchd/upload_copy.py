@@ -1,0 +1,83 @@
+"""The upload copy: the file batchd uploads for a dropped batch file, and its custom_ids read back.
+
+One request per line, `\\n` ends, no BOM, no blank line; `model` from a spec
+rewrites `body.model` in this copy, never in the user's file (DESIGN §3).
+results.py reads the custom_ids back (`iter_custom_ids`) to order a merge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from batchd import jsonl
+from batchd.durable_files import atomic_file
+
+__all__ = ["UploadCopy", "iter_custom_ids", "write_upload_copy"]
+
+
+@dataclass(frozen=True)
+class UploadCopy:
+    """The file batchd uploads, as written by `write_upload_copy`."""
+
+    #: hex sha256 of the copy's bytes
+    sha256: str
+    size_bytes: int
+    request_count: int
+
+
+def _rewrite_model(content: bytes, model: str) -> bytes:
+    """Return the line with `body.model` set to `model`; untouched when it already is."""
+    request = json.loads(content)
+    body = request.get("body") if isinstance(request, dict) else None
+    if not isinstance(body, dict) or body.get("model") == model:
+        return content
+    body["model"] = model
+    text = json.dumps(request, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate written as \\udXXX in the source: keep it escaped.
+        return json.dumps(request, separators=(",", ":")).encode("ascii")
+
+
+def write_upload_copy(src: Path, dest: Path, *, model: str | None = None) -> UploadCopy:
+    """Write the copy batchd uploads: one request per line, ``\\n`` ends, no BOM, no blank lines.
+
+    Lines are copied byte for byte, except that when `model` is given each
+    line's ``body.model`` is set to it (only those lines are re-serialised,
+    compactly). `src` is never modified. Meant for a file `validate_file`
+    accepted: its lines are valid JSON objects of bounded length.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    count = 0
+    with src.open("rb") as stream, atomic_file(dest) as out:
+        for line in jsonl.read_lines(stream):
+            assert line.content is not None  # no cap given: every line comes whole
+            content = _rewrite_model(line.content, model) if model is not None else line.content
+            for chunk in (content, b"\n"):
+                out.write(chunk)
+                digest.update(chunk)
+            size += len(content) + 1
+            count += 1
+    return UploadCopy(sha256=digest.hexdigest(), size_bytes=size, request_count=count)
+
+
+def iter_custom_ids(path: Path) -> Iterator[str]:
+    """Yield the custom_id of every request of an upload copy, in line order.
+
+    An upload copy is batchd's own normalised file (one JSON object a line, `\n`
+    ends, no blank line), so each raw line is parsed as it is: this runs over
+    every request of every merge.
+    """
+    with path.open("rb") as stream:
+        for number, raw in enumerate(stream, start=1):
+            request = jsonl.loads(raw)
+            custom_id = request.get("custom_id") if isinstance(request, dict) else None
+            if not isinstance(custom_id, str):
+                raise ValueError(f"{path}: line {number} has no string custom_id")
+            yield custom_id
