@@ -1,0 +1,256 @@
+"""The daemon: one anyio task group per process that runs the rooms of batchd's work.
+
+`Daemon.run` registers the process in the database, recovers what a crash left in the inbox,
+then runs its loops until stopped (or, with `once`, until drained): signals, intake
+(`intake.py`), the scheduler (`scheduler.py`, which hands steps to `submit.py`, `poll.py` and
+`finish.py`), the lease heartbeat, and webhook delivery. `lifecycle.next_action` decides;
+the rooms carry decisions out and record the outcomes through the Store. Every remote side
+effect is preceded by a committed intent, so a crash at any point resumes from the database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+import anyio
+import structlog
+
+from batchd import systemd
+from batchd.config import ConfigError, Settings
+from batchd.daemon.context import Context, db
+from batchd.daemon.intake import Intake
+from batchd.daemon.scheduler import Scheduler
+from batchd.health import LoopMonitor
+from batchd.inbox import Inbox
+from batchd.providers.base import Provider
+from batchd.store import Hold, Store
+from batchd.webhooks import Deliverer
+
+log = structlog.get_logger("batchd.daemon")
+
+#: How often the scheduler looks at the database even without a wake-up (CLI actions).
+IDLE_TICK_S = 1.0
+#: SIGTERM to exit: in-flight steps get this long to finish before they are parked.
+STOP_GRACE_S = 7.0
+#: Jobs nobody holds that a daemon takes over per heartbeat (several daemons share the rest).
+CLAIM_BATCH = 100
+UNLIMITED = 1 << 62
+
+
+class _Stopped(Exception):
+    """Stopped (a signal) before the work drained."""
+
+
+@dataclass
+class RunResult:
+    drained: bool
+
+
+class Daemon:
+    """One batchd process's work over one Store and one Provider."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Store,
+        provider: Provider,
+        deliverer: Deliverer | None = None,
+        reload: Callable[[], Settings] | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        daemon_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.provider = provider
+        #: this process's name in the database: the owner of the jobs it holds
+        self.id = daemon_id or uuid.uuid4().hex
+        self.deliverer = deliverer
+        self._reload = reload
+        self._clock = clock
+        self._stop = anyio.Event()
+        self._ctx = Context(
+            settings, store=store, provider=provider, daemon_id=self.id, clock=clock, rng=rng or random.Random(),
+            wake=self.wake, poke_deliverer=self._poke_deliverer,
+        )  # fmt: skip
+        self.inbox = Inbox(lambda: self._ctx.settings, store, owner=self._new_job_owner)
+        #: the scheduler loop's heartbeat: STATUS= for systemd, the jobs gauge, /healthz's last tick
+        self.monitor = LoopMonitor(store, period_s=IDLE_TICK_S)
+        self._intake = Intake(self._ctx, self.inbox, self._stop)
+        self._scheduler = Scheduler(self._ctx, self.monitor, self._stop)
+        #: set once recovery is done and every loop runs (what READY=1 tells systemd)
+        self.ready = anyio.Event()
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in force: those of the last successful reload (SIGHUP)."""
+        return self._ctx.settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        self._ctx.settings = settings
+
+    # ------------------------------------------------------------ control
+
+    def stop(self) -> None:
+        """Stop taking work; in-flight steps finish or are parked."""
+        if not self._stop.is_set():
+            log.info("daemon.stopping")
+            systemd.notify("STOPPING=1")
+            self._stop.set()
+        self.wake()
+        self._poke_deliverer()
+
+    @property
+    def busy(self) -> frozenset[str]:
+        """The jobs that have a step or a poll round running now."""
+        return self._scheduler.busy
+
+    def wake(self) -> None:
+        """Let the scheduler look at the jobs now."""
+        self._scheduler.wake()
+
+    def _poke_deliverer(self) -> None:
+        if self.deliverer is not None:
+            self.deliverer.poke()
+
+    def _new_job_owner(self) -> Hold:
+        """A job this daemon creates (a take) is its own from the start, at fence 1."""
+        return Hold(owner=self.id, fence=1, lease_until=self._clock() + self.settings.cluster.lease_s)
+
+    # ------------------------------------------------------------ the run
+
+    async def run(self, *, once: bool = False, timeout: float | None = None) -> RunResult:
+        """Run until stopped (or, with `once`, until drained); return whether it drained."""
+        await db(self.inbox.ensure_folders)
+        await self._register()
+        recovered = await db(self.inbox.recover)
+        if recovered:
+            log.info("daemon.recovered_claims", jobs=len(recovered))
+        self._warn_fast_polling()
+        drained = False
+        # Steps run in `work`, which outlives the loops: on stop the loops end at once and
+        # in-flight steps get STOP_GRACE_S to finish before they are cancelled (parked).
+        async with anyio.create_task_group() as work:
+            async with anyio.create_task_group() as loops:
+                loops.start_soon(self._signals)
+                loops.start_soon(self._intake.run, once)
+                loops.start_soon(self._scheduler.run, work)
+                loops.start_soon(self._heartbeat)
+                if self.deliverer is not None:
+                    loops.start_soon(self.deliverer.serve, work)
+                systemd.notify("READY=1")
+                self.ready.set()
+                log.info("daemon.ready", inbox=str(self.settings.inbox_dir), provider=self.provider.kind)
+                if once:
+                    with anyio.move_on_after(math.inf if timeout is None else timeout), contextlib.suppress(_Stopped):
+                        await self._until_drained()
+                        drained = True
+                    self.stop()
+                await self._stop.wait()
+                loops.cancel_scope.cancel()
+            work.cancel_scope.deadline = anyio.current_time() + STOP_GRACE_S
+        if self.busy:
+            log.warning("daemon.parked", jobs=sorted(self.busy))
+        # A clean stop frees this daemon's jobs for the others at once (a crash: when the leases end).
+        await db(self.store.cluster.release, self.id)
+        log.info("daemon.stopped", drained=drained)
+        return RunResult(drained=drained)
+
+    async def _register(self) -> None:
+        """Record this daemon; take over its own earlier incarnations' jobs and the jobs nobody holds."""
+        host = socket.gethostname()
+        earlier = await db(
+            self.store.cluster.register, self.id, host=host, pid=os.getpid(),
+            home=f"{host}:{self.settings.state_dir}",
+        )  # fmt: skip
+        # The state lock proves the earlier daemons of this home dead: no need to wait for their leases.
+        claimed = await self._claim(dead_owners=earlier, limit=UNLIMITED)
+        log.info("daemon.registered", daemon_id=self.id, jobs=claimed)
+
+    async def _claim(self, *, dead_owners: Collection[str] = (), limit: int = CLAIM_BATCH) -> int:
+        claimed = await db(
+            self.store.cluster.claim, self.id, self.settings.cluster.lease_s, limit=limit, dead_owners=dead_owners
+        )
+        if claimed:
+            log.info("daemon.claimed", jobs=len(claimed))
+            self.wake()
+        return len(claimed)
+
+    async def _heartbeat(self) -> None:
+        """Renew this daemon's leases and take over jobs nobody holds, every third of a lease.
+
+        A job lost to another daemon (this one stalled past its lease) simply stops being read
+        by the scheduler, and the fence refuses any write a step still tries to make to it.
+        """
+        while not self._stop.is_set():
+            lease_s = self.settings.cluster.lease_s
+            with anyio.move_on_after(lease_s / 3):
+                await self._stop.wait()
+            if self._stop.is_set():
+                return
+            try:
+                await db(self.store.cluster.renew, self.id, lease_s)
+                await self._claim()
+            except Exception:
+                # A database that is briefly unreachable must not end the heartbeat for good.
+                log.exception("daemon.heartbeat_failed")
+
+    async def _until_drained(self) -> None:
+        while True:
+            # Intake first: a take that ends while the store is read has already inserted its job,
+            # so reading "intake settled" after the store could miss that job (and stop too early).
+            intake_done = self._intake.drained
+            active = await db(self.store.jobs.live)
+            pending = await db(self.store.deliveries.pending_count)
+            if intake_done and not active and not pending:
+                return
+            with anyio.move_on_after(0.1):
+                await self._stop.wait()
+            if self._stop.is_set():
+                raise _Stopped
+
+    def _warn_fast_polling(self) -> None:
+        if self.provider.kind != "local" and self.settings.polling.min_interval_s < 30:
+            log.warning(
+                "daemon.fast_polling",
+                min_interval_s=self.settings.polling.min_interval_s,
+                advice="providers advise polling no faster than every 30-60 s per batch",
+            )
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self._reload_settings()
+                else:
+                    log.info("daemon.signal", signal=signal.Signals(signum).name)
+                    self.stop()
+
+    def _reload_settings(self) -> None:
+        if self._reload is None:
+            return
+        systemd.notify(systemd.reloading_message())
+        try:
+            new = self._reload()
+        except ConfigError as exc:
+            log.error("daemon.reload_refused", error=str(exc))
+        else:
+            if (new.provider, new.state_dir, new.database_url) != (
+                self.settings.provider,
+                self.settings.state_dir,
+                self.settings.database_url,
+            ):
+                log.warning("daemon.reload_needs_restart", keys="provider, state_dir, database_url")
+            self.settings = new
+            log.info("daemon.reloaded")
+        systemd.notify("READY=1")

@@ -1,0 +1,140 @@
+"""Intake: taking files from the inbox as they arrive (DESIGN §3).
+
+inotify events are hints and the periodic rescan is the truth: a renamed-in or closed file is
+taken at once, a file seen only by a rescan once it has been quiet for `[inbox] settle_s`.
+Each take (claim, validate, record) runs in a worker thread, a few at a time; what a take
+does is `Inbox.take`'s business.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import structlog
+
+from batchd import metrics
+from batchd.daemon.context import Context, db
+from batchd.inbox import Inbox, Kind, classify
+from batchd.models import JobState
+from batchd.watch import InboxWatcher, WatchEvent
+
+log = structlog.get_logger("batchd.daemon")
+
+#: Inbox files claimed and validated at once (each in a worker thread).
+MAX_CONCURRENT_TAKES = 4
+
+
+class Intake:
+    """Watches the inbox and takes what arrives, until `stop` is set."""
+
+    def __init__(self, ctx: Context, inbox: Inbox, stop: anyio.Event) -> None:
+        self._ctx = ctx
+        self._inbox = inbox
+        self._stop = stop
+        self._takes = anyio.CapacityLimiter(MAX_CONCURRENT_TAKES)
+        self._taking: set[Path] = set()
+        #: takes started and not yet ended
+        self.pending = 0
+        #: set once intake has ended (with `once`: the first rescan's files are all taken)
+        self.settled = False
+
+    @property
+    def drained(self) -> bool:
+        """Nothing left to take: intake ended and no take is under way."""
+        return self.settled and not self.pending
+
+    async def run(self, once: bool) -> None:
+        """Take files until stopped (with `once`: one rescan, then until what it found is taken)."""
+        settling: dict[Path, float] = {}
+        watcher = None if once else InboxWatcher(self._ctx.settings.inbox_dir)
+        try:
+            async with anyio.create_task_group() as takes:
+                await self._watch(takes, watcher, settling, once)
+        finally:
+            self.settled = True
+            if watcher is not None:
+                watcher.close()
+
+    async def _watch(
+        self, takes: anyio.abc.TaskGroup, watcher: InboxWatcher | None, settling: dict[Path, float], once: bool
+    ) -> None:
+        """Take files as events and rescans find them, until stopped (or, with `once`, settled)."""
+        await self._rescan(takes, settling)
+        next_rescan = self._ctx.clock() + self._ctx.settings.inbox.rescan_s
+        while not self._stop.is_set():
+            if once and not settling:
+                break
+            now = self._ctx.clock()
+            deadline = min([next_rescan, *settling.values()])
+            events: list[WatchEvent] = []
+            if watcher is not None:
+                events = await watcher.read(timeout=max(0.0, deadline - now), stop=self._stop)
+            else:
+                with anyio.move_on_after(max(0.0, deadline - now)):
+                    await self._stop.wait()
+            rescan = False
+            for ev in events:
+                if ev.kind == "ready":
+                    settling.pop(ev.path, None)
+                    self._start_take(takes, ev.path)
+                elif ev.kind == "changed":
+                    settling[ev.path] = self._ctx.clock() + self._ctx.settings.inbox.settle_s
+                else:
+                    rescan = True
+            now = self._ctx.clock()
+            if rescan or now >= next_rescan or any(at <= now for at in settling.values()):
+                await self._rescan(takes, settling)
+                if now >= next_rescan:
+                    next_rescan = now + self._ctx.settings.inbox.rescan_s
+
+    async def _rescan(self, takes: anyio.abc.TaskGroup, settling: dict[Path, float]) -> None:
+        now = time.time()  # compared with file mtimes, which are wall-clock
+        settle = self._ctx.settings.inbox.settle_s
+        found = await db(self._inbox.candidates)
+        for path in list(settling):
+            if path not in found:
+                del settling[path]
+        for path in found:
+            if self._stop.is_set():
+                return
+            if classify(path) is Kind.BAD:
+                self._start_take(takes, path)
+                continue
+            try:
+                mtime = path.lstat().st_mtime
+            except FileNotFoundError:
+                continue
+            if now - mtime >= settle:
+                settling.pop(path, None)
+                self._start_take(takes, path)
+            else:
+                # Seen only by a rescan and still changing: wait until it has been quiet for settle_s.
+                settling[path] = self._ctx.clock() + (mtime + settle - now)
+
+    def _start_take(self, takes: anyio.abc.TaskGroup, path: Path) -> None:
+        # An event and a rescan can name the same file; one take per path at a time.
+        if path in self._taking:
+            return
+        self._taking.add(path)
+        self.pending += 1
+        takes.start_soon(self._take, path)
+
+    async def _take(self, path: Path) -> None:
+        try:
+            async with self._takes:
+                job = await db(self._inbox.take, path)
+        except Exception as exc:
+            # A full disk or a bug must not stop intake; a claimed file is taken again at the next start.
+            log.exception("inbox.take_failed", path=str(path), error=str(exc))
+            return
+        finally:
+            self._taking.discard(path)
+            self.pending -= 1
+        if job is not None:
+            metrics.intake(rejected=job.state == JobState.REJECTED)
+            self._ctx.wake()
+            if job.state == JobState.REJECTED:
+                self._ctx.poke_deliverer()

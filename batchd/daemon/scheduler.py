@@ -1,0 +1,152 @@
+"""The scheduler: each tick reads the jobs this daemon holds, asks `lifecycle.next_action` what
+each needs, and starts that step in the right room (submit, poll, finish).
+
+A job has at most one step or poll round running at a time (`busy`). The loop sleeps until
+the earliest job is due, a room wakes it (a step ended, a file was taken, a job was claimed),
+or the idle period ends; it also sends systemd's WATCHDOG=1.
+"""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import anyio.abc
+import structlog
+
+from batchd import lifecycle, systemd
+from batchd.daemon.context import Context, db
+from batchd.daemon.finish import Finisher
+from batchd.daemon.poll import Poller
+from batchd.daemon.submit import Submitter
+from batchd.health import LoopMonitor
+from batchd.lifecycle import Action, Step
+from batchd.models import Job, RemoteBatchRecord
+from batchd.providers.base import ProviderError
+from batchd.store import StaleState
+
+log = structlog.get_logger("batchd.daemon")
+
+#: Uploads, creates and cancels running at once; polls are grouped separately.
+MAX_CONCURRENT_STEPS = 16
+#: Downloads and merges running at once: they are long and heavy, and must never hold the
+#: slots new submissions need.
+MAX_CONCURRENT_DOWNLOADS = 4
+
+
+class Scheduler:
+    """Turns the life cycle's decisions into running steps, one at a time per job."""
+
+    def __init__(self, ctx: Context, monitor: LoopMonitor, stop: anyio.Event) -> None:
+        self._ctx = ctx
+        self._monitor = monitor
+        self._stop = stop
+        self._submitter = Submitter(ctx)
+        self._poller = Poller(ctx)
+        self._finisher = Finisher(ctx, self._submitter)
+        self._wake = anyio.Event()
+        self._busy: set[str] = set()
+        self._steps = anyio.CapacityLimiter(MAX_CONCURRENT_STEPS)
+        self._downloads = anyio.CapacityLimiter(MAX_CONCURRENT_DOWNLOADS)
+        # What the last tick read: unchanged jobs and batches are kept as those objects (JobStore.live).
+        self._known_jobs: dict[str, Job] = {}
+        self._known_batches: dict[int, RemoteBatchRecord] = {}
+
+    @property
+    def busy(self) -> frozenset[str]:
+        """The jobs that have a step or a poll round running now."""
+        return frozenset(self._busy)
+
+    def wake(self) -> None:
+        """Tick now: something changed that the next tick should see."""
+        self._wake.set()
+
+    async def run(self, tg: anyio.abc.TaskGroup) -> None:
+        """Tick until stopped; steps run in `tg`, which outlives this loop (see Daemon.run)."""
+        watchdog = systemd.watchdog_interval_s()
+        last_ping = 0.0
+        while not self._stop.is_set():
+            if watchdog is not None and time.monotonic() - last_ping >= watchdog:
+                systemd.notify("WATCHDOG=1")
+                last_ping = time.monotonic()
+            # A fresh event before reading: a wake() that lands during the reads must not be lost.
+            self._wake = anyio.Event()
+            now = self._ctx.clock()
+            next_at = await self._tick(tg, now)
+            if watchdog is not None:
+                # Wake in time for the next WATCHDOG=1 even when the loop has nothing to do.
+                next_at = min(next_at, now + max(0.0, last_ping + watchdog - time.monotonic()))
+            with anyio.move_on_after(max(0.0, next_at - self._ctx.clock())):
+                await self._wake.wait()
+
+    async def _tick(self, tg: anyio.abc.TaskGroup, now: float) -> float:
+        """Start every step that is due; return when the loop should look again at the latest."""
+        self._monitor.begin()
+        store = self._ctx.store
+        # A job busy while we read may have moved on since: skip it this tick, or its
+        # stale row would start the same step twice (the next wake-up sees it fresh).
+        busy_during_read = set(self._busy)
+        jobs = await db(store.jobs.live, self._ctx.daemon_id, known=self._known_jobs)
+        batches = await db(store.batches.of_live_jobs, known=self._known_batches)
+        self._known_jobs = {job.id: job for job in jobs}
+        self._known_batches = {row.id: row for rows in batches.values() for row in rows}
+        await self._monitor.tick(jobs)
+        next_at = now + self._monitor.idle_s()
+        pollable: list[tuple[Job, Action]] = []
+        for job in jobs:
+            if job.id in self._busy or job.id in busy_during_read:
+                continue
+            action = lifecycle.next_action(job, batches.get(job.id, []), now)
+            if action.step is Step.NONE:
+                continue
+            if action.step is Step.POLL:
+                pollable.append((job, action))
+            if action.at > now:
+                next_at = min(next_at, action.at)
+                continue
+            if action.step is not Step.POLL:
+                self._busy.add(job.id)
+                tg.start_soon(self._run_step, job, action)
+        due = [(job, action) for job, action in pollable if action.at <= now]
+        if due:
+            # One list call serves every job in flight; without enough of them, one get per due job.
+            # Count the busy ones too: a job skipped for this tick is still in flight.
+            in_flight = sum(1 for job in jobs if job.state in lifecycle.IN_FLIGHT)
+            sweep = lifecycle.use_sweep(in_flight)
+            polls = pollable if sweep else due
+            self._busy.update(job.id for job, _ in polls)
+            tg.start_soon(self._poll_round, polls, sweep, now)
+        return next_at
+
+    async def _poll_round(self, polls: list[tuple[Job, Action]], sweep: bool, now: float) -> None:
+        try:
+            await self._poller.round(polls, sweep, now)
+        finally:
+            for job, _ in polls:
+                self._busy.discard(job.id)
+            self.wake()
+
+    async def _run_step(self, job: Job, action: Action) -> None:
+        bound = log.bind(job_id=job.id, step=action.step.value)
+        self._ctx.lease(job)
+        try:
+            async with self._downloads if action.step is Step.DOWNLOAD else self._steps:
+                if action.step is Step.PLAN:
+                    await self._submitter.plan(job)
+                elif action.step is Step.SUBMIT:
+                    await self._submitter.submit(job, action.batches)
+                elif action.step is Step.CANCEL:
+                    await self._poller.cancel(job, action.batches)
+                elif action.step is Step.DOWNLOAD:
+                    await self._finisher.end_round(job)
+        except StaleState:
+            bound.info("job.stale_step")
+        except ProviderError as exc:
+            await self._ctx.step_failed(job, exc)
+        except Exception as exc:
+            # A bug or a full disk must not stop the daemon; the step is retried with backoff.
+            bound.exception("job.step_crashed")
+            await self._ctx.step_failed(job, exc)
+        finally:
+            self._busy.discard(job.id)
+            self.wake()

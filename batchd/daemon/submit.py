@@ -1,0 +1,191 @@
+"""Submitting: planning a round's shards, uploading each, creating its batch, reconciling.
+
+Every remote side effect is preceded by a committed intent (DESIGN §2): the upload's file id
+and the intent to create are recorded before the create call, and the create attempt is
+counted before it is sent, so that after a crash the next try lists the provider's batches
+and adopts the one an interrupted create made instead of creating a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+import structlog
+
+from batchd import lifecycle
+from batchd.crashpoints import crashpoint
+from batchd.daemon.context import Context, db
+from batchd.models import BatchStatus, Job, JobState, RemoteBatch, RemoteBatchRecord
+from batchd.providers.base import ProviderError
+from batchd.shards import split, write_followups
+from batchd.store import ShardPlan, StaleState
+
+log = structlog.get_logger("batchd.daemon")
+
+#: A remote batch adopted during reconciliation may carry a created_at up to this much
+#: before our recorded intent: the provider's clock and ours are not the same clock.
+CLOCK_SKEW_S = 60.0
+#: Shards of one job uploaded and created at once.
+SHARDS_AT_ONCE = 4
+
+
+class Submitter:
+    """Plans rounds and submits their shards to the provider."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    async def plan(self, job: Job) -> None:
+        """Round 0: cut the input into shards within the provider's limits, commit them, submit them."""
+        assert job.upload_path is not None
+        rows = await self._plan_round(job, Path(job.upload_path), 0)
+        log.info("job.planned", job_id=job.id, round=0, shards=len(rows), requests=job.request_count)
+        # Straight on: the plan is committed, and a scheduler round would only add latency.
+        await self.submit(replace(job, state=JobState.UPLOADING, round=0), tuple(rows))
+
+    async def plan_followup(self, job: Job, folder: Path) -> bool:
+        """Resubmit what failed for a passing reason or went unanswered by an expiry; True if planned.
+
+        `folder` is the job's outbox folder, whose errors.jsonl the last merge wrote.
+        """
+        next_round = job.round + 1
+        files = self._ctx.job_files(job)
+        await anyio.Path(files).mkdir(parents=True, exist_ok=True)
+        followups = files / f"round-{next_round}.jsonl"
+        count = await db(write_followups, Path(job.upload_path or ""), folder / "errors.jsonl", followups)
+        if count == 0:
+            return False
+        rows = await self._plan_round(job, followups, next_round)
+        log.info("job.followup_planned", job_id=job.id, round=next_round, requests=count, shards=len(rows))
+        return True
+
+    async def _plan_round(self, job: Job, requests: Path, round_: int) -> list[RemoteBatchRecord]:
+        """Cut `requests` into shards within the provider's limits and commit them as round `round_`."""
+        files = self._ctx.job_files(job)
+        await anyio.Path(files).mkdir(parents=True, exist_ok=True)
+        limits = self._ctx.settings.provider.limits
+        shards = await db(split, requests, files, limits, prefix=f"round-{round_}")
+        plans = [ShardPlan(str(s.path), s.request_count, s.size_bytes, s.sha256) for s in shards]
+        result: list[RemoteBatchRecord] = await db(
+            self._ctx.store.batches.plan_round, job.id, expect=job.state, round_=round_, shards=plans
+        )
+        return result
+
+    async def submit(self, job: Job, rows: tuple[RemoteBatchRecord, ...]) -> None:
+        """Upload and create every given shard (a few at once), then sum the job's state up."""
+        errors: list[ProviderError] = []
+        shards_at_once = anyio.CapacityLimiter(SHARDS_AT_ONCE)
+
+        async def one(row: RemoteBatchRecord) -> None:
+            async with shards_at_once:
+                try:
+                    await self._submit_shard(job, row)
+                except ProviderError as exc:
+                    errors.append(exc)
+                except StaleState:
+                    log.info("job.stale_shard", job_id=job.id, shard=row.shard)
+
+        async with anyio.create_task_group() as tg:
+            for row in rows:
+                tg.start_soon(one, row)
+        await self._sum_up(job.id)
+        if errors:
+            # The shards that worked are recorded; the job backs off and the rest are tried again.
+            raise max(errors, key=lambda e: e.retry_after or 0)
+
+    async def _submit_shard(self, job: Job, row: RemoteBatchRecord) -> None:
+        if job.cancel_requested and (row.status == BatchStatus.PENDING or row.create_attempts == 0):
+            # Cancelled before this shard can exist remotely: it is never created.
+            await db(self._ctx.store.batches.skip, row)
+            return
+        if row.status == BatchStatus.PENDING:
+            assert row.input_path and row.sha256
+            try:
+                file_id = await self._ctx.provider.upload_file(
+                    Path(row.input_path), filename=_upload_name(job, row), sha256=row.sha256
+                )
+            except ProviderError as exc:
+                if exc.retryable:
+                    raise
+                await self._refuse(job, row, f"upload refused: {exc.message}")
+                return
+            crashpoint("after_upload_answer")
+            # The file id and the intent to create, committed before the create call.
+            row = await db(self._ctx.store.batches.record_upload, row.id, file_id=file_id, intent_at=self._ctx.clock())
+            log.info("job.uploaded", job_id=job.id, shard=row.shard, round=row.round, file_id=file_id)
+        await self._create(job, row, reconcile_first=row.create_attempts > 0)
+
+    async def _refuse(self, job: Job, row: RemoteBatchRecord, reason: str) -> None:
+        """The provider refused this shard for good: it ends here (its requests: not_submitted)."""
+        log.error("job.refused", job_id=job.id, shard=row.shard, round=row.round, reason=reason)
+        await db(self._ctx.store.batches.refuse, row, reason)
+
+    async def _create(self, job: Job, batch: RemoteBatchRecord, *, reconcile_first: bool) -> None:
+        if reconcile_first and await self._reconcile(job, batch):
+            return
+        assert job.endpoint and job.completion_window
+        # Commit the attempt before sending: after a crash, the next try lists before creating.
+        # The compare-and-set makes a second, racing create step fail here, before the network.
+        batch = await db(self._ctx.store.batches.count_create, batch)
+        try:
+            remote = await self._ctx.provider.create_batch(
+                input_file_id=batch.input_file_id,
+                endpoint=job.endpoint,
+                completion_window=job.completion_window,
+                job_id=job.id,
+            )
+        except ProviderError as exc:
+            if not exc.outcome_unknown:
+                # The provider said no before acting: nothing to reconcile next time.
+                await db(self._ctx.store.batches.uncount_create, batch)
+            if exc.retryable:
+                raise
+            await self._refuse(job, replace(batch, create_attempts=batch.create_attempts - 1), exc.message)
+            return
+        crashpoint("after_create_answer")
+        await self._bind(job, batch, remote, how="created")
+
+    async def _reconcile(self, job: Job, batch: RemoteBatchRecord) -> bool:
+        """Adopt a remote batch an earlier, interrupted create made; True if one was found."""
+        remotes = await self._ctx.provider.list_batches()
+        bound = await db(self._ctx.store.batches.bound_ids)
+        earliest = batch.intent_at - CLOCK_SKEW_S
+        candidates = [
+            r for r in remotes
+            if r.input_file_id == batch.input_file_id
+            and r.id not in bound
+            and (r.created_at is None or r.created_at.timestamp() >= earliest)
+            and (not r.metadata or r.metadata.get("batchd_job_id") in (None, job.id))
+        ]  # fmt: skip
+        if not candidates:
+            log.info("job.reconcile_none", job_id=job.id, file_id=batch.input_file_id)
+            return False
+        candidates.sort(key=lambda r: r.created_at or datetime.min.replace(tzinfo=UTC))
+        await self._bind(job, batch, candidates[0], how="adopted")
+        return True
+
+    async def _bind(self, job: Job, batch: RemoteBatchRecord, remote: RemoteBatch, *, how: str) -> None:
+        await db(self._ctx.store.batches.bind, batch.id, remote)
+        log.info(
+            f"job.batch_{how}", job_id=job.id, remote_batch_id=remote.id, status=remote.status.value,
+            shard=batch.shard, round=batch.round,
+        )  # fmt: skip
+
+    async def _sum_up(self, job_id: str) -> None:
+        """Set the job's state from its current round's batches (after a submit step)."""
+        job = await db(self._ctx.store.jobs.get, job_id)
+        assert job is not None
+        rows = lifecycle.current_round(job, await db(self._ctx.store.batches.of_job, job_id))
+        state = lifecycle.summary_state(rows, cancelling=job.state == JobState.CANCELLING)
+        check = self._ctx.next_check(state, self._ctx.policy.min_interval_s)
+        await db(self._ctx.store.jobs.record_answer, job_id, expect=job.state, check=check)
+
+
+def _upload_name(job: Job, row: RemoteBatchRecord) -> str:
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in job.name) or "batch"
+    if row.round == 0 and row.shard == 0 and row.input_path == job.upload_path:
+        return f"{safe}.jsonl"
+    return f"{safe}.r{row.round}.s{row.shard}.jsonl"
