@@ -2,7 +2,7 @@
 
 `merge_results` joins the provider's result files (in any order, over several
 rounds) back onto the input file's order without holding either in memory: a
-scratch SQLite index on disk maps each custom_id to its input position and to
+scratch index on disk (`store.scratch.MergeIndex`) maps each custom_id to its input position and to
 where its best answer sits (file, byte offset, length); one ordered pass then
 copies answer lines by offset. Memory stays flat whatever the file sizes.
 """
@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -25,6 +23,7 @@ import structlog
 from batchd import jsonl
 from batchd.durable_files import fsync_dir
 from batchd.jsonl import strip_eol
+from batchd.store.scratch import AnswerRow, MergeIndex
 from batchd.upload_copy import iter_custom_ids
 
 __all__ = [
@@ -90,16 +89,12 @@ def _usage_of(answer: Mapping[str, Any]) -> str | None:
     return jsonl.dumps(ints).decode() if ints else None
 
 
-# Row of the scratch `answer` table: custom_id, file index, byte offset, length, ok, usage.
-_AnswerRow = tuple[str, int, int, int, int, str | None]
-
-
 @dataclass
 class _Unreadable:
     count: int = 0
 
 
-def _scan_answers(answers: Sequence[Path], unreadable: _Unreadable) -> Iterator[_AnswerRow]:
+def _scan_answers(answers: Sequence[Path], unreadable: _Unreadable) -> Iterator[AnswerRow]:
     """One row per non-blank answer line, in file order then line order.
 
     The hot loop of a merge (one pass over up to gigabytes): it parses each raw
@@ -131,90 +126,14 @@ def _scan_answers(answers: Sequence[Path], unreadable: _Unreadable) -> Iterator[
                 yield custom_id, index, start, length, int(ok), usage
 
 
-def _open_index(path: Path) -> sqlite3.Connection:
-    # This is a private, throw-away scratch index for one merge, not the Store
-    # (store.py remains the only module that speaks SQL for batchd's state).
-    # It is rebuilt from the files on any re-run, so durability is switched off.
-    db = sqlite3.connect(path, isolation_level=None)
-    for pragma in (
-        "journal_mode = OFF",
-        "synchronous = OFF",
-        "locking_mode = EXCLUSIVE",
-        "temp_store = FILE",
-        "cache_size = -16384",  # KiB: bounded, whatever the row count
-    ):
-        db.execute(f"PRAGMA {pragma}")
-    db.executescript(
-        """
-        CREATE TABLE request (seq INTEGER PRIMARY KEY, custom_id TEXT NOT NULL);
-        CREATE TABLE answer (
-            ord INTEGER PRIMARY KEY, custom_id TEXT NOT NULL, file INTEGER NOT NULL,
-            off INTEGER NOT NULL, len INTEGER NOT NULL, ok INTEGER NOT NULL, usage TEXT
-        );
-        """
-    )
-    return db
-
-
-def _build_index(db: sqlite3.Connection, input_path: Path, answers: Sequence[Path]) -> tuple[int, int]:
-    """Fill the scratch index; return (requests, answer lines that could not be read)."""
-    unreadable = _Unreadable()
-    db.execute("BEGIN")
-    # No unique index on the requests' ids: the upload copy passed validation (each id once),
-    # and keeping an index up to date through millions of inserts is the slowest part here.
-    db.executemany("INSERT INTO request (custom_id) VALUES (?)", ((c,) for c in iter_custom_ids(input_path)))
-    db.executemany(
-        "INSERT INTO answer (custom_id, file, off, len, ok, usage) VALUES (?, ?, ?, ?, ?, ?)",
-        _scan_answers(answers, unreadable),
-    )
-    # Built after the bulk insert (faster); serves the best-answer lookup and the duplicate count,
-    # and covers every column the ordered pass reads, so that pass never touches the table.
-    db.execute("CREATE INDEX answer_by_id ON answer (custom_id, ok, ord, file, off, len, usage)")
-    db.execute("COMMIT")
-    (total,) = db.execute("SELECT count(*) FROM request").fetchone()
-    return int(total), unreadable.count
-
-
-def _count_dropped(db: sqlite3.Connection) -> tuple[int, int]:
+def _count_dropped(index: MergeIndex) -> tuple[int, int]:
     """Log and count the answers that will be dropped: (duplicates, unknown)."""
-    # One pass over the answer index, grouped by custom_id (a sequential scan), joined to the
-    # requests in that same order; the itemised queries below run only when there is something to log.
-    (answers,) = db.execute("SELECT count(*) FROM answer").fetchone()
-    matched, duplicates = db.execute(
-        "SELECT coalesce(sum(n), 0), coalesce(sum(CASE WHEN k > 1 THEN k - 1 ELSE 0 END), 0) FROM ("
-        "SELECT count(a.ord) AS n, sum(a.ok) AS k FROM request r "
-        "LEFT JOIN answer a INDEXED BY answer_by_id ON a.custom_id = r.custom_id GROUP BY r.seq)"
-    ).fetchone()
-    unknown = answers - matched
-    if duplicates or unknown:
-        # Only now is an index on the requests' ids worth building: to name the dropped answers.
-        db.execute("CREATE INDEX IF NOT EXISTS request_by_id ON request (custom_id)")
-    if duplicates:
-        rows = db.execute(
-            "SELECT a.custom_id, count(*) - 1 FROM answer a JOIN request r ON r.custom_id = a.custom_id "
-            "WHERE a.ok = 1 GROUP BY a.custom_id HAVING count(*) > 1 LIMIT ?",
-            (_LOG_CAP,),
-        )
-        for custom_id, extra in rows:
-            log.warning("results.duplicate_answer", custom_id=custom_id, dropped=extra)
-    if unknown:
-        rows = db.execute(
-            "SELECT custom_id FROM answer WHERE custom_id NOT IN (SELECT custom_id FROM request) LIMIT ?",
-            (_LOG_CAP,),
-        )
-        for (custom_id,) in rows:
-            log.warning("results.unknown_answer", custom_id=custom_id)
-    return int(duplicates), int(unknown)
-
-
-# Per request in input order, its best answer: the first success, else the latest error.
-_ORDERED = """
-SELECT r.custom_id, a.file, a.off, a.len, a.ok, a.usage
-FROM request r LEFT JOIN answer a INDEXED BY answer_by_id ON a.custom_id = r.custom_id AND a.ord = coalesce(
-    (SELECT min(ord) FROM answer WHERE custom_id = r.custom_id AND ok = 1),
-    (SELECT max(ord) FROM answer WHERE custom_id = r.custom_id AND ok = 0))
-ORDER BY r.seq
-"""
+    dropped = index.dropped(cap=_LOG_CAP)
+    for custom_id, extra in dropped.duplicate_ids:
+        log.warning("results.duplicate_answer", custom_id=custom_id, dropped=extra)
+    for custom_id in dropped.unknown_ids:
+        log.warning("results.unknown_answer", custom_id=custom_id)
+    return dropped.duplicates, dropped.unknown
 
 
 def _pread(fd: int, offset: int, length: int) -> bytes:
@@ -284,7 +203,7 @@ class _AtomicFile:
 
 
 def _write_outputs(
-    db: sqlite3.Connection, answers: Sequence[Path], folder: Path, code: str
+    index: MergeIndex, answers: Sequence[Path], folder: Path, code: str
 ) -> tuple[int, int, int, dict[str, int]]:
     """Write both files in input order; return (completed, failed, unanswered, usage)."""
     output = _AtomicFile(folder / "output.jsonl")
@@ -297,8 +216,7 @@ def _write_outputs(
     usage_counts: Counter[str] = Counter()
     try:
         write_ok = output.open().write
-        rows = db.execute(_ORDERED)
-        while batch := rows.fetchmany(_ROWS_PER_BATCH):
+        for batch in index.ordered(batch=_ROWS_PER_BATCH):
             for custom_id, file, offset, length, ok, usage_json in batch:
                 if file is None:
                     errors.write_line(_unanswered_line(custom_id, code))
@@ -367,10 +285,11 @@ def merge_results(
     os.close(fd)
     index_path = Path(name)
     try:
-        with closing(_open_index(index_path)) as db:
-            total, unreadable = _build_index(db, input_path, answers)
-            duplicates, unknown = _count_dropped(db)
-            completed, failed, unanswered, usage = _write_outputs(db, answers, folder, unanswered_code)
+        unreadable = _Unreadable()
+        with MergeIndex(index_path) as index:
+            total = index.fill(iter_custom_ids(input_path), _scan_answers(answers, unreadable))
+            duplicates, unknown = _count_dropped(index)
+            completed, failed, unanswered, usage = _write_outputs(index, answers, folder, unanswered_code)
     finally:
         # Our own scratch file, never a user's.
         index_path.unlink(missing_ok=True)
@@ -380,7 +299,7 @@ def merge_results(
         failed=failed,
         usage=usage,
         duplicates=duplicates,
-        unknown=unknown + unreadable,
+        unknown=unknown + unreadable.count,
         unanswered=unanswered,
     )
     log.info(

@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,7 @@ from typing import Any
 from batchd.jsonl import read_lines
 from batchd.models import Limits
 from batchd.request_rules import LineRules, OpenAIRules, Problem, show_value
+from batchd.store.scratch import FirstLines
 
 __all__ = [
     "RULES",
@@ -122,54 +121,6 @@ class Report:
         }
 
 
-class _SeenIds:
-    """custom_id → first line, for the uniqueness check, in bounded memory.
-
-    The first _SEEN_IN_MEMORY ids live in a dict; past that they go to a private
-    scratch SQLite file (not the Store: a throwaway index, deleted on close), so
-    a file of millions of requests is checked without holding every id.
-    """
-
-    def __init__(self) -> None:
-        self._memory: dict[str, int] = {}
-        self._dir: tempfile.TemporaryDirectory[str] | None = None
-        self._db: sqlite3.Connection | None = None
-
-    def add(self, custom_id: str, line: int) -> int | None:
-        """Remember `custom_id` at `line`; return the earlier line if it was seen before."""
-        earlier = self._memory.get(custom_id)
-        if earlier is not None:
-            return earlier
-        if self._db is None and len(self._memory) < _SEEN_IN_MEMORY:
-            self._memory[custom_id] = line
-            return None
-        db = self._open()
-        try:
-            db.execute("INSERT INTO seen VALUES (?, ?)", (custom_id, line))
-        except sqlite3.IntegrityError:
-            row = db.execute("SELECT line FROM seen WHERE id = ?", (custom_id,)).fetchone()
-            return int(row[0])
-        return None
-
-    def _open(self) -> sqlite3.Connection:
-        if self._db is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="batchd-ids-")
-            self._db = sqlite3.connect(Path(self._dir.name) / "seen.db", isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=OFF")
-            self._db.execute("PRAGMA synchronous=OFF")
-            self._db.execute("CREATE TABLE seen (id TEXT PRIMARY KEY, line INTEGER) WITHOUT ROWID")
-            self._db.execute("BEGIN")
-        return self._db
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-        if self._dir is not None:
-            self._dir.cleanup()
-            self._dir = None
-
-
 def validate_file(path: Path, *, source: str, limits: Limits, max_reported: int = 100) -> Report:
     """Check every line of the batch file at `path` against DESIGN §3.
 
@@ -177,7 +128,7 @@ def validate_file(path: Path, *, source: str, limits: Limits, max_reported: int 
     `problems` keeps whole-file problems first, then line problems in line
     order, at most `max_reported` of them; `problem_count` counts them all.
     """
-    seen = _SeenIds()
+    seen = FirstLines(in_memory=_SEEN_IN_MEMORY)
     rules: LineRules = OpenAIRules(seen)
     requests = 0
     line_problems: list[Problem] = []

@@ -9,16 +9,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
 
 from batchd.config import ConfigError, Settings, load_settings, parse_override
 from batchd.models import Job
-from batchd.store import Store, StoreUnavailable
+from batchd.store import Store, StoreUnavailable, open_existing
 
 CONFIG_HELP = "Config file (else $BATCHD_CONFIG, else /etc/batchd/batchd.toml)."
 
@@ -95,19 +92,15 @@ def read_store(settings: Settings) -> Iterator[Store | None]:
     migrate nor create the database: a `sudo batchd jobs` must not leave a root-owned
     database behind. SQLite's WAL lets them read while the daemon writes.
     """
-    url = make_url(settings.database_url)
-    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
+    try:
+        store = open_existing(settings.database_url)
+    except StoreUnavailable as exc:
+        fail(str(exc), 1)
+    if store is None:
         yield None
         return
-    store = Store(settings.database_url)
     try:
-        try:
-            tracked = store.has_schema()
-        except SQLAlchemyError as exc:
-            # A server that is down, a file that is not a database: say so, not "no jobs".
-            fail(f"cannot read the database: {exc.__cause__ or exc}", 1)
-        # A database without batchd's tables: nothing tracked yet.
-        yield store if tracked else None
+        yield store
     finally:
         store.close()
 

@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from batchd.store.batches import RemoteBatchStore
 from batchd.store.cluster import ClusterStore
@@ -45,9 +49,33 @@ __all__ = [
     "StaleState",
     "Store",
     "StoreUnavailable",
+    "open_existing",
     "safe_url",
     "schema_version",
 ]
+
+
+def open_existing(url: str) -> Store | None:
+    """The Store of an existing batchd database, to read; None when there is none yet.
+
+    Nothing is created or migrated: the operator commands that only read must not leave a
+    (root-owned) database behind. A missing SQLite file, or a database without batchd's
+    tables, is "none yet". Raises StoreUnavailable when the database cannot be read (a
+    server that is down, a file that is not a database).
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).is_file():
+        return None
+    store = Store(url)
+    try:
+        tracked = store.has_schema()
+    except SQLAlchemyError as exc:
+        store.close()
+        raise StoreUnavailable(f"cannot read the database: {exc.__cause__ or exc}") from exc
+    if not tracked:
+        store.close()
+        return None
+    return store
 
 
 class Store(Database):
