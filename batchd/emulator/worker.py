@@ -5,16 +5,14 @@ a batch (its run, or a cancel) holds that batch's lock, so a cancel and the
 run never write the same batch at once. Every answer is recorded durably in
 the batch's spool as it arrives; a batch that was not finished when the
 process stopped is picked up after a restart and only the requests without a
-recorded answer are asked again.
+recorded answer are asked again. Checking the input is `inputs.py`'s; writing the
+result files, `result_files.py`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -33,23 +31,14 @@ from batchd.emulator.answers import (
     status_answer,
 )
 from batchd.emulator.engines import Engine
-from batchd.emulator.spool import RequestLines, Spool, WrittenResults, custom_id_hash, write_sorted_results
-from batchd.emulator.state import BatchStatus, Clock, EmulatorState, StoredBatch, StoredFile
+from batchd.emulator.inputs import InputPlan, InputProblem, plan_input
+from batchd.emulator.result_files import write_result_files
+from batchd.emulator.spool import RequestLines, Spool, custom_id_hash
+from batchd.emulator.state import BatchStatus, Clock, EmulatorState, StoredBatch
 from batchd.emulator.timeline import Timeline
-from batchd.emulator.triggers import TRIGGER_KEY, Trigger, TriggerError, fail_once_key, split_trigger
-from batchd.models import PROVIDER_LIMITS, Limits
+from batchd.emulator.triggers import TRIGGER_KEY, fail_once_key, split_trigger
 
 log = structlog.get_logger()
-
-#: Longest custom_id both services accept.
-MAX_CUSTOM_ID = 64
-#: OpenAI keeps batch result files 30 days unless told otherwise.
-OPENAI_RESULT_TTL_S = 30 * 24 * 3600
-
-
-def limits_for(dialect: str) -> Limits:
-    """The per-batch limits of the dialect that created a batch (Together: 100 MB, OpenAI: 200 MB)."""
-    return PROVIDER_LIMITS["openai" if dialect == "openai" else "together"]
 
 
 class Gate:
@@ -86,78 +75,6 @@ class Gate:
 
 class NotCancellable(Exception):
     """The batch already ended (or is finalizing)."""
-
-
-@dataclass(frozen=True)
-class InputProblem:
-    """Why a batch FAILED: Together shows `message`; OpenAI's `errors` list shows every field."""
-
-    message: str
-    code: str
-    line: int | None = None
-    param: str | None = None
-
-
-class LineProblem(ValueError):
-    """A request line breaks a rule."""
-
-    def __init__(self, lineno: int, message: str, code: str, param: str | None = None) -> None:
-        super().__init__(f"line {lineno}: {message}")
-        self.problem = InputProblem(f"line {lineno}: {message}", code, lineno, param)
-
-
-@dataclass(frozen=True)
-class InputPlan:
-    """What validation learned about a batch's input file."""
-
-    #: requests in the file
-    total: int
-    #: requests to answer before a stop trigger (== total without one)
-    limit: int
-    #: the status a stop trigger ends the batch in
-    stop: BatchStatus | None = None
-    #: the line number of the stop trigger
-    stop_line: int = 0
-    #: why the input is invalid (the batch FAILS); None when valid
-    problem: InputProblem | None = None
-
-
-def _result_name(batch: StoredBatch, output: bool) -> str:
-    if batch.dialect == "openai":
-        # OpenAI's own names: batch_abc_output.jsonl, batch_abc_error.jsonl.
-        return f"{batch.id}_{'output' if output else 'error'}.jsonl"
-    return f"batch_{batch.id}_{'output' if output else 'errors'}.jsonl"
-
-
-def _invalid(message: str, code: str, param: str | None = None) -> InputPlan:
-    return InputPlan(0, 0, problem=InputProblem(message, code, None, param))
-
-
-def _check_line(lineno: int, raw: bytes, endpoint: str) -> tuple[str, Any]:
-    """Return (custom_id, trigger or None) of a valid request line; raise LineProblem otherwise."""
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        raise LineProblem(lineno, "not valid JSON", "invalid_json_line") from None
-    if not isinstance(obj, dict):
-        raise LineProblem(lineno, "not a JSON object", "invalid_json_line")
-    custom_id = obj.get("custom_id")
-    if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= MAX_CUSTOM_ID:
-        message = f"custom_id must be a string of 1 to {MAX_CUSTOM_ID} characters"
-        raise LineProblem(lineno, message, "invalid_custom_id", "custom_id")
-    if obj.get("method", "POST") != "POST":
-        raise LineProblem(lineno, "method must be POST", "invalid_method", "method")
-    if obj.get("url") != endpoint:
-        message = f"url {obj.get('url')!r} is not the batch endpoint {endpoint!r}"
-        raise LineProblem(lineno, message, "mismatched_endpoint", "url")
-    body = obj.get("body")
-    if not isinstance(body, dict):
-        raise LineProblem(lineno, "body must be a JSON object", "invalid_body", "body")
-    try:
-        trigger, _ = split_trigger(body)
-    except TriggerError as exc:
-        raise LineProblem(lineno, str(exc), "invalid_trigger", f"body.{TRIGGER_KEY}") from None
-    return custom_id, trigger
 
 
 class BatchWorker:
@@ -312,7 +229,7 @@ class BatchWorker:
             # Stopped after its last answer: every answer is in the spool.
             await self._finalize(batch)
             return
-        plan = await self._plan(batch)
+        plan = await plan_input(self._state, batch)
         if plan.problem is not None:
             log.info("emulator.batch.invalid", batch_id=batch.id, error=plan.problem.message)
             await self._finish(batch, BatchStatus.FAILED, problem=plan.problem)
@@ -346,56 +263,6 @@ class BatchWorker:
         await anyio.sleep(self.timeline.finalizing_s)
         await self._gate.wait()
         await self._finish(batch, BatchStatus.COMPLETED)
-
-    async def _plan(self, batch: StoredBatch) -> InputPlan:
-        """Check every line of the input (streamed) and find the first stop trigger."""
-        limits = limits_for(batch.dialect)
-        if batch.file_size_bytes > limits.max_bytes:
-            return _invalid(f"input file is larger than {limits.max_bytes} bytes", "file_too_large", "input_file_id")
-        seen: set[str] = set()
-        limit: int | None = None
-        stop: BatchStatus | None = None
-        stop_line = 0
-        async with RequestLines(self._state.content_path(batch.input_file_id)) as lines:
-            while block := await lines.next_lines():
-                for lineno, raw in block:
-                    try:
-                        custom_id, trigger = _check_line(lineno, raw, batch.endpoint)
-                    except LineProblem as exc:
-                        return InputPlan(0, 0, problem=exc.problem)
-                    if custom_id in seen:
-                        problem = InputProblem(
-                            f"line {lineno}: duplicate custom_id {custom_id!r}",
-                            "duplicate_custom_id",
-                            lineno,
-                            "custom_id",
-                        )
-                        return InputPlan(0, 0, problem=problem)
-                    seen.add(custom_id)
-                    if limit is None and trigger is not None and await self._stops_here(trigger, raw):
-                        limit = len(seen) - 1
-                        stop = (
-                            BatchStatus.FAILED
-                            if trigger.fail_batch and not trigger.expire_batch
-                            else BatchStatus.EXPIRED
-                        )
-                        stop_line = lineno
-                await anyio.lowlevel.checkpoint()
-        if not seen:
-            return _invalid("the input file holds no requests", "empty_file", "input_file_id")
-        if len(seen) > limits.max_requests:
-            message = f"the input file holds more than {limits.max_requests} requests"
-            return _invalid(message, "too_many_requests_in_batch", "input_file_id")
-        total = len(seen)
-        return InputPlan(total, total if limit is None else limit, stop, stop_line)
-
-    async def _stops_here(self, trigger: Trigger, raw: bytes) -> bool:
-        """Whether the batch ends at this line (expire_once: only the first time this line is seen)."""
-        if trigger.expire_batch or trigger.fail_batch:
-            return True
-        if trigger.expire_once:
-            return await self._state.first_failure("expire_once\x00" + hashlib.sha256(raw.strip()).hexdigest())
-        return False
 
     async def _execute(self, batch: StoredBatch, plan: InputPlan) -> bool:
         """Answer the first `plan.limit` requests; True when the completion window ran out first."""
@@ -497,7 +364,7 @@ class BatchWorker:
     async def _finish(self, batch: StoredBatch, status: BatchStatus, *, problem: InputProblem | None = None) -> None:
         """Write the result files and record the terminal status; never interrupted half-way."""
         with anyio.CancelScope(shield=True):
-            output_id, error_id = await self._write_results(batch)
+            output_id, error_id = await write_result_files(self._state, batch, self._clock)
             now = self._clock()
             batch.status = status
             batch.error = problem.message if problem is not None else None
@@ -521,37 +388,3 @@ class BatchWorker:
             failed=batch.failed,
             error=batch.error,
         )
-
-    async def _write_results(self, batch: StoredBatch) -> tuple[str | None, str | None]:
-        out_tmp = self._state.temp_path("output")
-        err_tmp = self._state.temp_path("errors")
-        written: WrittenResults = await anyio.to_thread.run_sync(
-            write_sorted_results, self._state.spool_path(batch.id), out_tmp, err_tmp
-        )
-        # The counts follow the files (a cancel may have cut the run between two answers).
-        batch.completed, batch.failed = written.output_lines, written.error_lines
-        output_id = await self._install_result(batch, out_tmp, True, written.output_lines, written.output_bytes)
-        error_id = await self._install_result(batch, err_tmp, False, written.error_lines, written.error_bytes)
-        return output_id, error_id
-
-    async def _install_result(self, batch: StoredBatch, tmp: Path, output: bool, lines: int, size: int) -> str | None:
-        if lines == 0:
-            await anyio.Path(tmp).unlink(missing_ok=True)
-            return None
-        created = int(self._clock().timestamp())
-        openai = batch.dialect == "openai"
-        record = StoredFile(
-            id=self._state.new_file_id(),
-            seq=self._state.next_seq(),
-            filename=_result_name(batch, output),
-            purpose="batch_output" if openai else "batch-api",
-            file_type="jsonl",
-            created_at=created,
-            bytes=size,
-            line_count=lines,
-            processed=True,
-            result_of=batch.id,
-            expires_at=created + OPENAI_RESULT_TTL_S if openai else None,
-        )
-        await self._state.install_content(record, tmp)
-        return record.id
