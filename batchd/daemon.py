@@ -27,6 +27,7 @@ import anyio.abc
 import structlog
 
 from batchd import lifecycle, metrics, systemd
+from batchd.backoff import step_delay
 from batchd.config import ConfigError, Settings
 from batchd.crashpoints import crashpoint
 from batchd.health import LoopMonitor
@@ -462,10 +463,11 @@ class Daemon:
         # The step may have moved the job on before failing (planned, uploaded): back off from there.
         job = await db(self.store.jobs.get, job.id) or job
         attempts = job.attempts + 1
-        delay = lifecycle.retry_delay(attempts, self.policy, self._rng)
+        retry_after = exc.retry_after if isinstance(exc, ProviderError) else None
+        delay = step_delay(
+            attempts, self.policy.min_interval_s, self.policy.max_interval_s, self._rng, retry_after=retry_after
+        )
         metrics.retry(f"step.{job.state.value}")
-        if isinstance(exc, ProviderError) and exc.retry_after:
-            delay = max(delay, exc.retry_after)
         log.warning(
             "job.step_failed", job_id=job.id, state=job.state.value, attempts=attempts, wait_s=round(delay, 3),
             error=str(exc),

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from batchd import backoff
 from batchd.models import BatchStatus, Job, JobState, RemoteBatchRecord, RemoteStatus
 
 #: When at least this many jobs are in flight, one list call serves them all instead of a get each.
@@ -144,13 +145,8 @@ def next_poll_interval(previous: float | None, changed: bool, policy: PollPolicy
 
 
 def retry_delay(attempts: int, policy: PollPolicy, rng: random.Random) -> float:
-    """Backoff after `attempts` consecutive failures of a step: jittered, doubling, capped.
-
-    It starts at the polling minimum and never exceeds the polling maximum, so
-    an outage is retried as patiently as a quiet batch is polled.
-    """
-    ceiling = min(policy.max_interval_s, policy.min_interval_s * 2 ** max(attempts, 0))
-    return rng.uniform(ceiling / 2, ceiling)
+    """Backoff after `attempts` consecutive failures of a step: `backoff.step_delay` within the polling bounds."""
+    return backoff.step_delay(attempts, policy.min_interval_s, policy.max_interval_s, rng)
 
 
 def use_sweep(in_flight: int) -> bool:

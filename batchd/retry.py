@@ -1,96 +1,26 @@
-"""Retry policies for provider calls: what is retryable, how long to wait, and the driver.
+"""The driver of retried provider calls: tenacity's `AsyncRetrying` with an injected `sleep`.
 
-The wait is "full jitter" exponential backoff (a uniform draw below an
-exponentially growing, capped ceiling) raised to at least the server's own
-`Retry-After` advice. The driver is tenacity's `AsyncRetrying` with an injected
-`sleep`, so tests record waits instead of sleeping.
+The wait is `backoff.retry_wait_s` (full jitter raised to the server's Retry-After); tests
+record waits instead of sleeping.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
 import anyio
-import httpx
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from batchd import metrics
+from batchd.backoff import RetryPolicy, retry_wait_s
 from batchd.providers.base import ProviderError
 
 T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how patiently one provider call is retried."""
-
-    #: total attempts, the first included (1 means no retry)
-    attempts: int = 5
-    #: ceiling of the first backoff draw, in seconds
-    base_s: float = 0.5
-    #: the backoff ceiling never grows past this, in seconds
-    cap_s: float = 30.0
-
-
-def is_retryable_status(code: int) -> bool:
-    """Whether an HTTP status means "the same request may succeed later"."""
-    return code in (408, 429) or 500 <= code <= 599
-
-
-def _finite_non_negative(value: float) -> float | None:
-    if not math.isfinite(value):
-        return None
-    return max(0.0, value)
-
-
-def retry_after_s(response: httpx.Response, now: datetime | None = None) -> float | None:
-    """The server's advice on when to come back, in seconds, or None.
-
-    Same order as the official SDKs: `retry-after-ms` (milliseconds, more
-    precise), then `retry-after` as seconds, then as an HTTP date relative to
-    `now`. A date in the past gives 0; an absent or unreadable header gives None.
-    """
-    headers = response.headers
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            parsed = _finite_non_negative(float(ms) / 1000.0)
-        except ValueError:
-            parsed = None
-        if parsed is not None:
-            return parsed
-
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return _finite_non_negative(float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        # RFC 9110 dates are GMT; "-0000" parses as naive.
-        when = when.replace(tzinfo=UTC)
-    reference = now if now is not None else datetime.now(UTC)
-    return max(0.0, (when - reference).total_seconds())
-
-
-def backoff_s(policy: RetryPolicy, retry_number: int, rng: random.Random) -> float:
-    """Full-jitter backoff before retry number `retry_number` (1 for the first retry)."""
-    ceiling = min(policy.cap_s, policy.base_s * 2 ** (retry_number - 1))
-    return rng.uniform(0.0, ceiling)
 
 
 def _is_retryable(exc: BaseException) -> bool:
@@ -122,12 +52,9 @@ async def with_retries(
     draw = rng if rng is not None else random.Random()
 
     def wait(state: RetryCallState) -> float:
-        jitter = backoff_s(policy, state.attempt_number, draw)
         error = _last_error(state)
-        # The server knows its own load better than our jitter does.
-        if error is not None and error.retry_after is not None:
-            return max(jitter, error.retry_after)
-        return jitter
+        retry_after = error.retry_after if error is not None else None
+        return retry_wait_s(policy, state.attempt_number, draw, retry_after=retry_after)
 
     def before_sleep(state: RetryCallState) -> None:
         error = _last_error(state)

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -28,10 +29,10 @@ import httpx
 import structlog
 
 from batchd import metrics
+from batchd.backoff import retry_after_s, webhook_delay
 from batchd.config import Secret, Settings, decode_secret
 from batchd.crashpoints import crashpoint
 from batchd.models import Delivery, NewEvent
-from batchd.retry import retry_after_s
 from batchd.store import Store
 
 log = structlog.get_logger("batchd.webhooks")
@@ -40,8 +41,6 @@ log = structlog.get_logger("batchd.webhooks")
 PER_ENDPOINT_CONCURRENCY = 4
 #: Deliveries taken on per endpoint (attempts running and waiting for a slot); more stay in the store.
 PER_ENDPOINT_QUEUE = 64
-#: The longest Retry-After honoured, unless retry_delays_s has a longer delay.
-RETRY_AFTER_CAP_S = 86400.0
 #: New due deliveries picked up per `run_due` call.
 DUE_BATCH = 100
 #: An answer's body is read up to this many bytes, for this long, so its connection can be reused.
@@ -400,11 +399,7 @@ class Deliverer:
             bound.error("webhook.dead_lettered", attempts=attempts, status=outcome.status, error=outcome.error)
             metrics.webhook("dead")
             return outcome
-        delay = delays[attempts - 1] * self._rng.uniform(0.9, 1.1)
-        if outcome.retry_after is not None:
-            # Honoured up to a day (or the schedule's longest delay, if longer): a far-off or
-            # absurd Retry-After must not keep a delivery pending for ever, never dead-lettered.
-            delay = max(delay, min(outcome.retry_after, max(RETRY_AFTER_CAP_S, *delays)))
+        delay = webhook_delay(attempts, delays, self._rng, retry_after=outcome.retry_after)
         await self._record(
             delivery.id, {"attempts": attempts, "next_attempt_at": now + delay, "last_status": outcome.status,
             "last_error": outcome.error}, seen_next_at=delivery.next_attempt_at,
@@ -503,7 +498,7 @@ async def post_event(
                 follow_redirects=False,
                 extensions=extensions,
             ) as response:
-                status, retry_after = response.status_code, retry_after_s(response)
+                status, retry_after = response.status_code, retry_after_s(response.headers, now=datetime.now(UTC))
                 excerpt = await _drain(response, peek)
         except Refused as exc:
             return Outcome(None, f"refused: {exc}")
