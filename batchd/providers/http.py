@@ -27,8 +27,8 @@ import structlog
 from batchd import metrics
 from batchd.backoff import RetryPolicy, is_retryable_status, retry_after_s
 from batchd.models import PROVIDER_LIMITS, Limits, RemoteFile, RemoteStatus
-from batchd.providers.base import ProviderError
-from batchd.retry import with_retries
+from batchd.providers.errors import ProviderError
+from batchd.providers.retry import with_retries
 
 T = TypeVar("T")
 

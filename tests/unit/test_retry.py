@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from batchd.backoff import RetryPolicy, backoff_s, is_retryable_status, retry_after_s
 from batchd.providers.base import ProviderError
-from batchd.retry import with_retries
+from batchd.providers.retry import with_retries
 
 NOW = datetime(2026, 11, 25, 21, 0, 0, tzinfo=UTC)
 

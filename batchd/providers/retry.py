@@ -1,4 +1,4 @@
-"""The driver of retried provider calls: tenacity's `AsyncRetrying` with an injected `sleep`.
+"""The providers' call driver: tenacity's `AsyncRetrying` with an injected `sleep`.
 
 The wait is `backoff.retry_wait_s` (full jitter raised to the server's Retry-After); tests
 record waits instead of sleeping.
@@ -16,7 +16,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from batchd import metrics
 from batchd.backoff import RetryPolicy, retry_wait_s
-from batchd.providers.base import ProviderError
+from batchd.providers.errors import ProviderError
 
 T = TypeVar("T")
 
