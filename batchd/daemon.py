@@ -37,11 +37,11 @@ from batchd.models import BatchStatus, Job, JobState, RemoteBatch, RemoteBatchRe
 from batchd.outbox import job_document, outbox_candidates, reason_for, write_job_json
 from batchd.pricing import estimate_cost
 from batchd.providers.base import Provider, ProviderError
-from batchd.results import MergeResult, merge_results, truncated_tail, webhook_data
+from batchd.results import MergeResult, merge_results, truncated_tail
 from batchd.shards import Shard, split, write_followups
 from batchd.store import LEASE, Ending, Hold, Lease, NextCheck, PollAnswer, ShardPlan, StaleState, Store
 from batchd.watch import InboxWatcher, WatchEvent
-from batchd.webhooks import Deliverer, build_event
+from batchd.webhooks import Deliverer, build_event, webhook_data
 
 log = structlog.get_logger("batchd.daemon")
 

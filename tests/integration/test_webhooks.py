@@ -534,8 +534,8 @@ async def test_an_internationalised_host_is_sent_in_its_idna_form(
         assert host == "bücher.example"
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
 
-    monkeypatch.setattr("batchd.webhooks.anyio.getaddrinfo", resolve)
-    monkeypatch.setattr("batchd.webhooks._non_public", lambda _address: False)
+    monkeypatch.setattr("batchd.webhooks.guard.anyio.getaddrinfo", resolve)
+    monkeypatch.setattr("batchd.webhooks.guard._non_public", lambda _address: False)
     allow = ["http://bücher.example:{port}/hooks/"]
     async with harness(tmp_path, endpoints={"/x": ["batch.rejected"]}, allow=allow) as h:
         (entry,) = h.settings.inbox.allow_webhook_urls
@@ -552,7 +552,7 @@ async def test_an_unforeseen_error_is_a_failed_attempt_not_a_crash(
     async def broken(*_args: object) -> tuple[str, str]:
         raise RuntimeError("unforeseen")
 
-    monkeypatch.setattr("batchd.webhooks.pinned_target", broken)
+    monkeypatch.setattr("batchd.webhooks.guard.pinned_target", broken)
     async with harness(tmp_path, endpoints={"/x": ["batch.rejected"]}, allow=["{url}/hooks/"]) as h:
         event_id = h.emit(webhook_url=f"{h.url}/hooks/a")
         await h.round()

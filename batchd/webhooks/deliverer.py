@@ -1,39 +1,26 @@
-"""Standard Webhooks: events, signatures and the delivery worker (DESIGN §5).
-
-An event's body is built once and stored; every attempt sends those exact
-bytes with the same `webhook-id`, a fresh `webhook-timestamp` and signatures
-computed for that attempt.
-"""
+"""The delivery worker: sends due deliveries, records every outcome, and schedules retries."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
-import hmac
-import ipaddress
-import json
 import random
-import socket
 import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import httpx
 import structlog
 
 from batchd import metrics
-from batchd.backoff import retry_after_s, webhook_delay
-from batchd.config import Secret, Settings, decode_secret
+from batchd.backoff import webhook_delay
+from batchd.config import Secret, Settings
 from batchd.crashpoints import crashpoint
-from batchd.models import Delivery, NewEvent
+from batchd.models import Delivery
 from batchd.store import Store
+from batchd.webhooks.post import Outcome, post_event
 
 log = structlog.get_logger("batchd.webhooks")
 
@@ -43,151 +30,6 @@ PER_ENDPOINT_CONCURRENCY = 4
 PER_ENDPOINT_QUEUE = 64
 #: New due deliveries picked up per `run_due` call.
 DUE_BATCH = 100
-#: An answer's body is read up to this many bytes, for this long, so its connection can be reused.
-DRAIN_BYTES = 64 * 1024
-DRAIN_S = 0.5
-
-
-def new_event(event_type: str, data: Mapping[str, Any], *, now: float) -> tuple[str, bytes]:
-    """A fresh event id and the body bytes that every attempt will send."""
-    event_id = f"evt_{uuid.uuid4().hex}"
-    body = {
-        "id": event_id,
-        "object": "event",
-        "type": event_type,
-        "created_at": int(now),
-        "data": dict(data),
-    }
-    return event_id, json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def event_targets(settings: Settings, event_type: str, job_webhook_url: str | None) -> list[tuple[str, str]]:
-    """Where an event goes: matching [[webhooks]] entries, then the job's own webhook_url."""
-    targets = [(ep.url, "config") for ep in settings.webhooks if event_type in ep.events]
-    if job_webhook_url and event_type != "batch.rejected":
-        targets.append((job_webhook_url, "inbox"))
-    return targets
-
-
-def build_event(
-    settings: Settings, event_type: str, data: Mapping[str, Any], *, now: float, job_webhook_url: str | None
-) -> NewEvent:
-    event_id, body = new_event(event_type, data, now=now)
-    return NewEvent(
-        id=event_id, type=event_type, body=body, targets=event_targets(settings, event_type, job_webhook_url)
-    )
-
-
-def secret_key(secret: Secret) -> bytes:
-    """The HMAC key of a `whsec_<base64>` secret."""
-    return decode_secret(secret.reveal())
-
-
-def sign(secrets: Sequence[Secret], msg_id: str, timestamp: int, body: bytes) -> str:
-    """The `webhook-signature` header: one `v1,<base64>` entry per secret."""
-    content = f"{msg_id}.{timestamp}.".encode() + body
-    entries = []
-    for secret in secrets:
-        digest = hmac.new(secret_key(secret), content, hashlib.sha256).digest()
-        entries.append("v1," + base64.b64encode(digest).decode())
-    return " ".join(entries)
-
-
-def verify(
-    secrets: Sequence[str], headers: Mapping[str, str], body: bytes, *, now: float | None = None, tolerance_s: int = 300
-) -> bool:
-    """Check a received event the way a receiver should: fresh timestamp, any valid v1 signature."""
-    lowered = {k.lower(): v for k, v in headers.items()}
-    try:
-        msg_id = lowered["webhook-id"]
-        timestamp = int(lowered["webhook-timestamp"])
-        offered = lowered["webhook-signature"].split()
-    except (KeyError, ValueError):
-        return False
-    if abs((time.time() if now is None else now) - timestamp) > tolerance_s:
-        return False
-    expected = {sign([Secret(s)], msg_id, timestamp, body) for s in secrets}
-    return any(hmac.compare_digest(entry, want) for entry in offered for want in expected)
-
-
-def allowed_webhook_url(url: str, allow_list: Sequence[str]) -> str | None:
-    """The allow-list entry a spec's webhook_url matches (scheme, host, port, path prefix), or None."""
-    # urlsplit raises on a bad IPv6 literal and .port on a port that is not a number in
-    # 0-65535: a user's URL that cannot be parsed matches nothing (an exception here would
-    # escape Inbox.take and stop intake).
-    try:
-        parts = urlsplit(url)
-        port = _port(parts)
-    except ValueError:
-        return None
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
-        return None
-    for entry in allow_list:
-        try:
-            allowed = urlsplit(entry)
-            allowed_port = _port(allowed)
-        except ValueError:
-            continue  # the config check does not look at ports; a bad entry allows nothing
-        if (
-            parts.scheme == allowed.scheme
-            and parts.hostname == allowed.hostname
-            and port == allowed_port
-            and parts.path.startswith(allowed.path)
-        ):
-            return entry
-    return None
-
-
-def _port(parts: Any) -> int:
-    return int(parts.port or (443 if parts.scheme == "https" else 80))
-
-
-def _non_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    cgnat = ipaddress.ip_network("100.64.0.0/10")
-    return (
-        address.is_loopback
-        or address.is_private
-        or address.is_link_local
-        or address.is_unspecified
-        or address.is_multicast
-        or address.is_reserved
-        or (isinstance(address, ipaddress.IPv4Address) and address in cgnat)
-    )
-
-
-class Refused(Exception):
-    """A spec-provided URL that must not be contacted."""
-
-
-async def pinned_target(url: str, allow_list: Sequence[str]) -> tuple[str, str]:
-    """Resolve a spec webhook URL once and check every address; return (URL with the IP, host).
-
-    A non-public address passes only when the allow-list entry names that very
-    IP literal: an operator who writes http://10.0.0.5:9000/ means it, while a
-    DNS name that resolves inward is a rebinding attempt.
-    """
-    entry = allowed_webhook_url(url, allow_list)
-    if entry is None:
-        raise Refused("URL is not in inbox.allow_webhook_urls")
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    infos = await anyio.getaddrinfo(host, _port(parts), type=socket.SOCK_STREAM)
-    if not infos:
-        raise Refused(f"{host} does not resolve")
-    explicit = urlsplit(entry).hostname
-    chosen: str | None = None
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]))
-        if _non_public(address) and str(address) != explicit:
-            raise Refused(f"{host} resolves to non-public address {address}")
-        chosen = chosen or str(address)
-    assert chosen is not None
-    netloc = f"[{chosen}]" if ":" in chosen else chosen
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), host
 
 
 @dataclass
@@ -197,17 +39,6 @@ class _Commit:
     outcomes: list[tuple[int, dict[str, Any], float | None]] = field(default_factory=list)
     started: bool = False
     error: BaseException | None = None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What one attempt ended with."""
-
-    status: int | None
-    error: str | None
-    retry_after: float | None = None
-    #: the first bytes of the answer's body, when asked for (`batchd webhooks test`)
-    excerpt: bytes = b""
 
 
 class Deliverer:
@@ -445,91 +276,3 @@ class Deliverer:
             timeout_s=settings.delivery.timeout_s,
             allow_list=settings.inbox.allow_webhook_urls if delivery.secret_ref == "inbox" else None,
         )
-
-
-async def post_event(
-    http: httpx.AsyncClient,
-    url: str,
-    *,
-    event_id: str,
-    body: bytes,
-    secrets: Sequence[Secret],
-    timestamp: int,
-    timeout_s: float,
-    allow_list: Sequence[str] | None = None,
-    peek: int = 0,
-) -> Outcome:
-    """One signed POST of an event; never raises for what the network or the receiver does.
-
-    `allow_list` is given for a spec's URL (signed with the inbox secret): it is then checked,
-    resolved once and pinned (the SSRF guard). `peek` keeps that many first bytes of the answer.
-    """
-    headers = {
-        "content-type": "application/json",
-        "user-agent": "batchd-webhooks",
-        "webhook-id": event_id,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign(secrets, event_id, timestamp, body),
-    }
-    target = url
-    extensions: dict[str, Any] = {}
-    status: int | None = None
-    retry_after: float | None = None
-    excerpt = b""
-    # timeout_s bounds the whole attempt (resolving included). httpx's timeout bounds each
-    # network wait only, so a receiver sending a byte now and then held the attempt, and a
-    # slot of its endpoint, for as long as it liked.
-    with anyio.move_on_after(timeout_s):
-        try:
-            if allow_list is not None:
-                # Resolve once, check, and connect to exactly the checked address.
-                target, _host = await pinned_target(url, allow_list)
-                # Host and SNI in their ASCII (IDNA) form, as httpx would send them for the
-                # name: a header must be ASCII, and "bücher.example" raised UnicodeEncodeError.
-                original = httpx.URL(url)
-                headers["host"] = original.netloc.decode("ascii")
-                extensions["sni_hostname"] = original.raw_host.decode("ascii")
-            async with http.stream(
-                "POST",
-                target,
-                content=body,
-                headers=headers,
-                timeout=timeout_s,
-                follow_redirects=False,
-                extensions=extensions,
-            ) as response:
-                status, retry_after = response.status_code, retry_after_s(response.headers, now=datetime.now(UTC))
-                excerpt = await _drain(response, peek)
-        except Refused as exc:
-            return Outcome(None, f"refused: {exc}")
-        except httpx.TimeoutException:
-            pass  # the same failure as the deadline below, whichever fires first
-        except (httpx.HTTPError, OSError) as exc:
-            if status is None:
-                return Outcome(None, f"{type(exc).__name__}: {exc}")
-    if status is None:
-        return Outcome(None, f"timed out: no answer within {timeout_s:g} s")
-    return Outcome(status, None if 200 <= status < 300 else f"HTTP {status}", retry_after, excerpt)
-
-
-async def _drain(response: httpx.Response, peek: int) -> bytes:
-    """Read a little of the answer's body, keeping its first `peek` bytes.
-
-    Only the status and Retry-After count. Yet a connection whose answer was not read to its
-    end cannot be reused: every delivery paid for a new TCP (and TLS) handshake. So up to
-    DRAIN_BYTES are read for DRAIN_S at most; a larger or slower body just closes the
-    connection, costing neither memory nor much time.
-    """
-    kept = bytearray()
-    read = 0
-    with anyio.move_on_after(DRAIN_S):
-        try:
-            async for chunk in response.aiter_raw():
-                if len(kept) < peek:
-                    kept += chunk[: peek - len(kept)]
-                read += len(chunk)
-                if read > DRAIN_BYTES:
-                    break
-        except httpx.HTTPError:
-            pass  # the status is known; a body cut short changes nothing
-    return bytes(kept)
