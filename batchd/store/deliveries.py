@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from batchd.models import Delivery, EndpointStats, NewEvent, StoredEvent
+from batchd.models import Delivery, DeliveryState, EndpointStats, NewEvent, StoredEvent
 from batchd.store.database import Database
 from batchd.store.rows import delivery_from_row, event_from_row
 from batchd.store.schema import deliveries, endpoints, events
@@ -29,7 +29,7 @@ def insert_events(conn: Connection, job_id: str | None, new: Sequence[NewEvent],
                     event_id=ev.id,
                     url=url,
                     secret_ref=secret_ref,
-                    state="pending",
+                    state=DeliveryState.PENDING.value,
                     attempts=0,
                     next_attempt_at=now,
                 )
@@ -70,7 +70,7 @@ class DeliveryStore:
         """
         query = (
             _deliveries_query()
-            .where(deliveries.c.state == "pending", deliveries.c.next_attempt_at <= now)
+            .where(deliveries.c.state == DeliveryState.PENDING.value, deliveries.c.next_attempt_at <= now)
             .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
             .limit(limit)
         )
@@ -96,7 +96,7 @@ class DeliveryStore:
 
     def next_due_at(self, exclude: Collection[int] = (), *, skip_urls: Collection[str] = ()) -> float | None:
         """When the next pending delivery is due, leaving out `exclude` (attempts under way) and `skip_urls`."""
-        query = select(func.min(deliveries.c.next_attempt_at)).where(deliveries.c.state == "pending")
+        query = select(func.min(deliveries.c.next_attempt_at)).where(deliveries.c.state == DeliveryState.PENDING.value)
         if exclude:
             query = query.where(deliveries.c.id.not_in(list(exclude)))
         if skip_urls:
@@ -117,7 +117,7 @@ class DeliveryStore:
     def pending_count(self) -> int:
         with self._db.read() as conn:
             value = conn.execute(
-                select(func.count()).select_from(deliveries).where(deliveries.c.state == "pending")
+                select(func.count()).select_from(deliveries).where(deliveries.c.state == DeliveryState.PENDING.value)
             ).scalar()
         return int(value or 0)
 
@@ -142,8 +142,8 @@ class DeliveryStore:
                 conn.execute(update(endpoints).where(endpoints.c.url == url).values(disabled_at=now, reason=reason))
             conn.execute(
                 update(deliveries)
-                .where(deliveries.c.url == url, deliveries.c.state == "pending")
-                .values(state="disabled", last_error=reason)
+                .where(deliveries.c.url == url, deliveries.c.state == DeliveryState.PENDING.value)
+                .values(state=DeliveryState.DISABLED.value, last_error=reason)
             )
 
     def disabled_endpoints(self) -> dict[str, str]:
@@ -227,7 +227,7 @@ class DeliveryStore:
                 if row_id is not None:
                     brought = conn.execute(
                         update(deliveries)
-                        .where(deliveries.c.id == row_id, deliveries.c.state == "pending")
+                        .where(deliveries.c.id == row_id, deliveries.c.state == DeliveryState.PENDING.value)
                         .values(next_attempt_at=now)
                     ).rowcount
                     if brought:
@@ -235,8 +235,8 @@ class DeliveryStore:
                         continue
                 conn.execute(
                     insert(deliveries).values(
-                        event_id=event_id, url=url, secret_ref=secret_ref, state="pending", attempts=0,
-                        next_attempt_at=now,
+                        event_id=event_id, url=url, secret_ref=secret_ref, state=DeliveryState.PENDING.value,
+                        attempts=0, next_attempt_at=now,
                     )
                 )  # fmt: skip
                 done[url] = "queued"
@@ -258,14 +258,14 @@ class DeliveryStore:
                 return None
             resumed = conn.execute(
                 update(deliveries)
-                .where(deliveries.c.url == url, deliveries.c.state == "disabled")
-                .values(state="pending", next_attempt_at=now)
+                .where(deliveries.c.url == url, deliveries.c.state == DeliveryState.DISABLED.value)
+                .values(state=DeliveryState.PENDING.value, next_attempt_at=now)
             ).rowcount
         return int(resumed)
 
     def endpoint_stats(self) -> list[EndpointStats]:
         """Per URL that deliveries went to (or that is disabled): counts by state, failures, replays."""
-        states = ("pending", "delivered", "dead", "disabled")
+        states = tuple(state.value for state in DeliveryState)
         found: dict[str, dict[str, Any]] = {}
         latest_ids = select(func.max(deliveries.c.id)).group_by(deliveries.c.event_id, deliveries.c.url)
         last_errors = select(func.max(deliveries.c.id)).where(deliveries.c.last_error.is_not(None))
@@ -277,7 +277,7 @@ class DeliveryStore:
             ).all():
                 if state in states:
                     found.setdefault(str(url), {})[str(state)] = int(n)
-            delivered_rows = func.sum(case((deliveries.c.state == "delivered", 1), else_=0))
+            delivered_rows = func.sum(case((deliveries.c.state == DeliveryState.DELIVERED.value, 1), else_=0))
             for url, attempts, delivered, rows, secret_ref, next_at in conn.execute(
                 select(
                     deliveries.c.url,
@@ -285,7 +285,7 @@ class DeliveryStore:
                     delivered_rows,
                     func.count(),
                     func.max(deliveries.c.secret_ref),
-                    func.min(case((deliveries.c.state == "pending", deliveries.c.next_attempt_at))),
+                    func.min(case((deliveries.c.state == DeliveryState.PENDING.value, deliveries.c.next_attempt_at))),
                 ).group_by(deliveries.c.url)
             ).all():
                 entry = found.setdefault(str(url), {})

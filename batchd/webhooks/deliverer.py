@@ -15,11 +15,11 @@ import httpx
 import structlog
 
 from batchd import metrics
-from batchd.backoff import webhook_delay
 from batchd.config import Secret, Settings
 from batchd.crashpoints import crashpoint
-from batchd.models import Delivery
+from batchd.models import Delivery, DeliveryState
 from batchd.store import Store
+from batchd.webhooks.policy import GONE_REASON, Decision, Verdict, decide
 from batchd.webhooks.post import Outcome, post_event
 
 log = structlog.get_logger("batchd.webhooks")
@@ -130,7 +130,7 @@ class Deliverer:
                     continue
                 if delivery.url in disabled:
                     reason = disabled[delivery.url]
-                    await self._record(delivery.id, {"state": "disabled", "last_error": reason})
+                    await self._record(delivery.id, {"state": DeliveryState.DISABLED.value, "last_error": reason})
                     metrics.webhook("parked")
                     log.info("webhook.parked", event_id=delivery.event_id, url=delivery.url, reason=reason)
                     continue
@@ -204,42 +204,50 @@ class Deliverer:
                     # delivery would end it again after every restart.
                     bound.exception("webhook.attempt_error")
                     outcome = Outcome(None, f"{type(exc).__name__}: {exc}")
-        now = self._clock()
-        attempts = delivery.attempts + 1
-        if outcome.status is not None and 200 <= outcome.status < 300:
-            await self._record(delivery.id, {
-                "state": "delivered", "attempts": attempts, "last_status": outcome.status, "last_error": None,
-                "delivered_at": now,
-            })  # fmt: skip
-            bound.info("webhook.delivered", status=outcome.status, attempts=attempts)
-            metrics.webhook("delivered")
-            return outcome
-        if outcome.status == 410:
-            bound.warning("webhook.endpoint_gone", status=410)
-            await self._record(delivery.id, {"attempts": attempts, "last_status": 410})
-            gone = "410 Gone from the receiver"
-            await anyio.to_thread.run_sync(self._store.deliveries.disable_endpoint, delivery.url, gone)
-            metrics.webhook("gone")
-            return outcome
-        delays = self._settings().delivery.retry_delays_s
-        if attempts > len(delays) or not secrets:
-            await self._record(
-                delivery.id, {"state": "dead", "attempts": attempts, "last_status": outcome.status,
-                "last_error": outcome.error}, seen_next_at=delivery.next_attempt_at,
-            )  # fmt: skip
-            bound.error("webhook.dead_lettered", attempts=attempts, status=outcome.status, error=outcome.error)
-            metrics.webhook("dead")
-            return outcome
-        delay = webhook_delay(attempts, delays, self._rng, retry_after=outcome.retry_after)
-        await self._record(
-            delivery.id, {"attempts": attempts, "next_attempt_at": now + delay, "last_status": outcome.status,
-            "last_error": outcome.error}, seen_next_at=delivery.next_attempt_at,
-        )  # fmt: skip
-        bound.warning(
-            "webhook.retry_scheduled", attempts=attempts, status=outcome.status, error=outcome.error, wait_s=delay
+        decision = decide(
+            attempts=delivery.attempts,
+            status=outcome.status,
+            error=outcome.error,
+            retry_after=outcome.retry_after,
+            signable=bool(secrets),
+            retry_delays_s=self._settings().delivery.retry_delays_s,
+            now=self._clock(),
+            rng=self._rng,
         )
-        metrics.webhook("retry")
+        await self._carry_out(delivery, decision, bound)
         return outcome
+
+    async def _carry_out(self, delivery: Delivery, decision: Decision, bound: Any) -> None:
+        """Record a decision, and disable the endpoint after a 410; log and count it."""
+        attempts, status, error = decision.attempts, decision.status, decision.error
+        if decision.verdict is Verdict.DELIVERED:
+            await self._record(delivery.id, {
+                "state": DeliveryState.DELIVERED.value, "attempts": attempts, "last_status": status,
+                "last_error": None, "delivered_at": decision.delivered_at,
+            })  # fmt: skip
+            bound.info("webhook.delivered", status=status, attempts=attempts)
+            metrics.webhook("delivered")
+        elif decision.verdict is Verdict.DISABLE:
+            bound.warning("webhook.endpoint_gone", status=status)
+            await self._record(delivery.id, {"attempts": attempts, "last_status": status})
+            await anyio.to_thread.run_sync(self._store.deliveries.disable_endpoint, delivery.url, GONE_REASON)
+            metrics.webhook("gone")
+        elif decision.verdict is Verdict.DEAD:
+            await self._record(
+                delivery.id, {"state": DeliveryState.DEAD.value, "attempts": attempts, "last_status": status,
+                "last_error": error}, seen_next_at=delivery.next_attempt_at,
+            )  # fmt: skip
+            bound.error("webhook.dead_lettered", attempts=attempts, status=status, error=error)
+            metrics.webhook("dead")
+        else:
+            await self._record(
+                delivery.id, {"attempts": attempts, "next_attempt_at": decision.next_attempt_at,
+                "last_status": status, "last_error": error}, seen_next_at=delivery.next_attempt_at,
+            )  # fmt: skip
+            bound.warning(
+                "webhook.retry_scheduled", attempts=attempts, status=status, error=error, wait_s=decision.wait_s
+            )
+            metrics.webhook("retry")
 
     async def _record(self, delivery_id: int, values: dict[str, Any], *, seen_next_at: float | None = None) -> None:
         """Record an outcome in the store; returns once it is committed.
