@@ -7,8 +7,8 @@ dead-lettered or parked because its endpoint is disabled (410).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from collections.abc import Collection, Sequence
+from typing import Any, assert_never
 
 from sqlalchemy import Connection, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -17,6 +17,7 @@ from batchd.models import Delivery, DeliveryState, EndpointStats, NewEvent, Stor
 from batchd.store.database import Database
 from batchd.store.rows import delivery_from_row, event_from_row
 from batchd.store.schema import deliveries, endpoints, events
+from batchd.store.writes import DeadLettered, Delivered, DeliveryOutcome, EndpointGone, Parked, RetryLater
 
 
 def insert_events(conn: Connection, job_id: str | None, new: Sequence[NewEvent], now: float) -> None:
@@ -121,10 +122,6 @@ class DeliveryStore:
             ).scalar()
         return int(value or 0)
 
-    def update_delivery(self, delivery_id: int, **values: Any) -> None:
-        with self._db.write() as conn:
-            conn.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(**values))
-
     def disable_endpoint(self, url: str, reason: str) -> None:
         """Mark an endpoint gone (410) and park its pending deliveries as disabled."""
         now = self._db.now()
@@ -153,21 +150,22 @@ class DeliveryStore:
             ).all()
         return {str(url): str(reason or "") for url, reason in rows}
 
-    def record_outcomes(self, outcomes: Sequence[tuple[int, Mapping[str, Any], float | None]]) -> None:
-        """Several attempts' outcomes in one transaction: (delivery id, values, seen_next_at).
+    def record_outcomes(self, outcomes: Sequence[DeliveryOutcome]) -> None:
+        """Several attempts' outcomes (and parked deliveries) in one transaction.
 
         The Deliverer commits together the outcomes that end while a commit is under way: a
         commit is an fsync, and one per delivery capped deliveries at about 200 a second.
-        `seen_next_at` (a failed attempt) is the next_attempt_at the attempt started from. If it
-        changed meanwhile, `batchd webhooks replay` made the delivery due again while the
-        attempt ran: that wins (the row stays pending, due when the replay said), and only the
-        attempt's own record (attempts, last status and error) is written.
+        `seen_next_at` (a failed attempt: RetryLater, DeadLettered) is the next_attempt_at the
+        attempt started from. If it changed meanwhile, `batchd webhooks replay` made the delivery
+        due again while the attempt ran: that wins (the row stays pending, due when the replay
+        said), and only the attempt's own record (attempts, last status and error) is written.
         """
         own = ("attempts", "last_status", "last_error")
+        written = [_outcome_values(outcome) for outcome in outcomes]
         # One statement per set of columns, executed for many rows: building a statement per
         # outcome cost more CPU than the delivery itself.
         plain: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-        for delivery_id, values, seen_next_at in outcomes:
+        for delivery_id, values, seen_next_at in written:
             if seen_next_at is None:
                 params = {f"v_{k}": v for k, v in values.items()}
                 plain.setdefault(tuple(sorted(values)), []).append({"v_id": delivery_id, **params})
@@ -179,7 +177,7 @@ class DeliveryStore:
                     .values({c: bindparam(f"v_{c}") for c in columns}),
                     rows,
                 )
-            for delivery_id, values, seen_next_at in outcomes:
+            for delivery_id, values, seen_next_at in written:
                 if seen_next_at is None:
                     continue
                 query = update(deliveries).where(deliveries.c.id == delivery_id)
@@ -306,3 +304,33 @@ class DeliveryStore:
             ).all():
                 found.setdefault(str(url), {}).update(disabled_at=float(disabled_at), disabled_reason=reason)
         return [EndpointStats(url=url, **values) for url, values in sorted(found.items())]
+
+
+def _outcome_values(outcome: DeliveryOutcome) -> tuple[int, dict[str, Any], float | None]:
+    """The delivery's id, the columns an outcome writes, and its `seen_next_at` (None: written as is)."""
+    match outcome:
+        case Delivered():
+            values: dict[str, Any] = {
+                "state": DeliveryState.DELIVERED.value, "attempts": outcome.attempts, "last_status": outcome.status,
+                "last_error": None, "delivered_at": outcome.delivered_at,
+            }  # fmt: skip
+            return outcome.delivery_id, values, None
+        case RetryLater():
+            values = {
+                "attempts": outcome.attempts, "next_attempt_at": outcome.next_attempt_at,
+                "last_status": outcome.status, "last_error": outcome.error,
+            }  # fmt: skip
+            return outcome.delivery_id, values, outcome.seen_next_at
+        case DeadLettered():
+            values = {
+                "state": DeliveryState.DEAD.value, "attempts": outcome.attempts, "last_status": outcome.status,
+                "last_error": outcome.error,
+            }  # fmt: skip
+            return outcome.delivery_id, values, outcome.seen_next_at
+        case EndpointGone():
+            # The error is left to disable_endpoint, which parks the delivery with its reason.
+            return outcome.delivery_id, {"attempts": outcome.attempts, "last_status": outcome.status}, None
+        case Parked():
+            return outcome.delivery_id, {"state": DeliveryState.DISABLED.value, "last_error": outcome.reason}, None
+        case _:
+            assert_never(outcome)

@@ -17,8 +17,8 @@ import structlog
 from batchd import metrics
 from batchd.config import Secret, Settings
 from batchd.crashpoints import crashpoint
-from batchd.models import Delivery, DeliveryState
-from batchd.store import Store
+from batchd.models import Delivery
+from batchd.store import DeadLettered, Delivered, DeliveryOutcome, EndpointGone, Parked, RetryLater, Store
 from batchd.webhooks.policy import GONE_REASON, Decision, Verdict, decide
 from batchd.webhooks.post import Outcome, post_event
 
@@ -36,7 +36,7 @@ DUE_BATCH = 100
 class _Commit:
     """Attempt outcomes that go into the store in one transaction."""
 
-    outcomes: list[tuple[int, dict[str, Any], float | None]] = field(default_factory=list)
+    outcomes: list[DeliveryOutcome] = field(default_factory=list)
     started: bool = False
     error: BaseException | None = None
 
@@ -130,7 +130,7 @@ class Deliverer:
                     continue
                 if delivery.url in disabled:
                     reason = disabled[delivery.url]
-                    await self._record(delivery.id, {"state": DeliveryState.DISABLED.value, "last_error": reason})
+                    await self._record(Parked(delivery.id, reason))
                     metrics.webhook("parked")
                     log.info("webhook.parked", event_id=delivery.event_id, url=delivery.url, reason=reason)
                     continue
@@ -221,43 +221,35 @@ class Deliverer:
         """Record a decision, and disable the endpoint after a 410; log and count it."""
         attempts, status, error = decision.attempts, decision.status, decision.error
         if decision.verdict is Verdict.DELIVERED:
-            await self._record(delivery.id, {
-                "state": DeliveryState.DELIVERED.value, "attempts": attempts, "last_status": status,
-                "last_error": None, "delivered_at": decision.delivered_at,
-            })  # fmt: skip
+            assert status is not None  # a 2xx
+            await self._record(Delivered(delivery.id, attempts, status, decision.at))
             bound.info("webhook.delivered", status=status, attempts=attempts)
             metrics.webhook("delivered")
         elif decision.verdict is Verdict.DISABLE:
             bound.warning("webhook.endpoint_gone", status=status)
-            await self._record(delivery.id, {"attempts": attempts, "last_status": status})
+            await self._record(EndpointGone(delivery.id, attempts))
             await anyio.to_thread.run_sync(self._store.deliveries.disable_endpoint, delivery.url, GONE_REASON)
             metrics.webhook("gone")
         elif decision.verdict is Verdict.DEAD:
-            await self._record(
-                delivery.id, {"state": DeliveryState.DEAD.value, "attempts": attempts, "last_status": status,
-                "last_error": error}, seen_next_at=delivery.next_attempt_at,
-            )  # fmt: skip
+            await self._record(DeadLettered(delivery.id, attempts, status, error, delivery.next_attempt_at))
             bound.error("webhook.dead_lettered", attempts=attempts, status=status, error=error)
             metrics.webhook("dead")
         else:
-            await self._record(
-                delivery.id, {"attempts": attempts, "next_attempt_at": decision.next_attempt_at,
-                "last_status": status, "last_error": error}, seen_next_at=delivery.next_attempt_at,
-            )  # fmt: skip
+            await self._record(RetryLater(delivery.id, attempts, status, error, decision.at, delivery.next_attempt_at))
             bound.warning(
                 "webhook.retry_scheduled", attempts=attempts, status=status, error=error, wait_s=decision.wait_s
             )
             metrics.webhook("retry")
 
-    async def _record(self, delivery_id: int, values: dict[str, Any], *, seen_next_at: float | None = None) -> None:
+    async def _record(self, outcome: DeliveryOutcome) -> None:
         """Record an outcome in the store; returns once it is committed.
 
         Outcomes that end while a commit is under way go into the next one together (a group
         commit): every commit is an fsync, and one per delivery held a fast receiver to about
-        200 deliveries a second. `seen_next_at`: see Store.record_outcomes.
+        200 deliveries a second. See DeliveryStore.record_outcomes.
         """
         commit = self._commit
-        commit.outcomes.append((delivery_id, values, seen_next_at))
+        commit.outcomes.append(outcome)
         async with self._commit_lock:
             # Whoever gets the lock first commits everything gathered so far; the others find
             # their outcome committed (or its commit failed) when the lock comes to them.

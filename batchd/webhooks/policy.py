@@ -47,11 +47,10 @@ class Decision:
     status: int | None
     #: why the attempt did not deliver (None when it did)
     error: str | None
-    #: RETRY: the wait before the next attempt, in seconds, and when that is (unix seconds)
-    wait_s: float | None = None
-    next_attempt_at: float | None = None
-    #: DELIVERED: when (unix seconds)
-    delivered_at: float | None = None
+    #: unix seconds: RETRY, when to try again; DELIVERED, when it arrived; otherwise, when decided
+    at: float
+    #: RETRY: the wait before the next attempt, in seconds
+    wait_s: float = 0.0
 
 
 def decide(
@@ -74,10 +73,10 @@ def decide(
     """
     made = attempts + 1
     if status is not None and 200 <= status < 300:
-        return Decision(Verdict.DELIVERED, made, status, None, delivered_at=now)
+        return Decision(Verdict.DELIVERED, made, status, None, now)
     if status == 410:
-        return Decision(Verdict.DISABLE, made, status, error)
+        return Decision(Verdict.DISABLE, made, status, error, now)
     if made > len(retry_delays_s) or not signable:
-        return Decision(Verdict.DEAD, made, status, error)
+        return Decision(Verdict.DEAD, made, status, error, now)
     wait = webhook_delay(made, retry_delays_s, rng, retry_after=retry_after)
-    return Decision(Verdict.RETRY, made, status, error, wait_s=wait, next_attempt_at=now + wait)
+    return Decision(Verdict.RETRY, made, status, error, now + wait, wait)
