@@ -8,7 +8,8 @@ computed for that attempt. One concern per module:
     signing.py    the `webhook-signature` header, and checking one as a receiver
     guard.py      the SSRF guard: allow-list match, one resolved and checked address
     post.py       one signed POST and its Outcome
-    deliverer.py  the Deliverer: due deliveries, attempts per endpoint, group commits
+    policy.py     the pure decision after an attempt: delivered, retry at T, dead-letter, disable (410)
+    deliverer.py  the Deliverer: due deliveries, attempts per endpoint, carrying decisions out
 """
 
 from __future__ import annotations

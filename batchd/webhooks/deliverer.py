@@ -122,7 +122,7 @@ class Deliverer:
                     self._clock(), limit=DUE_BATCH, exclude=exclude, skip_urls=full, owner=self._owner, lease_s=lease_s
                 )
             )
-            # An endpoint that answered 410 stays disabled: Store.disable_endpoint parks what was
+            # An endpoint that answered 410 stays disabled: disable_endpoint (store) parks what was
             # pending then, and an event created later is parked here rather than sent to it again.
             disabled = await anyio.to_thread.run_sync(self._store.deliveries.disabled_endpoints) if due else {}
             for delivery in due:
