@@ -1,4 +1,4 @@
-"""The delivery worker: sends due deliveries, records every outcome, and schedules retries."""
+"""The delivery worker: sends due deliveries and carries out what `policy.decide` says of each attempt."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class _Commit:
 
 
 class Deliverer:
-    """Sends due deliveries, records every outcome, and schedules retries."""
+    """Sends due deliveries; records each attempt's decision (retry, dead-letter, disable) in the store."""
 
     def __init__(
         self,
