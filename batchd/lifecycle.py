@@ -8,7 +8,6 @@ a real clock.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -141,16 +140,6 @@ def next_poll_interval(previous: float | None, changed: bool, policy: PollPolicy
     if previous is None or changed:
         return policy.min_interval_s
     return min(policy.max_interval_s, max(policy.min_interval_s, previous * POLL_GROWTH))
-
-
-def retry_delay(attempts: int, policy: PollPolicy, rng: random.Random) -> float:
-    """Backoff after `attempts` consecutive failures of a step: jittered, doubling, capped.
-
-    It starts at the polling minimum and never exceeds the polling maximum, so
-    an outage is retried as patiently as a quiet batch is polled.
-    """
-    ceiling = min(policy.max_interval_s, policy.min_interval_s * 2 ** max(attempts, 0))
-    return rng.uniform(ceiling / 2, ceiling)
 
 
 def use_sweep(in_flight: int) -> bool:

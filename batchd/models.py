@@ -377,6 +377,26 @@ class NewEvent:
     targets: Sequence[tuple[str, str]]
 
 
+class DeliveryState(StrEnum):
+    """Where one event's delivery to one endpoint is (the `deliveries.state` column; DESIGN §5)::
+
+        pending → delivered | dead | disabled
+        disabled → pending    (`batchd webhooks enable URL`)
+
+    A delivered or dead delivery is never written again: `batchd webhooks replay` adds a new
+    pending row for its event instead. `webhooks.policy.decide` says where an attempt leads.
+    """
+
+    #: waiting for its next attempt, due at `next_attempt_at` (an attempt may be under way)
+    PENDING = "pending"
+    #: a receiver answered 2xx: done
+    DELIVERED = "delivered"
+    #: dead-lettered: the retry schedule ran out, or no secret can sign it any more; kept for a replay
+    DEAD = "dead"
+    #: parked: its endpoint answered 410 and stays disabled until `batchd webhooks enable URL`
+    DISABLED = "disabled"
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One event on its way to one endpoint."""
@@ -388,7 +408,7 @@ class Delivery:
     body: bytes
     url: str
     secret_ref: str
-    state: str
+    state: DeliveryState
     attempts: int
     next_attempt_at: float
     last_status: int | None = None

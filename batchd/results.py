@@ -31,7 +31,6 @@ __all__ = [
     "MergeResult",
     "merge_results",
     "truncated_tail",
-    "webhook_data",
 ]
 
 log = structlog.get_logger("batchd.results")
@@ -336,12 +335,3 @@ def truncated_tail(path: Path, *, window: int = 1 << 20) -> bool:
     except ValueError:
         return True
     return False
-
-
-def webhook_data(doc: dict[str, Any]) -> dict[str, Any]:
-    """The `data` of a terminal event (DESIGN §5)."""
-    keys = (
-        "id", "name", "status", "provider", "source", "remote_batch_ids", "request_counts", "usage",
-        "output_file", "error_file", "metadata", "reason", "cost",
-    )  # fmt: skip
-    return {k: doc[k] for k in keys}

@@ -1,12 +1,12 @@
-"""Arranging the store for a test: jobs put in a state through the store's own transitions."""
+"""Arranging the store for a test: jobs and deliveries put in a state through the store's own transitions."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from batchd.models import Job, JobState, NewEvent
-from batchd.store import Ending, NewJob, NextCheck, RejectedJob, Store
+from batchd.models import Delivery, Job, JobState, NewEvent
+from batchd.store import Delivered, Ending, NewJob, NextCheck, RejectedJob, RetryLater, Store
 
 #: What a test's job says it answered when it ends (no request: nothing was submitted).
 NO_COUNTS = {"total": 0, "completed": 0, "failed": 0}
@@ -55,3 +55,16 @@ def end_job(
     """The terminal transition of a test's job, with its events."""
     ending = Ending(state, store.now(), None, request_counts or NO_COUNTS, {})
     return store.jobs.finish(job_id, expect=expect, ending=ending, events=events)
+
+
+def deliver(store: Store, delivery: Delivery, *, status: int = 200) -> None:
+    """Record a delivery as delivered, as the Deliverer does after a 2xx answer."""
+    store.deliveries.record_outcomes([Delivered(delivery.id, delivery.attempts + 1, status, store.now())])
+
+
+def fail_attempt(
+    store: Store, delivery: Delivery, *, next_attempt_at: float, status: int | None = 503, error: str = "HTTP 503"
+) -> None:
+    """Record a failed attempt of a delivery and its retry at `next_attempt_at`, as the Deliverer does."""
+    retry = RetryLater(delivery.id, delivery.attempts + 1, status, error, next_attempt_at, delivery.next_attempt_at)
+    store.deliveries.record_outcomes([retry])

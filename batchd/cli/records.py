@@ -133,7 +133,7 @@ def show_record(
                     "event_id": d.event_id,
                     "type": d.event_type,
                     "url": d.url,
-                    "state": d.state,
+                    "state": d.state.value,
                     "attempts": d.attempts,
                     "last_status": d.last_status,
                     "last_error": d.last_error,

@@ -16,7 +16,8 @@ from typing import Any
 import anyio
 import structlog
 
-from batchd import lifecycle, metrics
+from batchd import metrics
+from batchd.backoff import step_delay
 from batchd.config import Settings
 from batchd.inbox import job_files_dir
 from batchd.lifecycle import PollPolicy
@@ -87,10 +88,10 @@ class Context:
         # The step may have moved the job on before failing (planned, uploaded): back off from there.
         job = await db(self.store.jobs.get, job.id) or job
         attempts = job.attempts + 1
-        delay = lifecycle.retry_delay(attempts, self.policy, self.rng)
+        retry_after = exc.retry_after if isinstance(exc, ProviderError) else None
+        policy = self.policy
+        delay = step_delay(attempts, policy.min_interval_s, policy.max_interval_s, self.rng, retry_after=retry_after)
         metrics.retry(f"step.{job.state.value}")
-        if isinstance(exc, ProviderError) and exc.retry_after:
-            delay = max(delay, exc.retry_after)
         log.warning(
             "job.step_failed", job_id=job.id, state=job.state.value, attempts=attempts, wait_s=round(delay, 3),
             error=str(exc),

@@ -24,9 +24,9 @@ from batchd.models import Job, JobState, RemoteBatchRecord
 from batchd.outbox import job_document, outbox_candidates, reason_for, write_job_json
 from batchd.pricing import estimate_cost
 from batchd.providers.base import ProviderError
-from batchd.results import MergeResult, merge_results, truncated_tail, webhook_data
+from batchd.results import MergeResult, merge_results, truncated_tail
 from batchd.store import Ending
-from batchd.webhooks import build_event
+from batchd.webhooks import build_event, webhook_data
 
 log = structlog.get_logger("batchd.daemon")
 

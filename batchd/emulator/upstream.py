@@ -15,14 +15,15 @@ from __future__ import annotations
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 import httpx
 import structlog
 
+from batchd.backoff import RetryPolicy, is_retryable_status, retry_after_s, retry_wait_s
 from batchd.emulator.triggers import openai_error_body
-from batchd.retry import RetryPolicy, backoff_s, is_retryable_status, retry_after_s
 
 log = structlog.get_logger()
 
@@ -64,10 +65,7 @@ def retry_wait(
     """
     if not outcome.retryable or attempt >= policy.attempts:
         return None
-    wait = backoff_s(policy, attempt, rng)
-    if outcome.retry_after is not None:
-        wait = max(wait, min(outcome.retry_after, max_retry_after))
-    return wait
+    return retry_wait_s(policy, attempt, rng, retry_after=outcome.retry_after, retry_after_cap_s=max_retry_after)
 
 
 class UpstreamEngine:
@@ -134,7 +132,7 @@ class UpstreamEngine:
                 # A transport failure (refused, reset, timed out) may pass; a malformed URL will not.
                 return Outcome(502, error, retryable=isinstance(exc, httpx.TransportError))
         retryable = is_retryable_status(response.status_code)
-        retry_after = retry_after_s(response)
+        retry_after = retry_after_s(response.headers, now=datetime.now(UTC))
         try:
             payload = response.json()
         except ValueError:

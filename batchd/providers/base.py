@@ -1,7 +1,8 @@
 """The Provider protocol: what the daemon and the client need from a Batch API.
 
 One implementation per wire dialect (together.py, openai.py), each over an
-`httpx.AsyncClient` that the caller builds and passes in.
+`httpx.AsyncClient` that the caller builds and passes in. `ProviderError` lives in
+errors.py and is re-exported here.
 """
 
 from __future__ import annotations
@@ -10,32 +11,9 @@ from pathlib import Path
 from typing import Protocol
 
 from batchd.models import Limits, RemoteBatch, RemoteFile
+from batchd.providers.errors import ProviderError
 
-
-class ProviderError(Exception):
-    """A call to the provider did not succeed.
-
-    `retryable` says whether the same call may simply be made again later
-    (network trouble, 429, 5xx); `outcome_unknown` says the provider may have
-    acted even though no answer arrived (a create that timed out), so the
-    caller must reconcile before repeating it.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status_code: int | None = None,
-        retryable: bool = False,
-        outcome_unknown: bool = False,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status_code = status_code
-        self.retryable = retryable
-        self.outcome_unknown = outcome_unknown
-        self.retry_after = retry_after
+__all__ = ["Provider", "ProviderError"]
 
 
 class Provider(Protocol):

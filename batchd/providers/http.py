@@ -25,9 +25,10 @@ import orjson
 import structlog
 
 from batchd import metrics
+from batchd.backoff import RetryPolicy, is_retryable_status, retry_after_s
 from batchd.models import PROVIDER_LIMITS, Limits, RemoteFile, RemoteStatus
-from batchd.providers.base import ProviderError
-from batchd.retry import RetryPolicy, is_retryable_status, retry_after_s, with_retries
+from batchd.providers.errors import ProviderError
+from batchd.providers.retry import with_retries
 
 T = TypeVar("T")
 
@@ -165,7 +166,7 @@ def error_from_response(response: httpx.Response, what: str) -> ProviderError:
         f"{what}: HTTP {code}: {message}",
         status_code=code,
         retryable=is_retryable_status(code),
-        retry_after=retry_after_s(response),
+        retry_after=retry_after_s(response.headers, now=datetime.now(UTC)),
     )
 
 

@@ -18,7 +18,7 @@ import anyio
 import structlog
 
 from batchd.models import RemoteBatch, RemoteFile
-from batchd.providers.base import ProviderError
+from batchd.providers.errors import ProviderError
 from batchd.providers.http import (
     HttpProvider,
     MultipartUpload,

@@ -19,7 +19,7 @@ import structlog
 
 from batchd import metrics
 from batchd.models import RemoteBatch, RemoteFile
-from batchd.providers.base import ProviderError
+from batchd.providers.errors import ProviderError
 from batchd.providers.http import (
     HttpProvider,
     batch_identity,

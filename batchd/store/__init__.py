@@ -28,23 +28,43 @@ from batchd.store.database import LEASE, Database, Lease, StaleState, StoreUnava
 from batchd.store.deliveries import DeliveryStore
 from batchd.store.jobs import IllegalTransition, JobStore
 from batchd.store.schema import SCHEMA_VERSION, schema_version
-from batchd.store.writes import Ending, Hold, NewJob, NextCheck, PollAnswer, RejectedJob, ShardPlan
+from batchd.store.writes import (
+    DeadLettered,
+    Delivered,
+    DeliveryOutcome,
+    Ending,
+    EndpointGone,
+    Hold,
+    NewJob,
+    NextCheck,
+    Parked,
+    PollAnswer,
+    RejectedJob,
+    RetryLater,
+    ShardPlan,
+)
 
 __all__ = [
     "LEASE",
     "SCHEMA_VERSION",
     "ClusterStore",
+    "DeadLettered",
+    "Delivered",
+    "DeliveryOutcome",
     "DeliveryStore",
     "Ending",
+    "EndpointGone",
     "Hold",
     "IllegalTransition",
     "JobStore",
     "Lease",
     "NewJob",
     "NextCheck",
+    "Parked",
     "PollAnswer",
     "RejectedJob",
     "RemoteBatchStore",
+    "RetryLater",
     "ShardPlan",
     "StaleState",
     "Store",

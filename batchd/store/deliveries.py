@@ -7,16 +7,17 @@ dead-lettered or parked because its endpoint is disabled (410).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from collections.abc import Collection, Sequence
+from typing import Any, assert_never
 
 from sqlalchemy import Connection, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from batchd.models import Delivery, EndpointStats, NewEvent, StoredEvent
+from batchd.models import Delivery, DeliveryState, EndpointStats, NewEvent, StoredEvent
 from batchd.store.database import Database
 from batchd.store.rows import delivery_from_row, event_from_row
 from batchd.store.schema import deliveries, endpoints, events
+from batchd.store.writes import DeadLettered, Delivered, DeliveryOutcome, EndpointGone, Parked, RetryLater
 
 
 def insert_events(conn: Connection, job_id: str | None, new: Sequence[NewEvent], now: float) -> None:
@@ -29,7 +30,7 @@ def insert_events(conn: Connection, job_id: str | None, new: Sequence[NewEvent],
                     event_id=ev.id,
                     url=url,
                     secret_ref=secret_ref,
-                    state="pending",
+                    state=DeliveryState.PENDING.value,
                     attempts=0,
                     next_attempt_at=now,
                 )
@@ -70,7 +71,7 @@ class DeliveryStore:
         """
         query = (
             _deliveries_query()
-            .where(deliveries.c.state == "pending", deliveries.c.next_attempt_at <= now)
+            .where(deliveries.c.state == DeliveryState.PENDING.value, deliveries.c.next_attempt_at <= now)
             .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
             .limit(limit)
         )
@@ -96,7 +97,7 @@ class DeliveryStore:
 
     def next_due_at(self, exclude: Collection[int] = (), *, skip_urls: Collection[str] = ()) -> float | None:
         """When the next pending delivery is due, leaving out `exclude` (attempts under way) and `skip_urls`."""
-        query = select(func.min(deliveries.c.next_attempt_at)).where(deliveries.c.state == "pending")
+        query = select(func.min(deliveries.c.next_attempt_at)).where(deliveries.c.state == DeliveryState.PENDING.value)
         if exclude:
             query = query.where(deliveries.c.id.not_in(list(exclude)))
         if skip_urls:
@@ -117,13 +118,9 @@ class DeliveryStore:
     def pending_count(self) -> int:
         with self._db.read() as conn:
             value = conn.execute(
-                select(func.count()).select_from(deliveries).where(deliveries.c.state == "pending")
+                select(func.count()).select_from(deliveries).where(deliveries.c.state == DeliveryState.PENDING.value)
             ).scalar()
         return int(value or 0)
-
-    def update_delivery(self, delivery_id: int, **values: Any) -> None:
-        with self._db.write() as conn:
-            conn.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(**values))
 
     def disable_endpoint(self, url: str, reason: str) -> None:
         """Mark an endpoint gone (410) and park its pending deliveries as disabled."""
@@ -142,8 +139,8 @@ class DeliveryStore:
                 conn.execute(update(endpoints).where(endpoints.c.url == url).values(disabled_at=now, reason=reason))
             conn.execute(
                 update(deliveries)
-                .where(deliveries.c.url == url, deliveries.c.state == "pending")
-                .values(state="disabled", last_error=reason)
+                .where(deliveries.c.url == url, deliveries.c.state == DeliveryState.PENDING.value)
+                .values(state=DeliveryState.DISABLED.value, last_error=reason)
             )
 
     def disabled_endpoints(self) -> dict[str, str]:
@@ -153,21 +150,22 @@ class DeliveryStore:
             ).all()
         return {str(url): str(reason or "") for url, reason in rows}
 
-    def record_outcomes(self, outcomes: Sequence[tuple[int, Mapping[str, Any], float | None]]) -> None:
-        """Several attempts' outcomes in one transaction: (delivery id, values, seen_next_at).
+    def record_outcomes(self, outcomes: Sequence[DeliveryOutcome]) -> None:
+        """Several attempts' outcomes (and parked deliveries) in one transaction.
 
         The Deliverer commits together the outcomes that end while a commit is under way: a
         commit is an fsync, and one per delivery capped deliveries at about 200 a second.
-        `seen_next_at` (a failed attempt) is the next_attempt_at the attempt started from. If it
-        changed meanwhile, `batchd webhooks replay` made the delivery due again while the
-        attempt ran: that wins (the row stays pending, due when the replay said), and only the
-        attempt's own record (attempts, last status and error) is written.
+        `seen_next_at` (a failed attempt: RetryLater, DeadLettered) is the next_attempt_at the
+        attempt started from. If it changed meanwhile, `batchd webhooks replay` made the delivery
+        due again while the attempt ran: that wins (the row stays pending, due when the replay
+        said), and only the attempt's own record (attempts, last status and error) is written.
         """
         own = ("attempts", "last_status", "last_error")
+        written = [_outcome_values(outcome) for outcome in outcomes]
         # One statement per set of columns, executed for many rows: building a statement per
         # outcome cost more CPU than the delivery itself.
         plain: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-        for delivery_id, values, seen_next_at in outcomes:
+        for delivery_id, values, seen_next_at in written:
             if seen_next_at is None:
                 params = {f"v_{k}": v for k, v in values.items()}
                 plain.setdefault(tuple(sorted(values)), []).append({"v_id": delivery_id, **params})
@@ -179,7 +177,7 @@ class DeliveryStore:
                     .values({c: bindparam(f"v_{c}") for c in columns}),
                     rows,
                 )
-            for delivery_id, values, seen_next_at in outcomes:
+            for delivery_id, values, seen_next_at in written:
                 if seen_next_at is None:
                     continue
                 query = update(deliveries).where(deliveries.c.id == delivery_id)
@@ -227,7 +225,7 @@ class DeliveryStore:
                 if row_id is not None:
                     brought = conn.execute(
                         update(deliveries)
-                        .where(deliveries.c.id == row_id, deliveries.c.state == "pending")
+                        .where(deliveries.c.id == row_id, deliveries.c.state == DeliveryState.PENDING.value)
                         .values(next_attempt_at=now)
                     ).rowcount
                     if brought:
@@ -235,8 +233,8 @@ class DeliveryStore:
                         continue
                 conn.execute(
                     insert(deliveries).values(
-                        event_id=event_id, url=url, secret_ref=secret_ref, state="pending", attempts=0,
-                        next_attempt_at=now,
+                        event_id=event_id, url=url, secret_ref=secret_ref, state=DeliveryState.PENDING.value,
+                        attempts=0, next_attempt_at=now,
                     )
                 )  # fmt: skip
                 done[url] = "queued"
@@ -258,14 +256,14 @@ class DeliveryStore:
                 return None
             resumed = conn.execute(
                 update(deliveries)
-                .where(deliveries.c.url == url, deliveries.c.state == "disabled")
-                .values(state="pending", next_attempt_at=now)
+                .where(deliveries.c.url == url, deliveries.c.state == DeliveryState.DISABLED.value)
+                .values(state=DeliveryState.PENDING.value, next_attempt_at=now)
             ).rowcount
         return int(resumed)
 
     def endpoint_stats(self) -> list[EndpointStats]:
         """Per URL that deliveries went to (or that is disabled): counts by state, failures, replays."""
-        states = ("pending", "delivered", "dead", "disabled")
+        states = tuple(state.value for state in DeliveryState)
         found: dict[str, dict[str, Any]] = {}
         latest_ids = select(func.max(deliveries.c.id)).group_by(deliveries.c.event_id, deliveries.c.url)
         last_errors = select(func.max(deliveries.c.id)).where(deliveries.c.last_error.is_not(None))
@@ -277,7 +275,7 @@ class DeliveryStore:
             ).all():
                 if state in states:
                     found.setdefault(str(url), {})[str(state)] = int(n)
-            delivered_rows = func.sum(case((deliveries.c.state == "delivered", 1), else_=0))
+            delivered_rows = func.sum(case((deliveries.c.state == DeliveryState.DELIVERED.value, 1), else_=0))
             for url, attempts, delivered, rows, secret_ref, next_at in conn.execute(
                 select(
                     deliveries.c.url,
@@ -285,7 +283,7 @@ class DeliveryStore:
                     delivered_rows,
                     func.count(),
                     func.max(deliveries.c.secret_ref),
-                    func.min(case((deliveries.c.state == "pending", deliveries.c.next_attempt_at))),
+                    func.min(case((deliveries.c.state == DeliveryState.PENDING.value, deliveries.c.next_attempt_at))),
                 ).group_by(deliveries.c.url)
             ).all():
                 entry = found.setdefault(str(url), {})
@@ -306,3 +304,33 @@ class DeliveryStore:
             ).all():
                 found.setdefault(str(url), {}).update(disabled_at=float(disabled_at), disabled_reason=reason)
         return [EndpointStats(url=url, **values) for url, values in sorted(found.items())]
+
+
+def _outcome_values(outcome: DeliveryOutcome) -> tuple[int, dict[str, Any], float | None]:
+    """The delivery's id, the columns an outcome writes, and its `seen_next_at` (None: written as is)."""
+    match outcome:
+        case Delivered():
+            values: dict[str, Any] = {
+                "state": DeliveryState.DELIVERED.value, "attempts": outcome.attempts, "last_status": outcome.status,
+                "last_error": None, "delivered_at": outcome.delivered_at,
+            }  # fmt: skip
+            return outcome.delivery_id, values, None
+        case RetryLater():
+            values = {
+                "attempts": outcome.attempts, "next_attempt_at": outcome.next_attempt_at,
+                "last_status": outcome.status, "last_error": outcome.error,
+            }  # fmt: skip
+            return outcome.delivery_id, values, outcome.seen_next_at
+        case DeadLettered():
+            values = {
+                "state": DeliveryState.DEAD.value, "attempts": outcome.attempts, "last_status": outcome.status,
+                "last_error": outcome.error,
+            }  # fmt: skip
+            return outcome.delivery_id, values, outcome.seen_next_at
+        case EndpointGone():
+            # The error is left to disable_endpoint, which parks the delivery with its reason.
+            return outcome.delivery_id, {"attempts": outcome.attempts, "last_status": outcome.status}, None
+        case Parked():
+            return outcome.delivery_id, {"state": DeliveryState.DISABLED.value, "last_error": outcome.reason}, None
+        case _:
+            assert_never(outcome)

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import RowMapping
 
-from batchd.models import BatchStatus, Delivery, Job, JobState, RemoteBatchRecord, StoredEvent
+from batchd.models import BatchStatus, Delivery, DeliveryState, Job, JobState, RemoteBatchRecord, StoredEvent
 
 
 def job_from_row(row: RowMapping) -> Job:
@@ -33,6 +33,7 @@ def event_from_row(row: RowMapping) -> StoredEvent:
 def delivery_from_row(row: RowMapping) -> Delivery:
     data = dict(row)
     data["body"] = bytes(data["body"])
+    data["state"] = DeliveryState(data["state"])
     return Delivery(**data)
 
 

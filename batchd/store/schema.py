@@ -153,7 +153,7 @@ deliveries = Table(
     Column("url", OutsideText, nullable=False),
     #: which secrets sign it: "config" (the [[webhooks]] entry with this url) or "inbox"
     Column("secret_ref", String(16), nullable=False),
-    #: pending | delivered | dead | disabled
+    #: a models.DeliveryState value: pending | delivered | dead | disabled
     Column("state", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_attempt_at", Float, nullable=False),

@@ -107,3 +107,70 @@ class PollAnswer:
     remote: RemoteBatch
     expect: JobState
     check: NextCheck
+
+
+# ---------------------------------------------------------------- webhook deliveries
+# What one attempt at a delivery led to (a `webhooks.policy` decision), or why a due delivery
+# was not sent, as written by `DeliveryStore.record_outcomes`. A failed attempt carries
+# `seen_next_at`, the next_attempt_at it started from: if a replay changed that meanwhile, the
+# replay's schedule wins and only the attempt's own record (count, status, error) is written.
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A receiver answered 2xx: the delivery is done (state delivered, its error cleared)."""
+
+    delivery_id: int
+    #: attempts made, this one included
+    attempts: int
+    status: int
+    delivered_at: float
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    """A failed attempt with delays left: the delivery stays pending, due at `next_attempt_at`."""
+
+    delivery_id: int
+    #: attempts made, this one included
+    attempts: int
+    #: the receiver's status, or None when no answer came
+    status: int | None
+    error: str | None
+    next_attempt_at: float
+    seen_next_at: float
+
+
+@dataclass(frozen=True)
+class DeadLettered:
+    """A failed attempt after the last delay (or one nothing could sign): the delivery is dead."""
+
+    delivery_id: int
+    #: attempts made, this one included
+    attempts: int
+    #: the receiver's status, or None when no answer came
+    status: int | None
+    error: str | None
+    seen_next_at: float
+
+
+@dataclass(frozen=True)
+class EndpointGone:
+    """A 410 answer: the attempt is counted; disabling the endpoint then parks the delivery."""
+
+    delivery_id: int
+    #: attempts made, this one included
+    attempts: int
+    status: int = 410
+
+
+@dataclass(frozen=True)
+class Parked:
+    """A due delivery not sent because its endpoint is disabled (state disabled, with the reason)."""
+
+    delivery_id: int
+    reason: str
+
+
+#: Every write `DeliveryStore.record_outcomes` takes.
+DeliveryOutcome = Delivered | RetryLater | DeadLettered | EndpointGone | Parked

@@ -51,10 +51,10 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import insert
 
+from batchd.backoff import RetryPolicy
 from batchd.emulator.app import create_app
 from batchd.emulator.server import serve_emulator
 from batchd.providers.together import TogetherProvider
-from batchd.retry import RetryPolicy
 from batchd.store import Store
 from batchd.store import schema as store_tables
 

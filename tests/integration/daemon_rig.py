@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import httpx
 
+from batchd.backoff import RetryPolicy
 from batchd.config import Settings, load_settings
 from batchd.daemon import Daemon
 from batchd.emulator.app import create_app
@@ -21,7 +22,6 @@ from batchd.models import Job
 from batchd.providers.base import Provider
 from batchd.providers.openai import OpenAIProvider
 from batchd.providers.together import TogetherProvider
-from batchd.retry import RetryPolicy
 from batchd.store import Store
 from tests.databases import database_url
 

@@ -12,9 +12,9 @@ import anyio.lowlevel
 import pytest
 from structlog.testing import capture_logs
 
+from batchd.backoff import RetryPolicy
 from batchd.emulator import RandomFaults
 from batchd.models import JobState
-from batchd.retry import RetryPolicy
 from tests.integration.daemon_rig import chat, rig
 
 pytestmark = pytest.mark.each_database

@@ -11,11 +11,11 @@ import anyio
 import httpx
 import pytest
 
+from batchd.backoff import RetryPolicy
 from batchd.emulator import EchoEngine, UpstreamEngine
 from batchd.emulator.engines import ECHO_CREATED
 from batchd.emulator.upstream import MAX_RETRY_AFTER_S, Outcome, retry_wait
 from batchd.models import BatchEndpoint
-from batchd.retry import RetryPolicy
 
 CHAT_BODY: dict[str, Any] = {
     "model": "m",

@@ -18,12 +18,12 @@ import httpx
 import pytest
 
 from batchd import AsyncClient
+from batchd.backoff import RetryPolicy
 from batchd.emulator import create_app, serve_emulator
 from batchd.models import RemoteBatch, RemoteStatus
 from batchd.providers import openai as openai_wire
 from batchd.providers.base import ProviderError
 from batchd.providers.openai import OpenAIProvider
-from batchd.retry import RetryPolicy
 from tests.integration.emulator_helpers import request_line, to_jsonl
 
 KEY = "openai-test-key"

@@ -11,20 +11,25 @@ from typing import Any
 import pytest
 from sqlalchemy import inspect
 
-from batchd.models import BatchStatus, JobState, NewEvent, RemoteBatch, RemoteStatus
+from batchd.models import BatchStatus, DeliveryState, JobState, NewEvent, RemoteBatch, RemoteStatus
 from batchd.store import (
     LEASE,
     SCHEMA_VERSION,
+    DeadLettered,
+    Delivered,
     Ending,
+    EndpointGone,
     IllegalTransition,
     Lease,
     NextCheck,
+    Parked,
+    RetryLater,
     ShardPlan,
     StaleState,
     Store,
 )
 from tests.databases import SQLITE, database_url
-from tests.store_helpers import add_job, end_job
+from tests.store_helpers import add_job, end_job, fail_attempt
 
 pytestmark = pytest.mark.each_database
 
@@ -184,13 +189,48 @@ def test_delivery_scheduling_and_disabled_endpoints(store: Store) -> None:
     event = NewEvent(id="evt_1", type="batch.failed", body=b"{}", targets=[("https://a/", "config")])
     end_job(store, "a" * 32, JobState.FAILED, [event], expect=JobState.RECEIVED)
     (d,) = store.deliveries.due(1000.0)
-    store.deliveries.update_delivery(d.id, attempts=1, next_attempt_at=1005.0)
+    fail_attempt(store, d, next_attempt_at=1005.0)
     assert store.deliveries.due(1004.0) == []
     assert store.deliveries.next_due_at() == 1005.0
     store.deliveries.disable_endpoint("https://a/", "410")
     assert store.deliveries.pending_count() == 0
     assert store.deliveries.disabled_endpoints() == {"https://a/": "410"}
     assert store.deliveries.select(event_id="evt_1")[0].state == "disabled"
+
+
+def test_delivery_outcomes_write_what_they_name_in_one_commit(store: Store) -> None:
+    new_job(store)
+    urls = [f"https://h/{n}" for n in range(6)]
+    event = NewEvent(id="evt_o", type="batch.failed", body=b"{}", targets=[(u, "config") for u in urls])
+    end_job(store, "a" * 32, JobState.FAILED, [event], expect=JobState.RECEIVED)
+    delivered, retried, dead, gone, parked, replayed = store.deliveries.select(event_id="evt_o")
+    fail_attempt(store, gone, next_attempt_at=1000.0, error="HTTP 502")
+    (gone,) = [d for d in store.deliveries.select(event_id="evt_o") if d.id == gone.id]
+    store.deliveries.record_outcomes(
+        [
+            Delivered(delivered.id, 1, 204, 1001.0),
+            RetryLater(retried.id, 1, None, "timed out", 1300.0, seen_next_at=retried.next_attempt_at),
+            DeadLettered(dead.id, 1, 500, "HTTP 500", seen_next_at=dead.next_attempt_at),
+            EndpointGone(gone.id, 2),
+            Parked(parked.id, "410 Gone from the receiver"),
+            # A replay made it due at another time meanwhile: only the attempt's own record is written.
+            DeadLettered(replayed.id, 1, 500, "HTTP 500", seen_next_at=replayed.next_attempt_at - 1),
+        ]
+    )
+    rows = {d.id: d for d in store.deliveries.select(event_id="evt_o")}
+    got = [
+        (r.state, r.attempts, r.last_status, r.last_error, r.next_attempt_at, r.delivered_at)
+        for r in (rows[d.id] for d in (delivered, retried, dead, gone, parked, replayed))
+    ]
+    assert got == [
+        (DeliveryState.DELIVERED, 1, 204, None, 1000.0, 1001.0),
+        (DeliveryState.PENDING, 1, None, "timed out", 1300.0, None),
+        (DeliveryState.DEAD, 1, 500, "HTTP 500", 1000.0, None),
+        # The 410 leaves the error to disable_endpoint, which parks the delivery with its reason.
+        (DeliveryState.PENDING, 2, 410, "HTTP 502", 1000.0, None),
+        (DeliveryState.DISABLED, 0, None, "410 Gone from the receiver", 1000.0, None),
+        (DeliveryState.PENDING, 1, 500, "HTTP 500", 1000.0, None),
+    ]
 
 
 def test_integrity_after_use(store: Store, tmp_path: Path, database_kind: str) -> None:
@@ -283,7 +323,7 @@ def test_outside_text_with_a_nul_character_is_recorded(store: Store, database_ki
     job = store.jobs.finish("a" * 32, expect=JobState.RECEIVED, ending=ending, events=[event])
     assert job.reason == f"r{nul}"
     (delivery,) = store.deliveries.due(1000.0)
-    store.deliveries.record_outcomes([(delivery.id, {"attempts": 1, "last_error": "refused\x00"}, None)])
+    fail_attempt(store, delivery, next_attempt_at=delivery.next_attempt_at, status=None, error="refused\x00")
     assert store.deliveries.select(event_id="evt_n")[0].last_error == f"refused{nul}"
     store.deliveries.disable_endpoint("https://h/\x00", "gone\x00")
     assert store.deliveries.disabled_endpoints() == {f"https://h/{nul}": f"gone{nul}"}

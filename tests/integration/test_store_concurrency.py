@@ -22,7 +22,7 @@ from sqlalchemy import event
 from batchd.models import JobState, NewEvent
 from batchd.store import SCHEMA_VERSION, ShardPlan, StaleState, Store
 from tests.databases import POSTGRESQL, database_url
-from tests.store_helpers import add_job, end_job
+from tests.store_helpers import add_job, deliver, end_job
 
 pytestmark = pytest.mark.each_database(POSTGRESQL)
 
@@ -175,7 +175,7 @@ def test_two_replays_at_once_add_one_delivery(store: Store) -> None:
     event_ = NewEvent(id="evt_1", type="batch.completed", body=b"{}", targets=[("https://a/", "config")])
     end_job(store, "a" * 32, JobState.COMPLETED, [event_], expect=JobState.RECEIVED)
     (delivery,) = store.deliveries.select(event_id="evt_1")
-    store.deliveries.update_delivery(delivery.id, state="delivered")
+    deliver(store, delivery)
     # The first replay stops after reading the event's deliveries; the second starts meanwhile.
     release = threading.Event()
     stopped = threading.Event()

@@ -14,12 +14,12 @@ import anyio
 import httpx
 import pytest
 
+from batchd.backoff import RetryPolicy
 from batchd.emulator.app import create_app
 from batchd.emulator.server import serve_emulator
 from batchd.models import RemoteBatch, RemoteStatus
 from batchd.providers.base import ProviderError
 from batchd.providers.together import TogetherProvider
-from batchd.retry import RetryPolicy
 
 KEY = "emulator-test-key"
 

@@ -182,7 +182,7 @@ async def test_outcomes_that_end_during_a_commit_share_the_next_one(
 async def test_an_endpoint_takes_on_a_bounded_queue_and_the_rest_waits_in_the_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("batchd.webhooks.PER_ENDPOINT_QUEUE", 5)
+    monkeypatch.setattr("batchd.webhooks.deliverer.PER_ENDPOINT_QUEUE", 5)
     endpoints = {"/hang": ["batch.failed"], "/ok": ["batch.completed"]}
     async with harness(tmp_path, endpoints=endpoints, timeout_s=60) as h:
         h.rx.script["/hang"] = [Answer(hang=True)]  # every answer waits for the release, then is a 200
@@ -271,7 +271,7 @@ async def test_a_name_that_resolves_to_the_metadata_address_is_refused(monkeypat
             (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", port)),
         ]
 
-    monkeypatch.setattr("batchd.webhooks.anyio.getaddrinfo", resolve)
+    monkeypatch.setattr("batchd.webhooks.guard.anyio.getaddrinfo", resolve)
     # Every address is checked, not only the first.
     with pytest.raises(Refused, match=r"non-public address 169\.254\.169\.254"):
         await pinned_target("https://hooks.example.com/batchd/a", ["https://hooks.example.com/batchd/"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import replace
 from typing import Any
 
@@ -141,13 +140,6 @@ def test_poll_interval_backs_off_and_resets_on_news() -> None:
     assert lifecycle.next_poll_interval(5.0, False, POLICY) == 7.5
     assert lifecycle.next_poll_interval(50.0, False, POLICY) == 60.0
     assert lifecycle.next_poll_interval(60.0, True, POLICY) == 5.0
-
-
-def test_retry_delay_grows_and_is_capped() -> None:
-    rng = random.Random(1)
-    delays = [lifecycle.retry_delay(n, POLICY, rng) for n in range(1, 12)]
-    assert all(0 < d <= 60.0 for d in delays)
-    assert 5.0 <= delays[0] <= 10.0 and min(delays[-3:]) >= 30.0
 
 
 def test_sweep_only_when_many_are_due() -> None:

@@ -13,11 +13,11 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
+from batchd.backoff import RetryPolicy
 from batchd.config import load_settings
 from batchd.models import PROVIDER_LIMITS, RemoteStatus
 from batchd.providers.base import Provider, ProviderError
 from batchd.providers.openai import OpenAIProvider, errors_text, parse_batch
-from batchd.retry import RetryPolicy
 from batchd.service import open_provider
 from tests.unit.fake_http import (
     BrokenStream,

@@ -1,4 +1,4 @@
-"""batchd.retry: backoff bounds, Retry-After parsing, and the tenacity driver (no real sleeping)."""
+"""batchd.backoff's call rules (backoff bounds, Retry-After parsing) and the tenacity driver (no real sleeping)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
+from batchd.backoff import RetryPolicy, backoff_s, is_retryable_status, retry_after_s
 from batchd.providers.base import ProviderError
-from batchd.retry import RetryPolicy, backoff_s, is_retryable_status, retry_after_s, with_retries
+from batchd.providers.retry import with_retries
 
 NOW = datetime(2026, 11, 25, 21, 0, 0, tzinfo=UTC)
 
@@ -40,8 +41,9 @@ def failing(errors: list[BaseException], result: str = "ok") -> tuple[Callable[[
     return call, count
 
 
-def response(headers: dict[str, str]) -> httpx.Response:
-    return httpx.Response(429, headers=headers)
+def response(headers: dict[str, str]) -> httpx.Headers:
+    """The headers of a 429 answer carrying `headers`, as a caller passes them (`response.headers`)."""
+    return httpx.Response(429, headers=headers).headers
 
 
 # -- classification -------------------------------------------------------
@@ -61,16 +63,16 @@ def test_not_retryable_statuses(code: int) -> None:
 
 
 def test_retry_after_seconds() -> None:
-    assert retry_after_s(response({"retry-after": "7"})) == 7.0
-    assert retry_after_s(response({"retry-after": "1.5"})) == 1.5
+    assert retry_after_s(response({"retry-after": "7"}), now=NOW) == 7.0
+    assert retry_after_s(response({"retry-after": "1.5"}), now=NOW) == 1.5
 
 
 def test_retry_after_ms_wins_over_seconds() -> None:
-    assert retry_after_s(response({"retry-after-ms": "250", "retry-after": "9"})) == 0.25
+    assert retry_after_s(response({"retry-after-ms": "250", "retry-after": "9"}), now=NOW) == 0.25
 
 
 def test_garbage_ms_falls_back_to_seconds() -> None:
-    assert retry_after_s(response({"retry-after-ms": "soon", "retry-after": "3"})) == 3.0
+    assert retry_after_s(response({"retry-after-ms": "soon", "retry-after": "3"}), now=NOW) == 3.0
 
 
 def test_retry_after_http_date_is_relative_to_now() -> None:
@@ -92,8 +94,8 @@ def test_retry_after_absent_or_garbage_is_none(headers: dict[str, str]) -> None:
 
 
 def test_retry_after_never_negative() -> None:
-    assert retry_after_s(response({"retry-after": "-5"})) == 0.0
-    assert retry_after_s(response({"retry-after-ms": "-5"})) == 0.0
+    assert retry_after_s(response({"retry-after": "-5"}), now=NOW) == 0.0
+    assert retry_after_s(response({"retry-after-ms": "-5"}), now=NOW) == 0.0
 
 
 # -- backoff --------------------------------------------------------------

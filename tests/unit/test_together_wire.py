@@ -13,11 +13,11 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
+from batchd.backoff import RetryPolicy
 from batchd.models import PROVIDER_LIMITS, RemoteStatus
 from batchd.providers.base import Provider, ProviderError
 from batchd.providers.http import parse_error_message
 from batchd.providers.together import TogetherProvider, normalise_base_url, parse_batch_job
-from batchd.retry import RetryPolicy
 from tests.unit.fake_http import (
     BrokenStream,
     FakeApi,

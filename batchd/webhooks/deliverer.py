@@ -1,0 +1,278 @@
+"""The delivery worker: sends due deliveries and carries out what `policy.decide` says of each attempt."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import anyio
+import httpx
+import structlog
+
+from batchd import metrics
+from batchd.config import Secret, Settings
+from batchd.crashpoints import crashpoint
+from batchd.models import Delivery
+from batchd.store import DeadLettered, Delivered, DeliveryOutcome, EndpointGone, Parked, RetryLater, Store
+from batchd.webhooks.policy import GONE_REASON, Decision, Verdict, decide
+from batchd.webhooks.post import Outcome, post_event
+
+log = structlog.get_logger("batchd.webhooks")
+
+#: Attempts to one endpoint at the same time; a slow receiver only holds up its own queue.
+PER_ENDPOINT_CONCURRENCY = 4
+#: Deliveries taken on per endpoint (attempts running and waiting for a slot); more stay in the store.
+PER_ENDPOINT_QUEUE = 64
+#: New due deliveries picked up per `run_due` call.
+DUE_BATCH = 100
+
+
+@dataclass
+class _Commit:
+    """Attempt outcomes that go into the store in one transaction."""
+
+    outcomes: list[DeliveryOutcome] = field(default_factory=list)
+    started: bool = False
+    error: BaseException | None = None
+
+
+class Deliverer:
+    """Sends due deliveries; records each attempt's decision (retry, dead-letter, disable) in the store."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Callable[[], Settings],
+        http: httpx.AsyncClient,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._http = http
+        #: the daemon this deliverer belongs to: deliveries are claimed for it (None: not claimed)
+        self._owner = owner
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._limiters: dict[str, anyio.CapacityLimiter] = {}
+        self._in_flight: set[int] = set()
+        #: deliveries taken on per endpoint (running or waiting for a slot)
+        self._queued: dict[str, int] = {}
+        #: outcomes waiting for the next commit (see _record)
+        self._commit = _Commit()
+        self._commit_lock = anyio.Lock()
+        self._wake = anyio.Event()
+        #: one set per run_due in progress: deliveries whose attempt ended meanwhile
+        self._ended_during_run: list[set[int]] = []
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._in_flight)
+
+    def poke(self) -> None:
+        """Look at the store now: a new event was committed, or an attempt ended."""
+        self._wake.set()
+
+    async def serve(self, tg: anyio.abc.TaskGroup, *, idle_s: float = 1.0) -> None:
+        """Deliver until cancelled: attempts run in `tg`; the loop sleeps until the next one is due."""
+        while True:
+            # A fresh event before reading: a poke() during the reads must not be lost.
+            self._wake = anyio.Event()
+            try:
+                await self.run_due(tg)
+                # An endpoint with a full queue is looked at again when one of its attempts ends (a poke).
+                exclude, full = frozenset(self._in_flight), self._full_endpoints()
+                next_due = partial(self._store.deliveries.next_due_at, exclude, skip_urls=full)
+                next_at = await anyio.to_thread.run_sync(next_due)
+            except Exception:
+                # A locked or vanished database must not end deliveries for the daemon's lifetime.
+                log.exception("webhook.loop_failed")
+                next_at = None
+            wait = idle_s if next_at is None else min(idle_s, max(0.0, next_at - self._clock()))
+            with anyio.move_on_after(wait):
+                await self._wake.wait()
+
+    async def run_due(self, tg: anyio.abc.TaskGroup) -> None:
+        """Start an attempt for every due delivery not already on its way (up to a queue per endpoint)."""
+        # Deliveries in flight are still due in the store (their outcome is not recorded yet):
+        # they are left out of the read, and so is every endpoint whose queue is full. Otherwise
+        # a backlog held by one hanging endpoint fills every batch, and no other endpoint gets a
+        # delivery until it times out; and re-reading every delivery in flight (bodies included)
+        # on each wake-up cost more than the deliveries themselves. The id list stays short: at
+        # most PER_ENDPOINT_QUEUE per endpoint (see _full_endpoints).
+        exclude, full = frozenset(self._in_flight), self._full_endpoints()
+        # An attempt that ends while this call awaits the store has left the in-flight set, yet
+        # its delivery may be in the due list read before its outcome was recorded: starting it
+        # again sent the event twice. Such ids are collected here and skipped.
+        ended: set[int] = set()
+        self._ended_during_run.append(ended)
+        try:
+            settings = self._settings()
+            # Held long enough for a queued attempt to run out its timeout, and at least a job lease.
+            lease_s = max(settings.cluster.lease_s, 4 * settings.delivery.timeout_s)
+            due = await anyio.to_thread.run_sync(
+                lambda: self._store.deliveries.due(
+                    self._clock(), limit=DUE_BATCH, exclude=exclude, skip_urls=full, owner=self._owner, lease_s=lease_s
+                )
+            )
+            # An endpoint that answered 410 stays disabled: disable_endpoint (store) parks what was
+            # pending then, and an event created later is parked here rather than sent to it again.
+            disabled = await anyio.to_thread.run_sync(self._store.deliveries.disabled_endpoints) if due else {}
+            for delivery in due:
+                if delivery.id in self._in_flight or delivery.id in ended:
+                    continue
+                if delivery.url in disabled:
+                    reason = disabled[delivery.url]
+                    await self._record(Parked(delivery.id, reason))
+                    metrics.webhook("parked")
+                    log.info("webhook.parked", event_id=delivery.event_id, url=delivery.url, reason=reason)
+                    continue
+                if self._queued.get(delivery.url, 0) >= PER_ENDPOINT_QUEUE:
+                    continue  # taken on when one of its endpoint's attempts ends
+                self._in_flight.add(delivery.id)
+                self._queued[delivery.url] = self._queued.get(delivery.url, 0) + 1
+                tg.start_soon(self._attempt_guarded, delivery)
+        finally:
+            self._ended_during_run.remove(ended)
+
+    async def _attempt_guarded(self, delivery: Delivery) -> None:
+        limiter = self._limiters.setdefault(delivery.url, anyio.CapacityLimiter(PER_ENDPOINT_CONCURRENCY))
+        delivered = False
+        try:
+            outcome = await self.attempt(delivery, slot=limiter)
+            delivered = outcome.status is not None and 200 <= outcome.status < 300
+        finally:
+            self._in_flight.discard(delivery.id)
+            queued = self._queued.pop(delivery.url, 1) - 1
+            if queued:
+                self._queued[delivery.url] = queued
+            for ended in self._ended_during_run:
+                ended.add(delivery.id)
+            # Look at the store again once the endpoint's queue is down to half (to refill it),
+            # or after a failure (its retry may be due before the loop's next wake-up); not after
+            # every delivery: each look scans the due deliveries.
+            if queued <= PER_ENDPOINT_QUEUE // 2 or not delivered:
+                self.poke()
+            # Forget an idle endpoint's limiter: spec URLs may differ per job, and a long-running
+            # daemon would otherwise keep one limiter for every URL it ever called.
+            if limiter.borrowed_tokens == 0 and limiter.statistics().tasks_waiting == 0:
+                self._limiters.pop(delivery.url, None)
+
+    def _full_endpoints(self) -> frozenset[str]:
+        """Endpoints left out of the next read: their queue is not yet down to half.
+
+        Refilling only then reads a batch at a time; refilling after every attempt read up to
+        DUE_BATCH rows, bodies included, to take on one or two of them.
+        """
+        return frozenset(url for url, n in self._queued.items() if n > PER_ENDPOINT_QUEUE // 2)
+
+    def _secrets_for(self, delivery: Delivery) -> tuple[Secret, ...]:
+        settings = self._settings()
+        if delivery.secret_ref == "inbox":
+            return settings.inbox.webhook_secrets
+        for endpoint in settings.webhooks:
+            if endpoint.url == delivery.url:
+                return endpoint.secrets
+        return ()
+
+    async def attempt(self, delivery: Delivery, *, slot: anyio.CapacityLimiter | None = None) -> Outcome:
+        """One attempt at one delivery, recorded in the store.
+
+        `slot` (the endpoint's limiter) is held for the exchange with the receiver only: the
+        next attempt to the endpoint starts while this outcome is being committed, and the
+        outcomes of several attempts share a commit.
+        """
+        bound = log.bind(event_id=delivery.event_id, url=delivery.url, job_id=delivery.job_id)
+        secrets = self._secrets_for(delivery)
+        if not secrets:
+            outcome = Outcome(None, "endpoint is no longer configured")
+        else:
+            async with slot or contextlib.nullcontext():
+                try:
+                    outcome = await self._send(delivery, secrets)
+                    crashpoint("after_webhook_sent")
+                except Exception as exc:
+                    # Whatever breaks one attempt is a failed attempt, retried on the schedule.
+                    # Raised out of here it would end the daemon's task group, and the same due
+                    # delivery would end it again after every restart.
+                    bound.exception("webhook.attempt_error")
+                    outcome = Outcome(None, f"{type(exc).__name__}: {exc}")
+        decision = decide(
+            attempts=delivery.attempts,
+            status=outcome.status,
+            error=outcome.error,
+            retry_after=outcome.retry_after,
+            signable=bool(secrets),
+            retry_delays_s=self._settings().delivery.retry_delays_s,
+            now=self._clock(),
+            rng=self._rng,
+        )
+        await self._carry_out(delivery, decision, bound)
+        return outcome
+
+    async def _carry_out(self, delivery: Delivery, decision: Decision, bound: Any) -> None:
+        """Record a decision, and disable the endpoint after a 410; log and count it."""
+        attempts, status, error = decision.attempts, decision.status, decision.error
+        if decision.verdict is Verdict.DELIVERED:
+            assert status is not None  # a 2xx
+            await self._record(Delivered(delivery.id, attempts, status, decision.at))
+            bound.info("webhook.delivered", status=status, attempts=attempts)
+            metrics.webhook("delivered")
+        elif decision.verdict is Verdict.DISABLE:
+            bound.warning("webhook.endpoint_gone", status=status)
+            await self._record(EndpointGone(delivery.id, attempts))
+            await anyio.to_thread.run_sync(self._store.deliveries.disable_endpoint, delivery.url, GONE_REASON)
+            metrics.webhook("gone")
+        elif decision.verdict is Verdict.DEAD:
+            await self._record(DeadLettered(delivery.id, attempts, status, error, delivery.next_attempt_at))
+            bound.error("webhook.dead_lettered", attempts=attempts, status=status, error=error)
+            metrics.webhook("dead")
+        else:
+            await self._record(RetryLater(delivery.id, attempts, status, error, decision.at, delivery.next_attempt_at))
+            bound.warning(
+                "webhook.retry_scheduled", attempts=attempts, status=status, error=error, wait_s=decision.wait_s
+            )
+            metrics.webhook("retry")
+
+    async def _record(self, outcome: DeliveryOutcome) -> None:
+        """Record an outcome in the store; returns once it is committed.
+
+        Outcomes that end while a commit is under way go into the next one together (a group
+        commit): every commit is an fsync, and one per delivery held a fast receiver to about
+        200 deliveries a second. See DeliveryStore.record_outcomes.
+        """
+        commit = self._commit
+        commit.outcomes.append(outcome)
+        async with self._commit_lock:
+            # Whoever gets the lock first commits everything gathered so far; the others find
+            # their outcome committed (or its commit failed) when the lock comes to them.
+            if not commit.started:
+                commit.started = True
+                self._commit = _Commit()
+                try:
+                    await anyio.to_thread.run_sync(self._store.deliveries.record_outcomes, commit.outcomes)
+                except BaseException as exc:
+                    commit.error = exc
+                    raise
+        if commit.error is not None:
+            raise RuntimeError("the outcome of a webhook attempt was not recorded") from commit.error
+
+    async def _send(self, delivery: Delivery, secrets: Sequence[Secret]) -> Outcome:
+        settings = self._settings()
+        return await post_event(
+            self._http,
+            delivery.url,
+            event_id=delivery.event_id,
+            body=delivery.body,
+            secrets=secrets,
+            timestamp=int(self._clock()),
+            timeout_s=settings.delivery.timeout_s,
+            allow_list=settings.inbox.allow_webhook_urls if delivery.secret_ref == "inbox" else None,
+        )

@@ -1,0 +1,43 @@
+"""Standard Webhooks signatures: signing each attempt, and checking one the way a receiver should."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+from collections.abc import Mapping, Sequence
+
+from batchd.config import Secret, decode_secret
+
+
+def secret_key(secret: Secret) -> bytes:
+    """The HMAC key of a `whsec_<base64>` secret."""
+    return decode_secret(secret.reveal())
+
+
+def sign(secrets: Sequence[Secret], msg_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` header: one `v1,<base64>` entry per secret."""
+    content = f"{msg_id}.{timestamp}.".encode() + body
+    entries = []
+    for secret in secrets:
+        digest = hmac.new(secret_key(secret), content, hashlib.sha256).digest()
+        entries.append("v1," + base64.b64encode(digest).decode())
+    return " ".join(entries)
+
+
+def verify(
+    secrets: Sequence[str], headers: Mapping[str, str], body: bytes, *, now: float | None = None, tolerance_s: int = 300
+) -> bool:
+    """Check a received event the way a receiver should: fresh timestamp, any valid v1 signature."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    try:
+        msg_id = lowered["webhook-id"]
+        timestamp = int(lowered["webhook-timestamp"])
+        offered = lowered["webhook-signature"].split()
+    except (KeyError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - timestamp) > tolerance_s:
+        return False
+    expected = {sign([Secret(s)], msg_id, timestamp, body) for s in secrets}
+    return any(hmac.compare_digest(entry, want) for entry in offered for want in expected)
