@@ -39,10 +39,12 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from batchd.backoff import RetryPolicy
 from batchd.models import BatchJob, BatchJobStatus, RemoteBatch, RemoteStatus
 from batchd.providers.base import Provider
-from batchd.providers.http import API_TIMEOUT, CHUNK_SIZE, parse_time
+from batchd.providers.http import API_TIMEOUT
 from batchd.providers.http import http_client as new_http_client
 from batchd.providers.openai import OpenAIProvider
 from batchd.providers.together import TogetherProvider
+from batchd.providers.transfer import CHUNK_SIZE
+from batchd.providers.wire import parse_time
 
 T = TypeVar("T")
 

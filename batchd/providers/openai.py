@@ -19,16 +19,9 @@ import structlog
 
 from batchd.models import RemoteBatch, RemoteFile
 from batchd.providers.errors import ProviderError
-from batchd.providers.http import (
-    HttpProvider,
-    MultipartUpload,
-    batch_identity,
-    body_json,
-    error_from_response,
-    optional_id,
-    parse_time,
-    remote_file,
-)
+from batchd.providers.http import HttpProvider
+from batchd.providers.transfer import MultipartUpload
+from batchd.providers.wire import batch_identity, body_json, error_from_response, optional_id, parse_time, remote_file
 
 log = structlog.get_logger(__name__)
 

@@ -20,12 +20,12 @@ import structlog
 from batchd import metrics
 from batchd.models import RemoteBatch, RemoteFile
 from batchd.providers.errors import ProviderError
-from batchd.providers.http import (
-    HttpProvider,
+from batchd.providers.http import HttpProvider
+from batchd.providers.transfer import file_chunks
+from batchd.providers.wire import (
     batch_identity,
     error_from_response,
     error_text,
-    file_chunks,
     json_or_none,
     optional_id,
     parse_time,

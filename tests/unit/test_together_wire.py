@@ -16,8 +16,8 @@ from structlog.testing import capture_logs
 from batchd.backoff import RetryPolicy
 from batchd.models import PROVIDER_LIMITS, RemoteStatus
 from batchd.providers.base import Provider, ProviderError
-from batchd.providers.http import parse_error_message
 from batchd.providers.together import TogetherProvider, normalise_base_url, parse_batch_job
+from batchd.providers.wire import parse_error_message
 from tests.unit.fake_http import (
     BrokenStream,
     FakeApi,
