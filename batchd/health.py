@@ -39,7 +39,7 @@ log = structlog.get_logger("batchd.health")
 
 #: STATUS= and the jobs gauge are refreshed at least this often, even when nothing changed.
 STATUS_EVERY_S = 30.0
-#: The scheduler ticks at least once a second (daemon.IDLE_TICK_S); this many missed ticks is stuck.
+#: The scheduler ticks at least once a second (daemon.core.IDLE_TICK_S); this many missed ticks is stuck.
 STUCK_AFTER_TICKS = 30
 #: /healthz gives the database this long to take a write.
 DB_PROBE_TIMEOUT_S = 5.0
