@@ -15,6 +15,11 @@ from typing import IO, Any, NamedTuple
 
 import orjson
 
+#: The deepest nesting of arrays and objects a request line may have: validation refuses deeper
+#: lines (with their line numbers) and the emulator answers them 400, so a file that passes
+#: validation never fails later in a parser with a smaller limit (orjson stops at 1024).
+MAX_JSON_DEPTH = 64
+
 _BOM = b"\xef\xbb\xbf"
 # Read size used to skip the rest of an over-long line without holding it.
 _SKIP_CHUNK = 1 << 20

@@ -334,6 +334,16 @@ class Job:
     owner: str | None = None
     lease_until: float | None = None
     fence: int = 0
+    #: the claimed file as the upload copy was made from it (size, mtime in ns)
+    source_size: int | None = None
+    source_mtime_ns: int | None = None
+    #: why the source no longer matches what was submitted, when it changed after the take
+    source_changed: str | None = None
+    #: failures of the kind no step expects; past a bound the job is parked
+    unexpected_failures: int = 0
+    #: while parked: since when and why (the scheduler leaves it alone until it is resumed)
+    parked_at: float | None = None
+    parked_reason: str | None = None
 
     @property
     def short_id(self) -> str:

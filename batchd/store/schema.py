@@ -102,6 +102,16 @@ jobs = Table(
     Column("lease_until", Float),
     #: counts claims: a daemon that lost its lease cannot commit a step it started before
     Column("fence", Integer, nullable=False, default=0, server_default="0"),
+    #: the claimed file as the upload copy was made from it: a later change is reported, not lost
+    Column("source_size", BigInteger),
+    Column("source_mtime_ns", BigInteger),
+    #: why the source file no longer matches what was submitted (None: it does, or is unknown)
+    Column("source_changed", OutsideText),
+    #: failures no step expects (bugs, full disks, a database gone): past a bound the job is parked
+    Column("unexpected_failures", Integer, nullable=False, default=0, server_default="0"),
+    #: set while the job is parked (taken out of the scheduler until an operator resumes it)
+    Column("parked_at", Float),
+    Column("parked_reason", OutsideText),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_name", "name"),
 )
@@ -228,6 +238,19 @@ def _migrate_v4(conn: Connection) -> None:
     daemons.create(conn, checkfirst=True)
 
 
+def _migrate_v5(conn: Connection) -> None:
+    # Hardening: the source file as submitted, and jobs parked after repeated unexpected failures.
+    for name in (
+        "source_size",
+        "source_mtime_ns",
+        "source_changed",
+        "unexpected_failures",
+        "parked_at",
+        "parked_reason",
+    ):
+        _add_column(conn, jobs, name)
+
+
 #: Forward migrations, in order; each runs once, in its own transaction. Each later step brings a
 #: database made by an older release to the current schema and checks first, so on a database
 #: step 1 just created it does nothing.
@@ -236,6 +259,7 @@ MIGRATIONS: tuple[tuple[int, Any], ...] = (
     (2, _migrate_v2),
     (3, _migrate_v3),
     (4, _migrate_v4),
+    (5, _migrate_v5),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
