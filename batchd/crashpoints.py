@@ -1,4 +1,4 @@
-"""Test-only crash points, so tests can kill the daemon at exact places.
+"""Test-only crash points, so tests can kill the daemon at exact places (or make a bug there).
 
 `BATCHD_CRASH_AT=point[@n][,point[@n]…]` makes the process SIGKILL itself the
 n-th time (default: the first) it reaches `point`. The kill is a real
@@ -6,6 +6,10 @@ n-th time (default: the first) it reaches `point`. The kill is a real
 killer does to the process. Without the variable every call is a dictionary
 lookup and nothing else. Points are named where they are placed; the crash
 tests list them.
+
+`BATCHD_RAISE_AT=point[,point…]` instead raises `InjectedBug` (a RuntimeError: what a bug
+looks like to the daemon) each time `point` is reached, while the file named by
+`BATCHD_RAISE_WHILE` exists (always, when that is unset): a test removes the file to fix the "bug".
 """
 
 from __future__ import annotations
@@ -16,11 +20,22 @@ import sys
 from collections import Counter
 
 ENV = "BATCHD_CRASH_AT"
+RAISE_ENV = "BATCHD_RAISE_AT"
+RAISE_WHILE_ENV = "BATCHD_RAISE_WHILE"
 _reached: Counter[str] = Counter()
 
 
+class InjectedBug(RuntimeError):
+    """A failure no step expects, raised where BATCHD_RAISE_AT asks (tests only)."""
+
+
 def crashpoint(name: str) -> None:
-    """Die here if the environment asks for it (tests only)."""
+    """Die (or raise) here if the environment asks for it (tests only)."""
+    bugs = os.environ.get(RAISE_ENV)
+    if bugs and name in (p.strip() for p in bugs.split(",")):
+        switch = os.environ.get(RAISE_WHILE_ENV)
+        if not switch or os.path.lexists(switch):
+            raise InjectedBug(f"injected bug at {name}")
     spec = os.environ.get(ENV)
     if not spec:
         return

@@ -32,6 +32,7 @@ from starlette.routing import Route
 from batchd import metrics, systemd
 from batchd.asgi_server import serve_app
 from batchd.config import ConfigError
+from batchd.faults import Faults
 from batchd.models import Job, JobState
 from batchd.store import Store
 
@@ -73,8 +74,12 @@ class LoopMonitor:
         clock: Callable[[], float] = time.monotonic,
         notify: Callable[[str], object] = systemd.notify,
         status_every_s: float = STATUS_EVERY_S,
+        faults: Faults | None = None,
     ) -> None:
         self._store = store
+        #: what fails around the daemon now: appended to STATUS=, and /healthz fails while any does
+        self.faults = faults or Faults()
+        self._faults_said = ""
         self._clock = clock
         self._notify = notify
         self._status_every_s = status_every_s
@@ -102,15 +107,25 @@ class LoopMonitor:
             self.last_read_s = now - self._tick_began
             metrics.tick(self.last_read_s)
         active = Counter(job.state.value for job in jobs)
-        if active == self._active and now - self._status_at < self._status_every_s:
+        failing = self.faults.summary()
+        if active == self._active and failing == self._faults_said and now - self._status_at < self._status_every_s:
             return
         self._active = active
         self._status_at = now
+        self._faults_said = failing
         counts = await anyio.to_thread.run_sync(self._store.jobs.counts_by_state)
         pending = await anyio.to_thread.run_sync(self._store.deliveries.pending_count)
         metrics.set_job_counts(counts)
-        self.status = status_line(counts, pending)
+        self.status = status_line(counts, pending) + (f"; {failing}" if failing else "")
         self._notify(f"STATUS={self.status}")
+
+    def announce_faults(self) -> None:
+        """STATUS= while the loop cannot tick (the database is down): the faults, said once per change."""
+        failing = self.faults.summary()
+        if failing and failing != self._faults_said:
+            self._faults_said = failing
+            self.status = failing
+            self._notify(f"STATUS={failing}")
 
     def idle_s(self) -> float:
         """How long the loop may wait for a wake-up before reading again (see READ_DUTY_FACTOR)."""
@@ -158,12 +173,15 @@ class Health:
         stuck = self._monitor.stuck_for()
         db_problem = await self.database_problem()
         last = self._monitor.last_tick
+        faults = self._monitor.faults.current()
         report: dict[str, Any] = {
-            "status": "ok" if stuck is None and db_problem is None else "failing",
+            "status": "ok" if stuck is None and db_problem is None and not faults else "failing",
             "scheduler": "ok" if stuck is None else f"no tick for {stuck:.1f} s",
             "last_tick_age_s": None if last is None else round(time.monotonic() - last, 3),
             "database": db_problem or "ok",
             "jobs": self._monitor.status,
+            # what the daemon's work meets now (a full disk, the database, a loop that crashed)
+            "faults": faults,
         }
         return report["status"] == "ok", report
 

@@ -74,6 +74,13 @@ class Metrics:
             "batchd_scheduler_tick_duration_seconds", "One scheduler tick: reading the active jobs and deciding.",
             buckets=CALL_BUCKETS, registry=r,
         )  # fmt: skip
+        self.unexpected_errors = Counter(
+            "batchd_unexpected_errors", "Errors no step expects (a bug), by where they happened.", ["where"], registry=r
+        )
+        self.faults = Gauge(
+            "batchd_faults", "Outside faults now (1: failing), by the work that meets them.", ["where"], registry=r
+        )
+        self.parked_jobs = Counter("batchd_jobs_parked", "Jobs parked after repeated unexpected errors.", registry=r)
         ProcessCollector(registry=r)
         for state in JobState:
             self.jobs.labels(state.value).set(0)
@@ -174,3 +181,24 @@ def tick(seconds: float) -> None:
     if m is None:
         return
     m.tick_seconds.observe(seconds)
+
+
+def unexpected_error(where: str) -> None:
+    m = _current
+    if m is None:
+        return
+    m.unexpected_errors.labels(where).inc()
+
+
+def fault(where: str, failing: bool) -> None:
+    m = _current
+    if m is None:
+        return
+    m.faults.labels(where).set(1 if failing else 0)
+
+
+def job_parked() -> None:
+    m = _current
+    if m is None:
+        return
+    m.parked_jobs.inc()

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from batchd import chaos
 from batchd.durable_files import write_atomic
 from batchd.models import Job, JobState, RemoteBatchRecord
 from batchd.results import MergeResult
@@ -63,6 +64,7 @@ def write_job_json(folder: Path, doc: Mapping[str, Any]) -> Path:
     complete, so callers write it last.
     """
     dest = folder / "job.json"
+    chaos.file_fault(dest)
     write_atomic(dest, (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     return dest
 

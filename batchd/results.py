@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import structlog
 
-from batchd import jsonl
+from batchd import chaos, jsonl
 from batchd.durable_files import fsync_dir
 from batchd.jsonl import strip_eol
 from batchd.store.scratch import AnswerRow, MergeIndex
@@ -169,6 +169,7 @@ class _AtomicFile:
 
     def open(self) -> IO[bytes]:
         if self.stream is None:
+            chaos.file_fault(self.temp)
             self.stream = self.temp.open("wb", buffering=1 << 20)
         return self.stream
 

@@ -24,6 +24,7 @@ from batchd.daemon import Daemon, db
 from batchd.emulator.app import create_app
 from batchd.emulator.engines import EchoEngine, Engine, UpstreamEngine
 from batchd.emulator.server import serve_emulator
+from batchd.faults import Faults
 from batchd.health import serve_metrics
 from batchd.models import PROVIDER_LIMITS
 from batchd.providers.base import Provider
@@ -117,10 +118,15 @@ async def serve(
         ):
             daemon: Daemon | None = None
             daemon_id = uuid.uuid4().hex
-            deliverer = Deliverer(store, lambda: daemon.settings if daemon else settings, hook_http, owner=daemon_id)
-            daemon = Daemon(
-                settings, store=store, provider=provider, deliverer=deliverer, reload=reload, daemon_id=daemon_id
+            # One picture of what fails, for the daemon's loops and its deliveries alike (/healthz).
+            faults = Faults()
+            deliverer = Deliverer(
+                store, lambda: daemon.settings if daemon else settings, hook_http, owner=daemon_id, faults=faults
             )
+            daemon = Daemon(
+                settings, store=store, provider=provider, deliverer=deliverer, reload=reload, daemon_id=daemon_id,
+                faults=faults,
+            )  # fmt: skip
             if on_daemon is not None:
                 on_daemon(daemon)
             # Listening before READY=1; [metrics] listen is read at start only (a reload keeps it).

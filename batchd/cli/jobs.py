@@ -134,6 +134,22 @@ def cancel(obj: Context, job_ref: str) -> None:
 @click.argument("job_ref", metavar="JOB")
 @config_options
 @pass_ctx
+def resume(obj: Context, job_ref: str) -> None:
+    """Take up a parked job again (parked after repeated unexpected errors; `batchd show` says why)."""
+    settings = obj.load()
+    with open_store(settings) as store:
+        job = find_job(store, job_ref)
+        try:
+            store.jobs.resume(job.id)
+        except StaleState:
+            fail(f"job {job.short_id} is not parked ({job.state.value})", 1)
+    click.echo(f"resumed {job.short_id} ({job.name}); the daemon takes it up at its next look")
+
+
+@click.command()
+@click.argument("job_ref", metavar="JOB")
+@config_options
+@pass_ctx
 def retry(obj: Context, job_ref: str) -> None:
     """Submit a finished job's failed and unanswered requests again, as a new job (its own outbox folder)."""
     from batchd.resubmit import NothingToRetry, retry_job

@@ -62,6 +62,9 @@ def job_record(job: Job, batches: Sequence[RemoteBatchRecord], now: float) -> di
         "reason": job.reason,
         "last_error": job.last_error,
         "cancel_requested": job.cancel_requested,
+        # parked after repeated unexpected errors: the daemon leaves it alone until `batchd resume`
+        "parked": job.parked_at is not None,
+        "parked_reason": job.parked_reason,
         "owner": job.owner,
         "created_at": iso(job.created_at),
         "finished_at": iso(job.finished_at),
@@ -168,6 +171,11 @@ def progress_text(progress: float | None, width: int = 0) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {percent}"
 
 
+def _state_text(record: dict[str, Any]) -> str:
+    """The STATE column: `parked` says more than the state the job was parked in."""
+    return "parked" if record.get("parked") else str(record["state"])
+
+
 def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -183,7 +191,7 @@ def jobs_table(records: Sequence[dict[str, Any]], *, bar: int = 0) -> list[str]:
     for r in records:
         counts = r["request_counts"] or {}
         lines.append(
-            f"{r['id'][:8]:<8}  {_cut(r['name'], name_width):<{name_width}}  {r['state']:<11}  "
+            f"{r['id'][:8]:<8}  {_cut(r['name'], name_width):<{name_width}}  {_state_text(r):<11}  "
             f"{progress_text(r['progress'], bar):<{progress_width}}  {r['requests'] or '-'!s:>8}  "
             f"{counts.get('completed', '-')!s:>6}  {counts.get('failed', '-')!s:>6}  {human_age(r['age_s']):>4}  "
             f"{(r.get('owner') or '-')[:8]}"
@@ -275,6 +283,8 @@ def show_lines(record: dict[str, Any]) -> list[str]:
         lines.append(f"reason     {r['reason']}")
     if r["last_error"]:
         lines.append(f"last error {r['last_error']}")
+    if r.get("parked"):
+        lines.append(f"parked     {r['parked_reason'] or '-'}  (`batchd resume {r['id'][:8]}` takes it up again)")
     return lines
 
 

@@ -1,5 +1,5 @@
-"""What every room of one daemon shares: its settings, store, provider, clock, and how a failed
-step backs off.
+"""What every room of one daemon shares: its settings, store, provider, clock, the faults it
+meets, and the jobs held back because their backoff could not be recorded.
 
 The rooms (intake, submit, poll, finish, the scheduler) each get one `Context`; none of them
 holds another's state. Store calls run in worker threads through `db()`.
@@ -7,7 +7,6 @@ holds another's state. Store calls run in worker threads through `db()`.
 
 from __future__ import annotations
 
-import contextlib
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -16,14 +15,13 @@ from typing import Any
 import anyio
 import structlog
 
-from batchd import metrics
-from batchd.backoff import step_delay
 from batchd.config import Settings
+from batchd.faults import Faults
 from batchd.inbox import job_files_dir
 from batchd.lifecycle import PollPolicy
 from batchd.models import Job, JobState
-from batchd.providers.base import Provider, ProviderError
-from batchd.store import LEASE, Lease, NextCheck, StaleState, Store
+from batchd.providers.base import Provider
+from batchd.store import LEASE, Lease, NextCheck, Store
 
 log = structlog.get_logger("batchd.daemon")
 
@@ -47,6 +45,7 @@ class Context:
         rng: random.Random,
         wake: Callable[[], None],
         poke_deliverer: Callable[[], None],
+        faults: Faults,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -59,6 +58,10 @@ class Context:
         self.wake = wake
         #: look at the webhook deliveries now (an event was committed)
         self.poke_deliverer = poke_deliverer
+        #: what fails around the daemon now (/healthz, STATUS=)
+        self.faults = faults
+        #: job id → monotonic-free unix time before which the scheduler leaves it alone
+        self._held: dict[str, float] = {}
 
     @property
     def policy(self) -> PollPolicy:
@@ -83,21 +86,17 @@ class Context:
         sharing it (several hosts on one PostgreSQL database) can take the job over."""
         return job_files_dir(self.settings, job.id)
 
-    async def step_failed(self, job: Job, exc: Exception) -> None:
-        """A step of `job` failed: it stays where it is and is tried again after a backoff."""
-        # The step may have moved the job on before failing (planned, uploaded): back off from there.
-        job = await db(self.store.jobs.get, job.id) or job
-        attempts = job.attempts + 1
-        retry_after = exc.retry_after if isinstance(exc, ProviderError) else None
-        policy = self.policy
-        delay = step_delay(attempts, policy.min_interval_s, policy.max_interval_s, self.rng, retry_after=retry_after)
-        metrics.retry(f"step.{job.state.value}")
-        log.warning(
-            "job.step_failed", job_id=job.id, state=job.state.value, attempts=attempts, wait_s=round(delay, 3),
-            error=str(exc),
-        )  # fmt: skip
-        with contextlib.suppress(StaleState):
-            await db(
-                self.store.jobs.back_off, job.id, expect=job.state, attempts=attempts,
-                next_check_at=self.clock() + delay, error=str(exc)[:2000],
-            )  # fmt: skip
+    def hold(self, job_id: str, until: float) -> None:
+        """Leave `job_id` alone until `until`, whatever the store says (its backoff may not have been
+        recorded: the database itself failed)."""
+        self._held[job_id] = until
+
+    def held_until(self, job_id: str, now: float) -> float | None:
+        """When a hold on `job_id` ends, if one is still on at `now`."""
+        until = self._held.get(job_id)
+        if until is None:
+            return None
+        if until <= now:
+            del self._held[job_id]
+            return None
+        return until

@@ -18,17 +18,19 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
 import anyio
 import structlog
 
-from batchd import systemd
+from batchd import chaos, metrics, systemd
+from batchd.backoff import step_delay
 from batchd.config import ConfigError, Settings
 from batchd.daemon.context import Context, db
 from batchd.daemon.intake import Intake
 from batchd.daemon.scheduler import Scheduler
+from batchd.faults import Faults, describe
 from batchd.health import LoopMonitor
 from batchd.inbox import Inbox
 from batchd.providers.base import Provider
@@ -41,6 +43,13 @@ log = structlog.get_logger("batchd.daemon")
 IDLE_TICK_S = 1.0
 #: SIGTERM to exit: in-flight steps get this long to finish before they are parked.
 STOP_GRACE_S = 7.0
+#: A loop that crashed, or a start-up that failed, runs again after this long, doubling up to the
+#: maximum while the failure lasts.
+LOOP_RETRY_MIN_S = 0.5
+LOOP_RETRY_MAX_S = 30.0
+#: Where start-up and the heartbeat report what they meet (Faults).
+START_UP = "start-up"
+HEARTBEAT = "heartbeat"
 #: Jobs nobody holds that a daemon takes over per heartbeat (several daemons share the rest).
 CLAIM_BATCH = 100
 UNLIMITED = 1 << 62
@@ -48,6 +57,14 @@ UNLIMITED = 1 << 62
 
 class _Stopped(Exception):
     """Stopped (a signal) before the work drained."""
+
+
+class _Parked(Exception):
+    """Nothing left to do but parked jobs, which wait for an operator (`batchd resume`)."""
+
+    def __init__(self, job_ids: list[str]) -> None:
+        super().__init__(f"{len(job_ids)} job(s) parked")
+        self.job_ids = job_ids
 
 
 @dataclass
@@ -69,6 +86,7 @@ class Daemon:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         daemon_id: str | None = None,
+        faults: Faults | None = None,
     ) -> None:
         self.store = store
         self.provider = provider
@@ -77,14 +95,17 @@ class Daemon:
         self.deliverer = deliverer
         self._reload = reload
         self._clock = clock
+        self._rng = rng or random.Random()
         self._stop = anyio.Event()
+        #: what fails around this daemon now: /healthz and STATUS= show it
+        self.faults = faults or Faults(clock=clock)
         self._ctx = Context(
-            settings, store=store, provider=provider, daemon_id=self.id, clock=clock, rng=rng or random.Random(),
-            wake=self.wake, poke_deliverer=self._poke_deliverer,
+            settings, store=store, provider=provider, daemon_id=self.id, clock=clock, rng=self._rng,
+            wake=self.wake, poke_deliverer=self._poke_deliverer, faults=self.faults,
         )  # fmt: skip
         self.inbox = Inbox(lambda: self._ctx.settings, store, owner=self._new_job_owner)
         #: the scheduler loop's heartbeat: STATUS= for systemd, the jobs gauge, /healthz's last tick
-        self.monitor = LoopMonitor(store, period_s=IDLE_TICK_S)
+        self.monitor = LoopMonitor(store, period_s=IDLE_TICK_S, faults=self.faults)
         self._intake = Intake(self._ctx, self.inbox, self._stop)
         self._scheduler = Scheduler(self._ctx, self.monitor, self._stop)
         #: set once recovery is done and every loop runs (what READY=1 tells systemd)
@@ -131,11 +152,9 @@ class Daemon:
 
     async def run(self, *, once: bool = False, timeout: float | None = None) -> RunResult:
         """Run until stopped (or, with `once`, until drained); return whether it drained."""
-        await db(self.inbox.ensure_folders)
-        await self._register()
-        recovered = await db(self.inbox.recover)
-        if recovered:
-            log.info("daemon.recovered_claims", jobs=len(recovered))
+        if not await self._start_up():
+            return RunResult(drained=False)
+        chaos.arm()  # tests only (BATCHD_CHAOS): faults from here on, start-up is not the test
         self._warn_fast_polling()
         drained = False
         # Steps run in `work`, which outlives the loops: on stop the loops end at once and
@@ -143,18 +162,22 @@ class Daemon:
         async with anyio.create_task_group() as work:
             async with anyio.create_task_group() as loops:
                 loops.start_soon(self._signals)
-                loops.start_soon(self._intake.run, once)
-                loops.start_soon(self._scheduler.run, work)
-                loops.start_soon(self._heartbeat)
+                loops.start_soon(self._supervise, "intake", lambda: self._intake.run(once))
+                loops.start_soon(self._supervise, "scheduler", lambda: self._scheduler.run(work))
+                loops.start_soon(self._supervise, "heartbeat", self._heartbeat)
                 if self.deliverer is not None:
-                    loops.start_soon(self.deliverer.serve, work)
+                    deliverer = self.deliverer
+                    loops.start_soon(self._supervise, "webhooks", lambda: deliverer.serve(work))
                 systemd.notify("READY=1")
                 self.ready.set()
                 log.info("daemon.ready", inbox=str(self.settings.inbox_dir), provider=self.provider.kind)
                 if once:
                     with anyio.move_on_after(math.inf if timeout is None else timeout), contextlib.suppress(_Stopped):
-                        await self._until_drained()
-                        drained = True
+                        try:
+                            await self._until_drained()
+                            drained = True
+                        except _Parked as parked:
+                            log.error("daemon.parked_jobs_left", jobs=parked.job_ids, resume="batchd resume JOB")
                     self.stop()
                 await self._stop.wait()
                 loops.cancel_scope.cancel()
@@ -162,9 +185,54 @@ class Daemon:
         if self.busy:
             log.warning("daemon.parked", jobs=sorted(self.busy))
         # A clean stop frees this daemon's jobs for the others at once (a crash: when the leases end).
-        await db(self.store.cluster.release, self.id)
+        try:
+            await db(self.store.cluster.release, self.id)
+        except Exception as exc:
+            log.warning("daemon.release_failed", error=describe(exc), after="the leases end")
         log.info("daemon.stopped", drained=drained)
         return RunResult(drained=drained)
+
+    async def _start_up(self) -> bool:
+        """Folders, registration, recovery of what a crash left: retried with backoff while the
+        database or the disk fails (reported on /healthz), until done (True) or stopped (False)."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                await db(self.inbox.ensure_folders)
+                await self._register()
+                recovered = await db(self.inbox.recover)
+            except Exception as exc:
+                failures += 1
+                self.faults.report(START_UP, exc)
+                log.error("daemon.start_up_failed", attempt=failures, error=describe(exc), exc_info=exc)
+                with anyio.move_on_after(step_delay(failures, LOOP_RETRY_MIN_S, LOOP_RETRY_MAX_S, self._rng)):
+                    await self._stop.wait()
+                continue
+            self.faults.clear(START_UP)
+            if recovered:
+                log.info("daemon.recovered_claims", jobs=len(recovered))
+            return True
+        return False
+
+    async def _supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run one of the daemon's loops; if it raises, report it, wait, and run it again.
+
+        Each loop handles the failures of its own items; this is the line behind that: no single
+        error (a bug, a database gone mid-call) may end the daemon. A loop that returns has
+        finished its work (intake with --once) and is not run again.
+        """
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                await loop()
+                return
+            except Exception as exc:
+                failures += 1
+                self.faults.report(name, exc)
+                metrics.unexpected_error(name)
+                log.error("daemon.loop_crashed", loop=name, failures=failures, exc_info=exc)
+            with anyio.move_on_after(step_delay(failures, LOOP_RETRY_MIN_S, LOOP_RETRY_MAX_S, self._rng)):
+                await self._stop.wait()
 
     async def _register(self) -> None:
         """Record this daemon; take over its own earlier incarnations' jobs and the jobs nobody holds."""
@@ -201,19 +269,30 @@ class Daemon:
             try:
                 await db(self.store.cluster.renew, self.id, lease_s)
                 await self._claim()
-            except Exception:
+            except Exception as exc:
                 # A database that is briefly unreachable must not end the heartbeat for good.
-                log.exception("daemon.heartbeat_failed")
+                self.faults.report(HEARTBEAT, exc)
+                log.warning("daemon.heartbeat_failed", error=describe(exc))
+            else:
+                self.faults.clear(HEARTBEAT)
 
     async def _until_drained(self) -> None:
+        """Return once intake has settled, every job has ended and every event is sent; raise
+        _Parked when what is left waits for an operator (parked jobs), _Stopped when stopped."""
         while True:
             # Intake first: a take that ends while the store is read has already inserted its job,
             # so reading "intake settled" after the store could miss that job (and stop too early).
             intake_done = self._intake.drained
-            active = await db(self.store.jobs.live)
-            pending = await db(self.store.deliveries.pending_count)
-            if intake_done and not active and not pending:
-                return
+            try:
+                active = await db(self.store.jobs.live)
+                pending = await db(self.store.deliveries.pending_count)
+            except Exception as exc:
+                log.warning("daemon.drain_check_failed", error=describe(exc))
+            else:
+                if intake_done and not pending and all(job.parked_at is not None for job in active):
+                    if active:
+                        raise _Parked(sorted(job.id for job in active))
+                    return
             with anyio.move_on_after(0.1):
                 await self._stop.wait()
             if self._stop.is_set():

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import structlog
 
-from batchd import lifecycle, metrics
+from batchd import chaos, lifecycle, metrics
 from batchd.crashpoints import crashpoint
 from batchd.daemon.context import Context, db
 from batchd.daemon.submit import Submitter
@@ -95,6 +95,7 @@ class Finisher:
             for kind, file_id in (("output", batch.output_file_id), ("errors", batch.error_file_id)):
                 if batch.remote_id and file_id:
                     dest = work / f"{batch.remote_id}.{kind}.jsonl"
+                    chaos.file_fault(dest)
                     size = await self._ctx.provider.download_file(file_id, dest)
                     if await db(truncated_tail, dest):
                         # A body that ended mid-line although its length looked right: fetch it whole again.

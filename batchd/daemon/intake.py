@@ -17,6 +17,9 @@ import structlog
 
 from batchd import metrics
 from batchd.daemon.context import Context, db
+from batchd.faults import Kind as FailureKind
+from batchd.faults import classify as classify_failure
+from batchd.faults import describe
 from batchd.inbox import Inbox, Kind, classify
 from batchd.models import JobState
 from batchd.watch import InboxWatcher, WatchEvent
@@ -25,6 +28,8 @@ log = structlog.get_logger("batchd.daemon")
 
 #: Inbox files claimed and validated at once (each in a worker thread).
 MAX_CONCURRENT_TAKES = 4
+#: Where intake reports what it meets (Faults).
+INTAKE = "intake"
 
 
 class Intake:
@@ -49,12 +54,14 @@ class Intake:
     async def run(self, once: bool) -> None:
         """Take files until stopped (with `once`: one rescan, then until what it found is taken)."""
         settling: dict[Path, float] = {}
+        # Run again after a crash (Daemon._supervise): not settled until this run's rescan is taken.
+        self.settled = False
         watcher = None if once else InboxWatcher(self._ctx.settings.inbox_dir)
         try:
             async with anyio.create_task_group() as takes:
                 await self._watch(takes, watcher, settling, once)
-        finally:
             self.settled = True
+        finally:
             if watcher is not None:
                 watcher.close()
 
@@ -127,12 +134,19 @@ class Intake:
             async with self._takes:
                 job = await db(self._inbox.take, path)
         except Exception as exc:
-            # A full disk or a bug must not stop intake; a claimed file is taken again at the next start.
-            log.exception("inbox.take_failed", path=str(path), error=str(exc))
+            # A full disk, the database or a bug must not stop intake; a file claimed without its job
+            # is taken again by the recovery of claims.
+            self._ctx.faults.report(INTAKE, exc)
+            if classify_failure(exc) is FailureKind.UNEXPECTED:
+                metrics.unexpected_error(INTAKE)
+                log.error("inbox.take_failed", path=str(path), error=describe(exc), exc_info=exc)
+            else:
+                log.warning("inbox.take_failed", path=str(path), error=describe(exc))
             return
         finally:
             self._taking.discard(path)
             self.pending -= 1
+        self._ctx.faults.clear(INTAKE)
         if job is not None:
             metrics.intake(rejected=job.state == JobState.REJECTED)
             self._ctx.wake()

@@ -14,6 +14,7 @@ import structlog
 
 from batchd import lifecycle, metrics
 from batchd.daemon.context import Context, db
+from batchd.daemon.failures import step_failed
 from batchd.lifecycle import Action
 from batchd.models import BatchStatus, Job, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.providers.base import ProviderError
@@ -48,7 +49,7 @@ class Poller:
                 except ProviderError as exc:
                     for job, action in polls:
                         if action.at <= now:
-                            await self._ctx.step_failed(job, exc)
+                            await step_failed(self._ctx, job, exc)
                     return
             quiet: list[PollAnswer] = []
             for job, action in polls:
@@ -65,7 +66,7 @@ class Poller:
                     else:
                         await db(self._ctx.store.batches.record_polls, writes)
                 except ProviderError as exc:
-                    await self._ctx.step_failed(job, exc)
+                    await step_failed(self._ctx, job, exc)
             if quiet:
                 await db(self._ctx.store.batches.record_polls, quiet)
         finally:

@@ -14,15 +14,17 @@ import anyio
 import anyio.abc
 import structlog
 
-from batchd import lifecycle, systemd
+from batchd import lifecycle, metrics, systemd
+from batchd.backoff import step_delay
 from batchd.daemon.context import Context, db
+from batchd.daemon.failures import STEPS, step_failed
 from batchd.daemon.finish import Finisher
 from batchd.daemon.poll import Poller
 from batchd.daemon.submit import Submitter
+from batchd.faults import Kind, classify, describe
 from batchd.health import LoopMonitor
 from batchd.lifecycle import Action, Step
 from batchd.models import Job, RemoteBatchRecord
-from batchd.providers.base import ProviderError
 from batchd.store import StaleState
 
 log = structlog.get_logger("batchd.daemon")
@@ -32,6 +34,12 @@ MAX_CONCURRENT_STEPS = 16
 #: Downloads and merges running at once: they are long and heavy, and must never hold the
 #: slots new submissions need.
 MAX_CONCURRENT_DOWNLOADS = 4
+#: After a failed tick (the database down, read-only) the loop reads again after this long,
+#: doubling up to the maximum while the failure lasts.
+TICK_RETRY_MIN_S = 0.5
+TICK_RETRY_MAX_S = 15.0
+#: Where the loop reports what it meets (Faults).
+SCHEDULER = "scheduler"
 
 
 class Scheduler:
@@ -51,6 +59,8 @@ class Scheduler:
         # What the last tick read: unchanged jobs and batches are kept as those objects (JobStore.live).
         self._known_jobs: dict[str, Job] = {}
         self._known_batches: dict[int, RemoteBatchRecord] = {}
+        #: ticks failed in a row (the wait before the next grows with them)
+        self._failed_ticks = 0
 
     @property
     def busy(self) -> frozenset[str]:
@@ -72,12 +82,31 @@ class Scheduler:
             # A fresh event before reading: a wake() that lands during the reads must not be lost.
             self._wake = anyio.Event()
             now = self._ctx.clock()
-            next_at = await self._tick(tg, now)
+            try:
+                next_at = await self._tick(tg, now)
+            except Exception as exc:
+                # The database down or read-only, a bug: the loop waits and reads again, never ends.
+                next_at = now + self._tick_failed(exc)
+            else:
+                self._failed_ticks = 0
+                self._ctx.faults.clear(SCHEDULER)
             if watchdog is not None:
                 # Wake in time for the next WATCHDOG=1 even when the loop has nothing to do.
                 next_at = min(next_at, now + max(0.0, last_ping + watchdog - time.monotonic()))
             with anyio.move_on_after(max(0.0, next_at - self._ctx.clock())):
                 await self._wake.wait()
+
+    def _tick_failed(self, exc: Exception) -> float:
+        """Report a failed tick; return how long to wait before the next (doubling, at most TICK_RETRY_MAX_S)."""
+        self._failed_ticks += 1
+        self._ctx.faults.report(SCHEDULER, exc)
+        self._monitor.announce_faults()
+        if classify(exc) is Kind.UNEXPECTED:
+            metrics.unexpected_error(SCHEDULER)
+            log.error("daemon.tick_failed", failures=self._failed_ticks, exc_info=exc)
+        else:
+            log.warning("daemon.tick_failed", failures=self._failed_ticks, error=describe(exc))
+        return step_delay(self._failed_ticks, TICK_RETRY_MIN_S, TICK_RETRY_MAX_S, self._ctx.rng)
 
     async def _tick(self, tg: anyio.abc.TaskGroup, now: float) -> float:
         """Start every step that is due; return when the loop should look again at the latest."""
@@ -95,6 +124,10 @@ class Scheduler:
         pollable: list[tuple[Job, Action]] = []
         for job in jobs:
             if job.id in self._busy or job.id in busy_during_read:
+                continue
+            held = self._ctx.held_until(job.id, now)
+            if held is not None:
+                next_at = min(next_at, held)
                 continue
             action = lifecycle.next_action(job, batches.get(job.id, []), now)
             if action.step is Step.NONE:
@@ -121,6 +154,12 @@ class Scheduler:
     async def _poll_round(self, polls: list[tuple[Job, Action]], sweep: bool, now: float) -> None:
         try:
             await self._poller.round(polls, sweep, now)
+        except Exception as exc:
+            # Beyond the provider's answers (which the round handles job by job): each job backs off.
+            for job, _ in polls:
+                await step_failed(self._ctx, job, exc)
+        else:
+            self._ctx.faults.clear(STEPS)
         finally:
             for job, _ in polls:
                 self._busy.discard(job.id)
@@ -141,12 +180,12 @@ class Scheduler:
                     await self._finisher.end_round(job)
         except StaleState:
             bound.info("job.stale_step")
-        except ProviderError as exc:
-            await self._ctx.step_failed(job, exc)
         except Exception as exc:
-            # A bug or a full disk must not stop the daemon; the step is retried with backoff.
-            bound.exception("job.step_crashed")
-            await self._ctx.step_failed(job, exc)
+            # The provider, a full disk, the database or a bug: the step backs off and is tried
+            # again (a bug, a bounded number of times); nothing here ends the daemon.
+            await step_failed(self._ctx, job, exc)
+        else:
+            self._ctx.faults.clear(STEPS)
         finally:
             self._busy.discard(job.id)
             self.wake()

@@ -19,7 +19,7 @@ import anyio
 import httpx
 import structlog
 
-from batchd import metrics
+from batchd import chaos, metrics
 from batchd.backoff import RetryPolicy
 from batchd.models import PROVIDER_LIMITS, Limits
 from batchd.providers.errors import ProviderError
@@ -116,6 +116,8 @@ class HttpProvider:
         headers = {**self._auth(), **kwargs.pop("headers", {})}
         started = time.monotonic()
         try:
+            if chaos.strikes("provider", what):
+                raise httpx.ConnectError("connection refused (injected)")
             response = await self._http.request(method, self._url(path), headers=headers, **kwargs)
         except httpx.TransportError as exc:
             metrics.api_call(what, None, time.monotonic() - started)
@@ -189,6 +191,8 @@ class HttpProvider:
         url = self._url(self._content_path(file_id))
         started, answered = time.monotonic(), False
         try:
+            if chaos.strikes("provider", what):
+                raise httpx.ReadError("connection reset (injected)")
             # The content may come from storage; httpx drops our key on a cross-origin hop.
             async with self._http.stream("GET", url, headers=headers, follow_redirects=True) as response:
                 metrics.api_call(what, response.status_code, time.monotonic() - started)

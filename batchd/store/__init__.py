@@ -24,7 +24,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from batchd.store.batches import RemoteBatchStore
 from batchd.store.cluster import ClusterStore
-from batchd.store.database import LEASE, Database, Lease, StaleState, StoreUnavailable, safe_url
+from batchd.store.database import (
+    LEASE,
+    Database,
+    Lease,
+    StaleState,
+    StoreUnavailable,
+    is_database_error,
+    safe_url,
+)
 from batchd.store.deliveries import DeliveryStore
 from batchd.store.jobs import IllegalTransition, JobStore
 from batchd.store.schema import SCHEMA_VERSION, schema_version
@@ -69,6 +77,7 @@ __all__ = [
     "StaleState",
     "Store",
     "StoreUnavailable",
+    "is_database_error",
     "open_existing",
     "safe_url",
     "schema_version",

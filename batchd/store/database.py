@@ -7,6 +7,7 @@ it causes commit together or not at all (the transactional outbox of DESIGN §2)
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
@@ -29,9 +30,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from batchd import chaos
 from batchd.store.schema import MIGRATION_LOCK, MIGRATIONS, SCHEMA_VERSION, jobs, metadata, schema_version
 
 
@@ -41,6 +43,12 @@ class StaleState(Exception):
 
 class StoreUnavailable(Exception):
     """The database cannot be opened or brought to this batchd's schema (said without the password)."""
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """Whether `exc` comes from the database (down, locked, read-only, a full disk under it), not
+    from batchd's own logic: such a failure is waited out, never counted against a job."""
+    return isinstance(exc, SQLAlchemyError | StoreUnavailable | sqlite3.Error)
 
 
 def safe_url(url: str) -> str:
@@ -106,11 +114,18 @@ class Database:
     def write(self) -> Iterator[Connection]:
         """A write transaction. On SQLite it is BEGIN IMMEDIATE: the write lock is taken up front,
         so two writers queue on busy_timeout instead of failing half-way with "database is locked"."""
+        moment = chaos.store_moment() if chaos.strikes("store", "write") else None
         with self._engine.connect().execution_options(batchd_write=True) as conn, conn.begin():
+            if moment == "before":
+                raise _injected("before its commit")
             yield conn
+        if moment == "after":
+            raise _injected("after its commit")
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
+        if chaos.strikes("store", "read"):
+            raise _injected("a read")
         with self._engine.connect() as conn, conn.begin():
             yield conn
 
@@ -162,6 +177,11 @@ class Database:
         """A write transaction that changes nothing: raises when the database cannot take a write (/healthz)."""
         with self.write() as conn:
             conn.execute(update(schema_version).values(version=schema_version.c.version))
+
+
+def _injected(moment: str) -> OperationalError:
+    """The error a chaos-struck transaction raises (BATCHD_CHAOS; tests only)."""
+    return OperationalError(f"chaos: {moment}", None, sqlite3.OperationalError("disk I/O error (injected)"))
 
 
 def _make_engine(url: str) -> Engine:

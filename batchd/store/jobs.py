@@ -141,6 +141,48 @@ class JobStore:
         """A step failed: the job stays where it is and is tried again at `next_check_at`."""
         return self._move(job_id, expect, {"attempts": attempts, "next_check_at": next_check_at, "last_error": error})
 
+    def record_unexpected(
+        self,
+        job_id: str,
+        *,
+        expect: JobState,
+        attempts: int,
+        failures: int,
+        next_check_at: float,
+        error: str,
+        park: bool,
+    ) -> Job:
+        """A step failed in a way no step expects (a bug): counted, backed off, and with `park` the
+        job is taken out of the scheduler until an operator resumes it (`resume`)."""
+        values: dict[str, Any] = {
+            "attempts": attempts, "unexpected_failures": failures, "next_check_at": next_check_at, "last_error": error,
+        }  # fmt: skip
+        if park:
+            values.update(parked_at=self._db.now(), parked_reason=error)
+        return self._move(job_id, expect, values)
+
+    def resume(self, job_id: str) -> Job:
+        """An operator resumes a parked job: it is due now, its failure counts start afresh.
+        StaleState when the job is not parked (or has ended)."""
+        now = self._db.now()
+        with self._db.write() as conn:
+            changed = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.parked_at.is_not(None), jobs.c.state.in_(LIVE_STATES))
+                .values(
+                    parked_at=None,
+                    parked_reason=None,
+                    unexpected_failures=0,
+                    attempts=0,
+                    next_check_at=now,
+                    updated_at=now,
+                )
+            ).rowcount
+            if changed != 1:
+                raise StaleState(f"job {job_id} is not parked")
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+        return job_from_row(row._mapping)
+
     def start_cancelling(self, job_id: str, *, expect: JobState) -> Job:
         """The cancel of the job's live batches is being sent."""
         return self._move(job_id, expect, {"state": JobState.CANCELLING})
@@ -237,6 +279,7 @@ def next_check_values(check: NextCheck) -> dict[str, Any]:
         "poll_interval_s": check.poll_interval_s,
         "next_check_at": check.next_check_at,
         "attempts": 0,
+        "unexpected_failures": 0,
         "last_error": None,
     }
 

@@ -17,6 +17,7 @@ import structlog
 from batchd import metrics
 from batchd.config import Secret, Settings
 from batchd.crashpoints import crashpoint
+from batchd.faults import Faults, describe
 from batchd.models import Delivery
 from batchd.store import DeadLettered, Delivered, DeliveryOutcome, EndpointGone, Parked, RetryLater, Store
 from batchd.webhooks.policy import GONE_REASON, Decision, Verdict, decide
@@ -26,6 +27,8 @@ log = structlog.get_logger("batchd.webhooks")
 
 #: Attempts to one endpoint at the same time; a slow receiver only holds up its own queue.
 PER_ENDPOINT_CONCURRENCY = 4
+#: Where the deliverer reports what it meets (Faults).
+WEBHOOKS = "webhooks"
 #: Deliveries taken on per endpoint (attempts running and waiting for a slot); more stay in the store.
 PER_ENDPOINT_QUEUE = 64
 #: New due deliveries picked up per `run_due` call.
@@ -53,8 +56,11 @@ class Deliverer:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         owner: str | None = None,
+        faults: Faults | None = None,
     ) -> None:
         self._store = store
+        #: what fails around the daemon now (shared with it): a database that cannot take an outcome
+        self.faults = faults or Faults()
         self._settings = settings
         self._http = http
         #: the daemon this deliverer belongs to: deliveries are claimed for it (None: not claimed)
@@ -91,10 +97,15 @@ class Deliverer:
                 exclude, full = frozenset(self._in_flight), self._full_endpoints()
                 next_due = partial(self._store.deliveries.next_due_at, exclude, skip_urls=full)
                 next_at = await anyio.to_thread.run_sync(next_due)
-            except Exception:
-                # A locked or vanished database must not end deliveries for the daemon's lifetime.
-                log.exception("webhook.loop_failed")
+            except Exception as exc:
+                # A locked or vanished database must not end deliveries for the daemon's lifetime;
+                # the fault is logged once (Faults), not once a second while it lasts.
+                if WEBHOOKS not in self.faults.current():
+                    log.exception("webhook.loop_failed")
+                self.faults.report(WEBHOOKS, exc)
                 next_at = None
+            else:
+                self.faults.clear(WEBHOOKS)
             wait = idle_s if next_at is None else min(idle_s, max(0.0, next_at - self._clock()))
             with anyio.move_on_after(wait):
                 await self._wake.wait()
@@ -148,6 +159,11 @@ class Deliverer:
         try:
             outcome = await self.attempt(delivery, slot=limiter)
             delivered = outcome.status is not None and 200 <= outcome.status < 300
+        except Exception as exc:
+            # The outcome could not be recorded (the database failed): the delivery is still pending
+            # in the store, under this daemon's lease, and is attempted again (the same event id).
+            self.faults.report(WEBHOOKS, exc)
+            log.warning("webhook.outcome_not_recorded", event_id=delivery.event_id, error=describe(exc))
         finally:
             self._in_flight.discard(delivery.id)
             queued = self._queued.pop(delivery.url, 1) - 1
