@@ -27,7 +27,7 @@ log = structlog.get_logger("batchd.faults")
 
 
 class Kind(StrEnum):
-    """How a failure is handled."""
+    """How a failure is handled (in order of seriousness)."""
 
     #: the provider said no or could not be reached: the step backs off (ProviderError)
     PROVIDER = "provider"
@@ -40,7 +40,10 @@ class Kind(StrEnum):
 
 
 def classify(exc: BaseException) -> Kind:
-    """What kind of failure `exc` is."""
+    """What kind of failure `exc` is (a group of them: the most serious kind among them)."""
+    if isinstance(exc, BaseExceptionGroup):
+        kinds = {classify(inner) for inner in exc.exceptions}
+        return next(kind for kind in reversed(Kind) if kind in kinds)
     if isinstance(exc, ProviderError):
         return Kind.PROVIDER
     if is_database_error(exc):

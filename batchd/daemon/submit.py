@@ -76,17 +76,18 @@ class Submitter:
 
     async def submit(self, job: Job, rows: tuple[RemoteBatchRecord, ...]) -> None:
         """Upload and create every given shard (a few at once), then sum the job's state up."""
-        errors: list[ProviderError] = []
+        errors: list[Exception] = []
         shards_at_once = anyio.CapacityLimiter(SHARDS_AT_ONCE)
 
         async def one(row: RemoteBatchRecord) -> None:
             async with shards_at_once:
                 try:
                     await self._submit_shard(job, row)
-                except ProviderError as exc:
-                    errors.append(exc)
                 except StaleState:
                     log.info("job.stale_shard", job_id=job.id, shard=row.shard)
+                except Exception as exc:
+                    # Kept, not raised: one shard's failure must not cancel the shards beside it.
+                    errors.append(exc)
 
         async with anyio.create_task_group() as tg:
             for row in rows:
@@ -94,7 +95,10 @@ class Submitter:
         await self._sum_up(job.id)
         if errors:
             # The shards that worked are recorded; the job backs off and the rest are tried again.
-            raise max(errors, key=lambda e: e.retry_after or 0)
+            # A failure other than the provider's says more (a bug counts against the job); among
+            # the provider's, the one asking for the longest wait.
+            others = [e for e in errors if not isinstance(e, ProviderError)]
+            raise others[0] if others else max(errors, key=lambda e: getattr(e, "retry_after", None) or 0)
 
     async def _submit_shard(self, job: Job, row: RemoteBatchRecord) -> None:
         if job.cancel_requested and (row.status == BatchStatus.PENDING or row.create_attempts == 0):

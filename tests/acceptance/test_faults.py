@@ -188,3 +188,26 @@ async def test_a_database_made_read_only_mid_run_is_waited_out(tmp_path: Path) -
         assert daemon.proc.poll() is None
         daemon.signal(signal.SIGTERM)
         assert await daemon.wait(timeout=15) == 0
+
+
+async def test_a_full_disk_at_intake_is_waited_out_and_the_file_is_taken(tmp_path: Path) -> None:
+    async with on_tmpfs(tmp_path) as h:
+        daemon = h.start()
+        await daemon.until_logged("daemon.ready")
+        # Written before the disk fills (the producer protocol's temp name), renamed in after.
+        staged = h.ws.inbox / ".in.jsonl.tmp"
+        staged.write_text("".join(json.dumps(chat(f"r{i}")) + "\n" for i in range(3)), encoding="utf-8")
+        filler = fill(h.ws.root / "state")
+        os.rename(staged, h.ws.inbox / "in.jsonl")
+
+        report = await failing_with(daemon, "ENOSPC", "is full")
+        assert report["status"] == "failing" and daemon.proc.poll() is None
+        assert done(h, "in") is None
+
+        filler.unlink()
+        await eventually(lambda: done(h, "in") is not None, RECOVERY_S)
+        finished = done(h, "in")
+        assert finished is not None and finished["status"] == "completed"
+        assert finished["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait(timeout=15) == 0
