@@ -18,6 +18,7 @@ import structlog
 from batchd import lifecycle
 from batchd.crashpoints import crashpoint
 from batchd.daemon.context import Context, db
+from batchd.inbox import ensure_job_files
 from batchd.models import BatchStatus, Job, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.providers.base import ProviderError
 from batchd.shards import split, write_followups
@@ -52,8 +53,7 @@ class Submitter:
         `folder` is the job's outbox folder, whose errors.jsonl the last merge wrote.
         """
         next_round = job.round + 1
-        files = self._ctx.job_files(job)
-        await anyio.Path(files).mkdir(parents=True, exist_ok=True)
+        files = await db(ensure_job_files, self._ctx.settings, job.id)
         followups = files / f"round-{next_round}.jsonl"
         count = await db(write_followups, Path(job.upload_path or ""), folder / "errors.jsonl", followups)
         if count == 0:
@@ -64,8 +64,8 @@ class Submitter:
 
     async def _plan_round(self, job: Job, requests: Path, round_: int) -> list[RemoteBatchRecord]:
         """Cut `requests` into shards within the provider's limits and commit them as round `round_`."""
-        files = self._ctx.job_files(job)
-        await anyio.Path(files).mkdir(parents=True, exist_ok=True)
+        # Beside the inbox, so checked to be batchd's own folders (a planted symlink is moved aside).
+        files = await db(ensure_job_files, self._ctx.settings, job.id)
         limits = self._ctx.settings.provider.limits
         shards = await db(split, requests, files, limits, prefix=f"round-{round_}")
         plans = [ShardPlan(str(s.path), s.request_count, s.size_bytes, s.sha256) for s in shards]
