@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from batchd.store.batches import RemoteBatchStore
-from batchd.store.cluster import ClusterStore
+from batchd.store.cluster import ClusterStore, daemon_state
 from batchd.store.database import LEASE, Database, Lease, StaleState, StoreUnavailable, safe_url
 from batchd.store.deliveries import DeliveryStore
 from batchd.store.jobs import IllegalTransition, JobStore
@@ -69,6 +69,7 @@ __all__ = [
     "StaleState",
     "Store",
     "StoreUnavailable",
+    "daemon_state",
     "open_existing",
     "safe_url",
     "schema_version",
