@@ -40,6 +40,7 @@ __all__ = [
     "PRIVATE_MODE",
     "NotRegularFile",
     "PlantedEntry",
+    "check_within",
     "create_new",
     "fit_name",
     "make_dirs",
@@ -174,6 +175,27 @@ def make_dirs(root: Path, parts: Iterable[str], mode: int = DIR_MODE) -> Path:
     for part in parts:
         path = real_dir(path / part, mode)
     return path
+
+
+def check_within(root: Path, path: Path) -> None:
+    """Raise PlantedEntry unless every folder from `root` down to `path` is a real directory
+    owned by batchd (or root) and `path` itself is not a symlink: a file batchd made under the
+    inbox, read back by its path (an upload copy, a shard), is the file batchd made.
+
+    A `path` outside `root` is not checked.
+    """
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        return
+    current = root
+    for i, part in enumerate(parts):
+        current = current / part
+        st = os.lstat(current)
+        last = i == len(parts) - 1
+        if stat.S_ISLNK(st.st_mode) or not (last or (stat.S_ISDIR(st.st_mode) and _trusted(st.st_uid))):
+            log.error("fs.planted_refused", path=str(current), kind=_kind(st.st_mode), uid=st.st_uid, reading=str(path))
+            raise PlantedEntry(errno.ELOOP, "batchd does not follow what it did not make", str(current))
 
 
 def create_new(path: Path, mode: int = FILE_MODE, *, replace_own: bool = False) -> int:

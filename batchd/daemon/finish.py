@@ -25,6 +25,7 @@ from batchd.outbox import job_document, make_outbox_folder, outbox_candidates, r
 from batchd.pricing import estimate_cost
 from batchd.providers.base import ProviderError
 from batchd.results import MergeResult, merge_results, truncated_tail
+from batchd.safe_fs import PlantedEntry, check_within
 from batchd.source_file import SourceState, current_change
 from batchd.store import Ending
 from batchd.webhooks import build_event, webhook_data
@@ -64,6 +65,7 @@ class Finisher:
         await db(make_outbox_folder, settings.outbox_dir, folder)
         code = lifecycle.unanswered_code(batches, job.cancel_requested)
         assert job.upload_path is not None
+        await db(check_within, settings.inbox_dir, Path(job.upload_path))
         merge: MergeResult = await db(
             merge_results,
             input_path=Path(job.upload_path),
@@ -95,7 +97,12 @@ class Finisher:
         if job.claimed_path is None or job.source_size is None or job.source_mtime_ns is None:
             return None  # a manual retry, or a job of an older release
         before = SourceState(job.source_size, job.source_mtime_ns)
-        reason: str | None = await db(current_change, Path(job.claimed_path), before)
+        try:
+            await db(check_within, self._ctx.settings.inbox_dir, Path(job.claimed_path).parent)
+        except PlantedEntry as exc:
+            reason: str | None = f"its claim folder was replaced by something batchd did not make ({exc.filename})"
+        else:
+            reason = await db(current_change, Path(job.claimed_path), before)
         if reason is not None:
             await db(self._ctx.store.jobs.record_source_changed, job.id, reason)
             log.warning("job.source_changed", job_id=job.id, source=job.source, path=job.claimed_path, reason=reason)

@@ -21,6 +21,7 @@ from batchd.daemon.context import Context, db
 from batchd.inbox import ensure_job_files
 from batchd.models import BatchStatus, Job, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.providers.base import ProviderError
+from batchd.safe_fs import check_within
 from batchd.shards import split, write_followups
 from batchd.store import ShardPlan, StaleState
 
@@ -103,6 +104,8 @@ class Submitter:
             return
         if row.status == BatchStatus.PENDING:
             assert row.input_path and row.sha256
+            # Made by batchd beside the inbox: refused if a folder on its way was swapped for a symlink.
+            await db(check_within, self._ctx.settings.inbox_dir, Path(row.input_path))
             try:
                 file_id = await self._ctx.provider.upload_file(
                     Path(row.input_path), filename=_upload_name(job, row), sha256=row.sha256
