@@ -6,7 +6,8 @@ folder is the claimer's business: another daemon sharing the inbox takes it over
 the claimer is known to be gone (stopped, or silent for a whole `[cluster] lease_s`; a
 restarted daemon's earlier incarnations are marked stopped when it registers), and a folder
 with no marker (an older release) or naming a daemon the database does not know, only once
-it is older than the lease. Taking over renames the marker away first: of two daemons that
+it is older than the lease. The marker's name carries the claimer (`.claimed-by.<id>`), and
+taking over renames that very name away first (`.claimed-before.<id>`): of two daemons that
 try at once exactly one succeeds.
 
 A claim that cannot be handled at all (its file cannot be rejected either) is moved whole
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import structlog
 
-from batchd.safe_fs import NotRegularFile, create_new, make_dirs, open_regular
+from batchd.safe_fs import create_new, make_dirs
 
 log = structlog.get_logger("batchd.inbox")
 
@@ -43,12 +44,12 @@ __all__ = [
     "write_marker",
 ]
 
-#: The claimer's marker inside a claim folder (hidden: never taken for the submission itself).
-MARKER = ".claimed-by"
-#: The marker a takeover replaced, kept for the record.
-PREVIOUS_MARKER = ".claimed-before"
-#: A marker is a few dozen bytes; anything longer is not one of ours.
-_MARKER_MAX = 4096
+#: The claimer's marker inside a claim folder, `.claimed-by.<claimer>` (hidden: never taken for
+#: the submission itself).
+MARKER = ".claimed-by."
+#: A marker a takeover replaced, kept for the record (`.claimed-before.none`: the folder had none).
+PREVIOUS_MARKER = ".claimed-before."
+_NONE = "none"
 
 
 @dataclass(frozen=True)
@@ -94,25 +95,20 @@ class Taking(Collection[str]):
 
 
 def write_marker(claim_dir: Path, claimer: str, now: float) -> None:
-    """Name the claimer inside a new claim folder (O_EXCL: FileExistsError if one is there)."""
-    fd = create_new(claim_dir / MARKER)
+    """Name the claimer inside a new claim folder (O_EXCL: FileExistsError if it is there)."""
+    fd = create_new(claim_dir / f"{MARKER}{claimer}")
     with os.fdopen(fd, "wb") as out:
         out.write(json.dumps({"daemon": claimer, "claimed_at": now}).encode() + b"\n")
 
 
+def _markers(claim_dir: Path, prefix: str) -> list[str]:
+    return sorted(p.name[len(prefix) :] for p in claim_dir.iterdir() if p.name.startswith(prefix))
+
+
 def read_claimer(claim_dir: Path) -> str | None:
-    """The daemon a claim folder's marker names; None when there is no marker, or no valid one."""
-    try:
-        fd = open_regular(claim_dir / MARKER)
-    except (FileNotFoundError, NotRegularFile):
-        return None
-    with os.fdopen(fd, "rb") as stream:
-        raw = stream.read(_MARKER_MAX)
-    try:
-        claimer = json.loads(raw).get("daemon")
-    except (ValueError, AttributeError):
-        return None
-    return claimer if isinstance(claimer, str) and claimer else None
+    """The claimer a claim folder's marker names; None when it has none."""
+    found = _markers(claim_dir, MARKER)
+    return found[0] if found else None
 
 
 def look(path: Path, now: float) -> ClaimFolder | None:
@@ -151,16 +147,16 @@ def abandoned(
 
 def take_over(folder: ClaimFolder, me: str, now: float) -> bool:
     """Make this process the claimer of an abandoned folder; False when another got there first."""
-    if folder.claimer is not None or os.path.lexists(folder.path / MARKER):
-        try:
-            # Exactly one of two daemons taking over at once moves the marker away.
-            os.rename(folder.path / MARKER, folder.path / PREVIOUS_MARKER)
-        except FileNotFoundError:
-            return False
+    old = folder.claimer or _NONE
     try:
-        write_marker(folder.path, me, now)
-    except FileExistsError:
+        if folder.claimer is not None:
+            # Exactly one of two daemons taking over at once moves this very marker away.
+            os.rename(folder.path / f"{MARKER}{old}", folder.path / f"{PREVIOUS_MARKER}{old}")
+        else:
+            os.close(create_new(folder.path / f"{PREVIOUS_MARKER}{old}"))
+    except (FileNotFoundError, FileExistsError):
         return False
+    write_marker(folder.path, me, now)
     return True
 
 
@@ -180,8 +176,9 @@ def release(claim_dir: Path) -> bool:
     False when something else is left inside: it is kept (never deleted), for the caller to
     move aside.
     """
-    for name in (MARKER, PREVIOUS_MARKER):
-        (claim_dir / name).unlink(missing_ok=True)
+    for prefix in (MARKER, PREVIOUS_MARKER):
+        for claimer in _markers(claim_dir, prefix):
+            (claim_dir / f"{prefix}{claimer}").unlink(missing_ok=True)
     try:
         claim_dir.rmdir()
     except OSError as exc:
