@@ -82,7 +82,10 @@ class ClaimRecovery:
     def abandoned(self) -> list[Job]:
         """The claims left for later, or every claim folder when a daemon has left since the last look."""
         departed = self._store.cluster.departed(now=self._store.now(), lease_s=self._lease_s)
-        if self._departed is None or not departed <= self._departed:
+        # A daemon that stalled past its lease and came back leaves the set: when it goes again,
+        # it counts as new.
+        seen, self._departed = self._departed, departed
+        if seen is None or not departed <= seen:
             return self.everything()
         with self._lock:
             waiting = set(self._deferred)

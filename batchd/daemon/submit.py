@@ -67,6 +67,7 @@ class Submitter:
         """Cut `requests` into shards within the provider's limits and commit them as round `round_`."""
         # Beside the inbox, so checked to be batchd's own folders (a planted symlink is moved aside).
         files = await db(ensure_job_files, self._ctx.settings, job.id)
+        await db(check_within, self._ctx.settings.inbox_dir, requests)
         limits = self._ctx.settings.provider.limits
         shards = await db(split, requests, files, limits, prefix=f"round-{round_}")
         plans = [ShardPlan(str(s.path), s.request_count, s.size_bytes, s.sha256) for s in shards]

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from batchd import claims, rejections
@@ -28,6 +29,7 @@ from batchd.specs import spec_data
 from batchd.store import Hold, NewJob, RejectedJob, Store
 from batchd.upload_copy import write_upload_copy
 from batchd.validation import validate_stream
+from batchd.watch import InboxWatcher
 from batchd.webhooks import build_event
 from tests.databases import database_url, is_sqlite
 from tests.integration import test_inbox
@@ -351,6 +353,25 @@ def test_a_file_that_keeps_changing_is_taken_as_last_read_and_recorded(
     # Three reads, each a line longer; the job records the last one read.
     assert job.request_count == 4
     assert job.source_size is not None and Path(str(job.claimed_path)).stat().st_size > job.source_size
+
+
+async def test_the_watcher_tells_a_file_being_written_from_one_closed(env: Env) -> None:
+    watcher = InboxWatcher(env.inbox_dir)
+    stop = anyio.Event()
+    kinds: list[str] = []
+    try:
+        with (env.inbox_dir / "held.jsonl").open("wb") as writer:
+            writer.write(GOOD)
+            writer.flush()
+            with anyio.fail_after(10):
+                while "writing" not in kinds:
+                    kinds += [e.kind for e in await watcher.read(timeout=1, stop=stop)]
+        with anyio.fail_after(10):
+            while "ready" not in kinds:
+                kinds += [e.kind for e in await watcher.read(timeout=1, stop=stop)]
+    finally:
+        watcher.close()
+    assert kinds.index("writing") < kinds.index("ready")
 
 
 # ---------------------------------------------------------------- modes
