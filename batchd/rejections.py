@@ -102,8 +102,8 @@ def reserve(inbox_dir: Path, source: str, job_id: str, report: str) -> tuple[Pat
     """
     folder = rejected_dir(inbox_dir)
     names = rejected_names(source, job_id)
-    for name in names:
-        mine = name is names[-1]
+    for i, name in enumerate(names):
+        mine = i == len(names) - 1
         target = folder / name
         report_path = folder / f"{name}{REPORT_SUFFIX}"
         if not mine and os.path.lexists(target):

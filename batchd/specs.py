@@ -140,7 +140,8 @@ def _data_parent(inbox_dir: Path, claimed: Path, data: Path) -> int:
                 inner = os.open(part, _DIR, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise whole_file(claimed.name, "input", f"{part}: symlinks are not followed") from None
+                    message = f"{part}: not a folder (symlinks are not followed)"
+                    raise whole_file(claimed.name, "input", message) from None
                 raise
             os.close(fd)
             fd = inner
