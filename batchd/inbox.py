@@ -2,52 +2,102 @@
 
 Everything here is synchronous filesystem work; the daemon runs it in worker
 threads. Nothing is ever deleted: an accepted file is renamed into
-`inbox/.batchd/claimed/<job id>/`, a rejected one into `inbox/rejected/`.
+`inbox/.batchd/claimed/<job id>/`, a rejected one into `inbox/rejected/`
+(rejections.py), a claim that can be neither into `inbox/.batchd/quarantine/`.
 
-Crash safety: the claim (a rename into a folder named after the new job id)
-happens before anything else, so a crash after it leaves a claimed folder
-without a job row, which `recover()` takes again at start-up.
+Crash safety: the claim (a rename into a folder named after the new job id, after a
+marker naming the claimer is written in it) happens before anything else, so a crash
+after it leaves a claim folder without a job row, which recovery (recovery.py, claims.py)
+takes again once its claimer is gone. Each claim is handled on its own: a file that
+cannot be read is rejected with a report saying why, and one that cannot even be
+rejected is moved aside; nothing about one claim stops the others.
+
+Safety: the inbox is group-writable. batchd follows no symlink it did not make
+(safe_fs.py): the folders it writes into are checked to be its own, the files it
+creates are made O_EXCL|O_NOFOLLOW, and a claimed file is read through one descriptor
+opened O_NOFOLLOW and checked to be a regular file. A file still being written when it is
+taken is read as one snapshot, read again if it changed meanwhile, and what was submitted
+(its size and modification time) is recorded on the job (source_file.py).
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import stat
+import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
 
 import structlog
 
+from batchd import claims, rejections
+from batchd.claims import Taking
 from batchd.config import Settings
 from batchd.crashpoints import crashpoint
-from batchd.durable_files import write_atomic
 from batchd.models import PROVIDER_LIMITS, Job, JobState
 from batchd.outbox import outbox_name
+from batchd.recovery import ClaimRecovery
+from batchd.rejections import Rejection, from_report, whole_file
+from batchd.safe_fs import NotRegularFile, make_dirs, open_regular, real_dir
+from batchd.source_file import SourceState, snapshot
+from batchd.specs import Spec, is_ignored_name, move_data, open_data, read_spec, spec_data
 from batchd.store import Hold, NewJob, RejectedJob, Store
-from batchd.upload_copy import write_upload_copy
-from batchd.validation import Problem, Report, format_report, validate_file
-from batchd.webhooks import allowed_webhook_url, build_event
+from batchd.upload_copy import UploadCopy, write_upload_copy
+from batchd.validation import Report, validate_stream
+from batchd.webhooks import build_event
+
+__all__ = [
+    "UPLOAD_NAME",
+    "Inbox",
+    "Kind",
+    "Rejection",
+    "Spec",
+    "classify",
+    "ensure_job_files",
+    "is_ignored_name",
+    "job_files_dir",
+]
 
 log = structlog.get_logger("batchd.inbox")
 
-SPEC_KEYS = frozenset({"input", "completion_window", "model", "webhook_url", "metadata"})
-#: A spec is a small JSON document; anything bigger is a mistake, not a spec.
-MAX_SPEC_BYTES = 1_000_000
 #: The upload copy, beside the claimed file. Hidden on purpose: a submission's name never
 #: starts with "." (such names are ignored), so a dropped `upload.jsonl` is never overwritten
 #: by its own normalised copy (which would lose the user's bytes).
 UPLOAD_NAME = ".upload.jsonl"
+#: Reads of a claimed file that changed while it was read, before what is there is taken.
+MAX_READS = 3
+#: The inbox, when batchd makes it: group batchd drops files (setgid keeps the group), and the
+#: sticky bit keeps members from renaming or removing each other's entries or batchd's.
+INBOX_MODE = 0o3770
+#: Errors that say nothing about the file (a full disk, a passing I/O fault, a race with another
+#: daemon): its claim is left as it is and taken again at the next recovery pass.
+PASSING_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EAGAIN,
+     errno.EINTR, errno.EROFS, errno.ESTALE, errno.ETIMEDOUT, errno.EBUSY, errno.ENOENT}
+)  # fmt: skip
 
 
 def job_files_dir(settings: Settings, job_id: str) -> Path:
     """A job's shard, follow-up and retry files: beside the inbox (a filesystem every daemon
     sharing the inbox reaches), apart from the claim folders that recovery scans."""
     return settings.inbox_dir / ".batchd" / "work" / job_id
+
+
+def ensure_job_files(settings: Settings, job_id: str) -> Path:
+    """`job_files_dir`, each of its folders checked to be batchd's own (made if missing)."""
+    return make_dirs(settings.inbox_dir, [".batchd", "work", job_id])
+
+
+def is_the_files_fault(exc: BaseException) -> bool:
+    """Whether an error taking a claimed file comes from the file (it is rejected with a report
+    saying so), rather than from the database, the disk or batchd (the claim waits)."""
+    if isinstance(exc, NotRegularFile | UnicodeError | RecursionError):
+        return True
+    return isinstance(exc, OSError) and exc.errno not in PASSING_ERRNOS
 
 
 class Kind(StrEnum):
@@ -58,11 +108,6 @@ class Kind(StrEnum):
     SPEC = "spec"
     #: taken only to be rejected (a symlink, another extension)
     BAD = "bad"
-
-
-def is_ignored_name(name: str) -> bool:
-    """Names the producer protocol keeps out of batchd's way (DESIGN §3)."""
-    return name.startswith(".") or name.endswith((".tmp", ".part"))
 
 
 def classify(path: Path) -> Kind:
@@ -85,40 +130,12 @@ def classify(path: Path) -> Kind:
 
 
 @dataclass(frozen=True)
-class Spec:
-    """A parsed `NAME.json` spec."""
+class Taken:
+    """A claimed file read consistently: its checks, its upload copy, and what it was then."""
 
-    input: str
-    completion_window: str | None = None
-    model: str | None = None
-    webhook_url: str | None = None
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-
-
-class Rejection(Exception):
-    """A submission that will not be taken; carries the report text."""
-
-    def __init__(self, reason: str, report: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.report = report
-
-
-def _on_line(source: str, line: int | None, rule: str, message: str) -> Rejection:
-    """A rejection for one problem (in a spec, or about the file as a whole when line is None)."""
-    problem = Problem(line, rule, message)
-    report = Report(source=source, problems=(problem,), problem_count=1, request_count=0, endpoint=None, size_bytes=0)
-    return Rejection(str(problem), format_report(report))
-
-
-def _whole_file(source: str, rule: str, message: str) -> Rejection:
-    return _on_line(source, None, rule, message)
-
-
-def _from_report(report: Report, *, prefix: str = "") -> Rejection:
-    first = "; ".join(str(p) for p in report.problems[:3])
-    more = f" (+{report.problem_count - 3} more)" if report.problem_count > 3 else ""
-    return Rejection(f"{prefix}{first}{more}", (prefix + "\n\n" if prefix else "") + format_report(report))
+    report: Report
+    copy: UploadCopy
+    source: SourceState
 
 
 class Inbox:
@@ -130,11 +147,22 @@ class Inbox:
         store: Store,
         *,
         owner: Callable[[], Hold | None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
         self._store = store
         #: the hold on a job this process creates (a daemon holds what it takes; None: nobody)
         self._owner = owner or (lambda: None)
+        hold = self._owner()
+        #: the claimer named in this process's claim folders: its daemon's id (or its own, without one)
+        self.claimer = hold.owner if hold is not None else uuid.uuid4().hex
+        #: wall-clock time, against which the ages of claim folders are told
+        self._clock = clock
+        self._taking = Taking()
+        self._recovery = ClaimRecovery(
+            store=store, settings=settings, inbox_dir=lambda: self.dir, me=self.claimer, taking=self._taking,
+            settle=self._settle, clock=clock,
+        )  # fmt: skip
 
     @property
     def dir(self) -> Path:
@@ -149,8 +177,20 @@ class Inbox:
         return self.dir / "rejected"
 
     def ensure_folders(self) -> None:
-        for folder in (self.dir, self.claimed_root, self.rejected_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+        """The inbox and batchd's folders in it, each checked to be batchd's own (see safe_fs)."""
+        inbox = self.dir
+        if not inbox.is_dir():
+            inbox.mkdir(parents=True, exist_ok=True)
+            inbox.chmod(INBOX_MODE)
+        mode = inbox.stat().st_mode
+        if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+            log.warning(
+                "inbox.not_sticky", inbox=str(inbox), mode=oct(stat.S_IMODE(mode)),
+                advice="chmod 3770 (DESIGN §9): without the sticky bit, anyone who may drop files"
+                " may also rename or remove the files of others",
+            )  # fmt: skip
+        make_dirs(inbox, [".batchd", "claimed"])
+        rejections.rejected_dir(inbox)
 
     def candidates(self) -> list[Path]:
         """Entries of the inbox that are submissions (or must be rejected), oldest name first."""
@@ -170,113 +210,105 @@ class Inbox:
     # ------------------------------------------------------------ taking
 
     def take(self, path: Path) -> Job | None:
-        """Claim `path` and turn it into a job (or a rejection). None if it is gone or ignored."""
+        """Claim `path` and turn it into a job (or a rejection). None if it is gone or ignored
+        (or, when it can be neither taken nor rejected, moved aside into the quarantine)."""
         if classify(path) is Kind.IGNORE:
             return None
         job_id = uuid.uuid4().hex
-        claim_dir = self.claimed_root / job_id
-        claim_dir.mkdir(parents=True)
-        claimed = claim_dir / path.name
-        try:
-            os.rename(path, claimed)
-        except FileNotFoundError:
-            # Another scan or another daemon took it first.
-            claim_dir.rmdir()
-            return None
-        log.info("inbox.claimed", job_id=job_id, source=path.name)
-        crashpoint("after_claim")
-        return self._process(job_id, claimed)
+        with self._taking.hold(job_id):
+            claim_dir = real_dir(make_dirs(self.dir, [".batchd", "claimed"]) / job_id)
+            claims.write_marker(claim_dir, self.claimer, self._clock())
+            claimed = claim_dir / path.name
+            try:
+                os.rename(path, claimed)
+            except FileNotFoundError:
+                # Another scan or another daemon took it first.
+                claims.release(claim_dir)
+                return None
+            log.info("inbox.claimed", job_id=job_id, source=path.name)
+            crashpoint("after_claim")
+            try:
+                return self._settle(job_id, claimed)
+            except Exception:
+                # The database, a full disk: the claim waits for the next recovery pass.
+                self._recovery.defer(job_id)
+                raise
 
     def recover(self) -> list[Job]:
-        """Finish what a crash interrupted: claimed files without a job, half-done rejections."""
-        jobs: list[Job] = []
-        if not self.claimed_root.is_dir():
-            return jobs
-        # Claim folders are kept for ever, so read every job id once rather than ask per folder.
-        known = self._store.jobs.ids()
-        for claim_dir in sorted(self.claimed_root.iterdir()):
-            if claim_dir.name in known or not claim_dir.is_dir():
-                continue
-            # Whatever was claimed counts, whatever its type (a symlink or a FIFO is claimed only to
-            # be rejected); only folders (a spec's data/) and hidden names (our upload copy and
-            # temp files) are ours.
-            submitted = [
-                p for p in sorted(claim_dir.iterdir())
-                if not p.name.startswith(".") and not stat.S_ISDIR(p.lstat().st_mode)
-            ]  # fmt: skip
-            if not submitted:
-                # Our own claim folder, from a claim whose rename never happened. Anything
-                # left inside is kept: a start-up must not fail on it, nor delete it.
-                try:
-                    claim_dir.rmdir()
-                except OSError as exc:
-                    log.warning("inbox.claim_folder_kept", path=str(claim_dir), error=str(exc))
-                continue
-            log.warning("inbox.recovering_claim", job_id=claim_dir.name, source=submitted[0].name)
-            jobs.append(self._process(claim_dir.name, submitted[0]))
+        """At start-up: every claim folder without a job whose claimer is gone, then half-done rejections."""
+        jobs = self._recovery.everything()
         for job in self._store.jobs.select([JobState.REJECTED]):
             if job.claimed_path and job.rejected_path and os.path.lexists(job.claimed_path):
-                self._finish_rejection(job, self._analyse_for_report(job))
+                try:
+                    self._finish_rejection(job, self._analyse_for_report(job))
+                except Exception as exc:
+                    log.exception("inbox.rejection_unfinished", job_id=job.id, error=str(exc))
         return jobs
 
-    def _analyse_for_report(self, job: Job) -> str:
-        assert job.claimed_path is not None
-        try:
-            self._check(Path(job.claimed_path), self._settings())
-        except Rejection as rejection:
-            return rejection.report
-        return f"{job.source}: {job.reason}\n"
+    def recover_abandoned(self) -> list[Job]:
+        """On each full rescan: claims a claimer left since (see recovery.py)."""
+        return self._recovery.abandoned()
 
-    def _process(self, job_id: str, claimed: Path) -> Job:
-        try:
-            return self._accept(job_id, claimed)
-        except Rejection as rejection:
-            return self._reject(job_id, claimed, rejection)
+    def _settle(self, job_id: str, claimed: Path) -> Job | None:
+        """Turn a claimed file into a job or a rejection, whatever is wrong with the file.
 
-    def _check(self, claimed: Path, settings: Settings) -> tuple[Report, Spec | None, Path]:
-        """Every rule a submission must pass; raises Rejection naming the first problems."""
+        A file that cannot be read is rejected with a report saying why; a claim that cannot
+        be rejected either is moved into the quarantine (None). Errors that are not the file's
+        (the database, a full disk) are raised: the claim stays for a later pass.
+        """
         source = claimed.name
-        kind = classify(claimed)
-        if claimed.is_symlink():
-            raise _whole_file(source, "symlink", "symlinks are not followed; drop the file itself")
-        if not stat.S_ISREG(claimed.lstat().st_mode):
+        try:
+            try:
+                return self._accept(job_id, claimed)
+            except Rejection as rejection:
+                problem = rejection
+            except Exception as exc:
+                if not is_the_files_fault(exc):
+                    raise
+                log.warning("inbox.unreadable", job_id=job_id, source=source, error=str(exc))
+                problem = whole_file(source, "unreadable", f"batchd could not read it: {_describe(exc)}")
+            return self._reject(job_id, claimed, problem)
+        except Exception as exc:
+            if not is_the_files_fault(exc):
+                raise
+            # Not even a rejection could be made (a name the filesystem refuses, rejected/
+            # unusable): the whole claim is moved aside, visibly.
+            claims.quarantine(self.dir, claimed.parent, source=source, error=exc)
+            return None
+
+    def _kind(self, claimed: Path) -> Kind:
+        """What was claimed, or a Rejection for what is never read (a symlink, a FIFO, another extension)."""
+        source = claimed.name
+        mode = claimed.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            raise whole_file(source, "symlink", "symlinks are not followed; drop the file itself")
+        if not stat.S_ISREG(mode):
             # A FIFO or a device is never opened: reading one could block intake forever.
-            raise _whole_file(source, "file_type", "not a regular file; drop a regular file")
+            raise whole_file(source, "file_type", "not a regular file; drop a regular file")
+        kind = classify(claimed)
         if kind is Kind.BAD:
-            raise _whole_file(source, "extension", "only NAME.jsonl (requests) and NAME.json (a spec) are taken")
-        limits = PROVIDER_LIMITS[settings.provider.kind]
-        spec: Spec | None = None
-        data = claimed
-        if kind is Kind.SPEC:
-            spec = self._read_spec(claimed, settings)
-            data = self._spec_data(claimed, spec)
-            report = validate_file(data, source=spec.input, limits=limits)
-            if not report.ok:
-                raise _from_report(report, prefix=f"{source}: its input {spec.input} is not valid")
-        else:
-            report = validate_file(claimed, source=source, limits=limits)
-            if not report.ok:
-                raise _from_report(report)
-        return report, spec, data
+            raise whole_file(source, "extension", "only NAME.jsonl (requests) and NAME.json (a spec) are taken")
+        return kind
 
     def _accept(self, job_id: str, claimed: Path) -> Job:
         settings = self._settings()
         source = claimed.name
-        report, spec, data = self._check(claimed, settings)
-        if spec is not None and data.parent != claimed.parent / "data":
-            (claimed.parent / "data").mkdir(exist_ok=True)
-            moved = claimed.parent / "data" / data.name
-            try:
-                os.rename(data, moved)
-            except FileNotFoundError:
-                # Gone since it was checked: another spec naming the same file claimed it first
-                # (takes run in parallel). A rejection, not an error that leaves this spec
-                # claimed without a job until the next start.
-                (claimed.parent / "data").rmdir()
-                raise _whole_file(source, "input", f"{spec.input} does not exist (any more)") from None
-            data = moved
-        upload = claimed.parent / UPLOAD_NAME
-        copy = write_upload_copy(data, upload, model=spec.model if spec else None)
+        spec = read_spec(claimed, settings) if self._kind(claimed) is Kind.SPEC else None
+        data = claimed if spec is None else spec_data(self.dir, claimed, spec)
+        fd = open_regular(data) if spec is None else open_data(self.dir, claimed, data)
+        try:
+            moved: list[Path] = []
+
+            def claim_data() -> None:
+                # The spec's data joins it in the claim folder once it passed its checks.
+                if spec is not None and not moved:
+                    moved.append(move_data(self.dir, claimed, data, fd))
+
+            taken = self._read_consistently(fd, claimed, spec, claim_data)
+        finally:
+            os.close(fd)
+        data = moved[0] if moved else data
+        report, copy = taken.report, taken.copy
         new = NewJob(
             id=job_id,
             name=outbox_name(source),
@@ -285,7 +317,7 @@ class Inbox:
             endpoint=report.endpoint,
             claimed_path=str(data),
             spec_path=str(claimed) if spec else None,
-            upload_path=str(upload),
+            upload_path=str(claimed.parent / UPLOAD_NAME),
             sha256=copy.sha256,
             size_bytes=copy.size_bytes,
             request_count=copy.request_count,
@@ -295,98 +327,74 @@ class Inbox:
             webhook_url=spec.webhook_url if spec else None,
             metadata=dict(spec.metadata) if spec else {},
             hold=self._owner(),
+            source_size=taken.source.size,
+            source_mtime_ns=taken.source.mtime_ns,
         )
         job = self._store.jobs.insert(new)
         log.info("inbox.accepted", job_id=job_id, source=source, requests=copy.request_count)
         return job
 
-    # ------------------------------------------------------------ specs
+    def _read_consistently(self, fd: int, claimed: Path, spec: Spec | None, claim_data: Callable[[], None]) -> Taken:
+        """Validate and copy one snapshot of the open file; again if it changed meanwhile.
 
-    def _read_spec(self, claimed: Path, settings: Settings) -> Spec:
+        After MAX_READS reads of a file that keeps changing, the last snapshot is taken as it
+        is; the job records what it was, and the end of its round reports the difference.
+        """
         source = claimed.name
-        if claimed.stat().st_size > MAX_SPEC_BYTES:
-            raise _whole_file(source, "spec", f"a spec is at most {MAX_SPEC_BYTES} bytes")
+        for attempt in range(1, MAX_READS + 1):
+            report, before = self._validate(fd, claimed, spec, last=attempt == MAX_READS)
+            if not report.ok:
+                log.info("inbox.changed_while_read", job_id=claimed.parent.name, source=source, attempt=attempt)
+                continue
+            claim_data()
+            with snapshot(fd, before.size) as stream:
+                copy = write_upload_copy(stream, claimed.parent / UPLOAD_NAME, model=spec.model if spec else None)
+            after = SourceState.of(os.fstat(fd))
+            if after == before or attempt == MAX_READS:
+                return Taken(report, copy, before)
+            log.warning(
+                "inbox.changed_while_read", job_id=claimed.parent.name, source=source, attempt=attempt,
+                size=before.size, now_size=after.size,
+            )  # fmt: skip
+        raise AssertionError("unreachable: the last read returns or raises")
+
+    def _validate(self, fd: int, claimed: Path, spec: Spec | None, *, last: bool) -> tuple[Report, SourceState]:
+        """Validate a snapshot of the open file. Raises a Rejection when it is invalid, unless it
+        changed meanwhile (it may have been read mid-write) and this is not the `last` read."""
+        before = SourceState.of(os.fstat(fd))
+        limits = PROVIDER_LIMITS[self._settings().provider.kind]
+        with snapshot(fd, before.size) as stream:
+            name = spec.input if spec else claimed.name
+            report = validate_stream(stream, source=name, limits=limits, size_bytes=before.size)
+        if not report.ok and (last or SourceState.of(os.fstat(fd)) == before):
+            prefix = f"{claimed.name}: its input {spec.input} is not valid" if spec else ""
+            raise from_report(report, prefix=prefix)
+        return report, before
+
+    def _analyse_for_report(self, job: Job) -> str:
+        """The report of a rejection a crash interrupted, found again from the claimed file."""
+        assert job.claimed_path is not None
+        claimed = Path(job.claimed_path)
+        settings = self._settings()
         try:
-            raw = json.loads(claimed.read_bytes().decode("utf-8-sig"))
-        except UnicodeDecodeError:
-            raise _whole_file(source, "encoding", "a spec must be UTF-8") from None
-        except json.JSONDecodeError as exc:
-            raise _on_line(source, exc.lineno, "json", f"not valid JSON ({exc.msg})") from None
-        # Anything json.loads raises is the spec's fault (too deeply nested, an integer over
-        # Python's digit limit); escaping as an exception would stop intake, and recover()
-        # would meet the same claimed spec at every start.
-        except RecursionError:
-            raise _whole_file(source, "json", "not valid JSON (nested too deeply)") from None
-        except ValueError as exc:
-            raise _whole_file(source, "json", f"not valid JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise _whole_file(source, "spec", "a spec must be a JSON object")
-        unknown = sorted(set(raw) - SPEC_KEYS)
-        if unknown:
-            raise _whole_file(source, "spec", f"unknown key(s) {', '.join(unknown)}; allowed: {sorted(SPEC_KEYS)}")
-        data_path = raw.get("input")
-        if not isinstance(data_path, str) or not data_path:
-            raise _whole_file(source, "input", "`input` (the JSONL file, relative to the inbox) is required")
-        window = raw.get("completion_window")
-        # isascii: str.isdigit() also accepts digits such as "²" that no provider reads as a number.
-        if window is not None and (
-            not isinstance(window, str)
-            or not (window[:-1].isascii() and window[:-1].isdigit())
-            or window[-1:] not in ("h", "d")
-        ):
-            raise _whole_file(source, "completion_window", 'must look like "24h"')
-        model = raw.get("model")
-        if model is not None and (not isinstance(model, str) or not model):
-            raise _whole_file(source, "model", "must be a non-empty string")
-        meta = raw.get("metadata", {})
-        if not isinstance(meta, dict):
-            raise _whole_file(source, "metadata", "must be a JSON object")
-        url = raw.get("webhook_url")
-        if url is not None and (
-            not isinstance(url, str) or allowed_webhook_url(url, settings.inbox.allow_webhook_urls) is None
-        ):
-            raise _whole_file(
-                source,
-                "webhook_url",
-                f"{url!r} matches no entry of [inbox] allow_webhook_urls (scheme, host, port and path prefix)",
-            )
-        return Spec(input=data_path, completion_window=window, model=model, webhook_url=url, metadata=meta)
-
-    def _spec_data(self, claimed: Path, spec: Spec) -> Path:
-        """The spec's data file: inside a sub-folder of the inbox, no `..`, no symlink, existing."""
-        source = claimed.name
-        # After a crash the data may already sit in the claim folder.
-        already = claimed.parent / "data" / PurePosixPath(spec.input).name
-        if already.is_file() and not already.is_symlink():
-            return already
-        rel = PurePosixPath(spec.input)
-        if rel.is_absolute() or "\\" in spec.input:
-            raise _whole_file(source, "input", "must be a path relative to the inbox, not absolute")
-        if any(part in ("..", ".") for part in rel.parts) or len(rel.parts) < 2:
-            raise _whole_file(source, "input", "must name a file inside a sub-folder of the inbox, without `..`")
-        if rel.parts[0] in (".batchd", "rejected") or any(is_ignored_name(p) for p in rel.parts):
-            raise _whole_file(source, "input", f"{spec.input!r} is in a folder batchd does not take from")
-        current = self.dir
-        for part in rel.parts:
-            current = current / part
+            spec = read_spec(claimed, settings) if self._kind(claimed) is Kind.SPEC else None
+            data = claimed if spec is None else spec_data(self.dir, claimed, spec)
+            fd = open_regular(data) if spec is None else open_data(self.dir, claimed, data)
             try:
-                mode = current.lstat().st_mode
-            except FileNotFoundError:
-                raise _whole_file(source, "input", f"{spec.input} does not exist") from None
-            if stat.S_ISLNK(mode):
-                raise _whole_file(source, "input", f"{spec.input}: symlinks are not followed")
-        if not stat.S_ISREG(current.lstat().st_mode):
-            raise _whole_file(source, "input", f"{spec.input} is not a regular file")
-        if current.suffix != ".jsonl":
-            raise _whole_file(source, "input", f"{spec.input} must be a .jsonl file")
-        return current
-
-    # ------------------------------------------------------------ rejecting
+                self._validate(fd, claimed, spec, last=True)
+            finally:
+                os.close(fd)
+        except Rejection as rejection:
+            return rejection.report
+        except Exception as exc:
+            if not is_the_files_fault(exc):
+                raise
+        return f"{job.source}: {job.reason}\n"
 
     def _reject(self, job_id: str, claimed: Path, rejection: Rejection) -> Job:
         settings = self._settings()
         source = claimed.name
-        target, report_path = self._reserve_rejected_name(source, job_id, rejection.report)
+        target, report_path = rejections.reserve(self.dir, source, job_id, rejection.report)
         now = self._store.now()
         data = {
             "id": job_id,
@@ -415,42 +423,21 @@ class Inbox:
             # that the retry after recover() does not leave a report without its file.
             report_path.unlink(missing_ok=True)
             raise
+        if job.report_path != str(report_path):
+            # Another daemon recorded this claim first: it finishes it; the name is given back.
+            report_path.unlink(missing_ok=True)
+            return job
         log.warning("inbox.rejected", job_id=job_id, source=source, reason=rejection.reason)
         self._finish_rejection(job, rejection.report)
         return job
 
-    def _reserve_rejected_name(self, source: str, job_id: str, report: str) -> tuple[Path, Path]:
-        """Pick `rejected/NAME.EXT` (if taken: `NAME.<short id>.EXT`) and hold it by creating its report.
-
-        The report is created with O_EXCL before the rejection is committed. A check for a
-        free name alone is not enough: two daemons sharing the inbox that reject files of the
-        same name at once would both pick it, and the second rename would silently replace
-        the first file (os.rename overwrites).
-        """
-        self.rejected_dir.mkdir(parents=True, exist_ok=True)
-        stem, dot, ext = source.rpartition(".")
-        own = f"{stem}.{job_id[:8]}.{ext}" if dot else f"{source}.{job_id[:8]}"
-        for name in (source, own):
-            target = self.rejected_dir / name
-            report_path = self.rejected_dir / f"{name}.errors.txt"
-            if name == source and os.path.lexists(target):
-                continue
-            try:
-                fd = os.open(report_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                if name == source:
-                    continue
-                # The name carries this job's id: a report left by an earlier try of this
-                # very job (a crash before its commit). Ours to overwrite.
-                fd = os.open(report_path, os.O_WRONLY | os.O_TRUNC)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(report)
-            return target, report_path
-        raise AssertionError("unreachable: the job's own name is always available")
-
     def _finish_rejection(self, job: Job, report: str) -> None:
         """Write the report, then move the file (byte-identical) beside it."""
-        assert job.rejected_path and job.report_path and job.claimed_path
-        self.rejected_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(job.report_path), report.encode("utf-8"))
-        os.rename(job.claimed_path, job.rejected_path)
+        rejections.finish(self.dir, job, report)
+
+
+def _describe(exc: BaseException) -> str:
+    """An error as a user reads it in a report: the reason, without a traceback."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__

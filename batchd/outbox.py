@@ -17,11 +17,13 @@ from batchd import chaos
 from batchd.durable_files import write_atomic
 from batchd.models import Job, JobState, RemoteBatchRecord
 from batchd.results import MergeResult
+from batchd.safe_fs import NAME_MAX, make_dirs
 
 __all__ = [
     "SHORT_ID_LENGTH",
     "iso",
     "job_document",
+    "make_outbox_folder",
     "outbox_candidates",
     "outbox_name",
     "reason_for",
@@ -53,8 +55,19 @@ def outbox_candidates(outbox_dir: Path, name: str, job_id: str) -> list[Path]:
     characters of `job_id`), and as a last resort ``NAME.<job id>/``. The Store
     reserves one of them for the job before it is created (see the daemon).
     """
-    names = dict.fromkeys([name, f"{name}.{job_id[:SHORT_ID_LENGTH]}", f"{name}.{job_id}"])
+    names = dict.fromkeys([name, _with_id(name, job_id[:SHORT_ID_LENGTH]), _with_id(name, job_id)])
     return [outbox_dir / n for n in names]
+
+
+def _with_id(name: str, suffix: str) -> str:
+    """`NAME.<suffix>`, the name cut short when both would not fit in a file name."""
+    room = NAME_MAX - len(suffix.encode()) - 1
+    return f"{name.encode()[:room].decode('utf-8', 'ignore')}.{suffix}"
+
+
+def make_outbox_folder(outbox_dir: Path, folder: Path) -> Path:
+    """Create a job's outbox folder (2750: group batchd reads it), or check the one a crash left."""
+    return make_dirs(outbox_dir, [folder.name])
 
 
 def write_job_json(folder: Path, doc: Mapping[str, Any]) -> Path:
@@ -93,8 +106,10 @@ def job_document(
     finished_at: float,
     reason: str | None,
     cost: Mapping[str, Any] | None = None,
+    source_changed: str | None = None,
 ) -> dict[str, Any]:
-    """The content of job.json (DESIGN §4, plus `rounds`, `cost`, `reason`, `model`, `input_sha256`)."""
+    """The content of job.json (DESIGN §4, plus `rounds`, `cost`, `reason`, `model`, `input_sha256`,
+    `source_changed`)."""
     output = folder / "output.jsonl"
     errors = folder / "errors.jsonl"
     return {
@@ -117,6 +132,8 @@ def job_document(
         "input_sha256": job.sha256,
         "rounds": _rounds(batches),
         "cost": dict(cost) if cost else None,
+        # Why the dropped file no longer matches what was submitted (it changed after it was taken).
+        "source_changed": source_changed,
     }
 
 

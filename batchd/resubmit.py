@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 from batchd.config import Settings
-from batchd.inbox import job_files_dir
+from batchd.inbox import ensure_job_files
 from batchd.models import Job, JobState
 from batchd.shards import write_followups
 from batchd.store import NewJob, Store
@@ -27,8 +27,7 @@ def retry_job(store: Store, settings: Settings, job: Job) -> Job:
     if not job.state.terminal or job.state == JobState.REJECTED or not job.upload_path or not job.outbox_path:
         raise NothingToRetry(f"job {job.short_id} is {job.state.value}: only a finished, accepted job can be retried")
     new_id = uuid.uuid4().hex
-    work = job_files_dir(settings, new_id)
-    work.mkdir(parents=True, exist_ok=True)
+    work = ensure_job_files(settings, new_id)
     upload = work / "retry.jsonl"
     count = write_followups(Path(job.upload_path), Path(job.outbox_path) / "errors.jsonl", upload, everything=True)
     if count == 0:

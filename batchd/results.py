@@ -21,7 +21,7 @@ from typing import IO, Any
 import structlog
 
 from batchd import chaos, jsonl
-from batchd.durable_files import fsync_dir
+from batchd.durable_files import fsync_dir, open_temp, temp_name
 from batchd.jsonl import strip_eol
 from batchd.store.scratch import AnswerRow, MergeIndex
 from batchd.upload_copy import iter_custom_ids
@@ -163,14 +163,15 @@ class _AtomicFile:
 
     def __init__(self, dest: Path) -> None:
         self.dest = dest
-        self.temp = dest.with_name(f".{dest.name}.tmp")
+        self.temp = temp_name(dest)
         self.stream: IO[bytes] | None = None
         self.lines = 0
 
     def open(self) -> IO[bytes]:
         if self.stream is None:
             chaos.file_fault(self.temp)
-            self.stream = self.temp.open("wb", buffering=1 << 20)
+            # Exactly 0640 (group batchd reads the outbox), never through a planted name.
+            self.stream = open_temp(self.temp)
         return self.stream
 
     def write_line(self, content: bytes) -> None:
@@ -194,7 +195,7 @@ class _AtomicFile:
         return True
 
     def commit(self) -> None:
-        self.temp.replace(self.dest)
+        os.replace(self.temp, self.dest)
 
     def discard(self) -> None:
         if self.stream is not None:

@@ -36,6 +36,13 @@ from batchd.webhooks import Deliverer
 
 log = structlog.get_logger("batchd.service")
 
+#: The daemon's umask, whatever it was started with: nothing it makes is world-readable, and
+#: group batchd reads what it should (the outbox, rejection reports). Files that must be
+#: private (the database, secrets) get 0600 explicitly; see safe_fs for the other modes.
+UMASK = 0o027
+#: The state directory, when batchd makes it (systemd's StateDirectoryMode says the same).
+STATE_DIR_MODE = 0o750
+
 
 class LockHeld(Exception):
     """Another batchd process owns this state directory."""
@@ -52,9 +59,11 @@ class StateLock:
 
 def acquire_lock(state_dir: Path) -> StateLock:
     """Hold `state_dir/batchd.lock` for the life of the process (one daemon per state directory)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    if not state_dir.is_dir():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.chmod(STATE_DIR_MODE)
     path = state_dir / "batchd.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -102,6 +111,7 @@ async def serve(
     on_daemon: Callable[[Daemon], None] | None = None,
 ) -> int:
     """Run the daemon until stopped (0) or, with `once`, until drained (0) or timed out (1)."""
+    os.umask(UMASK)
     logs.redact_values(secret_values(settings))
     if reload is not None:
         reload = _redacting(reload)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from batchd import jsonl
 from batchd.durable_files import atomic_file
@@ -44,18 +46,21 @@ def _rewrite_model(content: bytes, model: str) -> bytes:
         return json.dumps(request, separators=(",", ":")).encode("ascii")
 
 
-def write_upload_copy(src: Path, dest: Path, *, model: str | None = None) -> UploadCopy:
+def write_upload_copy(src: Path | IO[bytes], dest: Path, *, model: str | None = None) -> UploadCopy:
     """Write the copy batchd uploads: one request per line, ``\\n`` ends, no BOM, no blank lines.
 
     Lines are copied byte for byte, except that when `model` is given each
     line's ``body.model`` is set to it (only those lines are re-serialised,
-    compactly). `src` is never modified. Meant for a file `validate_file`
-    accepted: its lines are valid JSON objects of bounded length.
+    compactly). `src` (a path, or a stream read to its end) is never modified.
+    Meant for a file `validate_file` accepted: its lines are valid JSON objects
+    of bounded length.
     """
     digest = hashlib.sha256()
     size = 0
     count = 0
-    with src.open("rb") as stream, atomic_file(dest) as out:
+    with ExitStack() as files:
+        stream = files.enter_context(src.open("rb")) if isinstance(src, Path) else src
+        out = files.enter_context(atomic_file(dest))
         for line in jsonl.read_lines(stream):
             assert line.content is not None  # no cap given: every line comes whole
             content = _rewrite_model(line.content, model) if model is not None else line.content

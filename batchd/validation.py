@@ -45,7 +45,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from batchd.jsonl import read_lines
 from batchd.models import Limits
@@ -58,6 +58,7 @@ __all__ = [
     "Report",
     "format_report",
     "validate_file",
+    "validate_stream",
 ]
 
 #: Every rule name a Problem can carry (see the module docstring). Published: extend only.
@@ -128,13 +129,24 @@ def validate_file(path: Path, *, source: str, limits: Limits, max_reported: int 
     `problems` keeps whole-file problems first, then line problems in line
     order, at most `max_reported` of them; `problem_count` counts them all.
     """
+    with path.open("rb") as stream:
+        size_bytes = os.fstat(stream.fileno()).st_size
+        return validate_stream(stream, source=source, limits=limits, size_bytes=size_bytes, max_reported=max_reported)
+
+
+def validate_stream(
+    stream: IO[bytes], *, source: str, limits: Limits, size_bytes: int, max_reported: int = 100
+) -> Report:
+    """`validate_file` for a stream read to its end (the daemon's snapshot of a claimed file).
+
+    `size_bytes` is what the report gives as the file's size on disk.
+    """
     seen = FirstLines(in_memory=_SEEN_IN_MEMORY)
     rules: LineRules = OpenAIRules(seen)
     requests = 0
     line_problems: list[Problem] = []
     line_problem_count = 0
-    with path.open("rb") as stream, contextlib.closing(seen):
-        size_bytes = os.fstat(stream.fileno()).st_size
+    with contextlib.closing(seen):
         # A line longer than a whole batch may hold is never read into memory.
         for line in read_lines(stream, cap=limits.max_bytes + 1):
             requests += 1

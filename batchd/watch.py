@@ -2,8 +2,10 @@
 
 The producer protocol (DESIGN §3) maps onto two kernel events: a file renamed
 into the inbox (IN_MOVED_TO) and a file whose writer closed it (IN_CLOSE_WRITE)
-are ready at once. A create or a write alone only means "something is being
-written": the daemon waits for the close, or for the rescan's settle time.
+are ready at once. A write (IN_MODIFY) means a writer has the file open: the
+daemon waits for its close, however long the writer pauses. A create or a
+change of attributes alone (a hard link, a touch) waits for the rescan's settle
+time.
 Events are hints; the periodic rescan is the truth, and a queue overflow or a
 lost watch simply asks for one.
 """
@@ -35,8 +37,9 @@ _MASK = (
 
 @dataclass(frozen=True)
 class WatchEvent:
-    #: ready: take it now; changed: being written, wait; rescan: look at everything
-    kind: Literal["ready", "changed", "rescan"]
+    #: ready: take it now; writing: open for writing, wait for its close; changed: wait until it
+    #: settles; rescan: look at everything
+    kind: Literal["ready", "writing", "changed", "rescan"]
     path: Path
 
 
@@ -115,6 +118,8 @@ class InboxWatcher:
                 events.append(WatchEvent("ready", path))
             elif ev.mask & flags.ISDIR:
                 continue
+            elif ev.mask & flags.MODIFY:
+                events.append(WatchEvent("writing", path))
             else:
                 events.append(WatchEvent("changed", path))
         return events

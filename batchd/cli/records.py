@@ -16,7 +16,7 @@ from typing import Any
 from batchd.config import Settings
 from batchd.models import Delivery, EndpointStats, Job, JobState, RemoteBatchRecord
 from batchd.outbox import iso
-from batchd.store import Store
+from batchd.store import Store, daemon_state
 
 #: Below this many jobs, their remote batches are read by id; above, all at once.
 _BY_ID_LIMIT = 500
@@ -91,6 +91,8 @@ def show_record(
             "input_file_id": job.input_file_id,
             "sha256": job.sha256,
             "size_bytes": job.size_bytes,
+            # why the dropped file no longer matches what was submitted (it changed after the take)
+            "source_changed": job.source_changed,
             "attempts": job.attempts,
             "timings": {
                 "created_at": iso(job.created_at),
@@ -203,12 +205,7 @@ def daemon_records(rows: Sequence[dict[str, Any]], lease_s: float, now: float) -
     """`batchd status --json`: every daemon the database knows, newest first."""
     records = []
     for row in rows:
-        if row["stopped_at"] is not None:
-            state = "stopped"
-        elif now - row["heartbeat_at"] > lease_s:
-            state = "gone"  # no heartbeat for a whole lease: killed, or its host is unreachable
-        else:
-            state = "running"
+        state = daemon_state(row["stopped_at"], row["heartbeat_at"], now, lease_s)
         records.append(
             {
                 "id": row["id"],
@@ -279,6 +276,8 @@ def show_lines(record: dict[str, Any]) -> list[str]:
     for d in r["webhooks"]:
         status = f" (HTTP {d['last_status']})" if d["last_status"] else ""
         lines.append(f"webhook    {d['type']} → {d['url']}  {d['state']}{status}, {d['attempts']} attempts")
+    if r["source_changed"]:
+        lines.append(f"changed    {r['source']} changed after it was taken: {r['source_changed']}")
     if r["reason"]:
         lines.append(f"reason     {r['reason']}")
     if r["last_error"]:

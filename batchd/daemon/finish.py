@@ -21,10 +21,12 @@ from batchd.crashpoints import crashpoint
 from batchd.daemon.context import Context, db
 from batchd.daemon.submit import Submitter
 from batchd.models import Job, JobState, RemoteBatchRecord
-from batchd.outbox import job_document, outbox_candidates, reason_for, write_job_json
+from batchd.outbox import job_document, make_outbox_folder, outbox_candidates, reason_for, write_job_json
 from batchd.pricing import estimate_cost
 from batchd.providers.base import ProviderError
 from batchd.results import MergeResult, merge_results, truncated_tail
+from batchd.safe_fs import PlantedEntry, check_within
+from batchd.source_file import SourceState, current_change
 from batchd.store import Ending
 from batchd.webhooks import build_event, webhook_data
 
@@ -60,9 +62,10 @@ class Finisher:
         # Reserved in the database, then created: a restart finds the reservation and reuses it.
         candidates = outbox_candidates(settings.outbox_dir, job.name, job.id)
         folder = await db(self._ctx.store.jobs.reserve_outbox, job.id, candidates, os.path.lexists)
-        await anyio.Path(folder).mkdir(parents=True, exist_ok=True)
+        await db(make_outbox_folder, settings.outbox_dir, folder)
         code = lifecycle.unanswered_code(batches, job.cancel_requested)
         assert job.upload_path is not None
+        await db(check_within, settings.inbox_dir, Path(job.upload_path))
         merge: MergeResult = await db(
             merge_results,
             input_path=Path(job.upload_path),
@@ -71,6 +74,7 @@ class Finisher:
             unanswered_code=code,
             scratch_dir=work,
         )
+        source_changed = await self._check_source(job)
         followup = lifecycle.wants_followup(job, settings.resubmit.max_rounds)
         if followup and await self._submitter.plan_followup(job, folder):
             return None
@@ -80,11 +84,29 @@ class Finisher:
             reason = reason_for(batches, merge, code)
         doc = job_document(
             job, state, merge, batches, folder, finished_at=self._ctx.clock(), reason=reason,
-            cost=estimate_cost(merge.usage, settings.pricing.get(job.model or "")),
+            cost=estimate_cost(merge.usage, settings.pricing.get(job.model or "")), source_changed=source_changed,
         )  # fmt: skip
         await db(write_job_json, folder, doc)
         crashpoint("after_job_json")
         return doc
+
+    async def _check_source(self, job: Job) -> str | None:
+        """Whether the dropped file still is what was submitted; a change is recorded and logged once."""
+        if job.source_changed is not None:
+            return job.source_changed
+        if job.claimed_path is None or job.source_size is None or job.source_mtime_ns is None:
+            return None  # a manual retry, or a job of an older release
+        before = SourceState(job.source_size, job.source_mtime_ns)
+        try:
+            await db(check_within, self._ctx.settings.inbox_dir, Path(job.claimed_path).parent)
+        except PlantedEntry as exc:
+            reason: str | None = f"its claim folder was replaced by something batchd did not make ({exc.filename})"
+        else:
+            reason = await db(current_change, Path(job.claimed_path), before)
+        if reason is not None:
+            await db(self._ctx.store.jobs.record_source_changed, job.id, reason)
+            log.warning("job.source_changed", job_id=job.id, source=job.source, path=job.claimed_path, reason=reason)
+        return reason
 
     async def _download(self, job: Job, batches: list[RemoteBatchRecord], work: Path) -> list[Path]:
         """Fetch every output and error file of the job's batches into `work` (resumed where a

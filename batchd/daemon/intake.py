@@ -1,9 +1,12 @@
 """Intake: taking files from the inbox as they arrive (DESIGN §3).
 
 inotify events are hints and the periodic rescan is the truth: a renamed-in or closed file is
-taken at once, a file seen only by a rescan once it has been quiet for `[inbox] settle_s`.
-Each take (claim, validate, record) runs in a worker thread, a few at a time; what a take
-does is `Inbox.take`'s business.
+taken at once; a file seen being written is taken when its writer closes it, however long it
+pauses (a writer that keeps a file open is not cut short after its first line); a file seen
+only by a rescan once it has been quiet for `[inbox] settle_s`. Each take (claim, validate,
+record) runs in a worker thread, a few at a time; what a take does is `Inbox.take`'s
+business. Each full rescan also looks for claims another daemon (or a failed take) left
+without a job (`Inbox.recover_abandoned`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ class Intake:
         self._stop = stop
         self._takes = anyio.CapacityLimiter(MAX_CONCURRENT_TAKES)
         self._taking: set[Path] = set()
+        #: files inotify saw being written and not yet closed: taken at their close, not by a rescan
+        self._writing: set[Path] = set()
+        #: a recovery pass is running (one at a time)
+        self._recovering = False
         #: takes started and not yet ended
         self.pending = 0
         #: set once intake has ended (with `once`: the first rescan's files are all taken)
@@ -86,27 +93,40 @@ class Intake:
             for ev in events:
                 if ev.kind == "ready":
                     settling.pop(ev.path, None)
+                    self._writing.discard(ev.path)
                     self._start_take(takes, ev.path)
+                elif ev.kind == "writing":
+                    # Its writer has it open: wait for the close (the next "ready"), not a quiet time.
+                    settling.pop(ev.path, None)
+                    self._writing.add(ev.path)
                 elif ev.kind == "changed":
-                    settling[ev.path] = self._ctx.clock() + self._ctx.settings.inbox.settle_s
+                    if ev.path not in self._writing:
+                        settling[ev.path] = self._ctx.clock() + self._ctx.settings.inbox.settle_s
                 else:
+                    # Events may have been lost (a queue overflow): closes too, so back to quiet times.
+                    self._writing.clear()
                     rescan = True
             now = self._ctx.clock()
             if rescan or now >= next_rescan or any(at <= now for at in settling.values()):
                 await self._rescan(takes, settling)
                 if now >= next_rescan:
                     next_rescan = now + self._ctx.settings.inbox.rescan_s
+                    self._start_recovery(takes)
 
     async def _rescan(self, takes: anyio.abc.TaskGroup, settling: dict[Path, float]) -> None:
         now = time.time()  # compared with file mtimes, which are wall-clock
         settle = self._ctx.settings.inbox.settle_s
         found = await db(self._inbox.candidates)
+        log.debug("inbox.rescanned", candidates=len(found), writing=len(self._writing), settling=len(settling))
         for path in list(settling):
             if path not in found:
                 del settling[path]
+        self._writing.intersection_update(found)
         for path in found:
             if self._stop.is_set():
                 return
+            if path in self._writing:
+                continue
             if classify(path) is Kind.BAD:
                 self._start_take(takes, path)
                 continue
@@ -120,6 +140,28 @@ class Intake:
             else:
                 # Seen only by a rescan and still changing: wait until it has been quiet for settle_s.
                 settling[path] = self._ctx.clock() + (mtime + settle - now)
+
+    def _start_recovery(self, takes: anyio.abc.TaskGroup) -> None:
+        if not self._recovering:
+            self._recovering = True
+            takes.start_soon(self._recover_abandoned)
+
+    async def _recover_abandoned(self) -> None:
+        """Claims left without a job by a daemon that has gone, or by a take that failed."""
+        try:
+            jobs = await db(self._inbox.recover_abandoned)
+        except Exception as exc:
+            # The database, briefly: the next rescan tries again.
+            log.exception("inbox.recovery_failed", error=str(exc))
+            return
+        finally:
+            self._recovering = False
+        for job in jobs:
+            metrics.intake(rejected=job.state == JobState.REJECTED)
+        if jobs:
+            log.info("inbox.recovered_claims", jobs=len(jobs))
+            self._ctx.wake()
+            self._ctx.poke_deliverer()
 
     def _start_take(self, takes: anyio.abc.TaskGroup, path: Path) -> None:
         # An event and a rescan can name the same file; one take per path at a time.

@@ -18,8 +18,10 @@ import structlog
 from batchd import lifecycle
 from batchd.crashpoints import crashpoint
 from batchd.daemon.context import Context, db
+from batchd.inbox import ensure_job_files
 from batchd.models import BatchStatus, Job, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.providers.base import ProviderError
+from batchd.safe_fs import check_within
 from batchd.shards import split, write_followups
 from batchd.store import ShardPlan, StaleState
 
@@ -52,8 +54,7 @@ class Submitter:
         `folder` is the job's outbox folder, whose errors.jsonl the last merge wrote.
         """
         next_round = job.round + 1
-        files = self._ctx.job_files(job)
-        await anyio.Path(files).mkdir(parents=True, exist_ok=True)
+        files = await db(ensure_job_files, self._ctx.settings, job.id)
         followups = files / f"round-{next_round}.jsonl"
         count = await db(write_followups, Path(job.upload_path or ""), folder / "errors.jsonl", followups)
         if count == 0:
@@ -64,8 +65,9 @@ class Submitter:
 
     async def _plan_round(self, job: Job, requests: Path, round_: int) -> list[RemoteBatchRecord]:
         """Cut `requests` into shards within the provider's limits and commit them as round `round_`."""
-        files = self._ctx.job_files(job)
-        await anyio.Path(files).mkdir(parents=True, exist_ok=True)
+        # Beside the inbox, so checked to be batchd's own folders (a planted symlink is moved aside).
+        files = await db(ensure_job_files, self._ctx.settings, job.id)
+        await db(check_within, self._ctx.settings.inbox_dir, requests)
         limits = self._ctx.settings.provider.limits
         shards = await db(split, requests, files, limits, prefix=f"round-{round_}")
         plans = [ShardPlan(str(s.path), s.request_count, s.size_bytes, s.sha256) for s in shards]
@@ -107,6 +109,8 @@ class Submitter:
             return
         if row.status == BatchStatus.PENDING:
             assert row.input_path and row.sha256
+            # Made by batchd beside the inbox: refused if a folder on its way was swapped for a symlink.
+            await db(check_within, self._ctx.settings.inbox_dir, Path(row.input_path))
             try:
                 file_id = await self._ctx.provider.upload_file(
                     Path(row.input_path), filename=_upload_name(job, row), sha256=row.sha256

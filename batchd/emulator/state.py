@@ -28,6 +28,7 @@ import hmac
 import json
 import os
 import secrets
+import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -44,6 +45,8 @@ from batchd.durable_files import fsync_dir
 
 log = structlog.get_logger()
 
+#: The signing secret's mode: the service user's alone, whatever the umask.
+SECRET_MODE = 0o600
 #: Where every "now" of the emulator comes from (aware, UTC); tests inject their own.
 Clock = Callable[[], datetime]
 
@@ -187,10 +190,15 @@ def _file_from_json(data: dict[str, Any]) -> StoredFile:
     return StoredFile(**{k: v for k, v in data.items() if k in known})
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, tmp_dir: Path) -> None:
-    """Write `data` to `path` so that a crash leaves the old or the new content, never a mix."""
+def atomic_write_bytes(path: Path, data: bytes, *, tmp_dir: Path, mode: int | None = None) -> None:
+    """Write `data` to `path` so that a crash leaves the old or the new content, never a mix.
+
+    With `mode`, the file gets exactly that mode, whatever the umask.
+    """
     tmp = tmp_dir / f"{path.name}.{uuid.uuid4().hex}.tmp"
     with tmp.open("wb") as f:
+        if mode is not None:
+            os.fchmod(f.fileno(), mode)
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -250,7 +258,10 @@ class EmulatorState:
             leftover.unlink(missing_ok=True)
         secret_path = self.data_dir / "secret"
         if not secret_path.exists():
-            atomic_write_bytes(secret_path, secrets.token_bytes(32), tmp_dir=self.tmp_dir)
+            atomic_write_bytes(secret_path, secrets.token_bytes(32), tmp_dir=self.tmp_dir, mode=SECRET_MODE)
+        elif stat.S_IMODE(secret_path.stat().st_mode) != SECRET_MODE:
+            # Written by an older release under a loose umask.
+            secret_path.chmod(SECRET_MODE)
         self._secret = secret_path.read_bytes()
         for meta in self.files_dir.glob("*.json"):
             record = _file_from_json(json.loads(meta.read_bytes()))

@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from batchd.store.batches import RemoteBatchStore
-from batchd.store.cluster import ClusterStore
+from batchd.store.cluster import ClusterStore, daemon_state
 from batchd.store.database import (
     LEASE,
     Database,
@@ -77,6 +77,7 @@ __all__ = [
     "StaleState",
     "Store",
     "StoreUnavailable",
+    "daemon_state",
     "is_database_error",
     "open_existing",
     "safe_url",

@@ -17,6 +17,15 @@ from batchd.store.database import Database
 from batchd.store.schema import LIVE_STATES, daemons, deliveries, jobs
 
 
+def daemon_state(stopped_at: float | None, heartbeat_at: float, now: float, lease_s: float) -> str:
+    """ "stopped", "gone" (no heartbeat for a whole lease: killed, or its host unreachable) or "running"."""
+    if stopped_at is not None:
+        return "stopped"
+    if now - heartbeat_at > lease_s:
+        return "gone"
+    return "running"
+
+
 class ClusterStore:
     """The `daemons` table, and the lease columns of jobs and deliveries."""
 
@@ -96,6 +105,29 @@ class ClusterStore:
             conn.execute(update(jobs).where(jobs.c.owner == owner).values(owner=None, lease_until=None))
             conn.execute(update(deliveries).where(deliveries.c.owner == owner).values(owner=None, lease_until=None))
             conn.execute(update(daemons).where(daemons.c.id == owner).values(stopped_at=now))
+
+    def states(self, daemon_ids: Collection[str], *, now: float, lease_s: float) -> dict[str, str]:
+        """The state of each daemon among `daemon_ids` that the database knows, as `batchd status`
+        says it: "stopped" (it said so), "gone" (no heartbeat for a whole lease) or "running"."""
+        if not daemon_ids:
+            return {}
+        with self._db.read() as conn:
+            rows = conn.execute(
+                select(daemons.c.id, daemons.c.stopped_at, daemons.c.heartbeat_at).where(
+                    daemons.c.id.in_(list(daemon_ids))
+                )
+            ).all()
+        return {str(i): daemon_state(stopped_at, heartbeat_at, now, lease_s) for i, stopped_at, heartbeat_at in rows}
+
+    def departed(self, *, now: float, lease_s: float) -> set[str]:
+        """Every daemon that is stopped or gone: a new one among them may have left claims behind."""
+        with self._db.read() as conn:
+            rows = conn.execute(
+                select(daemons.c.id).where(
+                    or_(daemons.c.stopped_at.is_not(None), daemons.c.heartbeat_at < now - lease_s)
+                )
+            ).all()
+        return {str(r[0]) for r in rows}
 
     def daemons(self) -> list[dict[str, Any]]:
         """Every daemon that ever ran on this database, newest first, with the jobs it holds."""

@@ -7,7 +7,9 @@ it causes commit together or not at all (the transactional outbox of DESIGN §2)
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
@@ -184,6 +186,28 @@ def _injected(moment: str) -> OperationalError:
     return OperationalError(f"chaos: {moment}", None, sqlite3.OperationalError("disk I/O error (injected)"))
 
 
+#: The SQLite database and its journals: the service user's alone, whatever the umask.
+SQLITE_MODE = 0o600
+
+
+def _private_files(database: Path) -> None:
+    """Create the SQLite file 0600 (SQLite gives its -wal and -shm the database's mode) and bring
+    the files an older release made under a loose umask to 0600. Best effort: an operator's
+    command run as another user leaves them as they are."""
+    for path, create in ((database, os.O_CREAT), (database.with_name(f"{database.name}-wal"), 0),
+                         (database.with_name(f"{database.name}-shm"), 0)):  # fmt: skip
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | create, SQLITE_MODE)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != SQLITE_MODE:
+                os.fchmod(fd, SQLITE_MODE)
+        finally:
+            os.close(fd)
+
+
 def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         # The daemon calls the Store from worker threads; each checkout is used by one thread at a time.
@@ -191,6 +215,7 @@ def _make_engine(url: str) -> Engine:
         database = engine.url.database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+            _private_files(Path(database))
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:

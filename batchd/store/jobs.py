@@ -7,7 +7,7 @@ the state the caller read (else StaleState): a repeated or raced step never writ
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
@@ -23,6 +23,9 @@ from batchd.store.deliveries import insert_events
 from batchd.store.rows import job_from_row, unchanged
 from batchd.store.schema import LIVE_STATES, jobs
 from batchd.store.writes import Ending, NewJob, NextCheck, RejectedJob
+
+#: Ids per IN (…) list: well below SQLite's and PostgreSQL's limits on bound parameters.
+_IDS_PER_QUERY = 500
 
 
 class IllegalTransition(ValueError):
@@ -51,6 +54,16 @@ class JobStore:
         """Every job id, for matching against claim folders in one query."""
         with self._db.read() as conn:
             return {str(r[0]) for r in conn.execute(select(jobs.c.id)).all()}
+
+    def existing(self, job_ids: Collection[str]) -> set[str]:
+        """Those of `job_ids` that have a row."""
+        found: set[str] = set()
+        wanted = list(job_ids)
+        with self._db.read() as conn:
+            for start in range(0, len(wanted), _IDS_PER_QUERY):
+                chunk = wanted[start : start + _IDS_PER_QUERY]
+                found.update(str(r[0]) for r in conn.execute(select(jobs.c.id).where(jobs.c.id.in_(chunk))))
+        return found
 
     def find(self, ref: str) -> list[Job]:
         """Jobs matching an id, a unique id prefix, or a name (newest first)."""
@@ -97,23 +110,37 @@ class JobStore:
     # ------------------------------------------------------------ inserts
 
     def insert(self, new: NewJob) -> Job:
-        """A new job in state `received` (held by `new.hold`'s daemon, if given)."""
+        """A new job in state `received` (held by `new.hold`'s daemon, if given).
+
+        Idempotent: when a job of that id exists (another daemon recorded the same claim
+        first), that job is returned as it is.
+        """
         values = asdict(new)
         hold = values.pop("hold")
         values["metadata"] = dict(new.metadata)
         return self._insert({**values, "state": JobState.RECEIVED.value, **(hold or {})}, ())
 
     def insert_rejected(self, rejected: RejectedJob, events: Sequence[NewEvent]) -> Job:
-        """A rejected file, finished at once, and its `batch.rejected` event, in one transaction."""
+        """A rejected file, finished at once, and its `batch.rejected` event, in one transaction.
+
+        Idempotent as `insert`: when the job exists, it is returned and no event is added.
+        """
         return self._insert({**asdict(rejected), "state": JobState.REJECTED.value}, events)
 
     def _insert(self, values: dict[str, Any], events: Sequence[NewEvent]) -> Job:
         now = self._db.now()
         values = {"created_at": now, "updated_at": now, "metadata": {}, **values}
-        with self._db.write() as conn:
-            conn.execute(insert(jobs).values(**values))
-            insert_events(conn, values["id"], events, now)
-            row = conn.execute(select(jobs).where(jobs.c.id == values["id"])).one()
+        try:
+            with self._db.write() as conn:
+                conn.execute(insert(jobs).values(**values))
+                insert_events(conn, values["id"], events, now)
+                row = conn.execute(select(jobs).where(jobs.c.id == values["id"])).one()
+        except IntegrityError:
+            # The same id recorded meanwhile (two daemons finishing one claim): that job stands.
+            existing = self.get(values["id"])
+            if existing is None:
+                raise
+            return existing
         return job_from_row(row._mapping)
 
     # ------------------------------------------------------------ transitions
@@ -181,6 +208,20 @@ class JobStore:
             if changed != 1:
                 raise StaleState(f"job {job_id} is not parked")
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+        return job_from_row(row._mapping)
+
+    def record_source_changed(self, job_id: str, reason: str) -> Job:
+        """The claimed file no longer matches what was submitted: say why (the first reason found stays)."""
+        with self._db.write() as conn:
+            guard(conn, job_id)
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.source_changed.is_(None))
+                .values(source_changed=reason, updated_at=self._db.now())
+            )
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        if row is None:
+            raise StaleState(f"job {job_id} does not exist")
         return job_from_row(row._mapping)
 
     def start_cancelling(self, job_id: str, *, expect: JobState) -> Job:

@@ -44,6 +44,9 @@ class NewJob:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     #: the daemon that took the file holds the job from the start; None: nobody yet
     hold: Hold | None = None
+    #: the claimed file as the upload copy was made from it (to tell later that it changed)
+    source_size: int | None = None
+    source_mtime_ns: int | None = None
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,16 @@ outages, cancellation, the list sweep, recovery. Real SQLite and PostgreSQL, rea
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from pathlib import Path
 
 import anyio
 import pytest
 from structlog.testing import capture_logs
 
+from batchd import claims
 from batchd.config import ConfigError, Settings
 from batchd.models import JobState
 from tests.integration.daemon_rig import chat, eventually, rig
@@ -135,14 +139,36 @@ async def test_many_jobs_in_flight_are_polled_with_one_list_call(tmp_path: Path)
 
 async def test_a_claim_without_a_job_row_is_taken_again_at_start(tmp_path: Path) -> None:
     async with rig(tmp_path) as r:
+        # Claimed by this daemon's earlier incarnation (same host and state directory), which
+        # crashed before recording the job: the state lock proves it gone.
+        host = socket.gethostname()
+        earlier = "e" * 32
+        r.store.cluster.register(earlier, host=host, pid=1, home=f"{host}:{r.settings.state_dir}")
         r.daemon.inbox.ensure_folders()
         claim = r.daemon.inbox.claimed_root / ("c" * 32)
         claim.mkdir(parents=True)
+        claims.write_marker(claim, earlier, time.time())
         (claim / "crashed.jsonl").write_text(json.dumps(chat("z")) + "\n", encoding="utf-8")
         await r.drain()
         job = r.job("crashed")
         assert job.id == "c" * 32 and job.state is JobState.COMPLETED
         assert [e["custom_id"] for e in r.outbox_lines("crashed", "output.jsonl")] == ["z"]
+
+
+async def test_a_claim_folder_of_an_older_release_is_taken_once_older_than_the_lease(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        r.daemon.inbox.ensure_folders()
+        old, fresh = r.daemon.inbox.claimed_root / ("a" * 32), r.daemon.inbox.claimed_root / ("b" * 32)
+        for claim, name in ((old, "old"), (fresh, "fresh")):
+            claim.mkdir(parents=True)
+            (claim / f"{name}.jsonl").write_text(json.dumps(chat(name)) + "\n", encoding="utf-8")
+        then = time.time() - 2 * r.settings.cluster.lease_s
+        os.utime(old, (then, then))
+        await r.drain()
+        assert r.job("old").state is JobState.COMPLETED
+        # No marker and younger than a lease: perhaps another daemon's take in progress.
+        assert [j.name for j in r.store.jobs.select()] == ["old"]
+        assert (fresh / "fresh.jsonl").exists()
 
 
 async def test_reload_with_a_broken_config_keeps_the_old_one(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -120,8 +121,9 @@ def assert_rejected(env: Env, job: Job, dropped: str, content: bytes, *, as_name
     assert data["source"] == dropped
     assert data["report_file"] == str(report_path)
     assert data["reason"] == job.reason
-    # The claim folder is left (empty); nothing of the user's stays in it or is lost.
-    assert [p.name for p in (env.inbox_dir / ".batchd" / "claimed" / job.id).iterdir()] == []
+    # The claim folder is left (holding only batchd's markers); nothing of the user's stays in it or is lost.
+    claim = env.inbox_dir / ".batchd" / "claimed" / job.id
+    assert [p.name for p in claim.iterdir() if not p.name.startswith(".claimed-")] == []
     return report
 
 
@@ -270,15 +272,15 @@ def test_a_spec_whose_data_is_claimed_by_another_spec_meanwhile_is_rejected(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     raw = spec(env, "s.json", {"input": "data/x.jsonl"})
-    check = Inbox._check
+    validate = Inbox._validate
     taken = env.root / "taken-by-the-other-spec.jsonl"
 
-    def check_then_lose_the_data(self: Inbox, claimed: Path, settings: Settings) -> Any:
-        result = check(self, claimed, settings)
+    def validate_then_lose_the_data(self: Inbox, *args: Any, **kwargs: Any) -> Any:
+        result = validate(self, *args, **kwargs)
         os.rename(env.inbox_dir / "data" / "x.jsonl", taken)
         return result
 
-    monkeypatch.setattr(Inbox, "_check", check_then_lose_the_data)
+    monkeypatch.setattr(Inbox, "_validate", validate_then_lose_the_data)
     job = env.take("s.json")
     monkeypatch.undo()
     report = assert_rejected(env, job, "s.json", raw)
@@ -410,11 +412,19 @@ class Crash(Exception):
     """Stands in for the process dying at a chosen point."""
 
 
+def backdate(path: Path, seconds: float = 3600) -> None:
+    """Make a folder look as if it last changed `seconds` ago (older than any lease)."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
 def test_recover_takes_a_claimed_file_without_a_job(env: Env) -> None:
+    # A claim folder of an older release (no marker), older than the lease.
     job_id = uuid.uuid4().hex
     claim = env.inbox_dir / ".batchd" / "claimed" / job_id
     claim.mkdir()
     (claim / "x.jsonl").write_bytes(GOOD)
+    backdate(claim)
     jobs = env.inbox.recover()
     assert [(j.id, j.state, j.source) for j in jobs] == [(job_id, JobState.RECEIVED, "x.jsonl")]
     assert (claim / "x.jsonl").read_bytes() == GOOD
@@ -439,6 +449,7 @@ def test_recover_takes_a_spec_whose_data_was_already_claimed(env: Env, monkeypat
 def test_recover_removes_an_empty_claim_folder(env: Env) -> None:
     claim = env.inbox_dir / ".batchd" / "claimed" / uuid.uuid4().hex
     claim.mkdir()
+    backdate(claim)
     assert env.inbox.recover() == []
     assert not claim.exists()
     assert env.store.jobs.select() == []
@@ -508,6 +519,7 @@ def test_recover_keeps_a_claim_folder_it_cannot_read_as_a_submission(env: Env) -
     claim = env.inbox_dir / ".batchd" / "claimed" / uuid.uuid4().hex
     claim.mkdir()
     os.mkfifo(claim / "pipe.jsonl")
+    backdate(claim)
     (job,) = env.inbox.recover()
     assert job.state is JobState.REJECTED
     assert (env.inbox_dir / "rejected" / "pipe.jsonl").is_fifo()

@@ -76,14 +76,16 @@ def test_the_config_the_unit_reads_points_at_its_credentials() -> None:
         assert f"${{CREDENTIALS_DIRECTORY}}/{name}" in config
 
 
-def test_sysusers_and_tmpfiles_give_a_setgid_group_writable_inbox() -> None:
+def test_sysusers_and_tmpfiles_give_a_setgid_sticky_group_writable_inbox() -> None:
     sysusers = (ROOT / "systemd" / "batchd.sysusers.conf").read_text(encoding="utf-8")
     assert re.search(r"^g batchd ", sysusers, re.M) and re.search(r"^u batchd ", sysusers, re.M)
     tmpfiles = (ROOT / "systemd" / "batchd.tmpfiles.conf").read_text(encoding="utf-8")
     inbox = re.search(r"^d /var/lib/batchd/inbox\s+(\d+)\s+(\S+)\s+(\S+)", tmpfiles, re.M)
     assert inbox is not None
     mode, user, group = inbox.groups()
-    assert (int(mode, 8) & 0o2070, user, group) == (0o2070, "batchd", "batchd")
+    # 3770 (DESIGN §9): setgid keeps the group of dropped files; sticky keeps members from
+    # renaming each other's entries or batchd's folders (rejected/, .batchd/) to plant symlinks.
+    assert (int(mode, 8), user, group) == (0o3770, "batchd", "batchd")
 
 
 def test_the_readme_installs_the_files_that_exist() -> None:

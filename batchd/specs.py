@@ -1,0 +1,192 @@
+"""Specs (DESIGN §3): `NAME.json`, naming a data file in a sub-folder of the inbox and settings.
+
+A spec is read through a descriptor opened without following a symlink, and its data file
+is reached folder by folder the same way: a folder swapped for a symlink between the checks
+and the reads is refused, never followed. The data file joins its spec in the claim folder
+once it passed its checks; when a spec is rejected, its data file is left where it is.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from batchd.config import Settings
+from batchd.rejections import on_line, whole_file
+from batchd.safe_fs import NotRegularFile, open_regular, real_dir
+from batchd.webhooks import allowed_webhook_url
+
+__all__ = ["MAX_SPEC_BYTES", "SPEC_KEYS", "Spec", "is_ignored_name", "move_data", "open_data", "read_spec", "spec_data"]
+
+SPEC_KEYS = frozenset({"input", "completion_window", "model", "webhook_url", "metadata"})
+#: A spec is a small JSON document; anything bigger is a mistake, not a spec.
+MAX_SPEC_BYTES = 1_000_000
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def is_ignored_name(name: str) -> bool:
+    """Names the producer protocol keeps out of batchd's way (DESIGN §3)."""
+    return name.startswith(".") or name.endswith((".tmp", ".part"))
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed `NAME.json` spec."""
+
+    input: str
+    completion_window: str | None = None
+    model: str | None = None
+    webhook_url: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+def read_spec(claimed: Path, settings: Settings) -> Spec:
+    """Parse a claimed spec; raises Rejection naming what is wrong with it."""
+    source = claimed.name
+    with os.fdopen(open_regular(claimed), "rb") as stream:
+        content = stream.read(MAX_SPEC_BYTES + 1)
+    if len(content) > MAX_SPEC_BYTES:
+        raise whole_file(source, "spec", f"a spec is at most {MAX_SPEC_BYTES} bytes")
+    try:
+        raw = json.loads(content.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise whole_file(source, "encoding", "a spec must be UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise on_line(source, exc.lineno, "json", f"not valid JSON ({exc.msg})") from None
+    # Anything json.loads raises is the spec's fault (too deeply nested, an integer over
+    # Python's digit limit); escaping as an exception would stop intake, and recover()
+    # would meet the same claimed spec at every start.
+    except RecursionError:
+        raise whole_file(source, "json", "not valid JSON (nested too deeply)") from None
+    except ValueError as exc:
+        raise whole_file(source, "json", f"not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise whole_file(source, "spec", "a spec must be a JSON object")
+    unknown = sorted(set(raw) - SPEC_KEYS)
+    if unknown:
+        raise whole_file(source, "spec", f"unknown key(s) {', '.join(unknown)}; allowed: {sorted(SPEC_KEYS)}")
+    data_path = raw.get("input")
+    if not isinstance(data_path, str) or not data_path:
+        raise whole_file(source, "input", "`input` (the JSONL file, relative to the inbox) is required")
+    window = raw.get("completion_window")
+    # isascii: str.isdigit() also accepts digits such as "²" that no provider reads as a number.
+    if window is not None and (
+        not isinstance(window, str)
+        or not (window[:-1].isascii() and window[:-1].isdigit())
+        or window[-1:] not in ("h", "d")
+    ):
+        raise whole_file(source, "completion_window", 'must look like "24h"')
+    model = raw.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise whole_file(source, "model", "must be a non-empty string")
+    meta = raw.get("metadata", {})
+    if not isinstance(meta, dict):
+        raise whole_file(source, "metadata", "must be a JSON object")
+    url = raw.get("webhook_url")
+    if url is not None and (
+        not isinstance(url, str) or allowed_webhook_url(url, settings.inbox.allow_webhook_urls) is None
+    ):
+        raise whole_file(
+            source,
+            "webhook_url",
+            f"{url!r} matches no entry of [inbox] allow_webhook_urls (scheme, host, port and path prefix)",
+        )
+    return Spec(input=data_path, completion_window=window, model=model, webhook_url=url, metadata=meta)
+
+
+def spec_data(inbox_dir: Path, claimed: Path, spec: Spec) -> Path:
+    """The spec's data file: inside a sub-folder of the inbox, no `..`, no symlink, existing."""
+    source = claimed.name
+    # After a crash the data may already sit in the claim folder.
+    already = claimed.parent / "data" / PurePosixPath(spec.input).name
+    if already.is_file() and not already.is_symlink():
+        return already
+    rel = PurePosixPath(spec.input)
+    if rel.is_absolute() or "\\" in spec.input:
+        raise whole_file(source, "input", "must be a path relative to the inbox, not absolute")
+    if any(part in ("..", ".") for part in rel.parts) or len(rel.parts) < 2:
+        raise whole_file(source, "input", "must name a file inside a sub-folder of the inbox, without `..`")
+    if rel.parts[0] in (".batchd", "rejected") or any(is_ignored_name(p) for p in rel.parts):
+        raise whole_file(source, "input", f"{spec.input!r} is in a folder batchd does not take from")
+    current = inbox_dir
+    for part in rel.parts:
+        current = current / part
+        try:
+            mode = current.lstat().st_mode
+        except FileNotFoundError:
+            raise whole_file(source, "input", f"{spec.input} does not exist") from None
+        if stat.S_ISLNK(mode):
+            raise whole_file(source, "input", f"{spec.input}: symlinks are not followed")
+    if not stat.S_ISREG(current.lstat().st_mode):
+        raise whole_file(source, "input", f"{spec.input} is not a regular file")
+    if current.suffix != ".jsonl":
+        raise whole_file(source, "input", f"{spec.input} must be a .jsonl file")
+    return current
+
+
+def _data_parent(inbox_dir: Path, claimed: Path, data: Path) -> int:
+    """A descriptor of the folder holding a spec's data file in the inbox, reached folder by
+    folder without following a symlink (one swapped in since `spec_data` looked is refused)."""
+    fd = os.open(inbox_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in data.relative_to(inbox_dir).parts[:-1]:
+            try:
+                inner = os.open(part, _DIR, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    message = f"{part}: not a folder (symlinks are not followed)"
+                    raise whole_file(claimed.name, "input", message) from None
+                raise
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_data(inbox_dir: Path, claimed: Path, data: Path) -> int:
+    """Open a spec's data file for reading (see `_data_parent`)."""
+    if data.parent == claimed.parent / "data":
+        return open_regular(data)
+    parent = _data_parent(inbox_dir, claimed, data)
+    try:
+        return open_regular(Path(data.name), dir_fd=parent)
+    except NotRegularFile:
+        raise whole_file(
+            claimed.name, "input", f"{data.relative_to(inbox_dir).as_posix()} is not a regular file"
+        ) from None
+    finally:
+        os.close(parent)
+
+
+def move_data(inbox_dir: Path, claimed: Path, data: Path, fd: int) -> Path:
+    """Rename the data file that `fd` reads into the claim folder; return where it is now."""
+    if data.parent == claimed.parent / "data":
+        return data
+    source = claimed.name
+    shown = data.relative_to(inbox_dir).as_posix()
+    folder = real_dir(claimed.parent / "data")
+    moved = folder / data.name
+    parent = _data_parent(inbox_dir, claimed, data)
+    try:
+        os.rename(data.name, moved, src_dir_fd=parent)
+    except FileNotFoundError:
+        # Gone since it was checked: another spec naming the same file claimed it first
+        # (takes run in parallel). A rejection, not an error that leaves this spec
+        # claimed without a job until the next start.
+        folder.rmdir()
+        raise whole_file(source, "input", f"{shown} does not exist (any more)") from None
+    finally:
+        os.close(parent)
+    opened, now = os.fstat(fd), os.lstat(moved)
+    if (opened.st_dev, opened.st_ino) != (now.st_dev, now.st_ino):
+        # Swapped for another file between the read and the rename: that one is not taken.
+        raise whole_file(source, "input", f"{shown} was replaced while batchd was taking it")
+    return moved
