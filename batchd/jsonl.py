@@ -10,19 +10,26 @@ the upload copy alike, so both agree on what a line is.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
+from itertools import accumulate
 from typing import IO, Any, NamedTuple
 
 import orjson
 
-#: The deepest nesting of arrays and objects a request line may have: validation refuses deeper
-#: lines (with their line numbers) and the emulator answers them 400, so a file that passes
-#: validation never fails later in a parser with a smaller limit (orjson stops at 1024).
+#: The deepest nesting of arrays and objects a request line may have (`{}` is 1, as
+#: `nesting_depth` counts): validation refuses deeper lines (with their line numbers) and the
+#: emulator answers them 400, so a file that passes validation never fails later in a parser
+#: with a smaller limit (orjson stops at 1024).
 MAX_JSON_DEPTH = 64
 
 _BOM = b"\xef\xbb\xbf"
 # Read size used to skip the rest of an over-long line without holding it.
 _SKIP_CHUNK = 1 << 20
+# A JSON string (escapes included), and what is left that is not a bracket.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+_BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
 def loads(data: bytes | str) -> Any:
@@ -83,3 +90,14 @@ def read_lines(stream: IO[bytes], cap: int | None = None) -> Iterator[Line]:
         content = strip_eol(raw)
         if content.strip():
             yield Line(number, content, len(content) + 1)
+
+
+def nesting_depth(text: bytes) -> int:
+    """How deeply the arrays and objects of a JSON text nest (`{}` is 1; a scalar 0).
+
+    Brackets inside strings are not counted. Meant for valid JSON; on anything else the
+    answer is a guess. Cheap to call only when `text` holds more than MAX_JSON_DEPTH
+    opening brackets: fewer cannot nest deeper.
+    """
+    brackets = _NOT_BRACKET.sub(b"", _STRING.sub(b"", text))
+    return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)

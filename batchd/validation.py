@@ -13,6 +13,10 @@ rule                 meaning
 -------------------  -------------------------------------------------------------------
 encoding             the line is not valid UTF-8
 json                 the line is not valid JSON (NaN and Infinity count as invalid)
+too_deep             arrays and objects nested deeper than jsonl.MAX_JSON_DEPTH (64), which
+                     the backends accept (the emulator answers such a request 400)
+lone_surrogate       a string (a key, a value, the custom_id) holds a \\ud800-\\udfff escape
+                     that is not half of a pair: it cannot be written back as UTF-8 JSON
 object               the line is JSON but not an object
 custom_id            custom_id missing, not a string, or not 1 to 64 characters
 duplicate_custom_id  the custom_id was already used; the message names that line
@@ -78,6 +82,8 @@ RULES: tuple[str, ...] = (
     "stream",
     "empty",
     "too_large",
+    "too_deep",
+    "lone_surrogate",
 )
 #: Custom ids kept in memory before the uniqueness check spills to a scratch file.
 _SEEN_IN_MEMORY = 100_000
@@ -148,10 +154,11 @@ def validate_file(path: Path, *, source: str, limits: Limits, max_reported: int 
                 ]
             else:
                 found = rules.check(line.number, line.content)
-            line_problem_count += len(found)
-            room = max_reported - len(line_problems)
-            if room > 0:
-                line_problems.extend(found[:room])
+            if found:
+                line_problem_count += len(found)
+                room = max_reported - len(line_problems)
+                if room > 0:
+                    line_problems.extend(found[:room])
 
     file_problems: list[Problem] = []
     if requests == 0:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from batchd.jsonl import MAX_JSON_DEPTH, nesting_depth
 from batchd.models import PROVIDER_LIMITS, Limits
 from batchd.upload_copy import iter_custom_ids, write_upload_copy
 from batchd.validation import RULES, Problem, Report, format_report, validate_file
@@ -247,6 +248,63 @@ def test_overlong_line_is_not_read_whole(tmp_path: Path) -> None:
     report = check(tmp_path, line(request("a")) + long_line + line(request("c")), limits=Limits(1000, 10))
     assert [(p.line, p.rule) for p in report.problems] == [(2, "too_large")]
     assert report.request_count == 3
+
+
+def test_a_lone_surrogate_anywhere_is_a_problem_with_its_line(tmp_path: Path) -> None:
+    good_pair = json.dumps(request("b", body={"model": "m", "messages": [{"role": "user", "content": "\U0001f600"}]}))
+    assert "\\ud83d\\ude00" in good_pair  # json.dumps escapes it as a pair: fine
+    lines = [
+        json.dumps(request("a")),
+        good_pair,
+        json.dumps(request("c\ud800")),  # the custom_id
+        json.dumps(request("d", body={"model": "m", "messages": [{"role": "user", "content": "x\udfff"}]})),
+        json.dumps(request("e", extra={"k\udbffey": 1})),  # a key
+        json.dumps(request("f", extra="\udc00\ud83d\ude00")),  # a low half first, then a pair
+        json.dumps(request("g", extra="\\ud800")),  # an escaped backslash: text, not an escape
+        json.dumps(request("h", extra="\\\ud800")),  # a backslash, then an escape
+        json.dumps(request("i", extra="\ud800")).replace("\\ud800", "\\uD800"),  # upper case
+    ]
+    report = check(tmp_path, "\n".join(lines).encode() + b"\n")
+    assert [(p.line, p.rule) for p in report.problems] == [(n, "lone_surrogate") for n in (3, 4, 5, 6, 8, 9)]
+    assert "\\ud800 at byte" in report.problems[0].message
+    # The report itself is plain UTF-8 (a lone surrogate quoted in it could not be written).
+    format_report(report).encode("utf-8")
+
+
+def test_a_lone_surrogate_does_not_reach_the_custom_id_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Past the in-memory window the ids go to SQLite, which cannot store a lone surrogate.
+    monkeypatch.setattr("batchd.validation._SEEN_IN_MEMORY", 0)
+    report = check(tmp_path, line(request("a\ud800")) + line(request("a\ud800")))
+    assert [(p.line, p.rule) for p in report.problems] == [(1, "lone_surrogate"), (2, "lone_surrogate")]
+
+
+def nested(depth: int) -> bytes:
+    """A valid request whose deepest array sits at `depth` (the request object is 1)."""
+    inner = "[" * (depth - 1) + "]" * (depth - 1)
+    return json.dumps(request("a")).encode()[:-1] + b', "deep": ' + inner.encode() + b"}"
+
+
+def test_nesting_deeper_than_the_limit_is_too_deep(tmp_path: Path) -> None:
+    assert nesting_depth(nested(MAX_JSON_DEPTH)) == MAX_JSON_DEPTH
+    report = check(tmp_path, nested(MAX_JSON_DEPTH) + b"\n" + nested(MAX_JSON_DEPTH + 1) + b"\n" + nested(900) + b"\n")
+    assert [(p.line, p.rule) for p in report.problems] == [(2, "too_deep"), (3, "too_deep")]
+    assert report.problems[0].message == f"arrays and objects nested 65 deep; at most {MAX_JSON_DEPTH}"
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(tmp_path: Path) -> None:
+    text = '[{"\\"[' + "[" * 200 + '": "{' + "{" * 200 + '\\\\"}'
+    req = request("a", extra=text, more=[[[{"k": text}]]])
+    data = json.dumps(req).encode()
+    assert nesting_depth(data) == 5
+    assert check(tmp_path, data + b"\n").ok
+
+
+@pytest.mark.parametrize(
+    ("text", "depth"),
+    [(b"1", 0), (b'"[["', 0), (b"{}", 1), (b"[[], {}]", 2), (b'{"a": [{"b": "]]]"}]}', 3)],
+)
+def test_nesting_depth(text: bytes, depth: int) -> None:
+    assert nesting_depth(text) == depth
 
 
 def test_the_one_model_of_a_file_is_reported(tmp_path: Path) -> None:
