@@ -26,7 +26,7 @@ import structlog
 from batchd.config import Settings
 from batchd.crashpoints import crashpoint
 from batchd.durable_files import write_atomic
-from batchd.models import PROVIDER_LIMITS, Job, JobState
+from batchd.models import Job, JobState
 from batchd.outbox import outbox_name
 from batchd.store import Hold, NewJob, RejectedJob, Store
 from batchd.upload_copy import write_upload_copy
@@ -244,7 +244,7 @@ class Inbox:
             raise _whole_file(source, "file_type", "not a regular file; drop a regular file")
         if kind is Kind.BAD:
             raise _whole_file(source, "extension", "only NAME.jsonl (requests) and NAME.json (a spec) are taken")
-        limits = PROVIDER_LIMITS[settings.provider.kind]
+        limits = settings.provider.validation_limits
         spec: Spec | None = None
         data = claimed
         if kind is Kind.SPEC:

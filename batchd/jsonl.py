@@ -24,8 +24,8 @@ import orjson
 MAX_JSON_DEPTH = 64
 
 _BOM = b"\xef\xbb\xbf"
-# Read size used to skip the rest of an over-long line without holding it.
-_SKIP_CHUNK = 1 << 20
+# Read size of a capped line: pieces this long are held until the line ends or passes the cap.
+_CHUNK = 1 << 20
 # A JSON string (escapes included), and what is left that is not a bracket.
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
@@ -65,31 +65,56 @@ class Line(NamedTuple):
 
 
 def read_lines(stream: IO[bytes], cap: int | None = None) -> Iterator[Line]:
-    """Yield the non-blank lines of `stream`; lines longer than `cap` bytes come without content.
+    """Yield the non-blank lines of `stream`; a line whose content is longer than `cap` bytes comes
+    without it, and at most about `cap` bytes of it are ever held.
 
     A UTF-8 BOM at the start and CRLF line ends are accepted; whitespace-only lines are skipped.
     """
     number = 0
+    # Room for the line's own end: a line of exactly `cap` bytes and "\r\n" is held whole.
+    held = _CHUNK if cap is None else min(_CHUNK, cap + 2)
     while True:
-        raw = stream.readline(cap) if cap is not None else stream.readline()
-        if not raw:
+        first = stream.readline(held)
+        if not first:
             return
+        raw: bytes | None = first
+        length = len(first)
+        if length == held and not first.endswith(b"\n"):
+            # A long line (rare): read on a piece at a time.
+            raw, length = _read_capped(stream, first, None if cap is None else cap + 2)
         number += 1
-        if number == 1 and raw.startswith(_BOM):
+        if raw is not None and number == 1 and raw.startswith(_BOM):
             raw = raw[len(_BOM) :]
-        if cap is not None and len(raw) >= cap and not raw.endswith(b"\n"):
-            # Such a line cannot fit in any batch: count its length, never hold it.
-            length = len(raw)
-            while True:
-                more = stream.readline(_SKIP_CHUNK)
-                length += len(more)
-                if not more or more.endswith(b"\n"):
-                    break
+        content = None if raw is None else strip_eol(raw)
+        if content is None or (cap is not None and len(content) > cap):
+            # Such a line cannot be sent: count its length, never hold it.
             yield Line(number, None, length)
-            continue
-        content = strip_eol(raw)
-        if content.strip():
+        elif content and not content.isspace():  # (strip() would copy every line)
             yield Line(number, content, len(content) + 1)
+
+
+def _read_capped(stream: IO[bytes], first: bytes, cap: int | None) -> tuple[bytes | None, int]:
+    """The rest of a raw line begun with `first`: the whole line and its length, or (None, its
+    length) when longer than `cap` bytes.
+
+    Read a piece at a time so that a line over `cap` (a multi-GB file with no line end) costs
+    at most `cap` bytes of memory: `readline(cap)` would gather its pieces and then join them.
+    """
+    pieces: list[bytes] | None = [first]
+    length = len(first)
+    while True:
+        piece = stream.readline(_CHUNK)
+        length += len(piece)
+        if pieces is not None:
+            if cap is not None and length > cap:
+                pieces = None  # over: stop holding it, keep counting to its end
+            else:
+                pieces.append(piece)
+        if not piece or piece.endswith(b"\n"):
+            break
+    if pieces is None:
+        return None, length
+    return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), length
 
 
 def nesting_depth(text: bytes) -> int:

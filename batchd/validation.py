@@ -33,10 +33,14 @@ stream               body.stream is true (a batch cannot stream)
 empty                the file holds no request at all (whole file)
 too_many_requests    more requests than the provider takes in one batch (whole file)
 too_large            more bytes than the provider takes in one batch (whole file), or
-                     one line alone longer than that (that line)
+                     one line alone longer than the limit per request (that line):
+                     Limits.max_request_bytes, 32 MB unless [provider] max_request_bytes
+                     says otherwise (or the limit per batch, if that is smaller)
 
 The size limit is checked against the bytes batchd would upload (request lines
 with ``\\n`` ends, no BOM, no blank lines), which is what the provider counts.
+A line over the limit per request is counted and skipped, never held whole: memory
+while validating stays within about that limit, whatever the line or the file.
 
 This module streams a file and holds the whole-file rules; the per-line rules
 are in request_rules.py (pure: a line's bytes in, its problems out), and the
@@ -139,19 +143,19 @@ def validate_file(path: Path, *, source: str, limits: Limits, max_reported: int 
     requests = 0
     line_problems: list[Problem] = []
     line_problem_count = 0
+    # A line over the limit per request (or per batch, if that is smaller) is never held whole.
+    cap, per = (
+        (limits.max_request_bytes, "request")
+        if limits.max_request_bytes <= limits.max_bytes
+        else (limits.max_bytes, "batch")
+    )
     with path.open("rb") as stream, contextlib.closing(seen):
         size_bytes = os.fstat(stream.fileno()).st_size
-        # A line longer than a whole batch may hold is never read into memory.
-        for line in read_lines(stream, cap=limits.max_bytes + 1):
+        for line in read_lines(stream, cap=cap):
             requests += 1
             if line.content is None:
-                found = [
-                    Problem(
-                        line.number,
-                        "too_large",
-                        f"this line alone is longer than the limit per batch ({limits.max_bytes:,} bytes)",
-                    )
-                ]
+                message = f"this line alone is longer than the limit per {per} ({cap:,} bytes)"
+                found = [Problem(line.number, "too_large", message)]
             else:
                 found = rules.check(line.number, line.content)
             if found:

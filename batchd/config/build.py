@@ -242,6 +242,7 @@ def build_settings(
             api_key=api_key,
             max_batch_requests=_int(p, "max_batch_requests", "provider.max_batch_requests", 0, 0),
             max_batch_bytes=_int(p, "max_batch_bytes", "provider.max_batch_bytes", 0, 0),
+            max_request_bytes=_int(p, "max_request_bytes", "provider.max_request_bytes", 0, 0),
         ),
         local=LocalSettings(
             engine=engine,

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from batchd.config import ConfigError, Price, Secret, load_settings, parse_override
+from batchd.models import PROVIDER_LIMITS, Limits
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -150,6 +151,19 @@ def test_limits_resubmit_rounds_and_pricing(tmp_path: Path) -> None:
         load_settings(write(tmp_path, '[pricing]\n"m" = { per_token = 1 }\n'), environ={})
     with pytest.raises(ConfigError, match=r"resubmit\.max_rounds"):
         load_settings(write(tmp_path, "[resubmit]\nmax_rounds = -1\n"), environ={})
+
+
+def test_max_request_bytes_defaults_to_32_mb_and_is_overridable(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "[provider]\nmax_request_bytes = 0\nmax_batch_bytes = 500\n"), environ={})
+    assert settings.provider.limits.max_request_bytes == 32_000_000
+    # Validation keeps the provider's batch limits (config's only decide where a file is cut).
+    assert settings.provider.validation_limits == PROVIDER_LIMITS["local"]
+    path = write(tmp_path, "[provider]\nkind = 'together'\napi_key = 'k'\nmax_request_bytes = 50_000_000\n")
+    settings = load_settings(path, environ={})
+    assert settings.provider.limits.max_request_bytes == 50_000_000
+    assert settings.provider.validation_limits == Limits(100_000_000, 50_000, max_request_bytes=50_000_000)
+    with pytest.raises(ConfigError, match=r"provider\.max_request_bytes"):
+        load_settings(write(tmp_path, "[provider]\nmax_request_bytes = -1\n"), environ={})
 
 
 def test_plain_postgresql_url_uses_the_shipped_driver(tmp_path: Path) -> None:

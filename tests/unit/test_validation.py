@@ -250,6 +250,29 @@ def test_overlong_line_is_not_read_whole(tmp_path: Path) -> None:
     assert report.request_count == 3
 
 
+def test_a_line_over_the_per_request_limit_is_too_large(tmp_path: Path) -> None:
+    limits = Limits(max_bytes=10**6, max_requests=10, max_request_bytes=1000)
+    long_line = line(request("b", padding="x" * 5000))
+    report = check(tmp_path, line(request("a")) + long_line + line(request("c")), limits=limits)
+    assert [(p.line, p.rule) for p in report.problems] == [(2, "too_large")]
+    assert "limit per request (1,000 bytes)" in report.problems[0].message
+    assert report.request_count == 3
+
+
+@pytest.mark.parametrize("end", [b"\n", b"\r\n", b""])
+def test_a_line_of_exactly_the_per_request_limit_is_taken(tmp_path: Path, end: bytes) -> None:
+    content = json.dumps(request("a", padding="")).encode()
+    content = content[:-1] + b', "pad": "' + b"x" * (900 - len(content) - 10) + b'"}'
+    limits = Limits(max_bytes=10**6, max_requests=10, max_request_bytes=len(content))
+    assert check(tmp_path, content + end, limits=limits).ok
+    over = Limits(max_bytes=10**6, max_requests=10, max_request_bytes=len(content) - 1)
+    assert [p.rule for p in check(tmp_path, content + end, limits=over).problems] == ["too_large"]
+
+
+def test_the_per_request_limit_is_32_mb_for_every_provider() -> None:
+    assert {limits.max_request_bytes for limits in PROVIDER_LIMITS.values()} == {32_000_000}
+
+
 def test_a_lone_surrogate_anywhere_is_a_problem_with_its_line(tmp_path: Path) -> None:
     good_pair = json.dumps(request("b", body={"model": "m", "messages": [{"role": "user", "content": "\U0001f600"}]}))
     assert "\\ud83d\\ude00" in good_pair  # json.dumps escapes it as a pair: fine
