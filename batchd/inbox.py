@@ -31,7 +31,7 @@ from batchd.outbox import outbox_name
 from batchd.store import Hold, NewJob, RejectedJob, Store
 from batchd.upload_copy import write_upload_copy
 from batchd.validation import Problem, Report, format_report, validate_file
-from batchd.webhooks import allowed_webhook_url, build_event
+from batchd.webhooks import build_event, webhook_url_refusal
 
 log = structlog.get_logger("batchd.inbox")
 
@@ -342,14 +342,11 @@ class Inbox:
         if not isinstance(meta, dict):
             raise _whole_file(source, "metadata", "must be a JSON object")
         url = raw.get("webhook_url")
-        if url is not None and (
-            not isinstance(url, str) or allowed_webhook_url(url, settings.inbox.allow_webhook_urls) is None
-        ):
-            raise _whole_file(
-                source,
-                "webhook_url",
-                f"{url!r} matches no entry of [inbox] allow_webhook_urls (scheme, host, port and path prefix)",
-            )
+        if url is not None and not isinstance(url, str):
+            raise _whole_file(source, "webhook_url", f"{url!r} is not a URL string")
+        refused = None if url is None else webhook_url_refusal(url, settings.inbox.allow_webhook_urls)
+        if refused is not None:
+            raise _whole_file(source, "webhook_url", refused)
         return Spec(input=data_path, completion_window=window, model=model, webhook_url=url, metadata=meta)
 
     def _spec_data(self, claimed: Path, spec: Spec) -> Path:
