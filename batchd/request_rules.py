@@ -29,10 +29,12 @@ __all__ = ["LineRules", "OpenAIRules", "Problem", "SeenIds", "show_value"]
 _MAX_CUSTOM_ID = 64
 # Longest user value quoted in a message, so one bad line cannot bloat the report.
 _SHOW_MAX = 80
-# A JSON text's \\uXXXX escapes of surrogates, left to right: an escaped backslash (so that
-# `\\\\ud800` is text, not an escape) and a valid pair are skipped; what is left is lone.
-_SURROGATE_ESCAPES = re.compile(
-    rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|(?P<lone>\\u[dD][89a-fA-F][0-9a-fA-F]{2})"
+# A \\uXXXX escape of a surrogate that is not half of a pair: a high one (D800-DBFF) no low
+# one (DC00-DFFF) follows, or a low one no high one precedes. Searched in a line whose
+# escaped backslashes are blanked first, so that `\\ud800` (text, not an escape) never matches.
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD](?:[89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD])[c-fC-F][0-9a-fA-F]{2})"
 )
 
 
@@ -159,14 +161,15 @@ def _unwritable(number: int, content: bytes) -> Problem | None:
         if depth > MAX_JSON_DEPTH:
             return Problem(number, "too_deep", f"arrays and objects nested {depth} deep; at most {MAX_JSON_DEPTH}")
     if b"\\ud" in content or b"\\uD" in content:
-        for found in _SURROGATE_ESCAPES.finditer(content):
-            if found.lastgroup == "lone":
-                escape = found.group().decode("ascii")
-                message = (
-                    f"a lone surrogate {escape} at byte {found.start() + 1} of the line cannot be written back "
-                    "as UTF-8 JSON (a \\ud800-\\udbff escape must be followed by a \\udc00-\\udfff one)"
-                )
-                return Problem(number, "lone_surrogate", message)
+        # Blanked, not removed: `\ud800\\\udc00` holds two lone halves, not a pair.
+        found = _LONE_SURROGATE.search(content.replace(b"\\\\", b"__"))
+        if found is not None:
+            escape = found.group().decode("ascii")
+            message = (
+                f"a lone surrogate {escape} at byte {found.start() + 1} of the line cannot be written back "
+                "as UTF-8 JSON (a \\ud800-\\udbff escape must be followed by a \\udc00-\\udfff one)"
+            )
+            return Problem(number, "lone_surrogate", message)
     return None
 
 

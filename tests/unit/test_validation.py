@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 from batchd.jsonl import MAX_JSON_DEPTH, nesting_depth
 from batchd.models import PROVIDER_LIMITS, Limits
+from batchd.request_rules import OpenAIRules
 from batchd.upload_copy import iter_custom_ids, write_upload_copy
 from batchd.validation import RULES, Problem, Report, format_report, validate_file
 
@@ -286,9 +288,11 @@ def test_a_lone_surrogate_anywhere_is_a_problem_with_its_line(tmp_path: Path) ->
         json.dumps(request("g", extra="\\ud800")),  # an escaped backslash: text, not an escape
         json.dumps(request("h", extra="\\\ud800")),  # a backslash, then an escape
         json.dumps(request("i", extra="\ud800")).replace("\\ud800", "\\uD800"),  # upper case
+        json.dumps(request("j", extra="\ud800\\\udc00")),  # two halves a backslash apart: both lone
+        json.dumps(request("k", extra="\\\ud83d\ude00\\")),  # a pair between backslashes: fine
     ]
     report = check(tmp_path, "\n".join(lines).encode() + b"\n")
-    assert [(p.line, p.rule) for p in report.problems] == [(n, "lone_surrogate") for n in (3, 4, 5, 6, 8, 9)]
+    assert [(p.line, p.rule) for p in report.problems] == [(n, "lone_surrogate") for n in (3, 4, 5, 6, 8, 9, 10)]
     assert "\\ud800 at byte" in report.problems[0].message
     # The report itself is plain UTF-8 (a lone surrogate quoted in it could not be written).
     format_report(report).encode("utf-8")
@@ -324,10 +328,63 @@ def test_brackets_inside_strings_do_not_count_as_nesting(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     ("text", "depth"),
-    [(b"1", 0), (b'"[["', 0), (b"{}", 1), (b"[[], {}]", 2), (b'{"a": [{"b": "]]]"}]}', 3)],
+    [
+        (b"1", 0),
+        (b'"[["', 0),
+        (b"{}", 1),
+        (b"[[], {}]", 2),
+        (b'{"a": [{"b": "]]]"}]}', 3),
+        (b'[["\\\\", ["\\"[["], "\\\\\\"]"]]', 3),  # escaped backslashes and quotes
+    ],
 )
 def test_nesting_depth(text: bytes, depth: int) -> None:
     assert nesting_depth(text) == depth
+
+
+class _NoIds:
+    def add(self, custom_id: str, line: int) -> int | None:
+        return None
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    return 0
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, list):
+        return any(map(_has_lone_surrogate, value))
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    return False
+
+
+def test_the_raw_byte_looks_agree_with_the_parsed_value() -> None:
+    # Random JSON rich in backslashes, quotes, brackets and surrogate halves: what the looks at
+    # a line's bytes say (its depth, a lone surrogate) is what walking json.loads' value says.
+    rng = random.Random(13)
+    alphabet = ["a", "u", "d", "8", "é", "\n", "\\", '"', "[", "]", "{", "}", "\ud800", "\udc00", "\ud83d", "\ude00"]
+
+    def value(depth: int) -> Any:
+        roll = rng.random()
+        if depth > 6 or roll < 0.3:
+            return rng.choice([1, None, "".join(rng.choices(alphabet, k=rng.randint(0, 8)))])
+        if roll < 0.65:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {"".join(rng.choices(alphabet, k=rng.randint(0, 6))): value(depth + 1) for _ in range(3)}
+
+    rules = OpenAIRules(_NoIds())
+    for _ in range(3000):
+        data = json.dumps(value(0)).encode()
+        parsed = json.loads(data)
+        assert nesting_depth(data) == _depth(parsed), data
+        found = {p.rule for p in rules.check(1, data)}
+        assert ("lone_surrogate" in found) == _has_lone_surrogate(parsed), data
 
 
 def test_the_one_model_of_a_file_is_reported(tmp_path: Path) -> None:
