@@ -38,7 +38,7 @@ from batchd import claims, rejections
 from batchd.claims import Taking
 from batchd.config import Settings
 from batchd.crashpoints import crashpoint
-from batchd.models import PROVIDER_LIMITS, Job, JobState
+from batchd.models import Job, JobState
 from batchd.outbox import outbox_name
 from batchd.recovery import ClaimRecovery
 from batchd.rejections import Rejection, from_report, whole_file
@@ -362,7 +362,7 @@ class Inbox:
         """Validate a snapshot of the open file. Raises a Rejection when it is invalid, unless it
         changed meanwhile (it may have been read mid-write) and this is not the `last` read."""
         before = SourceState.of(os.fstat(fd))
-        limits = PROVIDER_LIMITS[self._settings().provider.kind]
+        limits = self._settings().provider.validation_limits
         with snapshot(fd, before.size) as stream:
             name = spec.input if spec else claimed.name
             report = validate_stream(stream, source=name, limits=limits, size_bytes=before.size)

@@ -192,15 +192,23 @@ class BatchJobStatus(StrEnum):
         return None
 
 
+MB = 1_000_000
+
+#: The longest request line batchd takes, whatever the provider (a batchd decision, README
+#: "Decisions"): providers document no per-request byte limit below their per-batch one, and a
+#: chat request carrying base64 images is tens of MB. Validation holds at most this much of a line.
+MAX_REQUEST_BYTES = 32 * MB
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Per-batch limits of a provider."""
+    """Per-batch limits of a provider, and the longest single request line."""
 
     max_bytes: int
     max_requests: int
+    #: a longer line is rejected (rule `too_large`) without being held whole
+    max_request_bytes: int = MAX_REQUEST_BYTES
 
-
-MB = 1_000_000
 
 #: One table of per-batch limits; the local backend uses Together's (DESIGN §3).
 PROVIDER_LIMITS: Mapping[str, Limits] = {

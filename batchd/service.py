@@ -32,6 +32,7 @@ from batchd.providers.http import API_TIMEOUT, http_client
 from batchd.providers.openai import OpenAIProvider
 from batchd.providers.together import TogetherProvider
 from batchd.store import Store, safe_url
+from batchd.urls import redact_url, url_secrets
 from batchd.webhooks import Deliverer
 
 log = structlog.get_logger("batchd.service")
@@ -88,7 +89,7 @@ async def open_provider(settings: Settings, http: httpx.AsyncClient) -> AsyncIte
     if kind == "local":
         app = create_app(settings.local_dir, engine=local_engine(settings, http))
         async with serve_emulator(app, host="127.0.0.1", port=0) as url:
-            log.info("service.local_backend", url=url, data_dir=str(settings.local_dir))
+            log.info("service.local_backend", url=redact_url(url), data_dir=str(settings.local_dir))
             yield TogetherProvider(http, base_url=url, api_key="local", kind="local", limits=PROVIDER_LIMITS["local"])
         return
     assert settings.provider.api_key is not None
@@ -149,11 +150,13 @@ async def serve(
 
 
 def secret_values(settings: Settings) -> list[str]:
-    """Every secret the settings hold: the API key and each webhook secret."""
+    """Every secret the settings hold: the API key, each webhook secret, and the credentials
+    inside configured URLs (what batchd.urls.redact_url hides, for wherever else they appear)."""
     secrets = [*settings.inbox.webhook_secrets, *(s for ep in settings.webhooks for s in ep.secrets)]
     if settings.provider.api_key is not None:
         secrets.append(settings.provider.api_key)
-    return [s.reveal() for s in secrets]
+    urls = [settings.provider.base_url, settings.local.upstream_url, *(ep.url for ep in settings.webhooks)]
+    return [s.reveal() for s in secrets] + [part for url in urls for part in url_secrets(url)]
 
 
 def _redacting(reload: Callable[[], Settings]) -> Callable[[], Settings]:

@@ -20,7 +20,7 @@ from typing import Any
 from batchd.config import Settings
 from batchd.rejections import on_line, whole_file
 from batchd.safe_fs import NotRegularFile, open_regular, real_dir
-from batchd.webhooks import allowed_webhook_url
+from batchd.webhooks import webhook_url_refusal
 
 __all__ = ["MAX_SPEC_BYTES", "SPEC_KEYS", "Spec", "is_ignored_name", "move_data", "open_data", "read_spec", "spec_data"]
 
@@ -89,14 +89,11 @@ def read_spec(claimed: Path, settings: Settings) -> Spec:
     if not isinstance(meta, dict):
         raise whole_file(source, "metadata", "must be a JSON object")
     url = raw.get("webhook_url")
-    if url is not None and (
-        not isinstance(url, str) or allowed_webhook_url(url, settings.inbox.allow_webhook_urls) is None
-    ):
-        raise whole_file(
-            source,
-            "webhook_url",
-            f"{url!r} matches no entry of [inbox] allow_webhook_urls (scheme, host, port and path prefix)",
-        )
+    if url is not None and not isinstance(url, str):
+        raise whole_file(source, "webhook_url", f"{url!r} is not a URL string")
+    refused = None if url is None else webhook_url_refusal(url, settings.inbox.allow_webhook_urls)
+    if refused is not None:
+        raise whole_file(source, "webhook_url", refused)
     return Spec(input=data_path, completion_window=window, model=model, webhook_url=url, metadata=meta)
 
 

@@ -13,6 +13,10 @@ rule                 meaning
 -------------------  -------------------------------------------------------------------
 encoding             the line is not valid UTF-8
 json                 the line is not valid JSON (NaN and Infinity count as invalid)
+too_deep             arrays and objects nested deeper than jsonl.MAX_JSON_DEPTH (64), which
+                     the backends accept (the emulator answers such a request 400)
+lone_surrogate       a string (a key, a value, the custom_id) holds a \\ud800-\\udfff escape
+                     that is not half of a pair: it cannot be written back as UTF-8 JSON
 object               the line is JSON but not an object
 custom_id            custom_id missing, not a string, or not 1 to 64 characters
 duplicate_custom_id  the custom_id was already used; the message names that line
@@ -29,10 +33,14 @@ stream               body.stream is true (a batch cannot stream)
 empty                the file holds no request at all (whole file)
 too_many_requests    more requests than the provider takes in one batch (whole file)
 too_large            more bytes than the provider takes in one batch (whole file), or
-                     one line alone longer than that (that line)
+                     one line alone longer than the limit per request (that line):
+                     Limits.max_request_bytes, 32 MB unless [provider] max_request_bytes
+                     says otherwise (or the limit per batch, if that is smaller)
 
 The size limit is checked against the bytes batchd would upload (request lines
 with ``\\n`` ends, no BOM, no blank lines), which is what the provider counts.
+A line over the limit per request is counted and skipped, never held whole: memory
+while validating stays within about that limit, whatever the line or the file.
 
 This module streams a file and holds the whole-file rules; the per-line rules
 are in request_rules.py (pure: a line's bytes in, its problems out), and the
@@ -79,6 +87,8 @@ RULES: tuple[str, ...] = (
     "stream",
     "empty",
     "too_large",
+    "too_deep",
+    "lone_surrogate",
 )
 #: Custom ids kept in memory before the uniqueness check spills to a scratch file.
 _SEEN_IN_MEMORY = 100_000
@@ -146,24 +156,25 @@ def validate_stream(
     requests = 0
     line_problems: list[Problem] = []
     line_problem_count = 0
+    # A line over the limit per request (or per batch, if that is smaller) is never held whole.
+    cap, per = (
+        (limits.max_request_bytes, "request")
+        if limits.max_request_bytes <= limits.max_bytes
+        else (limits.max_bytes, "batch")
+    )
     with contextlib.closing(seen):
-        # A line longer than a whole batch may hold is never read into memory.
-        for line in read_lines(stream, cap=limits.max_bytes + 1):
+        for line in read_lines(stream, cap=cap):
             requests += 1
             if line.content is None:
-                found = [
-                    Problem(
-                        line.number,
-                        "too_large",
-                        f"this line alone is longer than the limit per batch ({limits.max_bytes:,} bytes)",
-                    )
-                ]
+                message = f"this line alone is longer than the limit per {per} ({cap:,} bytes)"
+                found = [Problem(line.number, "too_large", message)]
             else:
                 found = rules.check(line.number, line.content)
-            line_problem_count += len(found)
-            room = max_reported - len(line_problems)
-            if room > 0:
-                line_problems.extend(found[:room])
+            if found:
+                line_problem_count += len(found)
+                room = max_reported - len(line_problems)
+                if room > 0:
+                    line_problems.extend(found[:room])
 
     file_problems: list[Problem] = []
     if requests == 0:

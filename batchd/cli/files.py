@@ -39,8 +39,8 @@ def validate(obj: Context, file: Path, as_json: bool) -> None:
         fail(f"configuration error: {exc}", 2)
     if not file.is_file():
         fail(f"{file}: no such file", 2)
-    kind = settings.provider.kind if settings else "local"
-    report = validate_file(file, source=file.name, limits=PROVIDER_LIMITS[kind])
+    limits = settings.provider.validation_limits if settings else PROVIDER_LIMITS["local"]
+    report = validate_file(file, source=file.name, limits=limits)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
     elif report.ok:
@@ -60,7 +60,7 @@ def submit(obj: Context, file: Path, name: str | None) -> None:
     settings = obj.load()
     if not file.is_file():
         fail(f"{file}: no such file", 2)
-    report = validate_file(file, source=file.name, limits=PROVIDER_LIMITS[settings.provider.kind])
+    report = validate_file(file, source=file.name, limits=settings.provider.validation_limits)
     if not report.ok:
         click.echo(format_report(report), nl=False, err=True)
         sys.exit(1)

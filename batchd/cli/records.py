@@ -1,7 +1,8 @@
 """What `jobs`, `show`, `watch`, `status` and `webhooks` print: pure records and tables.
 
 The records are the `--json` shapes documented in the README ("Operator commands"):
-stable, keys are only ever added. The tables and lines are the human output.
+stable, keys are only ever added. The tables and lines are the human output. Every URL
+in them is shown through batchd.urls.redact_url: credentials never reach a terminal.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from batchd.config import Settings
 from batchd.models import Delivery, EndpointStats, Job, JobState, RemoteBatchRecord
 from batchd.outbox import iso
 from batchd.store import Store, daemon_state
+from batchd.urls import redact_url
 
 #: Below this many jobs, their remote batches are read by id; above, all at once.
 _BY_ID_LIMIT = 500
@@ -87,7 +89,7 @@ def show_record(
             "usage": dict(job.usage) if job.usage else None,
             "round": job.round,
             "cost": _cost(outbox),
-            "webhook_url": job.webhook_url,
+            "webhook_url": None if job.webhook_url is None else redact_url(job.webhook_url),
             "input_file_id": job.input_file_id,
             "sha256": job.sha256,
             "size_bytes": job.size_bytes,
@@ -137,7 +139,7 @@ def show_record(
                 {
                     "event_id": d.event_id,
                     "type": d.event_type,
-                    "url": d.url,
+                    "url": redact_url(d.url),
                     "state": d.state.value,
                     "attempts": d.attempts,
                     "last_status": d.last_status,
@@ -315,7 +317,7 @@ def endpoint_rows(settings: Settings, stats: list[EndpointStats]) -> list[dict[s
         endpoint = configured.get(url)
         rows.append(
             {
-                "url": url,
+                "url": redact_url(url),
                 # "spec": a job's own webhook_url (signed with the inbox secret)
                 "kind": "config" if endpoint is not None or s.secret_ref == "config" else "spec",
                 "configured": endpoint is not None,

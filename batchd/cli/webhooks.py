@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 import anyio
@@ -21,6 +22,7 @@ from batchd.cli.records import endpoint_rows
 from batchd.config import Secret, Settings
 from batchd.models import StoredEvent
 from batchd.store import Store
+from batchd.urls import redact_url
 from batchd.webhooks import Outcome, new_event, post_event
 
 #: The answer's first bytes that `batchd webhooks test` shows by default.
@@ -98,17 +100,32 @@ def replay(obj: Context, event_id: str | None, job_ref: str | None, url: str | N
         sys.exit(1)
 
 
+def full_url(given: str, known: Iterable[str]) -> str:
+    """The URL an operator named: as given, or the one known URL whose redacted form it is.
+
+    Every table shows URLs with their credentials hidden (batchd.urls.redact_url); a URL
+    copied from one names its endpoint as long as no other URL looks the same redacted.
+    """
+    known = set(known)
+    if given in known:
+        return given
+    matches = {url for url in known if redact_url(url) == given}
+    return matches.pop() if len(matches) == 1 else given
+
+
 def _replay_one(settings: Settings, store: Store, event: StoredEvent, url: str | None) -> bool:
     """Queue one event again for its endpoints (or `url`) and print what was done; False if one was skipped."""
     targets = {d.url: d.secret_ref for d in store.deliveries.select(event_id=event.id)}
     configured = {ep.url for ep in settings.webhooks}
     if url is not None:
+        url = full_url(url, [*targets, *configured])
         if url in targets:
             targets = {url: targets[url]}
         elif url in configured:
             targets = {url: "config"}  # an endpoint added since, or whose filter left this event out
         else:
-            click.echo(f"{event.id}: never sent to {url}, and it is not a configured [[webhooks]] url", err=True)
+            shown = redact_url(url)
+            click.echo(f"{event.id}: never sent to {shown}, and it is not a configured [[webhooks]] url", err=True)
             return False
     if not targets:
         click.echo(f"{event.id}: no endpoint to send it to (pass --url a configured endpoint)", err=True)
@@ -116,23 +133,24 @@ def _replay_one(settings: Settings, store: Store, event: StoredEvent, url: str |
     disabled = store.deliveries.disabled_endpoints()
     sendable = []
     for target, secret_ref in targets.items():
+        shown = redact_url(target)
         if target in disabled:
             click.echo(
-                f"{event.id} -> {target}: skipped, the endpoint is disabled ({disabled[target]}); "
+                f"{event.id} -> {shown}: skipped, the endpoint is disabled ({disabled[target]}); "
                 "`batchd webhooks enable URL` resumes it",
                 err=True,
             )
         elif secret_ref == "config" and target not in configured:
-            click.echo(f"{event.id} -> {target}: skipped, no longer a configured [[webhooks]] url", err=True)
+            click.echo(f"{event.id} -> {shown}: skipped, no longer a configured [[webhooks]] url", err=True)
         elif secret_ref == "inbox" and not settings.inbox.webhook_secrets:
-            click.echo(f"{event.id} -> {target}: skipped, no [inbox] webhook secret to sign it with", err=True)
+            click.echo(f"{event.id} -> {shown}: skipped, no [inbox] webhook secret to sign it with", err=True)
         else:
             sendable.append((target, secret_ref))
     if sendable:
         done = store.deliveries.replay_event(event.id, sendable)
         for target, how in done.items():
             said = "queued again" if how == "queued" else "was still pending, now due"
-            click.echo(f"{event.id} ({event.type}) -> {target}: {said}")
+            click.echo(f"{event.id} ({event.type}) -> {redact_url(target)}: {said}")
     return len(sendable) == len(targets)
 
 
@@ -144,15 +162,21 @@ def _replay_one(settings: Settings, store: Store, event: StoredEvent, url: str |
 @config_options
 @pass_ctx
 def enable(obj: Context, url: str) -> None:
-    """Enable URL again after it answered 410 Gone; its parked deliveries become due now."""
+    """Enable URL again after it answered 410 Gone; its parked deliveries become due now.
+
+    URL as configured, or as `batchd webhooks` shows it (credentials hidden) when that names
+    one disabled endpoint.
+    """
     settings = obj.load()
     with open_store(settings) as store:
+        url = full_url(url, store.deliveries.disabled_endpoints())
         resumed = store.deliveries.enable_endpoint(url)
-        disabled = sorted(store.deliveries.disabled_endpoints())
+        disabled = sorted(redact_url(u) for u in store.deliveries.disabled_endpoints())
     if resumed is None:
         known = f" (disabled: {', '.join(disabled)})" if disabled else " (no endpoint is disabled)"
-        fail(f"{url} is not disabled{known}", 1)
-    click.echo(f"enabled {url}; {resumed} parked {'delivery is' if resumed == 1 else 'deliveries are'} due now")
+        fail(f"{redact_url(url)} is not disabled{known}", 1)
+    count = f"{resumed} parked {'delivery is' if resumed == 1 else 'deliveries are'}"
+    click.echo(f"enabled {redact_url(url)}; {count} due now")
 
 
 # ---------------------------------------------------------------- test
@@ -175,8 +199,9 @@ def test_command(obj: Context, url: str, peek: int) -> None:
     """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        fail(f"{url!r}: an http:// or https:// URL is needed", 2)
+        fail(f"{redact_url(url)!r}: an http:// or https:// URL is needed", 2)
     settings = obj.load()
+    url = full_url(url, (ep.url for ep in settings.webhooks))
     endpoint = next((ep for ep in settings.webhooks if ep.url == url), None)
     if endpoint is not None:
         secrets, allow_list, how = endpoint.secrets, None, "its [[webhooks]] entry"
@@ -184,10 +209,11 @@ def test_command(obj: Context, url: str, peek: int) -> None:
         secrets, allow_list = settings.inbox.webhook_secrets, settings.inbox.allow_webhook_urls
         how = "the [inbox] webhook secret, checked as a spec's webhook_url"
     else:
-        fail(f"{url} is not a [[webhooks]] url and no [inbox] webhook secret is set: nothing to sign with", 1)
+        no_secret = "is not a [[webhooks]] url and no [inbox] webhook secret is set: nothing to sign with"
+        fail(f"{redact_url(url)} {no_secret}", 1)
     now = time.time()
     event_id, body = new_event("batchd.test", {"message": "a test event from `batchd webhooks test`"}, now=now)
-    click.echo(f"POST {url}")
+    click.echo(f"POST {redact_url(url)}")
     click.echo(f"  event {event_id} (batchd.test), signed with {len(secrets)} secret(s) of {how}")
     started = time.monotonic()
     outcome = anyio.run(_send_test, url, event_id, body, secrets, settings, allow_list, peek)

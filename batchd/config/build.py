@@ -35,6 +35,7 @@ from batchd.config.settings import (
     WebhookEndpoint,
     listen_address,
 )
+from batchd.urls import normalise_url, redact_url, unsafe_char
 
 
 def _str(table: Mapping[str, Any], key: str, name: str, default: str) -> str:
@@ -68,16 +69,32 @@ def _choice(table: Mapping[str, Any], key: str, name: str, default: str, choices
 
 
 def _http_url(value: Any, name: str) -> str:
+    """An http(s) URL; its credentials (user info, query values) never shown in a message."""
     if not isinstance(value, str):
-        raise ConfigError(f"{name} must be a URL string, not {value!r}")
+        raise ConfigError(f"{name} must be a URL string, not {type(value).__name__}")
+    shown = redact_url(value)
+    char = unsafe_char(value)
+    if char is not None:
+        # httpx refuses every request to it, and urllib would quietly drop a tab or a newline.
+        raise ConfigError(f"{name} must not hold control characters or whitespace ({char!r} in {shown!r})")
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        raise ConfigError(f"{name} is not a valid URL: {value!r}") from None
+        raise ConfigError(f"{name} is not a valid URL: {shown!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{name} must be an http(s) URL, not {value!r}")
+        raise ConfigError(f"{name} must be an http(s) URL, not {shown!r}")
     return value
+
+
+def _allowed_url(value: Any, name: str) -> str:
+    """An allow-list entry: an http(s) URL that has a normal form to compare spec URLs with."""
+    url = _http_url(value, name)
+    try:
+        normalise_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}: {redact_url(url)!r}") from None
+    return url
 
 
 def _path(value: str, base_dir: Path) -> Path:
@@ -242,6 +259,7 @@ def build_settings(
             api_key=api_key,
             max_batch_requests=_int(p, "max_batch_requests", "provider.max_batch_requests", 0, 0),
             max_batch_bytes=_int(p, "max_batch_bytes", "provider.max_batch_bytes", 0, 0),
+            max_request_bytes=_int(p, "max_request_bytes", "provider.max_request_bytes", 0, 0),
         ),
         local=LocalSettings(
             engine=engine,
@@ -251,7 +269,7 @@ def build_settings(
         inbox=InboxSettings(
             settle_s=_num(ib, "settle_s", "inbox.settle_s", 1.0),
             rescan_s=_num(ib, "rescan_s", "inbox.rescan_s", 30.0),
-            allow_webhook_urls=tuple(_http_url(u, f"inbox.allow_webhook_urls[{i}]") for i, u in enumerate(allow)),
+            allow_webhook_urls=tuple(_allowed_url(u, f"inbox.allow_webhook_urls[{i}]") for i, u in enumerate(allow)),
             webhook_secrets=inbox_webhook_secrets,
         ),
         submit=SubmitSettings(completion_window=window),

@@ -28,6 +28,7 @@ _SECTION_KEYS: dict[str, set[str]] = {
         "api_key_file",
         "max_batch_requests",
         "max_batch_bytes",
+        "max_request_bytes",
     },
     "resubmit": {"max_rounds"},
     "cluster": {"lease_s"},

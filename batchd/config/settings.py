@@ -6,7 +6,7 @@ No file, no environment: `load.py` finds and reads those, `build.py` turns them 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from batchd.models import PROVIDER_LIMITS, Limits
@@ -63,6 +63,8 @@ class ProviderSettings:
     #: per-batch limits; 0: the provider's own (PROVIDER_LIMITS)
     max_batch_requests: int = 0
     max_batch_bytes: int = 0
+    #: the longest request line; 0: models.MAX_REQUEST_BYTES
+    max_request_bytes: int = 0
 
     @property
     def limits(self) -> Limits:
@@ -71,7 +73,14 @@ class ProviderSettings:
         return Limits(
             max_bytes=self.max_batch_bytes or base.max_bytes,
             max_requests=self.max_batch_requests or base.max_requests,
+            max_request_bytes=self.max_request_bytes or base.max_request_bytes,
         )
+
+    @property
+    def validation_limits(self) -> Limits:
+        """What a dropped file is checked against: the provider's own batch limits and config's
+        per-request limit. Config's batch limits only decide where a file is cut into shards."""
+        return replace(PROVIDER_LIMITS[self.kind], max_request_bytes=self.limits.max_request_bytes)
 
 
 @dataclass(frozen=True)

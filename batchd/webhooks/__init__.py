@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from batchd.webhooks.deliverer import DUE_BATCH, PER_ENDPOINT_CONCURRENCY, PER_ENDPOINT_QUEUE, Deliverer
 from batchd.webhooks.events import build_event, event_targets, new_event, webhook_data
-from batchd.webhooks.guard import Refused, allowed_webhook_url, pinned_target
+from batchd.webhooks.guard import Refused, allowed_webhook_url, checked_url, pinned_target, webhook_url_refusal
 from batchd.webhooks.post import DRAIN_BYTES, DRAIN_S, Outcome, post_event
 from batchd.webhooks.signing import secret_key, sign, verify
 
@@ -31,6 +31,7 @@ __all__ = [
     "Refused",
     "allowed_webhook_url",
     "build_event",
+    "checked_url",
     "event_targets",
     "new_event",
     "pinned_target",
@@ -39,4 +40,5 @@ __all__ = [
     "sign",
     "verify",
     "webhook_data",
+    "webhook_url_refusal",
 ]

@@ -20,6 +20,7 @@ from batchd.crashpoints import crashpoint
 from batchd.faults import Faults, describe
 from batchd.models import Delivery
 from batchd.store import DeadLettered, Delivered, DeliveryOutcome, EndpointGone, Parked, RetryLater, Store
+from batchd.urls import redact_url
 from batchd.webhooks.policy import GONE_REASON, Decision, Verdict, decide
 from batchd.webhooks.post import Outcome, post_event
 
@@ -143,7 +144,7 @@ class Deliverer:
                     reason = disabled[delivery.url]
                     await self._record(Parked(delivery.id, reason))
                     metrics.webhook("parked")
-                    log.info("webhook.parked", event_id=delivery.event_id, url=delivery.url, reason=reason)
+                    log.info("webhook.parked", event_id=delivery.event_id, url=redact_url(delivery.url), reason=reason)
                     continue
                 if self._queued.get(delivery.url, 0) >= PER_ENDPOINT_QUEUE:
                     continue  # taken on when one of its endpoint's attempts ends
@@ -205,7 +206,7 @@ class Deliverer:
         next attempt to the endpoint starts while this outcome is being committed, and the
         outcomes of several attempts share a commit.
         """
-        bound = log.bind(event_id=delivery.event_id, url=delivery.url, job_id=delivery.job_id)
+        bound = log.bind(event_id=delivery.event_id, url=redact_url(delivery.url), job_id=delivery.job_id)
         secrets = self._secrets_for(delivery)
         if not secrets:
             outcome = Outcome(None, "endpoint is no longer configured")

@@ -16,6 +16,7 @@ import httpx
 
 from batchd.backoff import retry_after_s
 from batchd.config import Secret
+from batchd.urls import normalise_url
 from batchd.webhooks import guard
 from batchd.webhooks.signing import sign
 
@@ -72,9 +73,9 @@ async def post_event(
             if allow_list is not None:
                 # Resolve once, check, and connect to exactly the checked address.
                 target, _host = await guard.pinned_target(url, allow_list)
-                # Host and SNI in their ASCII (IDNA) form, as httpx would send them for the
-                # name: a header must be ASCII, and "bücher.example" raised UnicodeEncodeError.
-                original = httpx.URL(url)
+                # Host and SNI those of the URL checked (its normal form), in their ASCII (IDNA)
+                # form: a header must be ASCII, and "bücher.example" raised UnicodeEncodeError.
+                original = httpx.URL(normalise_url(url).geturl())
                 headers["host"] = original.netloc.decode("ascii")
                 extensions["sni_hostname"] = original.raw_host.decode("ascii")
             async with http.stream(

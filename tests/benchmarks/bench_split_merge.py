@@ -7,8 +7,9 @@ It writes an upload copy of `--requests` lines totalling about `--size-mb` MB, a
 result file answering every request in a shuffled order. Each measured operation runs
 in a child process that reports its wall time and peak RSS (VmHWM); an idle child that
 only imports batchd is the baseline. Operations: a json.loads pass over the input,
-`shards.split` at the provider's limit (50,000 requests), a json.loads pass over the
-results, and `results.merge_results` over them. The temporary folder is removed.
+`validation.validate_file` over it (every rule, Together's limits), `shards.split` at the
+provider's limit (50,000 requests), a json.loads pass over the results, and
+`results.merge_results` over them. The temporary folder is removed.
 """
 
 from __future__ import annotations
@@ -54,12 +55,16 @@ def child(argv: list[str]) -> None:
     from batchd.models import PROVIDER_LIMITS
     from batchd.results import merge_results
     from batchd.shards import split
+    from batchd.validation import validate_file
 
     started = time.perf_counter()
     extra: dict[str, Any] = {}
     if op.startswith("json:"):
         with (folder / op[5:]).open("rb") as stream:
             extra["lines"] = sum(1 for line in stream if json.loads(line))
+    elif op == "validate":
+        report = validate_file(folder / "upload.jsonl", source="upload.jsonl", limits=PROVIDER_LIMITS["together"])
+        extra["problems"] = report.problem_count
     elif op == "split":
         (folder / "shards").mkdir(exist_ok=True)
         shards = split(folder / "upload.jsonl", folder / "shards", PROVIDER_LIMITS["together"], prefix="r0")
@@ -96,7 +101,8 @@ def main() -> None:
     try:
         upload, results = generate(folder, args.requests, args.size_mb)
         idle = run("idle", folder)
-        figures = {op: run(op, folder) for op in ("json:upload.jsonl", "split", "json:results.jsonl", "merge")}
+        ops = ("json:upload.jsonl", "validate", "split", "json:results.jsonl", "merge")
+        figures = {op: run(op, folder) for op in ops}
         mb = {"upload": upload.stat().st_size / 1e6, "results": results.stat().st_size / 1e6}
         report = {
             "requests": args.requests,
@@ -110,6 +116,9 @@ def main() -> None:
                 "rss_above_idle_mb": round((fig["peak_kib"] - idle["peak_kib"]) / 1024, 1),
                 **{k: v for k, v in fig.items() if k not in ("seconds", "peak_kib")},
             }
+        report["validate_vs_json_pass"] = round(
+            figures["json:upload.jsonl"]["seconds"] / figures["validate"]["seconds"], 2
+        )
         report["split_vs_json_pass"] = round(figures["json:upload.jsonl"]["seconds"] / figures["split"]["seconds"], 2)
         report["merge_vs_json_pass"] = round(figures["json:results.jsonl"]["seconds"] / figures["merge"]["seconds"], 2)
         print(json.dumps(report, indent=2))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from batchd.config import ConfigError, Price, Secret, load_settings, parse_override
+from batchd.models import PROVIDER_LIMITS, Limits
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -150,6 +151,58 @@ def test_limits_resubmit_rounds_and_pricing(tmp_path: Path) -> None:
         load_settings(write(tmp_path, '[pricing]\n"m" = { per_token = 1 }\n'), environ={})
     with pytest.raises(ConfigError, match=r"resubmit\.max_rounds"):
         load_settings(write(tmp_path, "[resubmit]\nmax_rounds = -1\n"), environ={})
+
+
+def test_max_request_bytes_defaults_to_32_mb_and_is_overridable(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "[provider]\nmax_request_bytes = 0\nmax_batch_bytes = 500\n"), environ={})
+    assert settings.provider.limits.max_request_bytes == 32_000_000
+    # Validation keeps the provider's batch limits (config's only decide where a file is cut).
+    assert settings.provider.validation_limits == PROVIDER_LIMITS["local"]
+    path = write(tmp_path, "[provider]\nkind = 'together'\napi_key = 'k'\nmax_request_bytes = 50_000_000\n")
+    settings = load_settings(path, environ={})
+    assert settings.provider.limits.max_request_bytes == 50_000_000
+    assert settings.provider.validation_limits == Limits(100_000_000, 50_000, max_request_bytes=50_000_000)
+    with pytest.raises(ConfigError, match=r"provider\.max_request_bytes"):
+        load_settings(write(tmp_path, "[provider]\nmax_request_bytes = -1\n"), environ={})
+
+
+@pytest.mark.parametrize("bad", ["\\u0007", "\\t", " ", "\\u0085", "\\u00a0", "\\n"])
+@pytest.mark.parametrize("where", ["webhooks", "allow", "base_url"])
+def test_a_url_with_a_control_character_or_whitespace_stops_start_up(tmp_path: Path, bad: str, where: str) -> None:
+    url = f"https://user:pa55word@hooks.example/x{bad}y?token=t0ken-value"
+    text, key = {
+        "webhooks": (f'[[webhooks]]\nurl = "{url}"\nsecret = "{SECRET}"\n', "webhooks[0].url"),
+        "allow": (
+            f'[inbox]\nallow_webhook_urls = ["https://ok.example/", "{url}"]\nwebhook_secret = "{SECRET}"\n',
+            "inbox.allow_webhook_urls[1]",
+        ),
+        "base_url": (f'[provider]\nkind = "together"\napi_key = "k"\nbase_url = "{url}"\n', "provider.base_url"),
+    }[where]
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), environ={})
+    message = str(info.value)
+    assert key in message and "control characters or whitespace" in message
+    assert "pa55word" not in message and "t0ken-value" not in message
+
+
+@pytest.mark.parametrize("entry", ["https://h.example/a\\\\..\\\\b", "https://h.example/a/..%2Fb"])
+def test_an_allow_list_entry_without_a_normal_form_stops_start_up(tmp_path: Path, entry: str) -> None:
+    text = f'[inbox]\nallow_webhook_urls = ["{entry}"]\nwebhook_secret = "{SECRET}"\n'
+    with pytest.raises(ConfigError, match=r"inbox\.allow_webhook_urls\[0\]"):
+        load_settings(write(tmp_path, text), environ={})
+
+
+def test_credentials_in_a_bad_url_are_not_in_the_message(tmp_path: Path) -> None:
+    text = f'[[webhooks]]\nurl = "ftp://user:pa55word@h/?token=t0ken-value"\nsecret = "{SECRET}"\n'
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), environ={})
+    assert "webhooks[0].url" in str(info.value) and "***@h/?token=***" in str(info.value)
+
+
+def test_credentials_in_a_webhook_url_are_kept_whole_in_the_settings(tmp_path: Path) -> None:
+    url = "https://user:pa55word@hooks.example/x?token=t0ken-value"
+    settings = load_settings(write(tmp_path, f'[[webhooks]]\nurl = "{url}"\nsecret = "{SECRET}"\n'), environ={})
+    assert settings.webhooks[0].url == url
 
 
 def test_plain_postgresql_url_uses_the_shipped_driver(tmp_path: Path) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from batchd.jsonl import MAX_JSON_DEPTH, nesting_depth
 from batchd.models import PROVIDER_LIMITS, Limits
+from batchd.request_rules import OpenAIRules
 from batchd.upload_copy import iter_custom_ids, write_upload_copy
 from batchd.validation import RULES, Problem, Report, format_report, validate_file
 
@@ -247,6 +250,141 @@ def test_overlong_line_is_not_read_whole(tmp_path: Path) -> None:
     report = check(tmp_path, line(request("a")) + long_line + line(request("c")), limits=Limits(1000, 10))
     assert [(p.line, p.rule) for p in report.problems] == [(2, "too_large")]
     assert report.request_count == 3
+
+
+def test_a_line_over_the_per_request_limit_is_too_large(tmp_path: Path) -> None:
+    limits = Limits(max_bytes=10**6, max_requests=10, max_request_bytes=1000)
+    long_line = line(request("b", padding="x" * 5000))
+    report = check(tmp_path, line(request("a")) + long_line + line(request("c")), limits=limits)
+    assert [(p.line, p.rule) for p in report.problems] == [(2, "too_large")]
+    assert "limit per request (1,000 bytes)" in report.problems[0].message
+    assert report.request_count == 3
+
+
+@pytest.mark.parametrize("end", [b"\n", b"\r\n", b""])
+def test_a_line_of_exactly_the_per_request_limit_is_taken(tmp_path: Path, end: bytes) -> None:
+    content = json.dumps(request("a", padding="")).encode()
+    content = content[:-1] + b', "pad": "' + b"x" * (900 - len(content) - 10) + b'"}'
+    limits = Limits(max_bytes=10**6, max_requests=10, max_request_bytes=len(content))
+    assert check(tmp_path, content + end, limits=limits).ok
+    over = Limits(max_bytes=10**6, max_requests=10, max_request_bytes=len(content) - 1)
+    assert [p.rule for p in check(tmp_path, content + end, limits=over).problems] == ["too_large"]
+
+
+def test_the_per_request_limit_is_32_mb_for_every_provider() -> None:
+    assert {limits.max_request_bytes for limits in PROVIDER_LIMITS.values()} == {32_000_000}
+
+
+def test_a_lone_surrogate_anywhere_is_a_problem_with_its_line(tmp_path: Path) -> None:
+    good_pair = json.dumps(request("b", body={"model": "m", "messages": [{"role": "user", "content": "\U0001f600"}]}))
+    assert "\\ud83d\\ude00" in good_pair  # json.dumps escapes it as a pair: fine
+    lines = [
+        json.dumps(request("a")),
+        good_pair,
+        json.dumps(request("c\ud800")),  # the custom_id
+        json.dumps(request("d", body={"model": "m", "messages": [{"role": "user", "content": "x\udfff"}]})),
+        json.dumps(request("e", extra={"k\udbffey": 1})),  # a key
+        json.dumps(request("f", extra="\udc00\ud83d\ude00")),  # a low half first, then a pair
+        json.dumps(request("g", extra="\\ud800")),  # an escaped backslash: text, not an escape
+        json.dumps(request("h", extra="\\\ud800")),  # a backslash, then an escape
+        json.dumps(request("i", extra="\ud800")).replace("\\ud800", "\\uD800"),  # upper case
+        json.dumps(request("j", extra="\ud800\\\udc00")),  # two halves a backslash apart: both lone
+        json.dumps(request("k", extra="\\\ud83d\ude00\\")),  # a pair between backslashes: fine
+    ]
+    report = check(tmp_path, "\n".join(lines).encode() + b"\n")
+    assert [(p.line, p.rule) for p in report.problems] == [(n, "lone_surrogate") for n in (3, 4, 5, 6, 8, 9, 10)]
+    assert "\\ud800 at byte" in report.problems[0].message
+    # The report itself is plain UTF-8 (a lone surrogate quoted in it could not be written).
+    format_report(report).encode("utf-8")
+
+
+def test_a_lone_surrogate_does_not_reach_the_custom_id_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Past the in-memory window the ids go to SQLite, which cannot store a lone surrogate.
+    monkeypatch.setattr("batchd.validation._SEEN_IN_MEMORY", 0)
+    report = check(tmp_path, line(request("a\ud800")) + line(request("a\ud800")))
+    assert [(p.line, p.rule) for p in report.problems] == [(1, "lone_surrogate"), (2, "lone_surrogate")]
+
+
+def nested(depth: int) -> bytes:
+    """A valid request whose deepest array sits at `depth` (the request object is 1)."""
+    inner = "[" * (depth - 1) + "]" * (depth - 1)
+    return json.dumps(request("a")).encode()[:-1] + b', "deep": ' + inner.encode() + b"}"
+
+
+def test_nesting_deeper_than_the_limit_is_too_deep(tmp_path: Path) -> None:
+    assert nesting_depth(nested(MAX_JSON_DEPTH)) == MAX_JSON_DEPTH
+    report = check(tmp_path, nested(MAX_JSON_DEPTH) + b"\n" + nested(MAX_JSON_DEPTH + 1) + b"\n" + nested(900) + b"\n")
+    assert [(p.line, p.rule) for p in report.problems] == [(2, "too_deep"), (3, "too_deep")]
+    assert report.problems[0].message == f"arrays and objects nested 65 deep; at most {MAX_JSON_DEPTH}"
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(tmp_path: Path) -> None:
+    text = '[{"\\"[' + "[" * 200 + '": "{' + "{" * 200 + '\\\\"}'
+    req = request("a", extra=text, more=[[[{"k": text}]]])
+    data = json.dumps(req).encode()
+    assert nesting_depth(data) == 5
+    assert check(tmp_path, data + b"\n").ok
+
+
+@pytest.mark.parametrize(
+    ("text", "depth"),
+    [
+        (b"1", 0),
+        (b'"[["', 0),
+        (b"{}", 1),
+        (b"[[], {}]", 2),
+        (b'{"a": [{"b": "]]]"}]}', 3),
+        (b'[["\\\\", ["\\"[["], "\\\\\\"]"]]', 3),  # escaped backslashes and quotes
+    ],
+)
+def test_nesting_depth(text: bytes, depth: int) -> None:
+    assert nesting_depth(text) == depth
+
+
+class _NoIds:
+    def add(self, custom_id: str, line: int) -> int | None:
+        return None
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    return 0
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, list):
+        return any(map(_has_lone_surrogate, value))
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    return False
+
+
+def test_the_raw_byte_looks_agree_with_the_parsed_value() -> None:
+    # Random JSON rich in backslashes, quotes, brackets and surrogate halves: what the looks at
+    # a line's bytes say (its depth, a lone surrogate) is what walking json.loads' value says.
+    rng = random.Random(13)
+    alphabet = ["a", "u", "d", "8", "é", "\n", "\\", '"', "[", "]", "{", "}", "\ud800", "\udc00", "\ud83d", "\ude00"]
+
+    def value(depth: int) -> Any:
+        roll = rng.random()
+        if depth > 6 or roll < 0.3:
+            return rng.choice([1, None, "".join(rng.choices(alphabet, k=rng.randint(0, 8)))])
+        if roll < 0.65:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {"".join(rng.choices(alphabet, k=rng.randint(0, 6))): value(depth + 1) for _ in range(3)}
+
+    rules = OpenAIRules(_NoIds())
+    for _ in range(3000):
+        data = json.dumps(value(0)).encode()
+        parsed = json.loads(data)
+        assert nesting_depth(data) == _depth(parsed), data
+        found = {p.rule for p in rules.check(1, data)}
+        assert ("lone_surrogate" in found) == _has_lone_surrogate(parsed), data
 
 
 def test_the_one_model_of_a_file_is_reported(tmp_path: Path) -> None:
