@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from batchd.emulator.control import Control, ControlMiddleware, control_routes
+from batchd.emulator.control import UPLOAD_PREFIX, Control, ControlMiddleware, control_routes
 from batchd.emulator.engines import EchoEngine, Engine
 from batchd.emulator.faults import Faults, RandomFaults
 from batchd.emulator.openai import PREFIX as OPENAI_PREFIX
@@ -32,12 +32,17 @@ log = structlog.get_logger()
 
 #: Requests of one batch in flight at once for an engine that does not say (the echo engine).
 DEFAULT_CONCURRENCY = 64
-#: Path prefixes that need `Authorization: Bearer …`: the Together and the OpenAI dialect.
+#: Path prefixes that need `Authorization: Bearer …` when the app has no `api_key`: the two dialects.
 PROTECTED_PREFIXES: tuple[str, ...] = ("/v1/", f"{OPENAI_PREFIX}/")
 
 
 class AuthMiddleware:
-    """Requires a bearer token on the API paths: any non-empty one, or exactly `api_key` if set."""
+    """Requires a bearer token: with `api_key`, exactly that one on every path; else any on the API paths.
+
+    The presigned-style upload URL is the one exception: like a real one it
+    refuses an `Authorization` header and carries its own signature instead
+    (handed out only to a client that had the token when it asked).
+    """
 
     def __init__(self, app: ASGIApp, api_key: str | None, prefixes: Sequence[str] = PROTECTED_PREFIXES) -> None:
         self.app = app
@@ -45,11 +50,16 @@ class AuthMiddleware:
         self.prefixes = tuple(prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.prefixes) and not self._allowed(scope):
+        if scope["type"] == "http" and self._guarded(scope["path"]) and not self._allowed(scope):
             response = file_error(401, "Invalid API key provided", code="invalid_api_key")
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    def _guarded(self, path: str) -> bool:
+        if self.api_key is None:
+            return path.startswith(self.prefixes)
+        return not path.startswith(UPLOAD_PREFIX)
 
     def _allowed(self, scope: Scope) -> bool:
         header = b""
@@ -60,7 +70,8 @@ class AuthMiddleware:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             return False
-        return self.api_key is None or hmac.compare_digest(token.encode(), self.api_key.encode())
+        # The header's own bytes against the key's UTF-8 (what a client sends for it).
+        return self.api_key is None or hmac.compare_digest(token.encode("latin-1"), self.api_key.encode())
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -97,7 +108,9 @@ def create_app(
     """Build the emulator over `data_dir` (created if missing).
 
     `engine` answers requests (default: `EchoEngine()`); `api_key`, when set,
-    is the only bearer token accepted; `clock` is the source of every "now";
+    is the only bearer token accepted, and on every route (the control
+    endpoints too; the presigned-style upload URL has its signature) instead
+    of any token on the API routes; `clock` is the source of every "now";
     `concurrency` bounds the requests of one batch in flight at the engine
     at once (default: the engine's own `concurrency` if it has one, as
     `UpstreamEngine` does, else 64);

@@ -1,4 +1,4 @@
-"""Control endpoints for tests (`/_emulator/...`, no auth): pause, faults, stats.
+"""Control endpoints for tests (`/_emulator/...`; open unless the app has an api_key): pause, faults, stats.
 
 `ControlMiddleware` sits in front of every route: it counts requests and
 carries out injected faults (which fault a request gets is decided in
@@ -29,7 +29,8 @@ from batchd.emulator.worker import Gate
 log = structlog.get_logger()
 
 CONTROL_PREFIX = "/_emulator/"
-_UPLOAD_PREFIX = "/_emulator/upload/"
+#: The presigned-style upload URL: under the control prefix, but it stands for the storage host.
+UPLOAD_PREFIX = "/_emulator/upload/"
 
 
 class Control:
@@ -69,7 +70,7 @@ class ControlMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        if scope["type"] != "http" or (path.startswith(CONTROL_PREFIX) and not path.startswith(_UPLOAD_PREFIX)):
+        if scope["type"] != "http" or (path.startswith(CONTROL_PREFIX) and not path.startswith(UPLOAD_PREFIX)):
             await self.app(scope, receive, send)
             return
         method: str = scope["method"]

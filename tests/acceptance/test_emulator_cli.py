@@ -104,7 +104,9 @@ async def test_the_command_serves_openai_with_a_timeline_an_api_key_and_faults(t
             refused = await http.get("/openai/v1/batches", headers={"Authorization": "Bearer wrong"})
             assert refused.status_code in (401, 429, 503)
             seen, output = await anyio.to_thread.run_sync(openai_sdk_batch, url, input_path)
-            stats = (await http.get("/_emulator/stats")).json()
+            # With --api-key the control endpoints need it too.
+            assert (await http.get("/_emulator/stats")).status_code == 401
+            stats = (await http.get("/_emulator/stats", headers={"Authorization": "Bearer cli-key"})).json()
         assert "validating" in seen and "finalizing" in seen and seen[-1] == "completed"
         assert len(output.splitlines()) == 5
         # The SDK retried its way through the faults the flags asked for.
