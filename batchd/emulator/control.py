@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from batchd.emulator.bodies import read_json
 from batchd.emulator.faults import Fault, Faults, parse_fault, parse_latency, parse_random
 from batchd.emulator.state import EmulatorState, iso_z
 from batchd.emulator.triggers import openai_error_body
@@ -174,7 +175,7 @@ def control_routes(control: Control, state: EmulatorState) -> list[Route]:
             control.faults.clear()
             return listing()
         try:
-            spec = await request.json()
+            spec = await read_json(request)
             if isinstance(spec, dict) and "rate" in spec:
                 random_mode = parse_random(spec)
                 control.faults.random = random_mode if random_mode.rate > 0 else None
