@@ -39,10 +39,10 @@ MAX_RESENT = 64
 class EmulatorProcess:
     """`python -m batchd emulator --port 0 …` with its JSON log in a file; `url` once it serves."""
 
-    def __init__(self, root: Path, *flags: str) -> None:
+    def __init__(self, root: Path, *flags: str, env: dict[str, str] | None = None) -> None:
         self.log_path = root / f"emulator-{len(list(root.glob('emulator-*.log')))}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")} | (env or {})
         command = [sys.executable, "-m", "batchd", "emulator", "--port", "0", "--data-dir", str(root / "data")]
         self.proc = subprocess.Popen([*command, *flags], env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.url = ""

@@ -1,9 +1,10 @@
-"""What the emulator parses as JSON: depth bounded, never a crash."""
+"""What the emulator parses as JSON (depth bounded, never a crash); which hosts `batchd emulator` calls loopback."""
 
 from __future__ import annotations
 
 import pytest
 
+from batchd.cli.emulator import is_loopback
 from batchd.emulator.bodies import BadJson, parse_json
 from batchd.jsonl import MAX_JSON_DEPTH
 
@@ -55,3 +56,26 @@ def test_bad_or_too_deep_documents_raise_bad_json(document: bytes, reason: str) 
     assert str(info.value) == reason
     # A ValueError: code that caught bad JSON before still does.
     assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("localhost", True),
+        ("LOCALHOST", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("::ffff:127.0.0.1", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.20", False),
+        ("::ffff:10.0.0.1", False),
+        ("example.com", False),
+        ("localhost.example.com", False),
+        ("", False),
+    ],
+)
+def test_which_hosts_are_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
