@@ -53,6 +53,10 @@ class AuthMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self._guarded(scope["path"]) and not self._allowed(scope):
             response = file_error(401, "Invalid API key provided", code="invalid_api_key")
+            if any(name in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"]):
+                # The body is never read: closing spares the server reading (and discarding) all of it
+                # to reuse the connection, however long a stranger keeps sending.
+                response.headers["Connection"] = "close"
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)

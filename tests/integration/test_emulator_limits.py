@@ -151,6 +151,17 @@ async def test_a_chunked_body_is_cut_off_at_the_cap_and_nothing_is_kept(tmp_path
         assert job["status"] == "COMPLETED" and len(output) == 1
 
 
+async def test_a_body_without_the_token_is_refused_unread_and_its_connection_closed(tmp_path: Path) -> None:
+    async with http_emulator(tmp_path, api_key="test-key") as client:
+        for method, path in TOO_LARGE_ROUTES[:-1]:
+            body = Body(1024 * CAP, FORM_START if path in FORM_ROUTES else b"")
+            answer = await anyio.to_thread.run_sync(send_blocking, str(client.base_url), method, path, body, "wrong")
+            assert answer.status_code == 401 and answer.headers["connection"] == "close", path
+            # Not read to its end to keep the connection: the client's writes stopped soon.
+            assert body.taken < body.size // 4, path
+        assert (await client.get("/v1/batches")).status_code == 200
+
+
 async def test_a_json_body_has_a_smaller_cap_of_its_own(tmp_path: Path) -> None:
     # Parsed JSON takes many times its size in memory: a batch create is never near a megabyte.
     padding = "x" * MAX_JSON_BODY_BYTES
