@@ -75,6 +75,11 @@ def parse_json(data: bytes | str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     return value
 
 
+def _is_number(text: str) -> bool:
+    # isdigit() alone also takes "²" and other digits int() refuses.
+    return text.isascii() and text.isdigit()
+
+
 async def read_json(request: Request, *, limit: int = MAX_JSON_BODY_BYTES) -> Any:
     """The request's JSON body; BodyTooLarge past `limit` bytes (unread if declared), BadJson if malformed."""
     declared = request.headers.get("content-length", "")
@@ -88,11 +93,6 @@ async def read_json(request: Request, *, limit: int = MAX_JSON_BODY_BYTES) -> An
     return parse_json(bytes(body))
 
 
-def _is_number(text: str) -> bool:
-    # isdigit() alone also takes "²" and other digits int() refuses.
-    return text.isascii() and text.isdigit()
-
-
 def _declared_length(scope: Scope) -> int | None:
     for name, value in scope["headers"]:
         if name == b"content-length":
@@ -104,7 +104,7 @@ def _declared_length(scope: Scope) -> int | None:
 class BodyLimitMiddleware:
     """Answers 413 (with `Connection: close`) to a body over `max_bytes`, never holding more of it.
 
-    `refuse(path)` builds the answer in the shape of the path's dialect. A
+    `refuse(path, limit)` builds the answer in the shape of the path's dialect. A
     `BodyTooLarge` raised by a route (`read_json`'s own smaller cap) gets the
     same answer. Pure ASGI, so bodies within the cap still stream.
     """
