@@ -96,7 +96,7 @@ async def test_bodies_far_over_the_cap_get_413_and_memory_does_not_grow(tmp_path
                        "file_type": (None, "jsonl"), "checksum": (None, hashlib.sha256(b"x").hexdigest())},
             )  # fmt: skip
             presigned = started.headers["location"]
-            assert (await client.post("/_emulator/faults", content=b"x" * (CAP + 1))).status_code == 413
+            assert await anyio.to_thread.run_sync(send_huge, url, "POST", "/_emulator/faults", True) == 413
             before = peak_rss(emulator.proc.pid)
 
             routes = [
