@@ -217,6 +217,10 @@ PROVIDER_LIMITS: Mapping[str, Limits] = {
     "local": Limits(max_bytes=100 * MB, max_requests=50_000),
 }
 
+#: How much larger than the biggest batch input a request body may be: room for a multipart
+#: form's boundaries, part headers and fields around the file (the embedded backend's body cap).
+REQUEST_BODY_SLACK = 1 << 20
+
 
 @dataclass(frozen=True)
 class RemoteBatch:

@@ -21,18 +21,15 @@ import structlog
 from batchd import logs
 from batchd.config import ConfigError, Settings
 from batchd.daemon import Daemon, db
-from batchd.emulator.app import create_app
-from batchd.emulator.engines import EchoEngine, Engine, UpstreamEngine
-from batchd.emulator.server import serve_emulator
 from batchd.faults import Faults
 from batchd.health import serve_metrics
-from batchd.models import PROVIDER_LIMITS
+from batchd.local_backend import open_local_backend
 from batchd.providers.base import Provider
 from batchd.providers.http import API_TIMEOUT, http_client
 from batchd.providers.openai import OpenAIProvider
 from batchd.providers.together import TogetherProvider
 from batchd.store import Store, safe_url
-from batchd.urls import redact_url, url_secrets
+from batchd.urls import url_secrets
 from batchd.webhooks import Deliverer
 
 log = structlog.get_logger("batchd.service")
@@ -76,21 +73,13 @@ def acquire_lock(state_dir: Path) -> StateLock:
     return StateLock(path, fd)
 
 
-def local_engine(settings: Settings, http: httpx.AsyncClient) -> Engine:
-    if settings.local.engine == "upstream":
-        return UpstreamEngine(http, settings.local.upstream_url, settings.local.concurrency)
-    return EchoEngine()
-
-
 @asynccontextmanager
 async def open_provider(settings: Settings, http: httpx.AsyncClient) -> AsyncIterator[Provider]:
-    """The provider of `settings`; for the local backend, the emulator served on a loopback port."""
+    """The provider of `settings`; for the local backend, the emulator served on a loopback port (local_backend.py)."""
     kind = settings.provider.kind
     if kind == "local":
-        app = create_app(settings.local_dir, engine=local_engine(settings, http))
-        async with serve_emulator(app, host="127.0.0.1", port=0) as url:
-            log.info("service.local_backend", url=redact_url(url), data_dir=str(settings.local_dir))
-            yield TogetherProvider(http, base_url=url, api_key="local", kind="local", limits=PROVIDER_LIMITS["local"])
+        async with open_local_backend(settings, http) as local:
+            yield local
         return
     assert settings.provider.api_key is not None
     api_key = settings.provider.api_key.reveal()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from pathlib import Path
 
 import click
 
 from batchd import logs
+from batchd.cli.common import fail
 
 
 def _fault_statuses(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int | str, ...]:
@@ -26,13 +28,32 @@ def _fault_statuses(ctx: click.Context, param: click.Parameter, value: str) -> t
 SECONDS = click.FloatRange(min=0.0)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` binds to this machine only: localhost, 127.0.0.0/8 or ::1 (also as [::1])."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False  # a name other than localhost may resolve to anything
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8787, type=int, show_default=True, help="0: any free port (the log names it).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Default: ./batchd-emulator")
 @click.option(
     "--api-key", envvar="BATCHD_EMULATOR_API_KEY", show_envvar=True,
-    help="Accept only this bearer token (default: any non-empty one).",
+    help="Accept only this bearer token, on every route (default: any non-empty one on the API routes). "
+    "Required when --host is not a loopback address.",
+)  # fmt: skip
+@click.option(
+    "--max-body-bytes", type=click.IntRange(min=1),
+    help="Refuse request bodies larger than this with 413, before reading them "
+    "(default: the largest batch input, OpenAI's 200 MB, plus 1 MiB for the form).",
 )  # fmt: skip
 @click.option("--upstream-url", help="Forward each request to this OpenAI-compatible server (default: echo replies).")
 @click.option(
@@ -63,6 +84,7 @@ def emulator(
     port: int,
     data_dir: Path | None,
     api_key: str | None,
+    max_body_bytes: int | None,
     upstream_url: str | None,
     upstream_api_key: str | None,
     concurrency: int,
@@ -77,11 +99,16 @@ def emulator(
     fault_seed: int | None,
 ) -> None:
     """The embedded Batch API on its own: Together dialect at /v1/, OpenAI dialect at /openai/v1/."""
+    from batchd.emulator.bodies import DEFAULT_MAX_BODY_BYTES
     from batchd.emulator.faults import RandomFaults
     from batchd.emulator.server import run_emulator
     from batchd.emulator.timeline import Timeline
 
+    if not api_key and not is_loopback(host):
+        # Without a key any token is accepted and the control routes are open: fine for this machine only.
+        fail(f"--host {host} is not a loopback address: --api-key (or BATCHD_EMULATOR_API_KEY) is required", 2)
     logs.configure()
+    logs.redact_values(key for key in (api_key, upstream_api_key) if key)
     random_faults = None
     if fault_rate > 0:
         random_faults = RandomFaults(fault_rate, fault_statuses, retry_after=fault_retry_after, seed=fault_seed)
@@ -96,6 +123,7 @@ def emulator(
         timeline=Timeline(validating_s, in_progress_s, finalizing_s, cancelling_s),
         random_faults=random_faults,
         latency_s=latency,
+        max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES,
     )
 
 

@@ -35,6 +35,7 @@ from batchd.config.settings import (
     WebhookEndpoint,
     listen_address,
 )
+from batchd.models import PROVIDER_LIMITS
 from batchd.urls import normalise_url, redact_url, unsafe_char
 
 
@@ -218,6 +219,15 @@ def build_settings(
         if not upstream_url:
             raise ConfigError("local.upstream_url is required when local.engine = 'upstream'")
         _http_url(upstream_url, "local.upstream_url")
+    max_batch_bytes = _int(p, "max_batch_bytes", "provider.max_batch_bytes", 0, 0)
+    max_body_bytes = _int(lo, "max_body_bytes", "local.max_body_bytes", LocalSettings.max_body_bytes, 1)
+    # The daemon's own uploads to the local backend must fit under its cap.
+    largest_upload = min(max_batch_bytes or PROVIDER_LIMITS["local"].max_bytes, PROVIDER_LIMITS["local"].max_bytes)
+    if kind == "local" and max_body_bytes < largest_upload:
+        raise ConfigError(
+            f"local.max_body_bytes must be at least {largest_upload}, the largest batch input batchd uploads to "
+            "the local backend (lower provider.max_batch_bytes first)"
+        )
 
     ib = _table(raw, "inbox")
     allow = ib.get("allow_webhook_urls", [])
@@ -258,13 +268,14 @@ def build_settings(
             base_url=base_url,
             api_key=api_key,
             max_batch_requests=_int(p, "max_batch_requests", "provider.max_batch_requests", 0, 0),
-            max_batch_bytes=_int(p, "max_batch_bytes", "provider.max_batch_bytes", 0, 0),
+            max_batch_bytes=max_batch_bytes,
             max_request_bytes=_int(p, "max_request_bytes", "provider.max_request_bytes", 0, 0),
         ),
         local=LocalSettings(
             engine=engine,
             upstream_url=upstream_url,
             concurrency=_int(lo, "concurrency", "local.concurrency", 16, 1),
+            max_body_bytes=max_body_bytes,
         ),
         inbox=InboxSettings(
             settle_s=_num(ib, "settle_s", "inbox.settle_s", 1.0),

@@ -32,7 +32,7 @@ _SECTION_KEYS: dict[str, set[str]] = {
     },
     "resubmit": {"max_rounds"},
     "cluster": {"lease_s"},
-    "local": {"engine", "upstream_url", "concurrency"},
+    "local": {"engine", "upstream_url", "concurrency", "max_body_bytes"},
     "inbox": {
         "settle_s",
         "rescan_s",

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from batchd.models import PROVIDER_LIMITS, Limits
+from batchd.models import PROVIDER_LIMITS, REQUEST_BODY_SLACK, Limits
 
 EVENT_TYPES: tuple[str, ...] = (
     "batch.completed",
@@ -109,6 +109,8 @@ class LocalSettings:
     engine: str = "echo"
     upstream_url: str = ""
     concurrency: int = 16
+    #: request bodies the local backend takes (413 beyond): the largest batch input it accepts and a form around it
+    max_body_bytes: int = PROVIDER_LIMITS["local"].max_bytes + REQUEST_BODY_SLACK
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,16 @@ at most the requests in flight at that moment. One emulator process per
 data dir.
 
 `create_app(data_dir, *, engine, api_key, clock, concurrency, timeline,
-random_faults, latency_s)`; `batchd emulator --help` lists the same settings
-as flags (`--api-key`, `--upstream-url`, `--upstream-api-key`,
-`--concurrency`, `--validating-s`, `--in-progress-s`, `--finalizing-s`,
-`--cancelling-s`, `--latency`, `--fault-rate`, `--fault-statuses`,
-`--fault-retry-after`, `--fault-seed`); `--port 0` picks a free port, and the
-`emulator.serving` log line names the URL.
+random_faults, latency_s, max_body_bytes)`; `batchd emulator --help` lists the
+same settings as flags (`--api-key`, `--max-body-bytes`, `--upstream-url`,
+`--upstream-api-key`, `--concurrency`, `--validating-s`, `--in-progress-s`,
+`--finalizing-s`, `--cancelling-s`, `--latency`, `--fault-rate`,
+`--fault-statuses`, `--fault-retry-after`, `--fault-seed`); `--port 0` picks a
+free port, and the `emulator.serving` log line names the URL. `--host` other
+than a loopback address (127.0.0.0/8, ::1, localhost) needs `--api-key` (or
+`BATCHD_EMULATOR_API_KEY`): without one the command exits 2. Inside the
+daemon (`provider.kind = "local"`, see `batchd.local_backend`) the app gets a
+random key made at each start and a body cap from `[local] max_body_bytes`.
 
 Engines
 -------
@@ -52,7 +56,8 @@ fails lands in the error file: the upstream's own answer, or a 502 with code
 
 What a batch does
 -----------------
-VALIDATING: every non-blank line must be a JSON object with a `custom_id`
+VALIDATING: every non-blank line must be a JSON object (nested at most
+`batchd.jsonl.MAX_JSON_DEPTH`, 64, levels deep) with a `custom_id`
 (1–64 characters, unique), `method` POST (if given), `url` equal to the
 batch's endpoint and an object `body`; at most 50,000 requests; at most
 100 MB for a batch created through Together, 200 MB through OpenAI.
@@ -127,8 +132,11 @@ fail the batch at validation (so a typo never passes silently). Keys:
 When several keys are given, `error` wins over `status`, which wins over
 `fail_once`; `expire_batch` wins over `fail_batch`.
 
-Control endpoints (no auth; for tests and for users rehearsing failures)
-------------------------------------------------------------------------
+Control endpoints (for tests and for users rehearsing failures)
+----------------------------------------------------------------
+Open to anyone when the app has no `api_key`; with one, they need it like
+every other route (see Auth).
+
 `POST /_emulator/pause`, `POST /_emulator/resume`
     While paused no batch advances: each stays where it is and no answer is
     recorded, so a test can catch a job in flight without sleeping.
@@ -186,9 +194,31 @@ Control endpoints (no auth; for tests and for users rehearsing failures)
 
 Auth
 ----
-Every `/v1/...` and `/openai/v1/...` request needs `Authorization: Bearer
-<token>`: any non-empty token, or exactly `api_key` when the app was created
-with one; else 401 with `{"error": {"message", "type", "param", "code"}}`.
+Without an `api_key`, every `/v1/...` and `/openai/v1/...` request needs
+`Authorization: Bearer <token>` with any non-empty token, and the control
+endpoints are open. With one, every request on every path (the API, file
+content, the control endpoints, unknown paths) needs exactly that token
+(compared in constant time). Else 401 with `{"error": {"message", "type",
+"param", "code"}}` and nothing more; a 401 to a request with a body closes
+the connection (the body is never read). The presigned-style upload URL is
+the exception: it refuses an `Authorization` header (as S3 does) and is
+guarded by its signature, handed out only to a client that had the token.
+
+Request bodies
+--------------
+Every request body is capped at `max_body_bytes` (default: 200 MB, the
+largest batch input either dialect accepts, plus 1 MiB for a form around
+it). Over it: 413 in the path's dialect (`EntityTooLarge` XML on the upload
+URL) with `Connection: close`. A body that declares its `Content-Length` is
+refused before any of it is read; a chunked one as soon as what was read
+passes the cap, nothing of it kept (an upload cut off leaves no file). A
+client that reads its answer only after sending everything may see the
+connection reset instead (curl and httpx's synchronous client read the 413;
+httpx's async client cannot once its write failed). JSON bodies (batch
+creates, `/_emulator/faults`) are read up to 1 MiB (413 beyond) and parsed
+with nesting at most `batchd.jsonl.MAX_JSON_DEPTH` (64): invalid JSON, a
+non-object or deeper nesting is a 400 in the dialect's error shape, never a
+500.
 
 Together routes (SDK base URL `http://host:port`)
 -------------------------------------------------

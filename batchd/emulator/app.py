@@ -17,7 +17,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from batchd.emulator.control import Control, ControlMiddleware, control_routes
+from batchd.emulator.bodies import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
+from batchd.emulator.control import UPLOAD_PREFIX, Control, ControlMiddleware, control_routes
 from batchd.emulator.engines import EchoEngine, Engine
 from batchd.emulator.faults import Faults, RandomFaults
 from batchd.emulator.openai import PREFIX as OPENAI_PREFIX
@@ -25,19 +26,24 @@ from batchd.emulator.openai import openai_error, openai_routes
 from batchd.emulator.state import Clock, EmulatorState, utc_now
 from batchd.emulator.timeline import Timeline
 from batchd.emulator.together import UPLOAD_ROUTE, batch_error, file_error, together_routes
-from batchd.emulator.transfer import receive_presigned_put
+from batchd.emulator.transfer import receive_presigned_put, s3_error
 from batchd.emulator.worker import BatchWorker, Gate
 
 log = structlog.get_logger()
 
 #: Requests of one batch in flight at once for an engine that does not say (the echo engine).
 DEFAULT_CONCURRENCY = 64
-#: Path prefixes that need `Authorization: Bearer …`: the Together and the OpenAI dialect.
+#: Path prefixes that need `Authorization: Bearer …` when the app has no `api_key`: the two dialects.
 PROTECTED_PREFIXES: tuple[str, ...] = ("/v1/", f"{OPENAI_PREFIX}/")
 
 
 class AuthMiddleware:
-    """Requires a bearer token on the API paths: any non-empty one, or exactly `api_key` if set."""
+    """Requires a bearer token: with `api_key`, exactly that one on every path; else any on the API paths.
+
+    The presigned-style upload URL is the one exception: like a real one it
+    refuses an `Authorization` header and carries its own signature instead
+    (handed out only to a client that had the token when it asked).
+    """
 
     def __init__(self, app: ASGIApp, api_key: str | None, prefixes: Sequence[str] = PROTECTED_PREFIXES) -> None:
         self.app = app
@@ -45,11 +51,20 @@ class AuthMiddleware:
         self.prefixes = tuple(prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.prefixes) and not self._allowed(scope):
+        if scope["type"] == "http" and self._guarded(scope["path"]) and not self._allowed(scope):
             response = file_error(401, "Invalid API key provided", code="invalid_api_key")
+            if any(name in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"]):
+                # The body is never read: closing spares the server reading (and discarding) all of it
+                # to reuse the connection, however long a stranger keeps sending.
+                response.headers["Connection"] = "close"
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    def _guarded(self, path: str) -> bool:
+        if self.api_key is None:
+            return path.startswith(self.prefixes)
+        return not path.startswith(UPLOAD_PREFIX)
 
     def _allowed(self, scope: Scope) -> bool:
         header = b""
@@ -60,17 +75,30 @@ class AuthMiddleware:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             return False
-        return self.api_key is None or hmac.compare_digest(token.encode(), self.api_key.encode())
+        # The header's own bytes against the key's UTF-8 (what a client sends for it).
+        return self.api_key is None or hmac.compare_digest(token.encode("latin-1"), self.api_key.encode())
+
+
+def dialect_error(path: str, status: int, message: str, *, code: str | None = None) -> Response:
+    """An error in the shape of the dialect that serves `path` (Together's batch endpoints: a string)."""
+    if path.startswith(OPENAI_PREFIX):
+        return openai_error(status, message, code=code)
+    if path.startswith("/v1/batches"):
+        return batch_error(status, message)
+    return file_error(status, message, code=code)
+
+
+def _too_large(path: str, limit: int) -> Response:
+    """The 413 for a body over `limit` bytes: S3's answer on the upload URL, else the dialect's."""
+    if path.startswith(UPLOAD_PREFIX):
+        return s3_error(413, "EntityTooLarge", f"Your proposed upload exceeds the maximum allowed size ({limit} bytes)")
+    return dialect_error(path, 413, f"the request body is larger than {limit} bytes", code="request_too_large")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own errors (unknown route, wrong method, bad form) in the dialect's shape."""
     assert isinstance(exc, HTTPException)
-    if request.url.path.startswith(OPENAI_PREFIX):
-        return openai_error(exc.status_code, str(exc.detail))
-    if request.url.path.startswith("/v1/batches"):
-        return batch_error(exc.status_code, str(exc.detail))
-    return file_error(exc.status_code, str(exc.detail))
+    return dialect_error(request.url.path, exc.status_code, str(exc.detail))
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
@@ -93,11 +121,15 @@ def create_app(
     timeline: Timeline | None = None,
     random_faults: RandomFaults | None = None,
     latency_s: float = 0.0,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> Starlette:
     """Build the emulator over `data_dir` (created if missing).
 
     `engine` answers requests (default: `EchoEngine()`); `api_key`, when set,
-    is the only bearer token accepted; `clock` is the source of every "now";
+    is the only bearer token accepted, and on every route (the control
+    endpoints too; the presigned-style upload URL has its signature) instead
+    of any token on the API routes; `max_body_bytes` caps every request body
+    (413 beyond it); `clock` is the source of every "now";
     `concurrency` bounds the requests of one batch in flight at the engine
     at once (default: the engine's own `concurrency` if it has one, as
     `UpstreamEngine` does, else 64);
@@ -149,7 +181,10 @@ def create_app(
         routes=routes,
         lifespan=lifespan,
         middleware=[
-            # Outermost: counts and faults see every request, authorised or not.
+            # Outermost: a body declared too large is refused before anything else, authorised or
+            # not (its connection closed, so the server does not read and discard all of it).
+            Middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, refuse=_too_large),
+            # Counts and faults see every other request, authorised or not.
             Middleware(ControlMiddleware, control=control),
             Middleware(AuthMiddleware, api_key=api_key),
         ],

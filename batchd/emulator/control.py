@@ -1,4 +1,4 @@
-"""Control endpoints for tests (`/_emulator/...`, no auth): pause, faults, stats.
+"""Control endpoints for tests (`/_emulator/...`; open unless the app has an api_key): pause, faults, stats.
 
 `ControlMiddleware` sits in front of every route: it counts requests and
 carries out injected faults (which fault a request gets is decided in
@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from batchd.emulator.bodies import read_json
 from batchd.emulator.faults import Fault, Faults, parse_fault, parse_latency, parse_random
 from batchd.emulator.state import EmulatorState, iso_z
 from batchd.emulator.triggers import openai_error_body
@@ -29,7 +30,8 @@ from batchd.emulator.worker import Gate
 log = structlog.get_logger()
 
 CONTROL_PREFIX = "/_emulator/"
-_UPLOAD_PREFIX = "/_emulator/upload/"
+#: The presigned-style upload URL: under the control prefix, but it stands for the storage host.
+UPLOAD_PREFIX = "/_emulator/upload/"
 
 
 class Control:
@@ -69,7 +71,7 @@ class ControlMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        if scope["type"] != "http" or (path.startswith(CONTROL_PREFIX) and not path.startswith(_UPLOAD_PREFIX)):
+        if scope["type"] != "http" or (path.startswith(CONTROL_PREFIX) and not path.startswith(UPLOAD_PREFIX)):
             await self.app(scope, receive, send)
             return
         method: str = scope["method"]
@@ -173,7 +175,7 @@ def control_routes(control: Control, state: EmulatorState) -> list[Route]:
             control.faults.clear()
             return listing()
         try:
-            spec = await request.json()
+            spec = await read_json(request)
             if isinstance(spec, dict) and "rate" in spec:
                 random_mode = parse_random(spec)
                 control.faults.random = random_mode if random_mode.rate > 0 else None

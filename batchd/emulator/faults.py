@@ -103,8 +103,16 @@ class RandomFaults:
         return {"rate": self.rate, "statuses": list(self.statuses), "retry_after": self.retry_after, "seed": self.seed}
 
 
+def _finite(value: int | float) -> bool:
+    # math.isfinite() raises OverflowError on an integer too large for a float (JSON allows one).
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _non_negative(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value) and value >= 0
+    return not isinstance(value, bool) and isinstance(value, int | float) and _finite(value) and value >= 0
 
 
 def _number(spec: dict[str, Any], key: str, *, lowest: float, integer: bool) -> Any:
@@ -112,7 +120,7 @@ def _number(spec: dict[str, Any], key: str, *, lowest: float, integer: bool) -> 
     if value is None:
         return None
     wrong_kind = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
-    if wrong_kind or not math.isfinite(value) or value < lowest:
+    if wrong_kind or not _finite(value) or value < lowest:
         raise FaultSpecError(f"{key} must be a {'whole ' if integer else ''}number >= {lowest:g}")
     return value
 

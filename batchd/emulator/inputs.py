@@ -8,12 +8,12 @@ every field in `errors`); the file is streamed, and the first stop trigger (a te
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import anyio.lowlevel
 
+from batchd.emulator.bodies import BadJson, parse_json
 from batchd.emulator.spool import RequestLines
 from batchd.emulator.state import BatchStatus, EmulatorState, StoredBatch
 from batchd.emulator.triggers import TRIGGER_KEY, Trigger, TriggerError, split_trigger
@@ -69,9 +69,9 @@ def _invalid(message: str, code: str, param: str | None = None) -> InputPlan:
 def check_line(lineno: int, raw: bytes, endpoint: str) -> tuple[str, Any]:
     """Return (custom_id, trigger or None) of a valid request line; raise LineProblem otherwise."""
     try:
-        obj = json.loads(raw)
-    except ValueError:
-        raise LineProblem(lineno, "not valid JSON", "invalid_json_line") from None
+        obj = parse_json(raw)
+    except BadJson as exc:
+        raise LineProblem(lineno, str(exc), "invalid_json_line") from None
     if not isinstance(obj, dict):
         raise LineProblem(lineno, "not a JSON object", "invalid_json_line")
     custom_id = obj.get("custom_id")

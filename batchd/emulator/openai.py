@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from batchd.emulator.bodies import BadJson, read_json
 from batchd.emulator.state import BatchStatus, Clock, EmulatorState, StoredBatch, StoredFile
 from batchd.emulator.transfer import content_response, receive_upload_file
 from batchd.emulator.triggers import openai_error_body
@@ -268,9 +269,10 @@ def openai_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) -> li
 
     async def create_batch(request: Request) -> Response:
         try:
-            data = await request.json()
-        except ValueError:
-            return openai_error(400, "We could not parse the JSON body of your request.")
+            data = await read_json(request)
+        except BadJson as exc:
+            message = f"We could not parse the JSON body of your request ({exc})."
+            return openai_error(400, message)
         if not isinstance(data, dict):
             return openai_error(400, "the request body must be a JSON object")
         unknown = sorted(set(data) - _CREATE_KEYS)

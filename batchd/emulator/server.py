@@ -22,6 +22,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from batchd.asgi_server import serve_app
 from batchd.emulator.app import create_app
+from batchd.emulator.bodies import DEFAULT_MAX_BODY_BYTES
 from batchd.emulator.control import TRANSPORT_KEY
 from batchd.emulator.engines import Engine, UpstreamEngine
 from batchd.emulator.faults import RandomFaults
@@ -65,6 +66,7 @@ class _Options:
     timeline: Timeline | None
     random_faults: RandomFaults | None
     latency_s: float
+    max_body_bytes: int
 
 
 async def _run(host: str, port: int, data_dir: Path, options: _Options) -> None:
@@ -82,6 +84,7 @@ async def _run(host: str, port: int, data_dir: Path, options: _Options) -> None:
             timeline=options.timeline,
             random_faults=options.random_faults,
             latency_s=options.latency_s,
+            max_body_bytes=options.max_body_bytes,
         )
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with serve_emulator(app, host, port) as url:
@@ -91,6 +94,7 @@ async def _run(host: str, port: int, data_dir: Path, options: _Options) -> None:
                     openai_base_url=f"{url}/openai/v1",
                     data_dir=str(data_dir),
                     engine="upstream" if engine else "echo",
+                    max_body_bytes=options.max_body_bytes,
                 )
                 async for signum in signals:
                     log.info("emulator.stopping", signal=signal.Signals(signum).name)
@@ -109,13 +113,16 @@ def run_emulator(
     timeline: Timeline | None = None,
     random_faults: RandomFaults | None = None,
     latency_s: float = 0.0,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Serve the emulator until SIGINT or SIGTERM (the `batchd emulator` command); blocking.
 
     Uses the echo engine unless `upstream_url` names an OpenAI-compatible
     server, which then gets at most `concurrency` requests at once (with
     `upstream_api_key` as its bearer token, if given). `api_key`, `timeline`,
-    `random_faults` and `latency_s` are those of `create_app`.
+    `random_faults`, `latency_s` and `max_body_bytes` are those of `create_app`.
     """
-    options = _Options(api_key, upstream_url, upstream_api_key, concurrency, timeline, random_faults, latency_s)
+    options = _Options(
+        api_key, upstream_url, upstream_api_key, concurrency, timeline, random_faults, latency_s, max_body_bytes
+    )
     anyio.run(_run, host, port, data_dir, options)

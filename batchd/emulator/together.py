@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from batchd.emulator.bodies import BadJson, read_json
 from batchd.emulator.state import BatchStatus, Clock, EmulatorState, StoredBatch, StoredFile, iso_z
 from batchd.emulator.transfer import content_response, receive_upload_file
 from batchd.emulator.triggers import openai_error_body
@@ -200,9 +201,9 @@ def together_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) -> 
 
     async def create_batch(request: Request) -> Response:
         try:
-            data = await request.json()
-        except ValueError:
-            return batch_error(400, "the request body must be JSON")
+            data = await read_json(request)
+        except BadJson as exc:
+            return batch_error(400, f"the request body must be JSON: {exc}")
         if not isinstance(data, dict):
             return batch_error(400, "the request body must be a JSON object")
         input_file_id = data.get("input_file_id")

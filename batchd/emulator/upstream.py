@@ -23,6 +23,7 @@ import httpx
 import structlog
 
 from batchd.backoff import RetryPolicy, is_retryable_status, retry_after_s, retry_wait_s
+from batchd.emulator.bodies import BadJson, parse_json
 from batchd.emulator.triggers import openai_error_body
 
 log = structlog.get_logger()
@@ -134,8 +135,8 @@ class UpstreamEngine:
         retryable = is_retryable_status(response.status_code)
         retry_after = retry_after_s(response.headers, now=datetime.now(UTC))
         try:
-            payload = response.json()
-        except ValueError:
+            payload = parse_json(response.content)
+        except BadJson:  # not JSON, or nested too deeply to parse safely
             payload = None
         if not isinstance(payload, dict):
             log.warning("emulator.upstream.bad_body", url=url, status=response.status_code)

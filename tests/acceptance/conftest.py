@@ -123,8 +123,12 @@ class Receiver:
 class Emulator:
     url: str
     http: httpx.AsyncClient
+    #: the bearer token every route needs (a daemon's local backend: see `local_backend`)
+    token: str | None = None
 
     async def control(self, method: str, path: str, **kwargs: Any) -> Any:
+        if self.token is not None:
+            kwargs["headers"] = {"Authorization": f"Bearer {self.token}", **kwargs.get("headers", {})}
         response = await self.http.request(method, f"{self.url}/_emulator/{path}", **kwargs)
         response.raise_for_status()
         return response.json()
@@ -259,6 +263,14 @@ class DaemonProcess:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+def local_backend(ws: Workspace, daemon: DaemonProcess, http: httpx.AsyncClient) -> Emulator:
+    """A running daemon's local backend (provider.kind = "local"): the URL it logged, the token it
+    wrote to the state directory for this start."""
+    (event,) = daemon.logs_named("service.local_backend")
+    token = (ws.root / "state" / "local" / "token").read_text(encoding="ascii").strip()
+    return Emulator(event["url"], http, token)
 
 
 @dataclass

@@ -39,10 +39,10 @@ MAX_RESENT = 64
 class EmulatorProcess:
     """`python -m batchd emulator --port 0 …` with its JSON log in a file; `url` once it serves."""
 
-    def __init__(self, root: Path, *flags: str) -> None:
+    def __init__(self, root: Path, *flags: str, env: dict[str, str] | None = None) -> None:
         self.log_path = root / f"emulator-{len(list(root.glob('emulator-*.log')))}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")} | (env or {})
         command = [sys.executable, "-m", "batchd", "emulator", "--port", "0", "--data-dir", str(root / "data")]
         self.proc = subprocess.Popen([*command, *flags], env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.url = ""
@@ -104,7 +104,9 @@ async def test_the_command_serves_openai_with_a_timeline_an_api_key_and_faults(t
             refused = await http.get("/openai/v1/batches", headers={"Authorization": "Bearer wrong"})
             assert refused.status_code in (401, 429, 503)
             seen, output = await anyio.to_thread.run_sync(openai_sdk_batch, url, input_path)
-            stats = (await http.get("/_emulator/stats")).json()
+            # With --api-key the control endpoints need it too.
+            assert (await http.get("/_emulator/stats")).status_code == 401
+            stats = (await http.get("/_emulator/stats", headers={"Authorization": "Bearer cli-key"})).json()
         assert "validating" in seen and "finalizing" in seen and seen[-1] == "completed"
         assert len(output.splitlines()) == 5
         # The SDK retried its way through the faults the flags asked for.

@@ -221,14 +221,18 @@ async def test_auth_accepts_any_token_unless_an_api_key_is_set(tmp_path: Path) -
         assert missing.status_code == 401
         assert set(missing.json()["error"]) == {"message", "type", "param", "code"}
         assert (await client.get("/v1/files", headers={"Authorization": "Bearer "}, auth=None)).status_code == 401
+        # Without an api_key the control endpoints are open (a developer's emulator on loopback).
+        assert (await client.get("/_emulator/stats", auth=None)).status_code == 200
 
     async with asgi_emulator(tmp_path / "locked", api_key="sekret") as client:
         assert (await client.get("/v1/batches", auth=BearerAuth("wrong"))).status_code == 401
         assert (await client.get("/v1/batches", auth=BearerAuth("sekret"))).status_code == 200
         basic = await client.get("/v1/batches", headers={"Authorization": "Basic sekret"}, auth=None)
         assert basic.status_code == 401
-        # Control endpoints need no key.
-        assert (await client.get("/_emulator/stats", auth=None)).status_code == 200
+        # With one, every route needs it: the control endpoints too.
+        assert (await client.get("/_emulator/stats", auth=None)).status_code == 401
+        assert (await client.get("/_emulator/stats", auth=BearerAuth("wrong"))).status_code == 401
+        assert (await client.get("/_emulator/stats", auth=BearerAuth("sekret"))).status_code == 200
 
 
 # -- batches ------------------------------------------------------------------

@@ -83,7 +83,8 @@ async def running(data_dir: Path) -> AsyncIterator[Env]:
     app = create_app(data_dir, api_key=KEY)
     async with (
         serve_emulator(app) as url,
-        httpx.AsyncClient(base_url=url) as control,
+        # With an api_key the control endpoints need it too, as on the daemon's local backend.
+        httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as control,
         httpx.AsyncClient(timeout=30.0, event_hooks={"request": [sent.hook]}) as http,
     ):
         # A trailing /v1 is accepted, as from a user's config.

@@ -29,6 +29,28 @@ def test_defaults_resolve_paths_against_the_config_folder(tmp_path: Path) -> Non
     assert settings.delivery.retry_delays_s[0] == 5
 
 
+def test_the_local_backends_body_cap_fits_its_largest_batch_input_and_is_configurable(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, ""), environ={})
+    largest = PROVIDER_LIMITS["local"].max_bytes
+    assert largest < settings.local.max_body_bytes <= largest + 2 * 1024**2
+    configured = load_settings(write(tmp_path, "[local]\nmax_body_bytes = 200000000\n"), environ={})
+    assert configured.local.max_body_bytes == 200_000_000
+    from_env = load_settings(write(tmp_path, ""), environ={"BATCHD_LOCAL_MAX_BODY_BYTES": "300000000"})
+    assert from_env.local.max_body_bytes == 300_000_000
+
+
+def test_the_local_backends_body_cap_must_take_the_daemons_own_uploads(tmp_path: Path) -> None:
+    narrowed = "[provider]\nmax_batch_bytes = 5000\n"
+    assert load_settings(write(tmp_path, narrowed + "[local]\nmax_body_bytes = 5000\n"), environ={})
+    with pytest.raises(ConfigError, match=r"local.max_body_bytes must be at least 5000\b"):
+        load_settings(write(tmp_path, narrowed + "[local]\nmax_body_bytes = 4999\n"), environ={})
+    with pytest.raises(ConfigError, match=r"local.max_body_bytes must be at least 100000000\b"):
+        load_settings(write(tmp_path, "[local]\nmax_body_bytes = 5000\n"), environ={})
+    # Another provider does not use it.
+    other = "[provider]\nkind = 'together'\n[local]\nmax_body_bytes = 5000\n"
+    assert load_settings(write(tmp_path, other), environ={"TOGETHER_API_KEY": "k"}).local.max_body_bytes == 5000
+
+
 def test_precedence_flags_over_environment_over_file(tmp_path: Path) -> None:
     path = write(tmp_path, "[polling]\nmin_interval_s = 3\nmax_interval_s = 90\n")
     env = {"BATCHD_POLLING_MIN_INTERVAL_S": "1", "BATCHD_POLLING_MAX_INTERVAL_S": "80"}
@@ -75,6 +97,8 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
         ("[polling]\nmin_interval_s = -1\n", "polling.min_interval_s"),
         ("[provider]\nkind = 'anthropic'\n", "provider.kind"),
         ("[local]\nconcurrency = 0\n", "local.concurrency"),
+        ("[local]\nmax_body_bytes = 0\n", "local.max_body_bytes"),
+        ("[local]\nmax_body_bytes = '1 GB'\n", "local.max_body_bytes"),
         ("[local]\nengine = 'upstream'\n", "local.upstream_url"),
         ("[submit]\ncompletion_window = 'tomorrow'\n", "submit.completion_window"),
         ("[submit]\ncompletion_window = '²h'\n", "submit.completion_window"),
