@@ -3,10 +3,12 @@ twice, the work spread, a dead daemon's jobs taken over by the others."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +133,38 @@ def _time(entry: dict[str, Any]) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(str(entry["timestamp"])).timestamp()
+
+
+async def test_a_daemon_that_joins_dies_and_restarts_as_files_arrive_disturbs_no_job(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        homes = cluster(h, 4)
+        steady = start(h, homes[:3])
+        for d in steady:
+            await d.until_logged("daemon.ready")
+        names = [f"j{i:03d}" for i in range(60)]
+        churn: list[DaemonProcess] = []
+        for round_, first in enumerate(range(0, len(names), 10)):
+            # The fourth daemon joins, works a little while files arrive, and is killed.
+            joining = DaemonProcess(homes[3])
+            h.daemons.append(joining)
+            churn.append(joining)
+            if round_ % 2 == 0:
+                await eventually(joining.dead_or_ready, 30)
+            for name in names[first : first + 10]:
+                h.ws.drop(f"{name}.jsonl", [chat(f"{name}-a"), chat(f"{name}-b")])
+            if round_ % 2 == 0:
+                # Killed once it has taken a file (mid-take, mid-submit), or when the others took them all.
+                with contextlib.suppress(TimeoutError):
+                    await eventually(partial(joining.has_logged, "inbox.claimed"), 10)
+            joining.proc.kill()  # odd rounds: while it is still starting up
+            assert await joining.wait() == -9
+        await h.receiver.wait_for(lambda hooks: len({x.event["data"]["id"] for x in hooks}) >= 60, timeout=240)
+
+        assert [d.proc.poll() for d in steady] == [None, None, None], "no daemon that was not killed exited"
+        check_once_each(h, names, h.receiver.verified())
+        creates = await h.emulator.creates()
+        assert len(creates) == 60 and len({c["input_file_id"] for c in creates}) == 60, "each input created once"
+        for d in steady:
+            d.signal(signal.SIGTERM)
+        assert [await d.wait(timeout=15) for d in steady] == [0, 0, 0]
+        assert len(churn) == 6
