@@ -8,7 +8,9 @@ import json
 import signal
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import update
 
 from batchd.crashpoints import RAISE_ENV, RAISE_WHILE_ENV
@@ -32,6 +34,8 @@ async def test_a_bug_in_one_jobs_step_parks_that_job_and_the_daemon_goes_on(tmp_
     async with harness(tmp_path) as h:
         switch = tmp_path / "bug-is-on"
         switch.write_text("on")
+        with h.ws.config.open("a", encoding="utf-8") as config:
+            config.write('\n[metrics]\nlisten = "127.0.0.1:0"\n')
         daemon = h.start(env={RAISE_ENV: "after_download", RAISE_WHILE_ENV: str(switch)})
         await daemon.until_logged("daemon.ready")
         h.ws.drop("buggy.jsonl", [chat("a"), chat("b")])
@@ -41,6 +45,16 @@ async def test_a_bug_in_one_jobs_step_parks_that_job_and_the_daemon_goes_on(tmp_
         assert [c["unexpected_failures"] for c in crashes] == list(range(1, PARK_AFTER + 1))
         assert "injected bug at after_download" in daemon.log_path.read_text()  # logged with its traceback
         assert daemon.proc.poll() is None
+        (listening,) = daemon.logs_named("metrics.listening")
+        async with httpx.AsyncClient() as http:
+            exposed = (await http.get(str(listening["metrics"]))).text
+        counted = {
+            f"{family.name}{sample.labels}": sample.value
+            for family in text_string_to_metric_families(exposed)
+            for sample in family.samples
+        }
+        assert counted["batchd_unexpected_errors{'where': 'step'}"] == PARK_AFTER
+        assert counted["batchd_jobs_parked{}"] == 1
         listed = await h.ws.batchd("jobs", "--json")
         buggy = job_records(h, listed.stdout)["buggy"]
         assert buggy["parked"] is True and "injected bug" in str(buggy["parked_reason"])

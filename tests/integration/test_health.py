@@ -3,6 +3,7 @@ a stuck loop and a database that takes no write both answer 503."""
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -18,6 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from batchd import metrics
+from batchd.faults import Faults
 from batchd.health import STUCK_AFTER_TICKS, Health, LoopMonitor, create_metrics_app
 from batchd.models import Job, JobState
 from batchd.store import NextCheck, Store, schema_version
@@ -74,6 +76,34 @@ async def test_status_is_sent_on_the_first_tick_on_change_and_when_old(tmp_path:
         clock.now += 31
         await monitor.tick([])
         assert len(sent) == 4 and monitor.status == sent[-1].removeprefix("STATUS=")
+
+
+async def test_status_says_what_fails_and_healthz_fails_while_it_does(tmp_path: Path) -> None:
+    async with opened(tmp_path) as store:
+        sent: list[str] = []
+        faults = Faults()
+        monitor = LoopMonitor(store, clock=Clock(), notify=sent.append, faults=faults)
+        await monitor.tick([])
+        full = OSError(errno.ENOSPC, "No space left on device", "/state/outbox/x/output.jsonl")
+        faults.report("steps", full)
+        await monitor.tick([])  # nothing else changed: the fault alone is news
+        assert sent[-1].endswith(
+            "; failing: steps (disk: No space left on device (ENOSPC): /state/outbox/x/output.jsonl)"
+        )
+        ok, report = await Health(monitor, store).check()
+        assert not ok and report["faults"] == {
+            "steps": "disk: No space left on device (ENOSPC): /state/outbox/x/output.jsonl"
+        }
+        # While the loop cannot tick at all (the database down), the faults are said on their own.
+        faults.report("scheduler", RuntimeError("the database went away"))
+        monitor.announce_faults()
+        assert sent[-1].startswith("STATUS=failing: scheduler (unexpected: RuntimeError: the database went away)")
+        faults.clear("steps")
+        faults.clear("scheduler")
+        await monitor.tick([])
+        assert "failing" not in sent[-1]
+        ok, report = await Health(monitor, store).check()
+        assert ok and report["faults"] == {}
 
 
 async def test_the_jobs_gauge_follows_the_status(tmp_path: Path) -> None:
