@@ -17,7 +17,6 @@ import structlog
 
 from batchd.config import Settings
 from batchd.faults import Faults
-from batchd.inbox import job_files_dir
 from batchd.lifecycle import PollPolicy
 from batchd.models import Job, JobState
 from batchd.providers.base import Provider
@@ -80,11 +79,6 @@ class Context:
     def work_dir(self, job: Job) -> Path:
         """This daemon's own scratch space for a job: downloads, the merge's index."""
         return self.settings.state_dir / "work" / job.id
-
-    def job_files(self, job: Job) -> Path:
-        """Where a job's shard and follow-up files live: beside the inbox, so that any daemon
-        sharing it (several hosts on one PostgreSQL database) can take the job over."""
-        return job_files_dir(self.settings, job.id)
 
     def hold(self, job_id: str, until: float) -> None:
         """Leave `job_id` alone until `until`, whatever the store says (its backoff may not have been
