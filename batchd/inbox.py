@@ -365,7 +365,8 @@ class Inbox:
         limits = self._settings().provider.validation_limits
         with snapshot(fd, before.size) as stream:
             name = spec.input if spec else claimed.name
-            report = validate_stream(stream, source=name, limits=limits, size_bytes=before.size)
+            scratch = self._settings().state_dir / "work"
+            report = validate_stream(stream, source=name, limits=limits, size_bytes=before.size, scratch_dir=scratch)
         if not report.ok and (last or SourceState.of(os.fstat(fd)) == before):
             prefix = f"{claimed.name}: its input {spec.input} is not valid" if spec else ""
             raise from_report(report, prefix=prefix)

@@ -145,13 +145,21 @@ def validate_file(path: Path, *, source: str, limits: Limits, max_reported: int 
 
 
 def validate_stream(
-    stream: IO[bytes], *, source: str, limits: Limits, size_bytes: int, max_reported: int = 100
+    stream: IO[bytes],
+    *,
+    source: str,
+    limits: Limits,
+    size_bytes: int,
+    max_reported: int = 100,
+    scratch_dir: Path | None = None,
 ) -> Report:
     """`validate_file` for a stream read to its end (the daemon's snapshot of a claimed file).
 
-    `size_bytes` is what the report gives as the file's size on disk.
+    `size_bytes` is what the report gives as the file's size on disk. Past 100,000 requests the
+    uniqueness check keeps its ids in a scratch file under `scratch_dir` (the daemon's own
+    state: it writes nowhere else), else in the system's temporary folder (`batchd validate`).
     """
-    seen = FirstLines(in_memory=_SEEN_IN_MEMORY)
+    seen = FirstLines(in_memory=_SEEN_IN_MEMORY, spill_dir=scratch_dir)
     rules: LineRules = OpenAIRules(seen)
     requests = 0
     line_problems: list[Problem] = []

@@ -138,8 +138,10 @@ class FirstLines:
     so a file of millions of requests is checked without holding every id.
     """
 
-    def __init__(self, *, in_memory: int) -> None:
+    def __init__(self, *, in_memory: int, spill_dir: Path | None = None) -> None:
         self._in_memory = in_memory
+        #: where the scratch file goes past `in_memory` ids (None: the system's temporary folder)
+        self._spill_dir = spill_dir
         self._memory: dict[str, int] = {}
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._db: sqlite3.Connection | None = None
@@ -162,7 +164,9 @@ class FirstLines:
 
     def _open(self) -> sqlite3.Connection:
         if self._db is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="batchd-ids-")
+            if self._spill_dir is not None:
+                self._spill_dir.mkdir(parents=True, exist_ok=True)
+            self._dir = tempfile.TemporaryDirectory(prefix=".batchd-ids-", dir=self._spill_dir)
             self._db = sqlite3.connect(Path(self._dir.name) / "seen.db", isolation_level=None)
             self._db.execute("PRAGMA journal_mode=OFF")
             self._db.execute("PRAGMA synchronous=OFF")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -600,3 +602,30 @@ async def test_watcher_watches_a_recreated_folder_again(tmp_path: Path) -> None:
         assert ready == ["x.jsonl"]
     finally:
         watcher.close()
+
+
+def test_the_uniqueness_check_spills_into_the_daemons_own_state_not_the_system_temp(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DESIGN §10: nothing is written outside batchd's folders, the scratch of a big file included.
+    system_temp = tmp_path / "system-temp"
+    system_temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
+    monkeypatch.setattr("batchd.validation._SEEN_IN_MEMORY", 2)
+    spilled: list[Path] = []
+    real_connect = sqlite3.connect
+
+    def watch(path: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        spilled.append(Path(path))
+        conn: sqlite3.Connection = real_connect(path, *args, **kwargs)
+        return conn
+
+    monkeypatch.setattr("batchd.store.scratch.sqlite3.connect", watch)
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "m", "messages": [{"role": "user", "content": "x"}]}} for i in range(5)]  # fmt: skip
+    env.drop("big.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode())
+    job = env.take("big.jsonl")
+    assert job.state is JobState.RECEIVED and job.request_count == 5
+    assert spilled and all(p.is_relative_to(env.settings.state_dir / "work") for p in spilled)
+    assert list(system_temp.iterdir()) == []
+    assert not any(p.exists() for p in spilled), "the scratch file is removed after the check"
