@@ -1,9 +1,10 @@
 """What the scheduler loop tells the outside world, and the /metrics and /healthz listener.
 
-`LoopMonitor.tick()` is called by the scheduler loop once per tick, with the
-active jobs it has just read. It records the tick (what /healthz checks),
-and when the jobs by state changed, or every STATUS_EVERY_S, sends systemd a
-`STATUS=` line and refreshes the `batchd_jobs` gauge.
+`LoopMonitor.tick()` is called by the scheduler loop once per tick, after it
+read what is due. It records the tick (what /healthz checks), and when jobs
+may have changed (a step ended; at most once a second), or every
+STATUS_EVERY_S, sends systemd a `STATUS=` line and refreshes the
+`batchd_jobs` gauge.
 
 The listener (`[metrics] listen`) is uvicorn, the ASGI server batchd already
 runs for its embedded backend, in the daemon's own event loop: a stuck
@@ -16,8 +17,7 @@ a stopped daemon's loop and answers /metrics while nothing else works.
 from __future__ import annotations
 
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -33,13 +33,15 @@ from batchd import metrics, systemd
 from batchd.asgi_server import serve_app
 from batchd.config import ConfigError
 from batchd.faults import Faults
-from batchd.models import Job, JobState
+from batchd.models import JobState
 from batchd.store import Store
 
 log = structlog.get_logger("batchd.health")
 
 #: STATUS= and the jobs gauge are refreshed at least this often, even when nothing changed.
 STATUS_EVERY_S = 30.0
+#: ...and at most this often while jobs change (each refresh counts every job by state).
+STATUS_MIN_GAP_S = 1.0
 #: The scheduler ticks at least once a second (daemon.core.IDLE_TICK_S); this many missed ticks is stuck.
 STUCK_AFTER_TICKS = 30
 #: /healthz gives the database this long to take a write.
@@ -90,7 +92,8 @@ class LoopMonitor:
         #: how long the last tick's reads took
         self.last_read_s = 0.0
         self._tick_began: float | None = None
-        self._active: Counter[str] | None = None
+        #: jobs may have changed since the last report
+        self._dirty = True
         self._status_at = -float("inf")
         #: the last STATUS= text sent
         self.status = ""
@@ -99,18 +102,25 @@ class LoopMonitor:
         """The loop starts a tick (before its reads): the tick's duration is measured from here."""
         self._tick_began = self._clock()
 
-    async def tick(self, jobs: Sequence[Job]) -> None:
-        """The loop has read the active jobs; report when something changed or the last report is old."""
+    async def tick(self, *, changed: bool = False) -> None:
+        """The loop has read what is due. Report when jobs may have changed (`changed`: a step
+        ended), at most every STATUS_MIN_GAP_S, or when the faults changed or the last report is old.
+
+        The counts are one GROUP BY over the jobs: done when they may have changed, not per tick.
+        """
         now = self._clock()
         self.last_tick = now
         if self._tick_began is not None:
             self.last_read_s = now - self._tick_began
             metrics.tick(self.last_read_s)
-        active = Counter(job.state.value for job in jobs)
+        self._dirty = self._dirty or changed
         failing = self.faults.summary()
-        if active == self._active and failing == self._faults_said and now - self._status_at < self._status_every_s:
+        since = now - self._status_at
+        if not (
+            failing != self._faults_said or since >= self._status_every_s or (self._dirty and since >= STATUS_MIN_GAP_S)
+        ):
             return
-        self._active = active
+        self._dirty = False
         self._status_at = now
         self._faults_said = failing
         counts = await anyio.to_thread.run_sync(self._store.jobs.counts_by_state)

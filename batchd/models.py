@@ -356,6 +356,9 @@ class Job:
     #: while parked: since when and why (the scheduler leaves it alone until it is resumed)
     parked_at: float | None = None
     parked_reason: str | None = None
+    #: when the scheduler next has something to do for the job (None: never again, or until an
+    #: operator acts): kept by the store from `lifecycle.next_action` at every write (store/due.py)
+    due_at: float | None = None
 
     @property
     def short_id(self) -> str:

@@ -267,7 +267,7 @@ class Daemon:
             if self._stop.is_set():
                 return
             try:
-                await db(self.store.cluster.renew, self.id, lease_s)
+                await db(self.store.cluster.renew, self.id)
                 await self._claim()
             except Exception as exc:
                 # A database that is briefly unreachable must not end the heartbeat for good.
@@ -284,14 +284,14 @@ class Daemon:
             # so reading "intake settled" after the store could miss that job (and stop too early).
             intake_done = self._intake.drained
             try:
-                active = await db(self.store.jobs.live)
+                working, parked = await db(self.store.jobs.waiting)
                 pending = await db(self.store.deliveries.pending_count)
             except Exception as exc:
                 log.warning("daemon.drain_check_failed", error=describe(exc))
             else:
-                if intake_done and not pending and all(job.parked_at is not None for job in active):
-                    if active:
-                        raise _Parked(sorted(job.id for job in active))
+                if intake_done and not pending and not working:
+                    if parked:
+                        raise _Parked(parked)
                     return
             with anyio.move_on_after(0.1):
                 await self._stop.wait()

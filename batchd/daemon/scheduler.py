@@ -1,5 +1,6 @@
-"""The scheduler: each tick reads the jobs this daemon holds, asks `lifecycle.next_action` what
-each needs, and starts that step in the right room (submit, poll, finish).
+"""The scheduler: each tick reads the jobs of this daemon that are due (the store keeps each
+job's due time from `lifecycle.next_action`, see store/due.py), asks the life cycle what each
+needs, and starts that step in the right room (submit, poll, finish).
 
 A job has at most one step or poll round running at a time (`busy`). The loop sleeps until
 the earliest job is due, a room wakes it (a step ended, a file was taken, a job was claimed),
@@ -23,8 +24,8 @@ from batchd.daemon.poll import Poller
 from batchd.daemon.submit import Submitter
 from batchd.faults import Kind, classify, describe
 from batchd.health import LoopMonitor
-from batchd.lifecycle import Action, Step
-from batchd.models import Job, RemoteBatchRecord
+from batchd.lifecycle import Action, PollPolicy, Step
+from batchd.models import Job
 from batchd.store import StaleState
 
 log = structlog.get_logger("batchd.daemon")
@@ -40,6 +41,17 @@ TICK_RETRY_MIN_S = 0.5
 TICK_RETRY_MAX_S = 15.0
 #: Where the loop reports what it meets (Faults).
 SCHEDULER = "scheduler"
+#: Jobs read per tick at most: a tick that finds a full page starts those and reads again.
+DUE_PAGE = 1000
+#: A sweep also polls the jobs due within this share of the longest poll interval: one list
+#: call then serves half an interval's polls, not only the few due this very second (at most
+#: two sweeps per longest interval; a job is polled at most that much early).
+SWEEP_AHEAD_SHARE = 0.5
+
+
+def sweep_ahead_s(policy: PollPolicy) -> float:
+    """How far ahead a sweep looks for jobs to poll with it."""
+    return SWEEP_AHEAD_SHARE * policy.max_interval_s
 
 
 class Scheduler:
@@ -56,9 +68,8 @@ class Scheduler:
         self._busy: set[str] = set()
         self._steps = anyio.CapacityLimiter(MAX_CONCURRENT_STEPS)
         self._downloads = anyio.CapacityLimiter(MAX_CONCURRENT_DOWNLOADS)
-        # What the last tick read: unchanged jobs and batches are kept as those objects (JobStore.live).
-        self._known_jobs: dict[str, Job] = {}
-        self._known_batches: dict[int, RemoteBatchRecord] = {}
+        #: a step or poll round ended since the last tick: job counts may have changed (STATUS=)
+        self._changed = True
         #: ticks failed in a row (the wait before the next grows with them)
         self._failed_ticks = 0
 
@@ -109,21 +120,32 @@ class Scheduler:
         return step_delay(self._failed_ticks, TICK_RETRY_MIN_S, TICK_RETRY_MAX_S, self._ctx.rng)
 
     async def _tick(self, tg: anyio.abc.TaskGroup, now: float) -> float:
-        """Start every step that is due; return when the loop should look again at the latest."""
+        """Start every step that is due; return when the loop should look again at the latest.
+
+        Reads only what is due (the store's due index), in pages: the jobs that wait cost
+        nothing per tick, however many there are.
+        """
         self._monitor.begin()
         store = self._ctx.store
+        owner = self._ctx.daemon_id
         # A job busy while we read may have moved on since: skip it this tick, or its
         # stale row would start the same step twice (the next wake-up sees it fresh).
-        busy_during_read = set(self._busy)
-        jobs = await db(store.jobs.live, self._ctx.daemon_id, known=self._known_jobs)
-        batches = await db(store.batches.of_live_jobs, known=self._known_batches)
-        self._known_jobs = {job.id: job for job in jobs}
-        self._known_batches = {row.id: row for rows in batches.values() for row in rows}
-        await self._monitor.tick(jobs)
+        busy = set(self._busy)
+        # Polls due a little later ride along with a sweep that is made anyway (see sweep_ahead_s).
+        ahead = sweep_ahead_s(self._ctx.policy)
+        jobs = await db(store.jobs.due, owner, now + ahead, limit=DUE_PAGE, skip=busy)
+        batches = await db(store.batches.by_job, [job.id for job in jobs]) if jobs else {}
+        later = await db(store.jobs.next_due, owner, now + ahead)
+        await self._monitor.tick(changed=self._changed)
+        self._changed = False
         next_at = now + self._monitor.idle_s()
+        if later is not None:
+            next_at = min(next_at, later)
+        if len(jobs) == DUE_PAGE:
+            next_at = now  # a full page: more may be due; read again once these are started
         pollable: list[tuple[Job, Action]] = []
         for job in jobs:
-            if job.id in self._busy or job.id in busy_during_read:
+            if job.id in self._busy or job.id in busy:
                 continue
             held = self._ctx.held_until(job.id, now)
             if held is not None:
@@ -142,9 +164,9 @@ class Scheduler:
                 tg.start_soon(self._run_step, job, action)
         due = [(job, action) for job, action in pollable if action.at <= now]
         if due:
-            # One list call serves every job in flight; without enough of them, one get per due job.
-            # Count the busy ones too: a job skipped for this tick is still in flight.
-            in_flight = sum(1 for job in jobs if job.state in lifecycle.IN_FLIGHT)
+            # With enough jobs in flight, one list call serves every due job and those due within
+            # `ahead`; otherwise one get per due job. (Counted up to the threshold only.)
+            in_flight = await db(store.jobs.count_in_flight, owner, cap=lifecycle.SWEEP_MIN_JOBS)
             sweep = lifecycle.use_sweep(in_flight)
             polls = pollable if sweep else due
             self._busy.update(job.id for job, _ in polls)
@@ -163,6 +185,7 @@ class Scheduler:
         finally:
             for job, _ in polls:
                 self._busy.discard(job.id)
+            self._changed = True
             self.wake()
 
     async def _run_step(self, job: Job, action: Action) -> None:
@@ -188,4 +211,5 @@ class Scheduler:
             self._ctx.faults.clear(STEPS)
         finally:
             self._busy.discard(job.id)
+            self._changed = True
             self.wake()

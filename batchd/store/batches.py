@@ -16,9 +16,10 @@ from sqlalchemy import Connection, select, update
 
 from batchd.models import BatchStatus, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.store.database import Database, StaleState, fenced, guard
+from batchd.store.due import refresh_due
 from batchd.store.jobs import check_move, db_values, next_check_values
-from batchd.store.rows import remote_from_row, unchanged
-from batchd.store.schema import LIVE_STATES, jobs, remote_batches
+from batchd.store.rows import remote_from_row
+from batchd.store.schema import jobs, remote_batches
 from batchd.store.writes import PollAnswer, ShardPlan
 
 #: Rows in the order a job's rounds and shards are read everywhere.
@@ -50,26 +51,6 @@ class RemoteBatchStore:
         with self._db.read() as conn:
             for row in conn.execute(query):
                 record = remote_from_row(row._mapping)
-                found.setdefault(record.job_id, []).append(record)
-        return found
-
-    def of_live_jobs(
-        self, *, known: Mapping[int, RemoteBatchRecord] | None = None
-    ) -> dict[str, list[RemoteBatchRecord]]:
-        """The remote batches of every non-terminal job, by job id (one query per scheduler tick).
-
-        `known` by row id, as in JobStore.live.
-        """
-        query = (
-            select(remote_batches)
-            .join(jobs, jobs.c.id == remote_batches.c.job_id)
-            .where(jobs.c.state.in_(LIVE_STATES))
-            .order_by(*_ORDER)
-        )
-        found: dict[str, list[RemoteBatchRecord]] = {}
-        with self._db.read() as conn:
-            for row in conn.execute(query):
-                record = unchanged(remote_from_row(row._mapping), known)
                 found.setdefault(record.job_id, []).append(record)
         return found
 
@@ -111,6 +92,7 @@ class RemoteBatchStore:
             ]
             if rows_in:
                 conn.execute(remote_batches.insert(), rows_in)
+            refresh_due(conn, [job_id], now)
             rows = conn.execute(
                 select(remote_batches)
                 .where(remote_batches.c.job_id == job_id, remote_batches.c.round == round_)
@@ -159,11 +141,13 @@ class RemoteBatchStore:
         for column, value in db_values(expect).items():
             col = remote_batches.c[column]
             query = query.where(col.is_(None) if value is None else col == value)
+        now = self._db.now()
         with self._db.write() as conn:
-            if conn.execute(query.values(**db_values(values), updated_at=self._db.now())).rowcount != 1:
+            if conn.execute(query.values(**db_values(values), updated_at=now)).rowcount != 1:
                 raise StaleState(f"remote batch {record_id} changed meanwhile (expected {dict(expect)})")
             row = conn.execute(select(remote_batches).where(remote_batches.c.id == record_id)).one()
             guard(conn, row.job_id)
+            refresh_due(conn, [row.job_id], now)
         return remote_from_row(row._mapping)
 
     # ------------------------------------------------------------ the provider's answers
@@ -198,6 +182,7 @@ class RemoteBatchStore:
                 .where(jobs.c.id == answer.job_id, jobs.c.state == answer.expect.value)
                 .values(**db_values(next_check_values(answer.check)), updated_at=now)
             )
+        refresh_due(conn, {a.job_id for a in part if a.job_id in allowed}, now)
 
 
 def remote_values(remote: RemoteBatch) -> dict[str, Any]:

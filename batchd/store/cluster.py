@@ -1,9 +1,10 @@
 """Cluster membership: the daemons sharing one database, and their leases on jobs (DESIGN §2).
 
-Each daemon registers at start, renews its leases by heartbeat, takes over jobs nobody holds
-(SKIP LOCKED: daemons claiming at once never wait on each other or take the same job), and
-frees its jobs when it stops cleanly. A claim counts up the job's fence, so a daemon that lost
-a job cannot commit a step it started before (see `database.fenced`).
+Each daemon registers at start, renews its leases by heartbeat (one row: a job's lease lasts
+while its owner's heartbeat does), takes over jobs nobody holds (SKIP LOCKED: daemons claiming
+at once never wait on each other or take the same job), and frees its jobs when it stops
+cleanly. A claim counts up the job's fence, so a daemon that lost a job cannot commit a step
+it started before (see `database.fenced`).
 """
 
 from __future__ import annotations
@@ -59,22 +60,24 @@ class ClusterStore:
                 )
         return earlier
 
-    def renew(self, owner: str, lease_s: float) -> dict[str, int]:
-        """Heartbeat: extend this daemon's leases; return the active jobs it still holds (id → fence)."""
-        now = self._db.now()
-        held = (jobs.c.owner == owner, jobs.c.state.in_(LIVE_STATES))
+    def renew(self, owner: str) -> None:
+        """Heartbeat: this daemon is alive, and so are its leases on every job it holds.
+
+        One row, whatever the number of jobs held: a job's lease lasts while its owner's
+        heartbeat is younger than a lease (see `claim`), not until a per-job time renewed here.
+        """
         with self._db.write() as conn:
-            conn.execute(update(daemons).where(daemons.c.id == owner).values(heartbeat_at=now))
-            conn.execute(update(jobs).where(*held).values(lease_until=now + lease_s))
-            rows = conn.execute(select(jobs.c.id, jobs.c.fence).where(*held))
-            return {str(i): int(f) for i, f in rows}
+            conn.execute(update(daemons).where(daemons.c.id == owner).values(heartbeat_at=self._db.now()))
 
     def claim(self, owner: str, lease_s: float, *, limit: int, dead_owners: Collection[str] = ()) -> dict[str, int]:
-        """Take up to `limit` active jobs nobody holds (no owner, an expired lease, or a dead
-        owner's); return them (id → fence). SKIP LOCKED: daemons claiming at once never wait
-        on each other or take the same job."""
+        """Take up to `limit` active jobs nobody holds (no owner, or an owner that stopped or has
+        been silent for a whole lease, or one of `dead_owners`); return them (id → fence).
+        SKIP LOCKED: daemons claiming at once never wait on each other or take the same job."""
         now = self._db.now()
-        free = or_(jobs.c.owner.is_(None), jobs.c.lease_until < now)
+        gone = select(daemons.c.id).where(
+            or_(daemons.c.stopped_at.is_not(None), daemons.c.heartbeat_at < now - lease_s), daemons.c.id != owner
+        )
+        free = or_(jobs.c.owner.is_(None), jobs.c.owner.in_(gone))
         if dead_owners:
             free = or_(free, jobs.c.owner.in_(list(dead_owners)))
         with self._db.write() as conn:

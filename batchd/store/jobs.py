@@ -20,7 +20,8 @@ from batchd import lifecycle
 from batchd.models import Job, JobState, NewEvent
 from batchd.store.database import Database, StaleState, guard
 from batchd.store.deliveries import insert_events
-from batchd.store.rows import job_from_row, unchanged
+from batchd.store.due import refresh_due
+from batchd.store.rows import job_from_row
 from batchd.store.schema import LIVE_STATES, jobs
 from batchd.store.writes import Ending, NewJob, NextCheck, RejectedJob
 
@@ -88,19 +89,61 @@ class JobStore:
         with self._db.read() as conn:
             return [job_from_row(r._mapping) for r in conn.execute(query)]
 
-    def live(self, owner: str | None = None, *, known: Mapping[str, Job] | None = None) -> list[Job]:
+    def live(self, owner: str | None = None) -> list[Job]:
         """Every job not yet in a terminal state (with `owner`: only those that daemon holds).
 
-        `known`: the jobs an earlier read returned; one that has not changed since comes back as
-        that same object. The scheduler reads every tick while its poll rounds still hold the
-        last tick's jobs: so it keeps one copy of each job in memory, not one per tick in flight.
+        For commands and tests: the scheduler reads only what is due (`due`).
         """
         query = select(jobs).where(jobs.c.state.in_(LIVE_STATES)).order_by(jobs.c.created_at, jobs.c.id)
         if owner is not None:
             query = query.where(jobs.c.owner == owner)
         with self._db.read() as conn:
-            # Row by row, not .all(): the raw rows of 10,000 jobs are not held beside the jobs.
-            return [unchanged(job_from_row(r._mapping), known) for r in conn.execute(query)]
+            return [job_from_row(r._mapping) for r in conn.execute(query)]
+
+    def due(self, owner: str, until: float, *, limit: int, skip: Collection[str] = ()) -> list[Job]:
+        """Up to `limit` of `owner`'s jobs due by `until`, earliest first, leaving out `skip` (jobs
+        with a step running): read from the due index, whatever the number of jobs that wait."""
+        # The skipped ones are at most len(skip) of the first rows: asking for that many more
+        # finds `limit` others whenever there are, without sending the skip list to the database.
+        ids = (
+            select(jobs.c.id)
+            .where(jobs.c.owner == owner, jobs.c.due_at <= until)
+            .order_by(jobs.c.due_at, jobs.c.id)
+            .limit(limit + len(skip))
+        )
+        with self._db.read() as conn:
+            wanted = [str(r[0]) for r in conn.execute(ids) if r[0] not in skip][:limit]
+            if not wanted:
+                return []
+            rows = conn.execute(select(jobs).where(jobs.c.id.in_(wanted)).order_by(jobs.c.due_at, jobs.c.id))
+            return [job_from_row(r._mapping) for r in rows]
+
+    def next_due(self, owner: str, after: float) -> float | None:
+        """When `owner`'s next job falls due after `after` (None: none will by itself)."""
+        with self._db.read() as conn:
+            found = conn.execute(
+                select(func.min(jobs.c.due_at)).where(jobs.c.owner == owner, jobs.c.due_at > after)
+            ).scalar()
+        return None if found is None else float(found)
+
+    def count_in_flight(self, owner: str, *, cap: int) -> int:
+        """How many of `owner`'s jobs the provider holds now, counted up to `cap` at most."""
+        in_flight = [s.value for s in lifecycle.IN_FLIGHT]
+        query = (
+            select(jobs.c.id)
+            .where(jobs.c.owner == owner, jobs.c.due_at.is_not(None), jobs.c.state.in_(in_flight))
+            .limit(cap)
+        )
+        with self._db.read() as conn:
+            return len(conn.execute(query).all())
+
+    def waiting(self) -> tuple[int, list[str]]:
+        """The live jobs that still have work (not parked), and the ids of the parked ones."""
+        live = jobs.c.state.in_(LIVE_STATES)
+        with self._db.read() as conn:
+            working = conn.execute(select(func.count()).where(live, jobs.c.parked_at.is_(None))).scalar() or 0
+            parked = [str(r[0]) for r in conn.execute(select(jobs.c.id).where(live, jobs.c.parked_at.is_not(None)))]
+        return int(working), sorted(parked)
 
     def counts_by_state(self) -> dict[str, int]:
         with self._db.read() as conn:
@@ -133,6 +176,7 @@ class JobStore:
         try:
             with self._db.write() as conn:
                 conn.execute(insert(jobs).values(**values))
+                refresh_due(conn, [values["id"]], now)
                 insert_events(conn, values["id"], events, now)
                 row = conn.execute(select(jobs).where(jobs.c.id == values["id"])).one()
         except IntegrityError:
@@ -147,14 +191,16 @@ class JobStore:
 
     def request_cancel(self, job_id: str) -> Job:
         """The operator asks for a cancel; the daemon carries it out. StaleState once the job has ended."""
+        now = self._db.now()
         with self._db.write() as conn:
             changed = conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.state.in_(LIVE_STATES))
-                .values(cancel_requested=True, updated_at=self._db.now())
+                .values(cancel_requested=True, updated_at=now)
             ).rowcount
             if changed != 1:
                 raise StaleState(f"job {job_id} has ended (or does not exist): nothing to cancel")
+            refresh_due(conn, [job_id], now)
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
         return job_from_row(row._mapping)
 
@@ -207,6 +253,7 @@ class JobStore:
             ).rowcount
             if changed != 1:
                 raise StaleState(f"job {job_id} is not parked")
+            refresh_due(conn, [job_id], now)
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
         return job_from_row(row._mapping)
 
@@ -256,6 +303,7 @@ class JobStore:
             ).rowcount
             if changed != 1:
                 raise StaleState(f"job {job_id} is not in state {expect.value}")
+            refresh_due(conn, [job_id], now)
             insert_events(conn, job_id, events, now)
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
         return job_from_row(row._mapping)

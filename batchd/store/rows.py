@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, TypeVar
-
 from sqlalchemy import RowMapping
 
 from batchd.models import BatchStatus, Delivery, DeliveryState, Job, JobState, RemoteBatchRecord, StoredEvent
@@ -35,12 +32,3 @@ def delivery_from_row(row: RowMapping) -> Delivery:
     data["body"] = bytes(data["body"])
     data["state"] = DeliveryState(data["state"])
     return Delivery(**data)
-
-
-_Record = TypeVar("_Record", Job, RemoteBatchRecord)
-
-
-def unchanged(fresh: _Record, known: Mapping[Any, _Record] | None) -> _Record:
-    """The object read before when it equals the fresh one (frozen: either will do), else the fresh one."""
-    before = known.get(fresh.id) if known else None
-    return before if before is not None and before == fresh else fresh

@@ -97,7 +97,8 @@ jobs = Table(
     Column("updated_at", Float, nullable=False),
     Column("finished_at", Float),
     Column("round", Integer, nullable=False, default=0, server_default="0"),
-    #: the daemon working on the job, until lease_until (several daemons on one PostgreSQL)
+    #: the daemon working on the job (several daemons on one PostgreSQL); its lease lasts while
+    #: the daemon's heartbeat does (store/cluster.py); lease_until records the first lease
     Column("owner", String(32)),
     Column("lease_until", Float),
     #: counts claims: a daemon that lost its lease cannot commit a step it started before
@@ -112,6 +113,8 @@ jobs = Table(
     #: set while the job is parked (taken out of the scheduler until an operator resumes it)
     Column("parked_at", Float),
     Column("parked_reason", OutsideText),
+    #: when the scheduler next has something to do for the job; NULL: ended or parked (store/due.py)
+    Column("due_at", Float),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_name", "name"),
 )
@@ -200,6 +203,8 @@ endpoints = Table(
 
 #: Two jobs never share an outbox folder: the reservation is the unique value.
 outbox_unique = Index("ux_jobs_outbox_path", jobs.c.outbox_path, unique=True)
+#: "What is due now" for one daemon, and when its next job falls due, without reading the rest.
+due_index = Index("ix_jobs_due", jobs.c.owner, jobs.c.due_at)
 
 
 def _migrate_v1(conn: Connection) -> None:
@@ -251,6 +256,16 @@ def _migrate_v5(conn: Connection) -> None:
         _add_column(conn, jobs, name)
 
 
+def _migrate_v6(conn: Connection) -> None:
+    # The due-driven scheduler: each job's next due time, kept by every write from now on.
+    # (Imported here: due.py builds on these tables and on the life cycle.)
+    from batchd.store.due import refresh_all
+
+    _add_column(conn, jobs, "due_at")
+    due_index.create(conn, checkfirst=True)
+    refresh_all(conn)
+
+
 #: Forward migrations, in order; each runs once, in its own transaction. Each later step brings a
 #: database made by an older release to the current schema and checks first, so on a database
 #: step 1 just created it does nothing.
@@ -260,6 +275,7 @@ MIGRATIONS: tuple[tuple[int, Any], ...] = (
     (3, _migrate_v3),
     (4, _migrate_v4),
     (5, _migrate_v5),
+    (6, _migrate_v6),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -20,7 +20,7 @@ from sqlalchemy.pool import NullPool
 
 from batchd import metrics
 from batchd.faults import Faults
-from batchd.health import STUCK_AFTER_TICKS, Health, LoopMonitor, create_metrics_app
+from batchd.health import STATUS_MIN_GAP_S, STUCK_AFTER_TICKS, Health, LoopMonitor, create_metrics_app
 from batchd.models import Job, JobState
 from batchd.store import NextCheck, Store, schema_version
 from tests.databases import database_url, is_sqlite
@@ -59,22 +59,25 @@ async def test_status_is_sent_on_the_first_tick_on_change_and_when_old(tmp_path:
         a = new_job(store, "a", JobState.IN_PROGRESS)
         new_job(store, "r", JobState.REJECTED)
 
-        await monitor.tick([a])
+        await monitor.tick()
         assert sent == ["STATUS=1 active (1 in_progress); 1 done (1 rejected); 0 webhooks pending"]
         clock.now += 5
-        await monitor.tick([a])
+        await monitor.tick()
         assert len(sent) == 1  # nothing changed
 
         check = NextCheck(JobState.DOWNLOADING, 5.0, store.now())
         a = store.jobs.record_answer(a.id, expect=JobState.IN_PROGRESS, check=check)
-        await monitor.tick([a])
+        await monitor.tick(changed=True)
         assert sent[-1].startswith("STATUS=1 active (1 downloading)")
         end_job(store, a.id, JobState.COMPLETED, expect=JobState.DOWNLOADING)
-        await monitor.tick([])
-        assert sent[-1] == "STATUS=0 active; 2 done (1 completed, 1 rejected); 0 webhooks pending"
+        await monitor.tick(changed=True)
+        assert len(sent) == 2  # a change within STATUS_MIN_GAP_S of the last report waits...
+        clock.now += STATUS_MIN_GAP_S
+        await monitor.tick()
+        assert sent[-1] == "STATUS=0 active; 2 done (1 completed, 1 rejected); 0 webhooks pending"  # ...not forever
 
         clock.now += 31
-        await monitor.tick([])
+        await monitor.tick()
         assert len(sent) == 4 and monitor.status == sent[-1].removeprefix("STATUS=")
 
 
@@ -83,10 +86,10 @@ async def test_status_says_what_fails_and_healthz_fails_while_it_does(tmp_path: 
         sent: list[str] = []
         faults = Faults()
         monitor = LoopMonitor(store, clock=Clock(), notify=sent.append, faults=faults)
-        await monitor.tick([])
+        await monitor.tick()
         full = OSError(errno.ENOSPC, "No space left on device", "/state/outbox/x/output.jsonl")
         faults.report("steps", full)
-        await monitor.tick([])  # nothing else changed: the fault alone is news
+        await monitor.tick()  # nothing else changed: the fault alone is news
         assert sent[-1].endswith(
             "; failing: steps (disk: No space left on device (ENOSPC): /state/outbox/x/output.jsonl)"
         )
@@ -100,7 +103,7 @@ async def test_status_says_what_fails_and_healthz_fails_while_it_does(tmp_path: 
         assert sent[-1].startswith("STATUS=failing: scheduler (unexpected: RuntimeError: the database went away)")
         faults.clear("steps")
         faults.clear("scheduler")
-        await monitor.tick([])
+        await monitor.tick()
         assert "failing" not in sent[-1]
         ok, report = await Health(monitor, store).check()
         assert ok and report["faults"] == {}
@@ -112,11 +115,11 @@ async def test_the_jobs_gauge_follows_the_status(tmp_path: Path) -> None:
         async with opened(tmp_path) as store:
             monitor = LoopMonitor(store, notify=lambda _m: None)
             new_job(store, "done", JobState.COMPLETED)
-            await monitor.tick([])
+            await monitor.tick()
             assert m.registry.get_sample_value("batchd_jobs", {"state": "completed"}) == 1
             assert m.registry.get_sample_value("batchd_scheduler_tick_duration_seconds_count") == 0
             monitor.begin()
-            await monitor.tick([])
+            await monitor.tick()
             assert m.registry.get_sample_value("batchd_scheduler_tick_duration_seconds_count") == 1
     finally:
         metrics.disable()
@@ -155,7 +158,7 @@ async def test_healthz_fails_when_the_loop_stops_ticking(tmp_path: Path) -> None
         clock = Clock()
         monitor = LoopMonitor(store, clock=clock, notify=lambda _m: None, period_s=1.0)
         app = create_metrics_app(Health(monitor, store), metrics.Metrics().registry)
-        await monitor.tick([])
+        await monitor.tick()
         healthy = await get(app, "/healthz")
         assert healthy.status_code == 200 and healthy.json()["status"] == "ok"
 
@@ -165,14 +168,14 @@ async def test_healthz_fails_when_the_loop_stops_ticking(tmp_path: Path) -> None
         assert stuck.json()["scheduler"] == f"no tick for {STUCK_AFTER_TICKS + 1:.1f} s"
         assert stuck.json()["database"] == "ok"
 
-        await monitor.tick([])
+        await monitor.tick()
         assert (await get(app, "/healthz")).status_code == 200
 
 
 async def test_healthz_fails_while_the_database_takes_no_write(tmp_path: Path) -> None:
     async with opened(tmp_path) as store:
         monitor = LoopMonitor(store, notify=lambda _m: None)
-        await monitor.tick([])
+        await monitor.tick()
         health = Health(monitor, store, db_timeout_s=0.3)
         app = create_metrics_app(health, metrics.Metrics().registry)
         # Another process holds the write lock (a stuck writer).
@@ -195,7 +198,7 @@ async def test_healthz_reports_a_write_error(tmp_path: Path) -> None:
             raise sqlite3.OperationalError("attempt to write a readonly database")
 
         monitor = LoopMonitor(store, notify=lambda _m: None)
-        await monitor.tick([])
+        await monitor.tick()
         store.probe_write = refuse  # type: ignore[method-assign]
         broken = await get(create_metrics_app(Health(monitor, store), metrics.Metrics().registry), "/healthz")
         assert broken.status_code == 503
@@ -220,11 +223,11 @@ async def test_a_slow_read_stretches_the_idle_period_and_the_stuck_threshold(tmp
         monitor = LoopMonitor(store, clock=clock, notify=lambda _m: None, period_s=1.0)
         monitor.begin()
         clock.now += 0.02
-        await monitor.tick([])
+        await monitor.tick()
         assert monitor.idle_s() == 1.0  # a quick read: the plain period
         monitor.begin()
         clock.now += 0.8  # 10,000 jobs take this long to read
-        await monitor.tick([])
+        await monitor.tick()
         assert monitor.idle_s() == pytest.approx(8.0)
         clock.now += STUCK_AFTER_TICKS * 1.0 + 1
         assert monitor.stuck_for() is None  # not stuck: waiting its stretched period

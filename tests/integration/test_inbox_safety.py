@@ -269,7 +269,7 @@ def test_a_claim_in_progress_is_taken_only_once_its_claimer_is_gone(
         store.cluster.release("a")
     else:
         clock.now += env.settings.cluster.lease_s + 1
-        store.cluster.renew("b", env.settings.cluster.lease_s)
+        store.cluster.renew("b")
     (job,) = joining.recover_abandoned()
     assert job.id == folder.name and job.state is JobState.RECEIVED and job.owner == "b"
     assert claims.read_claimer(folder) == "b"

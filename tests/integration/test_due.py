@@ -1,0 +1,137 @@
+"""The due index (store/due.py): every write keeps each job's `due_at` equal to what the life
+cycle says, and the scheduler's reads (`due`, `next_due`, `count_in_flight`) answer from it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from batchd import lifecycle
+from batchd.lifecycle import Step
+from batchd.models import JobState, RemoteBatch, RemoteStatus
+from batchd.store import NextCheck, PollAnswer, ShardPlan, Store
+from tests.databases import database_url
+from tests.store_helpers import add_job, end_job
+
+pytestmark = pytest.mark.each_database
+
+SHARD = ShardPlan(input_path="/x/round-0.jsonl", request_count=2, size_bytes=10, sha256="0" * 64)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: Clock) -> Iterator[Store]:
+    s = Store(database_url(tmp_path / "batchd.db"), clock=clock)
+    s.migrate()
+    s.cluster.register("d", host="h", pid=1, home="h:/d")
+    yield s
+    s.close()
+
+
+def expected_due(store: Store, job_id: str) -> float | None:
+    """What the life cycle says of the job as stored now: its due time, None when nothing is left."""
+    job = store.jobs.get(job_id)
+    assert job is not None
+    action = lifecycle.next_action(job, store.batches.of_job(job_id), store.now())
+    return None if action.step is Step.NONE else action.at
+
+
+def due_at(store: Store, job_id: str) -> float | None:
+    job = store.jobs.get(job_id)
+    assert job is not None
+    return job.due_at
+
+
+def remote(status: RemoteStatus) -> RemoteBatch:
+    return RemoteBatch(id="b1", status=status, input_file_id="file-1", endpoint="/v1/chat/completions")
+
+
+def test_every_write_of_a_job_s_life_keeps_its_due_time(store: Store, clock: Clock) -> None:
+    job_id = "a" * 32
+    seen: list[float | None] = []
+
+    def check() -> None:
+        assert due_at(store, job_id) == expected_due(store, job_id)
+        seen.append(due_at(store, job_id))
+        clock.now += 1
+
+    add_job(store, job_id)
+    check()  # received: plan now
+    (row,) = store.batches.plan_round(job_id, expect=JobState.RECEIVED, round_=0, shards=[SHARD])
+    check()
+    store.jobs.back_off(job_id, expect=JobState.UPLOADING, attempts=1, next_check_at=1500.0, error="503")
+    check()
+    assert seen[-1] == 1500.0  # a step that failed is due at its retry, not before
+    row = store.batches.record_upload(row.id, file_id="file-1", intent_at=clock.now)
+    check()
+    store.batches.bind(row.id, remote(RemoteStatus.VALIDATING))
+    store.jobs.record_answer(job_id, expect=JobState.UPLOADING, check=NextCheck(JobState.VALIDATING, 30.0, 2000.0))
+    check()
+    assert seen[-1] == 2000.0  # in flight: due at its next poll
+    answer = PollAnswer(row.id, job_id, remote(RemoteStatus.IN_PROGRESS), JobState.VALIDATING,
+                        NextCheck(JobState.IN_PROGRESS, 60.0, 2600.0))  # fmt: skip
+    store.batches.record_polls([answer])
+    check()
+    assert seen[-1] == 2600.0
+    store.jobs.request_cancel(job_id)  # an operator's cancel is due at once, whatever the next poll
+    check()
+    assert seen[-1] is not None and seen[-1] < 2600.0
+    store.jobs.record_unexpected(job_id, expect=JobState.IN_PROGRESS, attempts=1, failures=3,
+                                 next_check_at=clock.now, error="bug", park=True)  # fmt: skip
+    check()
+    assert seen[-1] is None  # parked: never due until resumed
+    store.jobs.resume(job_id)
+    check()
+    assert seen[-1] is not None
+    end_job(store, job_id, JobState.CANCELLED, expect=JobState.IN_PROGRESS)
+    check()
+    assert seen[-1] is None
+
+
+def test_due_reads_only_what_is_due_in_order_skipping_busy_jobs(store: Store, clock: Clock) -> None:
+    ids = [f"{i:032x}" for i in range(6)]
+    for i, job_id in enumerate(ids):
+        add_job(store, job_id, f"j{i}", state=JobState.IN_PROGRESS)
+        store.jobs.back_off(job_id, expect=JobState.IN_PROGRESS, attempts=1, next_check_at=1100.0 + 10 * i, error="x")
+    store.cluster.claim("d", 30.0, limit=len(ids) - 1)  # the last one belongs to nobody yet
+    mine = ids[:-1]
+
+    assert store.jobs.due("d", 1000.0, limit=10) == []
+    assert store.jobs.next_due("d", 1000.0) == 1100.0
+    assert [j.id for j in store.jobs.due("d", 1125.0, limit=10)] == mine[:3]
+    assert [j.id for j in store.jobs.due("d", 1125.0, limit=2)] == mine[:2]
+    # A busy job is left out and the page is still full when there are enough others.
+    assert [j.id for j in store.jobs.due("d", 1125.0, limit=2, skip={mine[0]})] == mine[1:3]
+    assert [j.id for j in store.jobs.due("d", 9999.0, limit=10)] == mine  # never another daemon's job
+    assert store.jobs.next_due("d", 1140.0) is None  # the 6th job is nobody's: not this daemon's to wait for
+    assert store.jobs.count_in_flight("d", cap=3) == 3
+    assert store.jobs.count_in_flight("d", cap=100) == 5
+
+
+def test_a_database_from_before_the_due_index_gets_every_live_job_s_due_time(store: Store, clock: Clock) -> None:
+    add_job(store, "a" * 32, "a", state=JobState.IN_PROGRESS)
+    add_job(store, "b" * 32, "b", state=JobState.COMPLETED)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE jobs SET due_at = NULL")
+        conn.exec_driver_sql("UPDATE schema_version SET version = 5")
+    again = Store(store.url, clock=clock)
+    try:
+        again.migrate()
+        assert due_at(again, "a" * 32) is not None and due_at(again, "a" * 32) == expected_due(again, "a" * 32)
+        assert due_at(again, "b" * 32) is None
+    finally:
+        again.close()
