@@ -34,13 +34,17 @@ from batchd.faults import Faults, describe
 from batchd.health import LoopMonitor
 from batchd.inbox import Inbox
 from batchd.providers.base import Provider
-from batchd.store import Hold, Store
+from batchd.store import Hold, Signal, Store
 from batchd.webhooks import Deliverer
 
 log = structlog.get_logger("batchd.daemon")
 
-#: How often the scheduler looks at the database even without a wake-up (CLI actions).
+#: How often the scheduler looks at the database even without a wake-up (a safety net: commands
+#: wake it through SIGNAL_CHECK_S, steps and intake wake it in process).
 IDLE_TICK_S = 1.0
+#: How often the daemon reads the wake-ups commands send through the database (store/signals.py):
+#: an operator's cancel, resume, retry or webhook replay starts within about this long.
+SIGNAL_CHECK_S = 0.2
 #: SIGTERM to exit: in-flight steps get this long to finish before they are parked.
 STOP_GRACE_S = 7.0
 #: A loop that crashed, or a start-up that failed, runs again after this long, doubling up to the
@@ -165,6 +169,7 @@ class Daemon:
                 loops.start_soon(self._supervise, "intake", lambda: self._intake.run(once))
                 loops.start_soon(self._supervise, "scheduler", lambda: self._scheduler.run(work))
                 loops.start_soon(self._supervise, "heartbeat", self._heartbeat)
+                loops.start_soon(self._supervise, "wake-ups", self._follow_commands)
                 if self.deliverer is not None:
                     deliverer = self.deliverer
                     loops.start_soon(self._supervise, "webhooks", lambda: deliverer.serve(work))
@@ -275,6 +280,26 @@ class Daemon:
                 log.warning("daemon.heartbeat_failed", error=describe(exc))
             else:
                 self.faults.clear(HEARTBEAT)
+
+    async def _follow_commands(self) -> None:
+        """Act at once on what commands did in the database (store/signals.py), not at the next
+        heartbeat or idle round: claim and look at the jobs, or deliver."""
+        seen: dict[Signal, int] | None = None
+        while not self._stop.is_set():
+            try:
+                now = await db(self.store.signals.read)
+                if seen is not None and now[Signal.JOBS] != seen[Signal.JOBS]:
+                    await self._claim()  # a new job nobody holds (`batchd retry`)
+                    self.wake()  # a cancel or resume of a job this daemon holds
+                if seen is not None and now[Signal.DELIVERIES] != seen[Signal.DELIVERIES]:
+                    self._poke_deliverer()
+                seen = now
+            except Exception as exc:
+                # The database is away: the heartbeat reports it; wake-ups resume with it (work
+                # made meanwhile is found by the regular rounds: a signal only makes it sooner).
+                log.debug("daemon.wake_ups_unread", error=describe(exc))
+            with anyio.move_on_after(SIGNAL_CHECK_S):
+                await self._stop.wait()
 
     async def _until_drained(self) -> None:
         """Return once intake has settled, every job has ended and every event is sent; raise

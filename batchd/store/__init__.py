@@ -8,6 +8,7 @@ small class per aggregate, each in its own module:
     store.batches     each job's remote batches: plans, creates, polls     (batches.py)
     store.deliveries  webhook events, deliveries and endpoints            (deliveries.py)
     store.cluster     the daemons sharing the database, and their leases  (cluster.py)
+    store.signals     wake-ups from commands to the daemons               (signals.py)
 
 Writes take typed records (`writes.py`) and name the transition they make; every method is
 one transaction.
@@ -36,6 +37,7 @@ from batchd.store.database import (
 from batchd.store.deliveries import DeliveryStore
 from batchd.store.jobs import IllegalTransition, JobStore
 from batchd.store.schema import SCHEMA_VERSION, schema_version
+from batchd.store.signals import Signal, SignalStore
 from batchd.store.writes import (
     DeadLettered,
     Delivered,
@@ -74,6 +76,8 @@ __all__ = [
     "RemoteBatchStore",
     "RetryLater",
     "ShardPlan",
+    "Signal",
+    "SignalStore",
     "StaleState",
     "Store",
     "StoreUnavailable",
@@ -117,3 +121,4 @@ class Store(Database):
         self.batches = RemoteBatchStore(self)
         self.deliveries = DeliveryStore(self)
         self.cluster = ClusterStore(self)
+        self.signals = SignalStore(self)

@@ -17,6 +17,7 @@ from batchd.models import Delivery, DeliveryState, EndpointStats, NewEvent, Stor
 from batchd.store.database import Database
 from batchd.store.rows import delivery_from_row, event_from_row
 from batchd.store.schema import deliveries, endpoints, events
+from batchd.store.signals import Signal, bump
 from batchd.store.writes import DeadLettered, Delivered, DeliveryOutcome, EndpointGone, Parked, RetryLater
 
 
@@ -238,6 +239,7 @@ class DeliveryStore:
                     )
                 )  # fmt: skip
                 done[url] = "queued"
+            bump(conn, Signal.DELIVERIES)
         return done
 
     def enable_endpoint(self, url: str) -> int | None:
@@ -259,6 +261,7 @@ class DeliveryStore:
                 .where(deliveries.c.url == url, deliveries.c.state == DeliveryState.DISABLED.value)
                 .values(state=DeliveryState.PENDING.value, next_attempt_at=now)
             ).rowcount
+            bump(conn, Signal.DELIVERIES)
         return int(resumed)
 
     def endpoint_stats(self) -> list[EndpointStats]:

@@ -23,6 +23,7 @@ from batchd.store.deliveries import insert_events
 from batchd.store.due import refresh_due
 from batchd.store.rows import job_from_row
 from batchd.store.schema import LIVE_STATES, jobs
+from batchd.store.signals import Signal, bump
 from batchd.store.writes import Ending, NewJob, NextCheck, RejectedJob
 
 #: Ids per IN (…) list: well below SQLite's and PostgreSQL's limits on bound parameters.
@@ -161,7 +162,9 @@ class JobStore:
         values = asdict(new)
         hold = values.pop("hold")
         values["metadata"] = dict(new.metadata)
-        return self._insert({**values, "state": JobState.RECEIVED.value, **(hold or {})}, ())
+        # A job nobody holds (a command made it: `batchd retry`) wakes the daemons to claim it.
+        wake = None if hold else Signal.JOBS
+        return self._insert({**values, "state": JobState.RECEIVED.value, **(hold or {})}, (), wake=wake)
 
     def insert_rejected(self, rejected: RejectedJob, events: Sequence[NewEvent]) -> Job:
         """A rejected file, finished at once, and its `batch.rejected` event, in one transaction.
@@ -170,7 +173,7 @@ class JobStore:
         """
         return self._insert({**asdict(rejected), "state": JobState.REJECTED.value}, events)
 
-    def _insert(self, values: dict[str, Any], events: Sequence[NewEvent]) -> Job:
+    def _insert(self, values: dict[str, Any], events: Sequence[NewEvent], *, wake: Signal | None = None) -> Job:
         now = self._db.now()
         values = {"created_at": now, "updated_at": now, "metadata": {}, **values}
         try:
@@ -178,6 +181,8 @@ class JobStore:
                 conn.execute(insert(jobs).values(**values))
                 refresh_due(conn, [values["id"]], now)
                 insert_events(conn, values["id"], events, now)
+                if wake is not None:
+                    bump(conn, wake)
                 row = conn.execute(select(jobs).where(jobs.c.id == values["id"])).one()
         except IntegrityError:
             # The same id recorded meanwhile (two daemons finishing one claim): that job stands.
@@ -201,6 +206,7 @@ class JobStore:
             if changed != 1:
                 raise StaleState(f"job {job_id} has ended (or does not exist): nothing to cancel")
             refresh_due(conn, [job_id], now)
+            bump(conn, Signal.JOBS)
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
         return job_from_row(row._mapping)
 
@@ -254,6 +260,7 @@ class JobStore:
             if changed != 1:
                 raise StaleState(f"job {job_id} is not parked")
             refresh_due(conn, [job_id], now)
+            bump(conn, Signal.JOBS)
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
         return job_from_row(row._mapping)
 

@@ -192,6 +192,15 @@ daemons = Table(
     Column("stopped_at", Float),
 )
 
+#: One counter per loop that a command can have work for (store/signals.py): a command bumps it in
+#: the transaction that makes the work, each daemon reads the few rows a few times a second.
+signals = Table(
+    "signals",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+)
+
 endpoints = Table(
     "endpoints",
     metadata,
@@ -260,10 +269,14 @@ def _migrate_v6(conn: Connection) -> None:
     # The due-driven scheduler: each job's next due time, kept by every write from now on.
     # (Imported here: due.py builds on these tables and on the life cycle.)
     from batchd.store.due import refresh_all
+    from batchd.store.signals import create_rows
 
     _add_column(conn, jobs, "due_at")
     due_index.create(conn, checkfirst=True)
     refresh_all(conn)
+    # ...and the counters through which commands wake the daemons (store/signals.py).
+    signals.create(conn, checkfirst=True)
+    create_rows(conn)
 
 
 #: Forward migrations, in order; each runs once, in its own transaction. Each later step brings a

@@ -308,3 +308,28 @@ async def test_logs_are_json_lines_with_context_and_no_secret(tmp_path: Path) ->
         secrets = [api_key, SECRET, SECRET.removeprefix("whsec_"), spec_secret, spec_secret.removeprefix("whsec_")]
         leaks = [(n, s[:10]) for n, line in enumerate(lines) for s in secrets if s in line]
         assert leaks == []
+
+
+async def test_a_retry_and_a_replay_are_taken_up_at_once_not_at_the_next_heartbeat(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        # A heartbeat only every 200 s: within this test, only the command's wake-up
+        # (store/signals.py) can get the retried job, which nobody holds, claimed.
+        h.ws.config.write_text(h.ws.config.read_text(encoding="utf-8") + "\n[cluster]\nlease_s = 600\n")
+        daemon = h.start()
+        await daemon.until_logged("daemon.ready")
+        h.ws.drop("flaky.jsonl", [chat("a"), chat("b", trigger={"error": "invalid_model"})])
+        await h.receiver.wait_for(lambda hooks: len(hooks) >= 1)
+        assert h.receiver.verified()[0]["data"]["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+
+        retried = await h.ws.batchd("retry", "flaky")
+        assert retried.returncode == 0, retried.stderr
+        await h.receiver.wait_for(lambda hooks: len(hooks) >= 2, timeout=60)
+        second = h.receiver.verified()[1]
+        assert second["data"]["request_counts"] == {"total": 1, "completed": 0, "failed": 1}
+
+        replayed = await h.ws.batchd("webhooks", "replay", second["id"])
+        assert replayed.returncode == 0, replayed.stderr
+        await h.receiver.wait_for(lambda hooks: len(hooks) >= 3, timeout=60)
+        assert h.receiver.verified()[2]["id"] == second["id"]
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait(timeout=15) == 0

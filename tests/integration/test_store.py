@@ -19,12 +19,14 @@ from batchd.store import (
     Delivered,
     Ending,
     EndpointGone,
+    Hold,
     IllegalTransition,
     Lease,
     NextCheck,
     Parked,
     RetryLater,
     ShardPlan,
+    Signal,
     StaleState,
     Store,
 )
@@ -366,3 +368,25 @@ def test_a_restarted_daemon_takes_over_its_dead_predecessors_jobs_at_once(tmp_pa
         assert states == {"old": (True, 0), "new": (False, 1)}
     finally:
         store.close()
+
+
+def test_commands_wake_the_daemons_through_the_signals_they_count(store: Store) -> None:
+    def counts() -> tuple[int, int]:
+        seen = store.signals.read()
+        return seen[Signal.JOBS], seen[Signal.DELIVERIES]
+
+    assert counts() == (0, 0)
+    add_job(store, "a" * 32, "held", hold=Hold("d", 1, 2000.0))  # a daemon's own take: nobody to wake
+    assert counts() == (0, 0)
+    add_job(store, "b" * 32, "retried")  # a job nobody holds (`batchd retry`): claim it
+    assert counts() == (1, 0)
+    store.jobs.request_cancel("a" * 32)
+    assert counts() == (2, 0)
+    event = NewEvent(id="evt_1", type="batch.failed", body=b"{}", targets=[("https://a/", "config")])
+    end_job(store, "b" * 32, JobState.FAILED, [event], expect=JobState.RECEIVED)
+    assert counts() == (2, 0)  # the daemon's own event: its deliverer is poked in process
+    store.deliveries.replay_event("evt_1", [("https://a/", "config")])
+    assert counts() == (2, 1)
+    store.deliveries.disable_endpoint("https://a/", "410")
+    store.deliveries.enable_endpoint("https://a/")
+    assert counts() == (2, 2)
