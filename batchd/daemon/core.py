@@ -140,6 +140,11 @@ class Daemon:
         """The jobs that have a step or a poll round running now."""
         return self._scheduler.busy
 
+    @property
+    def sweeping(self) -> bool:
+        """A list sweep is polling jobs now."""
+        return self._scheduler.sweeping
+
     def wake(self) -> None:
         """Let the scheduler look at the jobs now."""
         self._scheduler.wake()

@@ -15,7 +15,7 @@ import structlog
 from batchd import lifecycle, metrics
 from batchd.daemon.context import Context, db
 from batchd.daemon.failures import step_failed
-from batchd.lifecycle import Action
+from batchd.lifecycle import Action, Step
 from batchd.models import BatchStatus, Job, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.providers.base import ProviderError
 from batchd.store import PollAnswer
@@ -25,6 +25,8 @@ log = structlog.get_logger("batchd.daemon")
 #: A sweep's "no news" answers are written this many per transaction, not one fsync per job
 #: (10,000 jobs in flight: a sweep round of 126 s became 6 s).
 QUIET_WRITES_PER_TRANSACTION = 500
+#: A sweep reads the jobs it polls this many at a time.
+SWEEP_PAGE = 1000
 
 
 class Poller:
@@ -33,44 +35,81 @@ class Poller:
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
 
-    async def round(self, polls: list[tuple[Job, Action]], sweep: bool, now: float) -> None:
-        """Poll jobs: with `sweep`, one list call for all of them (and a get only for a due job's
-        batch the list missed); otherwise one get per live batch of each due job."""
+    async def round(self, polls: list[tuple[Job, Action]], now: float) -> None:
+        """Poll due jobs one get per live batch (too few jobs in flight for a list sweep)."""
         self._ctx.lease(*(job for job, _ in polls))
         started = time.monotonic()
         try:
-            found: dict[str, RemoteBatch] = {}
-            if sweep:
-                wanted = {row.remote_id for _, action in polls for row in action.batches}
-                try:
-                    # Only this round's batches: the round holds them while it writes, and an
-                    # account's list holds every batch it ever ran.
-                    found = {r.id: r for r in await self._ctx.provider.list_batches() if r.id in wanted}
-                except ProviderError as exc:
+            await self._apply(polls, {}, now, sweep=False)
+        finally:
+            metrics.poll_round("get", time.monotonic() - started)
+
+    async def sweep(self, hold: float, now: float) -> None:
+        """Poll every job taken for this sweep at `hold` (JobStore.take_for_sweep) with one list
+        call, page by page; a get only for a due job's batch the list missed.
+
+        Memory follows the page, not the jobs in flight: the list's answers are kept only for
+        the batches taken (without their wire objects), the jobs are read DUE_PAGE at a time.
+        """
+        store, owner = self._ctx.store, self._ctx.daemon_id
+        started = time.monotonic()
+        try:
+            wanted = await db(store.batches.remote_ids_held, owner, hold)
+            listed: dict[str, RemoteBatch] | ProviderError
+            try:
+                # Only the taken batches, and without their wire objects: an account's list holds
+                # every batch it ever ran, and this sweep may hold 100,000 of them.
+                listed = {r.id: replace(r, raw={}) for r in await self._ctx.provider.list_batches() if r.id in wanted}
+            except ProviderError as exc:
+                listed = exc
+            del wanted
+            after = ""
+            while True:
+                page = await db(store.jobs.held, owner, hold, after=after, limit=SWEEP_PAGE)
+                if not page:
+                    return
+                after = page[-1].id
+                batches = await db(store.batches.by_job, [job.id for job in page])
+                polls = []
+                for job in page:
+                    action = lifecycle.next_action(job, batches.get(job.id, []), now)
+                    # Anything but a poll (a job held in memory, one that moved on) is left for
+                    # the scheduler: release_held gives it its due time back.
+                    if action.step is Step.POLL and self._ctx.held_until(job.id, now) is None:
+                        polls.append((job, action))
+                self._ctx.lease(*(job for job, _ in polls))
+                if isinstance(listed, ProviderError):
                     for job, action in polls:
                         if action.at <= now:
-                            await step_failed(self._ctx, job, exc)
-                    return
-            quiet: list[PollAnswer] = []
-            for job, action in polls:
-                try:
-                    answers = await self._answers(action.batches, found, due=action.at <= now)
-                    if not answers:
-                        continue
-                    changed, writes = self._poll_writes(job, answers)
-                    if sweep and not changed:
-                        quiet.extend(writes)
-                        if len(quiet) >= QUIET_WRITES_PER_TRANSACTION:
-                            await db(self._ctx.store.batches.record_polls, quiet)
-                            quiet = []
-                    else:
-                        await db(self._ctx.store.batches.record_polls, writes)
-                except ProviderError as exc:
-                    await step_failed(self._ctx, job, exc)
-            if quiet:
-                await db(self._ctx.store.batches.record_polls, quiet)
+                            await step_failed(self._ctx, job, listed)
+                else:
+                    await self._apply(polls, listed, now, sweep=True)
         finally:
-            metrics.poll_round("sweep" if sweep else "get", time.monotonic() - started)
+            await db(store.jobs.release_held, owner, hold)
+            metrics.poll_round("sweep", time.monotonic() - started)
+
+    async def _apply(
+        self, polls: list[tuple[Job, Action]], found: dict[str, RemoteBatch], now: float, *, sweep: bool
+    ) -> None:
+        """Each job's answers (from `found`, else a get when it is due), written; quiet ones in bulk."""
+        quiet: list[PollAnswer] = []
+        for job, action in polls:
+            try:
+                answers = await self._answers(action.batches, found, due=action.at <= now)
+                if not answers:
+                    continue
+                changed, writes = self._poll_writes(job, answers)
+                if sweep and not changed:
+                    quiet.extend(writes)
+                    if len(quiet) >= QUIET_WRITES_PER_TRANSACTION:
+                        await db(self._ctx.store.batches.record_polls, quiet)
+                        quiet = []
+                else:
+                    await db(self._ctx.store.batches.record_polls, writes)
+            except ProviderError as exc:
+                await step_failed(self._ctx, job, exc)
+        if quiet:
+            await db(self._ctx.store.batches.record_polls, quiet)
 
     async def _answers(
         self, rows: tuple[RemoteBatchRecord, ...], found: dict[str, RemoteBatch], *, due: bool

@@ -47,6 +47,9 @@ DUE_PAGE = 1000
 #: call then serves half an interval's polls, not only the few due this very second (at most
 #: two sweeps per longest interval; a job is polled at most that much early).
 SWEEP_AHEAD_SHARE = 0.5
+#: The jobs a sweep takes are out of the due reads until it writes them, or for this long at the
+#: most (a sweep that died with its daemon: its jobs are polled that much late, never forgotten).
+SWEEP_HOLD_S = 60.0
 
 
 def sweep_ahead_s(policy: PollPolicy) -> float:
@@ -68,6 +71,8 @@ class Scheduler:
         self._busy: set[str] = set()
         self._steps = anyio.CapacityLimiter(MAX_CONCURRENT_STEPS)
         self._downloads = anyio.CapacityLimiter(MAX_CONCURRENT_DOWNLOADS)
+        #: a list sweep is under way (one at a time)
+        self._sweeping = False
         #: a step or poll round ended since the last tick: job counts may have changed (STATUS=)
         self._changed = True
         #: ticks failed in a row (the wait before the next grows with them)
@@ -77,6 +82,11 @@ class Scheduler:
     def busy(self) -> frozenset[str]:
         """The jobs that have a step or a poll round running now."""
         return frozenset(self._busy)
+
+    @property
+    def sweeping(self) -> bool:
+        """A list sweep is under way (its jobs are out of the due reads, not in `busy`)."""
+        return self._sweeping
 
     def wake(self) -> None:
         """Tick now: something changed that the next tick should see."""
@@ -131,11 +141,9 @@ class Scheduler:
         # A job busy while we read may have moved on since: skip it this tick, or its
         # stale row would start the same step twice (the next wake-up sees it fresh).
         busy = set(self._busy)
-        # Polls due a little later ride along with a sweep that is made anyway (see sweep_ahead_s).
-        ahead = sweep_ahead_s(self._ctx.policy)
-        jobs = await db(store.jobs.due, owner, now + ahead, limit=DUE_PAGE, skip=busy)
+        jobs = await db(store.jobs.due, owner, now, limit=DUE_PAGE, skip=busy)
         batches = await db(store.batches.by_job, [job.id for job in jobs]) if jobs else {}
-        later = await db(store.jobs.next_due, owner, now + ahead)
+        later = await db(store.jobs.next_due, owner, now)
         await self._monitor.tick(changed=self._changed)
         self._changed = False
         next_at = now + self._monitor.idle_s()
@@ -143,7 +151,7 @@ class Scheduler:
             next_at = min(next_at, later)
         if len(jobs) == DUE_PAGE:
             next_at = now  # a full page: more may be due; read again once these are started
-        pollable: list[tuple[Job, Action]] = []
+        polls: list[tuple[Job, Action]] = []
         for job in jobs:
             if job.id in self._busy or job.id in busy:
                 continue
@@ -154,28 +162,29 @@ class Scheduler:
             action = lifecycle.next_action(job, batches.get(job.id, []), now)
             if action.step is Step.NONE:
                 continue
-            if action.step is Step.POLL:
-                pollable.append((job, action))
             if action.at > now:
                 next_at = min(next_at, action.at)
-                continue
-            if action.step is not Step.POLL:
+            elif action.step is Step.POLL:
+                polls.append((job, action))
+            else:
                 self._busy.add(job.id)
                 tg.start_soon(self._run_step, job, action)
-        due = [(job, action) for job, action in pollable if action.at <= now]
-        if due:
-            # With enough jobs in flight, one list call serves every due job and those due within
-            # `ahead`; otherwise one get per due job. (Counted up to the threshold only.)
+        if polls:
+            # With enough jobs in flight, one list call serves every job due now or within
+            # `sweep_ahead_s` (one sweep at a time: the jobs due meanwhile wait for the next);
+            # otherwise one get per due job. (Counted up to the threshold only.)
             in_flight = await db(store.jobs.count_in_flight, owner, cap=lifecycle.SWEEP_MIN_JOBS)
-            sweep = lifecycle.use_sweep(in_flight)
-            polls = pollable if sweep else due
-            self._busy.update(job.id for job, _ in polls)
-            tg.start_soon(self._poll_round, polls, sweep, now)
+            if not lifecycle.use_sweep(in_flight):
+                self._busy.update(job.id for job, _ in polls)
+                tg.start_soon(self._poll_round, polls, now)
+            elif not self._sweeping:
+                self._sweeping = True
+                tg.start_soon(self._sweep, now, frozenset(self._busy))
         return next_at
 
-    async def _poll_round(self, polls: list[tuple[Job, Action]], sweep: bool, now: float) -> None:
+    async def _poll_round(self, polls: list[tuple[Job, Action]], now: float) -> None:
         try:
-            await self._poller.round(polls, sweep, now)
+            await self._poller.round(polls, now)
         except Exception as exc:
             # Beyond the provider's answers (which the round handles job by job): each job backs off.
             for job, _ in polls:
@@ -185,6 +194,27 @@ class Scheduler:
         finally:
             for job, _ in polls:
                 self._busy.discard(job.id)
+            self._changed = True
+            self.wake()
+
+    async def _sweep(self, now: float, busy: frozenset[str]) -> None:
+        """One list sweep over every in-flight job due by now + sweep_ahead_s (see Poller.sweep)."""
+        store = self._ctx.store
+        # A time no job is due at: the sweep's mark on the jobs it takes (they leave the due reads).
+        hold = now + SWEEP_HOLD_S
+        try:
+            until = now + sweep_ahead_s(self._ctx.policy)
+            if await db(store.jobs.take_for_sweep, self._ctx.daemon_id, until, hold, skip=busy):
+                await self._poller.sweep(hold, now)
+        except Exception as exc:
+            # The list or the database failed beyond what the sweep handles job by job: the jobs
+            # are due again at `hold` at the latest (or at once, when the release went through).
+            self._ctx.faults.report(STEPS, exc)
+            log.warning("daemon.sweep_failed", error=describe(exc))
+        else:
+            self._ctx.faults.clear(STEPS)
+        finally:
+            self._sweeping = False
             self._changed = True
             self.wake()
 

@@ -138,6 +138,50 @@ class JobStore:
         with self._db.read() as conn:
             return len(conn.execute(query).all())
 
+    # ------------------------------------------------------------ sweeps (see store/due.py)
+
+    def take_for_sweep(self, owner: str, until: float, hold: float, *, skip: Collection[str] = ()) -> int:
+        """Move `owner`'s in-flight jobs due by `until` (but `skip`) out of the due reads, to
+        `hold`: a list sweep polls them all, page by page (`held`), and `release_held` gives each
+        job not written meanwhile its due time back. Returns how many were taken.
+
+        The one write that sets `due_at` to something other than the life cycle's answer: while
+        a sweep holds a job, the scheduler's ticks must not read it (or page past it) again.
+        Should the daemon die meanwhile, the jobs are due at `hold` (for whoever holds them then):
+        a poll late by at most that long, never a job forgotten.
+        """
+        in_flight = [s.value for s in lifecycle.IN_FLIGHT]
+        query = update(jobs).where(
+            jobs.c.owner == owner,
+            jobs.c.due_at <= until,
+            jobs.c.state.in_(in_flight),
+            jobs.c.cancel_requested.is_(False),
+        )
+        if skip:
+            query = query.where(jobs.c.id.not_in(sorted(skip)))
+        with self._db.write() as conn:
+            return int(conn.execute(query.values(due_at=hold)).rowcount)
+
+    def held(self, owner: str, hold: float, *, after: str, limit: int) -> list[Job]:
+        """The next page (by id, after `after`) of the jobs a sweep took at `hold`."""
+        query = (
+            select(jobs)
+            .where(jobs.c.owner == owner, jobs.c.due_at == hold, jobs.c.id > after)
+            .order_by(jobs.c.id)
+            .limit(limit)
+        )
+        with self._db.read() as conn:
+            return [job_from_row(r._mapping) for r in conn.execute(query)]
+
+    def release_held(self, owner: str, hold: float) -> int:
+        """Every job a sweep took at `hold` and did not write: its due time from the life cycle again."""
+        with self._db.write() as conn:
+            ids = [
+                str(r[0]) for r in conn.execute(select(jobs.c.id).where(jobs.c.owner == owner, jobs.c.due_at == hold))
+            ]
+            refresh_due(conn, ids, self._db.now())
+        return len(ids)
+
     def waiting(self) -> tuple[int, list[str]]:
         """The live jobs that still have work (not parked), and the ids of the parked ones."""
         live = jobs.c.state.in_(LIVE_STATES)

@@ -3,7 +3,7 @@
 Not part of the test run (tests/benchmarks is outside pytest's testpaths).
 Run from the repository root::
 
-    python -m tests.benchmarks.bench_idle [--idle-s 180] [--jobs 10000] [--inflight-s 180] [--json]
+    python -m tests.benchmarks.bench_idle [--idle-s 180] [--jobs 10000] [--inflight-s 180] [--nothing-due] [--json]
 
 Idle: the real daemon (`python -m batchd run`, a subprocess) with the default
 configuration (the embedded local backend, polling 5-60 s, rescans every 30 s),
@@ -24,7 +24,10 @@ peak), CPU, the provider calls per minute by kind (from the emulator's own
 request counters: list sweeps `GET /v1/batches`, single gets `GET
 /v1/batches/{id}`, anything else), and from /metrics the scheduler's tick time
 and the poll rounds' duration. The goal (issue 6): under 150 MB, and one list
-sweep per poll interval instead of one call per job.
+sweep per poll interval instead of one call per job. Issue 14's goals: with
+100,000 jobs (`--jobs 100000 --inflight-s 1800`) under 300 MB and flat; with
+`--nothing-due` (every job's first check after the window: what jobs that wait
+cost) under 5 % of a core.
 """
 
 from __future__ import annotations
@@ -209,8 +212,11 @@ async def create_batches(url: str, work: Path, count: int) -> tuple[str, Path, l
     return file_id, path, created
 
 
-def insert_jobs(database_url: str, file_id: str, input_path: Path, batches: list[tuple[str, float]]) -> None:
-    """One `validating` job per remote batch, as the daemon leaves a job after binding its batch."""
+def insert_jobs(
+    database_url: str, file_id: str, input_path: Path, batches: list[tuple[str, float]], first_check_in_s: float
+) -> None:
+    """One `validating` job per remote batch, as the daemon leaves a job after binding its batch:
+    its next checks spread over the 5 s after `first_check_in_s` from now."""
     store = Store(database_url)
     try:
         store.migrate()
@@ -219,13 +225,14 @@ def insert_jobs(database_url: str, file_id: str, input_path: Path, batches: list
         jobs, remotes = [], []
         for n, (remote_id, created_at) in enumerate(batches):
             job_id = uuid.uuid4().hex
+            next_check_at = now + first_check_in_s + rng.uniform(0, 5)
             jobs.append(
                 {
                     "id": job_id, "name": f"bench-{n:05d}", "source": f"bench-{n:05d}.jsonl", "state": "validating",
                     "provider": "together", "endpoint": "/v1/chat/completions", "upload_path": str(input_path),
                     "request_count": 3, "completion_window": "24h", "metadata": {}, "input_file_id": file_id,
-                    "cancel_requested": False, "poll_interval_s": 5.0, "next_check_at": now + rng.uniform(0, 5),
-                    "attempts": 0, "created_at": now, "updated_at": now,
+                    "cancel_requested": False, "poll_interval_s": 5.0, "next_check_at": next_check_at,
+                    "due_at": next_check_at, "attempts": 0, "created_at": now, "updated_at": now,
                 }
             )  # fmt: skip
             remotes.append(
@@ -262,7 +269,7 @@ def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     }
 
 
-async def bench_in_flight(root: Path, jobs: int, inflight_s: float) -> dict[str, Any]:
+async def bench_in_flight(root: Path, jobs: int, inflight_s: float, *, nothing_due: bool) -> dict[str, Any]:
     await anyio.Path(root).mkdir()
     async with (
         serve_emulator(create_app(root / "emulator"), host="127.0.0.1", port=0) as url,
@@ -279,7 +286,13 @@ async def bench_in_flight(root: Path, jobs: int, inflight_s: float) -> dict[str,
             encoding="utf-8",
         )
         await anyio.to_thread.run_sync(
-            insert_jobs, f"sqlite:///{root / 'state' / 'batchd.db'}", file_id, input_path, batches
+            insert_jobs,
+            f"sqlite:///{root / 'state' / 'batchd.db'}",
+            file_id,
+            input_path,
+            batches,
+            # Nothing due: every first check after the window (what the jobs cost while they wait).
+            inflight_s + 3600 if nothing_due else 0.0,
         )
         before = (await http.get(f"{url}/_emulator/stats")).json()["requests"]
         daemon = Daemon(root, config, daemon_env())
@@ -304,6 +317,7 @@ async def bench_in_flight(root: Path, jobs: int, inflight_s: float) -> dict[str,
     sweeps = value("batchd_poll_duration_seconds_count", mode="sweep")
     return {
         "jobs": jobs,
+        "nothing_due": nothing_due,
         "setup_s": round(setup_s, 1),
         **usage,
         "calls": calls,
@@ -329,10 +343,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         results: dict[str, Any] = {}
         if args.idle_s > 0:
             results["idle"] = await bench_idle(root / "idle", args.idle_s)
-            print(f"idle: {json.dumps(results['idle'])}", flush=True)
+            idle = results["idle"]
+            print(f"idle: {json.dumps(idle)}", flush=True)
+            print(f"idle: {idle['cpu_s_per_hour']} CPU-s per hour, RSS {idle['rss_mb']} MB", flush=True)
         if args.jobs > 0:
-            results["in_flight"] = await bench_in_flight(root / "in-flight", args.jobs, args.inflight_s)
-            print(f"in flight: {json.dumps(results['in_flight'])}", flush=True)
+            found = await bench_in_flight(root / "in-flight", args.jobs, args.inflight_s, nothing_due=args.nothing_due)
+            results["in_flight"] = found
+            print(f"in flight: {json.dumps(found)}", flush=True)
+            print(
+                f"in flight, {args.jobs} jobs{' (nothing due)' if args.nothing_due else ''}:"
+                f" RSS {found['rss_mb']} MB (peak {found['rss_peak_sampled_mb']}; goal < 300 MB at 100,000"
+                f" jobs, < 150 MB at 10,000), CPU {found['cpu_percent']} % of a core"
+                f" (goal while nothing is due: < 5 %), list sweeps/min {found['calls_per_minute']['list']},"
+                f" gets/min {found['calls_per_minute']['get']}, mean tick {found['tick_mean_s']} s",
+                flush=True,
+            )
         return results
     finally:
         if args.keep:
@@ -348,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-s", type=float, default=180.0, help="idle window in seconds (0: skip)")
     parser.add_argument("--jobs", type=int, default=10_000, help="jobs in flight (0: skip)")
     parser.add_argument("--inflight-s", type=float, default=180.0, help="window with the jobs in flight")
+    parser.add_argument(
+        "--nothing-due", action="store_true", help="the jobs' first checks fall after the window (the cost of waiting)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, databases)")
     args = parser.parse_args(argv)

@@ -3,7 +3,11 @@
 Not part of the test run (tests/benchmarks is outside pytest's testpaths).
 Run from the repository root::
 
-    python -m tests.benchmarks.bench_intake_latency [--drops 100] [--requests 10] [--json]
+    python -m tests.benchmarks.bench_intake_latency [--drops 100] [--burst N] [--requests 10] [--json]
+
+Issue 14's figures: `--drops 100 --requests 1` (sequential: median < 10 ms, p99 < 50 ms)
+and `--drops 0 --burst 10000 --requests 1` (burst: >= 500 files/s, the daemon's RSS
+during it < 150 MB).
 
 What is measured: the time from the atomic rename of a JSONL file into the
 inbox (the producer protocol of DESIGN §3) to the moment the provider receives
@@ -53,6 +57,7 @@ average printed at the end (the machine may be shared).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -424,6 +429,8 @@ def handling_times(hits: Sequence[Hit], files: set[str]) -> dict[str, list[float
 class RunResult:
     name: str
     drops: list[Drop]
+    #: the daemon's peak resident memory during the run (burst only)
+    rss_peak_mb: float | None = field(default=None, kw_only=True)
     latencies_s: list[float]
     #: per drop index: seconds per stage
     stages: dict[int, dict[str, float]]
@@ -511,8 +518,12 @@ async def bench(root: Path, args: argparse.Namespace, daemon_log: IO[bytes]) -> 
             await wait_for_log(log_path, "daemon.ready", process, STEP_TIMEOUT_S)
             seq_drops = await run_sequential(inbox, recorder, args.drops, args.requests, args.gap)
             await wait_finished(outbox, args.drops, STEP_TIMEOUT_S + args.drops)
-            burst_drops = await run_burst(inbox, recorder, args.drops, args.requests)
-            await wait_finished(outbox, 2 * args.drops, STEP_TIMEOUT_S + args.drops)
+            async with anyio.create_task_group() as sampling:
+                rss = RssSampler(process.pid)
+                sampling.start_soon(rss.run)
+                burst_drops = await run_burst(inbox, recorder, args.burst, args.requests)
+                sampling.cancel_scope.cancel()
+            await wait_finished(outbox, args.drops + args.burst, STEP_TIMEOUT_S + args.burst)
         finally:
             # Shielded: even when interrupted, the daemon is stopped and reaped before the folder goes.
             with anyio.CancelScope(shield=True):
@@ -526,11 +537,26 @@ async def bench(root: Path, args: argparse.Namespace, daemon_log: IO[bytes]) -> 
                     print(f"the daemon ignored SIGTERM for {STOP_TIMEOUT_S} s and was killed", file=sys.stderr)
     code = process.returncode
     records = await anyio.to_thread.run_sync(read_log, log_path)
-    results = [
-        result_of("seq", seq_drops, recorder, state, records),
-        result_of("burst", burst_drops, recorder, state, records),
-    ]
+    results = [result_of("seq", seq_drops, recorder, state, records)] if seq_drops else []
+    results.append(result_of("burst", burst_drops, recorder, state, records))
+    results[-1].rss_peak_mb = rss.peak_mb
     return results, -1 if code is None else code
+
+
+class RssSampler:
+    """The daemon's resident memory, sampled every 0.2 s while it runs: the peak during a burst."""
+
+    def __init__(self, pid: int) -> None:
+        self._status = Path(f"/proc/{pid}/status")
+        self.peak_mb = 0.0
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                for line in self._status.read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024)
+            await anyio.sleep(0.2)
 
 
 # ---------------------------------------------------------------- output
@@ -556,6 +582,18 @@ def print_table(results: Sequence[RunResult], daemon_exit: int, host: dict[str, 
         print(row.format(label, s["n"], *cells))
         if r.name == "burst":
             print(row.format("burst, first rename -> last create", s["n"], f"{r.span_s * 1000:.1f}", "", "", ""))
+    for r in results:
+        s = summary(r.latencies_s)
+        if r.name == "seq":
+            print(
+                f"goal: sequential median < 10 ms (now {s['median_ms']:.1f}), p99 < 50 ms (now {s['p99_ms']:.1f})"
+            )
+        else:
+            rate = s["n"] / r.span_s if r.span_s > 0 else float("inf")
+            print(
+                f"goal: burst >= 500 files/s (now {rate:.0f} files/s over {s['n']} files),"
+                f" daemon RSS during it < 150 MB (now peak {r.rss_peak_mb or 0:.0f} MB)"
+            )
     stage_row = "  {:<82} {:>8} {:>8} {:>8} {:>8}"
     for r in results:
         print(f"\nwhere the time goes ({LABELS[r.name]}), ms:")
@@ -585,6 +623,7 @@ def as_json(results: Sequence[RunResult], daemon_exit: int, host: dict[str, Any]
             r.name: {
                 **summary(r.latencies_s),
                 "span_ms": ms(r.span_s),
+                "rss_peak_mb": r.rss_peak_mb,
                 "stages_ms": {key: s for key, _, s in r.stage_summary()},
                 "emulator_handling_ms": {key: summary(r.handling[key]) for key, _ in REQUEST_KINDS},
                 "duplicate_creates": {f"{r.name}-{i:04d}": n for i, n in sorted(r.duplicates.items())},
@@ -604,13 +643,16 @@ def as_json(results: Sequence[RunResult], daemon_exit: int, host: dict[str, Any]
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--drops", type=int, default=100, help="files per run (default 100)")
+    parser.add_argument("--drops", type=int, default=100, help="files of the sequential run (default 100; 0: skip)")
+    parser.add_argument("--burst", type=int, help="files of the burst (default: as --drops; issue 14: 10000)")
     parser.add_argument("--requests", type=int, default=10, help="requests per file (default 10)")
     parser.add_argument("--gap", type=float, default=0.1, help="sequential: seconds between a create and the next drop")
     parser.add_argument("--log-level", default="info", choices=["debug", "info"], help="the daemon's log level")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--keep", type=Path, help="use (and keep) this folder, e.g. to read the daemon's log")
     args = parser.parse_args(argv)
+    if args.burst is None:
+        args.burst = args.drops
     # The emulator logs every request through structlog; here only its warnings matter.
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),

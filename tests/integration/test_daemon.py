@@ -121,7 +121,11 @@ async def test_many_jobs_in_flight_are_polled_with_one_list_call(tmp_path: Path)
             # and its rounds are over.
             swept = (await r.stats())["requests"].get("GET /v1/batches", 0)
             with anyio.fail_after(20):
-                while (await r.stats())["requests"].get("GET /v1/batches", 0) <= swept or r.daemon.busy:  # noqa: ASYNC110 - no event per poll
+                while (  # noqa: ASYNC110 - no event per poll
+                    (await r.stats())["requests"].get("GET /v1/batches", 0) <= swept
+                    or r.daemon.busy
+                    or r.daemon.sweeping
+                ):
                     await anyio.sleep(0.02)
             before = (await r.stats())["requests"]
             # ...and closes once every job has been polled again (each poll moves its next check).

@@ -135,3 +135,29 @@ def test_a_database_from_before_the_due_index_gets_every_live_job_s_due_time(sto
         assert due_at(again, "b" * 32) is None
     finally:
         again.close()
+
+
+def test_a_sweep_takes_its_jobs_out_of_the_due_reads_until_it_writes_or_releases_them(
+    store: Store, clock: Clock
+) -> None:
+    ids = [f"{i:032x}" for i in range(5)]
+    for i, job_id in enumerate(ids):
+        add_job(store, job_id, f"j{i}", state=JobState.IN_PROGRESS)
+        store.jobs.back_off(job_id, expect=JobState.IN_PROGRESS, attempts=1, next_check_at=1000.0 + 10 * i, error="x")
+    store.cluster.claim("d", 30.0, limit=10)
+    store.jobs.request_cancel(ids[4])  # a cancel is the scheduler's step, never a sweep's poll
+    clock.now = 1001.0
+
+    hold = 1061.0
+    # Due now or within the look-ahead (until 1025), but not the busy one: three taken.
+    assert store.jobs.take_for_sweep("d", 1025.0, hold, skip={ids[1]}) == 2
+    assert {j.id for j in store.jobs.held("d", hold, after="", limit=10)} == {ids[0], ids[2]}
+    assert [j.id for j in store.jobs.due("d", 1025.0, limit=10)] == [ids[4], ids[1]]  # the taken ones are out
+    assert store.jobs.held("d", hold, after=ids[0], limit=10)[0].id == ids[2]  # pages by id
+
+    # One is answered (its due time comes from the life cycle again), the other released untouched.
+    answer = NextCheck(JobState.IN_PROGRESS, 60.0, 1500.0)
+    store.jobs.record_answer(ids[0], expect=JobState.IN_PROGRESS, check=answer)
+    assert store.jobs.release_held("d", hold) == 1
+    assert due_at(store, ids[0]) == 1500.0 and due_at(store, ids[2]) == 1020.0
+    assert store.jobs.held("d", hold, after="", limit=10) == []
