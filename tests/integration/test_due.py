@@ -13,19 +13,12 @@ from batchd.lifecycle import Step
 from batchd.models import JobState, RemoteBatch, RemoteStatus
 from batchd.store import NextCheck, PollAnswer, ShardPlan, Store
 from tests.databases import database_url
+from tests.hand_clock import Clock
 from tests.store_helpers import add_job, end_job
 
 pytestmark = pytest.mark.each_database
 
 SHARD = ShardPlan(input_path="/x/round-0.jsonl", request_count=2, size_bytes=10, sha256="0" * 64)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -24,17 +24,10 @@ from batchd.health import STATUS_MIN_GAP_S, STUCK_AFTER_TICKS, Health, LoopMonit
 from batchd.models import Job, JobState
 from batchd.store import NextCheck, Store, schema_version
 from tests.databases import database_url, is_sqlite
+from tests.hand_clock import Clock
 from tests.store_helpers import add_job, end_job
 
 pytestmark = pytest.mark.each_database
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def new_job(store: Store, name: str, state: JobState) -> Job:

@@ -32,6 +32,7 @@ from batchd.validation import validate_stream
 from batchd.watch import InboxWatcher
 from batchd.webhooks import build_event
 from tests.databases import database_url, is_sqlite
+from tests.hand_clock import Clock
 from tests.integration import test_inbox
 from tests.integration.test_inbox import GOOD, Env, assert_rejected, request, spec
 
@@ -219,14 +220,6 @@ def test_a_take_that_fails_for_a_passing_reason_is_taken_again_by_the_next_pass(
 
 
 # ---------------------------------------------------------------- claims in a cluster
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

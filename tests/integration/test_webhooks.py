@@ -33,6 +33,7 @@ from batchd.models import Delivery, JobState
 from batchd.store import Store
 from batchd.webhooks import Deliverer, Outcome, Refused, build_event, event_targets, pinned_target, sign, verify
 from tests.databases import database_url
+from tests.hand_clock import Clock
 from tests.store_helpers import add_job
 
 pytestmark = pytest.mark.each_database
@@ -182,14 +183,9 @@ class Receiver:
         self.answered += 1
 
 
-class Clock:
-    """A clock the test moves by hand (starting at the real time, so signatures stay fresh)."""
-
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
+def real_time_clock() -> Clock:
+    """A clock the test moves by hand, starting at the real time (so signatures stay fresh)."""
+    return Clock(float(int(time.time())))
 
 
 @dataclass
@@ -256,7 +252,7 @@ retry_delays_s = {json.dumps(delays or [5, 300])}
 
 {hooks}""",
             )
-            clock = Clock()
+            clock = real_time_clock()
             store = Store(database_url(tmp_path / "batchd.db"), clock=clock)
             try:
                 store.migrate()
