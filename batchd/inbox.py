@@ -22,12 +22,13 @@ taken is read as one snapshot, read again if it changed meanwhile, and what was 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -212,27 +213,61 @@ class Inbox:
     def take(self, path: Path) -> Job | None:
         """Claim `path` and turn it into a job (or a rejection). None if it is gone or ignored
         (or, when it can be neither taken nor rejected, moved aside into the quarantine)."""
+        taken = self.take_many([path])
+        return taken[0] if taken else None
+
+    def take_many(self, paths: Sequence[Path]) -> list[Job]:
+        """Claim each of `paths` and turn it into a job or a rejection, as `take` does; the
+        accepted ones are recorded in one transaction (a burst of files pays one commit).
+
+        Each claim still stands on its own: a file that cannot be read is rejected alone. An
+        error that is not a file's (the database, a full disk) is raised, and every claim of
+        this call that has no job yet waits for the next recovery pass, as a single take's does.
+        """
+        done: list[Job] = []
+        accepted: list[NewJob] = []
+        claimed: list[str] = []
+        with contextlib.ExitStack() as holding:
+            try:
+                for path in paths:
+                    claim = self._claim(path, holding)
+                    if claim is None:
+                        continue
+                    claimed.append(claim.parent.name)
+                    outcome = self._decide(claim.parent.name, claim)
+                    if isinstance(outcome, NewJob):
+                        accepted.append(outcome)
+                    elif outcome is not None:
+                        done.append(outcome)
+                for job in self._store.jobs.insert_many(accepted) if accepted else []:
+                    log.info("inbox.accepted", job_id=job.id, source=job.source, requests=job.request_count)
+                    done.append(job)
+            except Exception:
+                # The database, a full disk: the claims wait for the next recovery pass.
+                for job_id in claimed:
+                    self._recovery.defer(job_id)
+                raise
+        return done
+
+    def _claim(self, path: Path, holding: contextlib.ExitStack) -> Path | None:
+        """Rename `path` into a new claim folder (held by this process while `holding` lasts);
+        the claimed path, or None when it is ignored or another take got it first."""
         if classify(path) is Kind.IGNORE:
             return None
         job_id = uuid.uuid4().hex
-        with self._taking.hold(job_id):
-            claim_dir = real_dir(make_dirs(self.dir, [".batchd", "claimed"]) / job_id)
-            claims.write_marker(claim_dir, self.claimer, self._clock())
-            claimed = claim_dir / path.name
-            try:
-                os.rename(path, claimed)
-            except FileNotFoundError:
-                # Another scan or another daemon took it first.
-                claims.release(claim_dir)
-                return None
-            log.info("inbox.claimed", job_id=job_id, source=path.name)
-            crashpoint("after_claim")
-            try:
-                return self._settle(job_id, claimed)
-            except Exception:
-                # The database, a full disk: the claim waits for the next recovery pass.
-                self._recovery.defer(job_id)
-                raise
+        holding.enter_context(self._taking.hold(job_id))
+        claim_dir = real_dir(make_dirs(self.dir, [".batchd", "claimed"]) / job_id)
+        claims.write_marker(claim_dir, self.claimer, self._clock())
+        claimed = claim_dir / path.name
+        try:
+            os.rename(path, claimed)
+        except FileNotFoundError:
+            # Another scan or another daemon took it first.
+            claims.release(claim_dir)
+            return None
+        log.info("inbox.claimed", job_id=job_id, source=path.name)
+        crashpoint("after_claim")
+        return claimed
 
     def recover(self) -> list[Job]:
         """At start-up: every claim folder without a job whose claimer is gone, then half-done rejections."""
@@ -250,7 +285,17 @@ class Inbox:
         return self._recovery.abandoned()
 
     def _settle(self, job_id: str, claimed: Path) -> Job | None:
-        """Turn a claimed file into a job or a rejection, whatever is wrong with the file.
+        """Turn a claimed file into a job (recorded) or a rejection (see `_decide`)."""
+        outcome = self._decide(job_id, claimed)
+        if not isinstance(outcome, NewJob):
+            return outcome
+        job = self._store.jobs.insert(outcome)
+        log.info("inbox.accepted", job_id=job.id, source=job.source, requests=job.request_count)
+        return job
+
+    def _decide(self, job_id: str, claimed: Path) -> NewJob | Job | None:
+        """What a claimed file becomes, whatever is wrong with it: the job to record, or its
+        rejection (recorded).
 
         A file that cannot be read is rejected with a report saying why; a claim that cannot
         be rejected either is moved into the quarantine (None). Errors that are not the file's
@@ -259,7 +304,7 @@ class Inbox:
         source = claimed.name
         try:
             try:
-                return self._accept(job_id, claimed)
+                return self._prepare(job_id, claimed)
             except Rejection as rejection:
                 problem = rejection
             except Exception as exc:
@@ -290,7 +335,8 @@ class Inbox:
             raise whole_file(source, "extension", "only NAME.jsonl (requests) and NAME.json (a spec) are taken")
         return kind
 
-    def _accept(self, job_id: str, claimed: Path) -> Job:
+    def _prepare(self, job_id: str, claimed: Path) -> NewJob:
+        """Check and copy a claimed file: the job it becomes (or a Rejection)."""
         settings = self._settings()
         source = claimed.name
         spec = read_spec(claimed, settings) if self._kind(claimed) is Kind.SPEC else None
@@ -309,7 +355,7 @@ class Inbox:
             os.close(fd)
         data = moved[0] if moved else data
         report, copy = taken.report, taken.copy
-        new = NewJob(
+        return NewJob(
             id=job_id,
             name=outbox_name(source),
             source=source,
@@ -330,9 +376,6 @@ class Inbox:
             source_size=taken.source.size,
             source_mtime_ns=taken.source.mtime_ns,
         )
-        job = self._store.jobs.insert(new)
-        log.info("inbox.accepted", job_id=job_id, source=source, requests=copy.request_count)
-        return job
 
     def _read_consistently(self, fd: int, claimed: Path, spec: Spec | None, claim_data: Callable[[], None]) -> Taken:
         """Validate and copy one snapshot of the open file; again if it changed meanwhile.

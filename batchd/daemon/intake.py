@@ -4,7 +4,8 @@ inotify events are hints and the periodic rescan is the truth: a renamed-in or c
 taken at once; a file seen being written is taken when its writer closes it, however long it
 pauses (a writer that keeps a file open is not cut short after its first line); a file seen
 only by a rescan once it has been quiet for `[inbox] settle_s`. Each take (claim, validate,
-record) runs in a worker thread, a few at a time; what a take does is `Inbox.take`'s
+record) runs in a worker thread, a few at a time, and a burst is taken up to TAKE_BATCH files
+per take (their jobs recorded in one transaction); what a take does is `Inbox.take_many`'s
 business. Each full rescan also looks for claims another daemon (or a failed take) left
 without a job (`Inbox.recover_abandoned`).
 """
@@ -29,8 +30,11 @@ from batchd.watch import InboxWatcher, WatchEvent
 
 log = structlog.get_logger("batchd.daemon")
 
-#: Inbox files claimed and validated at once (each in a worker thread).
+#: Takes under way at once (each in a worker thread).
 MAX_CONCURRENT_TAKES = 4
+#: Files one take claims and validates one after the other and records in one transaction: a
+#: burst pays one commit per this many files, a lone file is taken at once.
+TAKE_BATCH = 64
 #: Where intake reports what it meets (Faults).
 INTAKE = "intake"
 
@@ -42,8 +46,10 @@ class Intake:
         self._ctx = ctx
         self._inbox = inbox
         self._stop = stop
-        self._takes = anyio.CapacityLimiter(MAX_CONCURRENT_TAKES)
         self._taking: set[Path] = set()
+        #: files waiting for a take, oldest first, and the takes under way
+        self._queued: list[Path] = []
+        self._takers = 0
         #: files inotify saw being written and not yet closed: taken at their close, not by a rescan
         self._writing: set[Path] = set()
         #: a recovery pass is running (one at a time)
@@ -61,8 +67,12 @@ class Intake:
     async def run(self, once: bool) -> None:
         """Take files until stopped (with `once`: one rescan, then until what it found is taken)."""
         settling: dict[Path, float] = {}
-        # Run again after a crash (Daemon._supervise): not settled until this run's rescan is taken.
+        # Run again after a crash (Daemon._supervise): not settled until this run's rescan is taken,
+        # and the files the crashed run had queued are found again by that rescan.
         self.settled = False
+        self._taking.difference_update(self._queued)
+        self.pending -= len(self._queued)
+        self._queued.clear()
         watcher = None if once else InboxWatcher(self._ctx.settings.inbox_dir)
         try:
             async with anyio.create_task_group() as takes:
@@ -169,28 +179,42 @@ class Intake:
             return
         self._taking.add(path)
         self.pending += 1
-        takes.start_soon(self._take, path)
+        self._queued.append(path)
+        if self._takers < MAX_CONCURRENT_TAKES:
+            self._takers += 1
+            takes.start_soon(self._take_queued)
 
-    async def _take(self, path: Path) -> None:
+    async def _take_queued(self) -> None:
+        """Take what is queued: a lone file at once, a burst up to TAKE_BATCH files per trip."""
         try:
-            async with self._takes:
-                job = await db(self._inbox.take, path)
+            while self._queued:
+                batch = self._queued[:TAKE_BATCH]
+                del self._queued[:TAKE_BATCH]
+                await self._take(batch)
+        finally:
+            self._takers -= 1
+
+    async def _take(self, paths: list[Path]) -> None:
+        try:
+            jobs = await db(self._inbox.take_many, paths)
         except Exception as exc:
             # A full disk, the database or a bug must not stop intake; a file claimed without its job
             # is taken again by the recovery of claims.
             self._ctx.faults.report(INTAKE, exc)
+            where = str(paths[0]) if len(paths) == 1 else f"{paths[0]} and {len(paths) - 1} more"
             if classify_failure(exc) is FailureKind.UNEXPECTED:
                 metrics.unexpected_error(INTAKE)
-                log.error("inbox.take_failed", path=str(path), error=describe(exc), exc_info=exc)
+                log.error("inbox.take_failed", path=where, error=describe(exc), exc_info=exc)
             else:
-                log.warning("inbox.take_failed", path=str(path), error=describe(exc))
+                log.warning("inbox.take_failed", path=where, error=describe(exc))
             return
         finally:
-            self._taking.discard(path)
-            self.pending -= 1
+            self._taking.difference_update(paths)
+            self.pending -= len(paths)
         self._ctx.faults.clear(INTAKE)
-        if job is not None:
+        for job in jobs:
             metrics.intake(rejected=job.state == JobState.REJECTED)
+        if jobs:
             self._ctx.wake()
-            if job.state == JobState.REJECTED:
-                self._ctx.poke_deliverer()
+        if any(job.state == JobState.REJECTED for job in jobs):
+            self._ctx.poke_deliverer()

@@ -203,12 +203,31 @@ class JobStore:
         Idempotent: when a job of that id exists (another daemon recorded the same claim
         first), that job is returned as it is.
         """
-        values = asdict(new)
-        hold = values.pop("hold")
-        values["metadata"] = dict(new.metadata)
         # A job nobody holds (a command made it: `batchd retry`) wakes the daemons to claim it.
-        wake = None if hold else Signal.JOBS
-        return self._insert({**values, "state": JobState.RECEIVED.value, **(hold or {})}, (), wake=wake)
+        wake = None if new.hold else Signal.JOBS
+        return self._insert(_received(new), (), wake=wake)
+
+    def insert_many(self, news: Sequence[NewJob]) -> list[Job]:
+        """New jobs as `insert` makes them, all in one transaction (a burst of files: one commit,
+        not one per file); in the order given. Idempotent as `insert`: should one of them exist
+        already, each is inserted on its own."""
+        rows = [_received(new) for new in news]
+        if len({frozenset(row) for row in rows}) > 1:
+            return [self.insert(new) for new in news]  # held and unheld jobs mixed: not one statement
+        now = self._db.now()
+        ids = [row["id"] for row in rows]
+        try:
+            with self._db.write() as conn:
+                conn.execute(insert(jobs), [{"created_at": now, "updated_at": now, **row} for row in rows])
+                refresh_due(conn, ids, now)
+                if any(new.hold is None for new in news):
+                    bump(conn, Signal.JOBS)
+                found = {
+                    str(r.id): job_from_row(r._mapping) for r in conn.execute(select(jobs).where(jobs.c.id.in_(ids)))
+                }
+        except IntegrityError:
+            return [self.insert(new) for new in news]
+        return [found[job_id] for job_id in ids]
 
     def insert_rejected(self, rejected: RejectedJob, events: Sequence[NewEvent]) -> Job:
         """A rejected file, finished at once, and its `batch.rejected` event, in one transaction.
@@ -427,3 +446,11 @@ def next_check_values(check: NextCheck) -> dict[str, Any]:
 def db_values(values: Mapping[str, Any]) -> dict[str, Any]:
     """Enum members (job states, batch statuses) as the plain strings the columns hold."""
     return {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items()}
+
+
+def _received(new: NewJob) -> dict[str, Any]:
+    """The row of a new job in state `received`, held as `new.hold` says."""
+    values = asdict(new)
+    hold = values.pop("hold")
+    values["metadata"] = dict(new.metadata)
+    return {**values, "state": JobState.RECEIVED.value, **(hold or {})}

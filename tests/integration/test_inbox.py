@@ -26,7 +26,7 @@ import pytest
 from batchd.config import Settings, load_settings
 from batchd.inbox import Inbox, Kind, classify
 from batchd.models import Job, JobState
-from batchd.store import Store
+from batchd.store import NewJob, Store
 from batchd.watch import InboxWatcher
 from tests.databases import database_url
 
@@ -629,3 +629,56 @@ def test_the_uniqueness_check_spills_into_the_daemons_own_state_not_the_system_t
     assert spilled and all(p.is_relative_to(env.settings.state_dir / "work") for p in spilled)
     assert list(system_temp.iterdir()) == []
     assert not any(p.exists() for p in spilled), "the scratch file is removed after the check"
+
+
+def test_a_burst_is_taken_in_one_call_each_file_on_its_own_the_jobs_in_one_commit(env: Env) -> None:
+    for name in ("a.jsonl", "b.jsonl"):
+        env.drop(name, GOOD)
+    env.drop("bad.jsonl", request("a") + b"{oops\n")
+    paths = [env.inbox_dir / n for n in ("a.jsonl", "bad.jsonl", "gone.jsonl", "b.jsonl")]
+    jobs = env.inbox.take_many(paths)
+    by_source = {job.source: job for job in jobs}
+    assert sorted(by_source) == ["a.jsonl", "b.jsonl", "bad.jsonl"]  # the file gone meanwhile: nothing
+    assert by_source["bad.jsonl"].state is JobState.REJECTED  # rejected alone, the others go on
+    for name in ("a.jsonl", "b.jsonl"):
+        job = by_source[name]
+        assert job.state is JobState.RECEIVED and env.store.jobs.get(job.id) == job
+        assert Path(str(job.claimed_path)).read_bytes() == GOOD
+
+
+def test_a_burst_whose_commit_fails_leaves_every_claim_to_the_recovery(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def database_gone(*_args: Any, **_kw: Any) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    for name in ("a.jsonl", "b.jsonl"):
+        env.drop(name, GOOD)
+    monkeypatch.setattr(env.store.jobs, "insert_many", database_gone)
+    with pytest.raises(sqlite3.OperationalError):
+        env.inbox.take_many([env.inbox_dir / "a.jsonl", env.inbox_dir / "b.jsonl"])
+    monkeypatch.undo()
+    assert env.store.jobs.select() == [] and not (env.inbox_dir / "a.jsonl").exists()
+    # Nothing lost: the next recovery pass records both claims (this process's own, deferred).
+    recovered = env.inbox.recover_abandoned()
+    assert sorted(job.source for job in recovered) == ["a.jsonl", "b.jsonl"]
+    assert all(job.state is JobState.RECEIVED for job in recovered)
+
+
+def test_jobs_inserted_together_are_each_recorded_once(env: Env) -> None:
+    for name in ("a.jsonl", "b.jsonl"):
+        env.drop(name, GOOD)
+    first = env.inbox.take_many([env.inbox_dir / "a.jsonl"])
+    news = [replace_id(env, first[0]), replace_id(env, None)]
+    # One of them exists already (another daemon recorded the same claim first): each stands once.
+    again = env.store.jobs.insert_many(news)
+    assert [job.id for job in again] == [news[0].id, news[1].id]
+    assert again[0] == first[0]
+    assert len(env.store.jobs.select()) == 2
+
+
+def replace_id(env: Env, job: Job | None) -> NewJob:
+    """The NewJob of `job` as a second daemon would insert it again (or a fresh one)."""
+    if job is not None:
+        return NewJob(id=job.id, name=job.name, source=job.source, provider=job.provider)
+    return NewJob(id=uuid.uuid4().hex, name="c", source="c.jsonl", provider="local")

@@ -206,11 +206,13 @@ def test_recovery_reports_each_bad_claim_and_goes_on(env: Env, monkeypatch: pyte
 def test_a_take_that_fails_for_a_passing_reason_is_taken_again_by_the_next_pass(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def database_down(_new: NewJob) -> Any:
+    def database_down(_new: Any) -> Any:
         raise RuntimeError("the database is down")
 
     env.drop("x.jsonl", GOOD)
+    # A take records through insert_many (a lone file too); recovery through insert.
     monkeypatch.setattr(env.store.jobs, "insert", database_down)
+    monkeypatch.setattr(env.store.jobs, "insert_many", database_down)
     with pytest.raises(RuntimeError):
         env.inbox.take(env.inbox_dir / "x.jsonl")
     monkeypatch.undo()
