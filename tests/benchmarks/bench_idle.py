@@ -57,6 +57,7 @@ from sqlalchemy import insert
 from batchd.backoff import RetryPolicy
 from batchd.emulator.app import create_app
 from batchd.emulator.server import serve_emulator
+from batchd.providers.errors import ProviderError
 from batchd.providers.together import TogetherProvider
 from batchd.store import Store
 from batchd.store import schema as store_tables
@@ -200,9 +201,19 @@ async def create_batches(url: str, work: Path, count: int) -> tuple[str, Path, l
 
         async def one(i: int) -> None:
             async with limiter:
-                remote = await provider.create_batch(
-                    input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h", job_id=str(i)
-                )
+                for attempt in range(5):
+                    try:
+                        remote = await provider.create_batch(
+                            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
+                            job_id=str(i),
+                        )  # fmt: skip
+                        break
+                    except ProviderError:
+                        # A connection dropped under load: the setup only needs a batch per job (a
+                        # spare one the daemon never polls is harmless).
+                        if attempt == 4:
+                            raise
+                        await anyio.sleep(1)
                 at = remote.created_at.timestamp() if remote.created_at else time.time()
                 created.append((remote.id, at))
 
