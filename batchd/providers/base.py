@@ -7,6 +7,8 @@ errors.py and is re-exported here.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -48,8 +50,24 @@ class Provider(Protocol):
 
     async def get_batch(self, batch_id: str) -> RemoteBatch: ...
 
-    async def list_batches(self) -> list[RemoteBatch]:
-        """Every batch the account can see (all pages)."""
+    async def list_batches(
+        self, *, wanted: Collection[str] | None = None, since: datetime | None = None
+    ) -> list[RemoteBatch]:
+        """The account's batches; without arguments every one of them (all pages).
+
+        `wanted`: only the batches with these ids are returned, and only they are parsed
+        (an unwanted item the dialect cannot read does not fail the list). A wanted id
+        the provider does not show is simply missing from the answer.
+
+        `since`: batches created before this moment are not needed. Where the dialect
+        lists newest first in pages (OpenAI), paging stops at the first page that reaches
+        them; batches already read are still returned, so this bounds the work and never
+        filters. Callers subtract their own margin for clock skew (the daemon: CLOCK_SKEW_S).
+
+        OpenAI also stops paging once every wanted batch is found. Together answers one
+        array: the listing costs one call whatever the arguments; `wanted` still spares
+        the parsing.
+        """
         ...
 
     async def cancel_batch(self, batch_id: str) -> RemoteBatch: ...

@@ -8,8 +8,9 @@ so paths here start below it (`/files`, `/batches`).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from contextlib import aclosing
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -21,7 +22,15 @@ from batchd.models import RemoteBatch, RemoteFile
 from batchd.providers.errors import ProviderError
 from batchd.providers.http import HttpProvider
 from batchd.providers.transfer import MultipartUpload
-from batchd.providers.wire import batch_identity, body_json, error_from_response, optional_id, parse_time, remote_file
+from batchd.providers.wire import (
+    batch_identity,
+    body_json,
+    error_from_response,
+    is_wanted,
+    optional_id,
+    parse_time,
+    remote_file,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +111,19 @@ def parse_batch(obj: Mapping[str, Any]) -> RemoteBatch:
         metadata=_metadata(obj.get("metadata")),
         raw=dict(obj),
     )
+
+
+def created_before(obj: Mapping[str, Any], moment: float) -> bool:
+    """Whether a listed Batch was created before `moment` (unix seconds); False when it does not say.
+
+    Read straight from the raw object (unix seconds on the wire), so that a page's
+    unwanted batches are never parsed.
+    """
+    value = obj.get("created_at")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value < moment
+    created = parse_time(value)
+    return created is not None and created.timestamp() < moment
 
 
 def _batch_or_error(body: Any, what: str) -> RemoteBatch:
@@ -193,9 +215,20 @@ class OpenAIProvider(HttpProvider):
         log.info("provider.cancel", remote_batch_id=batch.id, status=batch.status.value)
         return batch
 
-    async def list_batches(self) -> list[RemoteBatch]:
-        """Every batch on the account, following the `after` cursor through every page (each page retried)."""
+    async def list_batches(
+        self, *, wanted: Collection[str] | None = None, since: datetime | None = None
+    ) -> list[RemoteBatch]:
+        """The account's batches, newest first, following the `after` cursor (each page retried).
+
+        Pages come newest first, so paging stops once every `wanted` batch is found, or
+        after the first page that reaches a batch created before `since`: every later page
+        holds only older ones. Without either, every page is read (the client's listing).
+        """
         what = "openai.list"
+        ids = frozenset(wanted) if wanted is not None else None
+        if ids is not None and not ids:
+            return []
+        oldest = since.timestamp() if since is not None else None
         batches: list[RemoteBatch] = []
         seen: set[str] = set()
         after: str | None = None
@@ -207,13 +240,24 @@ class OpenAIProvider(HttpProvider):
             data = body.get("data") if isinstance(body, Mapping) else None
             if not isinstance(data, list) or not all(isinstance(item, Mapping) for item in data):
                 raise ProviderError(f"{what}: expected a list object with a `data` array of Batch objects")
-            page = [parse_batch(item) for item in data]
-            batches.extend(batch for batch in page if batch.id not in seen)
-            seen.update(batch.id for batch in page)
-            if body.get("has_more") is not True or not page:
+            for item in data:
+                # The id is looked at first: an unwanted batch is never parsed.
+                if ids is not None and not is_wanted(item, ids):
+                    continue
+                batch = parse_batch(item)
+                if batch.id not in seen:
+                    seen.add(batch.id)
+                    batches.append(batch)
+            if ids is not None and ids <= seen:
+                return batches
+            if oldest is not None and any(created_before(item, oldest) for item in data):
+                return batches
+            if body.get("has_more") is not True or not data:
                 return batches
             last = body.get("last_id")
-            cursor = last if isinstance(last, str) and last else page[-1].id
+            cursor = last if isinstance(last, str) and last else data[-1].get("id")
+            if not isinstance(cursor, str) or not cursor:
+                raise ProviderError(f"{what}: a page with more to come names no cursor (no last_id, no id)")
             if cursor == after:
                 # A cursor that does not move would page forever.
                 raise ProviderError(f"{what}: the page after {after!r} ends at the same cursor")

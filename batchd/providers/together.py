@@ -7,8 +7,9 @@ The daemon reaches the embedded local backend through this same code.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from contextlib import aclosing
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -26,6 +27,7 @@ from batchd.providers.wire import (
     batch_identity,
     error_from_response,
     error_text,
+    is_wanted,
     json_or_none,
     optional_id,
     parse_time,
@@ -199,10 +201,21 @@ class TogetherProvider(HttpProvider):
         log.info("provider.cancel", remote_batch_id=batch.id, status=batch.status.value)
         return batch
 
-    async def list_batches(self) -> list[RemoteBatch]:
-        """Every batch on the account: Together answers one bare array, no pagination (retried)."""
+    async def list_batches(
+        self, *, wanted: Collection[str] | None = None, since: datetime | None = None
+    ) -> list[RemoteBatch]:
+        """The account's batches: Together answers one bare array, no pagination (retried).
+
+        One call whatever is asked, so `since` has nothing to bound. With `wanted`, only
+        those items are parsed and returned (an unwanted item that cannot be read is skipped).
+        """
         what = "together.list"
+        if wanted is not None and not wanted:
+            return []
         body = await self._get_json("GET", "/v1/batches", what)
         if not isinstance(body, list) or not all(isinstance(item, Mapping) for item in body):
             raise ProviderError(f"{what}: expected a JSON array of BatchJob objects")
-        return [parse_batch_job(item) for item in body]
+        if wanted is None:
+            return [parse_batch_job(item) for item in body]
+        ids = frozenset(wanted)
+        return [parse_batch_job(item) for item in body if is_wanted(item, ids)]

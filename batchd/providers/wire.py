@@ -79,6 +79,12 @@ def batch_identity(obj: Mapping[str, Any], noun: str) -> tuple[str, RemoteStatus
         raise ProviderError(f"{noun} {batch_id}: unknown status {status!r}") from exc
 
 
+def is_wanted(obj: Mapping[str, Any], ids: frozenset[str]) -> bool:
+    """Whether a listed batch object is one of `ids`: a look at its raw `id` only, before any parsing."""
+    batch_id = obj.get("id")
+    return isinstance(batch_id, str) and batch_id in ids
+
+
 def optional_id(value: Any) -> str | None:
     """A file id from the wire; an empty string (OpenAI) or null means "no file"."""
     return value if isinstance(value, str) and value else None

@@ -380,6 +380,81 @@ async def test_list_cursor_that_does_not_move_is_an_error(provider: OpenAIProvid
     assert len(fake.requests) == 2
 
 
+def dated_page(items: list[tuple[str, int]], *, has_more: bool) -> dict[str, Any]:
+    """A page of batches given as (id, created_at), newest first as OpenAI lists them."""
+    data = [batch(id=i, created_at=t) for i, t in items]
+    return {"object": "list", "data": data, "first_id": data[0]["id"], "last_id": data[-1]["id"], "has_more": has_more}
+
+
+async def test_list_of_wanted_batches_stops_once_all_are_found(provider: OpenAIProvider, fake: FakeApi) -> None:
+    fake.on(
+        "GET",
+        "/v1/batches",
+        answer(200, json=dated_page([("b9", T0 + 9), ("b8", T0 + 8)], has_more=True)),
+        answer(200, json=dated_page([("b7", T0 + 7), ("b6", T0 + 6)], has_more=True)),
+        answer(200, json=dated_page([("b5", T0 + 5), ("b4", T0 + 4)], has_more=True)),
+    )
+    batches = await provider.list_batches(wanted=["b8", "b7"])
+    assert [b.id for b in batches] == ["b8", "b7"]
+    assert [r.url.params.get("after") for r in fake.requests] == [None, "b8"]
+
+
+def three_dated_pages(fake: FakeApi) -> None:
+    fake.script.clear()
+    fake.on(
+        "GET",
+        "/v1/batches",
+        answer(200, json=dated_page([("b9", T0 + 9), ("b8", T0 + 8)], has_more=True)),
+        answer(200, json=dated_page([("b7", T0 + 7), ("b4", T0 + 4)], has_more=True)),
+        answer(200, json=dated_page([("b3", T0 + 3), ("b2", T0 + 2)], has_more=False)),
+    )
+
+
+async def test_list_stops_at_the_page_that_reaches_since(provider: OpenAIProvider, fake: FakeApi) -> None:
+    since = datetime.fromtimestamp(T0 + 5, UTC)
+    three_dated_pages(fake)
+    # b2 is wanted but older than `since`: not searched for beyond the page that reached it.
+    batches = await provider.list_batches(wanted=["b9", "b2"], since=since)
+    assert [b.id for b in batches] == ["b9"]
+    assert len(fake.requests) == 2
+    # Without `wanted` (reconciliation), the same bound; what was read is returned, not filtered.
+    three_dated_pages(fake)
+    assert [b.id for b in await provider.list_batches(since=since)] == ["b9", "b8", "b7", "b4"]
+    assert len(fake.requests) == 4
+
+
+async def test_list_without_arguments_still_reads_every_page(provider: OpenAIProvider, fake: FakeApi) -> None:
+    fake.on(
+        "GET",
+        "/v1/batches",
+        answer(200, json=dated_page([("b2", T0 + 2)], has_more=True)),
+        answer(200, json=dated_page([("b1", T0 + 1)], has_more=False)),
+    )
+    assert [b.id for b in await provider.list_batches()] == ["b2", "b1"]
+    assert len(fake.requests) == 2
+
+
+async def test_list_parses_only_wanted_items(provider: OpenAIProvider, fake: FakeApi) -> None:
+    broken = [batch(id="odd", status="sleeping"), batch(id=None), batch(id=["x"]), {"object": "batch"}]
+    body = {"object": "list", "data": [*broken, batch(id="b1")], "has_more": False}
+    fake.on("GET", "/v1/batches", answer(200, json=body))
+    assert [b.id for b in await provider.list_batches(wanted={"b1", "b0"})] == ["b1"]
+    # Asked for everything, the same page is malformed.
+    with pytest.raises(ProviderError, match="unknown status"):
+        await provider.list_batches()
+
+
+async def test_list_of_no_wanted_batch_asks_nothing(provider: OpenAIProvider, fake: FakeApi) -> None:
+    assert await provider.list_batches(wanted=set()) == []
+    assert fake.requests == []
+
+
+async def test_list_page_without_any_cursor_is_an_error(provider: OpenAIProvider, fake: FakeApi) -> None:
+    fake.on("GET", "/v1/batches", answer(200, json={"object": "list", "data": [{"id": 7}], "has_more": True}))
+    with pytest.raises(ProviderError, match="no cursor"):
+        await provider.list_batches(wanted={"b1"})
+
+
 @pytest.mark.parametrize("body", [[batch()], {"object": "list"}, {"data": ["x"]}])
 async def test_list_malformed(provider: OpenAIProvider, fake: FakeApi, body: Any) -> None:
     fake.on("GET", "/v1/batches", answer(200, json=body))

@@ -364,6 +364,20 @@ async def test_list_bare_array(provider: TogetherProvider, fake: FakeApi) -> Non
     ]
 
 
+async def test_list_parses_only_wanted_items(provider: TogetherProvider, fake: FakeApi) -> None:
+    listed = [job(id="odd", status="SLEEPING"), job(id=None), job(id="b-1"), job(id="b-2")]
+    fake.on("GET", "/v1/batches", answer(200, json=listed))
+    since = datetime(2020, 1, 1, tzinfo=UTC)
+    batches = await provider.list_batches(wanted=["b-2", "b-9"], since=since)
+    assert [b.id for b in batches] == ["b-2"]
+    # One array, no pages: one call whatever is asked.
+    assert len(fake.requests) == 1
+    with pytest.raises(ProviderError, match="unknown status"):
+        await provider.list_batches()
+    assert await provider.list_batches(wanted=()) == []
+    assert len(fake.requests) == 2
+
+
 async def test_list_not_an_array(provider: TogetherProvider, fake: FakeApi) -> None:
     fake.on("GET", "/v1/batches", answer(200, json={"data": []}))
     with pytest.raises(ProviderError, match="array"):
