@@ -16,6 +16,10 @@ from batchd.models import BatchStatus, Job, JobState, RemoteBatchRecord, RemoteS
 
 #: When at least this many jobs are in flight, one list call serves them all instead of a get each.
 SWEEP_MIN_JOBS = 3
+#: A remote batch's `created_at` (the provider's clock) may lie up to this much before what
+#: batchd's clock says about it: the two are not the same clock. Reconciliation adopts batches
+#: created this much before the recorded intent, and a sweep's listing reaches this far back.
+CLOCK_SKEW_S = 60.0
 
 #: Each poll without news stretches the interval by this factor (up to the maximum).
 POLL_GROWTH = 1.5

@@ -3,12 +3,18 @@
 With enough jobs in flight one list call (a sweep) serves them all, and a get is made only
 for a due job's batch the list missed; otherwise each due job's live batches are asked one
 by one. Answers that change nothing are written many per transaction.
+
+A sweep names the batches it wants and how far back they go (`RemoteBatchStore.earliest_held`
+less `lifecycle.CLOCK_SKEW_S`), so its cost follows the batches in flight, not the account's
+history: OpenAI's newest-first pages stop once every wanted batch is seen or older batches
+begin, and only wanted items are parsed.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import structlog
 
@@ -55,11 +61,15 @@ class Poller:
         started = time.monotonic()
         try:
             wanted = await db(store.batches.remote_ids_held, owner, hold)
+            earliest = await db(store.batches.earliest_held, owner, hold)
+            since = datetime.fromtimestamp(earliest - lifecycle.CLOCK_SKEW_S, UTC) if earliest is not None else None
             listed: dict[str, RemoteBatch] | ProviderError
             try:
-                # Only the taken batches, and without their wire objects: an account's list holds
-                # every batch it ever ran, and this sweep may hold 100,000 of them.
-                listed = {r.id: replace(r, raw={}) for r in await self._ctx.provider.list_batches() if r.id in wanted}
+                # Only the taken batches, no further back than they go, and without their wire
+                # objects: an account's list holds every batch it ever ran, and this sweep may
+                # hold 100,000 of them.
+                remotes = await self._ctx.provider.list_batches(wanted=wanted, since=since)
+                listed = {r.id: replace(r, raw={}) for r in remotes}
             except ProviderError as exc:
                 listed = exc
             del wanted

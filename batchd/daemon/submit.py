@@ -27,9 +27,6 @@ from batchd.store import ShardPlan, StaleState
 
 log = structlog.get_logger("batchd.daemon")
 
-#: A remote batch adopted during reconciliation may carry a created_at up to this much
-#: before our recorded intent: the provider's clock and ours are not the same clock.
-CLOCK_SKEW_S = 60.0
 #: Shards of one job uploaded and created at once.
 SHARDS_AT_ONCE = 4
 
@@ -157,10 +154,14 @@ class Submitter:
         await self._bind(job, batch, remote, how="created")
 
     async def _reconcile(self, job: Job, batch: RemoteBatchRecord) -> bool:
-        """Adopt a remote batch an earlier, interrupted create made; True if one was found."""
-        remotes = await self._ctx.provider.list_batches()
+        """Adopt a remote batch an earlier, interrupted create made; True if one was found.
+
+        A batch created before the intent (less the clock skew) is never adopted, so the listing
+        need not reach further back: OpenAI's newest-first pages stop there.
+        """
+        earliest = batch.intent_at - lifecycle.CLOCK_SKEW_S
+        remotes = await self._ctx.provider.list_batches(since=datetime.fromtimestamp(earliest, UTC))
         bound = await db(self._ctx.store.batches.bound_ids)
-        earliest = batch.intent_at - CLOCK_SKEW_S
         candidates = [
             r for r in remotes
             if r.input_file_id == batch.input_file_id

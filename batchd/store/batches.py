@@ -12,7 +12,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Table, Update, bindparam, select, update
+from sqlalchemy import ColumnElement, Connection, Table, Update, bindparam, func, select, update
 
 from batchd.models import BatchStatus, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.store.database import Database, StaleState, fenced, guard
@@ -68,6 +68,25 @@ class RemoteBatchStore:
         )
         with self._db.read() as conn:
             return {str(r[0]) for r in conn.execute(query)}
+
+    def earliest_held(self, owner: str, hold: float) -> float | None:
+        """When the earliest of the batches `remote_ids_held` names began (unix seconds), as far
+        back as a sweep's listing must reach: its creation as the provider reported it (the clock
+        its list shows), else batchd's intent to create it, which came first. None for none."""
+        start = func.coalesce(remote_batches.c.remote_created_at, remote_batches.c.intent_at)
+        query = (
+            select(func.min(start))
+            .join(jobs, jobs.c.id == remote_batches.c.job_id)
+            .where(
+                jobs.c.owner == owner,
+                jobs.c.due_at == hold,
+                remote_batches.c.round == jobs.c.round,
+                remote_batches.c.remote_id.is_not(None),
+            )
+        )
+        with self._db.read() as conn:
+            earliest = conn.execute(query).scalar()
+        return float(earliest) if earliest is not None else None
 
     def bound_ids(self) -> set[str]:
         """Remote batch ids already owned by some job (never adopted twice)."""

@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import AsyncIterator, Callable, Generator, Iterable
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import anyio
 import httpx
 
 from batchd.emulator import create_app, serve_emulator
+from batchd.emulator.state import BatchStatus, EmulatorState, StoredBatch, _batch_to_json
 from batchd.models import BatchEndpoint
 
 CHAT = BatchEndpoint.CHAT_COMPLETIONS
@@ -85,6 +87,46 @@ async def http_emulator(data_dir: Path, **options: Any) -> AsyncIterator[httpx.A
         httpx.AsyncClient(base_url=base_url, auth=BearerAuth("test-key")) as client,
     ):
         yield client
+
+
+def seed_history(
+    data_dir: Path,
+    count: int,
+    *,
+    newest: datetime,
+    spacing: timedelta = timedelta(minutes=1),
+    dialect: str = "openai",
+    input_file_id: str = "file-history",
+) -> list[str]:
+    """An account's history: `count` completed batches written straight into an emulator's data
+    dir before it starts (it reads every record at start), the newest created at `newest` and each
+    one `spacing` before the next. Returns their ids, newest first.
+
+    Creating them over HTTP would write (and fsync) each record: minutes for 20,000.
+    """
+    batches_dir = EmulatorState(data_dir).batches_dir
+    batches_dir.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for seq in range(1, count + 1):
+        created = newest - spacing * (count - seq)
+        batch = StoredBatch(
+            id=EmulatorState.new_batch_id(dialect),
+            seq=seq,
+            dialect=dialect,
+            input_file_id=input_file_id,
+            endpoint=CHAT,
+            completion_window="24h",
+            created_at=created,
+            deadline=created + timedelta(hours=24),
+            file_size_bytes=100,
+            status=BatchStatus.COMPLETED,
+            total=1,
+            completed=1,
+            finished_at=created + timedelta(seconds=30),
+        )
+        (batches_dir / f"{batch.id}.json").write_text(json.dumps(_batch_to_json(batch)), encoding="utf-8")
+        ids.append(batch.id)
+    return ids[::-1]
 
 
 async def upload(client: httpx.AsyncClient, data: bytes, name: str = "batch.jsonl") -> str:

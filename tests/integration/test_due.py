@@ -4,6 +4,8 @@ cycle says, and the scheduler's reads (`due`, `next_due`, `count_in_flight`) ans
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,23 @@ def test_a_sweep_takes_its_jobs_out_of_the_due_reads_until_it_writes_or_releases
     assert store.jobs.release_held("d", hold) == 1
     assert due_at(store, ids[0]) == 1500.0 and due_at(store, ids[2]) == 1020.0
     assert store.jobs.held("d", hold, after="", limit=10) == []
+
+
+def test_a_sweep_knows_how_far_back_the_batches_it_took_go(store: Store, clock: Clock) -> None:
+    # (job, the provider's created_at or None, batchd's intent)
+    made = [("a" * 32, 700.0, 800.0), ("b" * 32, None, 750.0), ("c" * 32, None, 100.0)]
+    for job_id, created, intent in made:
+        add_job(store, job_id, job_id[0])
+        (row,) = store.batches.plan_round(job_id, expect=JobState.RECEIVED, round_=0, shards=[SHARD])
+        row = store.batches.record_upload(row.id, file_id="file-1", intent_at=intent)
+        at = datetime.fromtimestamp(created, UTC) if created is not None else None
+        store.batches.bind(row.id, replace(remote(RemoteStatus.VALIDATING), id=f"b-{job_id[0]}", created_at=at))
+        store.jobs.record_answer(job_id, expect=JobState.UPLOADING, check=NextCheck(JobState.VALIDATING, 5.0, 1001.0))
+    store.cluster.claim("d", 30.0, limit=10)
+    hold = 1061.0
+    assert store.batches.earliest_held("d", hold) is None  # nothing taken yet
+    # c is busy: left out, and so is its old intent.
+    assert store.jobs.take_for_sweep("d", 1025.0, hold, skip={"c" * 32}) == 2
+    assert store.batches.remote_ids_held("d", hold) == {"b-a", "b-b"}
+    # a counts from the provider's creation (700, not its intent at 800); b, never dated, from its intent.
+    assert store.batches.earliest_held("d", hold) == 700.0
