@@ -7,7 +7,10 @@ by one. Answers that change nothing are written many per transaction.
 A sweep names the batches it wants and how far back they go (`RemoteBatchStore.earliest_held`
 less `lifecycle.CLOCK_SKEW_S`), so its cost follows the batches in flight, not the account's
 history: OpenAI's newest-first pages stop once every wanted batch is seen or older batches
-begin, and only wanted items are parsed.
+begin, and only wanted items are parsed. Single gets go one after another within a round or
+sweep, and at most GETS_AT_ONCE at once across the rounds, the sweep and the cancels of the
+daemon (one provider per daemon): the gets of a sweep's misses, or of jobs polled one by one,
+never come as a burst.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from dataclasses import replace
 from datetime import UTC, datetime
 
+import anyio
 import structlog
 
 from batchd import lifecycle, metrics
@@ -33,6 +37,9 @@ log = structlog.get_logger("batchd.daemon")
 QUIET_WRITES_PER_TRANSACTION = 500
 #: A sweep reads the jobs it polls this many at a time.
 SWEEP_PAGE = 1000
+#: Single gets (`get_batch`) in flight at once, whatever the rounds running: a provider that
+#: advises polling each batch no faster than every 30 s would throttle a burst.
+GETS_AT_ONCE = 4
 
 
 class Poller:
@@ -40,6 +47,7 @@ class Poller:
 
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
+        self._gets = anyio.CapacityLimiter(GETS_AT_ONCE)
 
     async def round(self, polls: list[tuple[Job, Action]], now: float) -> None:
         """Poll due jobs one get per live batch (too few jobs in flight for a list sweep)."""
@@ -132,9 +140,14 @@ class Poller:
             if remote is None:
                 if not due:
                     continue
-                remote = await self._ctx.provider.get_batch(row.remote_id)
+                remote = await self._get(row.remote_id)
             answers.append((row, remote))
         return answers
+
+    async def _get(self, remote_id: str) -> RemoteBatch:
+        """One batch asked on its own, within the daemon's bound on gets at once."""
+        async with self._gets:
+            return await self._ctx.provider.get_batch(remote_id)
 
     def _poll_writes(
         self, job: Job, answers: list[tuple[RemoteBatchRecord, RemoteBatch]]
@@ -168,7 +181,7 @@ class Poller:
                     raise
                 # Already finished remotely: nothing to cancel; its status says how it ended.
                 log.warning("job.cancel_refused", job_id=job.id, remote_batch_id=row.remote_id, error=exc.message)
-                remote = await self._ctx.provider.get_batch(row.remote_id)
+                remote = await self._get(row.remote_id)
             answers.append((row, remote))
         _changed, writes = self._poll_writes(job, answers)
         await db(self._ctx.store.batches.record_polls, writes)
