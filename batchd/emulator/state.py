@@ -229,6 +229,9 @@ class EmulatorState:
         self.tmp_dir = data_dir / "tmp"
         self._files: dict[str, StoredFile] = {}
         self._batches: dict[str, StoredBatch] = {}
+        #: batch ids newest first, kept until a batch is added (creation times never change): a
+        #: list call pages through a long history without sorting all of it for every page
+        self._newest_first: list[str] | None = None
         self._seq = 0
         self._secret = b""
         # One lock per record path so that concurrent saves land in order.
@@ -331,7 +334,10 @@ class EmulatorState:
 
     def batches(self) -> list[StoredBatch]:
         """Every batch, newest first."""
-        return sorted(self._batches.values(), key=lambda b: (b.created_at, b.seq), reverse=True)
+        if self._newest_first is None:
+            ordered = sorted(self._batches.values(), key=lambda b: (b.created_at, b.seq), reverse=True)
+            self._newest_first = [b.id for b in ordered]
+        return [self._batches[batch_id] for batch_id in self._newest_first]
 
     def unfinished_batches(self) -> list[StoredBatch]:
         """Batches a restart must pick up again, oldest first."""
@@ -342,6 +348,8 @@ class EmulatorState:
 
     async def save_batch(self, batch: StoredBatch) -> None:
         """Record a new or changed batch durably."""
+        if batch.id not in self._batches:
+            self._newest_first = None
         self._batches[batch.id] = batch
         await self._write_json(self.batches_dir / f"{batch.id}.json", lambda: _batch_to_json(batch))
 
