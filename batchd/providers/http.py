@@ -25,7 +25,14 @@ from batchd.models import PROVIDER_LIMITS, Limits
 from batchd.providers.errors import ProviderError
 from batchd.providers.retry import with_retries
 from batchd.providers.transfer import receive_download
-from batchd.providers.wire import body_json, create_refusal, error_from_response, json_or_none, transport_error
+from batchd.providers.wire import (
+    ArrayItems,
+    body_json,
+    create_refusal,
+    error_from_response,
+    json_or_none,
+    transport_error,
+)
 
 T = TypeVar("T")
 
@@ -124,6 +131,36 @@ class HttpProvider:
             raise transport_error(exc, what) from exc
         metrics.api_call(what, response.status_code, time.monotonic() - started)
         return response
+
+    async def _get_array_items(
+        self, path: str, what: str, keep: Callable[[Mapping[str, Any]], bool]
+    ) -> list[Mapping[str, Any]]:
+        """GET a 200 answer whose body is one JSON array of objects, retried; the objects `keep`
+        says yes to. The body is parsed as it streams in (ijson), so an account's list of
+        100,000 batches is never in memory whole, as bytes or as objects; only what is kept is."""
+
+        async def once() -> list[Mapping[str, Any]]:
+            started = time.monotonic()
+            kept: list[Mapping[str, Any]] = []
+            try:
+                if chaos.strikes("provider", what):
+                    raise httpx.ConnectError("connection refused (injected)")
+                async with self._http.stream("GET", self._url(path), headers=self._auth()) as response:
+                    if response.status_code != 200:
+                        await response.aread()
+                        metrics.api_call(what, response.status_code, time.monotonic() - started)
+                        raise error_from_response(response, what)
+                    array = ArrayItems(what)
+                    async for chunk in response.aiter_bytes():
+                        kept.extend(item for item in array.feed(chunk) if keep(item))
+                    kept.extend(item for item in array.close() if keep(item))
+            except httpx.TransportError as exc:
+                metrics.api_call(what, None, time.monotonic() - started)
+                raise transport_error(exc, what) from exc
+            metrics.api_call(what, 200, time.monotonic() - started)
+            return kept
+
+        return await self._retried(once, what)
 
     async def _retried(self, call: Callable[[], Awaitable[T]], what: str) -> T:
         return await with_retries(call, policy=self._retry, what=what, sleep=self._sleep)

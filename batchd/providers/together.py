@@ -212,10 +212,10 @@ class TogetherProvider(HttpProvider):
         what = "together.list"
         if wanted is not None and not wanted:
             return []
-        body = await self._get_json("GET", "/v1/batches", what)
-        if not isinstance(body, list) or not all(isinstance(item, Mapping) for item in body):
-            raise ProviderError(f"{what}: expected a JSON array of BatchJob objects")
-        if wanted is None:
-            return [parse_batch_job(item) for item in body]
-        ids = frozenset(wanted)
-        return [parse_batch_job(item) for item in body if is_wanted(item, ids)]
+        ids = frozenset(wanted) if wanted is not None else None
+
+        def keep(item: Mapping[str, Any]) -> bool:
+            return ids is None or is_wanted(item, ids)
+
+        # Streamed: the whole account's array is never in memory at once, only the wanted items.
+        return [parse_batch_job(item) for item in await self._get_array_items("/v1/batches", what, keep)]

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import ijson
 import orjson
 
 from batchd.backoff import is_retryable_status, retry_after_s
@@ -173,3 +174,49 @@ def remote_file(obj: Any, *, fallback_id: str, filename: str, size: int, purpose
         created_at=parse_time(raw.get("created_at")),
         raw=dict(raw),
     )
+
+
+class ArrayItems:
+    """The objects of a JSON array body, parsed as its bytes arrive (ijson's push parser).
+
+    `feed` each chunk and take the objects completed so far; `close` at the end. A body that
+    is not one array of objects, or not JSON, is a ProviderError naming `what`.
+    """
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._done: list[Any] = ijson.sendable_list()
+        # Floats as floats (not Decimal): the wire parsers compare them with plain numbers.
+        self._parser = ijson.items_coro(self._done, "item", use_float=True)
+        self._started = False
+
+    def feed(self, chunk: bytes) -> list[Mapping[str, Any]]:
+        if not self._started:
+            head = chunk.lstrip()
+            if not head:
+                return []
+            if not head.startswith(b"["):
+                raise ProviderError(f"{self._what}: expected a JSON array")
+            self._started = True
+        try:
+            self._parser.send(chunk)
+        except ijson.JSONError as exc:
+            raise ProviderError(f"{self._what}: a body that is not JSON ({exc})") from exc
+        return self._take()
+
+    def close(self) -> list[Mapping[str, Any]]:
+        if not self._started:
+            raise ProviderError(f"{self._what}: expected a JSON array, got an empty body")
+        try:
+            self._parser.close()
+        except ijson.JSONError as exc:
+            raise ProviderError(f"{self._what}: a body that is not JSON ({exc})") from exc
+        return self._take()
+
+    def _take(self) -> list[Mapping[str, Any]]:
+        items = list(self._done)
+        del self._done[:]
+        for item in items:
+            if not isinstance(item, Mapping):
+                raise ProviderError(f"{self._what}: expected a JSON array of objects")
+        return items

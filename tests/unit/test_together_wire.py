@@ -17,7 +17,7 @@ from batchd.backoff import RetryPolicy
 from batchd.models import PROVIDER_LIMITS, RemoteStatus
 from batchd.providers.base import Provider, ProviderError
 from batchd.providers.together import TogetherProvider, normalise_base_url, parse_batch_job
-from batchd.providers.wire import parse_error_message
+from batchd.providers.wire import ArrayItems, parse_error_message
 from tests.unit.fake_http import (
     BrokenStream,
     FakeApi,
@@ -657,3 +657,59 @@ async def test_download_streams_to_disk(provider: TogetherProvider, fake: FakeAp
         tracemalloc.stop()
     assert dest.stat().st_size == BIG
     assert peak < BIG // 4
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"", "empty body"),
+        (b"  [1, 2]", "array of objects"),
+        (b'[{"id": "b-1"}, {"id": ', "not JSON"),
+        (b"[{oops}]", "not JSON"),
+        (b'{"id": "b-1"}', "expected a JSON array"),
+    ],
+)
+async def test_list_bodies_that_are_not_an_array_of_objects(
+    provider: TogetherProvider, fake: FakeApi, body: bytes, message: str
+) -> None:
+    fake.on("GET", "/v1/batches", answer(200, content=body))
+    with pytest.raises(ProviderError, match=message):
+        await provider.list_batches()
+
+
+def test_array_items_come_out_whole_whatever_the_chunks() -> None:
+    listed = [job(id=f"b-{i}", progress=0.5 * i) for i in range(50)]
+    body = json.dumps(listed).encode()
+    for size in (1, 7, 4096):
+        array = ArrayItems("together.list")
+        items = []
+        for start in range(0, len(body), size):
+            items.extend(array.feed(body[start : start + size]))
+        items.extend(array.close())
+        assert items == listed  # floats as floats, every object once, in order
+
+
+async def test_a_long_account_list_is_never_in_memory_whole(provider: TogetherProvider, fake: FakeApi) -> None:
+    # 20,000 batches (about 10 MB of JSON) for a sweep that wants two of them.
+    chunk = b"".join(b"," + json.dumps(job(id=f"old-{i}")).encode() for i in range(1000))
+
+    def stream(request: httpx.Request) -> httpx.Response:
+        async def parts() -> AsyncIterator[bytes]:
+            yield b"[" + json.dumps(job(id="b-1")).encode()
+            for _ in range(20):
+                yield chunk
+            yield b"," + json.dumps(job(id="b-2")).encode() + b"]"
+
+        return httpx.Response(200, content=parts())
+
+    fake.on("GET", "/v1/batches", stream)
+    tracemalloc.start()
+    try:
+        batches = await provider.list_batches(wanted=["b-1", "b-2"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [b.id for b in batches] == ["b-1", "b-2"]
+    # The objects of a chunk or two at a time: less than half of the body's bytes, let alone the
+    # objects of the whole array (reading the body whole peaks at several times its size).
+    assert peak < 20 * len(chunk) / 2
