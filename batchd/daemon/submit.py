@@ -118,9 +118,11 @@ class Submitter:
                 await self._refuse(job, row, f"upload refused: {exc.message}")
                 return
             crashpoint("after_upload_answer")
-            # The file id and the intent to create, committed before the create call.
+            # The file id, the intent to create and its first attempt, committed before the create call.
             row = await db(self._ctx.store.batches.record_upload, row.id, file_id=file_id, intent_at=self._ctx.clock())
             log.info("job.uploaded", job_id=job.id, shard=row.shard, round=row.round, file_id=file_id)
+            await self._send_create(job, row)
+            return
         await self._create(job, row, reconcile_first=row.create_attempts > 0)
 
     async def _refuse(self, job: Job, row: RemoteBatchRecord, reason: str) -> None:
@@ -131,10 +133,13 @@ class Submitter:
     async def _create(self, job: Job, batch: RemoteBatchRecord, *, reconcile_first: bool) -> None:
         if reconcile_first and await self._reconcile(job, batch):
             return
-        assert job.endpoint and job.completion_window
         # Commit the attempt before sending: after a crash, the next try lists before creating.
         # The compare-and-set makes a second, racing create step fail here, before the network.
-        batch = await db(self._ctx.store.batches.count_create, batch)
+        await self._send_create(job, await db(self._ctx.store.batches.count_create, batch))
+
+    async def _send_create(self, job: Job, batch: RemoteBatchRecord) -> None:
+        """Create the batch; its attempt is counted already (see `_create`)."""
+        assert job.endpoint and job.completion_window
         try:
             remote = await self._ctx.provider.create_batch(
                 input_file_id=batch.input_file_id,

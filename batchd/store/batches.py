@@ -145,9 +145,16 @@ class RemoteBatchStore:
         return self._set(record.id, {"status": record.status}, {"status": BatchStatus.REFUSED, "error": reason})
 
     def record_upload(self, record_id: int, *, file_id: str, intent_at: float) -> RemoteBatchRecord:
-        """The input file is uploaded, and the intent to create the batch is committed with it."""
-        values = {"input_file_id": file_id, "status": BatchStatus.CREATING, "intent_at": intent_at}
-        return self._set(record_id, {"status": BatchStatus.PENDING}, values)
+        """The input file is uploaded, and the intent to create the batch is committed with it,
+        its first create attempt counted (as `count_create` would: the create call comes next).
+        One commit, not two, for every batch submitted."""
+        values = {
+            "input_file_id": file_id,
+            "status": BatchStatus.CREATING,
+            "intent_at": intent_at,
+            "create_attempts": 1,
+        }
+        return self._set(record_id, {"status": BatchStatus.PENDING, "create_attempts": 0}, values)
 
     def count_create(self, record: RemoteBatchRecord) -> RemoteBatchRecord:
         """A create is about to be sent: counted first, so that after a crash the next try lists

@@ -152,6 +152,8 @@ def test_a_round_is_planned_once_then_uploaded_and_bound(store: Store) -> None:
         store.batches.plan_round("a" * 32, expect=JobState.RECEIVED, round_=0, shards=[SHARD])
     assert len(store.batches.of_job("a" * 32)) == 1
     record = store.batches.record_upload(record.id, file_id="file-1", intent_at=1000.0)
+    # The intent and the first create attempt in one commit: after a crash, the next try lists first.
+    assert (record.status, record.create_attempts, record.intent_at) == (BatchStatus.CREATING, 1, 1000.0)
     with pytest.raises(StaleState):
         store.batches.record_upload(record.id, file_id="file-2", intent_at=1000.0)
     bound = store.batches.bind(record.id, remote("b1", RemoteStatus.VALIDATING))
