@@ -76,8 +76,7 @@ class Poller:
                 # Only the taken batches, no further back than they go, and without their wire
                 # objects: an account's list holds every batch it ever ran, and this sweep may
                 # hold 100,000 of them.
-                remotes = await self._ctx.provider.list_batches(wanted=wanted, since=since)
-                listed = {r.id: replace(r, raw={}) for r in remotes}
+                listed = {r.id: r for r in await self._ctx.provider.list_batches(wanted=wanted, since=since)}
             except ProviderError as exc:
                 listed = exc
             del wanted

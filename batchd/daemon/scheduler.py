@@ -49,7 +49,9 @@ DUE_PAGE = 1000
 SWEEP_AHEAD_SHARE = 0.5
 #: The jobs a sweep takes are out of the due reads until it writes them, or for this long at the
 #: most (a sweep that died with its daemon: its jobs are polled that much late, never forgotten).
-SWEEP_HOLD_S = 60.0
+#: Longer than a sweep lasts (100,000 jobs in flight: about two minutes on a busy 2-core machine),
+#: or the ticks would read the jobs it still holds again and again.
+SWEEP_HOLD_S = 600.0
 
 
 def sweep_ahead_s(policy: PollPolicy) -> float:

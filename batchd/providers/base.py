@@ -56,8 +56,9 @@ class Provider(Protocol):
         """The account's batches; without arguments every one of them (all pages).
 
         `wanted`: only the batches with these ids are returned, and only they are parsed
-        (an unwanted item the dialect cannot read does not fail the list). A wanted id
-        the provider does not show is simply missing from the answer.
+        (an unwanted item the dialect cannot read does not fail the list), without their
+        wire objects (`raw` empty: a sweep may want 100,000 of them). A wanted id the
+        provider does not show is simply missing from the answer.
 
         `since`: batches created before this moment are not needed. Where the dialect
         lists newest first in pages (OpenAI), paging stops at the first page that reaches

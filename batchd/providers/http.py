@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -133,15 +133,19 @@ class HttpProvider:
         return response
 
     async def _get_array_items(
-        self, path: str, what: str, keep: Callable[[Mapping[str, Any]], bool]
-    ) -> list[Mapping[str, Any]]:
-        """GET a 200 answer whose body is one JSON array of objects, retried; the objects `keep`
-        says yes to. The body is parsed as it streams in (ijson), so an account's list of
-        100,000 batches is never in memory whole, as bytes or as objects; only what is kept is."""
+        self, path: str, what: str, take: Callable[[Mapping[str, Any]], T | None]
+    ) -> list[T]:
+        """GET a 200 answer whose body is one JSON array of objects, retried; what `take` makes
+        of each object (None: left out), made as each arrives. The body is parsed as it streams
+        in (ijson), so an account's list of 100,000 batches is never in memory whole, as bytes
+        or as objects; only what is taken is."""
 
-        async def once() -> list[Mapping[str, Any]]:
+        def taken(items: list[Mapping[str, Any]]) -> Iterator[T]:
+            return (made for made in map(take, items) if made is not None)
+
+        async def once() -> list[T]:
             started = time.monotonic()
-            kept: list[Mapping[str, Any]] = []
+            kept: list[T] = []
             try:
                 if chaos.strikes("provider", what):
                     raise httpx.ConnectError("connection refused (injected)")
@@ -152,8 +156,8 @@ class HttpProvider:
                         raise error_from_response(response, what)
                     array = ArrayItems(what)
                     async for chunk in response.aiter_bytes():
-                        kept.extend(item for item in array.feed(chunk) if keep(item))
-                    kept.extend(item for item in array.close() if keep(item))
+                        kept.extend(taken(array.feed(chunk)))
+                    kept.extend(taken(array.close()))
             except httpx.TransportError as exc:
                 metrics.api_call(what, None, time.monotonic() - started)
                 raise transport_error(exc, what) from exc

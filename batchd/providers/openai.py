@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Mapping
 from contextlib import aclosing
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -244,7 +245,7 @@ class OpenAIProvider(HttpProvider):
                 # The id is looked at first: an unwanted batch is never parsed.
                 if ids is not None and not is_wanted(item, ids):
                     continue
-                batch = parse_batch(item)
+                batch = parse_batch(item) if ids is None else replace(parse_batch(item), raw={})
                 if batch.id not in seen:
                     seen.add(batch.id)
                     batches.append(batch)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Mapping
 from contextlib import aclosing
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -214,8 +215,10 @@ class TogetherProvider(HttpProvider):
             return []
         ids = frozenset(wanted) if wanted is not None else None
 
-        def keep(item: Mapping[str, Any]) -> bool:
-            return ids is None or is_wanted(item, ids)
+        def take(item: Mapping[str, Any]) -> RemoteBatch | None:
+            if ids is None:
+                return parse_batch_job(item)
+            return replace(parse_batch_job(item), raw={}) if is_wanted(item, ids) else None
 
-        # Streamed: the whole account's array is never in memory at once, only the wanted items.
-        return [parse_batch_job(item) for item in await self._get_array_items("/v1/batches", what, keep)]
+        # Streamed: the whole account's array is never in memory at once, only the wanted batches.
+        return await self._get_array_items("/v1/batches", what, take)

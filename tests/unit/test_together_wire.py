@@ -664,7 +664,7 @@ async def test_download_streams_to_disk(provider: TogetherProvider, fake: FakeAp
     [
         (b"", "empty body"),
         (b"  [1, 2]", "array of objects"),
-        (b'[{"id": "b-1"}, {"id": ', "not JSON"),
+        (b'[{"id": "b-1", "status": ', "not JSON"),
         (b"[{oops}]", "not JSON"),
         (b'{"id": "b-1"}', "expected a JSON array"),
     ],
