@@ -1,0 +1,113 @@
+"""The helper process of a big merge: a second `Worker` on the merge's phases (merge_work.py).
+
+``python -m batchd.merge_helper``, started by `Helper` with this interpreter, environment and
+working directory (so it imports this same batchd), scans at once, then joins and writes
+when told. Messages are marshal'd tuples: on its stdin the plan, then ("join", total) and
+("write", total, output, errors); on its stdout one answer per phase, ("ok", result) or
+("error", kind, message). The output files' descriptors are inherited (pass_fds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import marshal
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from batchd.merge_work import Plan, Worker, read_exactly
+
+__all__ = ["HELPER_FROM_BYTES", "Helper"]
+
+#: From this many bytes of input and answers a merge has a helper; below, starting one costs
+#: more than it saves (the interpreter and batchd take a third of a second to start).
+HELPER_FROM_BYTES = 64 << 20
+
+# What the helper's errors become in the merge (else RuntimeError): a bad input line is a ValueError.
+_KINDS: dict[str, type[Exception]] = {"ValueError": ValueError, "OSError": OSError}
+
+
+class Helper:
+    """The merge's side of a helper process."""
+
+    def __init__(self, plan: Plan, fds: list[int]) -> None:
+        # Its stderr goes to a file, read only if it fails: a pipe nobody reads could fill and block it.
+        self._stderr = Path(plan.folder) / "helper.stderr"
+        with self._stderr.open("wb") as stderr:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "batchd.merge_helper"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                pass_fds=fds,
+            )
+        self.send(*plan.as_tuple())
+
+    def send(self, *message: Any) -> None:
+        stdin = self._process.stdin
+        assert stdin is not None
+        marshal.dump(message, stdin)
+        stdin.flush()
+
+    def answer(self) -> Any:
+        """The helper's result of the phase it was given (waits for it)."""
+        stdout = self._process.stdout
+        assert stdout is not None
+        try:
+            reply = marshal.load(stdout)
+        except (EOFError, ValueError, TypeError):
+            status = self._process.wait()
+            tail = self._stderr.read_bytes()[-2000:].decode(errors="replace").strip()
+            raise RuntimeError(f"the merge's helper process ended (status {status}): {tail}") from None
+        if reply[0] == "ok":
+            return reply[1]
+        _, kind, message = reply
+        raise _KINDS.get(kind, RuntimeError)(message)
+
+    def close(self, *, done: bool) -> None:
+        """End the helper: `done`, it exits (its stdin closed); else it is killed, whatever it does."""
+        if not done:
+            self._process.kill()
+        for stream in (self._process.stdin, self._process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):  # it is gone already
+                    stream.close()
+        self._process.wait()
+
+
+def _reply(channel: IO[bytes], *message: Any) -> None:
+    marshal.dump(message, channel)
+    channel.flush()
+
+
+def main() -> int:
+    # The channel is the stdout we were given; anything else printed goes to stderr.
+    channel = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    commands = sys.stdin.buffer
+    worker = Worker(Plan(*marshal.load(commands)), "helper", read_exactly)
+    try:
+        _reply(channel, "ok", worker.scan().as_tuple())
+        while True:
+            try:
+                command, total, *rest = marshal.load(commands)
+            except EOFError:
+                return 0  # the merge is done, or gone
+            if command == "join":
+                _reply(channel, "ok", worker.join(total).as_tuple())
+            else:
+                output, errors = rest
+                worker.write(total, output, errors)
+                _reply(channel, "ok", None)
+    except Exception as exc:
+        kind = next((name for name, cls in _KINDS.items() if isinstance(exc, cls)), type(exc).__name__)
+        _reply(channel, "error", kind, str(exc))
+        raise
+    finally:
+        worker.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

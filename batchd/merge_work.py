@@ -1,0 +1,557 @@
+"""The work of one merge (DESIGN §4), which this process and a helper process share.
+
+A merge is a hash join on disk, in three phases. Each phase is a list of items that
+either process claims (an O_EXCL file per item), so two cores share the work whatever
+its shape, and one process alone does it all when there is no helper:
+
+1. scan: the input (one item: a custom_id's rank is its line number) and the answer
+   files (an item per CHUNK_BYTES of them). A custom_id goes to a partition by its hash:
+   (custom_id, rank) to the `request` spill, an answer's (custom_id, position, length,
+   success) to the `answer` spill of the process that read it. A position orders
+   answers: the files in the order given, then bytes.
+2. join: per partition, each request's answer is chosen (the first success, else the
+   latest error) and goes to the bucket of its rank; what is dropped is counted, and
+   each bucket's bytes in output.jsonl and errors.jsonl are summed.
+3. write: per bucket of consecutive ranks, the chosen lines are read and written in
+   rank order where that bucket's bytes start in each file (the sums, added up).
+
+Memory holds one partition or one bucket's bookkeeping, whatever the file sizes. Nothing
+here logs: a helper's stdout is its channel (merge_helper.py).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import marshal
+import math
+import os
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import astuple, dataclass
+from itertools import repeat
+from operator import itemgetter
+from pathlib import Path
+from typing import Any, cast
+from zlib import crc32
+
+from batchd import jsonl
+from batchd.merge_counts import USAGE_BATCH, Joined, Scanned
+from batchd.spill import Spill
+from batchd.upload_copy import iter_custom_ids
+
+__all__ = [
+    "BUCKET",
+    "UNANSWERED_CODES",
+    "Plan",
+    "Worker",
+    "plan_merge",
+    "read_exactly",
+    "starts",
+    "unanswered_line",
+]
+
+#: Why a request got no answer; the `error.code` of its synthesized line in errors.jsonl.
+UNANSWERED_CODES: Mapping[str, str] = {
+    "batch_expired": "the batch's completion window ended before this request was answered",
+    "batch_cancelled": "the batch was cancelled before this request was answered",
+    "batch_failed": "the provider failed the batch before this request was answered",
+    "not_submitted": "this request was never submitted to the provider",
+    "not_returned": "the provider's batch ended without returning a result for this request",
+}
+
+#: Input bytes per partition. A request line takes at least ~60 bytes, so a partition holds at
+#: most ~140,000 custom_ids (the dict a join holds), and far fewer for real requests.
+PART_BYTES = 8 << 20
+#: Consecutive ranks per bucket: the slots the write phase holds at once (a bucket's answer
+#: lines are not held: they are written on in pieces of _WRITE_BYTES).
+BUCKET = 1 << 14
+#: Bytes of answer files per scan item: small enough that the two processes end together.
+CHUNK_BYTES = 8 << 20
+# Bytes of lines gathered before one write into an output file.
+_WRITE_BYTES = 8 << 20
+
+# The columns of the spills: `request` (custom_id, rank); `answer` (custom_id, position,
+# length, success); `chosen` (rank, position, length, success). A length is the line's
+# without its end.
+_REQUEST = "sq"
+_ANSWER = "sqqb"
+_CHOSEN = "qqqb"
+# The processes that may share a merge, by the name their spills carry.
+_WORKERS = ("main", "helper")
+
+
+def unanswered_line(custom_id: str, code: str) -> bytes:
+    """The line errors.jsonl gets for a request never answered (without its line end)."""
+    line = {
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": UNANSWERED_CODES[code]},
+    }
+    return json.dumps(line, ensure_ascii=False).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What both processes know of one merge (handed to a helper as a tuple)."""
+
+    #: the merge's private scratch folder
+    folder: str
+    input_path: str
+    answers: tuple[str, ...]
+    #: the position each answer file starts at: the sizes of the files before it, summed
+    bases: tuple[int, ...]
+    parts: int
+    #: the answer files' scan items: (file, first byte, end byte)
+    chunks: tuple[tuple[int, int, int], ...]
+    #: consecutive ranks per bucket
+    bucket: int
+    unanswered_code: str
+    #: how many dropped answers of each kind are named (in logs)
+    cap: int
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        return astuple(self)
+
+
+def plan_merge(folder: Path, input_path: Path, answers: Sequence[Path], unanswered_code: str, *, cap: int) -> Plan:
+    """The plan of a merge: partitions sized by the input, scan items by the answer files."""
+    bases: list[int] = []
+    chunks: list[tuple[int, int, int]] = []
+    position = 0
+    for file, path in enumerate(answers):
+        size = path.stat().st_size
+        bases.append(position)
+        position += size
+        chunks.extend((file, start, min(start + CHUNK_BYTES, size)) for start in range(0, size, CHUNK_BYTES))
+    return Plan(
+        folder=str(folder),
+        input_path=str(input_path),
+        answers=tuple(map(str, answers)),
+        bases=tuple(bases),
+        parts=max(1, math.ceil(input_path.stat().st_size / PART_BYTES)),
+        chunks=tuple(chunks),
+        bucket=BUCKET,
+        unanswered_code=unanswered_code,
+        cap=cap,
+    )
+
+
+def read_exactly(fd: int, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset` of a file; OSError if the file ends before."""
+    data = os.pread(fd, length, offset)
+    while len(data) < length:
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            raise OSError(f"answer file shrank while merging (wanted {length} bytes at {offset})")
+        data += more
+    return data
+
+
+def starts(sizes: Sequence[int]) -> list[int]:
+    """Where each bucket's bytes start, and where the last one ends."""
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    return offsets
+
+
+class Worker:
+    """One process's share of a merge's phases; `name` is "main" or "helper".
+
+    `pread(fd, offset, length)` reads answer lines (results.py's: every answer line is read
+    through it).
+    """
+
+    def __init__(self, plan: Plan, name: str, pread: Callable[[int, int, int], bytes]) -> None:
+        self.plan = plan
+        self._name = name
+        self._folder = Path(plan.folder)
+        self._pread = pread
+        self._fds: list[int] = []
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def _answer_fds(self) -> list[int]:
+        if not self._fds:
+            self._fds = [os.open(path, os.O_RDONLY) for path in self.plan.answers]
+        return self._fds
+
+    def _claim(self, phase: str, item: int) -> bool:
+        """Whether this process takes `item` of `phase` (the other process did not take it first)."""
+        try:
+            fd = os.open(self._folder / f"claim-{phase}-{item}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        return True
+
+    def _ids_path(self, bucket: int) -> Path:
+        return self._folder / f"ids-{bucket}"
+
+    # Phase 1.
+
+    def scan(self) -> Scanned:
+        """Claim and read scan items until none is left."""
+        scanned = Scanned()
+        answers = Spill(self._folder, f"answer-{self._name}", self.plan.parts, _ANSWER)
+        for item in range(1 + len(self.plan.chunks)):
+            if not self._claim("scan", item):
+                continue
+            if item == 0:
+                scanned.total = self._scan_input()
+            else:
+                self._scan_chunk(*self.plan.chunks[item - 1], answers, scanned)
+        answers.flush()
+        return scanned
+
+    def _scan_input(self) -> int:
+        """Spread the input's (custom_id, rank) over the partitions, and write its custom_ids in
+        rank order, one file a bucket (for the requests never answered); return their number."""
+        parts = self.plan.parts
+        size = self.plan.bucket
+        requests = Spill(self._folder, "request", parts, _REQUEST)
+        waiting = requests.waiting
+        room = requests.room()
+        bucket: list[str] = []
+        rank = -1
+        for rank, custom_id in enumerate(iter_custom_ids(Path(self.plan.input_path))):
+            ids, ranks = waiting[_partition(custom_id, parts) if parts > 1 else 0]
+            ids.append(custom_id)
+            ranks.append(rank)
+            room -= 1
+            if not room:
+                requests.flush()
+                room = requests.room()
+            bucket.append(custom_id)
+            if len(bucket) == size:
+                self._ids_path(rank // size).write_bytes(marshal.dumps(bucket))
+                bucket = []
+        if bucket:
+            self._ids_path(rank // size).write_bytes(marshal.dumps(bucket))
+        requests.flush()
+        return rank + 1
+
+    def _scan_chunk(self, file: int, start: int, end: int, answers: Spill, scanned: Scanned) -> None:
+        """Every answer line that starts in bytes [start, end) of an answer file.
+
+        The hot loop of a merge (gigabytes): it parses each raw line once and does
+        little else in Python.
+        """
+        loads = jsonl.loads
+        parts = self.plan.parts
+        position = self.plan.bases[file] + start
+        end += self.plan.bases[file]
+        waiting = answers.waiting
+        room = answers.room()
+        usages: list[dict[str, Any]] = []
+        with open(self.plan.answers[file], "rb", buffering=1 << 20) as stream:
+            if start:
+                # The line that begins before `start` belongs to the item before.
+                stream.seek(start - 1)
+                position += len(stream.readline()) - 1
+            for raw in stream:
+                if position >= end:
+                    break
+                at = position
+                position += len(raw)
+                try:
+                    answer = loads(raw)
+                except (ValueError, RecursionError):
+                    if not raw.strip():
+                        continue  # a blank line
+                    answer = None
+                custom_id = answer.get("custom_id") if type(answer) is dict else None
+                if type(custom_id) is not str:
+                    scanned.unreadable += 1
+                    if len(scanned.unreadable_at) < self.plan.cap:
+                        scanned.unreadable_at.append(at)
+                    continue
+                assert type(answer) is dict
+                response = answer.get("response")
+                status = response.get("status_code") if type(response) is dict else None
+                # Exactly int: JSON true is no status.
+                ok = type(status) is int and 200 <= status < 300
+                if ok:
+                    assert type(response) is dict
+                    body = response.get("body")
+                    usage = body.get("usage") if type(body) is dict else None
+                    if type(usage) is dict:
+                        usages.append(usage)
+                        if len(usages) == USAGE_BATCH:
+                            scanned.usage.add(usages)
+                            usages = []
+                # The line without its end (strip_eol's rule): "\n", then a "\r" before it.
+                length = len(raw)
+                if raw[-1] == 10:
+                    length -= 1
+                if length and raw[length - 1] == 13:
+                    length -= 1
+                ids, positions, lengths, oks = waiting[_partition(custom_id, parts) if parts > 1 else 0]
+                ids.append(custom_id)
+                positions.append(at)
+                lengths.append(length)
+                oks.append(ok)
+                room -= 1
+                if not room:
+                    answers.flush()
+                    room = answers.room()
+        scanned.usage.add(usages)
+
+    # Phase 2.
+
+    def join(self, total: int) -> Joined:
+        """Claim and join partitions until none is left."""
+        plan = self.plan
+        buckets = math.ceil(total / plan.bucket)
+        joined = Joined(output_bytes=[0] * buckets, error_bytes=[0] * buckets)
+        requests = Spill(self._folder, "request", plan.parts, _REQUEST)
+        answer_spills = [Spill(self._folder, f"answer-{name}", plan.parts, _ANSWER) for name in _WORKERS]
+        chosen = Spill(self._folder, f"chosen-{self._name}", buckets, _CHOSEN)
+        # The `cap` earliest unknown answers: a max-heap on the position, negated.
+        unknown_at: list[tuple[int, str]] = []
+        for part in range(plan.parts):
+            if not self._claim("join", part):
+                continue
+            ranks: dict[str, int] = {}
+            for ids, numbers in requests.read(part):
+                ranks.update(zip(ids, numbers, strict=True))
+            # rank -> (position, length) of its first success, of its latest error
+            first_ok: dict[int, tuple[int, int]] = {}
+            last_error: dict[int, tuple[int, int]] = {}
+            extra: dict[str, int] = {}
+            dropped: list[tuple[int, int]] = []
+            for spill in answer_spills:
+                for ids, positions, lengths, oks in spill.read(part):
+                    found = list(map(ranks.get, ids))
+                    # The usual chunk, in bulk: known ids, each once, all successes (or all
+                    # errors) for requests with none yet.
+                    for kind, best in ((0, first_ok), (1, last_error)):
+                        if (
+                            not oks.count(kind)
+                            and None not in found
+                            and best.keys().isdisjoint(found)
+                            and len(set(found)) == len(found)
+                        ):
+                            known = cast(list[int], found)
+                            best.update(zip(known, zip(positions, lengths, strict=True), strict=True))
+                            break
+                    else:
+                        rows = zip(ids, found, positions, lengths, oks, strict=True)
+                        self._join_rows(rows, first_ok, last_error, extra, dropped, unknown_at, joined)
+            if dropped:
+                # Rare: read back, to take back their usage.
+                usages = [self._dropped_usage(position, length) for position, length in dropped]
+                joined.dropped_usage.add([usage for usage in usages if usage is not None], sign=-1)
+            if extra:
+                joined.duplicates += sum(extra.values())
+                joined.duplicate_ids = heapq.nsmallest(plan.cap, joined.duplicate_ids + list(extra.items()))
+            self._choose(ranks, first_ok, last_error, chosen, joined)
+            chosen.flush_if_full()
+        chosen.flush()
+        joined.unknown_at = sorted((-negated, custom_id) for negated, custom_id in unknown_at)
+        return joined
+
+    def _join_rows(
+        self,
+        rows: Iterable[tuple[str, int | None, int, int, int]],
+        first_ok: dict[int, tuple[int, int]],
+        last_error: dict[int, tuple[int, int]],
+        extra: dict[str, int],
+        dropped: list[tuple[int, int]],
+        unknown_at: list[tuple[int, str]],
+        joined: Joined,
+    ) -> None:
+        """Answers one at a time: unknown ids, duplicates, a success after an error."""
+        for custom_id, rank, position, length, ok in rows:
+            if rank is None:
+                joined.unknown += 1
+                heapq.heappush(unknown_at, (-position, custom_id))
+                if len(unknown_at) > self.plan.cap:
+                    heapq.heappop(unknown_at)
+                if ok:
+                    dropped.append((position, length))
+            elif ok:
+                best = first_ok.get(rank)
+                if best is None:
+                    first_ok[rank] = (position, length)
+                    continue
+                extra[custom_id] = extra.get(custom_id, 0) + 1
+                # The earlier success wins (the two processes' spills are not in position order).
+                if position < best[0]:
+                    first_ok[rank] = (position, length)
+                    dropped.append(best)
+                else:
+                    dropped.append((position, length))
+            else:
+                best = last_error.get(rank)
+                if best is None or position > best[0]:
+                    last_error[rank] = (position, length)
+
+    def _dropped_usage(self, position: int, length: int) -> dict[str, Any] | None:
+        bases = self.plan.bases
+        file = bisect_right(bases, position) - 1
+        answer = jsonl.loads(self._pread(self._answer_fds()[file], position - bases[file], length))
+        body = answer["response"].get("body")
+        usage = body.get("usage") if type(body) is dict else None
+        return usage if type(usage) is dict else None
+
+    def _choose(
+        self,
+        ranks: dict[str, int],
+        first_ok: dict[int, tuple[int, int]],
+        last_error: dict[int, tuple[int, int]],
+        chosen: Spill,
+        joined: Joined,
+    ) -> None:
+        """Send a partition's chosen answers to the buckets of their ranks, and count the bytes."""
+        size = self.plan.bucket
+        if first_ok.keys().isdisjoint(last_error):
+            errors = sorted(last_error.items())
+        else:
+            errors = sorted(item for item in last_error.items() if item[0] not in first_ok)
+        for ok, items, sizes in ((1, sorted(first_ok.items()), joined.output_bytes), (0, errors, joined.error_bytes)):
+            # In rank order, a bucket's rows are a slice.
+            ranks_of = list(map(itemgetter(0), items))
+            places = list(map(itemgetter(1), items))
+            positions = list(map(itemgetter(0), places))
+            lengths = list(map(itemgetter(1), places))
+            start = 0
+            while start < len(ranks_of):
+                bucket = ranks_of[start] // size
+                end = bisect_left(ranks_of, (bucket + 1) * size, start)
+                columns = chosen.waiting[bucket]
+                columns[0].extend(ranks_of[start:end])
+                columns[1].extend(positions[start:end])
+                columns[2].extend(lengths[start:end])
+                columns[3].extend(repeat(ok, end - start))
+                # Each line and its "\n".
+                sizes[bucket] += sum(lengths[start:end]) + end - start
+                start = end
+        joined.completed += len(first_ok)
+        joined.failed += len(errors)
+        if len(first_ok) + len(errors) < len(ranks):
+            code = self.plan.unanswered_code
+            for custom_id, rank in ranks.items():
+                if rank not in first_ok and rank not in last_error:
+                    joined.error_bytes[rank // size] += len(unanswered_line(custom_id, code)) + 1
+                    joined.unanswered += 1
+                    joined.failed += 1
+
+    # Phase 3.
+
+    def write(self, total: int, output: tuple[int, Sequence[int]], errors: tuple[int, Sequence[int]]) -> None:
+        """Claim and write buckets until none is left. `output` and `errors` are each a file
+        descriptor and where each bucket's bytes start in it (`starts`)."""
+        buckets = math.ceil(total / self.plan.bucket)
+        spills = [Spill(self._folder, f"chosen-{name}", buckets, _CHOSEN) for name in _WORKERS]
+        for bucket in range(buckets):
+            if self._claim("write", bucket):
+                self._write_bucket(bucket, total, spills, output, errors)
+
+    def _write_bucket(
+        self,
+        bucket: int,
+        total: int,
+        spills: list[Spill],
+        output: tuple[int, Sequence[int]],
+        errors: tuple[int, Sequence[int]],
+    ) -> None:
+        plan = self.plan
+        columns = [array("q"), array("q"), array("q"), array("b")]
+        for spill in spills:
+            for chunk in spill.read(bucket):
+                for column, more in zip(columns, chunk, strict=True):
+                    column.extend(more)
+        # The bucket's rows in rank order (sorted in C).
+        order = sorted(range(len(columns[0])), key=columns[0].__getitem__)
+        ranks, positions, lengths, oks = (list(map(column.__getitem__, order)) for column in columns)
+        pread = self._pread
+        fds = self._answer_fds()
+        bases = plan.bases
+        many = len(bases) > 1
+        out = _Lines(output[0], output[1][bucket])
+        err = _Lines(errors[0], errors[1][bucket])
+        first = bucket * plan.bucket
+        expected = first
+        custom_ids: list[str] | None = None
+        for rank, position, length, ok in zip(ranks, positions, lengths, oks, strict=True):
+            if rank != expected:
+                custom_ids = self._unanswered(bucket, expected, rank, custom_ids, err)
+            expected = rank + 1
+            if many:
+                file = bisect_right(bases, position) - 1
+                line = pread(fds[file], position - bases[file], length)
+            else:
+                line = pread(fds[0], position, length)
+            lines = out if ok else err
+            lines.pieces.append(line)
+            lines.held += length
+            if lines.held >= _WRITE_BYTES:
+                lines.flush()
+        end = min(first + plan.bucket, total)
+        if expected != end:
+            self._unanswered(bucket, expected, end, custom_ids, err)
+        out.close(output[1][bucket + 1])
+        err.close(errors[1][bucket + 1])
+
+    def _unanswered(self, bucket: int, start: int, end: int, custom_ids: list[str] | None, err: _Lines) -> list[str]:
+        """Write the lines of the requests of ranks [start, end), never answered; return the
+        bucket's custom_ids (read once)."""
+        if custom_ids is None:
+            custom_ids = marshal.loads(self._ids_path(bucket).read_bytes())
+            assert custom_ids is not None
+        first = bucket * self.plan.bucket
+        for rank in range(start, end):
+            err.add(unanswered_line(custom_ids[rank - first], self.plan.unanswered_code))
+        return custom_ids
+
+
+class _Lines:
+    """Lines written from `offset` of a file, each ended by "\\n", in writes of about _WRITE_BYTES.
+
+    Add a line by appending it to `pieces` and its length to `held`, then `flush` past _WRITE_BYTES.
+    """
+
+    def __init__(self, fd: int, offset: int) -> None:
+        self._fd = fd
+        self._offset = offset
+        self.pieces: list[bytes] = []
+        self.held = 0
+
+    def add(self, line: bytes) -> None:
+        self.pieces.append(line)
+        self.held += len(line)
+        if self.held >= _WRITE_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pieces:
+            return
+        self.pieces.append(b"")  # for the last line's end
+        data = b"\n".join(self.pieces)
+        written = 0
+        while written < len(data):
+            written += os.pwrite(self._fd, data[written:], self._offset + written)
+        self._offset += len(data)
+        self.pieces = []
+        self.held = 0
+
+    def close(self, end: int) -> None:
+        """Write what is held; the bytes written must end at `end` (the join's count of them)."""
+        self.flush()
+        if self._offset != end:
+            raise RuntimeError(f"a merge wrote up to byte {self._offset} where the join counted {end}")
+
+
+def _partition(custom_id: str, parts: int) -> int:
+    # crc32: the same in both processes (`hash` is salted per process).
+    try:
+        data = custom_id.encode()
+    except UnicodeEncodeError:  # a lone surrogate, possible in an answer's custom_id
+        data = custom_id.encode("utf-8", "surrogatepass")
+    return crc32(data) % parts
