@@ -31,7 +31,6 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass
 from itertools import repeat
-from operator import itemgetter
 from pathlib import Path
 from typing import Any, cast
 from zlib import crc32
@@ -323,9 +322,7 @@ class Worker:
             ranks: dict[str, int] = {}
             for ids, numbers in requests.read(part):
                 ranks.update(zip(ids, numbers, strict=True))
-            # rank -> (position, length) of its first success, of its latest error
-            first_ok: dict[int, tuple[int, int]] = {}
-            last_error: dict[int, tuple[int, int]] = {}
+            first_ok, last_error = _Answers(), _Answers()
             extra: dict[str, int] = {}
             dropped: list[tuple[int, int]] = []
             for spill in answer_spills:
@@ -333,15 +330,16 @@ class Worker:
                     found = list(map(ranks.get, ids))
                     # The usual chunk, in bulk: known ids, each once, all successes (or all
                     # errors) for requests with none yet.
-                    for kind, best in ((0, first_ok), (1, last_error)):
+                    for other, best in ((0, first_ok), (1, last_error)):
                         if (
-                            not oks.count(kind)
+                            not oks.count(other)
                             and None not in found
-                            and best.keys().isdisjoint(found)
+                            and best.position.keys().isdisjoint(found)
                             and len(set(found)) == len(found)
                         ):
                             known = cast(list[int], found)
-                            best.update(zip(known, zip(positions, lengths, strict=True), strict=True))
+                            best.position.update(zip(known, positions, strict=True))
+                            best.length.update(zip(known, lengths, strict=True))
                             break
                     else:
                         rows = zip(ids, found, positions, lengths, oks, strict=True)
@@ -362,8 +360,8 @@ class Worker:
     def _join_rows(
         self,
         rows: Iterable[tuple[str, int | None, int, int, int]],
-        first_ok: dict[int, tuple[int, int]],
-        last_error: dict[int, tuple[int, int]],
+        first_ok: _Answers,
+        last_error: _Answers,
         extra: dict[str, int],
         dropped: list[tuple[int, int]],
         unknown_at: list[tuple[int, str]],
@@ -379,21 +377,21 @@ class Worker:
                 if ok:
                     dropped.append((position, length))
             elif ok:
-                best = first_ok.get(rank)
+                best = first_ok.position.get(rank)
                 if best is None:
-                    first_ok[rank] = (position, length)
+                    first_ok.set(rank, position, length)
                     continue
                 extra[custom_id] = extra.get(custom_id, 0) + 1
                 # The earlier success wins (the two processes' spills are not in position order).
-                if position < best[0]:
-                    first_ok[rank] = (position, length)
-                    dropped.append(best)
+                if position < best:
+                    dropped.append((best, first_ok.length[rank]))
+                    first_ok.set(rank, position, length)
                 else:
                     dropped.append((position, length))
             else:
-                best = last_error.get(rank)
-                if best is None or position > best[0]:
-                    last_error[rank] = (position, length)
+                best = last_error.position.get(rank)
+                if best is None or position > best:
+                    last_error.set(rank, position, length)
 
     def _dropped_usage(self, position: int, length: int) -> dict[str, Any] | None:
         bases = self.plan.bases
@@ -404,25 +402,23 @@ class Worker:
         return usage if type(usage) is dict else None
 
     def _choose(
-        self,
-        ranks: dict[str, int],
-        first_ok: dict[int, tuple[int, int]],
-        last_error: dict[int, tuple[int, int]],
-        chosen: Spill,
-        joined: Joined,
+        self, ranks: dict[str, int], first_ok: _Answers, last_error: _Answers, chosen: Spill, joined: Joined
     ) -> None:
         """Send a partition's chosen answers to the buckets of their ranks, and count the bytes."""
         size = self.plan.bucket
-        if first_ok.keys().isdisjoint(last_error):
-            errors = sorted(last_error.items())
+        successes = first_ok.position
+        errors = last_error.position
+        if successes.keys().isdisjoint(errors):
+            error_ranks = sorted(errors)
         else:
-            errors = sorted(item for item in last_error.items() if item[0] not in first_ok)
-        for ok, items, sizes in ((1, sorted(first_ok.items()), joined.output_bytes), (0, errors, joined.error_bytes)):
+            error_ranks = sorted(rank for rank in errors if rank not in successes)
+        for ok, answers, ranks_of, sizes in (
+            (1, first_ok, sorted(successes), joined.output_bytes),
+            (0, last_error, error_ranks, joined.error_bytes),
+        ):
+            positions = list(map(answers.position.__getitem__, ranks_of))
+            lengths = list(map(answers.length.__getitem__, ranks_of))
             # In rank order, a bucket's rows are a slice.
-            ranks_of = list(map(itemgetter(0), items))
-            places = list(map(itemgetter(1), items))
-            positions = list(map(itemgetter(0), places))
-            lengths = list(map(itemgetter(1), places))
             start = 0
             while start < len(ranks_of):
                 bucket = ranks_of[start] // size
@@ -435,12 +431,12 @@ class Worker:
                 # Each line and its "\n".
                 sizes[bucket] += sum(lengths[start:end]) + end - start
                 start = end
-        joined.completed += len(first_ok)
-        joined.failed += len(errors)
-        if len(first_ok) + len(errors) < len(ranks):
+        joined.completed += len(successes)
+        joined.failed += len(error_ranks)
+        if len(successes) + len(error_ranks) < len(ranks):
             code = self.plan.unanswered_code
             for custom_id, rank in ranks.items():
-                if rank not in first_ok and rank not in last_error:
+                if rank not in successes and rank not in errors:
                     joined.error_bytes[rank // size] += len(unanswered_line(custom_id, code)) + 1
                     joined.unanswered += 1
                     joined.failed += 1
@@ -512,6 +508,21 @@ class Worker:
         for rank in range(start, end):
             err.add(unanswered_line(custom_ids[rank - first], self.plan.unanswered_code))
         return custom_ids
+
+
+class _Answers:
+    """rank -> where one answer line sits: a partition's first successes, or its latest errors.
+
+    Two dicts of ints, not one of (position, length) tuples: they fill and sort in C.
+    """
+
+    def __init__(self) -> None:
+        self.position: dict[int, int] = {}
+        self.length: dict[int, int] = {}
+
+    def set(self, rank: int, position: int, length: int) -> None:
+        self.position[rank] = position
+        self.length[rank] = length
 
 
 class _Lines:
