@@ -273,20 +273,20 @@ class Worker:
                     if len(scanned.unreadable_at) < self.plan.cap:
                         scanned.unreadable_at.append(at)
                     continue
-                assert type(answer) is dict
                 response = answer.get("response")
-                status = response.get("status_code") if type(response) is dict else None
-                # Exactly int: JSON true is no status.
-                ok = type(status) is int and 200 <= status < 300
-                if ok:
-                    assert type(response) is dict
-                    body = response.get("body")
-                    usage = body.get("usage") if type(body) is dict else None
-                    if type(usage) is dict:
-                        usages.append(usage)
-                        if len(usages) == USAGE_BATCH:
-                            scanned.usage.add(usages)
-                            usages = []
+                ok = False
+                if type(response) is dict:
+                    status = response.get("status_code")
+                    # Exactly int: JSON true is no status.
+                    if type(status) is int and 200 <= status < 300:
+                        ok = True
+                        body = response.get("body")
+                        usage = body.get("usage") if type(body) is dict else None
+                        if type(usage) is dict:
+                            usages.append(usage)
+                            if len(usages) == USAGE_BATCH:
+                                scanned.usage.add(usages)
+                                usages = []
                 # The line without its end (strip_eol's rule): "\n", then a "\r" before it.
                 length = len(raw)
                 if raw[-1] == 10:
