@@ -4,7 +4,11 @@
 working directory (so it imports this same batchd), scans at once, then joins and writes
 when told. Messages are marshal'd tuples: on its stdin the plan, then ("join", total) and
 ("write", total, output, errors); on its stdout one answer per phase, ("ok", result) or
-("error", kind, message). The output files' descriptors are inherited (pass_fds).
+("error", message). The output files' descriptors are inherited (pass_fds).
+
+The helper only saves time: when it cannot start, dies or fails (`HelperFailed`), the merge
+is done again without one, and what the files make fail (a ValueError, an OSError) fails it
+as it would have without a helper.
 """
 
 from __future__ import annotations
@@ -14,19 +18,25 @@ import marshal
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
 from batchd.merge_work import Plan, Worker, read_exactly
 
-__all__ = ["HELPER_FROM_BYTES", "Helper"]
+__all__ = ["HELPER_FROM_BYTES", "Helper", "HelperFailed"]
 
 #: From this many bytes of input and answers a merge has a helper; below, starting one costs
-#: more than it saves (the interpreter and batchd take a third of a second to start).
+#: more than it saves.
 HELPER_FROM_BYTES = 64 << 20
 
-# What the helper's errors become in the merge (else RuntimeError): a bad input line is a ValueError.
-_KINDS: dict[str, type[Exception]] = {"ValueError": ValueError, "OSError": OSError}
+# How often an orphaned helper notices that its merge is gone.
+_WATCH_S = 1.0
+
+
+class HelperFailed(RuntimeError):
+    """The helper process could not start, died, or failed."""
 
 
 class Helper:
@@ -35,21 +45,27 @@ class Helper:
     def __init__(self, plan: Plan, fds: list[int]) -> None:
         # Its stderr goes to a file, read only if it fails: a pipe nobody reads could fill and block it.
         self._stderr = Path(plan.folder) / "helper.stderr"
-        with self._stderr.open("wb") as stderr:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "batchd.merge_helper"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                pass_fds=fds,
-            )
+        try:
+            with self._stderr.open("wb") as stderr:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-m", "batchd.merge_helper"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=stderr,
+                    pass_fds=fds,
+                )
+        except OSError as exc:
+            raise HelperFailed(f"the merge's helper process did not start: {exc}") from exc
         self.send(*plan.as_tuple())
 
     def send(self, *message: Any) -> None:
         stdin = self._process.stdin
         assert stdin is not None
-        marshal.dump(message, stdin)
-        stdin.flush()
+        try:
+            marshal.dump(message, stdin)
+            stdin.flush()
+        except OSError:
+            pass  # it is gone: `answer` says why
 
     def answer(self) -> Any:
         """The helper's result of the phase it was given (waits for it)."""
@@ -60,11 +76,10 @@ class Helper:
         except (EOFError, ValueError, TypeError):
             status = self._process.wait()
             tail = self._stderr.read_bytes()[-2000:].decode(errors="replace").strip()
-            raise RuntimeError(f"the merge's helper process ended (status {status}): {tail}") from None
+            raise HelperFailed(f"the merge's helper process ended (status {status}): {tail}") from None
         if reply[0] == "ok":
             return reply[1]
-        _, kind, message = reply
-        raise _KINDS.get(kind, RuntimeError)(message)
+        raise HelperFailed(f"the merge's helper process failed: {reply[1]}")
 
     def close(self, *, done: bool) -> None:
         """End the helper: `done`, it exits (its stdin closed); else it is killed, whatever it does."""
@@ -82,7 +97,15 @@ def _reply(channel: IO[bytes], *message: Any) -> None:
     channel.flush()
 
 
+def _exit_when_orphaned(parent: int) -> None:
+    # A merge killed outright cannot end its helper: the helper ends itself.
+    while os.getppid() == parent:
+        time.sleep(_WATCH_S)
+    os._exit(1)
+
+
 def main() -> int:
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     # The channel is the stdout we were given; anything else printed goes to stderr.
     channel = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
@@ -102,8 +125,7 @@ def main() -> int:
                 worker.write(total, output, errors)
                 _reply(channel, "ok", None)
     except Exception as exc:
-        kind = next((name for name, cls in _KINDS.items() if isinstance(exc, cls)), type(exc).__name__)
-        _reply(channel, "error", kind, str(exc))
+        _reply(channel, "error", f"{type(exc).__name__}: {exc}")
         raise
     finally:
         worker.close()

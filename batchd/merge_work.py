@@ -69,7 +69,7 @@ BUCKET = 1 << 14
 #: Bytes of answer files per scan item: small enough that the two processes end together.
 CHUNK_BYTES = 8 << 20
 # Bytes of lines gathered before one write into an output file.
-_WRITE_BYTES = 8 << 20
+_WRITE_BYTES = 1 << 20
 
 # Where the OS has it, posix_fadvise (Linux: DONTNEED on dirty pages starts their writeback).
 _START_WRITEBACK = getattr(os, "posix_fadvise", None)

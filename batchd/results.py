@@ -17,6 +17,7 @@ import tempfile
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -25,7 +26,7 @@ import structlog
 from batchd import chaos, merge_helper
 from batchd.durable_files import fsync_dir, open_temp, temp_name
 from batchd.merge_counts import Joined, Scanned
-from batchd.merge_helper import Helper
+from batchd.merge_helper import Helper, HelperFailed
 from batchd.merge_work import UNANSWERED_CODES, Plan, Worker, plan_merge, read_exactly, starts
 
 __all__ = [
@@ -130,7 +131,6 @@ def _run(plan: Plan, output: _AtomicFile, errors: _AtomicFile, helper_wanted: bo
         scanned = worker.scan()
         if helper is not None:
             scanned.merge(Scanned.from_tuple(helper.answer()), plan.cap)
-        _log_unreadable(plan, scanned)
         total = scanned.total
         assert total is not None
         if helper is not None:
@@ -138,7 +138,6 @@ def _run(plan: Plan, output: _AtomicFile, errors: _AtomicFile, helper_wanted: bo
         joined = worker.join(total)
         if helper is not None:
             joined.merge(Joined.from_tuple(helper.answer()), plan.cap)
-        _log_dropped(joined)
         sections = (fds[0], starts(joined.output_bytes)), (fds[1], starts(joined.error_bytes))
         if helper is not None:
             helper.send("write", total, *sections)
@@ -151,6 +150,37 @@ def _run(plan: Plan, output: _AtomicFile, errors: _AtomicFile, helper_wanted: bo
         if helper is not None:
             helper.close(done=done)
     return scanned, joined
+
+
+def _merge(
+    input_path: Path, answers: Sequence[Path], folder: Path, code: str, scratch_dir: Path, *, helper: bool
+) -> tuple[Plan, Scanned, Joined]:
+    """One attempt at writing the outbox files, in a scratch folder of its own."""
+    work = Path(tempfile.mkdtemp(prefix=".merge-", dir=scratch_dir))
+    output = _AtomicFile(folder / "output.jsonl")
+    errors = _AtomicFile(folder / "errors.jsonl")
+    try:
+        plan = plan_merge(work, input_path, answers, code, cap=_LOG_CAP)
+        scanned, joined = _run(plan, output, errors, helper)
+        output.finish()
+        errors.finish()
+        output.commit()
+        # errors.jsonl only when it has a line.
+        if joined.failed:
+            errors.commit()
+        else:
+            errors.temp.unlink()
+            # An earlier merge of this job (a round before a follow-up) may have left one.
+            errors.dest.unlink(missing_ok=True)
+    except BaseException:
+        output.discard()
+        errors.discard()
+        raise
+    finally:
+        # Our own scratch folder, never a user's.
+        shutil.rmtree(work, ignore_errors=True)
+    fsync_dir(folder)
+    return plan, scanned, joined
 
 
 def merge_results(
@@ -174,36 +204,22 @@ def merge_results(
     names only once complete. Memory does not grow with the file sizes; the
     join's files live in a private folder in `scratch_dir`, removed afterwards.
     From `merge_helper.HELPER_FROM_BYTES` of input and answers, a helper
-    process shares the work (merge_helper.py).
+    process shares the work (merge_helper.py); if it fails, the merge is done
+    again without it (``results.helper_failed``).
     """
     if unanswered_code not in UNANSWERED_CODES:
         raise ValueError(f"unanswered_code must be one of {sorted(UNANSWERED_CODES)}, got {unanswered_code!r}")
     scratch_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".merge-", dir=scratch_dir))
-    output = _AtomicFile(folder / "output.jsonl")
-    errors = _AtomicFile(folder / "errors.jsonl")
+    size = input_path.stat().st_size + sum(path.stat().st_size for path in answers)
+    merge = partial(_merge, input_path, answers, folder, unanswered_code, scratch_dir)
     try:
-        plan = plan_merge(work, input_path, answers, unanswered_code, cap=_LOG_CAP)
-        size = input_path.stat().st_size + sum(path.stat().st_size for path in answers)
-        scanned, joined = _run(plan, output, errors, size >= merge_helper.HELPER_FROM_BYTES)
-        output.finish()
-        errors.finish()
-        output.commit()
-        # errors.jsonl only when it has a line.
-        if joined.failed:
-            errors.commit()
-        else:
-            errors.temp.unlink()
-            # An earlier merge of this job (a round before a follow-up) may have left one.
-            errors.dest.unlink(missing_ok=True)
-    except BaseException:
-        output.discard()
-        errors.discard()
-        raise
-    finally:
-        # Our own scratch folder, never a user's.
-        shutil.rmtree(work, ignore_errors=True)
-    fsync_dir(folder)
+        plan, scanned, joined = merge(helper=size >= merge_helper.HELPER_FROM_BYTES)
+    except HelperFailed as exc:
+        log.warning("results.helper_failed", folder=str(folder), error=str(exc))
+        plan, scanned, joined = merge(helper=False)
+    # Logged once the files are written: a merge done again would have logged them twice.
+    _log_unreadable(plan, scanned)
+    _log_dropped(joined)
     scanned.usage.merge(joined.dropped_usage)
     assert scanned.total is not None
     result = MergeResult(

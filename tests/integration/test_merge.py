@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,7 @@ from structlog.testing import capture_logs
 
 from batchd import merge_helper, merge_work, spill
 from batchd.merge_counts import Joined, Scanned, Usage
-from batchd.merge_helper import Helper
+from batchd.merge_helper import Helper, HelperFailed
 from batchd.merge_work import Worker, plan_merge, read_exactly, starts
 from batchd.results import UNANSWERED_CODES, MergeResult, merge_results
 
@@ -263,15 +266,15 @@ def test_an_input_line_without_a_custom_id_fails_the_merge(
     assert list((tmp_path / "work").iterdir()) == []
 
 
-def test_a_helper_that_fails_reports_why(tmp_path: Path) -> None:
+def test_a_helper_that_fails_says_why(tmp_path: Path) -> None:
     _, upload, answers = scenario(tmp_path, 5, requests=20)
     work = tmp_path / "work"
     work.mkdir()
     plan = plan_merge(work, upload, answers, "not_returned", cap=100)
-    answers[0].unlink()  # its scan item cannot be read
+    answers[0].unlink()  # its scan items cannot be read
     helper = Helper(plan, [])
     try:
-        with pytest.raises(OSError, match=r"r1-output\.jsonl"):
+        with pytest.raises(HelperFailed, match=r"FileNotFoundError: .*r1-output\.jsonl"):
             helper.answer()
     finally:
         helper.close(done=False)
@@ -284,10 +287,50 @@ def test_a_helper_that_dies_is_reported(tmp_path: Path) -> None:
     helper = Helper(plan_merge(work, upload, answers, "not_returned", cap=100), [])
     try:
         helper._process.kill()
-        with pytest.raises(RuntimeError, match="helper process ended"):
+        with pytest.raises(HelperFailed, match="helper process ended"):
             helper.answer()
     finally:
         helper.close(done=False)
+
+
+@pytest.mark.parametrize("when", ["start", "scan", "join", "write"])
+def test_a_merge_whose_helper_fails_is_done_again_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    small(monkeypatch, helper=True)
+    ids, upload, answers = scenario(tmp_path, 8)
+    expected = model(ids, answers, "not_returned")
+    real_init, real_send = Helper.__init__, Helper.send
+
+    def no_start(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("no more processes")
+
+    def dies_at_once(self: Helper, *args: Any) -> None:
+        real_init(self, *args)
+        self._process.kill()
+
+    def dies_when_told(self: Helper, *message: Any) -> None:
+        if message[0] == when:
+            self._process.kill()
+        real_send(self, *message)
+
+    if when == "start":
+        monkeypatch.setattr(subprocess, "Popen", no_start)
+    elif when == "scan":
+        monkeypatch.setattr(Helper, "__init__", dies_at_once)
+    else:
+        monkeypatch.setattr(Helper, "send", dies_when_told)
+
+    with capture_logs() as logs:
+        result = merge(tmp_path, upload, answers)
+
+    assert result == expected.result
+    assert (tmp_path / "outbox" / "output.jsonl").read_bytes() == expected.output
+    assert [e["event"] for e in logs].count("results.helper_failed") == 1
+    # The dropped answers are named once, after the attempt that wrote the files.
+    unknown = [e["custom_id"] for e in logs if e["event"] == "results.unknown_answer"]
+    assert len(unknown) == len(set(unknown))
+    assert list((tmp_path / "work").iterdir()) == []
 
 
 def test_usage_of_a_dropped_duplicate_is_taken_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -352,3 +395,41 @@ def test_a_helper_can_do_every_phase_alone(tmp_path: Path, monkeypatch: pytest.M
         expected.result.failed,
         expected.result.duplicates,
     )
+
+
+def test_a_helper_ends_itself_when_its_merge_is_killed(tmp_path: Path) -> None:
+    _, upload, answers = scenario(tmp_path, 9, requests=20)
+    work = tmp_path / "work"
+    work.mkdir()
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from batchd.merge_helper import Helper; "
+            "from batchd.merge_work import plan_merge; "
+            "plan = plan_merge(Path(sys.argv[1]), Path(sys.argv[2]), [Path(sys.argv[3])], 'not_returned', cap=1); "
+            "helper = Helper(plan, []); print(helper._process.pid, flush=True); time.sleep(60)",
+            str(work),
+            str(upload),
+            str(answers[0]),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert parent.stdout is not None
+    with parent.stdout:
+        pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and helper_alive(pid):
+        time.sleep(0.1)
+    assert not helper_alive(pid)
+
+
+def helper_alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has ended; its new parent may not reap it at once
