@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from batchd.merge_work import Plan, Worker, read_exactly
+from batchd.merge_plan import Plan
+from batchd.merge_work import Worker, read_exactly
 
 __all__ = ["HELPER_FROM_BYTES", "Helper", "HelperFailed"]
 

@@ -5,7 +5,7 @@ either process claims (an O_EXCL file per item), so two cores share the work wha
 its shape, and one process alone does it all when there is no helper:
 
 1. scan: the input (one item: a custom_id's rank is its line number) and the answer
-   files (an item per CHUNK_BYTES of them). A custom_id goes to a partition by its hash:
+   files (an item per `merge_plan.CHUNK_BYTES` of them). A custom_id goes to a partition by its hash:
    (custom_id, rank) to the `request` spill, an answer's (custom_id, position, length,
    success) to the `answer` spill of the process that read it. A position orders
    answers: the files in the order given, then bytes.
@@ -22,14 +22,12 @@ here logs: a helper's stdout is its channel (merge_helper.py).
 from __future__ import annotations
 
 import heapq
-import json
 import marshal
 import math
 import os
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import astuple, dataclass
+from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from pathlib import Path
 from typing import Any, cast
@@ -37,37 +35,12 @@ from zlib import crc32
 
 from batchd import jsonl
 from batchd.merge_counts import USAGE_BATCH, Joined, Scanned
+from batchd.merge_plan import Plan, unanswered_line
 from batchd.spill import Spill
 from batchd.upload_copy import iter_custom_ids
 
-__all__ = [
-    "BUCKET",
-    "UNANSWERED_CODES",
-    "Plan",
-    "Worker",
-    "plan_merge",
-    "read_exactly",
-    "starts",
-    "unanswered_line",
-]
+__all__ = ["Worker", "read_exactly", "starts"]
 
-#: Why a request got no answer; the `error.code` of its synthesized line in errors.jsonl.
-UNANSWERED_CODES: Mapping[str, str] = {
-    "batch_expired": "the batch's completion window ended before this request was answered",
-    "batch_cancelled": "the batch was cancelled before this request was answered",
-    "batch_failed": "the provider failed the batch before this request was answered",
-    "not_submitted": "this request was never submitted to the provider",
-    "not_returned": "the provider's batch ended without returning a result for this request",
-}
-
-#: Input bytes per partition. A request line takes at least ~60 bytes, so a partition holds at
-#: most ~140,000 custom_ids (the dict a join holds), and far fewer for real requests.
-PART_BYTES = 8 << 20
-#: Consecutive ranks per bucket: the slots the write phase holds at once (a bucket's answer
-#: lines are not held: they are written on in pieces of _WRITE_BYTES).
-BUCKET = 1 << 14
-#: Bytes of answer files per scan item: small enough that the two processes end together.
-CHUNK_BYTES = 8 << 20
 # Bytes of lines gathered before one write into an output file.
 _WRITE_BYTES = 1 << 20
 
@@ -82,62 +55,6 @@ _ANSWER = "sqqb"
 _CHOSEN = "qqqb"
 # The processes that may share a merge, by the name their spills carry.
 _WORKERS = ("main", "helper")
-
-
-def unanswered_line(custom_id: str, code: str) -> bytes:
-    """The line errors.jsonl gets for a request never answered (without its line end)."""
-    line = {
-        "custom_id": custom_id,
-        "response": None,
-        "error": {"code": code, "message": UNANSWERED_CODES[code]},
-    }
-    return json.dumps(line, ensure_ascii=False).encode("utf-8")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What both processes know of one merge (handed to a helper as a tuple)."""
-
-    #: the merge's private scratch folder
-    folder: str
-    input_path: str
-    answers: tuple[str, ...]
-    #: the position each answer file starts at: the sizes of the files before it, summed
-    bases: tuple[int, ...]
-    parts: int
-    #: the answer files' scan items: (file, first byte, end byte)
-    chunks: tuple[tuple[int, int, int], ...]
-    #: consecutive ranks per bucket
-    bucket: int
-    unanswered_code: str
-    #: how many dropped answers of each kind are named (in logs)
-    cap: int
-
-    def as_tuple(self) -> tuple[Any, ...]:
-        return astuple(self)
-
-
-def plan_merge(folder: Path, input_path: Path, answers: Sequence[Path], unanswered_code: str, *, cap: int) -> Plan:
-    """The plan of a merge: partitions sized by the input, scan items by the answer files."""
-    bases: list[int] = []
-    chunks: list[tuple[int, int, int]] = []
-    position = 0
-    for file, path in enumerate(answers):
-        size = path.stat().st_size
-        bases.append(position)
-        position += size
-        chunks.extend((file, start, min(start + CHUNK_BYTES, size)) for start in range(0, size, CHUNK_BYTES))
-    return Plan(
-        folder=str(folder),
-        input_path=str(input_path),
-        answers=tuple(map(str, answers)),
-        bases=tuple(bases),
-        parts=max(1, math.ceil(input_path.stat().st_size / PART_BYTES)),
-        chunks=tuple(chunks),
-        bucket=BUCKET,
-        unanswered_code=unanswered_code,
-        cap=cap,
-    )
 
 
 def read_exactly(fd: int, offset: int, length: int) -> bytes:

@@ -27,7 +27,8 @@ from batchd import chaos, merge_helper
 from batchd.durable_files import fsync_dir, open_temp, temp_name
 from batchd.merge_counts import Joined, Scanned
 from batchd.merge_helper import Helper, HelperFailed
-from batchd.merge_work import UNANSWERED_CODES, Plan, Worker, plan_merge, read_exactly, starts
+from batchd.merge_plan import UNANSWERED_CODES, Plan, plan_merge
+from batchd.merge_work import Worker, read_exactly, starts
 
 __all__ = [
     "UNANSWERED_CODES",

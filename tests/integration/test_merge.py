@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from batchd import merge_helper, merge_work, spill
+from batchd import merge_helper, merge_plan, spill
 from batchd.merge_counts import Joined, Scanned, Usage
 from batchd.merge_helper import Helper, HelperFailed
-from batchd.merge_work import Worker, plan_merge, read_exactly, starts
+from batchd.merge_plan import plan_merge
+from batchd.merge_work import Worker, read_exactly, starts
 from batchd.results import UNANSWERED_CODES, MergeResult, merge_results
 
 
@@ -175,9 +176,9 @@ def merge(folder: Path, upload: Path, answers: list[Path], code: str = "not_retu
 
 def small(monkeypatch: pytest.MonkeyPatch, *, helper: bool) -> None:
     """Partitions, scan items, buckets and spill chunks of a few rows, so small files take every path."""
-    monkeypatch.setattr(merge_work, "PART_BYTES", 2000)
-    monkeypatch.setattr(merge_work, "CHUNK_BYTES", 3000)
-    monkeypatch.setattr(merge_work, "BUCKET", 16)
+    monkeypatch.setattr(merge_plan, "PART_BYTES", 2000)
+    monkeypatch.setattr(merge_plan, "CHUNK_BYTES", 3000)
+    monkeypatch.setattr(merge_plan, "BUCKET", 16)
     monkeypatch.setattr(spill, "HELD_ROWS", 10)
     monkeypatch.setattr(merge_helper, "HELPER_FROM_BYTES", 0 if helper else 1 << 60)
 
@@ -406,7 +407,7 @@ def test_a_helper_ends_itself_when_its_merge_is_killed(tmp_path: Path) -> None:
             sys.executable,
             "-c",
             "import sys, time; from pathlib import Path; from batchd.merge_helper import Helper; "
-            "from batchd.merge_work import plan_merge; "
+            "from batchd.merge_plan import plan_merge; "
             "plan = plan_merge(Path(sys.argv[1]), Path(sys.argv[2]), [Path(sys.argv[3])], 'not_returned', cap=1); "
             "helper = Helper(plan, []); print(helper._process.pid, flush=True); time.sleep(60)",
             str(work),

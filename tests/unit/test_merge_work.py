@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from batchd import merge_work, spill
+from batchd import merge_plan, spill
 from batchd.merge_counts import Usage
-from batchd.merge_work import Worker, plan_merge, read_exactly, starts
+from batchd.merge_plan import plan_merge
+from batchd.merge_work import Worker, read_exactly, starts
 from batchd.spill import Spill
 
 
@@ -107,8 +108,8 @@ def test_scan_items_split_answer_files_on_line_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
     """Whatever the item size, every answer line is read once, whole, at its position."""
-    monkeypatch.setattr(merge_work, "CHUNK_BYTES", chunk)
-    monkeypatch.setattr(merge_work, "PART_BYTES", 40)
+    monkeypatch.setattr(merge_plan, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(merge_plan, "PART_BYTES", 40)
     monkeypatch.setattr(spill, "HELD_ROWS", 3)
     upload = tmp_path / "upload.jsonl"
     ids = [f"r{i}" for i in range(12)]
