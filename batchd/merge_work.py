@@ -5,10 +5,10 @@ either process claims (an O_EXCL file per item), so two cores share the work wha
 its shape, and one process alone does it all when there is no helper:
 
 1. scan: the input (one item: a custom_id's rank is its line number) and the answer
-   files (an item per `merge_plan.CHUNK_BYTES` of them). A custom_id goes to a partition by its hash:
-   (custom_id, rank) to the `request` spill, an answer's (custom_id, position, length,
-   success) to the `answer` spill of the process that read it. A position orders
-   answers: the files in the order given, then bytes.
+   files (an item per `merge_plan.CHUNK_BYTES` of them). A custom_id goes to a
+   partition by its hash: (custom_id, rank) to the `request` spill, an answer's
+   (custom_id, position, length, success) to the `answer` spill of the process that
+   read it. A position orders answers: the files in the order given, then bytes.
 2. join: per partition, each request's answer is chosen (the first success, else the
    latest error) and goes to the bucket of its rank; what is dropped is counted, and
    each bucket's bytes in output.jsonl and errors.jsonl are summed.
