@@ -26,7 +26,7 @@ from typing import IO, Any
 from batchd.merge_plan import Plan
 from batchd.merge_work import Worker, read_exactly
 
-__all__ = ["HELPER_FROM_BYTES", "Helper", "HelperFailed"]
+__all__ = ["HELPER_FROM_BYTES", "Helper", "HelperFailed", "helper_wanted"]
 
 #: From this many bytes of input and answers a merge has a helper; below, starting one costs
 #: more than it saves.
@@ -34,6 +34,13 @@ HELPER_FROM_BYTES = 64 << 20
 
 # How often an orphaned helper notices that its merge is gone.
 _WATCH_S = 1.0
+
+
+def helper_wanted(size: int) -> bool:
+    """Whether a merge of `size` bytes of input and answers gets a helper: big enough, and a
+    second CPU to run it on (on one, the two processes would only take turns)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return size >= HELPER_FROM_BYTES and cpus > 1
 
 
 class HelperFailed(RuntimeError):

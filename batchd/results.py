@@ -204,9 +204,9 @@ def merge_results(
     byte for byte, each ended by ``\\n``. Both files appear under their final
     names only once complete. Memory does not grow with the file sizes; the
     join's files live in a private folder in `scratch_dir`, removed afterwards.
-    From `merge_helper.HELPER_FROM_BYTES` of input and answers, a helper
-    process shares the work (merge_helper.py); if it fails, the merge is done
-    again without it (``results.helper_failed``).
+    From `merge_helper.HELPER_FROM_BYTES` of input and answers, with two CPUs,
+    a helper process shares the work (merge_helper.py); if it fails, the merge
+    is done again without it (``results.helper_failed``).
     """
     if unanswered_code not in UNANSWERED_CODES:
         raise ValueError(f"unanswered_code must be one of {sorted(UNANSWERED_CODES)}, got {unanswered_code!r}")
@@ -214,7 +214,7 @@ def merge_results(
     size = input_path.stat().st_size + sum(path.stat().st_size for path in answers)
     merge = partial(_merge, input_path, answers, folder, unanswered_code, scratch_dir)
     try:
-        plan, scanned, joined = merge(helper=size >= merge_helper.HELPER_FROM_BYTES)
+        plan, scanned, joined = merge(helper=merge_helper.helper_wanted(size))
     except HelperFailed as exc:
         log.warning("results.helper_failed", folder=str(folder), error=str(exc))
         plan, scanned, joined = merge(helper=False)

@@ -180,7 +180,7 @@ def small(monkeypatch: pytest.MonkeyPatch, *, helper: bool) -> None:
     monkeypatch.setattr(merge_plan, "CHUNK_BYTES", 3000)
     monkeypatch.setattr(merge_plan, "BUCKET", 16)
     monkeypatch.setattr(spill, "HELD_ROWS", 10)
-    monkeypatch.setattr(merge_helper, "HELPER_FROM_BYTES", 0 if helper else 1 << 60)
+    monkeypatch.setattr(merge_helper, "helper_wanted", lambda size: helper)
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from batchd import merge_plan, spill
+from batchd import merge_helper, merge_plan, spill
 from batchd.merge_counts import Usage
 from batchd.merge_plan import plan_merge
 from batchd.merge_work import Worker, read_exactly, starts
@@ -141,3 +141,11 @@ def test_scan_items_split_answer_files_on_line_starts(
             os.close(fd)
     assert out.read_bytes() == b"".join(line + b"\n" for n, line in enumerate(lines) if n != 3)
     assert err.read_bytes() == lines[3] + b"\n"
+
+
+def test_a_helper_only_for_a_big_merge_with_a_second_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert merge_helper.helper_wanted(merge_helper.HELPER_FROM_BYTES)
+    assert not merge_helper.helper_wanted(merge_helper.HELPER_FROM_BYTES - 1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert not merge_helper.helper_wanted(merge_helper.HELPER_FROM_BYTES * 100)
