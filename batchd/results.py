@@ -2,29 +2,33 @@
 
 `merge_results` joins the provider's result files (in any order, over several
 rounds) back onto the input file's order without holding either in memory: a
-scratch index on disk (`store.scratch.MergeIndex`) maps each custom_id to its input position and to
-where its best answer sits (file, byte offset, length); one ordered pass then
-copies answer lines by offset. Memory stays flat whatever the file sizes.
+hash join on disk (merge_work.py) finds each request's input position and where
+its best answer sits; the answer lines are then copied by offset, in input
+order. Memory stays flat whatever the file sizes. A big merge shares the work
+with a helper process (merge_helper.py), on two cores.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import structlog
 
-from batchd import chaos, jsonl
+from batchd import chaos, merge_helper
 from batchd.durable_files import fsync_dir, open_temp, temp_name
-from batchd.jsonl import strip_eol
-from batchd.store.scratch import AnswerRow, MergeIndex
-from batchd.upload_copy import iter_custom_ids
+from batchd.merge_counts import Joined, Scanned
+from batchd.merge_helper import Helper, HelperFailed
+from batchd.merge_plan import UNANSWERED_CODES, Plan, plan_merge
+from batchd.merge_work import Worker, read_exactly, starts
 
 __all__ = [
     "UNANSWERED_CODES",
@@ -35,18 +39,11 @@ __all__ = [
 
 log = structlog.get_logger("batchd.results")
 
-#: Why a request got no answer; the `error.code` of its synthesized line in errors.jsonl.
-UNANSWERED_CODES: Mapping[str, str] = {
-    "batch_expired": "the batch's completion window ended before this request was answered",
-    "batch_cancelled": "the batch was cancelled before this request was answered",
-    "batch_failed": "the provider failed the batch before this request was answered",
-    "not_submitted": "this request was never submitted to the provider",
-    "not_returned": "the provider's batch ended without returning a result for this request",
-}
-
 # Individual log events per kind of dropped answer; the summary event counts them all.
 _LOG_CAP = 100
-_ROWS_PER_BATCH = 50_000
+
+# Every answer line a merge copies is read through this name (a test puts a failing read here).
+_pread = read_exactly
 
 
 @dataclass(frozen=True)
@@ -69,130 +66,28 @@ class MergeResult:
     unanswered: int = 0
 
 
-def _success(answer: Mapping[str, Any]) -> bool:
-    response = answer.get("response")
-    if not isinstance(response, dict):
-        return False
-    status = response.get("status_code")
-    return isinstance(status, int) and not isinstance(status, bool) and 200 <= status < 300
-
-
-def _usage_of(answer: Mapping[str, Any]) -> str | None:
-    """The integer fields of `response.body.usage`, as compact JSON; None when there are none."""
-    response = answer.get("response")
-    body = response.get("body") if isinstance(response, dict) else None
-    usage = body.get("usage") if isinstance(body, dict) else None
-    if not isinstance(usage, dict):
-        return None
-    ints = {k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)}
-    return jsonl.dumps(ints).decode() if ints else None
-
-
-@dataclass
-class _Unreadable:
-    count: int = 0
-
-
-def _scan_answers(answers: Sequence[Path], unreadable: _Unreadable) -> Iterator[AnswerRow]:
-    """One row per non-blank answer line, in file order then line order.
-
-    The hot loop of a merge (one pass over up to gigabytes): it parses each raw
-    line once and does little else in Python.
-    """
-    for index, path in enumerate(answers):
-        offset = 0
-        with path.open("rb") as stream:
-            for number, raw in enumerate(stream, start=1):
-                start, offset = offset, offset + len(raw)
-                try:
-                    answer = jsonl.loads(raw)
-                except (ValueError, RecursionError):
-                    if not raw.strip():
-                        continue  # a blank line
-                    answer = None
-                custom_id = answer.get("custom_id") if isinstance(answer, dict) else None
-                if not isinstance(custom_id, str):
-                    unreadable.count += 1
-                    if unreadable.count <= _LOG_CAP:
-                        log.warning("results.unreadable_answer", file=str(path), line=number)
-                    continue
-                assert isinstance(answer, dict)
-                ok = _success(answer)
-                usage = _usage_of(answer) if ok else None
-                # Stored negative: the length with its one "\n", copied as it is in one read and write.
-                plain = raw.endswith(b"\n") and not raw.endswith(b"\r\n")
-                length = -len(raw) if plain else len(strip_eol(raw))
-                yield custom_id, index, start, length, int(ok), usage
-
-
-def _count_dropped(index: MergeIndex) -> tuple[int, int]:
-    """Log and count the answers that will be dropped: (duplicates, unknown)."""
-    dropped = index.dropped(cap=_LOG_CAP)
-    for custom_id, extra in dropped.duplicate_ids:
-        log.warning("results.duplicate_answer", custom_id=custom_id, dropped=extra)
-    for custom_id in dropped.unknown_ids:
-        log.warning("results.unknown_answer", custom_id=custom_id)
-    return dropped.duplicates, dropped.unknown
-
-
-def _pread(fd: int, offset: int, length: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    while len(data) < length:
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
-            raise OSError(f"answer file shrank while merging (wanted {length} bytes at {offset})")
-        data += more
-    return data
-
-
-def _unanswered_line(custom_id: str, code: str) -> bytes:
-    line = {
-        "custom_id": custom_id,
-        "response": None,
-        "error": {"code": code, "message": UNANSWERED_CODES[code]},
-    }
-    return json.dumps(line, ensure_ascii=False).encode("utf-8")
-
-
 class _AtomicFile:
     """A file written under a hidden temp name and renamed into place by `commit`.
 
-    Opened on first write, so a file with no line is never created. The temp
-    name is fixed, so a merge repeated after a crash overwrites its own leftover.
+    The temp name is fixed, so a merge repeated after a crash overwrites its own leftover.
+    Written by descriptor (`os.pwrite`), by this process and the merge's helper.
     """
 
     def __init__(self, dest: Path) -> None:
         self.dest = dest
         self.temp = temp_name(dest)
         self.stream: IO[bytes] | None = None
-        self.lines = 0
 
-    def open(self) -> IO[bytes]:
-        if self.stream is None:
-            chaos.file_fault(self.temp)
-            # Exactly 0640 (group batchd reads the outbox), never through a planted name.
-            self.stream = open_temp(self.temp)
-        return self.stream
+    def open(self) -> int:
+        chaos.file_fault(self.temp)
+        # Exactly 0640 (group batchd reads the outbox), never through a planted name.
+        self.stream = open_temp(self.temp)
+        return self.stream.fileno()
 
-    def write_line(self, content: bytes) -> None:
-        stream = self.open()
-        stream.write(content)
-        stream.write(b"\n")
-        self.lines += 1
-
-    def write_raw(self, line: bytes) -> None:
-        """A line that already ends in its one newline."""
-        self.open().write(line)
-        self.lines += 1
-
-    def finish(self) -> bool:
-        """Flush and fsync the temp file; False when nothing was written."""
-        if self.stream is None:
-            return False
-        self.stream.flush()
+    def finish(self) -> None:
+        assert self.stream is not None
         os.fsync(self.stream.fileno())
         self.stream.close()
-        return True
 
     def commit(self) -> None:
         os.replace(self.temp, self.dest)
@@ -203,48 +98,79 @@ class _AtomicFile:
             self.temp.unlink(missing_ok=True)
 
 
-def _write_outputs(
-    index: MergeIndex, answers: Sequence[Path], folder: Path, code: str
-) -> tuple[int, int, int, dict[str, int]]:
-    """Write both files in input order; return (completed, failed, unanswered, usage)."""
+def _log_unreadable(plan: Plan, scanned: Scanned) -> None:
+    """Log the first unreadable answer lines, by file and line number (counted now: they are rare)."""
+    counted: dict[int, tuple[int, int]] = {}  # file -> (offset counted to, line ends before it)
+    for position in scanned.unreadable_at:
+        file = bisect_right(plan.bases, position) - 1
+        offset = position - plan.bases[file]
+        done, lines = counted.get(file, (0, 0))
+        with open(plan.answers[file], "rb") as stream:
+            stream.seek(done)
+            while done < offset:
+                block = stream.read(min(1 << 20, offset - done))
+                lines += block.count(b"\n")
+                done += len(block)
+        counted[file] = (done, lines)
+        log.warning("results.unreadable_answer", file=plan.answers[file], line=lines + 1)
+
+
+def _log_dropped(joined: Joined) -> None:
+    for custom_id, extra in joined.duplicate_ids:
+        log.warning("results.duplicate_answer", custom_id=custom_id, dropped=extra)
+    for _, custom_id in joined.unknown_at:
+        log.warning("results.unknown_answer", custom_id=custom_id)
+
+
+def _run(plan: Plan, output: _AtomicFile, errors: _AtomicFile, helper_wanted: bool) -> tuple[Scanned, Joined]:
+    """The three phases of the merge, shared with a helper process when `helper_wanted`."""
+    fds = [output.open(), errors.open()]
+    worker = Worker(plan, "main", _pread)
+    helper = Helper(plan, fds) if helper_wanted else None
+    done = False
+    try:
+        scanned = worker.scan()
+        if helper is not None:
+            scanned.merge(Scanned.from_tuple(helper.answer()), plan.cap)
+        total = scanned.total
+        assert total is not None
+        if helper is not None:
+            helper.send("join", total)
+        joined = worker.join(total)
+        if helper is not None:
+            joined.merge(Joined.from_tuple(helper.answer()), plan.cap)
+        sections = (fds[0], starts(joined.output_bytes)), (fds[1], starts(joined.error_bytes))
+        if helper is not None:
+            helper.send("write", total, *sections)
+        worker.write(total, *sections)
+        if helper is not None:
+            helper.answer()
+        done = True
+    finally:
+        worker.close()
+        if helper is not None:
+            helper.close(done=done)
+    return scanned, joined
+
+
+def _merge(
+    input_path: Path, answers: Sequence[Path], folder: Path, code: str, scratch_dir: Path, *, helper: bool
+) -> tuple[Plan, Scanned, Joined]:
+    """One attempt at writing the outbox files, in a scratch folder of its own."""
+    work = Path(tempfile.mkdtemp(prefix=".merge-", dir=scratch_dir))
     output = _AtomicFile(folder / "output.jsonl")
     errors = _AtomicFile(folder / "errors.jsonl")
-    fds = [os.open(path, os.O_RDONLY) for path in answers]
-    usage: dict[str, int] = {}
-    unanswered = 0
-    # Usage strings are counted, not parsed, in the loop: many answers share one (same token
-    # counts), and each distinct string is parsed once at the end.
-    usage_counts: Counter[str] = Counter()
     try:
-        write_ok = output.open().write
-        for batch in index.ordered(batch=_ROWS_PER_BATCH):
-            for custom_id, file, offset, length, ok, usage_json in batch:
-                if file is None:
-                    errors.write_line(_unanswered_line(custom_id, code))
-                    unanswered += 1
-                elif ok:
-                    # Stored negative: the length with its "\n", copied as it is in one write.
-                    write_ok(
-                        _pread(fds[file], offset, -length) if length < 0 else _pread(fds[file], offset, length) + b"\n"
-                    )
-                    output.lines += 1
-                    if usage_json is not None:
-                        usage_counts[usage_json] += 1
-                elif length < 0:
-                    errors.write_raw(_pread(fds[file], offset, -length))
-                else:
-                    errors.write_line(_pread(fds[file], offset, length))
-        for usage_json, times in usage_counts.items():
-            for key, value in jsonl.loads(usage_json).items():
-                usage[key] = usage.get(key, 0) + value * times
-        # output.jsonl exists even when empty; errors.jsonl only when it has a line.
-        output.open()
+        plan = plan_merge(work, input_path, answers, code, cap=_LOG_CAP)
+        scanned, joined = _run(plan, output, errors, helper)
         output.finish()
-        has_errors = errors.finish()
+        errors.finish()
         output.commit()
-        if has_errors:
+        # errors.jsonl only when it has a line.
+        if joined.failed:
             errors.commit()
         else:
+            errors.temp.unlink()
             # An earlier merge of this job (a round before a follow-up) may have left one.
             errors.dest.unlink(missing_ok=True)
     except BaseException:
@@ -252,10 +178,10 @@ def _write_outputs(
         errors.discard()
         raise
     finally:
-        for fd in fds:
-            os.close(fd)
+        # Our own scratch folder, never a user's.
+        shutil.rmtree(work, ignore_errors=True)
     fsync_dir(folder)
-    return output.lines, errors.lines, unanswered, usage
+    return plan, scanned, joined
 
 
 def merge_results(
@@ -277,31 +203,34 @@ def merge_results(
     unknown custom_ids (``results.unknown_answer``). Answer lines are copied
     byte for byte, each ended by ``\\n``. Both files appear under their final
     names only once complete. Memory does not grow with the file sizes; the
-    scratch index lives in `scratch_dir` and is removed afterwards.
+    join's files live in a private folder in `scratch_dir`, removed afterwards.
+    From `merge_helper.HELPER_FROM_BYTES` of input and answers, with two CPUs,
+    a helper process shares the work (merge_helper.py); if it fails, the merge
+    is done again without it (``results.helper_failed``).
     """
     if unanswered_code not in UNANSWERED_CODES:
         raise ValueError(f"unanswered_code must be one of {sorted(UNANSWERED_CODES)}, got {unanswered_code!r}")
     scratch_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=".merge-", suffix=".sqlite", dir=scratch_dir)
-    os.close(fd)
-    index_path = Path(name)
+    size = input_path.stat().st_size + sum(path.stat().st_size for path in answers)
+    merge = partial(_merge, input_path, answers, folder, unanswered_code, scratch_dir)
     try:
-        unreadable = _Unreadable()
-        with MergeIndex(index_path) as index:
-            total = index.fill(iter_custom_ids(input_path), _scan_answers(answers, unreadable))
-            duplicates, unknown = _count_dropped(index)
-            completed, failed, unanswered, usage = _write_outputs(index, answers, folder, unanswered_code)
-    finally:
-        # Our own scratch file, never a user's.
-        index_path.unlink(missing_ok=True)
+        plan, scanned, joined = merge(helper=merge_helper.helper_wanted(size))
+    except HelperFailed as exc:
+        log.warning("results.helper_failed", folder=str(folder), error=str(exc))
+        plan, scanned, joined = merge(helper=False)
+    # Logged once the files are written: a merge done again would have logged them twice.
+    _log_unreadable(plan, scanned)
+    _log_dropped(joined)
+    scanned.usage.merge(joined.dropped_usage)
+    assert scanned.total is not None
     result = MergeResult(
-        total=total,
-        completed=completed,
-        failed=failed,
-        usage=usage,
-        duplicates=duplicates,
-        unknown=unknown + unreadable.count,
-        unanswered=unanswered,
+        total=scanned.total,
+        completed=joined.completed,
+        failed=joined.failed,
+        usage=scanned.usage.totals(),
+        duplicates=joined.duplicates,
+        unknown=joined.unknown + scanned.unreadable,
+        unanswered=joined.unanswered,
     )
     log.info(
         "results.merged",

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import IO
 
 from batchd import jsonl
-from batchd.durable_files import atomic_file
 
-__all__ = ["UploadCopy", "iter_custom_ids", "write_upload_copy"]
+__all__ = ["UploadCopy", "iter_custom_ids", "leading_custom_id", "write_upload_copy"]
+
+# The two spellings of a line that begins with its custom_id: Python's json.dumps and orjson's.
+_LEADING_KEYS = (b'{"custom_id": "', b'{"custom_id":"')
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ def write_upload_copy(src: Path | IO[bytes], dest: Path, *, model: str | None = 
     Meant for a file `validate_file` accepted: its lines are valid JSON objects
     of bounded length.
     """
+    # Imported here, not above: a merge's helper process imports this module for
+    # `iter_custom_ids` alone, and starts in a third of the time without durable_files.
+    from batchd.durable_files import atomic_file
+
     digest = hashlib.sha256()
     size = 0
     count = 0
@@ -72,15 +78,45 @@ def write_upload_copy(src: Path | IO[bytes], dest: Path, *, model: str | None = 
     return UploadCopy(sha256=digest.hexdigest(), size_bytes=size, request_count=count)
 
 
+def leading_custom_id(raw: bytes) -> str | None:
+    """The custom_id of a request line that begins with it, read without parsing the line.
+
+    None when not sure, and the caller parses the line: custom_id is not the line's first key
+    (in one of the two usual spellings), the line holds a backslash after the key (an escape:
+    in the value, or spelling the key anew later), or the rest of the line holds another
+    `"custom_id"` (a nested key, or a duplicate key, whose value a parser would take). Meant
+    for lines known to be JSON objects: the rest of the line is not checked.
+    """
+    for key in _LEADING_KEYS:
+        if raw.startswith(key):
+            start = len(key)
+            break
+    else:
+        return None
+    end = raw.find(b'"', start)
+    # A backslash is found at memchr speed; most lines have none, and those are parsed.
+    if end < 0 or raw.find(b"\\", start) >= 0 or raw.find(b'"custom_id"', end) >= 0:
+        return None
+    try:
+        return raw[start:end].decode()
+    except UnicodeDecodeError:
+        return None
+
+
 def iter_custom_ids(path: Path) -> Iterator[str]:
     """Yield the custom_id of every request of an upload copy, in line order.
 
     An upload copy is batchd's own normalised file (one JSON object a line, `\n`
-    ends, no blank line), so each raw line is parsed as it is: this runs over
-    every request of every merge.
+    ends, no blank line), so each raw line is read as it is: this runs over
+    every request of every merge. Most lines begin with their custom_id and
+    are not parsed (`leading_custom_id`); the others are.
     """
-    with path.open("rb") as stream:
+    with path.open("rb", buffering=1 << 20) as stream:
         for number, raw in enumerate(stream, start=1):
+            custom_id = leading_custom_id(raw)
+            if custom_id is not None:
+                yield custom_id
+                continue
             request = jsonl.loads(raw)
             custom_id = request.get("custom_id") if isinstance(request, dict) else None
             if not isinstance(custom_id, str):

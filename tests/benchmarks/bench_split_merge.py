@@ -10,13 +10,21 @@ only imports batchd is the baseline. Operations: a json.loads pass over the inpu
 `validation.validate_file` over it (every rule, Together's limits), `shards.split` at the
 provider's limit (50,000 requests), a json.loads pass over the results, and
 `results.merge_results` over them. The temporary folder is removed.
+
+Each figure is printed beside its goal (issue 14: the merge at 0.5x the json.loads pass
+over the results or better, its memory flat, i.e. no higher at the default size than at
+`--requests 200000 --size-mb 200`), with the load average before and after: the figures
+are wall times, and other work on the machine slows them. The merge's helper process
+(from 64 MB) is measured apart: its peak RSS is `merge.helper_peak_mb`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -26,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.benchmarks.bench_merge_rss import peak_rss_kib
+
+#: Issue 14's goal: the merge's wall time at most twice a json.loads pass over the results.
+MERGE_GOAL = 0.5
 
 
 def generate(folder: Path, requests: int, size_mb: int, seed: int = 1) -> tuple[Path, Path]:
@@ -76,6 +87,8 @@ def child(argv: list[str]) -> None:
             unanswered_code="not_returned", scratch_dir=folder,
         )  # fmt: skip
         extra["completed"] = merged.completed
+        # The helper process, if the merge started one (Linux: KiB).
+        extra["helper_peak_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
     print(json.dumps({"seconds": time.perf_counter() - started, "peak_kib": peak_rss_kib(), **extra}))
 
 
@@ -100,9 +113,11 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="batchd-split-", dir=args.tmp_dir))
     try:
         upload, results = generate(folder, args.requests, args.size_mb)
+        load_before = os.getloadavg()
         idle = run("idle", folder)
         ops = ("json:upload.jsonl", "validate", "split", "json:results.jsonl", "merge")
         figures = {op: run(op, folder) for op in ops}
+        load_after = os.getloadavg()
         mb = {"upload": upload.stat().st_size / 1e6, "results": results.stat().st_size / 1e6}
         report = {
             "requests": args.requests,
@@ -121,7 +136,27 @@ def main() -> None:
         )
         report["split_vs_json_pass"] = round(figures["json:upload.jsonl"]["seconds"] / figures["split"]["seconds"], 2)
         report["merge_vs_json_pass"] = round(figures["json:results.jsonl"]["seconds"] / figures["merge"]["seconds"], 2)
+        helper_peak = report["merge"]["helper_peak_mb"]
+        if helper_peak:
+            report["merge"]["helper_rss_above_idle_mb"] = round(helper_peak - report["idle_rss_mb"], 1)
+        report["load_average"] = {
+            "before": [round(x, 2) for x in load_before],
+            "after": [round(x, 2) for x in load_after],
+        }
         print(json.dumps(report, indent=2))
+        merge_ratio = report["merge_vs_json_pass"]
+        lines = [
+            f"validate_vs_json_pass {report['validate_vs_json_pass']}x (no goal set)",
+            f"split_vs_json_pass    {report['split_vs_json_pass']}x (no goal set)",
+            f"merge_vs_json_pass    {merge_ratio}x (goal: at least {MERGE_GOAL}x -> "
+            f"{'met' if merge_ratio >= MERGE_GOAL else 'MISSED'})",
+            f"merge rss_above_idle  {report['merge']['rss_above_idle_mb']} MB, its helper's "
+            f"{report['merge'].get('helper_rss_above_idle_mb', '(none)')} MB "
+            "(goal: flat, no higher than at a smaller size)",
+            f"load average (1, 5, 15 min) before {report['load_average']['before']}, "
+            f"after {report['load_average']['after']} on {os.cpu_count()} CPUs",
+        ]
+        print("\n".join(lines))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
