@@ -257,8 +257,9 @@ class Daemon:
 
     async def _claim(self, *, dead_owners: Collection[str] = (), limit: int = CLAIM_BATCH) -> int:
         claimed = await db(
-            self.store.cluster.claim, self.id, self.settings.cluster.lease_s, limit=limit, dead_owners=dead_owners
-        )
+            self.store.cluster.claim, self.id, self.settings.cluster.lease_s, limit=limit, dead_owners=dead_owners,
+            due_within_s=self.settings.polling.max_interval_s,
+        )  # fmt: skip
         if claimed:
             log.info("daemon.claimed", jobs=len(claimed))
             self.wake()

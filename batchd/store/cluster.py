@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import func, insert, or_, select, update
 
 from batchd.store.database import Database
+from batchd.store.due import refresh_due
 from batchd.store.schema import LIVE_STATES, daemons, deliveries, jobs
 
 
@@ -69,10 +70,22 @@ class ClusterStore:
         with self._db.write() as conn:
             conn.execute(update(daemons).where(daemons.c.id == owner).values(heartbeat_at=self._db.now()))
 
-    def claim(self, owner: str, lease_s: float, *, limit: int, dead_owners: Collection[str] = ()) -> dict[str, int]:
+    def claim(
+        self,
+        owner: str,
+        lease_s: float,
+        *,
+        limit: int,
+        dead_owners: Collection[str] = (),
+        due_within_s: float | None = None,
+    ) -> dict[str, int]:
         """Take up to `limit` active jobs nobody holds (no owner, or an owner that stopped or has
         been silent for a whole lease, or one of `dead_owners`); return them (id → fence).
-        SKIP LOCKED: daemons claiming at once never wait on each other or take the same job."""
+        SKIP LOCKED: daemons claiming at once never wait on each other or take the same job.
+
+        `due_within_s` (the longest poll interval): a taken job due later than that is one a
+        sweep of the gone daemon held (JobStore.take_for_sweep) or one in a long backoff: its
+        due time is worked out afresh, so a sweep that died is not waited out."""
         now = self._db.now()
         gone = select(daemons.c.id).where(
             or_(daemons.c.stopped_at.is_not(None), daemons.c.heartbeat_at < now - lease_s), daemons.c.id != owner
@@ -98,6 +111,9 @@ class ClusterStore:
                 .where(jobs.c.id.in_(ids))
                 .values(owner=owner, lease_until=now + lease_s, fence=jobs.c.fence + 1)
             )
+            if due_within_s is not None:
+                late = select(jobs.c.id).where(jobs.c.id.in_(ids), jobs.c.due_at > now + due_within_s)
+                refresh_due(conn, [str(r[0]) for r in conn.execute(late)], now)
             rows = conn.execute(select(jobs.c.id, jobs.c.fence).where(jobs.c.id.in_(ids)))
             return {str(i): int(f) for i, f in rows}
 

@@ -176,3 +176,16 @@ def test_a_sweep_knows_how_far_back_the_batches_it_took_go(store: Store, clock: 
     assert store.batches.remote_ids_held("d", hold) == {"b-a", "b-b"}
     # a counts from the provider's creation (700, not its intent at 800); b, never dated, from its intent.
     assert store.batches.earliest_held("d", hold) == 700.0
+
+
+def test_jobs_a_dead_daemon_s_sweep_held_are_due_again_for_the_daemon_that_takes_them(
+    store: Store, clock: Clock
+) -> None:
+    add_job(store, "a" * 32, "a", state=JobState.IN_PROGRESS)
+    store.jobs.back_off("a" * 32, expect=JobState.IN_PROGRESS, attempts=1, next_check_at=1010.0, error="x")
+    store.cluster.claim("d", 30.0, limit=10)
+    assert store.jobs.take_for_sweep("d", 1030.0, 1600.0) == 1  # d's sweep holds it, then d dies
+    clock.now = 1100.0
+    store.cluster.register("e", host="h", pid=2, home="h:/e")
+    assert store.cluster.claim("e", 30.0, limit=10, due_within_s=60.0) == {"a" * 32: 2}
+    assert due_at(store, "a" * 32) == 1010.0  # its own due time (overdue: polled at once), not d's hold
