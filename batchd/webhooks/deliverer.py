@@ -21,6 +21,7 @@ from batchd.faults import Faults, describe
 from batchd.models import Delivery
 from batchd.store import DeadLettered, Delivered, DeliveryOutcome, EndpointGone, Parked, RetryLater, Store
 from batchd.urls import redact_url
+from batchd.webhooks.guard import Resolver
 from batchd.webhooks.policy import GONE_REASON, Decision, Verdict, decide
 from batchd.webhooks.post import Outcome, post_event
 
@@ -67,6 +68,8 @@ class Deliverer:
         #: the daemon this deliverer belongs to: deliveries are claimed for it (None: not claimed)
         self._owner = owner
         self._clock = clock
+        #: the SSRF guard's DNS cache for spec URLs (its TTL on the injected clock)
+        self._resolver = Resolver(clock=clock)
         self._rng = rng or random.Random()
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
         self._in_flight: set[int] = set()
@@ -292,4 +295,5 @@ class Deliverer:
             timestamp=int(self._clock()),
             timeout_s=settings.delivery.timeout_s,
             allow_list=settings.inbox.allow_webhook_urls if delivery.secret_ref == "inbox" else None,
+            resolver=self._resolver,
         )

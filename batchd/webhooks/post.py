@@ -6,6 +6,7 @@ replaces it there (a test standing in for DNS or for the guard) replaces it here
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,11 +48,13 @@ async def post_event(
     timeout_s: float,
     allow_list: Sequence[str] | None = None,
     peek: int = 0,
+    resolver: guard.Resolver | None = None,
 ) -> Outcome:
     """One signed POST of an event; never raises for what the network or the receiver does.
 
     `allow_list` is given for a spec's URL (signed with the inbox secret): it is then checked,
-    resolved once and pinned (the SSRF guard). `peek` keeps that many first bytes of the answer.
+    resolved (through `resolver`, a DNS cache, when given) and pinned (the SSRF guard). `peek`
+    keeps that many first bytes of the answer.
     """
     headers = {
         "content-type": "application/json",
@@ -72,12 +75,9 @@ async def post_event(
         try:
             if allow_list is not None:
                 # Resolve once, check, and connect to exactly the checked address.
-                target, _host = await guard.pinned_target(url, allow_list)
-                # Host and SNI those of the URL checked (its normal form), in their ASCII (IDNA)
-                # form: a header must be ASCII, and "bücher.example" raised UnicodeEncodeError.
-                original = httpx.URL(normalise_url(url).geturl())
-                headers["host"] = original.netloc.decode("ascii")
-                extensions["sni_hostname"] = original.raw_host.decode("ascii")
+                # Positional: a stand-in guard (tests) takes what the real one takes.
+                target, _host = await guard.pinned_target(url, allow_list, resolver)
+                headers["host"], extensions["sni_hostname"] = _host_and_sni(url)
             async with http.stream(
                 "POST",
                 target,
@@ -99,6 +99,15 @@ async def post_event(
     if status is None:
         return Outcome(None, f"timed out: no answer within {timeout_s:g} s")
     return Outcome(status, None if 200 <= status < 300 else f"HTTP {status}", retry_after, excerpt)
+
+
+@functools.lru_cache(maxsize=1024)
+def _host_and_sni(url: str) -> tuple[str, str]:
+    """The Host header and TLS server name of a pinned request: those of the URL checked (its
+    normal form), in their ASCII (IDNA) form: a header must be ASCII, and "bücher.example"
+    raised UnicodeEncodeError. Cached: the same few spec URLs are called again and again."""
+    original = httpx.URL(normalise_url(url).geturl())
+    return original.netloc.decode("ascii"), original.raw_host.decode("ascii")
 
 
 async def _drain(response: httpx.Response, peek: int) -> bytes:
