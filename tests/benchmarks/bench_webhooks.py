@@ -61,9 +61,9 @@ from batchd.asgi_server import EmbeddedServer
 from batchd.config import load_settings
 from batchd.emulator.server import serve_emulator
 from batchd.models import JobState
-from batchd.providers.http import http_client
 from batchd.store import Store
 from batchd.webhooks import Deliverer, build_event
+from batchd.webhooks.transport import webhook_client
 from tests.benchmarks.bench_intake_latency import (
     daemon_env,
     log_wall,
@@ -296,7 +296,7 @@ async def run_throughput(root: Path, events: int) -> ThroughputRun:
                 event = build_event(settings, "batch.completed", data, now=time.time(), job_webhook_url=None)
                 add_job(store, f"job-{index}", f"bench-{index}", state=JobState.COMPLETED, events=[event])
             insert_s = time.perf_counter() - start
-            async with http_client(follow_redirects=False) as http:
+            async with webhook_client() as http:
                 deliverer = Deliverer(store, lambda: settings, http, rng=random.Random(1))
                 cpu0, start = cpu_seconds(), time.perf_counter()
                 async with anyio.create_task_group() as tg:
