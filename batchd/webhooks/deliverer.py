@@ -22,13 +22,15 @@ from batchd.models import Delivery
 from batchd.store import DeadLettered, Delivered, DeliveryOutcome, EndpointGone, Parked, RetryLater, Store
 from batchd.urls import redact_url
 from batchd.webhooks.guard import Resolver
-from batchd.webhooks.policy import GONE_REASON, Decision, Verdict, decide
+from batchd.webhooks.policy import GONE_REASON, Decision, Verdict, concurrency_after, decide
 from batchd.webhooks.post import Outcome, post_event
 
 log = structlog.get_logger("batchd.webhooks")
 
-#: Attempts to one endpoint at the same time; a slow receiver only holds up its own queue.
+#: Attempts to one endpoint at the same time at first; a slow receiver only holds up its own queue.
 PER_ENDPOINT_CONCURRENCY = 4
+#: ...and at most, reached by an endpoint that keeps answering 2xx while more wait (policy.concurrency_after).
+MAX_PER_ENDPOINT_CONCURRENCY = 16
 #: Where the deliverer reports what it meets (Faults).
 WEBHOOKS = "webhooks"
 #: Deliveries taken on per endpoint (attempts running and waiting for a slot); more stay in the store.
@@ -158,7 +160,9 @@ class Deliverer:
             self._ended_during_run.remove(ended)
 
     async def _attempt_guarded(self, delivery: Delivery) -> None:
-        limiter = self._limiters.setdefault(delivery.url, anyio.CapacityLimiter(PER_ENDPOINT_CONCURRENCY))
+        limiter = self._limiters.get(delivery.url)
+        if limiter is None:
+            limiter = self._limiters[delivery.url] = anyio.CapacityLimiter(PER_ENDPOINT_CONCURRENCY)
         delivered = False
         try:
             outcome = await self.attempt(delivery, slot=limiter)
@@ -169,6 +173,13 @@ class Deliverer:
             self.faults.report(WEBHOOKS, exc)
             log.warning("webhook.outcome_not_recorded", event_id=delivery.event_id, error=describe(exc))
         finally:
+            limiter.total_tokens = concurrency_after(
+                int(limiter.total_tokens),
+                delivered=delivered,
+                waiting=limiter.statistics().tasks_waiting > 0,
+                floor=PER_ENDPOINT_CONCURRENCY,
+                ceiling=MAX_PER_ENDPOINT_CONCURRENCY,
+            )
             self._in_flight.discard(delivery.id)
             queued = self._queued.pop(delivery.url, 1) - 1
             if queued:
