@@ -134,14 +134,7 @@ class Deliverer:
             settings = self._settings()
             # Held long enough for a queued attempt to run out its timeout, and at least a job lease.
             lease_s = max(settings.cluster.lease_s, 4 * settings.delivery.timeout_s)
-            due = await anyio.to_thread.run_sync(
-                lambda: self._store.deliveries.due(
-                    self._clock(), limit=DUE_BATCH, exclude=exclude, skip_urls=full, owner=self._owner, lease_s=lease_s
-                )
-            )
-            # An endpoint that answered 410 stays disabled: disable_endpoint (store) parks what was
-            # pending then, and an event created later is parked here rather than sent to it again.
-            disabled = await anyio.to_thread.run_sync(self._store.deliveries.disabled_endpoints) if due else {}
+            due, disabled = await anyio.to_thread.run_sync(lambda: self._due_and_disabled(exclude, full, lease_s))
             for delivery in due:
                 if delivery.id in self._in_flight or delivery.id in ended:
                     continue
@@ -158,6 +151,19 @@ class Deliverer:
                 tg.start_soon(self._attempt_guarded, delivery)
         finally:
             self._ended_during_run.remove(ended)
+
+    def _due_and_disabled(
+        self, exclude: frozenset[int], full: frozenset[str], lease_s: float
+    ) -> tuple[list[Delivery], dict[str, str]]:
+        """The due deliveries and, when there are any, the disabled endpoints: in one trip to a
+        worker thread (each trip is a handoff of the GIL and a wait for it to come back)."""
+        deliveries = self._store.deliveries
+        due = deliveries.due(
+            self._clock(), limit=DUE_BATCH, exclude=exclude, skip_urls=full, owner=self._owner, lease_s=lease_s
+        )
+        # An endpoint that answered 410 stays disabled: disable_endpoint (store) parks what was
+        # pending then, and an event created later is parked here rather than sent to it again.
+        return due, deliveries.disabled_endpoints() if due else {}
 
     async def _attempt_guarded(self, delivery: Delivery) -> None:
         limiter = self._limiters.get(delivery.url)
