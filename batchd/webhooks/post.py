@@ -70,7 +70,8 @@ async def post_event(
     excerpt = b""
     # timeout_s bounds the whole attempt (resolving included). httpx's timeout bounds each
     # network wait only, so a receiver sending a byte now and then held the attempt, and a
-    # slot of its endpoint, for as long as it liked.
+    # slot of its endpoint, for as long as it liked. httpx is given none: each of its waits
+    # would set up (and cancel) a timer of its own, inside this deadline anyway.
     with anyio.move_on_after(timeout_s):
         try:
             if allow_list is not None:
@@ -83,7 +84,7 @@ async def post_event(
                 target,
                 content=body,
                 headers=headers,
-                timeout=timeout_s,
+                timeout=None,
                 follow_redirects=False,
                 extensions=extensions,
             ) as response:
@@ -92,7 +93,7 @@ async def post_event(
         except guard.Refused as exc:
             return Outcome(None, f"refused: {exc}")
         except httpx.TimeoutException:
-            pass  # the same failure as the deadline below, whichever fires first
+            pass  # (httpx sets no timeout here; a transport's own) the same failure as the deadline below
         except (httpx.HTTPError, OSError) as exc:
             if status is None:
                 return Outcome(None, f"{type(exc).__name__}: {exc}")
