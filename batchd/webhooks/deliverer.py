@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -98,11 +99,17 @@ class Deliverer:
             # A fresh event before reading: a poke() during the reads must not be lost.
             self._wake = anyio.Event()
             try:
-                await self.run_due(tg)
-                # An endpoint with a full queue is looked at again when one of its attempts ends (a poke).
-                exclude, full = frozenset(self._in_flight), self._full_endpoints()
-                next_due = partial(self._store.deliveries.next_due_at, exclude, skip_urls=full)
-                next_at = await anyio.to_thread.run_sync(next_due)
+                read_at = self._clock()
+                if await self.run_due(tg):
+                    next_at: float | None = read_at  # more may be due: read again at once
+                else:
+                    # What was due when run_due read is on its way, or waits for a poke: an attempt
+                    # under way pokes when it fails, and an endpoint with a full queue when half of
+                    # it is done. Only what falls due later is looked for: asked for the earliest
+                    # pending delivery, the store went through every one of a full queue's backlog.
+                    exclude, full = frozenset(self._in_flight), self._full_endpoints()
+                    next_due = partial(self._store.deliveries.next_due_at, exclude, skip_urls=full, after=read_at)
+                    next_at = await anyio.to_thread.run_sync(next_due)
             except Exception as exc:
                 # A locked or vanished database must not end deliveries for the daemon's lifetime;
                 # the fault is logged once (Faults), not once a second while it lasts.
@@ -116,8 +123,11 @@ class Deliverer:
             with anyio.move_on_after(wait):
                 await self._wake.wait()
 
-    async def run_due(self, tg: anyio.abc.TaskGroup) -> None:
-        """Start an attempt for every due delivery not already on its way (up to a queue per endpoint)."""
+    async def run_due(self, tg: anyio.abc.TaskGroup) -> bool:
+        """Start an attempt for every due delivery not already on its way (up to a queue per endpoint).
+
+        Returns whether more deliveries may be due now than it could take on.
+        """
         # Deliveries in flight are still due in the store (their outcome is not recorded yet):
         # they are left out of the read, and so is every endpoint whose queue is full. Otherwise
         # a backlog held by one hanging endpoint fills every batch, and no other endpoint gets a
@@ -134,7 +144,10 @@ class Deliverer:
             settings = self._settings()
             # Held long enough for a queued attempt to run out its timeout, and at least a job lease.
             lease_s = max(settings.cluster.lease_s, 4 * settings.delivery.timeout_s)
-            due, disabled = await anyio.to_thread.run_sync(lambda: self._due_and_disabled(exclude, full, lease_s))
+            queued = dict(self._queued)  # a copy taken here: the thread must not read what the loop changes
+            due, disabled = await anyio.to_thread.run_sync(
+                lambda: self._due_and_disabled(exclude, full, queued, lease_s)
+            )
             for delivery in due:
                 if delivery.id in self._in_flight or delivery.id in ended:
                     continue
@@ -151,15 +164,30 @@ class Deliverer:
                 tg.start_soon(self._attempt_guarded, delivery)
         finally:
             self._ended_during_run.remove(ended)
+        # More may be due: the read stopped at its limit, or stopped taking an endpoint's
+        # deliveries at its queue's room (others' may come after them).
+        read = Counter(delivery.url for delivery in due)
+        return len(due) >= DUE_BATCH or any(queued.get(url, 0) + n >= PER_ENDPOINT_QUEUE for url, n in read.items())
 
     def _due_and_disabled(
-        self, exclude: frozenset[int], full: frozenset[str], lease_s: float
+        self, exclude: frozenset[int], full: frozenset[str], queued: dict[str, int], lease_s: float
     ) -> tuple[list[Delivery], dict[str, str]]:
         """The due deliveries and, when there are any, the disabled endpoints: in one trip to a
-        worker thread (each trip is a handoff of the GIL and a wait for it to come back)."""
+        worker thread (each trip is a handoff of the GIL and a wait for it to come back).
+
+        No endpoint gets more than its queue's room: the rest of a batch is neither read whole
+        nor claimed (a refill of one endpoint read DUE_BATCH rows, bodies included, to take on
+        half as many)."""
         deliveries = self._store.deliveries
         due = deliveries.due(
-            self._clock(), limit=DUE_BATCH, exclude=exclude, skip_urls=full, owner=self._owner, lease_s=lease_s
+            self._clock(),
+            limit=DUE_BATCH,
+            exclude=exclude,
+            skip_urls=full,
+            owner=self._owner,
+            lease_s=lease_s,
+            per_url=PER_ENDPOINT_QUEUE,
+            queued=queued,
         )
         # An endpoint that answered 410 stays disabled: disable_endpoint (store) parks what was
         # pending then, and an event created later is parked here rather than sent to it again.

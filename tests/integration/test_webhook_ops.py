@@ -216,6 +216,29 @@ async def test_an_endpoint_takes_on_a_bounded_queue_and_the_rest_waits_in_the_st
         assert {d.state for d in h.store.deliveries.select()} == {"delivered"}
 
 
+async def test_a_backlog_filling_the_read_does_not_hold_up_another_endpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /hang's backlog comes first in due order and fills every read; /ok's one event comes after.
+    monkeypatch.setattr("batchd.webhooks.deliverer.PER_ENDPOINT_QUEUE", 4)
+    monkeypatch.setattr("batchd.webhooks.deliverer.DUE_BATCH", 10)
+    endpoints = {"/hang": ["batch.failed"], "/ok": ["batch.completed"]}
+    async with harness(tmp_path, endpoints=endpoints, timeout_s=60) as h:
+        h.rx.script["/hang"] = [Answer(hang=True)]
+        for _ in range(30):
+            h.emit("batch.failed")
+        ok = h.emit("batch.completed")
+        async with anyio.create_task_group() as tg:
+            # Idle for a minute unless told: only the loop's own "more may be due" brings /ok's turn.
+            tg.start_soon(lambda: h.deliverer.serve(tg, idle_s=60))
+            with anyio.fail_after(10):
+                while h.one(ok).state != "delivered":  # noqa: ASYNC110 - the store has no event to await
+                    await anyio.sleep(0.01)
+            assert h.rx.paths().count("/hang") == 4
+            h.rx.release.set()
+            tg.cancel_scope.cancel()
+
+
 async def test_a_delivery_wakes_the_loop_only_to_refill_its_queue_and_a_failure_always(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
