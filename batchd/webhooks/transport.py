@@ -6,8 +6,8 @@ scan of all of them per connection, so the cost of a delivery grew with the conn
 (about 15 such syscalls a delivery at 4 in flight; far more at 16). Deliveries go to a few
 endpoints over and over, so this transport keeps each origin's idle connections on a stack and
 checks only the one it takes (closed, expired, or hung up by the receiver: then the next). The
-HTTP/1.1 exchange is httpcore's, as in httpx's own transport; only its writes are coalesced,
-so that a request leaves in one send (_CoalescingStream).
+HTTP/1.1 exchange is httpcore's, as in httpx's own transport, over connections of streams.py
+(asyncio transports; a request leaves in one send).
 
 `webhook_client()` builds the client the daemon and `batchd webhooks test` use.
 """
@@ -18,7 +18,7 @@ import http.cookiejar
 import ssl
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
 import anyio
@@ -26,6 +26,7 @@ import httpcore
 import httpx
 
 from batchd.providers.http import tls_context
+from batchd.webhooks.streams import AsyncioBackend
 
 #: Seconds an idle connection is kept for the next delivery (httpx's default).
 KEEPALIVE_EXPIRY_S = 5.0
@@ -88,7 +89,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         self._max_idle = max_idle_per_origin
         self._max_in_flight = max_in_flight
         self._clock = clock
-        self._backend = _CoalescingBackend()
+        self._backend = AsyncioBackend()
         #: idle connections per key, the most recently used last, each with when it became idle
         self._idle: dict[_Key, list[tuple[httpcore.AsyncHTTPConnection, float]]] = {}
         #: connections carrying a request (closed with the transport)
@@ -223,84 +224,6 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                 self._idle[key] = fresh
             else:
                 del self._idle[key]
-
-
-#: Written bytes held back at most (a large body goes out in pieces of about this size).
-COALESCE_BYTES = 64 * 1024
-
-
-class _CoalescingBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's AnyIO backend (named, not detected on every connect), its streams coalescing writes."""
-
-    def __init__(self) -> None:
-        self._backend = httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        return _CoalescingStream(await self._backend.connect_tcp(host, port, timeout, local_address, socket_options))
-
-    async def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.AsyncNetworkStream:
-        return _CoalescingStream(await self._backend.connect_unix_socket(path, timeout, socket_options))
-
-    async def sleep(self, seconds: float) -> None:
-        await self._backend.sleep(seconds)
-
-
-class _CoalescingStream(httpcore.AsyncNetworkStream):
-    """A connection that holds what is written until the next read (or COALESCE_BYTES).
-
-    httpcore writes a request's head and its body apart: two sends, and two wake-ups of the
-    receiver, per delivery. Nothing is read before everything written has been sent, so the
-    request goes out whole, in one send, and the exchange is the same.
-    """
-
-    def __init__(self, stream: httpcore.AsyncNetworkStream) -> None:
-        self._stream = stream
-        self._held: list[bytes] = []
-        self._size = 0
-        self._timeout: float | None = None
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if not buffer:
-            return
-        self._held.append(buffer)
-        self._size += len(buffer)
-        self._timeout = timeout
-        if self._size >= COALESCE_BYTES:
-            await self._send_held()
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        if self._held:
-            await self._send_held()
-        return await self._stream.read(max_bytes, timeout)
-
-    async def aclose(self) -> None:
-        self._held.clear()  # closed mid-request: what was not sent is not wanted
-        await self._stream.aclose()
-
-    async def start_tls(
-        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
-    ) -> httpcore.AsyncNetworkStream:
-        if self._held:
-            await self._send_held()
-        return _CoalescingStream(await self._stream.start_tls(ssl_context, server_hostname, timeout))
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._stream.get_extra_info(info)
-
-    async def _send_held(self) -> None:
-        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
-        self._held = []
-        self._size = 0
-        await self._stream.write(data, self._timeout)
 
 
 class _Body(httpx.AsyncByteStream):

@@ -7,6 +7,9 @@ request came on which connection, a receiver that hangs up, an answer left unrea
 from __future__ import annotations
 
 import random
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -16,6 +19,7 @@ import anyio
 import anyio.abc
 import httpx
 import pytest
+from anyio.streams.tls import TLSListener
 
 from batchd.config import Secret, WebhookEndpoint
 from batchd.webhooks import Deliverer
@@ -35,7 +39,7 @@ class RawReceiver:
     requests: list[tuple[int, bytes]] = field(default_factory=list)
     connections: int = 0
 
-    async def handle(self, stream: anyio.abc.SocketStream) -> None:
+    async def handle(self, stream: anyio.abc.ByteStream) -> None:
         self.connections += 1
         number, served, buffer = self.connections, 0, b""
         async with stream:
@@ -220,3 +224,42 @@ async def test_deliveries_through_the_webhook_client_reuse_their_connection(tmp_
             await h.round()
             assert h.one(event_id).state == "delivered"
     assert len(receiver.requests) == 3 and receiver.connections == 1
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for hooks.test and its key (made by the openssl command)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=hooks.test",
+         "-addext", "subjectAltName=DNS:hooks.test", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_tls_is_verified_against_the_server_name_and_its_connection_reused(tls_files: tuple[Path, Path]) -> None:
+    cert, key = tls_files
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+    receiver = RawReceiver()
+    listener = TLSListener(await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0), server_side)
+    port = listener.listener.extra(anyio.abc.SocketAttribute.local_port)
+    client_side = ssl.create_default_context(cafile=str(cert))
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, receiver.handle)
+        async with httpx.AsyncClient(transport=KeepAliveTransport(ssl_context=client_side)) as http:
+            # As a pinned spec URL is called: the address in the URL, the checked name for TLS.
+            for _ in range(2):
+                response = await http.post(
+                    f"https://127.0.0.1:{port}/hook", headers={"host": "hooks.test"},
+                    extensions={"sni_hostname": "hooks.test"},
+                )  # fmt: skip
+                assert response.status_code == 204
+            with pytest.raises(httpx.ConnectError, match="certificate verify failed"):
+                await http.post(f"https://127.0.0.1:{port}/hook", extensions={"sni_hostname": "other.test"})
+        tg.cancel_scope.cancel()
+    assert [number for number, _ in receiver.requests] == [1, 1]
+    assert all(head.startswith(b"POST /hook ") for _, head in receiver.requests)
