@@ -254,12 +254,8 @@ class _Body(httpx.AsyncByteStream):
                 await self._give_back()
 
 
-class _NoCookies(http.cookiejar.CookieJar):
-    """A cookie jar that keeps nothing and sends nothing.
-
-    A receiver's Set-Cookie must not ride along to the next delivery, least of all to another
-    receiver (spec URLs are chosen by whoever drops a file); and a webhook has no session.
-    """
+class _NoCookieJar(http.cookiejar.CookieJar):
+    """A cookie jar that keeps nothing and sends nothing."""
 
     def extract_cookies(self, response: Any, request: urllib.request.Request) -> None:
         return None
@@ -269,6 +265,38 @@ class _NoCookies(http.cookiejar.CookieJar):
 
     def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
         return None
+
+
+class _NoCookies(httpx.Cookies):
+    """Cookies never kept, never sent, and not even looked for in an answer.
+
+    A receiver's Set-Cookie must not ride along to the next delivery, least of all to another
+    receiver (spec URLs are chosen by whoever drops a file); and a webhook has no session.
+    A jar that keeps nothing still had httpx wrap every answer and its request for it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_NoCookieJar())
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+    def set_cookie_header(self, request: httpx.Request) -> None:
+        return None
+
+
+class WebhookClient(httpx.AsyncClient):
+    """httpx's client, without cookies (see _NoCookies)."""
+
+    _no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies: Any) -> None:
+        raise TypeError("the webhook client keeps no cookies")
 
 
 def webhook_client() -> httpx.AsyncClient:
@@ -283,6 +311,4 @@ def webhook_client() -> httpx.AsyncClient:
     mounts: dict[str, httpx.AsyncBaseTransport | None] = {
         f"all://{host}": transport for host in ("127.0.0.1", "localhost", "[::1]")
     }
-    return httpx.AsyncClient(
-        transport=transport, mounts=mounts, verify=context, follow_redirects=False, cookies=_NoCookies()
-    )
+    return WebhookClient(transport=transport, mounts=mounts, verify=context, follow_redirects=False)
