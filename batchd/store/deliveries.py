@@ -62,14 +62,14 @@ class DeliveryStore:
         owner: str | None = None,
         lease_s: float = 60.0,
         per_url: int | None = None,
-        queued: Mapping[str, int] | None = None,
+        room: Mapping[str, int] | None = None,
     ) -> list[Delivery]:
         """Pending deliveries due at `now`, oldest first; without `exclude` (attempts under way)
         and deliveries to `skip_urls` (endpoints whose queue is full).
 
-        With `per_url`, of the first `limit` due deliveries at most `per_url` per URL are taken,
-        less what `queued` says that URL has taken on already: the others are neither read
-        whole (bodies included) nor claimed.
+        With `per_url`, of the first `limit` due deliveries at most `per_url` per URL are taken
+        (or what `room` says for that URL): the others are neither read whole (bodies
+        included) nor claimed.
 
         With `owner` they are also claimed for that daemon for `lease_s` (SKIP LOCKED): one
         sender at a time, and another daemon takes a delivery over once a dead sender's
@@ -88,11 +88,13 @@ class DeliveryStore:
         with self._db.read() if owner is None else self._db.write() as conn:
             # The ids first, then whole rows for the ones taken only: an endpoint with little room
             # left read a full batch of bodies (and claimed it) to take on a few of them.
-            taken = dict(queued or {})
+            left = dict(room or {})
             ids = []
             for delivery_id, url in conn.execute(keys).all():
-                if per_url is None or taken.get(url, 0) < per_url:
-                    taken[url] = taken.get(url, 0) + 1
+                if per_url is None:
+                    ids.append(delivery_id)
+                elif left.setdefault(url, per_url) > 0:
+                    left[url] -= 1
                     ids.append(delivery_id)
             if not ids:
                 return []

@@ -34,10 +34,13 @@ PER_ENDPOINT_CONCURRENCY = 4
 MAX_PER_ENDPOINT_CONCURRENCY = 16
 #: Where the deliverer reports what it meets (Faults).
 WEBHOOKS = "webhooks"
-#: Deliveries taken on per endpoint (attempts running and waiting for a slot); more stay in the store.
+#: Deliveries taken on per endpoint (attempts running, waiting for a slot or for their outcome's
+#: commit) at the first concurrency; more stay in the store. An endpoint whose concurrency has
+#: grown takes on as many more per slot (256 at 16): at 64, deliveries waiting for a commit
+#: left slots idle, and the queue ran dry between refills. Refilled once down to half of this.
 PER_ENDPOINT_QUEUE = 64
-#: New due deliveries picked up per `run_due` call.
-DUE_BATCH = 100
+#: New due deliveries picked up per `run_due` call (a grown endpoint's refill in one read).
+DUE_BATCH = 256
 
 
 @dataclass
@@ -134,7 +137,7 @@ class Deliverer:
         # a backlog held by one hanging endpoint fills every batch, and no other endpoint gets a
         # delivery until it times out; and re-reading every delivery in flight (bodies included)
         # on each wake-up cost more than the deliveries themselves. The id list stays short: at
-        # most PER_ENDPOINT_QUEUE per endpoint (see _full_endpoints).
+        # most a queue per endpoint (see _capacity).
         exclude, full = frozenset(self._in_flight), self._full_endpoints()
         # An attempt that ends while this call awaits the store has left the in-flight set, yet
         # its delivery may be in the due list read before its outcome was recorded: starting it
@@ -145,10 +148,9 @@ class Deliverer:
             settings = self._settings()
             # Held long enough for a queued attempt to run out its timeout, and at least a job lease.
             lease_s = max(settings.cluster.lease_s, 4 * settings.delivery.timeout_s)
-            queued = dict(self._queued)  # a copy taken here: the thread must not read what the loop changes
-            due, disabled = await anyio.to_thread.run_sync(
-                lambda: self._due_and_disabled(exclude, full, queued, lease_s)
-            )
+            # Taken here: the thread must not read what the loop changes meanwhile.
+            room = {url: self._capacity(url) - self._queued.get(url, 0) for url in self._queued.keys() | self._limiters}
+            due, disabled = await anyio.to_thread.run_sync(lambda: self._due_and_disabled(exclude, full, room, lease_s))
             for delivery in due:
                 if delivery.id in self._in_flight or delivery.id in ended:
                     continue
@@ -158,7 +160,7 @@ class Deliverer:
                     metrics.webhook("parked")
                     log.info("webhook.parked", event_id=delivery.event_id, url=redact_url(delivery.url), reason=reason)
                     continue
-                if self._queued.get(delivery.url, 0) >= PER_ENDPOINT_QUEUE:
+                if self._queued.get(delivery.url, 0) >= self._capacity(delivery.url):
                     continue  # taken on when one of its endpoint's attempts ends
                 self._in_flight.add(delivery.id)
                 self._queued[delivery.url] = self._queued.get(delivery.url, 0) + 1
@@ -168,10 +170,10 @@ class Deliverer:
         # More may be due: the read stopped at its limit, or stopped taking an endpoint's
         # deliveries at its queue's room (others' may come after them).
         read = Counter(delivery.url for delivery in due)
-        return len(due) >= DUE_BATCH or any(queued.get(url, 0) + n >= PER_ENDPOINT_QUEUE for url, n in read.items())
+        return len(due) >= DUE_BATCH or any(n >= room.get(url, PER_ENDPOINT_QUEUE) for url, n in read.items())
 
     def _due_and_disabled(
-        self, exclude: frozenset[int], full: frozenset[str], queued: dict[str, int], lease_s: float
+        self, exclude: frozenset[int], full: frozenset[str], room: dict[str, int], lease_s: float
     ) -> tuple[list[Delivery], dict[str, str]]:
         """The due deliveries and, when there are any, the disabled endpoints: in one trip to a
         worker thread (each trip is a handoff of the GIL and a wait for it to come back).
@@ -188,7 +190,7 @@ class Deliverer:
             owner=self._owner,
             lease_s=lease_s,
             per_url=PER_ENDPOINT_QUEUE,
-            queued=queued,
+            room=room,
         )
         # An endpoint that answered 410 stays disabled: disable_endpoint (store) parks what was
         # pending then, and an event created later is parked here rather than sent to it again.
@@ -226,10 +228,17 @@ class Deliverer:
             # every delivery: each look scans the due deliveries.
             if queued <= PER_ENDPOINT_QUEUE // 2 or not delivered:
                 self.poke()
-            # Forget an idle endpoint's limiter: spec URLs may differ per job, and a long-running
-            # daemon would otherwise keep one limiter for every URL it ever called.
-            if limiter.borrowed_tokens == 0 and limiter.statistics().tasks_waiting == 0:
+            # Forget an idle endpoint's limiter (and so what its concurrency grew to): spec URLs
+            # may differ per job, and a long-running daemon would otherwise keep one limiter for
+            # every URL it ever called. Idle: nothing taken on, not merely nothing on the wire.
+            if not queued and limiter.borrowed_tokens == 0 and limiter.statistics().tasks_waiting == 0:
                 self._limiters.pop(delivery.url, None)
+
+    def _capacity(self, url: str) -> int:
+        """Deliveries an endpoint may have taken on: PER_ENDPOINT_QUEUE per PER_ENDPOINT_CONCURRENCY slots."""
+        limiter = self._limiters.get(url)
+        slots = PER_ENDPOINT_CONCURRENCY if limiter is None else int(limiter.total_tokens)
+        return PER_ENDPOINT_QUEUE * slots // PER_ENDPOINT_CONCURRENCY
 
     def _full_endpoints(self) -> frozenset[str]:
         """Endpoints left out of the next read: their queue is not yet down to half.

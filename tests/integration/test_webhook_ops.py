@@ -298,6 +298,27 @@ async def test_an_endpoint_that_keeps_delivering_takes_more_at_once_up_to_a_boun
     assert PER_ENDPOINT_CONCURRENCY < fast.most <= MAX_PER_ENDPOINT_CONCURRENCY
 
 
+async def test_an_endpoint_whose_concurrency_grew_takes_on_more_deliveries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("batchd.webhooks.deliverer.PER_ENDPOINT_QUEUE", 8)
+    fast = CountingReceiver()
+    async with serve_emulator(fast) as url, harness(tmp_path) as h:
+        h.settings = replace(h.settings, webhooks=(WebhookEndpoint(f"{url}/hook", (Secret(SECRET_A),)),))
+        for _ in range(150):
+            h.emit()
+        most = 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(h.deliverer.serve, tg)
+            with anyio.fail_after(30):
+                while h.store.deliveries.pending_count():
+                    most = max(most, len(h.deliverer._in_flight))
+                    await anyio.sleep(0.005)
+            tg.cancel_scope.cancel()
+    # 8 at 4 in flight; 8 more per 4 slots it grew by, up to 32 at 16.
+    assert 8 < most <= 32
+
+
 async def test_an_endpoint_that_fails_stays_at_the_first_bound(tmp_path: Path) -> None:
     failing = CountingReceiver(status=500)
     async with serve_emulator(failing) as url, harness(tmp_path) as h:
