@@ -91,9 +91,9 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         self._clock = clock
         self._backend = AsyncioBackend()
         #: idle connections per key, the most recently used last, each with when it became idle
-        self._idle: dict[_Key, list[tuple[httpcore.AsyncHTTPConnection, float]]] = {}
+        self._idle: dict[_Key, list[tuple[httpcore.AsyncHTTP11Connection, float]]] = {}
         #: connections carrying a request (closed with the transport)
-        self._busy: set[httpcore.AsyncHTTPConnection] = set()
+        self._busy: set[httpcore.AsyncHTTP11Connection] = set()
         self._next_sweep = 0.0
         # Created on first use: anyio primitives need a running event loop.
         self._slots: anyio.Semaphore | None = None
@@ -120,7 +120,10 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             self._slots = anyio.Semaphore(self._max_in_flight)
         await self._acquire(self._slots, request)
         try:
-            connection = await self._take(key, core)
+            try:
+                connection = await self._take(key, core)
+            except Exception as exc:
+                _reraise(exc)
             try:
                 response = await connection.handle_async_request(core)
             except Exception as exc:
@@ -162,7 +165,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             return
         raise httpx.PoolTimeout(f"no connection free within {timeout} s", request=request)
 
-    async def _take(self, key: _Key, core: httpcore.Request) -> httpcore.AsyncHTTPConnection:
+    async def _take(self, key: _Key, core: httpcore.Request) -> httpcore.AsyncHTTP11Connection:
         """The most recently used idle connection for `key` still fit for a request, else a new one."""
         now = self._clock()
         if now >= self._next_sweep:
@@ -175,19 +178,34 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                 self._busy.add(connection)
                 return connection
             await self._close(connection)
-        connection = httpcore.AsyncHTTPConnection(
-            origin=core.url.origin,
-            ssl_context=self._ssl_context,
-            keepalive_expiry=self._expiry_s,
-            http1=True,
-            http2=False,
-            retries=0,
-            network_backend=self._backend,
+        # httpcore's HTTP/1.1 connection itself, on a stream connected here: its usual wrapper
+        # (AsyncHTTPConnection) only connects, and takes a lock of its own on every request.
+        stream = await self._connect(core)
+        connection = httpcore.AsyncHTTP11Connection(
+            origin=core.url.origin, stream=stream, keepalive_expiry=self._expiry_s
         )
         self._busy.add(connection)
         return connection
 
-    async def _give_back(self, key: _Key, connection: httpcore.AsyncHTTPConnection) -> None:
+    async def _connect(self, core: httpcore.Request) -> httpcore.AsyncNetworkStream:
+        """A new connection for `core` (TCP, then TLS for https to its `sni_hostname` or host), as
+        httpcore connects; no retries."""
+        timeout = core.extensions.get("timeout", {}).get("connect")
+        origin = core.url.origin
+        host = origin.host.decode("ascii")
+        stream = await self._backend.connect_tcp(host, origin.port, timeout)
+        if origin.scheme != b"https":
+            return stream
+        context = self._ssl_context if self._ssl_context is not None else tls_context()
+        context.set_alpn_protocols(["http/1.1"])
+        try:
+            return await stream.start_tls(context, core.extensions.get("sni_hostname") or host, timeout)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+
+    async def _give_back(self, key: _Key, connection: httpcore.AsyncHTTP11Connection) -> None:
         """After an answer was closed: keep its connection for the next request if it can take one."""
         self._busy.discard(connection)
         assert self._slots is not None
@@ -201,12 +219,12 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             return
         stack.append((connection, self._clock()))
 
-    async def _discard(self, connection: httpcore.AsyncHTTPConnection) -> None:
+    async def _discard(self, connection: httpcore.AsyncHTTP11Connection) -> None:
         self._busy.discard(connection)
         await self._close(connection)
 
     @staticmethod
-    async def _close(connection: httpcore.AsyncHTTPConnection) -> None:
+    async def _close(connection: httpcore.AsyncHTTP11Connection) -> None:
         with anyio.CancelScope(shield=True):
             await connection.aclose()
 
