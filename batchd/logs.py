@@ -8,6 +8,7 @@ rendered line, tracebacks included.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Iterable, MutableMapping
@@ -20,30 +21,41 @@ _SECRET_WORDS = ("api_key", "secret", "authorization", "password", "token")
 MIN_SECRET_LENGTH = 8
 
 _secret_values: set[str] = set()
+#: _secret_values, longest first (so a secret that contains another is blanked whole); sorted
+#: when a value is added, not for every line
+_by_length: tuple[str, ...] = ()
 
 
 def redact_values(values: Iterable[str]) -> None:
     """Blank these values (API keys, webhook secrets) wherever they appear in a log line from now on."""
+    global _by_length
     for value in values:
         for form in (value, value.removeprefix("whsec_")):
             if len(form) >= MIN_SECRET_LENGTH:
                 _secret_values.add(form)
+    _by_length = tuple(sorted(_secret_values, key=len, reverse=True))
 
 
 def scrub(_logger: Any, _method: str, line: Any) -> Any:
     """After rendering: replace every registered secret value in the finished line."""
     if isinstance(line, str):
-        # Longest first, so a secret that contains another is blanked whole.
-        for value in sorted(_secret_values, key=len, reverse=True):
+        for value in _by_length:
             if value in line:
                 line = line.replace(value, "***")
     return line
 
 
+@functools.lru_cache(maxsize=1024)
+def _names_a_secret(key: str) -> bool:
+    # Log lines use a few dozen key names, each looked at on every line.
+    lowered = key.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
 def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Blank the value of every key that names a secret."""
     for key in list(event_dict):
-        if any(word in key.lower() for word in _SECRET_WORDS):
+        if isinstance(key, str) and _names_a_secret(key):
             event_dict[key] = "***"
     return event_dict
 

@@ -31,6 +31,7 @@ from batchd.providers.together import TogetherProvider
 from batchd.store import Store, safe_url
 from batchd.urls import url_secrets
 from batchd.webhooks import Deliverer
+from batchd.webhooks.transport import webhook_client
 
 log = structlog.get_logger("batchd.service")
 
@@ -113,7 +114,7 @@ async def serve(
         log.info("service.database", url=safe_url(settings.database_url), schema_from=previous)
         async with (
             http_client(timeout=API_TIMEOUT) as api_http,
-            http_client(follow_redirects=False) as hook_http,
+            webhook_client() as hook_http,
             open_provider(settings, api_http) as provider,
         ):
             daemon: Daemon | None = None

@@ -243,9 +243,9 @@ async def _send_test(
     peek: int,
 ) -> Outcome:
 
-    from batchd.providers.http import http_client
+    from batchd.webhooks.transport import webhook_client
 
-    async with http_client(follow_redirects=False) as http:
+    async with webhook_client() as http:
         return await post_event(
             http, url, event_id=event_id, body=body, secrets=secrets, timestamp=int(time.time()),
             timeout_s=settings.delivery.timeout_s, allow_list=allow_list, peek=peek,

@@ -158,9 +158,9 @@ def recover_spool(path: Path) -> SpoolSummary:
     return summary
 
 
-def spool_record(ok: bool, custom_id: str, line: dict[str, Any]) -> bytes:
-    """One spool record: `o`/`e`, the custom_id hash (the sort key), the result line."""
-    return (b"o " if ok else b"e ") + custom_id_hash(custom_id).encode() + b" " + dump_line(line)
+def spool_record(ok: bool, custom_id: str, line: dict[str, Any], key: str | None = None) -> bytes:
+    """One spool record: `o`/`e`, the custom_id hash (the sort key; `key` when already known), the result line."""
+    return (b"o " if ok else b"e ") + (key or custom_id_hash(custom_id)).encode() + b" " + dump_line(line)
 
 
 class Spool(AsyncResource):
@@ -193,9 +193,18 @@ class Spool(AsyncResource):
         self._file = await anyio.to_thread.run_sync(self._path.open, "ab")
         return self
 
-    async def append(self, answers: Sequence[tuple[bool, str, dict[str, Any]]]) -> None:
-        """Record answers `(ok, custom_id, line)` (`ok`: for the output file); return once they are durable."""
-        self._pending.extend(spool_record(ok, custom_id, line) for ok, custom_id, line in answers)
+    async def append(
+        self, answers: Sequence[tuple[bool, str, dict[str, Any]]], *, keys: Sequence[str] | None = None
+    ) -> None:
+        """Record answers `(ok, custom_id, line)` (`ok`: for the output file); return once they are durable.
+
+        `keys` are their custom_id hashes when the caller has them already (each is hashed once).
+        """
+        if keys is None:
+            keys = [custom_id_hash(custom_id) for _, custom_id, _ in answers]
+        self._pending.extend(
+            spool_record(ok, custom_id, line, key) for (ok, custom_id, line), key in zip(answers, keys, strict=True)
+        )
         group = self._collecting
         while self._synced <= group:
             if self._broken is not None:
@@ -204,7 +213,7 @@ class Spool(AsyncResource):
                 await self._changed.wait()
                 continue
             await self._write_pending()
-        self.summary.answered.update(custom_id_hash(custom_id) for _, custom_id, _ in answers)
+        self.summary.answered.update(keys)
 
     async def _write_pending(self) -> None:
         self._writing = True

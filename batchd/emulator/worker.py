@@ -31,6 +31,7 @@ from batchd.emulator.answers import (
     status_answer,
 )
 from batchd.emulator.engines import Engine
+from batchd.emulator.feed import RequestFeed
 from batchd.emulator.inputs import InputPlan, InputProblem, plan_input
 from batchd.emulator.result_files import write_result_files
 from batchd.emulator.spool import RequestLines, Spool, custom_id_hash
@@ -266,10 +267,9 @@ class BatchWorker:
 
     async def _execute(self, batch: StoredBatch, plan: InputPlan) -> bool:
         """Answer the first `plan.limit` requests; True when the completion window ran out first."""
-        slots = anyio.Semaphore(self._concurrency)
+        # At most `concurrency` requests at the engine; waiting for the disk does not count.
+        slots = anyio.Semaphore(self._concurrency, fast_acquire=True)
         pace = self.timeline.in_progress_min_s
-        position = 0
-        expired = False
         input_path = self._state.content_path(batch.input_file_id)
         async with Spool(self._state.spool_path(batch.id)) as spool:
             done = spool.summary
@@ -279,51 +279,47 @@ class BatchWorker:
             if done.answered:
                 log.info("emulator.batch.resuming", batch_id=batch.id, answered=len(done.answered))
             started = anyio.current_time()
-            async with (
-                RequestLines(input_path) as lines,
-                # Innermost: every answer task ends before the spool is closed.
-                anyio.create_task_group() as tg,
-            ):
-                while position < plan.limit and not expired and (block := await lines.next_lines()):
-                    for _lineno, raw in block[: plan.limit - position]:
-                        position += 1
-                        request = json.loads(raw)  # validated in _plan
-                        if custom_id_hash(request["custom_id"]) in done.answered:
-                            continue
-                        if pace:
-                            # Spread the requests over the IN_PROGRESS time, so progress climbs steadily.
-                            await anyio.sleep_until(started + pace * (position - 1) / plan.limit)
-                        if self._clock() >= batch.deadline:
-                            expired = True
-                            break
-                        await self._gate.wait()
-                        await slots.acquire()
-                        tg.start_soon(self._answer_into, batch, request, spool, slots)
+            async with RequestLines(input_path) as lines:
+                feed = RequestFeed(
+                    lines, limit=plan.limit, answered=done.answered, pace_s=pace, started=started,
+                    deadline=batch.deadline, clock=self._clock, gate_wait=self._gate.wait,
+                )  # fmt: skip
+                # Lanes, each taking the next request when it is done with one, rather than a task
+                # per request (spawning one cost more than the worker's own work on it). Twice as
+                # many as slots: the answers of half of them may be waiting for the disk.
+                # Innermost: every lane ends before the spool is closed.
+                async with anyio.create_task_group() as tg:
+                    for _ in range(min(2 * self._concurrency, plan.limit)):
+                        tg.start_soon(self._lane, batch, feed, spool, slots)
+            expired = feed.expired
             if not expired:
                 await anyio.sleep_until(started + pace)
             if batch.dialect == "openai" and (expired or plan.stop is BatchStatus.EXPIRED):
                 await self._record_expired(batch, spool)
         return expired
 
-    async def _answer_into(
-        self, batch: StoredBatch, request: dict[str, Any], spool: Spool, slots: anyio.Semaphore
-    ) -> None:
-        try:
-            answer = await self._answer(batch, request)
-        finally:
-            # The slot bounds requests at the engine; waiting for the disk must not idle the engine.
-            slots.release()
-        # Paused: the answer is held back, so the batch does not advance.
-        await self._gate.wait()
-        await spool.append([(answer.ok, answer.custom_id, render_line(batch.dialect, batch.id, answer))])
-        if answer.ok:
-            batch.completed += 1
-            used_in, used_out = answer.usage()
-            batch.input_tokens += used_in
-            batch.output_tokens += used_out
-        else:
-            batch.failed += 1
-        self._update_progress(batch)
+    async def _lane(self, batch: StoredBatch, feed: RequestFeed, spool: Spool, slots: anyio.Semaphore) -> None:
+        """Answer requests from `feed` one after another, each recorded in the spool."""
+        while (taken := await feed.next()) is not None:
+            key, request = taken
+            await slots.acquire()
+            try:
+                answer = await self._answer(batch, request)
+            finally:
+                # The slot bounds requests at the engine; waiting for the disk must not idle the engine.
+                slots.release()
+            # Paused: the answer is held back, so the batch does not advance.
+            await self._gate.wait()
+            line = render_line(batch.dialect, batch.id, answer)
+            await spool.append([(answer.ok, answer.custom_id, line)], keys=[key])
+            if answer.ok:
+                batch.completed += 1
+                used_in, used_out = answer.usage()
+                batch.input_tokens += used_in
+                batch.output_tokens += used_out
+            else:
+                batch.failed += 1
+            self._update_progress(batch)
 
     @staticmethod
     def _update_progress(batch: StoredBatch) -> None:

@@ -7,7 +7,7 @@ dead-lettered or parked because its endpoint is disabled (410).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, assert_never
 
 from sqlalchemy import Connection, bindparam, case, func, insert, or_, select, update
@@ -62,43 +62,66 @@ class DeliveryStore:
         skip_urls: Collection[str] = (),
         owner: str | None = None,
         lease_s: float = 60.0,
+        per_url: int | None = None,
+        room: Mapping[str, int] | None = None,
     ) -> list[Delivery]:
         """Pending deliveries due at `now`, oldest first; without `exclude` (attempts under way)
         and deliveries to `skip_urls` (endpoints whose queue is full).
+
+        With `per_url`, of the first `limit` due deliveries at most `per_url` per URL are taken
+        (or what `room` says for that URL): the others are neither read whole (bodies
+        included) nor claimed.
 
         With `owner` they are also claimed for that daemon for `lease_s` (SKIP LOCKED): one
         sender at a time, and another daemon takes a delivery over once a dead sender's
         lease has ended (at least once, the same event id).
         """
-        query = (
-            _deliveries_query()
-            .where(deliveries.c.state == DeliveryState.PENDING.value, deliveries.c.next_attempt_at <= now)
-            .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
-            .limit(limit)
-        )
+        due = deliveries.c.state == DeliveryState.PENDING.value, deliveries.c.next_attempt_at <= now
+        order = (deliveries.c.next_attempt_at, deliveries.c.id)
+        keys = select(deliveries.c.id, deliveries.c.url).where(*due).order_by(*order).limit(limit)
         if exclude:
-            query = query.where(deliveries.c.id.not_in(list(exclude)))
+            keys = keys.where(deliveries.c.id.not_in(list(exclude)))
         if skip_urls:
-            query = query.where(deliveries.c.url.not_in(list(skip_urls)))
-        if owner is None:
-            with self._db.read() as conn:
-                return [delivery_from_row(r._mapping) for r in conn.execute(query).all()]
-        query = query.where(
-            or_(deliveries.c.owner.is_(None), deliveries.c.owner == owner, deliveries.c.lease_until < now)
-        ).with_for_update(of=deliveries, skip_locked=True)
-        with self._db.write() as conn:
-            found = [delivery_from_row(r._mapping) for r in conn.execute(query).all()]
-            if found:
+            keys = keys.where(deliveries.c.url.not_in(list(skip_urls)))
+        if owner is not None:
+            mine = or_(deliveries.c.owner.is_(None), deliveries.c.owner == owner, deliveries.c.lease_until < now)
+            keys = keys.where(mine).with_for_update(skip_locked=True)
+        with self._db.read() if owner is None else self._db.write() as conn:
+            # The ids first, then whole rows for the ones taken only: an endpoint with little room
+            # left read a full batch of bodies (and claimed it) to take on a few of them.
+            left = dict(room or {})
+            ids = []
+            for delivery_id, url in conn.execute(keys).all():
+                if per_url is None:
+                    ids.append(delivery_id)
+                elif left.setdefault(url, per_url) > 0:
+                    left[url] -= 1
+                    ids.append(delivery_id)
+            if not ids:
+                return []
+            rows = conn.execute(_deliveries_query().where(deliveries.c.id.in_(ids)).order_by(*order)).all()
+            if owner is not None:
                 conn.execute(
-                    update(deliveries)
-                    .where(deliveries.c.id.in_([d.id for d in found]))
-                    .values(owner=owner, lease_until=now + lease_s)
+                    update(deliveries).where(deliveries.c.id.in_(ids)).values(owner=owner, lease_until=now + lease_s)
                 )
-        return found
+        return [delivery_from_row(r._mapping) for r in rows]
 
-    def next_due_at(self, exclude: Collection[int] = (), *, skip_urls: Collection[str] = ()) -> float | None:
-        """When the next pending delivery is due, leaving out `exclude` (attempts under way) and `skip_urls`."""
-        query = select(func.min(deliveries.c.next_attempt_at)).where(deliveries.c.state == DeliveryState.PENDING.value)
+    def next_due_at(
+        self, exclude: Collection[int] = (), *, skip_urls: Collection[str] = (), after: float | None = None
+    ) -> float | None:
+        """When the next pending delivery is due, leaving out `exclude` (attempts under way) and `skip_urls`.
+
+        With `after`, only deliveries due later than that count (found in the index's order:
+        the earliest one that qualifies ends the search, however many come before it).
+        """
+        query = (
+            select(deliveries.c.next_attempt_at)
+            .where(deliveries.c.state == DeliveryState.PENDING.value)
+            .order_by(deliveries.c.next_attempt_at)
+            .limit(1)
+        )
+        if after is not None:
+            query = query.where(deliveries.c.next_attempt_at > after)
         if exclude:
             query = query.where(deliveries.c.id.not_in(list(exclude)))
         if skip_urls:

@@ -14,7 +14,13 @@ computed for that attempt. One concern per module:
 
 from __future__ import annotations
 
-from batchd.webhooks.deliverer import DUE_BATCH, PER_ENDPOINT_CONCURRENCY, PER_ENDPOINT_QUEUE, Deliverer
+from batchd.webhooks.deliverer import (
+    DUE_BATCH,
+    MAX_PER_ENDPOINT_CONCURRENCY,
+    PER_ENDPOINT_CONCURRENCY,
+    PER_ENDPOINT_QUEUE,
+    Deliverer,
+)
 from batchd.webhooks.events import build_event, event_targets, new_event, webhook_data
 from batchd.webhooks.guard import Refused, allowed_webhook_url, checked_url, pinned_target, webhook_url_refusal
 from batchd.webhooks.post import DRAIN_BYTES, DRAIN_S, Outcome, post_event
@@ -24,6 +30,7 @@ __all__ = [
     "DRAIN_BYTES",
     "DRAIN_S",
     "DUE_BATCH",
+    "MAX_PER_ENDPOINT_CONCURRENCY",
     "PER_ENDPOINT_CONCURRENCY",
     "PER_ENDPOINT_QUEUE",
     "Deliverer",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -21,19 +22,25 @@ from batchd.faults import Faults, describe
 from batchd.models import Delivery
 from batchd.store import DeadLettered, Delivered, DeliveryOutcome, EndpointGone, Parked, RetryLater, Store
 from batchd.urls import redact_url
-from batchd.webhooks.policy import GONE_REASON, Decision, Verdict, decide
+from batchd.webhooks.guard import Resolver
+from batchd.webhooks.policy import GONE_REASON, Decision, Verdict, concurrency_after, decide
 from batchd.webhooks.post import Outcome, post_event
 
 log = structlog.get_logger("batchd.webhooks")
 
-#: Attempts to one endpoint at the same time; a slow receiver only holds up its own queue.
+#: Attempts to one endpoint at the same time at first; a slow receiver only holds up its own queue.
 PER_ENDPOINT_CONCURRENCY = 4
+#: ...and at most, reached by an endpoint that keeps answering 2xx while more wait (policy.concurrency_after).
+MAX_PER_ENDPOINT_CONCURRENCY = 16
 #: Where the deliverer reports what it meets (Faults).
 WEBHOOKS = "webhooks"
-#: Deliveries taken on per endpoint (attempts running and waiting for a slot); more stay in the store.
+#: Deliveries taken on per endpoint (attempts running, waiting for a slot or for their outcome's
+#: commit) at the first concurrency; more stay in the store. An endpoint whose concurrency has
+#: grown takes on as many more per slot (256 at 16): at 64, deliveries waiting for a commit
+#: left slots idle, and the queue ran dry between refills. Refilled once down to half of this.
 PER_ENDPOINT_QUEUE = 64
-#: New due deliveries picked up per `run_due` call.
-DUE_BATCH = 100
+#: New due deliveries picked up per `run_due` call (a grown endpoint's refill in one read).
+DUE_BATCH = 256
 
 
 @dataclass
@@ -67,6 +74,8 @@ class Deliverer:
         #: the daemon this deliverer belongs to: deliveries are claimed for it (None: not claimed)
         self._owner = owner
         self._clock = clock
+        #: the SSRF guard's DNS cache for spec URLs (its TTL on the injected clock)
+        self._resolver = Resolver(clock=clock)
         self._rng = rng or random.Random()
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
         self._in_flight: set[int] = set()
@@ -74,7 +83,8 @@ class Deliverer:
         self._queued: dict[str, int] = {}
         #: outcomes waiting for the next commit (see _record)
         self._commit = _Commit()
-        self._commit_lock = anyio.Lock()
+        # Taken at once when free: anyio's plain Lock yields to the loop on every acquire.
+        self._commit_lock = anyio.Lock(fast_acquire=True)
         self._wake = anyio.Event()
         #: one set per run_due in progress: deliveries whose attempt ended meanwhile
         self._ended_during_run: list[set[int]] = []
@@ -93,11 +103,17 @@ class Deliverer:
             # A fresh event before reading: a poke() during the reads must not be lost.
             self._wake = anyio.Event()
             try:
-                await self.run_due(tg)
-                # An endpoint with a full queue is looked at again when one of its attempts ends (a poke).
-                exclude, full = frozenset(self._in_flight), self._full_endpoints()
-                next_due = partial(self._store.deliveries.next_due_at, exclude, skip_urls=full)
-                next_at = await anyio.to_thread.run_sync(next_due)
+                read_at = self._clock()
+                if await self.run_due(tg):
+                    next_at: float | None = read_at  # more may be due: read again at once
+                else:
+                    # What was due when run_due read is on its way, or waits for a poke: an attempt
+                    # under way pokes when it fails, and an endpoint with a full queue when half of
+                    # it is done. Only what falls due later is looked for: asked for the earliest
+                    # pending delivery, the store went through every one of a full queue's backlog.
+                    exclude, full = frozenset(self._in_flight), self._full_endpoints()
+                    next_due = partial(self._store.deliveries.next_due_at, exclude, skip_urls=full, after=read_at)
+                    next_at = await anyio.to_thread.run_sync(next_due)
             except Exception as exc:
                 # A locked or vanished database must not end deliveries for the daemon's lifetime;
                 # the fault is logged once (Faults), not once a second while it lasts.
@@ -111,14 +127,17 @@ class Deliverer:
             with anyio.move_on_after(wait):
                 await self._wake.wait()
 
-    async def run_due(self, tg: anyio.abc.TaskGroup) -> None:
-        """Start an attempt for every due delivery not already on its way (up to a queue per endpoint)."""
+    async def run_due(self, tg: anyio.abc.TaskGroup) -> bool:
+        """Start an attempt for every due delivery not already on its way (up to a queue per endpoint).
+
+        Returns whether more deliveries may be due now than it could take on.
+        """
         # Deliveries in flight are still due in the store (their outcome is not recorded yet):
         # they are left out of the read, and so is every endpoint whose queue is full. Otherwise
         # a backlog held by one hanging endpoint fills every batch, and no other endpoint gets a
         # delivery until it times out; and re-reading every delivery in flight (bodies included)
         # on each wake-up cost more than the deliveries themselves. The id list stays short: at
-        # most PER_ENDPOINT_QUEUE per endpoint (see _full_endpoints).
+        # most a queue per endpoint (see _capacity).
         exclude, full = frozenset(self._in_flight), self._full_endpoints()
         # An attempt that ends while this call awaits the store has left the in-flight set, yet
         # its delivery may be in the due list read before its outcome was recorded: starting it
@@ -129,14 +148,9 @@ class Deliverer:
             settings = self._settings()
             # Held long enough for a queued attempt to run out its timeout, and at least a job lease.
             lease_s = max(settings.cluster.lease_s, 4 * settings.delivery.timeout_s)
-            due = await anyio.to_thread.run_sync(
-                lambda: self._store.deliveries.due(
-                    self._clock(), limit=DUE_BATCH, exclude=exclude, skip_urls=full, owner=self._owner, lease_s=lease_s
-                )
-            )
-            # An endpoint that answered 410 stays disabled: disable_endpoint (store) parks what was
-            # pending then, and an event created later is parked here rather than sent to it again.
-            disabled = await anyio.to_thread.run_sync(self._store.deliveries.disabled_endpoints) if due else {}
+            # Taken here: the thread must not read what the loop changes meanwhile.
+            room = {url: self._capacity(url) - self._queued.get(url, 0) for url in self._queued.keys() | self._limiters}
+            due, disabled = await anyio.to_thread.run_sync(lambda: self._due_and_disabled(exclude, full, room, lease_s))
             for delivery in due:
                 if delivery.id in self._in_flight or delivery.id in ended:
                     continue
@@ -146,16 +160,46 @@ class Deliverer:
                     metrics.webhook("parked")
                     log.info("webhook.parked", event_id=delivery.event_id, url=redact_url(delivery.url), reason=reason)
                     continue
-                if self._queued.get(delivery.url, 0) >= PER_ENDPOINT_QUEUE:
+                if self._queued.get(delivery.url, 0) >= self._capacity(delivery.url):
                     continue  # taken on when one of its endpoint's attempts ends
                 self._in_flight.add(delivery.id)
                 self._queued[delivery.url] = self._queued.get(delivery.url, 0) + 1
                 tg.start_soon(self._attempt_guarded, delivery)
         finally:
             self._ended_during_run.remove(ended)
+        # More may be due: the read stopped at its limit, or stopped taking an endpoint's
+        # deliveries at its queue's room (others' may come after them).
+        read = Counter(delivery.url for delivery in due)
+        return len(due) >= DUE_BATCH or any(n >= room.get(url, PER_ENDPOINT_QUEUE) for url, n in read.items())
+
+    def _due_and_disabled(
+        self, exclude: frozenset[int], full: frozenset[str], room: dict[str, int], lease_s: float
+    ) -> tuple[list[Delivery], dict[str, str]]:
+        """The due deliveries and, when there are any, the disabled endpoints: in one trip to a
+        worker thread (each trip is a handoff of the GIL and a wait for it to come back).
+
+        No endpoint gets more than its queue's room: the rest of a batch is neither read whole
+        nor claimed (a refill of one endpoint read DUE_BATCH rows, bodies included, to take on
+        half as many)."""
+        deliveries = self._store.deliveries
+        due = deliveries.due(
+            self._clock(),
+            limit=DUE_BATCH,
+            exclude=exclude,
+            skip_urls=full,
+            owner=self._owner,
+            lease_s=lease_s,
+            per_url=PER_ENDPOINT_QUEUE,
+            room=room,
+        )
+        # An endpoint that answered 410 stays disabled: disable_endpoint (store) parks what was
+        # pending then, and an event created later is parked here rather than sent to it again.
+        return due, deliveries.disabled_endpoints() if due else {}
 
     async def _attempt_guarded(self, delivery: Delivery) -> None:
-        limiter = self._limiters.setdefault(delivery.url, anyio.CapacityLimiter(PER_ENDPOINT_CONCURRENCY))
+        limiter = self._limiters.get(delivery.url)
+        if limiter is None:
+            limiter = self._limiters[delivery.url] = anyio.CapacityLimiter(PER_ENDPOINT_CONCURRENCY)
         delivered = False
         try:
             outcome = await self.attempt(delivery, slot=limiter)
@@ -166,6 +210,13 @@ class Deliverer:
             self.faults.report(WEBHOOKS, exc)
             log.warning("webhook.outcome_not_recorded", event_id=delivery.event_id, error=describe(exc))
         finally:
+            limiter.total_tokens = concurrency_after(
+                int(limiter.total_tokens),
+                delivered=delivered,
+                waiting=limiter.statistics().tasks_waiting > 0,
+                floor=PER_ENDPOINT_CONCURRENCY,
+                ceiling=MAX_PER_ENDPOINT_CONCURRENCY,
+            )
             self._in_flight.discard(delivery.id)
             queued = self._queued.pop(delivery.url, 1) - 1
             if queued:
@@ -177,10 +228,17 @@ class Deliverer:
             # every delivery: each look scans the due deliveries.
             if queued <= PER_ENDPOINT_QUEUE // 2 or not delivered:
                 self.poke()
-            # Forget an idle endpoint's limiter: spec URLs may differ per job, and a long-running
-            # daemon would otherwise keep one limiter for every URL it ever called.
-            if limiter.borrowed_tokens == 0 and limiter.statistics().tasks_waiting == 0:
+            # Forget an idle endpoint's limiter (and so what its concurrency grew to): spec URLs
+            # may differ per job, and a long-running daemon would otherwise keep one limiter for
+            # every URL it ever called. Idle: nothing taken on, not merely nothing on the wire.
+            if not queued and limiter.borrowed_tokens == 0 and limiter.statistics().tasks_waiting == 0:
                 self._limiters.pop(delivery.url, None)
+
+    def _capacity(self, url: str) -> int:
+        """Deliveries an endpoint may have taken on: PER_ENDPOINT_QUEUE per PER_ENDPOINT_CONCURRENCY slots."""
+        limiter = self._limiters.get(url)
+        slots = PER_ENDPOINT_CONCURRENCY if limiter is None else int(limiter.total_tokens)
+        return PER_ENDPOINT_QUEUE * slots // PER_ENDPOINT_CONCURRENCY
 
     def _full_endpoints(self) -> frozenset[str]:
         """Endpoints left out of the next read: their queue is not yet down to half.
@@ -211,7 +269,7 @@ class Deliverer:
         if not secrets:
             outcome = Outcome(None, "endpoint is no longer configured")
         else:
-            async with slot or contextlib.nullcontext():
+            async with _held(slot) if slot is not None else contextlib.nullcontext():
                 try:
                     outcome = await self._send(delivery, secrets)
                     crashpoint("after_webhook_sent")
@@ -292,4 +350,19 @@ class Deliverer:
             timestamp=int(self._clock()),
             timeout_s=settings.delivery.timeout_s,
             allow_list=settings.inbox.allow_webhook_urls if delivery.secret_ref == "inbox" else None,
+            resolver=self._resolver,
         )
+
+
+@contextlib.asynccontextmanager
+async def _held(limiter: anyio.CapacityLimiter) -> AsyncIterator[None]:
+    """Hold a token of `limiter`; a free one is taken without a trip round the event loop (which
+    anyio's own acquire makes even then: one more loop iteration, with its epoll call, per attempt)."""
+    try:
+        limiter.acquire_nowait()
+    except anyio.WouldBlock:
+        await limiter.acquire()
+    try:
+        yield
+    finally:
+        limiter.release()

@@ -2,15 +2,18 @@
 
 A spec's URL comes from whoever dropped the file. It must match an `[inbox]
 allow_webhook_urls` entry, compared in normal form (batchd.urls), and its host is resolved
-once per attempt: every address is checked and the request goes to exactly the checked one,
-at the normalised URL (README, "Decisions").
+(at most once per DNS_TTL_S with a `Resolver`, else once per attempt): every address is
+checked on every attempt and the request goes to exactly the checked one, at the normalised
+URL (README, "Decisions").
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import anyio
 
@@ -32,6 +35,13 @@ def checked_url(url: str, allow_list: Sequence[str]) -> tuple[NormalURL, str] | 
     a control character, whitespace or a backslash matches nothing. The normal form is what
     is called, so that what was checked is what is contacted.
     """
+    return _checked_url(url, tuple(allow_list))
+
+
+# Pure, and asked again on every attempt to the same URL: normalising the URL and every entry
+# cost more than the rest of the guard. Bounded: spec URLs differ per job.
+@functools.lru_cache(maxsize=1024)
+def _checked_url(url: str, allow_list: tuple[str, ...]) -> tuple[NormalURL, str] | None:
     # A user's URL that cannot be parsed matches nothing (an exception here would escape
     # Inbox.take and stop intake): normalise_url raises ValueError only.
     try:
@@ -63,10 +73,12 @@ def webhook_url_refusal(url: str, allow_list: Sequence[str]) -> str | None:
     return None
 
 
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+
+
 def _non_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
-    cgnat = ipaddress.ip_network("100.64.0.0/10")
     return (
         address.is_loopback
         or address.is_private
@@ -74,7 +86,7 @@ def _non_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         or address.is_unspecified
         or address.is_multicast
         or address.is_reserved
-        or (isinstance(address, ipaddress.IPv4Address) and address in cgnat)
+        or (isinstance(address, ipaddress.IPv4Address) and address in _CGNAT)
     )
 
 
@@ -82,9 +94,58 @@ class Refused(Exception):
     """A spec-provided URL that must not be contacted."""
 
 
-async def pinned_target(url: str, allow_list: Sequence[str]) -> tuple[str, str]:
-    """Resolve a spec webhook URL once and check every address; return (its normal form with
-    the IP in place of the host, the host resolved).
+#: How long a `Resolver` keeps a host's addresses. Resolving on every attempt cost a thread
+#: trip (getaddrinfo blocks) per delivery; a rebinding attacker gains nothing from the wait,
+#: since whatever is kept is checked again on every use and only a checked address is called.
+DNS_TTL_S = 10.0
+#: Hosts a `Resolver` keeps at most (spec URLs may name a new host per job).
+DNS_CACHE_SIZE = 1024
+
+
+class Resolver:
+    """The addresses of a host, resolved at most once per `ttl_s` (a DNS cache for the guard).
+
+    Only answers are kept, never verdicts: `pinned_target` checks the addresses on every use.
+    A lookup that fails or finds nothing is not kept. `clock` is injected (seconds).
+    """
+
+    def __init__(
+        self, *, ttl_s: float = DNS_TTL_S, size: int = DNS_CACHE_SIZE, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._ttl_s = ttl_s
+        self._size = size
+        self._clock = clock
+        #: (host, port) -> (until when, addresses), oldest first
+        self._answers: dict[tuple[str, int], tuple[float, tuple[str, ...]]] = {}
+
+    async def addresses(self, host: str, port: int) -> tuple[str, ...]:
+        """The addresses `host` resolves to (empty when it resolves to none)."""
+        now = self._clock()
+        kept = self._answers.get((host, port))
+        if kept is not None and now < kept[0]:
+            return kept[1]
+        found = await _resolve(host, port)
+        if found:
+            self._keep((host, port), (now + self._ttl_s, found), now)
+        return found
+
+    def _keep(self, key: tuple[str, int], answer: tuple[float, tuple[str, ...]], now: float) -> None:
+        self._answers.pop(key, None)
+        if len(self._answers) >= self._size:
+            self._answers = {k: v for k, v in self._answers.items() if now < v[0]}
+            while len(self._answers) >= self._size:
+                del self._answers[next(iter(self._answers))]
+        self._answers[key] = answer
+
+
+async def _resolve(host: str, port: int) -> tuple[str, ...]:
+    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return tuple(str(info[4][0]) for info in infos)
+
+
+async def pinned_target(url: str, allow_list: Sequence[str], resolver: Resolver | None = None) -> tuple[str, str]:
+    """Resolve a spec webhook URL (through `resolver`, else afresh) and check every address;
+    return (its normal form with the IP in place of the host, the host resolved).
 
     A non-public address passes only when the allow-list entry names that very
     IP literal: an operator who writes http://10.0.0.5:9000/ means it, while a
@@ -97,13 +158,13 @@ async def pinned_target(url: str, allow_list: Sequence[str]) -> tuple[str, str]:
     # The name checked, as httpx sends it (IDNA 2008): the socket module's own encoding of a
     # non-ASCII name is IDNA 2003, which can name another host ("straße" is "strasse" there).
     host = normal.host
-    infos = await anyio.getaddrinfo(host, normal.port, type=socket.SOCK_STREAM)
-    if not infos:
+    found = await (resolver.addresses(host, normal.port) if resolver is not None else _resolve(host, normal.port))
+    if not found:
         raise Refused(f"{host} does not resolve")
     explicit = normalise_url(entry).host
     chosen: str | None = None
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]))
+    for text in found:
+        address = ipaddress.ip_address(text)
         if _non_public(address) and str(address) != explicit:
             raise Refused(f"{host} resolves to non-public address {address}")
         chosen = chosen or str(address)

@@ -17,7 +17,7 @@ from enum import StrEnum
 from batchd.backoff import webhook_delay
 from batchd.models import DeliveryState
 
-__all__ = ["GONE_REASON", "Decision", "DeliveryState", "Verdict", "decide"]
+__all__ = ["GONE_REASON", "Decision", "DeliveryState", "Verdict", "concurrency_after", "decide"]
 
 #: Why an endpoint is disabled after a 410 (shown by `batchd webhooks`, kept on its parked deliveries).
 GONE_REASON = "410 Gone from the receiver"
@@ -80,3 +80,18 @@ def decide(
         return Decision(Verdict.DEAD, made, status, error, now)
     wait = webhook_delay(made, retry_delays_s, rng, retry_after=retry_after)
     return Decision(Verdict.RETRY, made, status, error, now + wait, wait)
+
+
+def concurrency_after(limit: int, *, delivered: bool, waiting: bool, floor: int, ceiling: int) -> int:
+    """How many attempts an endpoint may have in flight after one of them ended.
+
+    An endpoint starts at `floor`. Each delivery made while others wait for a slot adds one, up
+    to `ceiling`: a receiver that keeps answering 2xx takes more at once (against a fast one,
+    four in flight left the sender idle between answers). Any failure halves it, never below
+    `floor`: a receiver that struggles (errors, timeouts) is not pressed harder.
+    """
+    if not delivered:
+        return max(floor, limit // 2)
+    if waiting:
+        return min(ceiling, limit + 1)
+    return limit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import time
@@ -16,13 +17,25 @@ def secret_key(secret: Secret) -> bytes:
     return decode_secret(secret.reveal())
 
 
+# Every attempt signs with the same few secrets, so each one's HMAC is keyed once and copied per
+# signature. hmac.digest and hmac.new set the key up every time (decoding the secret cost as
+# much again), and hmac.digest lets go of the GIL even for a short message: in the daemon a
+# database thread then took it, and the event loop waited for it to come back. Bounded, for
+# the rare daemon whose reloads keep changing the secrets.
+@functools.lru_cache(maxsize=64)
+def _keyed(value: str) -> hmac.HMAC:
+    return hmac.new(decode_secret(value), digestmod=hashlib.sha256)
+
+
 def sign(secrets: Sequence[Secret], msg_id: str, timestamp: int, body: bytes) -> str:
     """The `webhook-signature` header: one `v1,<base64>` entry per secret."""
-    content = f"{msg_id}.{timestamp}.".encode() + body
+    prefix = f"{msg_id}.{timestamp}.".encode()
     entries = []
     for secret in secrets:
-        digest = hmac.new(secret_key(secret), content, hashlib.sha256).digest()
-        entries.append("v1," + base64.b64encode(digest).decode())
+        mac = _keyed(secret.reveal()).copy()
+        mac.update(prefix)
+        mac.update(body)
+        entries.append("v1," + base64.b64encode(mac.digest()).decode())
     return " ".join(entries)
 
 

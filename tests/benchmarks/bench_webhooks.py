@@ -17,7 +17,8 @@ Two measurements, each against the issue's goal:
   commits with its event), and from the `job.finished` log line (written right
   after that commit). Their difference is the cost of job.json and the commit.
 
-* throughput (goal: over 500 deliveries a second to one fast receiver). --events
+* throughput (goal, issue #14: at least 1,000 deliveries a second to one fast
+  receiver, signing on; it was over 500 before). --events
   events are inserted through the Store the way terminal transitions insert them
   (one job and its event per transaction), then the daemon's Deliverer, with an
   HTTP client set up as the daemon sets it up and its log lines written as JSON
@@ -60,9 +61,9 @@ from batchd.asgi_server import EmbeddedServer
 from batchd.config import load_settings
 from batchd.emulator.server import serve_emulator
 from batchd.models import JobState
-from batchd.providers.http import http_client
 from batchd.store import Store
 from batchd.webhooks import Deliverer, build_event
+from batchd.webhooks.transport import webhook_client
 from tests.benchmarks.bench_intake_latency import (
     daemon_env,
     log_wall,
@@ -77,7 +78,7 @@ from tests.store_helpers import add_job
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 LATENCY_GOAL_MS = 50.0
-THROUGHPUT_GOAL = 500.0
+THROUGHPUT_GOAL = 1000.0
 #: Seconds for one job's webhook to arrive (or the daemon to start) before giving up.
 STEP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -295,7 +296,7 @@ async def run_throughput(root: Path, events: int) -> ThroughputRun:
                 event = build_event(settings, "batch.completed", data, now=time.time(), job_webhook_url=None)
                 add_job(store, f"job-{index}", f"bench-{index}", state=JobState.COMPLETED, events=[event])
             insert_s = time.perf_counter() - start
-            async with http_client(follow_redirects=False) as http:
+            async with webhook_client() as http:
                 deliverer = Deliverer(store, lambda: settings, http, rng=random.Random(1))
                 cpu0, start = cpu_seconds(), time.perf_counter()
                 async with anyio.create_task_group() as tg:
@@ -390,7 +391,10 @@ def print_report(data: dict[str, Any]) -> None:
             s = lat[key]
             print(row.format(label, s["n"], *(f"{s[k]:.1f}" for k in ("median_ms", "p90_ms", "p99_ms", "max_ms"))))
         met = lat["from_finished_at"]["median_ms"] < LATENCY_GOAL_MS
-        print(f"  goal: median under {LATENCY_GOAL_MS:g} ms -> {verdict(met)}; daemon exit {lat['daemon_exit']}")
+        print(
+            f"  goal: median under {LATENCY_GOAL_MS:g} ms -> {verdict(met)}; daemon exit {lat['daemon_exit']}"
+            f" (load average {' '.join(f'{x:.2f}' for x in data['machine']['loadavg_1_5_15'])})"
+        )
     if "throughput" in data:
         thr = data["throughput"]
         print("\nwebhook throughput: events to one fast receiver (its own process), drained by the Deliverer")
@@ -400,8 +404,11 @@ def print_report(data: dict[str, Any]) -> None:
                 f"CPU {r['cpu_ms_per_delivery']:.2f} ms per delivery, {r['received']} requests received over "
                 f"{r['connections']} connections (inserted at {r['inserts_per_s']:.0f}/s)"
             )
-        met = thr["median_deliveries_per_s"] > THROUGHPUT_GOAL
-        print(f"  median {thr['median_deliveries_per_s']:.0f}/s; goal: over {THROUGHPUT_GOAL:g}/s -> {verdict(met)}")
+        met = thr["median_deliveries_per_s"] >= THROUGHPUT_GOAL
+        print(
+            f"  median {thr['median_deliveries_per_s']:.0f}/s; goal: at least {THROUGHPUT_GOAL:g}/s -> {verdict(met)}"
+            f" (load average {' '.join(f'{x:.2f}' for x in data['machine']['loadavg_1_5_15'])})"
+        )
         print(
             f"  at the median CPU cost, a core of its own would deliver {thr['cpu_bound_per_s']:.0f}/s "
             "(the rate depends on the machine's load; this does not)"

@@ -14,7 +14,7 @@ import pytest
 from batchd.backoff import RetryPolicy
 from batchd.emulator import EchoEngine, UpstreamEngine
 from batchd.emulator.engines import ECHO_CREATED
-from batchd.emulator.upstream import MAX_RETRY_AFTER_S, Outcome, retry_wait
+from batchd.emulator.upstream import MAX_RETRY_AFTER_S, Outcome, encode_body, retry_wait
 from batchd.models import BatchEndpoint
 
 CHAT_BODY: dict[str, Any] = {
@@ -228,3 +228,11 @@ async def test_upstream_bounds_concurrency() -> None:
             await two_in.wait()
             release.set()
     assert peak == 2
+
+
+def test_a_body_is_sent_as_compact_json_and_past_64_bits_as_httpx_would() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "naïve ☃"}], "seed": 7}
+    assert json.loads(encode_body(body)) == body
+    assert encode_body(body) == json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    huge = {"model": "m", "prompt": "x", "n": 2**70}
+    assert encode_body(huge) == b'{"model":"m","prompt":"x","n":1180591620717411303424}'

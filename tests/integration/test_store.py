@@ -180,6 +180,40 @@ def test_delivery_scheduling_and_disabled_endpoints(store: Store) -> None:
     assert store.deliveries.select(event_id="evt_1")[0].state == "disabled"
 
 
+def test_due_deliveries_can_be_capped_per_url_and_only_those_taken_are_claimed(store: Store) -> None:
+    # Two endpoints, their events interleaved in time: a1 b1 a2 b2 a3 b3.
+    for i in range(3):
+        for url in ("https://a/", "https://b/"):
+            job_id = f"{url[8]}{i}".ljust(32, "0")
+            event = NewEvent(id=f"evt_{job_id}", type="batch.failed", body=b"{}", targets=[(url, "config")])
+            new_job(store, job_id, f"n{job_id}")
+            end_job(store, job_id, JobState.FAILED, [event], expect=JobState.RECEIVED)
+    urls = [d.url for d in store.deliveries.due(1000.0)]
+    assert urls == ["https://a/", "https://b/"] * 3
+    # At most 2 per URL, unless its room says otherwise (a: 1): a1 b1 b2, in due order.
+    capped = store.deliveries.due(1000.0, per_url=2, room={"https://a/": 1}, owner="me", lease_s=30.0)
+    assert [d.url for d in capped] == ["https://a/", "https://b/", "https://b/"]
+    assert [d.body for d in capped] == [b"{}"] * 3
+    claimed = {d.id for d in store.deliveries.select() if d.owner == "me"}
+    assert claimed == {d.id for d in capped}
+    # The cap counts within the read's limit.
+    assert [d.url for d in store.deliveries.due(1000.0, limit=2, per_url=1)] == ["https://a/", "https://b/"]
+
+
+def test_next_due_at_after_a_time_looks_only_at_what_falls_due_later(store: Store) -> None:
+    for i in range(2):
+        job_id = f"j{i}".ljust(32, "0")
+        new_job(store, job_id, f"n{i}")
+        event = NewEvent(id=f"evt_{i}", type="batch.failed", body=b"{}", targets=[("https://a/", "config")])
+        end_job(store, job_id, JobState.FAILED, [event], expect=JobState.RECEIVED)
+    _first, second = store.deliveries.select()
+    fail_attempt(store, second, next_attempt_at=1005.0)
+    assert store.deliveries.next_due_at() == 1000.0
+    assert store.deliveries.next_due_at(after=1000.0) == 1005.0
+    assert store.deliveries.next_due_at(after=1005.0) is None
+    assert store.deliveries.next_due_at([second.id], after=1000.0) is None
+
+
 def test_delivery_outcomes_write_what_they_name_in_one_commit(store: Store) -> None:
     new_job(store)
     urls = [f"https://h/{n}" for n in range(6)]

@@ -10,18 +10,27 @@ import json
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from standardwebhooks.webhooks import Webhook
+from starlette.types import Receive, Scope, Send
 
-from batchd.config import load_settings
+from batchd.config import Secret, WebhookEndpoint, load_settings
+from batchd.emulator.server import serve_emulator
 from batchd.inbox import Inbox
 from batchd.models import EndpointStats, JobState
 from batchd.store import Store
-from batchd.webhooks import PER_ENDPOINT_QUEUE, Refused, pinned_target
+from batchd.webhooks import (
+    MAX_PER_ENDPOINT_CONCURRENCY,
+    PER_ENDPOINT_CONCURRENCY,
+    PER_ENDPOINT_QUEUE,
+    Refused,
+    pinned_target,
+)
 from tests.databases import database_url
 from tests.integration.test_webhooks import ALL_EVENTS, SECRET_A, SECRET_B, Answer, harness
 
@@ -207,6 +216,29 @@ async def test_an_endpoint_takes_on_a_bounded_queue_and_the_rest_waits_in_the_st
         assert {d.state for d in h.store.deliveries.select()} == {"delivered"}
 
 
+async def test_a_backlog_filling_the_read_does_not_hold_up_another_endpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /hang's backlog comes first in due order and fills every read; /ok's one event comes after.
+    monkeypatch.setattr("batchd.webhooks.deliverer.PER_ENDPOINT_QUEUE", 4)
+    monkeypatch.setattr("batchd.webhooks.deliverer.DUE_BATCH", 10)
+    endpoints = {"/hang": ["batch.failed"], "/ok": ["batch.completed"]}
+    async with harness(tmp_path, endpoints=endpoints, timeout_s=60) as h:
+        h.rx.script["/hang"] = [Answer(hang=True)]
+        for _ in range(30):
+            h.emit("batch.failed")
+        ok = h.emit("batch.completed")
+        async with anyio.create_task_group() as tg:
+            # Idle for a minute unless told: only the loop's own "more may be due" brings /ok's turn.
+            tg.start_soon(lambda: h.deliverer.serve(tg, idle_s=60))
+            with anyio.fail_after(10):
+                while h.one(ok).state != "delivered":  # noqa: ASYNC110 - the store has no event to await
+                    await anyio.sleep(0.01)
+            assert h.rx.paths().count("/hang") == 4
+            h.rx.release.set()
+            tg.cancel_scope.cancel()
+
+
 async def test_a_delivery_wakes_the_loop_only_to_refill_its_queue_and_a_failure_always(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -229,6 +261,73 @@ async def test_a_delivery_wakes_the_loop_only_to_refill_its_queue_and_a_failure_
         assert h.rx.paths().count("/ok") == PER_ENDPOINT_QUEUE
         # /ok: its queue at half, then each of the last half; /fail: its failed attempt.
         assert pokes == (PER_ENDPOINT_QUEUE // 2 + 1) + 1
+
+
+@dataclass
+class CountingReceiver:
+    """ASGI: answers `status` after `delay_s`, noting the most requests it held at once."""
+
+    status: int = 204
+    delay_s: float = 0.02
+    now: int = 0
+    most: int = 0
+    answered: int = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        self.now += 1
+        self.most = max(self.most, self.now)
+        await anyio.sleep(self.delay_s)
+        self.now -= 1
+        await send({"type": "http.response.start", "status": self.status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        self.answered += 1
+
+
+async def test_an_endpoint_that_keeps_delivering_takes_more_at_once_up_to_a_bound(tmp_path: Path) -> None:
+    fast = CountingReceiver()
+    async with serve_emulator(fast) as url, harness(tmp_path) as h:
+        h.settings = replace(h.settings, webhooks=(WebhookEndpoint(f"{url}/hook", (Secret(SECRET_A),)),))
+        for _ in range(60):
+            h.emit()
+        await h.round()
+        assert {d.state for d in h.store.deliveries.select()} == {"delivered"}
+    assert PER_ENDPOINT_CONCURRENCY < fast.most <= MAX_PER_ENDPOINT_CONCURRENCY
+
+
+async def test_an_endpoint_whose_concurrency_grew_takes_on_more_deliveries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("batchd.webhooks.deliverer.PER_ENDPOINT_QUEUE", 8)
+    fast = CountingReceiver()
+    async with serve_emulator(fast) as url, harness(tmp_path) as h:
+        h.settings = replace(h.settings, webhooks=(WebhookEndpoint(f"{url}/hook", (Secret(SECRET_A),)),))
+        for _ in range(150):
+            h.emit()
+        most = 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(h.deliverer.serve, tg)
+            with anyio.fail_after(30):
+                while h.store.deliveries.pending_count():
+                    most = max(most, len(h.deliverer._in_flight))
+                    await anyio.sleep(0.005)
+            tg.cancel_scope.cancel()
+    # 8 at 4 in flight; 8 more per 4 slots it grew by, up to 32 at 16.
+    assert 8 < most <= 32
+
+
+async def test_an_endpoint_that_fails_stays_at_the_first_bound(tmp_path: Path) -> None:
+    failing = CountingReceiver(status=500)
+    async with serve_emulator(failing) as url, harness(tmp_path) as h:
+        h.settings = replace(h.settings, webhooks=(WebhookEndpoint(f"{url}/hook", (Secret(SECRET_A),)),))
+        for _ in range(30):
+            h.emit()
+        await h.round()
+        assert {d.attempts for d in h.store.deliveries.select()} == {1}
+    assert failing.most == PER_ENDPOINT_CONCURRENCY
 
 
 async def test_a_retry_after_is_honoured_up_to_a_day(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from batchd.emulator.server import serve_emulator
 from batchd.models import Delivery, JobState
 from batchd.store import Store
 from batchd.webhooks import Deliverer, Outcome, Refused, build_event, event_targets, pinned_target, sign, verify
+from batchd.webhooks.guard import DNS_TTL_S
 from tests.databases import database_url
 from tests.hand_clock import Clock
 from tests.store_helpers import add_job
@@ -542,6 +543,30 @@ async def test_an_internationalised_host_is_sent_in_its_idna_form(
         assert h.one(event_id).state == "delivered"
         (request,) = h.rx.received
         assert request.headers["host"] == "xn--bcher-kva.example:" + h.url.rsplit(":", 1)[1]
+
+
+async def test_a_spec_host_is_resolved_once_per_dns_ttl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lookups: list[str] = []
+
+    async def resolve(host: str, port: int, **_: object) -> list[tuple[Any, ...]]:
+        lookups.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr("batchd.webhooks.guard.anyio.getaddrinfo", resolve)
+    monkeypatch.setattr("batchd.webhooks.guard._non_public", lambda _address: False)
+    async with harness(tmp_path, endpoints={"/x": ["batch.rejected"]}, allow=["http://hooks.test:{port}/hooks/"]) as h:
+        (entry,) = h.settings.inbox.allow_webhook_urls
+        first = [h.emit(webhook_url=entry + "a"), h.emit(webhook_url=entry + "b")]
+        await h.round()
+        assert [h.one(e).state for e in first] == ["delivered", "delivered"]
+        assert lookups == ["hooks.test"]
+        # The DNS TTL runs on the Deliverer's clock: once it has passed, the host is resolved again.
+        h.clock.now += DNS_TTL_S
+        later = h.emit(webhook_url=entry + "a")
+        await h.round()
+        assert h.one(later).state == "delivered"
+        assert lookups == ["hooks.test", "hooks.test"]
+        assert {r.headers["host"] for r in h.rx.received} == {"hooks.test:" + h.url.rsplit(":", 1)[1]}
 
 
 async def test_an_unforeseen_error_is_a_failed_attempt_not_a_crash(

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from batchd.models import DeliveryState
-from batchd.webhooks.policy import Decision, Verdict, decide
+from batchd.webhooks.policy import Decision, Verdict, concurrency_after, decide
 
 NOW = 1_000_000.0
 DELAYS = (5.0, 300.0, 1800.0)
@@ -103,3 +103,21 @@ def test_only_a_retry_draws_from_the_rng() -> None:
 def test_delivery_states_are_the_stored_lower_case_strings() -> None:
     assert [s.value for s in DeliveryState] == ["pending", "delivered", "dead", "disabled"]
     assert DeliveryState("dead") is DeliveryState.DEAD
+
+
+def test_an_endpoint_that_delivers_while_others_wait_gets_one_more_slot_up_to_the_ceiling() -> None:
+    bounds = {"floor": 4, "ceiling": 16}
+    limit = 4
+    for _ in range(20):
+        limit = concurrency_after(limit, delivered=True, waiting=True, **bounds)
+    assert limit == 16
+    # Nothing waiting: no reason to take more at once.
+    assert concurrency_after(5, delivered=True, waiting=False, **bounds) == 5
+
+
+def test_a_failure_halves_an_endpoints_slots_down_to_the_floor() -> None:
+    bounds = {"floor": 4, "ceiling": 16}
+    assert concurrency_after(16, delivered=False, waiting=True, **bounds) == 8
+    assert concurrency_after(8, delivered=False, waiting=False, **bounds) == 4
+    assert concurrency_after(5, delivered=False, waiting=True, **bounds) == 4
+    assert concurrency_after(4, delivered=False, waiting=True, **bounds) == 4
