@@ -102,6 +102,8 @@ class Poller:
                 else:
                     await self._apply(polls, listed, now, sweep=True)
         finally:
+            # Every job it did not write gets its due time back; should the database refuse now,
+            # the scheduler tries again at its next ticks (Scheduler._release), not at the hold.
             await db(store.jobs.release_held, owner, hold)
             metrics.poll_round("sweep", time.monotonic() - started)
 

@@ -75,6 +75,8 @@ class Scheduler:
         self._downloads = anyio.CapacityLimiter(MAX_CONCURRENT_DOWNLOADS)
         #: a list sweep is under way (one at a time)
         self._sweeping = False
+        #: the holds of sweeps that failed: their jobs still to be released (see _sweep)
+        self._unreleased: set[float] = set()
         #: a step or poll round ended since the last tick: job counts may have changed (STATUS=)
         self._changed = True
         #: ticks failed in a row (the wait before the next grows with them)
@@ -140,6 +142,9 @@ class Scheduler:
         self._monitor.begin()
         store = self._ctx.store
         owner = self._ctx.daemon_id
+        for hold in sorted(self._unreleased):
+            await db(store.jobs.release_held, owner, hold)
+            self._unreleased.discard(hold)
         # A job busy while we read may have moved on since: skip it this tick, or its
         # stale row would start the same step twice (the next wake-up sees it fresh).
         busy = set(self._busy)
@@ -210,7 +215,9 @@ class Scheduler:
                 await self._poller.sweep(hold, now)
         except Exception as exc:
             # The list or the database failed beyond what the sweep handles job by job: the jobs
-            # are due again at `hold` at the latest (or at once, when the release went through).
+            # it still holds are released by the next ticks (a database that refused the release
+            # too would otherwise leave them waiting for the hold, 10 min).
+            self._unreleased.add(hold)
             self._ctx.faults.report(STEPS, exc)
             log.warning("daemon.sweep_failed", error=describe(exc))
         else:
