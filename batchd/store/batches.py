@@ -12,7 +12,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Table, Update, bindparam, func, select, update
+from sqlalchemy import ColumnElement, Connection, Select, Table, Update, bindparam, func, select, update
 
 from batchd.models import BatchStatus, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.store.database import Database, StaleState, fenced, guard
@@ -56,16 +56,7 @@ class RemoteBatchStore:
 
     def remote_ids_held(self, owner: str, hold: float) -> set[str]:
         """The provider's ids of the current round's batches of the jobs a sweep took at `hold`."""
-        query = (
-            select(remote_batches.c.remote_id)
-            .join(jobs, jobs.c.id == remote_batches.c.job_id)
-            .where(
-                jobs.c.owner == owner,
-                jobs.c.due_at == hold,
-                remote_batches.c.round == jobs.c.round,
-                remote_batches.c.remote_id.is_not(None),
-            )
-        )
+        query = _held_batches(select(remote_batches.c.remote_id), owner, hold)
         with self._db.read() as conn:
             return {str(r[0]) for r in conn.execute(query)}
 
@@ -74,16 +65,7 @@ class RemoteBatchStore:
         back as a sweep's listing must reach: its creation as the provider reported it (the clock
         its list shows), else batchd's intent to create it, which came first. None for none."""
         start = func.coalesce(remote_batches.c.remote_created_at, remote_batches.c.intent_at)
-        query = (
-            select(func.min(start))
-            .join(jobs, jobs.c.id == remote_batches.c.job_id)
-            .where(
-                jobs.c.owner == owner,
-                jobs.c.due_at == hold,
-                remote_batches.c.round == jobs.c.round,
-                remote_batches.c.remote_id.is_not(None),
-            )
-        )
+        query = _held_batches(select(func.min(start)), owner, hold)
         with self._db.read() as conn:
             earliest = conn.execute(query).scalar()
         return float(earliest) if earliest is not None else None
@@ -244,3 +226,13 @@ def remote_values(remote: RemoteBatch) -> dict[str, Any]:
         "error": remote.error,
         "progress": remote.progress,
     }
+
+
+def _held_batches(query: Select[Any], owner: str, hold: float) -> Select[Any]:
+    """`query` over the current round's bound batches of the jobs a sweep took at `hold`."""
+    return query.join(jobs, jobs.c.id == remote_batches.c.job_id).where(
+        jobs.c.owner == owner,
+        jobs.c.due_at == hold,
+        remote_batches.c.round == jobs.c.round,
+        remote_batches.c.remote_id.is_not(None),
+    )
