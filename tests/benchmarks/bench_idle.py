@@ -137,11 +137,16 @@ def daemon_env() -> dict[str, str]:
 
 
 async def sample(pid: int, seconds: float, every: Callable[[], None] | None = None) -> dict[str, float]:
-    """CPU and memory of `pid` over `seconds`; the peak RSS is sampled once a second."""
+    """CPU and memory of `pid` over `seconds`; the peak RSS is sampled once a second, and RSS is
+    kept once a minute (`rss_by_minute`: whether it stays flat)."""
     cpu0, t0 = cpu_seconds(pid), time.monotonic()
     peak = 0.0
+    by_minute: list[float] = []
     while (elapsed := time.monotonic() - t0) < seconds:
-        peak = max(peak, memory_mb(pid)[0])
+        rss_now = memory_mb(pid)[0]
+        peak = max(peak, rss_now)
+        if elapsed >= 60 * len(by_minute):
+            by_minute.append(round(rss_now, 1))
         if every is not None:
             every()
         await anyio.sleep(min(1.0, seconds - elapsed))
@@ -156,6 +161,7 @@ async def sample(pid: int, seconds: float, every: Callable[[], None] | None = No
         "rss_mb": round(rss, 1),
         "rss_peak_sampled_mb": round(max(peak, rss), 1),
         "vm_hwm_mb": round(hwm, 1),
+        "rss_by_minute": [*by_minute, round(rss, 1)],
     }
 
 
@@ -369,6 +375,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 f" gets/min {found['calls_per_minute']['get']}, mean tick {found['tick_mean_s']} s",
                 flush=True,
             )
+            print(f"in flight: RSS once a minute (MB): {found['rss_by_minute']}", flush=True)
         return results
     finally:
         if args.keep:
