@@ -136,7 +136,7 @@ def daemon_env() -> dict[str, str]:
     return env
 
 
-async def sample(pid: int, seconds: float, every: Callable[[], None] | None = None) -> dict[str, float]:
+async def sample(pid: int, seconds: float, every: Callable[[], None] | None = None) -> dict[str, Any]:
     """CPU and memory of `pid` over `seconds`; the peak RSS is sampled once a second, and RSS is
     kept once a minute (`rss_by_minute`: whether it stays flat)."""
     cpu0, t0 = cpu_seconds(pid), time.monotonic()
