@@ -85,6 +85,12 @@ class Context:
         recorded: the database itself failed)."""
         self._held[job_id] = until
 
+    def holds(self, now: float) -> dict[str, float]:
+        """The holds still on at `now` (job id → when each ends); the ended ones are forgotten."""
+        for job_id in [j for j, until in self._held.items() if until <= now]:
+            del self._held[job_id]
+        return dict(self._held)
+
     def held_until(self, job_id: str, now: float) -> float | None:
         """When a hold on `job_id` ends, if one is still on at `now`."""
         until = self._held.get(job_id)

@@ -296,7 +296,7 @@ class Daemon:
                 now = await db(self.store.signals.read)
                 if seen is not None and now[Signal.JOBS] != seen[Signal.JOBS]:
                     await self._claim()  # a new job nobody holds (`batchd retry`)
-                    self.wake()  # a cancel or resume of a job this daemon holds
+                    self._scheduler.wake(news=True)  # a cancel or resume of a job this daemon holds
                 if seen is not None and now[Signal.DELIVERIES] != seen[Signal.DELIVERIES]:
                     self._poke_deliverer()
                 seen = now

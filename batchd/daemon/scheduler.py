@@ -75,6 +75,9 @@ class Scheduler:
         self._downloads = anyio.CapacityLimiter(MAX_CONCURRENT_DOWNLOADS)
         #: a list sweep is under way (one at a time)
         self._sweeping = False
+        #: jobs due for a poll that wait for the sweep under way (the next sweep takes them):
+        #: left out of the due reads meanwhile, or every tick would read them again and again
+        self._awaiting_sweep: set[str] = set()
         #: the holds of sweeps that failed: their jobs still to be released (see _sweep)
         self._unreleased: set[float] = set()
         #: a step or poll round ended since the last tick: job counts may have changed (STATUS=)
@@ -92,8 +95,12 @@ class Scheduler:
         """A list sweep is under way (its jobs are out of the due reads, not in `busy`)."""
         return self._sweeping
 
-    def wake(self) -> None:
-        """Tick now: something changed that the next tick should see."""
+    def wake(self, *, news: bool = False) -> None:
+        """Tick now: something changed that the next tick should see. With `news` (a command
+        changed jobs: a cancel, a resume), the jobs waiting for the sweep are read again too:
+        one of them may have a step to take that cannot wait for the sweep to end."""
+        if news:
+            self._awaiting_sweep.clear()
         self._wake.set()
 
     async def run(self, tg: anyio.abc.TaskGroup) -> None:
@@ -148,12 +155,17 @@ class Scheduler:
         # A job busy while we read may have moved on since: skip it this tick, or its
         # stale row would start the same step twice (the next wake-up sees it fresh).
         busy = set(self._busy)
-        jobs = await db(store.jobs.due, owner, now, limit=DUE_PAGE, skip=busy)
+        # Nor are the jobs read that could not start anyway: those held back (see Context.hold)
+        # and those waiting for the sweep under way. Each tick's cost follows what can start.
+        holds = self._ctx.holds(now)
+        jobs = await db(
+            store.jobs.due, owner, now, limit=DUE_PAGE, skip=busy | holds.keys() | self._awaiting_sweep
+        )
         batches = await db(store.batches.by_job, [job.id for job in jobs]) if jobs else {}
         later = await db(store.jobs.next_due, owner, now)
         await self._monitor.tick(changed=self._changed)
         self._changed = False
-        next_at = now + self._monitor.idle_s()
+        next_at = min([now + self._monitor.idle_s(), *holds.values()])
         if later is not None:
             next_at = min(next_at, later)
         if len(jobs) == DUE_PAGE:
@@ -187,6 +199,8 @@ class Scheduler:
             elif not self._sweeping:
                 self._sweeping = True
                 tg.start_soon(self._sweep, now, frozenset(self._busy))
+            else:
+                self._awaiting_sweep.update(job.id for job, _ in polls)
         return next_at
 
     async def _poll_round(self, polls: list[tuple[Job, Action]], now: float) -> None:
@@ -224,6 +238,7 @@ class Scheduler:
             self._ctx.faults.clear(STEPS)
         finally:
             self._sweeping = False
+            self._awaiting_sweep.clear()
             self._changed = True
             self.wake()
 

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from structlog.testing import capture_logs
@@ -22,12 +23,12 @@ from structlog.testing import capture_logs
 from batchd.backoff import RetryPolicy
 from batchd.emulator import create_app, serve_emulator
 from batchd.emulator.timeline import Timeline
-from batchd.models import JobState, RemoteBatch
+from batchd.models import Job, JobState, RemoteBatch
 from batchd.providers import openai as openai_wire
 from batchd.providers.base import Provider
 from batchd.providers.openai import OpenAIProvider
 from batchd.providers.together import TogetherProvider
-from tests.integration.daemon_rig import chat, rig
+from tests.integration.daemon_rig import chat, eventually, rig
 from tests.integration.emulator_helpers import request_line, seed_history, to_jsonl
 
 HISTORY = 500
@@ -211,3 +212,60 @@ async def test_a_wanted_batch_the_sweep_misses_is_asked_on_its_own(tmp_path: Pat
         assert all(r.job(name).state is JobState.COMPLETED for name in "abcd")
         # A sweep that wanted it and did not find it is followed by a get of it.
         assert any(a == ("sweep", True) and b == ("get", True) for a, b in itertools.pairwise(calls))
+
+
+async def test_jobs_waiting_for_the_sweep_under_way_are_read_once_and_a_cancel_still_acts_at_once(
+    tmp_path: Path,
+) -> None:
+    async with rig(tmp_path) as r:
+        await r.control("POST", "pause")  # every batch stays validating
+        listing = r.provider.list_batches
+        listed, release = anyio.Event(), anyio.Event()
+
+        async def held_up(**options: Any) -> list[RemoteBatch]:
+            listed.set()
+            await release.wait()
+            return await listing(**options)
+
+        r.provider.list_batches = held_up  # type: ignore[method-assign]
+        reads: list[tuple[str, JobState]] = []
+        due = r.store.jobs.due
+
+        def counted(*args: Any, **kwargs: Any) -> list[Job]:
+            found = due(*args, **kwargs)
+            reads.extend((job.id, job.state) for job in found)
+            return found
+
+        r.store.jobs.due = counted  # type: ignore[method-assign]
+
+        def polls_read(names: str) -> int:
+            ids = {r.job(name).id for name in names}
+            return sum(1 for job_id, state in reads if job_id in ids and state is JobState.VALIDATING)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(r.daemon.run)
+            for name in "abc":
+                r.drop(f"{name}.jsonl", [chat(name)])
+            with anyio.fail_after(20):
+                await listed.wait()  # a sweep is under way, held up in its list call
+            for name in "def":
+                r.drop(f"{name}.jsonl", [chat(name)])
+            # Created after the sweep took its jobs: due for a poll, they wait for the next sweep.
+            await eventually(lambda: all(any(j.name == n for j in r.store.jobs.select()) for n in "def"))
+            await eventually(lambda: all(polls_read(n) >= 1 for n in "def"))
+            before = polls_read("def")
+            for _ in range(30):
+                r.daemon.wake()
+                await anyio.sleep(0.01)
+            # 30 ticks later, not one more read of them: a tick's cost follows what can start.
+            assert polls_read("def") == before
+            # A command's news still reaches them at once: a cancel is sent while the sweep waits.
+            cancelled = r.job("d")
+            r.store.jobs.request_cancel(cancelled.id)
+            (batch,) = r.store.batches.of_job(cancelled.id)
+            cancel_call = f"POST /v1/batches/{batch.remote_id}/cancel"
+            await eventually(lambda: r.job("d").state is not JobState.VALIDATING)
+            assert not release.is_set()
+            assert (await r.stats())["requests"].get(cancel_call) == 1
+            release.set()
+            r.daemon.stop()
