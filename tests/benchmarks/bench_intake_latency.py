@@ -46,7 +46,7 @@ submission; the benchmark then exits 1, numbers still printed).
 Output: n, median, p90, p99 and max in ms per run, then where the time goes:
 the daemon's log (`--log-level`, JSON lines) and the middleware's
 timestamps split each latency into stages — rename → `inbox.claimed` →
-`inbox.accepted` → `job.uploading` → the upload's three requests
+`inbox.accepted` → `job.planned` → the upload's three requests
 (`POST /v1/files`, `PUT` of the bytes, `preprocess`) → `job.uploaded` → the
 create's arrival — and the emulator's own time per request is shown beside
 them. `--json` adds every drop's latency and stages. The daemon is stopped
@@ -88,13 +88,13 @@ STEP_TIMEOUT_S = 30.0
 #: SIGTERM must end the daemon within DESIGN §7's 10 s; a little slack for a loaded machine.
 STOP_TIMEOUT_S = 15.0
 #: The daemon's log events that mark the stages of intake.
-LOG_STAGES = ("inbox.claimed", "inbox.accepted", "job.uploading", "job.uploaded")
+LOG_STAGES = ("inbox.claimed", "inbox.accepted", "job.planned", "job.uploaded")
 #: The stages from rename to create: key, then what the time is spent on. Each ends where the next begins.
 STAGES = (
     ("claim", "rename -> inbox.claimed: inotify wake-up, thread hop, claim rename"),
     ("accept", "inbox.claimed -> inbox.accepted: validate, upload copy + sha256, insert job"),
-    ("schedule", "inbox.accepted -> job.uploading: scheduler round, free step slot, state write"),
-    ("files", "job.uploading -> POST /v1/files arrives"),
+    ("schedule", "inbox.accepted -> job.planned: scheduler round, free step slot, shard plan write"),
+    ("files", "job.planned -> POST /v1/files arrives"),
     ("put", "POST /v1/files arrives -> PUT of the bytes arrives"),
     ("preprocess", "PUT arrives -> POST .../preprocess arrives"),
     ("uploaded", "preprocess arrives -> job.uploaded: answer, intent write"),
@@ -398,7 +398,7 @@ def drop_stages(
             drop.wall,
             seen.get("inbox.claimed"),
             seen.get("inbox.accepted"),
-            seen.get("job.uploading"),
+            seen.get("job.planned"),
             arrivals.get((fid, "files")),
             arrivals.get((fid, "put")),
             arrivals.get((fid, "preprocess")),
