@@ -141,6 +141,9 @@ class BatchEndpoint:
     CHAT_COMPLETIONS = "/v1/chat/completions"
     COMPLETIONS = "/v1/completions"
     EMBEDDINGS = "/v1/embeddings"
+    #: Anthropic's Messages: what every request of a Message Batch is (not an endpoint of the
+    #: OpenAI-format dialects, so not in SUPPORTED_ENDPOINTS)
+    MESSAGES = "/v1/messages"
 
 
 SUPPORTED_ENDPOINTS: tuple[str, ...] = (
@@ -215,6 +218,7 @@ PROVIDER_LIMITS: Mapping[str, Limits] = {
     "together": Limits(max_bytes=100 * MB, max_requests=50_000),
     "openai": Limits(max_bytes=200 * MB, max_requests=50_000),
     "local": Limits(max_bytes=100 * MB, max_requests=50_000),
+    "anthropic": Limits(max_bytes=256 * MB, max_requests=100_000),
 }
 
 #: How much larger than the biggest batch input a request body may be: room for a multipart

@@ -8,6 +8,8 @@ that created it) decides the line's shape in the result files:
 * OpenAI: `{"id": "batch_req_…", "custom_id", "response": {"status_code",
   "request_id", "body"}, "error": null}`, or `{"id", "custom_id", "response":
   null, "error": {"code", "message"}}`.
+* Anthropic: `{"custom_id", "result": {"type": "succeeded", "message"}}`, or a result of type
+  `errored` (with the error in Anthropic's shape), `canceled` or `expired`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,34 @@ from batchd.emulator.triggers import openai_error_body
 #: The error code OpenAI writes for every request an expired batch never ran.
 EXPIRED_CODE = "batch_expired"
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+#: The code of a request a cancelled batch never ran (Anthropic writes a `canceled` result for it).
+CANCELED_CODE = "batch_canceled"
+CANCELED_MESSAGE = "The batch was canceled before this request ran."
+#: Anthropic's error types by HTTP status (529: overloaded).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
+    """An Anthropic-style error body `{"type": "error", "error": {"type", "message"}}`."""
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def _as_anthropic_error(status: int, body: dict[str, Any] | None) -> dict[str, Any]:
+    """An answer's error body in Anthropic's shape (a trigger's answer comes in OpenAI's)."""
+    if body is not None and body.get("type") == "error" and isinstance(body.get("error"), dict):
+        return body
+    inner = body.get("error") if body is not None else None
+    message = inner.get("message") if isinstance(inner, dict) else None
+    return anthropic_error_body(status, message if isinstance(message, str) else f"HTTP {status}")
 
 
 @dataclass(frozen=True)
@@ -76,6 +106,8 @@ def _ids(batch_id: str, custom_id: str) -> tuple[str, str]:
 
 def render_line(dialect: str, batch_id: str, answer: Answer) -> dict[str, Any]:
     """The result line of `answer` in the shape of `dialect`."""
+    if dialect == "anthropic":
+        return {"custom_id": answer.custom_id, "result": _anthropic_result(answer)}
     if dialect == "openai":
         line_id, request_id = _ids(batch_id, answer.custom_id)
         if answer.status_code is None:
@@ -86,3 +118,15 @@ def render_line(dialect: str, batch_id: str, answer: Answer) -> dict[str, Any]:
     if answer.status_code is None:
         return {"custom_id": answer.custom_id, "error": {"message": answer.error_message, "code": answer.error_code}}
     return {"custom_id": answer.custom_id, "response": {"status_code": answer.status_code, "body": answer.body}}
+
+
+def _anthropic_result(answer: Answer) -> dict[str, Any]:
+    if answer.ok:
+        return {"type": "succeeded", "message": answer.body}
+    if answer.status_code is not None:
+        return {"type": "errored", "error": _as_anthropic_error(answer.status_code, answer.body)}
+    if answer.error_code == EXPIRED_CODE:
+        return {"type": "expired"}
+    if answer.error_code == CANCELED_CODE:
+        return {"type": "canceled"}
+    return {"type": "errored", "error": anthropic_error_body(500, answer.error_message or "internal error")}

@@ -17,6 +17,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from batchd.emulator.anthropic import PREFIX as ANTHROPIC_PREFIX
+from batchd.emulator.anthropic import anthropic_error, anthropic_routes
 from batchd.emulator.bodies import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from batchd.emulator.control import UPLOAD_PREFIX, Control, ControlMiddleware, control_routes
 from batchd.emulator.engines import EchoEngine, Engine
@@ -33,12 +35,14 @@ log = structlog.get_logger()
 
 #: Requests of one batch in flight at once for an engine that does not say (the echo engine).
 DEFAULT_CONCURRENCY = 64
-#: Path prefixes that need `Authorization: Bearer …` when the app has no `api_key`: the two dialects.
-PROTECTED_PREFIXES: tuple[str, ...] = ("/v1/", f"{OPENAI_PREFIX}/")
+#: Path prefixes that need a key when the app has no `api_key`: the dialects.
+PROTECTED_PREFIXES: tuple[str, ...] = ("/v1/", f"{OPENAI_PREFIX}/", f"{ANTHROPIC_PREFIX}/")
 
 
 class AuthMiddleware:
     """Requires a bearer token: with `api_key`, exactly that one on every path; else any on the API paths.
+    Anthropic's paths also take the key as `x-api-key` (what its API documents; SDK 2.x sends a
+    bearer token).
 
     The presigned-style upload URL is the one exception: like a real one it
     refuses an `Authorization` header and carries its own signature instead
@@ -52,7 +56,10 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self._guarded(scope["path"]) and not self._allowed(scope):
-            response = file_error(401, "Invalid API key provided", code="invalid_api_key")
+            if scope["path"].startswith(ANTHROPIC_PREFIX):
+                response = anthropic_error(401, "invalid x-api-key")
+            else:
+                response = file_error(401, "Invalid API key provided", code="invalid_api_key")
             if any(name in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"]):
                 # The body is never read: closing spares the server reading (and discarding) all of it
                 # to reuse the connection, however long a stranger keeps sending.
@@ -67,12 +74,16 @@ class AuthMiddleware:
         return not path.startswith(UPLOAD_PREFIX)
 
     def _allowed(self, scope: Scope) -> bool:
-        header = b""
+        header = api_key = b""
         for name, value in scope["headers"]:
             if name == b"authorization":
                 header = value
+            elif name == b"x-api-key":
+                api_key = value
         scheme, _, token = header.decode("latin-1").partition(" ")
         token = token.strip()
+        if api_key and scope["path"].startswith(ANTHROPIC_PREFIX):
+            scheme, token = "bearer", api_key.decode("latin-1").strip()
         if scheme.lower() != "bearer" or not token:
             return False
         # The header's own bytes against the key's UTF-8 (what a client sends for it).
@@ -83,6 +94,8 @@ def dialect_error(path: str, status: int, message: str, *, code: str | None = No
     """An error in the shape of the dialect that serves `path` (Together's batch endpoints: a string)."""
     if path.startswith(OPENAI_PREFIX):
         return openai_error(status, message, code=code)
+    if path.startswith(ANTHROPIC_PREFIX):
+        return anthropic_error(status, message)
     if path.startswith("/v1/batches"):
         return batch_error(status, message)
     return file_error(status, message, code=code)
@@ -174,6 +187,7 @@ def create_app(
     routes = [
         *together_routes(state, worker, clock),
         *openai_routes(state, worker, clock),
+        *anthropic_routes(state, worker, clock),
         Route("/_emulator/upload/{file_id}", upload, methods=["PUT"], name=UPLOAD_ROUTE),
         *control_routes(control, state),
     ]

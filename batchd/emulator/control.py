@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from batchd.emulator.answers import anthropic_error_body
 from batchd.emulator.bodies import read_json
 from batchd.emulator.faults import Fault, Faults, parse_fault, parse_latency, parse_random
 from batchd.emulator.state import EmulatorState, iso_z
@@ -30,6 +31,8 @@ from batchd.emulator.worker import Gate
 log = structlog.get_logger()
 
 CONTROL_PREFIX = "/_emulator/"
+#: Where the Anthropic dialect is mounted (anthropic.py), whose errors have a shape of their own.
+ANTHROPIC_PREFIX = "/anthropic/"
 #: The presigned-style upload URL: under the control prefix, but it stands for the storage host.
 UPLOAD_PREFIX = "/_emulator/upload/"
 
@@ -54,8 +57,15 @@ TRANSPORT_KEY = "batchd.emulator.transport"
 def _fault_response(fault: Fault, path: str) -> Response:
     status = fault.status or 500
     message = f"emulated fault: HTTP {status}"
-    # Together's batch endpoints answer errors as a bare string; the others (and OpenAI) as an object.
-    body: dict[str, Any] = {"error": message} if path.startswith("/v1/batches") else openai_error_body(status, message)
+    # Together's batch endpoints answer errors as a bare string; Anthropic in its own shape; the
+    # others (and OpenAI) as an object.
+    body: dict[str, Any]
+    if path.startswith("/v1/batches"):
+        body = {"error": message}
+    elif path.startswith(ANTHROPIC_PREFIX):
+        body = anthropic_error_body(status, message)
+    else:
+        body = openai_error_body(status, message)
     headers = {}
     if fault.retry_after is not None:
         headers["Retry-After"] = f"{fault.retry_after:g}"

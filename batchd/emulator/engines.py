@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from batchd.emulator.answers import anthropic_error_body
 from batchd.emulator.triggers import openai_error_body
 from batchd.emulator.upstream import UpstreamEngine, upstream_base
 from batchd.models import BatchEndpoint
@@ -62,6 +63,22 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def message_params_problem(params: dict[str, Any]) -> str | None:
+    """Why a Messages request cannot run (Anthropic's rules of DESIGN §3), or None."""
+    model = params.get("model")
+    if not isinstance(model, str) or not model:
+        return "model: Field required"
+    tokens = params.get("max_tokens")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        return "max_tokens: must be an integer of at least 1"
+    messages = params.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        return "messages: must be a non-empty list of objects"
+    if params.get("stream"):
+        return "stream: streaming is not supported in a message batch"
+    return None
+
+
 def _bad_request(message: str, param: str) -> tuple[int, dict[str, Any]]:
     body = openai_error_body(400, message)
     body["error"]["param"] = param
@@ -88,6 +105,8 @@ class EchoEngine:
 
     async def respond(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """Answer like the endpoint would, from the request alone."""
+        if endpoint == BatchEndpoint.MESSAGES:
+            return self._message(body)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             return _bad_request("model is required", "model")
@@ -121,6 +140,34 @@ class EchoEngine:
                 }
             ],
             "usage": _usage(prompt_tokens, _words(content)),
+        }
+        return 200, reply
+
+    def _message(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Anthropic's Messages: a message with one text block, usage as Anthropic counts it."""
+        problem = message_params_problem(body)
+        if problem is not None:
+            return 400, anthropic_error_body(400, problem)
+        messages: list[dict[str, Any]] = body["messages"]
+        users = [m for m in messages if m.get("role") == "user"]
+        text = f"echo: {_text_of((users or messages)[-1].get('content'))}"
+        system = body.get("system")
+        prompt_tokens = sum(_words(_text_of(m.get("content"))) for m in messages)
+        prompt_tokens += _words(_text_of(system)) if system is not None else 0
+        reply = {
+            "id": f"msg_{_digest(body)[:24]}",
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": prompt_tokens,
+                "output_tokens": _words(text),
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+            },
         }
         return 200, reply
 

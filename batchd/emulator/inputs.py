@@ -24,8 +24,9 @@ MAX_CUSTOM_ID = 64
 
 
 def limits_for(dialect: str) -> Limits:
-    """The per-batch limits of the dialect that created a batch (Together: 100 MB, OpenAI: 200 MB)."""
-    return PROVIDER_LIMITS["openai" if dialect == "openai" else "together"]
+    """The per-batch limits of the dialect that created a batch (Together: 100 MB, OpenAI: 200 MB,
+    Anthropic: 256 MB)."""
+    return PROVIDER_LIMITS.get(dialect, PROVIDER_LIMITS["together"])
 
 
 @dataclass(frozen=True)

@@ -146,6 +146,9 @@ class StoredBatch:
     completed: int = 0
     #: requests answered with an error line or a non-2xx response
     failed: int = 0
+    #: of those, the error lines of requests the batch never ran (cancelled, expired or failed
+    #: first): Anthropic counts them as `canceled` or `expired`, not `errored`
+    unrun: int = 0
     #: usage summed over the 2xx answers (`prompt_tokens` / `completion_tokens` of their bodies)
     input_tokens: int = 0
     output_tokens: int = 0

@@ -23,6 +23,8 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 
 from batchd.emulator.answers import (
+    CANCELED_CODE,
+    CANCELED_MESSAGE,
     EXPIRED_CODE,
     EXPIRED_MESSAGE,
     Answer,
@@ -40,6 +42,13 @@ from batchd.emulator.timeline import Timeline
 from batchd.emulator.triggers import TRIGGER_KEY, fail_once_key, split_trigger
 
 log = structlog.get_logger()
+
+
+#: What an Anthropic result says of a request its batch never ran, by how the batch ended.
+_UNRUN = {
+    BatchStatus.CANCELLED: (CANCELED_CODE, CANCELED_MESSAGE),
+    BatchStatus.EXPIRED: (EXPIRED_CODE, EXPIRED_MESSAGE),
+}
 
 
 class Gate:
@@ -295,7 +304,7 @@ class BatchWorker:
             if not expired:
                 await anyio.sleep_until(started + pace)
             if batch.dialect == "openai" and (expired or plan.stop is BatchStatus.EXPIRED):
-                await self._record_expired(batch, spool)
+                await self._record_unrun(batch, spool, EXPIRED_CODE, EXPIRED_MESSAGE)
         return expired
 
     async def _lane(self, batch: StoredBatch, feed: RequestFeed, spool: Spool, slots: anyio.Semaphore) -> None:
@@ -325,19 +334,21 @@ class BatchWorker:
     def _update_progress(batch: StoredBatch) -> None:
         batch.progress = round(100.0 * (batch.completed + batch.failed) / max(batch.total, 1), 2)
 
-    async def _record_expired(self, batch: StoredBatch, spool: Spool) -> None:
-        """OpenAI writes a `batch_expired` error line for every request an expired batch never ran."""
+    async def _record_unrun(self, batch: StoredBatch, spool: Spool, code: str, message: str) -> None:
+        """An error line for every request the batch never ran: OpenAI's `batch_expired` lines;
+        Anthropic's `expired` and `canceled` results (and `errored` after a failure)."""
         async with RequestLines(self._state.content_path(batch.input_file_id)) as lines:
             while block := await lines.next_lines():
                 records = []
                 for _lineno, raw in block:
                     custom_id: str = json.loads(raw)["custom_id"]
                     if custom_id_hash(custom_id) not in spool.summary.answered:
-                        answer = error_answer(custom_id, EXPIRED_CODE, EXPIRED_MESSAGE)
+                        answer = error_answer(custom_id, code, message)
                         records.append((False, custom_id, render_line(batch.dialect, batch.id, answer)))
                 if records:
                     await spool.append(records)
                     batch.failed += len(records)
+                    batch.unrun += len(records)
 
     async def _answer(self, batch: StoredBatch, request: dict[str, Any]) -> Answer:
         """One request's answer: from its trigger, else from the engine."""
@@ -360,6 +371,11 @@ class BatchWorker:
     async def _finish(self, batch: StoredBatch, status: BatchStatus, *, problem: InputProblem | None = None) -> None:
         """Write the result files and record the terminal status; never interrupted half-way."""
         with anyio.CancelScope(shield=True):
+            if batch.dialect == "anthropic" and status is not BatchStatus.COMPLETED:
+                # Anthropic's results hold a line for every request, the ones never run included.
+                code, message = _UNRUN.get(status, ("batch_failed", "The batch failed before this request ran."))
+                async with Spool(self._state.spool_path(batch.id)) as spool:
+                    await self._record_unrun(batch, spool, code, message)
             output_id, error_id = await write_result_files(self._state, batch, self._clock)
             now = self._clock()
             batch.status = status
