@@ -158,9 +158,7 @@ class Scheduler:
         # Nor are the jobs read that could not start anyway: those held back (see Context.hold)
         # and those waiting for the sweep under way. Each tick's cost follows what can start.
         holds = self._ctx.holds(now)
-        jobs = await db(
-            store.jobs.due, owner, now, limit=DUE_PAGE, skip=busy | holds.keys() | self._awaiting_sweep
-        )
+        jobs = await db(store.jobs.due, owner, now, limit=DUE_PAGE, skip=busy | holds.keys() | self._awaiting_sweep)
         batches = await db(store.batches.by_job, [job.id for job in jobs]) if jobs else {}
         later = await db(store.jobs.next_due, owner, now)
         await self._monitor.tick(changed=self._changed)

@@ -21,7 +21,7 @@ __all__ = ["Provider", "ProviderError"]
 class Provider(Protocol):
     """A Batch API seen through one wire dialect."""
 
-    #: "together" | "openai" | "local"
+    #: "together" | "openai" | "anthropic" | "local"
     kind: str
     limits: Limits
 
@@ -38,13 +38,21 @@ class Provider(Protocol):
         ...
 
     async def create_batch(
-        self, *, input_file_id: str, endpoint: str, completion_window: str, job_id: str | None = None
+        self,
+        *,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        job_id: str | None = None,
+        input_path: Path | None = None,
     ) -> RemoteBatch:
         """Create a batch. Never retried blindly: a lost answer raises
         ProviderError(outcome_unknown=True) and the caller reconciles by listing.
 
         `job_id` is batchd's job (the daemon always gives it; the client has
         none): where the dialect has metadata it goes there as `batchd_job_id`.
+        `input_path` is the uploaded file's local copy: a dialect whose requests travel
+        inline in the create (Anthropic) sends it from there; the others ignore it.
         """
         ...
 

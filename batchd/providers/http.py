@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Collection, Iterator, Mapping
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,7 +23,7 @@ import structlog
 
 from batchd import chaos, metrics
 from batchd.backoff import RetryPolicy
-from batchd.models import PROVIDER_LIMITS, Limits
+from batchd.models import PROVIDER_LIMITS, Limits, RemoteBatch
 from batchd.providers.errors import ProviderError
 from batchd.providers.retry import with_retries
 from batchd.providers.transfer import receive_download
@@ -29,7 +31,9 @@ from batchd.providers.wire import (
     ArrayItems,
     body_json,
     create_refusal,
+    created_before,
     error_from_response,
+    is_wanted,
     json_or_none,
     transport_error,
 )
@@ -132,9 +136,7 @@ class HttpProvider:
         metrics.api_call(what, response.status_code, time.monotonic() - started)
         return response
 
-    async def _get_array_items(
-        self, path: str, what: str, take: Callable[[Mapping[str, Any]], T | None]
-    ) -> list[T]:
+    async def _get_array_items(self, path: str, what: str, take: Callable[[Mapping[str, Any]], T | None]) -> list[T]:
         """GET a 200 answer whose body is one JSON array of objects, retried; what `take` makes
         of each object (None: left out), made as each arrives. The body is parsed as it streams
         in (ijson), so an account's list of 100,000 batches is never in memory whole, as bytes
@@ -180,16 +182,81 @@ class HttpProvider:
 
         return await self._retried(once, what)
 
-    async def _post_create(self, path: str, payload: Mapping[str, Any], what: str) -> tuple[int, Mapping[str, Any]]:
+    async def _list_newest_first(
+        self,
+        path: str,
+        what: str,
+        *,
+        cursor: str,
+        limit: int,
+        parse: Callable[[Mapping[str, Any]], RemoteBatch],
+        wanted: Collection[str] | None,
+        since: datetime | None,
+    ) -> list[RemoteBatch]:
+        """A list whose pages come newest first (`{"data", "has_more", "last_id"}`), following the
+        `cursor` query parameter (OpenAI `after`, Anthropic `after_id`), each page retried.
+
+        Paging stops once every `wanted` batch is found, or after the first page that reaches a
+        batch created before `since`: every later page holds only older ones. Without either,
+        every page is read (the client's listing). With `wanted`, only those are parsed, and
+        they come without their wire objects (see Provider.list_batches).
+        """
+        ids = frozenset(wanted) if wanted is not None else None
+        if ids is not None and not ids:
+            return []
+        oldest = since.timestamp() if since is not None else None
+        batches: list[RemoteBatch] = []
+        seen: set[str] = set()
+        after: str | None = None
+        while True:
+            params: dict[str, str | int] = {"limit": limit}
+            if after is not None:
+                params[cursor] = after
+            body = await self._get_json("GET", path, what, params=params)
+            data = body.get("data") if isinstance(body, Mapping) else None
+            if not isinstance(data, list) or not all(isinstance(item, Mapping) for item in data):
+                raise ProviderError(f"{what}: expected a list object with a `data` array of batch objects")
+            for item in data:
+                # The id is looked at first: an unwanted batch is never parsed.
+                if ids is not None and not is_wanted(item, ids):
+                    continue
+                batch = parse(item) if ids is None else replace(parse(item), raw={})
+                if batch.id not in seen:
+                    seen.add(batch.id)
+                    batches.append(batch)
+            if ids is not None and ids <= seen:
+                return batches
+            if oldest is not None and any(created_before(item, oldest) for item in data):
+                return batches
+            if body.get("has_more") is not True or not data:
+                return batches
+            last = body.get("last_id")
+            following = last if isinstance(last, str) and last else data[-1].get("id")
+            if not isinstance(following, str) or not following:
+                raise ProviderError(f"{what}: a page with more to come names no cursor (no last_id, no id)")
+            if following == after:
+                # A cursor that does not move would page forever.
+                raise ProviderError(f"{what}: the page after {after!r} ends at the same cursor")
+            after = following
+
+    async def _post_create(
+        self, path: str, payload: Mapping[str, Any] | AsyncIterable[bytes], what: str
+    ) -> tuple[int, Mapping[str, Any]]:
         """POST a batch create once (never retried); the answer's status and JSON object.
+        `payload` is a JSON object, or the bytes of a JSON body streamed as they come.
 
         A lost or unreadable answer raises ProviderError(outcome_unknown=True):
         the provider may have created the batch, so the caller reconciles by
         listing before it tries again.
         """
         started = time.monotonic()
+        if isinstance(payload, Mapping):
+            body: dict[str, Any] = {"json": payload}
+        else:
+            body = {"content": payload, "headers": {"Content-Type": "application/json"}}
+        headers = {**self._auth(), **body.pop("headers", {})}
         try:
-            response = await self._http.post(self._url(path), json=payload, headers=self._auth())
+            response = await self._http.post(self._url(path), headers=headers, **body)
         except httpx.TransportError as exc:
             metrics.api_call(what, None, time.monotonic() - started)
             # The request may have reached the provider and created the batch.
@@ -211,6 +278,10 @@ class HttpProvider:
     def _content_path(self, file_id: str) -> str:
         raise NotImplementedError
 
+    def _content_url(self, file_id: str) -> str:
+        """Where a file's content is fetched (a dialect whose results come at a URL of their own overrides it)."""
+        return self._url(self._content_path(file_id))
+
     async def download_file(self, file_id: str, dest: Path) -> int:
         """Stream a file's content into `dest`, resuming a prefix already there; return its size."""
         what = self._what("download")
@@ -229,7 +300,7 @@ class HttpProvider:
         headers = {**self._auth(), "Accept-Encoding": "identity"}
         if have > 0:
             headers["Range"] = f"bytes={have}-"
-        url = self._url(self._content_path(file_id))
+        url = self._content_url(file_id)
         started, answered = time.monotonic(), False
         try:
             if chaos.strikes("provider", what):

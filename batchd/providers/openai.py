@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Mapping
 from contextlib import aclosing
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from batchd.providers.wire import (
     batch_identity,
     body_json,
     error_from_response,
-    is_wanted,
     optional_id,
     parse_time,
     remote_file,
@@ -114,19 +112,6 @@ def parse_batch(obj: Mapping[str, Any]) -> RemoteBatch:
     )
 
 
-def created_before(obj: Mapping[str, Any], moment: float) -> bool:
-    """Whether a listed Batch was created before `moment` (unix seconds); False when it does not say.
-
-    Read straight from the raw object (unix seconds on the wire), so that a page's
-    unwanted batches are never parsed.
-    """
-    value = obj.get("created_at")
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return value < moment
-    created = parse_time(value)
-    return created is not None and created.timestamp() < moment
-
-
 def _batch_or_error(body: Any, what: str) -> RemoteBatch:
     if not isinstance(body, Mapping):
         raise ProviderError(f"{what}: expected a Batch object")
@@ -182,7 +167,13 @@ class OpenAIProvider(HttpProvider):
     # -- batches -----------------------------------------------------------
 
     async def create_batch(
-        self, *, input_file_id: str, endpoint: str, completion_window: str, job_id: str | None = None
+        self,
+        *,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        job_id: str | None = None,
+        input_path: Path | None = None,
     ) -> RemoteBatch:
         """Create a batch carrying `metadata.batchd_job_id`; never retried here.
 
@@ -219,47 +210,8 @@ class OpenAIProvider(HttpProvider):
     async def list_batches(
         self, *, wanted: Collection[str] | None = None, since: datetime | None = None
     ) -> list[RemoteBatch]:
-        """The account's batches, newest first, following the `after` cursor (each page retried).
-
-        Pages come newest first, so paging stops once every `wanted` batch is found, or
-        after the first page that reaches a batch created before `since`: every later page
-        holds only older ones. Without either, every page is read (the client's listing).
-        """
-        what = "openai.list"
-        ids = frozenset(wanted) if wanted is not None else None
-        if ids is not None and not ids:
-            return []
-        oldest = since.timestamp() if since is not None else None
-        batches: list[RemoteBatch] = []
-        seen: set[str] = set()
-        after: str | None = None
-        while True:
-            params: dict[str, str | int] = {"limit": PAGE_LIMIT}
-            if after is not None:
-                params["after"] = after
-            body = await self._get_json("GET", "/batches", what, params=params)
-            data = body.get("data") if isinstance(body, Mapping) else None
-            if not isinstance(data, list) or not all(isinstance(item, Mapping) for item in data):
-                raise ProviderError(f"{what}: expected a list object with a `data` array of Batch objects")
-            for item in data:
-                # The id is looked at first: an unwanted batch is never parsed.
-                if ids is not None and not is_wanted(item, ids):
-                    continue
-                batch = parse_batch(item) if ids is None else replace(parse_batch(item), raw={})
-                if batch.id not in seen:
-                    seen.add(batch.id)
-                    batches.append(batch)
-            if ids is not None and ids <= seen:
-                return batches
-            if oldest is not None and any(created_before(item, oldest) for item in data):
-                return batches
-            if body.get("has_more") is not True or not data:
-                return batches
-            last = body.get("last_id")
-            cursor = last if isinstance(last, str) and last else data[-1].get("id")
-            if not isinstance(cursor, str) or not cursor:
-                raise ProviderError(f"{what}: a page with more to come names no cursor (no last_id, no id)")
-            if cursor == after:
-                # A cursor that does not move would page forever.
-                raise ProviderError(f"{what}: the page after {after!r} ends at the same cursor")
-            after = cursor
+        """The account's batches, newest first, following the `after` cursor (each page retried);
+        paging stops early as `HttpProvider._list_newest_first` says."""
+        return await self._list_newest_first(
+            "/batches", "openai.list", cursor="after", limit=PAGE_LIMIT, parse=parse_batch, wanted=wanted, since=since
+        )

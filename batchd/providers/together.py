@@ -168,7 +168,13 @@ class TogetherProvider(HttpProvider):
     # -- batches -----------------------------------------------------------
 
     async def create_batch(
-        self, *, input_file_id: str, endpoint: str, completion_window: str, job_id: str | None = None
+        self,
+        *,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        job_id: str | None = None,
+        input_path: Path | None = None,
     ) -> RemoteBatch:
         """Create a batch. Never retried here (`HttpProvider._post_create` classifies failures).
 

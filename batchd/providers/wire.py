@@ -86,6 +86,17 @@ def is_wanted(obj: Mapping[str, Any], ids: frozenset[str]) -> bool:
     return isinstance(batch_id, str) and batch_id in ids
 
 
+def created_before(obj: Mapping[str, Any], moment: float) -> bool:
+    """Whether a listed batch object was created before `moment` (unix seconds); False when it
+    does not say. Read straight from the raw object (unix seconds or RFC 3339 on the wire), so
+    that a page's unwanted batches are never parsed."""
+    value = obj.get("created_at")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value < moment
+    created = parse_time(value)
+    return created is not None and created.timestamp() < moment
+
+
 def optional_id(value: Any) -> str | None:
     """A file id from the wire; an empty string (OpenAI) or null means "no file"."""
     return value if isinstance(value, str) and value else None

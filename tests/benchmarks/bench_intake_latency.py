@@ -585,9 +585,7 @@ def print_table(results: Sequence[RunResult], daemon_exit: int, host: dict[str, 
     for r in results:
         s = summary(r.latencies_s)
         if r.name == "seq":
-            print(
-                f"goal: sequential median < 10 ms (now {s['median_ms']:.1f}), p99 < 50 ms (now {s['p99_ms']:.1f})"
-            )
+            print(f"goal: sequential median < 10 ms (now {s['median_ms']:.1f}), p99 < 50 ms (now {s['p99_ms']:.1f})")
         else:
             rate = s["n"] / r.span_s if r.span_s > 0 else float("inf")
             print(
