@@ -405,11 +405,14 @@ class Inbox:
         """Validate a snapshot of the open file. Raises a Rejection when it is invalid, unless it
         changed meanwhile (it may have been read mid-write) and this is not the `last` read."""
         before = SourceState.of(os.fstat(fd))
-        limits = self._settings().provider.validation_limits
+        provider = self._settings().provider
         with snapshot(fd, before.size) as stream:
             name = spec.input if spec else claimed.name
             scratch = self._settings().state_dir / "work"
-            report = validate_stream(stream, source=name, limits=limits, size_bytes=before.size, scratch_dir=scratch)
+            report = validate_stream(
+                stream, source=name, limits=provider.validation_limits, size_bytes=before.size,
+                scratch_dir=scratch, dialect=provider.kind,
+            )  # fmt: skip
         if not report.ok and (last or SourceState.of(os.fstat(fd)) == before):
             prefix = f"{claimed.name}: its input {spec.input} is not valid" if spec else ""
             raise from_report(report, prefix=prefix)

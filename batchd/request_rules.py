@@ -7,9 +7,9 @@ through it, counts the lines and holds the whole-file rules. The rule names are
 published; batchd.validation's docstring lists them.
 
 `OpenAIRules` checks the lines Together, OpenAI and the local backend take
-(OpenAI's batch format). Another dialect's lines (Anthropic's `params`,
-Gemini's `key`/`request`) get a class of their own beside it, with the same
-`LineRules` shape.
+(OpenAI's batch format); `AnthropicRules` Anthropic's own (`{"custom_id", "params"}`).
+Another dialect's lines (Gemini's `key`/`request`) get a class of their own beside
+them, with the same `LineRules` shape; `rules_for` picks the class of a provider kind.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ import orjson
 from batchd.jsonl import MAX_JSON_DEPTH, nesting_depth
 from batchd.models import SUPPORTED_ENDPOINTS, BatchEndpoint
 
-__all__ = ["LineRules", "OpenAIRules", "Problem", "SeenIds", "show_value"]
+__all__ = ["AnthropicRules", "LineRules", "OpenAIRules", "Problem", "SeenIds", "rules_for", "show_value"]
 
 _MAX_CUSTOM_ID = 64
+#: Anthropic's custom_id: 1 to 64 of these characters.
+_ANTHROPIC_CUSTOM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Longest user value quoted in a message, so one bad line cannot bloat the report.
 _SHOW_MAX = 80
 # A \\uXXXX escape of a surrogate that is not half of a pair: a high one (D800-DBFF) no low
@@ -273,3 +275,79 @@ class OpenAIRules:
             found.append(Problem(number, "input", f"body.input is required for {url}"))
         if body.get("stream") is True:
             found.append(Problem(number, "stream", "body.stream must not be true: batch requests cannot stream"))
+
+
+class AnthropicRules:
+    """Anthropic's Message Batches lines: `{"custom_id", "params"}`.
+
+    custom_id 1–64 characters of `[A-Za-z0-9_-]` and unique; params an object with a
+    non-empty string `model`, an integer `max_tokens` of at least 1, a non-empty list of
+    `messages`, and `stream` not true. The endpoint is always Messages.
+    """
+
+    def __init__(self, seen: SeenIds) -> None:
+        self.seen = seen
+        self.endpoint: str | None = None
+        self.model: str | None = None
+
+    def check(self, number: int, content: bytes) -> list[Problem]:
+        value = _request_object(number, content)
+        if isinstance(value, Problem):
+            return [value]
+        self.endpoint = BatchEndpoint.MESSAGES
+        found: list[Problem] = []
+        self._custom_id(number, value, found)
+        self._params(number, value, found)
+        return found
+
+    def _custom_id(self, number: int, request: dict[str, Any], found: list[Problem]) -> None:
+        if "custom_id" not in request:
+            found.append(Problem(number, "custom_id", "custom_id is missing"))
+            return
+        custom_id = request["custom_id"]
+        if not isinstance(custom_id, str) or not _ANTHROPIC_CUSTOM_ID.fullmatch(custom_id):
+            message = (
+                f"custom_id must be 1 to 64 of the characters A-Z a-z 0-9 _ - (Anthropic's rule), "
+                f"got {show_value(custom_id)}"
+            )
+            found.append(Problem(number, "custom_id", message))
+            return
+        earlier = self.seen.add(custom_id, number)
+        if earlier is not None:
+            message = f"custom_id {show_value(custom_id)} is already used on line {earlier}"
+            found.append(Problem(number, "duplicate_custom_id", message))
+
+    def _params(self, number: int, request: dict[str, Any], found: list[Problem]) -> None:
+        if "params" not in request:
+            hint = ' (this line looks like OpenAI\'s format: Anthropic takes {"custom_id", "params"})'
+            found.append(Problem(number, "params", "params is missing" + (hint if "body" in request else "")))
+            return
+        params = request["params"]
+        if not isinstance(params, dict):
+            found.append(Problem(number, "params", f"params must be a JSON object, got {_kind(params)}"))
+            return
+        model = params.get("model")
+        if "model" not in params:
+            found.append(Problem(number, "model", "params.model is missing"))
+        elif not isinstance(model, str) or not model:
+            found.append(Problem(number, "model", f"params.model must be a non-empty string, got {show_value(model)}"))
+        elif self.model is None:
+            self.model = model
+        elif self.model != model:
+            self.model = ""
+        tokens = params.get("max_tokens")
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            got = "nothing" if "max_tokens" not in params else show_value(tokens)
+            message = f"params.max_tokens must be an integer of at least 1, got {got}"
+            found.append(Problem(number, "max_tokens", message))
+        messages = params.get("messages")
+        if not isinstance(messages, list) or not messages:
+            got = "nothing" if "messages" not in params else show_value(messages)
+            found.append(Problem(number, "messages", f"params.messages must be a non-empty list, got {got}"))
+        if params.get("stream") is True:
+            found.append(Problem(number, "stream", "params.stream must not be true: batch requests cannot stream"))
+
+
+def rules_for(kind: str, seen: SeenIds) -> LineRules:
+    """The line rules of a provider kind: Anthropic's own lines, or OpenAI's batch format."""
+    return AnthropicRules(seen) if kind == "anthropic" else OpenAIRules(seen)

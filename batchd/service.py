@@ -24,6 +24,7 @@ from batchd.daemon import Daemon, db
 from batchd.faults import Faults
 from batchd.health import serve_metrics
 from batchd.local_backend import open_local_backend
+from batchd.providers.anthropic import AnthropicProvider
 from batchd.providers.base import Provider
 from batchd.providers.http import API_TIMEOUT, http_client
 from batchd.providers.openai import OpenAIProvider
@@ -90,7 +91,12 @@ async def open_provider(settings: Settings, http: httpx.AsyncClient) -> AsyncIte
     if kind == "openai":
         yield OpenAIProvider(http, base_url=settings.provider.base_url, api_key=api_key)
         return
-    raise ConfigError(f"provider.kind = {kind!r} is not a known provider (use 'local', 'together' or 'openai')")
+    if kind == "anthropic":
+        yield AnthropicProvider(http, base_url=settings.provider.base_url, api_key=api_key)
+        return
+    raise ConfigError(
+        f"provider.kind = {kind!r} is not a known provider (use 'local', 'together', 'openai' or 'anthropic')"
+    )
 
 
 async def serve(

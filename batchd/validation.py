@@ -18,24 +18,31 @@ too_deep             arrays and objects nested deeper than jsonl.MAX_JSON_DEPTH 
 lone_surrogate       a string (a key, a value, the custom_id) holds a \\ud800-\\udfff escape
                      that is not half of a pair: it cannot be written back as UTF-8 JSON
 object               the line is JSON but not an object
-custom_id            custom_id missing, not a string, or not 1 to 64 characters
+custom_id            custom_id missing, not a string, or not 1 to 64 characters (Anthropic:
+                     1 to 64 of A-Z a-z 0-9 _ -)
 duplicate_custom_id  the custom_id was already used; the message names that line
 method               method is not "POST"
 url                  url is not a supported endpoint (models.SUPPORTED_ENDPOINTS)
 mixed_url            url differs from the batch's endpoint (the first supported url);
                      the message names it and its line
 body                 body missing or not an object
-model                body.model missing or not a non-empty string
-messages             chat: body.messages missing or not a non-empty list
+model                body.model (Anthropic: params.model) missing or not a non-empty string
+messages             chat: body.messages missing or not a non-empty list (Anthropic:
+                     params.messages, always)
 prompt               completions: body.prompt missing (or null)
 input                embeddings: body.input missing (or null)
-stream               body.stream is true (a batch cannot stream)
+stream               body.stream (params.stream) is true (a batch cannot stream)
+params               Anthropic: params missing or not an object
+max_tokens           Anthropic: params.max_tokens missing or not an integer of at least 1
 empty                the file holds no request at all (whole file)
 too_many_requests    more requests than the provider takes in one batch (whole file)
 too_large            more bytes than the provider takes in one batch (whole file), or
                      one line alone longer than the limit per request (that line):
                      Limits.max_request_bytes, 32 MB unless [provider] max_request_bytes
                      says otherwise (or the limit per batch, if that is smaller)
+
+Which rules a line meets depends on the provider's kind (`dialect`): Anthropic takes
+its own lines (`{"custom_id", "params"}`), every other kind OpenAI's batch format.
 
 The size limit is checked against the bytes batchd would upload (request lines
 with ``\\n`` ends, no BOM, no blank lines), which is what the provider counts.
@@ -57,7 +64,7 @@ from typing import IO, Any
 
 from batchd.jsonl import read_lines
 from batchd.models import Limits
-from batchd.request_rules import LineRules, OpenAIRules, Problem, show_value
+from batchd.request_rules import LineRules, Problem, rules_for, show_value
 from batchd.store.scratch import FirstLines
 
 __all__ = [
@@ -89,6 +96,8 @@ RULES: tuple[str, ...] = (
     "too_large",
     "too_deep",
     "lone_surrogate",
+    "params",
+    "max_tokens",
 )
 #: Custom ids kept in memory before the uniqueness check spills to a scratch file.
 _SEEN_IN_MEMORY = 100_000
@@ -132,7 +141,9 @@ class Report:
         }
 
 
-def validate_file(path: Path, *, source: str, limits: Limits, max_reported: int = 100) -> Report:
+def validate_file(
+    path: Path, *, source: str, limits: Limits, max_reported: int = 100, dialect: str = "openai"
+) -> Report:
     """Check every line of the batch file at `path` against DESIGN §3.
 
     `source` is the name the file was dropped under (it appears in the report).
@@ -141,7 +152,9 @@ def validate_file(path: Path, *, source: str, limits: Limits, max_reported: int 
     """
     with path.open("rb") as stream:
         size_bytes = os.fstat(stream.fileno()).st_size
-        return validate_stream(stream, source=source, limits=limits, size_bytes=size_bytes, max_reported=max_reported)
+        return validate_stream(
+            stream, source=source, limits=limits, size_bytes=size_bytes, max_reported=max_reported, dialect=dialect
+        )
 
 
 def validate_stream(
@@ -152,15 +165,17 @@ def validate_stream(
     size_bytes: int,
     max_reported: int = 100,
     scratch_dir: Path | None = None,
+    dialect: str = "openai",
 ) -> Report:
     """`validate_file` for a stream read to its end (the daemon's snapshot of a claimed file).
 
     `size_bytes` is what the report gives as the file's size on disk. Past 100,000 requests the
     uniqueness check keeps its ids in a scratch file under `scratch_dir` (the daemon's own
     state: it writes nowhere else), else in the system's temporary folder (`batchd validate`).
+    `dialect` is the provider's kind: it decides the format of the lines (`rules_for`).
     """
     seen = FirstLines(in_memory=_SEEN_IN_MEMORY, spill_dir=scratch_dir)
-    rules: LineRules = OpenAIRules(seen)
+    rules: LineRules = rules_for(dialect, seen)
     requests = 0
     line_problems: list[Problem] = []
     line_problem_count = 0

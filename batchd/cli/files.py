@@ -40,7 +40,8 @@ def validate(obj: Context, file: Path, as_json: bool) -> None:
     if not file.is_file():
         fail(f"{file}: no such file", 2)
     limits = settings.provider.validation_limits if settings else PROVIDER_LIMITS["local"]
-    report = validate_file(file, source=file.name, limits=limits)
+    dialect = settings.provider.kind if settings else "local"
+    report = validate_file(file, source=file.name, limits=limits, dialect=dialect)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
     elif report.ok:
@@ -60,7 +61,9 @@ def submit(obj: Context, file: Path, name: str | None) -> None:
     settings = obj.load()
     if not file.is_file():
         fail(f"{file}: no such file", 2)
-    report = validate_file(file, source=file.name, limits=settings.provider.validation_limits)
+    report = validate_file(
+        file, source=file.name, limits=settings.provider.validation_limits, dialect=settings.provider.kind
+    )
     if not report.ok:
         click.echo(format_report(report), nl=False, err=True)
         sys.exit(1)

@@ -195,7 +195,7 @@ def build_settings(
     database_url = _database_url(_str(raw, "database_url", "database_url", ""), state_dir)
 
     p = _table(raw, "provider")
-    kind = _choice(p, "kind", "provider.kind", "local", ("local", "together", "openai"))
+    kind = _choice(p, "kind", "provider.kind", "local", ("local", "together", "openai", "anthropic"))
     base_url = _str(p, "base_url", "provider.base_url", "")
     if base_url:
         _http_url(base_url, "provider.base_url")

@@ -22,9 +22,10 @@ EVENT_TYPES: tuple[str, ...] = (
 DEFAULT_BASE_URLS = {
     "together": "https://api.together.ai",
     "openai": "https://api.openai.com/v1",
+    "anthropic": "https://api.anthropic.com",
 }
 
-DEFAULT_KEY_ENVS = {"together": "TOGETHER_API_KEY", "openai": "OPENAI_API_KEY"}
+DEFAULT_KEY_ENVS = {"together": "TOGETHER_API_KEY", "openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
 
 class ConfigError(Exception):
