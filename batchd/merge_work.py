@@ -191,18 +191,24 @@ class Worker:
                     continue
                 response = answer.get("response")
                 ok = False
+                body = None
                 if type(response) is dict:
                     status = response.get("status_code")
                     # Exactly int: JSON true is no status.
                     if type(status) is int and 200 <= status < 300:
                         ok = True
                         body = response.get("body")
-                        usage = body.get("usage") if type(body) is dict else None
-                        if type(usage) is dict:
-                            usages.append(usage)
-                            if len(usages) == USAGE_BATCH:
-                                scanned.usage.add(usages)
-                                usages = []
+                elif type(result := answer.get("result")) is dict and result.get("type") == "succeeded":
+                    # Anthropic's result line: the message is the success's body.
+                    ok = True
+                    body = result.get("message")
+                if ok:
+                    usage = body.get("usage") if type(body) is dict else None
+                    if type(usage) is dict:
+                        usages.append(usage)
+                        if len(usages) == USAGE_BATCH:
+                            scanned.usage.add(usages)
+                            usages = []
                 # The line without its end (strip_eol's rule): "\n", then a "\r" before it.
                 length = len(raw)
                 if raw[-1] == 10:
@@ -313,7 +319,9 @@ class Worker:
         bases = self.plan.bases
         file = bisect_right(bases, position) - 1
         answer = jsonl.loads(self._pread(self._answer_fds()[file], position - bases[file], length))
-        body = answer["response"].get("body")
+        # A success: OpenAI's format, or Anthropic's result (see the scan).
+        response = answer.get("response")
+        body = response.get("body") if type(response) is dict else answer["result"].get("message")
         usage = body.get("usage") if type(body) is dict else None
         return usage if type(usage) is dict else None
 

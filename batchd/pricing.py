@@ -7,14 +7,28 @@ from typing import Any
 
 from batchd.config import Price
 
+#: What Anthropic charges for prompt caching, as shares of the input price: writing the cache
+#: (5-minute cache) and reading from it.
+CACHE_WRITE_SHARE = 1.25
+CACHE_READ_SHARE = 0.1
+
 
 def estimate_cost(usage: Mapping[str, int], price: Price | None) -> dict[str, Any] | None:
-    """An estimated cost from token totals and a configured price (None without a price)."""
+    """An estimated cost from token totals and a configured price (None without a price).
+
+    Input and output tokens as OpenAI counts them (`prompt_tokens`, `completion_tokens`) or as
+    Anthropic and OpenAI's responses count them (`input_tokens`, `output_tokens`); Anthropic's
+    cache writes and reads at their shares of the input price.
+    """
     if price is None:
         return None
-    prompt = usage.get("prompt_tokens", 0)
-    completion = usage.get("completion_tokens", 0)
-    usd = (prompt * price.input_per_mtok + completion * price.output_per_mtok) / 1_000_000
+    prompt = usage.get("prompt_tokens", 0) + usage.get("input_tokens", 0)
+    completion = usage.get("completion_tokens", 0) + usage.get("output_tokens", 0)
+    cached = (
+        usage.get("cache_creation_input_tokens", 0) * CACHE_WRITE_SHARE
+        + usage.get("cache_read_input_tokens", 0) * CACHE_READ_SHARE
+    )
+    usd = ((prompt + cached) * price.input_per_mtok + completion * price.output_per_mtok) / 1_000_000
     return {
         "estimated_usd": round(usd, 6),
         "input_per_mtok": price.input_per_mtok,

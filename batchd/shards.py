@@ -108,6 +108,16 @@ def _sha256(path: Path) -> str:
 
 def is_transient(answer: Mapping[str, Any]) -> bool:
     """Whether an error answer failed for a passing reason (resubmitting may succeed)."""
+    result = answer.get("result")
+    if isinstance(result, dict):
+        # Anthropic's result line: an expired request never ran; an errored one says why in
+        # its error's type (overloaded_error, rate_limit_error, api_error are passing).
+        kind = result.get("type")
+        if kind == "expired":
+            return True
+        if kind == "errored":
+            return _anthropic_error_is_passing(result.get("error"))
+        return False
     response = answer.get("response")
     if isinstance(response, dict):
         status = response.get("status_code")
@@ -118,6 +128,19 @@ def is_transient(answer: Mapping[str, Any]) -> bool:
         words = " ".join(str(error.get(k, "")) for k in ("code", "type", "message")).lower()
         return any(word in words for word in TRANSIENT_WORDS)
     return False
+
+
+#: Anthropic's error types that pass (the request may succeed when sent again).
+ANTHROPIC_PASSING_TYPES = frozenset({"overloaded_error", "rate_limit_error", "api_error", "timeout_error"})
+
+
+def _anthropic_error_is_passing(error: Any) -> bool:
+    """`{"type": "error", "error": {"type", "message"}}`, parsed defensively (flat shapes occur)."""
+    if not isinstance(error, dict):
+        return False
+    inner = error.get("error")
+    kind = inner.get("type") if isinstance(inner, dict) else error.get("type")
+    return kind in ANTHROPIC_PASSING_TYPES
 
 
 def _resubmittable(answer: Mapping[str, Any], unanswered_codes: frozenset[str]) -> bool:

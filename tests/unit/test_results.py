@@ -193,6 +193,31 @@ def test_usage_sums_successes_only(tmp_path: Path) -> None:
     assert result.usage == {"prompt_tokens": 13, "completion_tokens": 4, "total_tokens": 17}
 
 
+def anthropic_line(custom_id: str, result: dict[str, Any]) -> bytes:
+    return json.dumps({"custom_id": custom_id, "result": result}).encode()
+
+
+def test_anthropic_results_split_into_output_and_errors_in_input_order_with_usage(tmp_path: Path) -> None:
+    usage = {"input_tokens": 5, "output_tokens": 2, "cache_creation_input_tokens": 7, "cache_read_input_tokens": 11}
+    message = {"type": "message", "content": [{"type": "text", "text": "x"}], "usage": usage}
+    lines = {
+        "c": anthropic_line("c", {"type": "succeeded", "message": message}),
+        "a": anthropic_line("a", {"type": "errored", "error": {"type": "error", "error": {"type": "api_error"}}}),
+        "d": anthropic_line("d", {"type": "expired"}),
+        "b": anthropic_line("b", {"type": "succeeded", "message": message}),
+        "e": anthropic_line("e", {"type": "canceled"}),
+    }
+    # The results come in no particular order, in one file.
+    answers = write_answers(tmp_path, "results.jsonl", list(lines.values()))
+    result = merge(tmp_path, write_input(tmp_path, ["a", "b", "c", "d", "e", "f"]), [answers])
+    assert (result.completed, result.failed, result.total) == (2, 4, 6)
+    assert out_lines(tmp_path, "output.jsonl") == [lines["b"], lines["c"]]  # verbatim, in input order
+    errors = out_lines(tmp_path, "errors.jsonl")
+    assert errors[:3] == [lines["a"], lines["d"], lines["e"]]
+    assert json.loads(errors[3])["custom_id"] == "f"  # never returned: synthesized as for any dialect
+    assert result.usage == {key: 2 * value for key, value in usage.items()}
+
+
 def test_empty_output_file_still_written(tmp_path: Path) -> None:
     result = merge(tmp_path, write_input(tmp_path, ["a"]), [], code="batch_failed")
     folder = tmp_path / "outbox" / "job"

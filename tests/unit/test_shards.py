@@ -55,6 +55,10 @@ def test_splitting_again_after_a_crash_gives_the_same_shards(tmp_path: Path) -> 
     assert [s.sha256 for s in first] == [s.sha256 for s in second]
 
 
+def anthropic_error(kind: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": kind, "message": "m"}}
+
+
 def answer(custom_id: str, **kw: Any) -> dict[str, Any]:
     return {"custom_id": custom_id, **kw}
 
@@ -70,6 +74,16 @@ def answer(custom_id: str, **kw: Any) -> dict[str, Any]:
         (answer("a", error={"code": "rate_limit_exceeded", "message": "slow down"}), True),
         (answer("a", error={"code": 500, "message": "Internal server error"}), False),
         (answer("a", error={"code": "x", "message": "The server is overloaded"}), True),
+        # Anthropic's result lines: expired and the passing error types go to a follow-up round.
+        (answer("a", result={"type": "expired"}), True),
+        (answer("a", result={"type": "canceled"}), False),
+        (answer("a", result={"type": "succeeded", "message": {}}), False),
+        (answer("a", result={"type": "errored", "error": anthropic_error("overloaded_error")}), True),
+        (answer("a", result={"type": "errored", "error": anthropic_error("rate_limit_error")}), True),
+        (answer("a", result={"type": "errored", "error": anthropic_error("api_error")}), True),
+        (answer("a", result={"type": "errored", "error": anthropic_error("invalid_request_error")}), False),
+        (answer("a", result={"type": "errored", "error": {"type": "overloaded_error"}}), True),  # a flat shape
+        (answer("a", result={"type": "errored", "error": "overloaded"}), False),
     ],
 )
 def test_transient_or_permanent(line: dict[str, Any], transient: bool) -> None:
