@@ -30,6 +30,14 @@ log = structlog.get_logger("batchd.daemon")
 
 #: Unexpected failures of a job's steps in a row before the job is parked.
 PARK_AFTER = 5
+
+
+class NeedsOperator(Exception):
+    """A step cannot go on without a person's decision (an ambiguous reconcile): the job is
+    parked at once, with this message as its reason (`batchd jobs`/`show`), until `batchd
+    resume`."""
+
+
 #: Where job steps report the outside faults they meet (Faults).
 STEPS = "steps"
 
@@ -59,7 +67,14 @@ async def _step_failed(ctx: Context, job: Job, exc: BaseException) -> None:
     error = str(exc)[:2000] or type(exc).__name__
     metrics.retry(f"step.{job.state.value}")
     write: Any
-    if kind is Kind.UNEXPECTED:
+    if isinstance(exc, NeedsOperator):
+        metrics.job_parked()
+        log.error("job.parked", job_id=job.id, state=job.state.value, reason=error)
+        write = partial(
+            ctx.store.jobs.record_unexpected, job.id, expect=job.state, attempts=attempts,
+            failures=job.unexpected_failures, next_check_at=next_check_at, error=error, park=True,
+        )  # fmt: skip
+    elif kind is Kind.UNEXPECTED:
         failures = job.unexpected_failures + 1
         park = failures >= PARK_AFTER
         metrics.unexpected_error("step")

@@ -18,8 +18,10 @@ import structlog
 from batchd import lifecycle
 from batchd.crashpoints import crashpoint
 from batchd.daemon.context import Context, db
+from batchd.daemon.failures import NeedsOperator
 from batchd.inbox import ensure_job_files
-from batchd.models import BatchStatus, Job, JobState, RemoteBatch, RemoteBatchRecord
+from batchd.models import BatchStatus, Job, JobState, RemoteBatch, RemoteBatchRecord, RemoteStatus
+from batchd.providers.anthropic import request_total
 from batchd.providers.base import ProviderError
 from batchd.safe_fs import check_within
 from batchd.shards import split, write_followups
@@ -29,6 +31,9 @@ log = structlog.get_logger("batchd.daemon")
 
 #: Shards of one job uploaded and created at once.
 SHARDS_AT_ONCE = 4
+#: Tries a reconcile by request count waits for other creates of the same size to be bound
+#: before it parks the job for an operator.
+SETTLE_ATTEMPTS = 3
 
 
 class Submitter:
@@ -146,6 +151,7 @@ class Submitter:
                 endpoint=job.endpoint,
                 completion_window=job.completion_window,
                 job_id=job.id,
+                input_path=Path(batch.input_path) if batch.input_path else None,
             )
         except ProviderError as exc:
             if not exc.outcome_unknown:
@@ -165,13 +171,18 @@ class Submitter:
         need not reach further back: OpenAI's newest-first pages stop there.
         """
         earliest = batch.intent_at - lifecycle.CLOCK_SKEW_S
-        remotes = await self._ctx.provider.list_batches(since=datetime.fromtimestamp(earliest, UTC))
-        bound = await db(self._ctx.store.batches.bound_ids)
-        candidates = [
+        provider = self._ctx.provider
+        remotes = await provider.list_batches(since=datetime.fromtimestamp(earliest, UTC))
+        bound = await db(self._ctx.store.batches.bound_among, [r.id for r in remotes])
+        recent = [
             r for r in remotes
+            if r.id not in bound and (r.created_at is None or r.created_at.timestamp() >= earliest)
+        ]  # fmt: skip
+        if not provider.identifies_creates:
+            return await self._reconcile_by_count(job, batch, recent, earliest)
+        candidates = [
+            r for r in recent
             if r.input_file_id == batch.input_file_id
-            and r.id not in bound
-            and (r.created_at is None or r.created_at.timestamp() >= earliest)
             and (not r.metadata or r.metadata.get("batchd_job_id") in (None, job.id))
         ]  # fmt: skip
         if not candidates:
@@ -180,6 +191,41 @@ class Submitter:
         candidates.sort(key=lambda r: r.created_at or datetime.min.replace(tzinfo=UTC))
         await self._bind(job, batch, candidates[0], how="adopted")
         return True
+
+    async def _reconcile_by_count(
+        self, job: Job, batch: RemoteBatchRecord, recent: list[RemoteBatch], earliest: float
+    ) -> bool:
+        """A dialect whose batches name neither their input nor their job (Anthropic): a batch
+        no job owns, created since the intent, with this shard's request count, is adopted
+        only when nothing else could have made it; else the job waits, or is parked for an
+        operator when waiting cannot settle it. Never a guess, never a second create while a
+        batch that may be ours exists."""
+        candidates = [
+            r for r in recent
+            if r.status not in (RemoteStatus.CANCELLING, RemoteStatus.CANCELLED)  # an operator's way out
+            and request_total(r) == batch.request_count
+        ]  # fmt: skip
+        if not candidates:
+            log.info("job.reconcile_none", job_id=job.id, requests=batch.request_count)
+            return False
+        others = await db(
+            self._ctx.store.batches.unbound_intents, since=earliest, request_count=batch.request_count, exclude=batch.id
+        )
+        ids = ", ".join(r.id for r in candidates)
+        if len(candidates) == 1 and not others:
+            await self._bind(job, batch, candidates[0], how="adopted")
+            return True
+        if others and job.attempts < SETTLE_ATTEMPTS:
+            # Another create of the same size is under way (its answer may be on its way back):
+            # once it is bound, what is left is ours.
+            log.info("job.reconcile_waits", job_id=job.id, candidates=ids, other_creates=len(others))
+            message = f"a lost create is not yet told apart from {len(others)} other create(s)"
+            raise ProviderError(message, retryable=True)
+        raise NeedsOperator(
+            f"a create of shard {batch.shard} (round {batch.round}, {batch.request_count} requests) got no answer, and "
+            f"the provider shows {len(candidates)} batch(es) it may have made: {ids}. Cancel at the provider the ones "
+            "that are not this job's (all of them to create it anew), then run: batchd resume " + job.id
+        )
 
     async def _bind(self, job: Job, batch: RemoteBatchRecord, remote: RemoteBatch, *, how: str) -> None:
         await db(self._ctx.store.batches.bind, batch.id, remote)

@@ -138,6 +138,8 @@ class AnthropicProvider(HttpProvider):
 
     dialect = "anthropic"
     default_base_url = DEFAULT_BASE_URL
+    #: no input file, no metadata: a lost create is found by request count and creation time
+    identifies_creates = False
 
     def _auth(self) -> dict[str, str]:
         return {"x-api-key": self._api_key, "anthropic-version": API_VERSION}

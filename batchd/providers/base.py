@@ -24,6 +24,10 @@ class Provider(Protocol):
     #: "together" | "openai" | "anthropic" | "local"
     kind: str
     limits: Limits
+    #: whether a listed batch names what it was created from (its input file, batchd's job in
+    #: its metadata): a lost create is then found again by those; else (Anthropic) only by its
+    #: request count and creation time (daemon/submit.py)
+    identifies_creates: bool
 
     async def upload_file(self, path: Path, *, filename: str, sha256: str) -> str:
         """Upload a batch input file; return the provider's file id.

@@ -84,6 +84,8 @@ class HttpProvider:
     dialect = ""
     #: the base URL when none is given (empty: one must be)
     default_base_url = ""
+    #: a listed batch names its input file (and, with metadata, batchd's job): see Provider
+    identifies_creates = True
 
     @staticmethod
     def normalise_base_url(url: str) -> str:

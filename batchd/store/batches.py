@@ -16,7 +16,7 @@ from sqlalchemy import ColumnElement, Connection, Select, Table, Update, bindpar
 
 from batchd.models import BatchStatus, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.store.database import Database, StaleState, fenced, guard
-from batchd.store.due import refresh_due
+from batchd.store.due import IDS_PER_QUERY, refresh_due
 from batchd.store.jobs import check_move, db_values, next_check_values
 from batchd.store.rows import remote_from_row
 from batchd.store.schema import jobs, remote_batches
@@ -70,11 +70,31 @@ class RemoteBatchStore:
             earliest = conn.execute(query).scalar()
         return float(earliest) if earliest is not None else None
 
-    def bound_ids(self) -> set[str]:
-        """Remote batch ids already owned by some job (never adopted twice)."""
+    def bound_among(self, remote_ids: Collection[str]) -> set[str]:
+        """Which of `remote_ids` some job owns already (never adopted twice): a reconcile asks
+        about what it listed, not about every batch ever bound."""
+        wanted = sorted(set(remote_ids))
+        found: set[str] = set()
         with self._db.read() as conn:
-            rows = conn.execute(select(remote_batches.c.remote_id).where(remote_batches.c.remote_id.is_not(None))).all()
-        return {str(r[0]) for r in rows}
+            for start in range(0, len(wanted), IDS_PER_QUERY):
+                chunk = wanted[start : start + IDS_PER_QUERY]
+                query = select(remote_batches.c.remote_id).where(remote_batches.c.remote_id.in_(chunk))
+                found.update(str(r[0]) for r in conn.execute(query))
+        return found
+
+    def unbound_intents(self, *, since: float, request_count: int | None, exclude: int) -> list[int]:
+        """Other batches whose create was sent (counted) and is not bound yet, intended since
+        `since`, of `request_count` requests: creates that may have made the batch a reconcile
+        by request count would otherwise take for its own (a dialect without metadata)."""
+        query = select(remote_batches.c.id).where(
+            remote_batches.c.remote_id.is_(None),
+            remote_batches.c.create_attempts > 0,
+            remote_batches.c.intent_at >= since,
+            remote_batches.c.request_count == request_count,
+            remote_batches.c.id != exclude,
+        )
+        with self._db.read() as conn:
+            return [int(r[0]) for r in conn.execute(query)]
 
     # ------------------------------------------------------------ planning
 

@@ -22,14 +22,14 @@ from batchd.store.rows import job_from_row, remote_from_row
 from batchd.store.schema import LIVE_STATES, jobs, remote_batches
 
 #: Ids per IN (…) list: well below SQLite's and PostgreSQL's limits on bound parameters.
-_IDS_PER_QUERY = 500
+IDS_PER_QUERY = 500
 
 
 def refresh_due(conn: Connection, job_ids: Collection[str], now: float) -> None:
     """Set `due_at` of `job_ids` from their rows and remote batches as this transaction sees them."""
     wanted = sorted(set(job_ids))
-    for start in range(0, len(wanted), _IDS_PER_QUERY):
-        chunk = wanted[start : start + _IDS_PER_QUERY]
+    for start in range(0, len(wanted), IDS_PER_QUERY):
+        chunk = wanted[start : start + IDS_PER_QUERY]
         batches: dict[str, list[RemoteBatchRecord]] = {}
         for row in conn.execute(select(remote_batches).where(remote_batches.c.job_id.in_(chunk))):
             record = remote_from_row(row._mapping)

@@ -20,14 +20,11 @@ from batchd import lifecycle
 from batchd.models import Job, JobState, NewEvent
 from batchd.store.database import Database, StaleState, guard
 from batchd.store.deliveries import insert_events
-from batchd.store.due import refresh_due
+from batchd.store.due import IDS_PER_QUERY, refresh_due
 from batchd.store.rows import job_from_row
 from batchd.store.schema import LIVE_STATES, jobs
 from batchd.store.signals import Signal, bump
 from batchd.store.writes import Ending, NewJob, NextCheck, RejectedJob
-
-#: Ids per IN (…) list: well below SQLite's and PostgreSQL's limits on bound parameters.
-_IDS_PER_QUERY = 500
 
 
 class IllegalTransition(ValueError):
@@ -62,8 +59,8 @@ class JobStore:
         found: set[str] = set()
         wanted = list(job_ids)
         with self._db.read() as conn:
-            for start in range(0, len(wanted), _IDS_PER_QUERY):
-                chunk = wanted[start : start + _IDS_PER_QUERY]
+            for start in range(0, len(wanted), IDS_PER_QUERY):
+                chunk = wanted[start : start + IDS_PER_QUERY]
                 found.update(str(r[0]) for r in conn.execute(select(jobs.c.id).where(jobs.c.id.in_(chunk))))
         return found
 

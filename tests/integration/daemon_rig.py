@@ -19,11 +19,22 @@ from batchd.daemon import Daemon
 from batchd.emulator.app import create_app
 from batchd.emulator.server import serve_emulator
 from batchd.models import Job
+from batchd.providers.anthropic import AnthropicProvider
 from batchd.providers.base import Provider
 from batchd.providers.openai import OpenAIProvider
 from batchd.providers.together import TogetherProvider
 from batchd.store import Store
 from tests.databases import database_url
+
+
+def message(custom_id: str, trigger: dict[str, Any] | None = None, text: str | None = None) -> dict[str, Any]:
+    """An Anthropic request line (`{"custom_id", "params"}`)."""
+    params: dict[str, Any] = {
+        "model": "claude-x", "max_tokens": 16, "messages": [{"role": "user", "content": text or custom_id}],
+    }  # fmt: skip
+    if trigger:
+        params["batchd_emulator"] = trigger
+    return {"custom_id": custom_id, "params": params}
 
 
 def chat(custom_id: str, trigger: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -104,7 +115,7 @@ async def rig(
         "[polling]\nmin_interval_s = 0.02\nmax_interval_s = 0.1\n[inbox]\nsettle_s = 0.0\n",
         encoding="utf-8",
     )
-    settings = load_settings(config, environ={"TOGETHER_API_KEY": "k", "OPENAI_API_KEY": "k"})
+    settings = load_settings(config, environ={"TOGETHER_API_KEY": "k", "OPENAI_API_KEY": "k", "ANTHROPIC_API_KEY": "k"})
     store = Store(settings.database_url)
     store.migrate()
     options: dict[str, Any] = {"retry": retry or RetryPolicy(attempts=1)}
@@ -115,11 +126,13 @@ async def rig(
             serve_emulator(create_app(tmp_path / "emulator", **(emulator or {})), host="127.0.0.1", port=0) as url,
             httpx.AsyncClient(trust_env=False) as http,
         ):
-            provider: Provider = (
-                OpenAIProvider(http, base_url=f"{url}/openai/v1", api_key="k", **options)
-                if kind == "openai"
-                else TogetherProvider(http, base_url=url, api_key="k", **options)
-            )
+            provider: Provider
+            if kind == "openai":
+                provider = OpenAIProvider(http, base_url=f"{url}/openai/v1", api_key="k", **options)
+            elif kind == "anthropic":
+                provider = AnthropicProvider(http, base_url=f"{url}/anthropic", api_key="k", **options)
+            else:
+                provider = TogetherProvider(http, base_url=url, api_key="k", **options)
             daemon = Daemon(settings, store=store, provider=provider)
             yield Rig(settings, store, daemon, provider, url, http)
     finally:
