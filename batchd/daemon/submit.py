@@ -8,6 +8,8 @@ and adopts the one an interrupted create made instead of creating a second.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,15 +27,16 @@ from batchd.providers.anthropic import request_total
 from batchd.providers.base import ProviderError
 from batchd.safe_fs import check_within
 from batchd.shards import split, write_followups
-from batchd.store import ShardPlan, StaleState
+from batchd.store import CreatesBusy, ShardPlan, StaleState
 
 log = structlog.get_logger("batchd.daemon")
 
 #: Shards of one job uploaded and created at once.
 SHARDS_AT_ONCE = 4
-#: Tries a reconcile by request count waits for other creates of the same size to be bound
-#: before it parks the job for an operator.
-SETTLE_ATTEMPTS = 3
+#: How long a reconcile by request count waits for another create of the same size, sent that
+#: long ago at most, to be bound before it parks the job for an operator (an older one is a
+#: create whose daemon died: waiting would not settle it).
+SETTLE_S = 120.0
 
 
 class Submitter:
@@ -41,6 +44,8 @@ class Submitter:
 
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
+        #: one create (or reconcile) at a time, for a provider whose batches name nothing (_creating)
+        self._create_lock = anyio.Lock()
 
     async def plan(self, job: Job) -> None:
         """Round 0: cut the input into shards within the provider's limits, commit them, submit them."""
@@ -123,12 +128,36 @@ class Submitter:
                 await self._refuse(job, row, f"upload refused: {exc.message}")
                 return
             crashpoint("after_upload_answer")
-            # The file id, the intent to create and its first attempt, committed before the create call.
-            row = await db(self._ctx.store.batches.record_upload, row.id, file_id=file_id, intent_at=self._ctx.clock())
-            log.info("job.uploaded", job_id=job.id, shard=row.shard, round=row.round, file_id=file_id)
-            await self._send_create(job, row)
+            async with self._creating():
+                # The file id, the intent to create and its first attempt, committed before the create call.
+                row = await db(
+                    self._ctx.store.batches.record_upload, row.id, file_id=file_id, intent_at=self._ctx.clock(),
+                    alone_for=self._alone_for(job),
+                )  # fmt: skip
+                log.info("job.uploaded", job_id=job.id, shard=row.shard, round=row.round, file_id=file_id)
+                await self._send_create(job, row)
             return
-        await self._create(job, row, reconcile_first=row.create_attempts > 0)
+        async with self._creating():
+            await self._create(job, row, reconcile_first=row.create_attempts > 0)
+
+    def _alone_for(self, job: Job) -> str | None:
+        """The provider whose creates are counted one at a time (see count_create), if this is one."""
+        return None if self._ctx.provider.identifies_creates else job.provider
+
+    @asynccontextmanager
+    async def _creating(self) -> AsyncIterator[None]:
+        """Around a create (count, send, bind) or a reconcile: one at a time in this daemon when the
+        provider's batches cannot be told apart but by their size (the store keeps it so across
+        daemons and crashes: count_create's `alone_for`); a create that must wait its turn is a
+        passing refusal, waited out with the step's backoff."""
+        if self._ctx.provider.identifies_creates:
+            yield
+            return
+        async with self._create_lock:
+            try:
+                yield
+            except CreatesBusy as exc:
+                raise ProviderError(str(exc), retryable=True) from exc
 
     async def _refuse(self, job: Job, row: RemoteBatchRecord, reason: str) -> None:
         """The provider refused this shard for good: it ends here (its requests: not_submitted)."""
@@ -140,7 +169,8 @@ class Submitter:
             return
         # Commit the attempt before sending: after a crash, the next try lists before creating.
         # The compare-and-set makes a second, racing create step fail here, before the network.
-        await self._send_create(job, await db(self._ctx.store.batches.count_create, batch))
+        counted = await db(self._ctx.store.batches.count_create, batch, alone_for=self._alone_for(job))
+        await self._send_create(job, counted)
 
     async def _send_create(self, job: Job, batch: RemoteBatchRecord) -> None:
         """Create the batch; its attempt is counted already (see `_create`)."""
@@ -215,9 +245,9 @@ class Submitter:
         if len(candidates) == 1 and not others:
             await self._bind(job, batch, candidates[0], how="adopted")
             return True
-        if others and job.attempts < SETTLE_ATTEMPTS:
-            # Another create of the same size is under way (its answer may be on its way back):
-            # once it is bound, what is left is ours.
+        if any(intent >= self._ctx.clock() - SETTLE_S for intent in others):
+            # Another create of the same size was sent a moment ago (another daemon's: its answer
+            # may be on its way back): once it is bound, what is left is ours.
             log.info("job.reconcile_waits", job_id=job.id, candidates=ids, other_creates=len(others))
             message = f"a lost create is not yet told apart from {len(others)} other create(s)"
             raise ProviderError(message, retryable=True)

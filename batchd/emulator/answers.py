@@ -129,4 +129,19 @@ def _anthropic_result(answer: Answer) -> dict[str, Any]:
         return {"type": "expired"}
     if answer.error_code == CANCELED_CODE:
         return {"type": "canceled"}
-    return {"type": "errored", "error": anthropic_error_body(500, answer.error_message or "internal error")}
+    error = {"type": _anthropic_type(answer), "message": answer.error_message or "internal error"}
+    return {"type": "errored", "error": {"type": "error", "error": error}}
+
+
+def _anthropic_type(answer: Answer) -> str:
+    """The Anthropic error type of an error without an HTTP answer (an `error` trigger's code)."""
+    code = (answer.error_code or "").lower()
+    for words, kind in (
+        (("rate_limit",), "rate_limit_error"),
+        (("overload",), "overloaded_error"),
+        (("timeout", "timed_out"), "timeout_error"),
+        (("server_error", "internal", "unavailable"), "api_error"),
+    ):
+        if any(word in code for word in words):
+            return kind
+    return "invalid_request_error"

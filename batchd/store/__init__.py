@@ -23,7 +23,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from batchd.store.batches import RemoteBatchStore
+from batchd.store.batches import CreatesBusy, RemoteBatchStore
 from batchd.store.cluster import ClusterStore, daemon_state
 from batchd.store.database import (
     LEASE,
@@ -58,6 +58,7 @@ __all__ = [
     "LEASE",
     "SCHEMA_VERSION",
     "ClusterStore",
+    "CreatesBusy",
     "DeadLettered",
     "Delivered",
     "DeliveryOutcome",

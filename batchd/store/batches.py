@@ -8,18 +8,31 @@ proceed (StaleState for the loser).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, Table, Update, bindparam, func, select, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Connection,
+    Select,
+    Table,
+    Update,
+    bindparam,
+    func,
+    literal,
+    select,
+    update,
+)
 
 from batchd.models import BatchStatus, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.store.database import Database, StaleState, fenced, guard
 from batchd.store.due import IDS_PER_QUERY, refresh_due
 from batchd.store.jobs import check_move, db_values, next_check_values
 from batchd.store.rows import remote_from_row
-from batchd.store.schema import jobs, remote_batches
+from batchd.store.schema import LIVE_STATES, MIGRATION_LOCK, jobs, remote_batches
 from batchd.store.writes import PollAnswer, ShardPlan
 
 #: Rows in the order a job's rounds and shards are read everywhere.
@@ -82,19 +95,26 @@ class RemoteBatchStore:
                 found.update(str(r[0]) for r in conn.execute(query))
         return found
 
-    def unbound_intents(self, *, since: float, request_count: int | None, exclude: int) -> list[int]:
-        """Other batches whose create was sent (counted) and is not bound yet, intended since
-        `since`, of `request_count` requests: creates that may have made the batch a reconcile
-        by request count would otherwise take for its own (a dialect without metadata)."""
-        query = select(remote_batches.c.id).where(
-            remote_batches.c.remote_id.is_(None),
-            remote_batches.c.create_attempts > 0,
-            remote_batches.c.intent_at >= since,
-            remote_batches.c.request_count == request_count,
-            remote_batches.c.id != exclude,
+    def unbound_intents(self, *, since: float, request_count: int | None, exclude: int) -> list[float]:
+        """When each other create was intended that was sent (counted), is not bound yet, and
+        belongs to a live job: since `since`, of `request_count` requests. Such a create may
+        have made the batch a reconcile by request count would otherwise take for its own (a
+        dialect without metadata)."""
+        query = (
+            select(remote_batches.c.intent_at)
+            .join(jobs, jobs.c.id == remote_batches.c.job_id)
+            .where(
+                remote_batches.c.remote_id.is_(None),
+                remote_batches.c.status == BatchStatus.CREATING.value,
+                remote_batches.c.create_attempts > 0,
+                remote_batches.c.intent_at >= since,
+                remote_batches.c.request_count == request_count,
+                remote_batches.c.id != exclude,
+                jobs.c.state.in_(LIVE_STATES),
+            )
         )
         with self._db.read() as conn:
-            return [int(r[0]) for r in conn.execute(query)]
+            return [float(r[0]) for r in conn.execute(query)]
 
     # ------------------------------------------------------------ planning
 
@@ -146,23 +166,32 @@ class RemoteBatchStore:
         """Never created: the provider refused its upload or its create for good."""
         return self._set(record.id, {"status": record.status}, {"status": BatchStatus.REFUSED, "error": reason})
 
-    def record_upload(self, record_id: int, *, file_id: str, intent_at: float) -> RemoteBatchRecord:
+    def record_upload(
+        self, record_id: int, *, file_id: str, intent_at: float, alone_for: str | None = None
+    ) -> RemoteBatchRecord:
         """The input file is uploaded, and the intent to create the batch is committed with it,
         its first create attempt counted (as `count_create` would: the create call comes next).
-        One commit, not two, for every batch submitted."""
+        One commit, not two, for every batch submitted. `alone_for`: as `count_create`'s."""
         values = {
             "input_file_id": file_id,
             "status": BatchStatus.CREATING,
             "intent_at": intent_at,
             "create_attempts": 1,
         }
-        return self._set(record_id, {"status": BatchStatus.PENDING, "create_attempts": 0}, values)
+        check = None if alone_for is None else partial(_no_other_create, provider=alone_for)
+        return self._set(record_id, {"status": BatchStatus.PENDING, "create_attempts": 0}, values, check=check)
 
-    def count_create(self, record: RemoteBatchRecord) -> RemoteBatchRecord:
+    def count_create(self, record: RemoteBatchRecord, *, alone_for: str | None = None) -> RemoteBatchRecord:
         """A create is about to be sent: counted first, so that after a crash the next try lists
-        before it creates; the compare-and-set stops a second, racing create before the network."""
+        before it creates; the compare-and-set stops a second, racing create before the network.
+
+        `alone_for` (a provider whose batches name neither their input nor their job): counted
+        only while no other create of that provider's jobs is counted and unanswered, else
+        CreatesBusy. One create of unknown outcome at a time is what lets a lost one be found
+        again by its request count alone (daemon/submit.py); a parked job's does not count."""
         expect = {"create_attempts": record.create_attempts, "remote_id": None}
-        return self._set(record.id, expect, {"create_attempts": record.create_attempts + 1})
+        check = None if alone_for is None else partial(_no_other_create, provider=alone_for)
+        return self._set(record.id, expect, {"create_attempts": record.create_attempts + 1}, check=check)
 
     def uncount_create(self, record: RemoteBatchRecord) -> RemoteBatchRecord:
         """The provider refused the create before acting: nothing to reconcile next time."""
@@ -178,14 +207,24 @@ class RemoteBatchStore:
         }
         return self._set(record_id, {"remote_id": None}, values)
 
-    def _set(self, record_id: int, expect: Mapping[str, Any], values: Mapping[str, Any]) -> RemoteBatchRecord:
-        """Change one row while its `expect` columns still hold those values (else StaleState)."""
+    def _set(
+        self,
+        record_id: int,
+        expect: Mapping[str, Any],
+        values: Mapping[str, Any],
+        *,
+        check: Callable[[Connection, int], None] | None = None,
+    ) -> RemoteBatchRecord:
+        """Change one row while its `expect` columns still hold those values (else StaleState);
+        `check` first, in the same transaction (it raises to refuse)."""
         query = update(remote_batches).where(remote_batches.c.id == record_id)
         for column, value in db_values(expect).items():
             col = remote_batches.c[column]
             query = query.where(col.is_(None) if value is None else col == value)
         now = self._db.now()
         with self._db.write() as conn:
+            if check is not None:
+                check(conn, record_id)
             if conn.execute(query.values(**db_values(values), updated_at=now)).rowcount != 1:
                 raise StaleState(f"remote batch {record_id} changed meanwhile (expected {dict(expect)})")
             row = conn.execute(select(remote_batches).where(remote_batches.c.id == record_id)).one()
@@ -256,3 +295,36 @@ def _held_batches(query: Select[Any], owner: str, hold: float) -> Select[Any]:
         remote_batches.c.round == jobs.c.round,
         remote_batches.c.remote_id.is_not(None),
     )
+
+
+class CreatesBusy(Exception):
+    """Another create of the provider is counted and unanswered: this one waits its turn."""
+
+
+#: The advisory lock (PostgreSQL) under which a create is counted alone (see count_create).
+CREATES_LOCK = MIGRATION_LOCK + 1
+
+
+def _no_other_create(conn: Connection, record_id: int, *, provider: str) -> None:
+    """Raise CreatesBusy when another create of `provider`'s live, unparked jobs is counted and
+    not bound (its outcome unknown until its answer or its reconcile)."""
+    if conn.dialect.name == "postgresql":
+        # Read committed: without the lock, two daemons could both find no other and both count.
+        conn.execute(select(func.pg_advisory_xact_lock(literal(CREATES_LOCK, BigInteger))))
+    query = (
+        select(remote_batches.c.id, remote_batches.c.job_id)
+        .join(jobs, jobs.c.id == remote_batches.c.job_id)
+        .where(
+            remote_batches.c.remote_id.is_(None),
+            remote_batches.c.status == BatchStatus.CREATING.value,
+            remote_batches.c.create_attempts > 0,
+            remote_batches.c.id != record_id,
+            jobs.c.provider == provider,
+            jobs.c.state.in_(LIVE_STATES),
+            jobs.c.parked_at.is_(None),
+        )
+        .limit(1)
+    )
+    other = conn.execute(query).first()
+    if other is not None:
+        raise CreatesBusy(f"the create of another batch (job {other.job_id}) awaits its answer or its reconcile")

@@ -315,5 +315,20 @@ def chat(custom_id: str, text: str = "hello", trigger: dict[str, Any] | None = N
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
 
 
+def message(custom_id: str, text: str = "hello", trigger: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An Anthropic request line (`{"custom_id", "params"}`)."""
+    params: dict[str, Any] = {"model": "claude-x", "max_tokens": 16, "messages": [{"role": "user", "content": text}]}
+    if trigger:
+        params["batchd_emulator"] = trigger
+    return {"custom_id": custom_id, "params": params}
+
+
+def use_anthropic(h: Harness) -> None:
+    """Point the harness's daemon at the emulator's Anthropic dialect."""
+    config = h.ws.config.read_text().replace('kind = "together"', 'kind = "anthropic"')
+    h.ws.config.write_text(config.replace(f'base_url = "{h.emulator.url}"', f'base_url = "{h.emulator.url}/anthropic"'))
+    h.ws.env["ANTHROPIC_API_KEY"] = "acceptance-key"
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

@@ -15,7 +15,7 @@ import anyio
 from sqlalchemy.engine import make_url
 
 from batchd.crashpoints import ENV
-from tests.acceptance.conftest import DaemonProcess, Harness, chat, eventually, read_jsonl
+from tests.acceptance.conftest import DaemonProcess, Harness, chat, eventually, message, read_jsonl, use_anthropic
 from tests.databases import is_sqlite
 
 #: Every place the daemon can be stopped dead on purpose, in pipeline order. A fresh file
@@ -36,6 +36,8 @@ class Outcome:
     files: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     #: requests per remote batch (None: the provider's limit, one batch per file here)
     shard_size: int | None = None
+    #: "together" or "anthropic": the provider's dialect (and the format of the request lines)
+    dialect: str = "together"
 
     def shards(self, name: str) -> int:
         count = len(self.files[name])
@@ -57,12 +59,13 @@ def integrity_ok(database_url: str) -> bool:
         conn.close()
 
 
-def _requests(name: str, rng: random.Random) -> list[dict[str, Any]]:
+def _requests(name: str, rng: random.Random, dialect: str) -> list[dict[str, Any]]:
+    line = message if dialect == "anthropic" else chat
     count = rng.randint(1, 6)
-    lines = [chat(f"{name}-{k}", f"{name} request {k}") for k in range(count)]
+    lines = [line(f"{name}-{k}", f"{name} request {k}") for k in range(count)]
     if rng.random() < 0.2:
         # A request the provider fails for good: still a completed job, the error accounted.
-        lines[0] = chat(f"{name}-0", trigger={"error": "invalid_model"})
+        lines[0] = line(f"{name}-0", trigger={"error": "invalid_model"})
     return lines
 
 
@@ -79,24 +82,28 @@ async def run(
     seed: int,
     max_kill_delay_s: float = 0.6,
     shard_size: int | None = None,
+    dialect: str = "together",
 ) -> Outcome:
     """Drop `jobs` files, kill at every crash point and `random_kills` random moments, then drain.
 
     With `shard_size`, every file of more requests than that is cut into several remote batches.
+    With `dialect="anthropic"`, the provider is the emulator's Anthropic dialect.
     """
     rng = random.Random(seed)
-    out = Outcome(shard_size=shard_size)
+    out = Outcome(shard_size=shard_size, dialect=dialect)
+    if dialect == "anthropic":
+        use_anthropic(h)
     if shard_size is not None:
         config = h.ws.config.read_text()
         h.ws.config.write_text(
-            config.replace('kind = "together"', f'kind = "together"\nmax_batch_requests = {shard_size}')
+            config.replace(f'kind = "{dialect}"', f'kind = "{dialect}"\nmax_batch_requests = {shard_size}')
         )
     db = h.ws.database_url
     names = iter(f"f{i:04d}" for i in range(jobs + len(CRASH_POINTS)))
 
     def drop() -> None:
         name = next(names)
-        out.files[name] = _requests(name, rng)
+        out.files[name] = _requests(name, rng, dialect)
         h.ws.drop(f"{name}.jsonl", out.files[name])
 
     for _ in range(jobs):
@@ -129,6 +136,8 @@ async def run(
 async def check(h: Harness, out: Outcome) -> None:
     """Every job complete and accounted for, each input created once, each webhook stable."""
     creates = await h.emulator.creates()
+    # (An Anthropic create's requests are stored as an input file of its own: unique per create,
+    # so the count below is what catches a second create there.)
     per_input: dict[str, int] = defaultdict(int)
     for create in creates:
         per_input[create["input_file_id"]] += 1
