@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import httpx
+from anthropic import Anthropic
 from openai import OpenAI
 
 from batchd.emulator import serve_emulator
@@ -112,6 +113,40 @@ async def test_the_command_serves_openai_with_a_timeline_an_api_key_and_faults(t
         # The SDK retried its way through the faults the flags asked for.
         assert stats["faults_served"]["total"] >= 1
         assert set(stats["faults_served"]) <= {"total", "429", "503"}
+    finally:
+        assert await emulator.stop() == 0
+
+
+def anthropic_sdk_batches(base_url: str) -> tuple[list[str], dict[str, str], list[str], str]:
+    """create → poll → list → results, then a second batch cancelled, as a plain SDK user does."""
+    params = {"model": "claude-x", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    with Anthropic(api_key="cli-key", base_url=f"{base_url}/anthropic", max_retries=5) as client:
+        batch = client.messages.batches.create(
+            requests=[{"custom_id": f"r{i}", "params": params} for i in range(3)]  # type: ignore[typeddict-item]
+        )
+        seen: list[str] = [batch.processing_status]
+        while batch.processing_status != "ended":
+            batch = client.messages.batches.retrieve(batch.id)
+            seen.append(batch.processing_status)
+        results = {r.custom_id: r.result.type for r in client.messages.batches.results(batch.id)}
+        other = client.messages.batches.create(
+            requests=[{"custom_id": "late", "params": params}]  # type: ignore[typeddict-item]
+        )
+        listed = [b.id for b in client.messages.batches.list(limit=20)]
+        cancelled = client.messages.batches.cancel(other.id)
+        return seen, dict(results), listed, str(cancelled.processing_status) + ":" + other.id
+
+
+async def test_the_command_serves_anthropic_to_the_official_sdk(tmp_path: Path) -> None:
+    emulator = EmulatorProcess(tmp_path, "--api-key", "cli-key", "--validating-s", "0.3")
+    try:
+        url = await emulator.started()
+        seen, results, listed, cancelled = await anyio.to_thread.run_sync(anthropic_sdk_batches, url)
+        assert seen[0] == "in_progress" and seen[-1] == "ended"
+        assert results == {"r0": "succeeded", "r1": "succeeded", "r2": "succeeded"}
+        status, other_id = cancelled.split(":")
+        # Validating for 0.3 s: the second batch is still running, so the cancel is accepted.
+        assert status in ("canceling", "ended") and listed[0] == other_id and len(listed) == 2
     finally:
         assert await emulator.stop() == 0
 

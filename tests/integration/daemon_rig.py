@@ -102,8 +102,10 @@ async def rig(
     emulator: dict[str, Any] | None = None,
     retry: RetryPolicy | None = None,
     sleep: Callable[[float], Awaitable[None]] | None = None,
+    provider_lines: str = "",
 ) -> AsyncIterator[Rig]:
-    """A daemon on the `kind` dialect of an emulator made with `emulator` options.
+    """A daemon on the `kind` dialect of an emulator made with `emulator` options (and
+    `provider_lines` added to its [provider] table).
 
     By default one attempt per provider call: the daemon's own step backoff is what most
     of these tests watch.
@@ -111,7 +113,7 @@ async def rig(
     config = tmp_path / "batchd.toml"
     config.write_text(
         f'state_dir = "state"\ndatabase_url = "{database_url(tmp_path / "state" / "batchd.db")}"\n'
-        f'[provider]\nkind = "{kind}"\nbase_url = "http://127.0.0.1:1"\n'
+        f'[provider]\nkind = "{kind}"\nbase_url = "http://127.0.0.1:1"\n{provider_lines}'
         "[polling]\nmin_interval_s = 0.02\nmax_interval_s = 0.1\n[inbox]\nsettle_s = 0.0\n",
         encoding="utf-8",
     )

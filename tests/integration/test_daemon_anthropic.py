@@ -119,3 +119,15 @@ def test_the_request_count_of_a_listed_batch_sums_every_count() -> None:
     assert request_total(batch) == 15
     assert batch.request_counts is not None and batch.request_counts["failed"] == 12
     assert json.dumps(batch.raw)  # the wire object kept for the client
+
+
+async def test_a_file_over_the_limits_is_split_and_merged_back_in_input_order(tmp_path: Path) -> None:
+    # Anthropic's limit is 100,000 requests a batch; lowered here so that 5 requests make 3 batches.
+    async with rig(tmp_path, kind="anthropic", provider_lines="max_batch_requests = 2\n") as r:
+        names = [f"q{i}" for i in range(5)]
+        r.drop("big.jsonl", [message(name) for name in names])
+        await r.drain()
+        assert r.job("big").state is JobState.COMPLETED
+        assert await creates(r) == 3
+        assert [line["custom_id"] for line in r.outbox_lines("big", "output.jsonl")] == names
+        assert len(r.job_json("big")["remote_batch_ids"]) == 3
