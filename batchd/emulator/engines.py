@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import structlog
 
 from batchd.emulator.answers import anthropic_error_body
+from batchd.emulator.messages import message_params_problem
 from batchd.emulator.triggers import openai_error_body
 from batchd.emulator.upstream import UpstreamEngine, upstream_base
 from batchd.models import BatchEndpoint
@@ -61,22 +62,6 @@ def _text_of(content: Any) -> str:
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def message_params_problem(params: dict[str, Any]) -> str | None:
-    """Why a Messages request cannot run (Anthropic's rules of DESIGN §3), or None."""
-    model = params.get("model")
-    if not isinstance(model, str) or not model:
-        return "model: Field required"
-    tokens = params.get("max_tokens")
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-        return "max_tokens: must be an integer of at least 1"
-    messages = params.get("messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        return "messages: must be a non-empty list of objects"
-    if params.get("stream"):
-        return "stream: streaming is not supported in a message batch"
-    return None
 
 
 def _bad_request(message: str, param: str) -> tuple[int, dict[str, Any]]:

@@ -1,5 +1,8 @@
 """The upstream engine: each request of a batch goes to a real OpenAI-compatible server.
 
+Anthropic's Messages requests are translated to chat completions and their answers back
+(messages.py says why and what translates).
+
 vLLM, llama.cpp's server, Ollama or a hosted real-time API answer
 `POST {upstream}/v1/chat/completions` (…) one request at a time; this engine
 turns them into a Batch API. Requests go out at most `concurrency` at once;
@@ -25,8 +28,11 @@ import orjson
 import structlog
 
 from batchd.backoff import RetryPolicy, is_retryable_status, retry_after_s, retry_wait_s
+from batchd.emulator.answers import anthropic_error_body
 from batchd.emulator.bodies import BadJson, parse_json
+from batchd.emulator.messages import from_chat, message_params_problem, to_chat, upstream_error_message
 from batchd.emulator.triggers import openai_error_body
+from batchd.models import BatchEndpoint
 
 log = structlog.get_logger()
 
@@ -116,6 +122,21 @@ class UpstreamEngine:
 
     async def respond(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """POST `body` to `{upstream}{endpoint}` (retrying what may succeed later); its status and JSON body."""
+        if endpoint == BatchEndpoint.MESSAGES:
+            return await self._message(body)
+        return await self._forward(endpoint, body)
+
+    async def _message(self, params: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A Messages request, answered by the upstream's chat completions (translated both ways)."""
+        problem = message_params_problem(params)
+        if problem is not None:
+            return 400, anthropic_error_body(400, problem)
+        status, reply = await self._forward(BatchEndpoint.CHAT_COMPLETIONS, to_chat(params))
+        if 200 <= status < 300:
+            return status, from_chat(reply, str(params["model"]))
+        return status, anthropic_error_body(status, upstream_error_message(reply, status))
+
+    async def _forward(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         url = self._urls.get(endpoint)
         if url is None:
             url = self._urls[endpoint] = httpx.URL(f"{self._base}{endpoint}")

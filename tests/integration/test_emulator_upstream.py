@@ -123,3 +123,44 @@ async def test_a_torn_spool_record_is_asked_again(tmp_path: Path) -> None:
     assert output["req-0000"]["response"]["body"] == {"n": 0}  # kept from the spool, not asked again
     assert "question 0" not in upstream.received and "question 1" not in upstream.received
     assert upstream.received["question 2"] == 1 and len(upstream.received) == 18
+
+
+async def test_anthropic_requests_are_translated_to_the_upstream_s_chat_completions_and_back(tmp_path: Path) -> None:
+    upstream = CountingUpstream()
+    params = {
+        "model": "claude-x", "max_tokens": 32, "system": [{"type": "text", "text": "be brief"}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "what is 2+2"}]}],
+        "stop_sequences": ["\n\n"], "top_k": 5,
+    }  # fmt: skip
+    requests = [
+        {"custom_id": "ok", "params": params},
+        {"custom_id": "bad", "params": {**params, "max_tokens": 0}},  # refused here, never sent upstream
+    ]
+    headers = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
+    async with (
+        serve_emulator(upstream.app()) as upstream_url,
+        emulator_over(tmp_path / "emulator", upstream_url) as client,
+    ):
+        created = await client.post("/anthropic/v1/messages/batches", json={"requests": requests}, headers=headers)
+        batch_id = created.json()["id"]
+        url = f"/anthropic/v1/messages/batches/{batch_id}"
+        with anyio.fail_after(30):
+            while (batch := (await client.get(url, headers=headers)).json())["processing_status"] != "ended":  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        results = (await client.get(batch["results_url"], headers=headers)).content
+    by_id = {line["custom_id"]: line["result"] for line in map(json.loads, results.splitlines())}
+    assert upstream.bodies == [
+        {
+            "model": "claude-x", "max_tokens": 32, "stop": ["\n\n"],
+            "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 2+2"}],
+        }
+    ]  # fmt: skip
+    message = by_id["ok"]["message"]
+    assert by_id["ok"]["type"] == "succeeded" and message["type"] == "message"
+    assert message["content"] == [{"type": "text", "text": "upstream: what is 2+2"}]
+    assert message["stop_reason"] == "end_turn"
+    assert message["usage"] == {
+        "input_tokens": 3, "output_tokens": 4, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+    }  # fmt: skip
+    assert by_id["bad"]["type"] == "errored"
+    assert by_id["bad"]["error"]["error"]["type"] == "invalid_request_error"

@@ -29,6 +29,8 @@ class CountingUpstream:
         self.received: Counter[str] = Counter()
         self.answered: Counter[str] = Counter()
         self.on_request = on_request
+        #: the body of every request, in order of arrival
+        self.bodies: list[dict[str, Any]] = []
         self._total = 0
 
     @property
@@ -42,6 +44,7 @@ class CountingUpstream:
         except ClientDisconnect:  # the client died mid-request (a test killed it): nothing was asked
             return Response(status_code=499)
         text = str(body["messages"][-1]["content"])
+        self.bodies.append(body)
         self.received[text] += 1
         self._total += 1
         if self.on_request is not None:
