@@ -37,7 +37,7 @@ import structlog
 
 from batchd import claims, rejections
 from batchd.claims import Taking
-from batchd.config import Settings
+from batchd.config import DEFAULT_PROVIDER, ProviderSettings, Settings
 from batchd.crashpoints import crashpoint
 from batchd.models import Job, JobState
 from batchd.outbox import outbox_name
@@ -355,11 +355,13 @@ class Inbox:
             os.close(fd)
         data = moved[0] if moved else data
         report, copy = taken.report, taken.copy
+        provider_name = spec.provider if spec else DEFAULT_PROVIDER
         return NewJob(
             id=job_id,
             name=outbox_name(source),
             source=source,
-            provider=settings.provider.kind,
+            provider=_provider_of(settings, spec).kind,
+            provider_name=provider_name,
             endpoint=report.endpoint,
             claimed_path=str(data),
             spec_path=str(claimed) if spec else None,
@@ -405,7 +407,8 @@ class Inbox:
         """Validate a snapshot of the open file. Raises a Rejection when it is invalid, unless it
         changed meanwhile (it may have been read mid-write) and this is not the `last` read."""
         before = SourceState.of(os.fstat(fd))
-        provider = self._settings().provider
+        # The rules and limits of the provider the file goes to.
+        provider = _provider_of(self._settings(), spec)
         with snapshot(fd, before.size) as stream:
             name = spec.input if spec else claimed.name
             scratch = self._settings().state_dir / "work"
@@ -439,6 +442,7 @@ class Inbox:
         return f"{job.source}: {job.reason}\n"
 
     def _reject(self, job_id: str, claimed: Path, rejection: Rejection) -> Job:
+        # The default provider's kind: a rejected file went to no provider.
         settings = self._settings()
         source = claimed.name
         target, report_path = rejections.reserve(self.dir, source, job_id, rejection.report)
@@ -488,3 +492,11 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or type(exc).__name__
+
+
+def _provider_of(settings: Settings, spec: Spec | None) -> ProviderSettings:
+    """The configured provider a file goes to: its spec's, else the default (read_spec has
+    checked that a spec's is configured)."""
+    found = settings.provider_named(spec.provider if spec else DEFAULT_PROVIDER)
+    assert found is not None
+    return found

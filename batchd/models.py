@@ -317,9 +317,12 @@ class Job:
     name: str
     source: str
     state: JobState
+    #: the provider's kind ("together", "anthropic", …)
     provider: str
     created_at: float
     updated_at: float
+    #: the configured provider: "default" ([provider]) or a [providers.NAME] table's NAME
+    provider_name: str = "default"
     endpoint: str | None = None
     claimed_path: str | None = None
     spec_path: str | None = None

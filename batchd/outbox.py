@@ -109,7 +109,7 @@ def job_document(
     source_changed: str | None = None,
 ) -> dict[str, Any]:
     """The content of job.json (DESIGN §4, plus `rounds`, `cost`, `reason`, `model`, `input_sha256`,
-    `source_changed`)."""
+    `source_changed`, `provider_name`)."""
     output = folder / "output.jsonl"
     errors = folder / "errors.jsonl"
     return {
@@ -119,6 +119,8 @@ def job_document(
         "source": job.source,
         "endpoint": job.endpoint,
         "provider": job.provider,
+        # which configured provider: "default" ([provider]) or a [providers.NAME] table's NAME
+        "provider_name": job.provider_name,
         "remote_batch_ids": [b.remote_id for b in batches if b.remote_id],
         "request_counts": {"total": merge.total, "completed": merge.completed, "failed": merge.failed},
         "usage": dict(merge.usage),

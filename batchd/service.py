@@ -10,7 +10,7 @@ import fcntl
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import httpx
 import structlog
 
 from batchd import logs
-from batchd.config import ConfigError, Settings
+from batchd.config import DEFAULT_PROVIDER, ConfigError, ProviderSettings, Settings
 from batchd.daemon import Daemon, db
 from batchd.faults import Faults
 from batchd.health import serve_metrics
@@ -77,25 +77,42 @@ def acquire_lock(state_dir: Path) -> StateLock:
 
 @asynccontextmanager
 async def open_provider(settings: Settings, http: httpx.AsyncClient) -> AsyncIterator[Provider]:
-    """The provider of `settings`; for the local backend, the emulator served on a loopback port (local_backend.py)."""
-    kind = settings.provider.kind
-    if kind == "local":
-        async with open_local_backend(settings, http) as local:
-            yield local
-        return
-    assert settings.provider.api_key is not None
-    api_key = settings.provider.api_key.reveal()
-    if kind == "together":
-        yield TogetherProvider(http, base_url=settings.provider.base_url, api_key=api_key)
-        return
-    if kind == "openai":
-        yield OpenAIProvider(http, base_url=settings.provider.base_url, api_key=api_key)
-        return
-    if kind == "anthropic":
-        yield AnthropicProvider(http, base_url=settings.provider.base_url, api_key=api_key)
-        return
+    """The default provider of `settings` ([provider]); for the local backend, the emulator served
+    on a loopback port (local_backend.py)."""
+    async with open_providers(settings, http) as providers:
+        yield providers[DEFAULT_PROVIDER]
+
+
+@asynccontextmanager
+async def open_providers(settings: Settings, http: httpx.AsyncClient) -> AsyncIterator[dict[str, Provider]]:
+    """Every configured provider by name ("default": [provider]); the local backend is served once,
+    whichever providers are of kind "local"."""
+    async with AsyncExitStack() as stack:
+        local: Provider | None = None
+        providers: dict[str, Provider] = {}
+        for name in settings.provider_names:
+            config = settings.provider_named(name)
+            assert config is not None
+            if config.kind == "local":
+                if local is None:
+                    local = await stack.enter_async_context(open_local_backend(settings, http))
+                providers[name] = local
+            else:
+                providers[name] = _remote_provider(config, http)
+        yield providers
+
+
+def _remote_provider(config: ProviderSettings, http: httpx.AsyncClient) -> Provider:
+    assert config.api_key is not None
+    api_key = config.api_key.reveal()
+    if config.kind == "together":
+        return TogetherProvider(http, base_url=config.base_url, api_key=api_key)
+    if config.kind == "openai":
+        return OpenAIProvider(http, base_url=config.base_url, api_key=api_key)
+    if config.kind == "anthropic":
+        return AnthropicProvider(http, base_url=config.base_url, api_key=api_key)
     raise ConfigError(
-        f"provider.kind = {kind!r} is not a known provider (use 'local', 'together', 'openai' or 'anthropic')"
+        f"provider.kind = {config.kind!r} is not a known provider (use 'local', 'together', 'openai' or 'anthropic')"
     )
 
 
@@ -121,7 +138,7 @@ async def serve(
         async with (
             http_client(timeout=API_TIMEOUT) as api_http,
             webhook_client() as hook_http,
-            open_provider(settings, api_http) as provider,
+            open_providers(settings, api_http) as providers,
         ):
             daemon: Daemon | None = None
             daemon_id = uuid.uuid4().hex
@@ -131,8 +148,8 @@ async def serve(
                 store, lambda: daemon.settings if daemon else settings, hook_http, owner=daemon_id, faults=faults
             )
             daemon = Daemon(
-                settings, store=store, provider=provider, deliverer=deliverer, reload=reload, daemon_id=daemon_id,
-                faults=faults,
+                settings, store=store, provider=providers[DEFAULT_PROVIDER], providers=providers, deliverer=deliverer,
+                reload=reload, daemon_id=daemon_id, faults=faults,
             )  # fmt: skip
             if on_daemon is not None:
                 on_daemon(daemon)
@@ -149,9 +166,9 @@ def secret_values(settings: Settings) -> list[str]:
     """Every secret the settings hold: the API key, each webhook secret, and the credentials
     inside configured URLs (what batchd.urls.redact_url hides, for wherever else they appear)."""
     secrets = [*settings.inbox.webhook_secrets, *(s for ep in settings.webhooks for s in ep.secrets)]
-    if settings.provider.api_key is not None:
-        secrets.append(settings.provider.api_key)
-    urls = [settings.provider.base_url, settings.local.upstream_url, *(ep.url for ep in settings.webhooks)]
+    providers = [p for name in settings.provider_names if (p := settings.provider_named(name)) is not None]
+    secrets += [p.api_key for p in providers if p.api_key is not None]
+    urls = [*(p.base_url for p in providers), settings.local.upstream_url, *(ep.url for ep in settings.webhooks)]
     return [s.reveal() for s in secrets] + [part for url in urls for part in url_secrets(url)]
 
 

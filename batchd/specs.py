@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from batchd.config import Settings
+from batchd.config import DEFAULT_PROVIDER, Settings
 from batchd.rejections import on_line, whole_file
 from batchd.safe_fs import NotRegularFile, open_regular, real_dir
 from batchd.webhooks import webhook_url_refusal
 
 __all__ = ["MAX_SPEC_BYTES", "SPEC_KEYS", "Spec", "is_ignored_name", "move_data", "open_data", "read_spec", "spec_data"]
 
-SPEC_KEYS = frozenset({"input", "completion_window", "model", "webhook_url", "metadata"})
+SPEC_KEYS = frozenset({"input", "completion_window", "model", "webhook_url", "metadata", "provider", "priority"})
 #: A spec is a small JSON document; anything bigger is a mistake, not a spec.
 MAX_SPEC_BYTES = 1_000_000
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -44,6 +44,11 @@ class Spec:
     model: str | None = None
     webhook_url: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    #: the configured provider it goes to (DEFAULT_PROVIDER: [provider])
+    provider: str = DEFAULT_PROVIDER
+    #: its place among jobs waiting for admission, higher first (read and checked; admission
+    #: control, which uses it, is to come)
+    priority: int = 0
 
 
 def read_spec(claimed: Path, settings: Settings) -> Spec:
@@ -94,7 +99,17 @@ def read_spec(claimed: Path, settings: Settings) -> Spec:
     refused = None if url is None else webhook_url_refusal(url, settings.inbox.allow_webhook_urls)
     if refused is not None:
         raise whole_file(source, "webhook_url", refused)
-    return Spec(input=data_path, completion_window=window, model=model, webhook_url=url, metadata=meta)
+    provider = raw.get("provider", DEFAULT_PROVIDER)
+    if not isinstance(provider, str) or settings.provider_named(provider) is None:
+        known = ", ".join(settings.provider_names)
+        raise whole_file(source, "provider", f"no provider is configured as {provider!r} (configured: {known})")
+    priority = raw.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise whole_file(source, "priority", f"must be an integer, not {priority!r}")
+    return Spec(
+        input=data_path, completion_window=window, model=model, webhook_url=url, metadata=meta,
+        provider=provider, priority=priority,
+    )  # fmt: skip
 
 
 def spec_data(inbox_dir: Path, claimed: Path, spec: Spec) -> Path:

@@ -55,6 +55,7 @@ def job_record(job: Job, batches: Sequence[RemoteBatchRecord], now: float) -> di
         "state": job.state.value,
         "source": job.source,
         "provider": job.provider,
+        "provider_name": job.provider_name,
         "endpoint": job.endpoint,
         "requests": job.request_count,
         "request_counts": counts,
@@ -190,7 +191,7 @@ def jobs_table(records: Sequence[dict[str, Any]], *, bar: int = 0) -> list[str]:
     progress_width = (bar + 7) if bar else 8
     lines = [
         f"{'ID':<8}  {'NAME':<{name_width}}  {'STATE':<11}  {'PROGRESS':<{progress_width}}  "
-        f"{'REQUESTS':>8}  {'OK':>6}  {'FAILED':>6}  {'AGE':>4}  OWNER"
+        f"{'REQUESTS':>8}  {'OK':>6}  {'FAILED':>6}  {'AGE':>4}  {'PROVIDER':<10}  OWNER"
     ]
     for r in records:
         counts = r["request_counts"] or {}
@@ -198,7 +199,7 @@ def jobs_table(records: Sequence[dict[str, Any]], *, bar: int = 0) -> list[str]:
             f"{r['id'][:8]:<8}  {_cut(r['name'], name_width):<{name_width}}  {_state_text(r):<11}  "
             f"{progress_text(r['progress'], bar):<{progress_width}}  {r['requests'] or '-'!s:>8}  "
             f"{counts.get('completed', '-')!s:>6}  {counts.get('failed', '-')!s:>6}  {human_age(r['age_s']):>4}  "
-            f"{(r.get('owner') or '-')[:8]}"
+            f"{_cut(r.get('provider_name') or '-', 10):<10}  {(r.get('owner') or '-')[:8]}"
         )
     return lines
 
@@ -255,8 +256,8 @@ def show_lines(record: dict[str, Any]) -> list[str]:
         f"state      {r['state']}  {progress_text(r['progress'])}"
         + ("  cancel requested" if r["cancel_requested"] else ""),
         f"source     {r['source']}  {r['requests'] or '?'} requests, {r['size_bytes'] or 0} bytes",
-        f"provider   {r['provider']}  {r['endpoint'] or '-'}  window {r['completion_window'] or '-'}"
-        + (f"  model {r['model']}" if r["model"] else ""),
+        f"provider   {r['provider_name']} ({r['provider']})  {r['endpoint'] or '-'}  "
+        f"window {r['completion_window'] or '-'}" + (f"  model {r['model']}" if r["model"] else ""),
         f"requests   ok {counts.get('completed', '-')}, failed {counts.get('failed', '-')}"
         + (f"  usage {json.dumps(r['usage'])}" if r["usage"] else "")
         + (f"  cost ~${r['cost']['estimated_usd']}" if r["cost"] else ""),

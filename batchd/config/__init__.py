@@ -12,6 +12,7 @@ from batchd.config.load import DEFAULT_CONFIG_PATH, find_config_path, load_setti
 from batchd.config.settings import (
     DEFAULT_BASE_URLS,
     DEFAULT_KEY_ENVS,
+    DEFAULT_PROVIDER,
     EVENT_TYPES,
     ClusterSettings,
     ConfigError,
@@ -33,6 +34,7 @@ __all__ = [
     "DEFAULT_BASE_URLS",
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_KEY_ENVS",
+    "DEFAULT_PROVIDER",
     "EVENT_TYPES",
     "ClusterSettings",
     "ConfigError",

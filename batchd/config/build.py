@@ -18,7 +18,10 @@ from urllib.parse import urlsplit
 from batchd.config.settings import (
     DEFAULT_BASE_URLS,
     DEFAULT_KEY_ENVS,
+    DEFAULT_PROVIDER,
     EVENT_TYPES,
+    PROVIDER_KINDS,
+    PROVIDER_NAME,
     ClusterSettings,
     ConfigError,
     DeliverySettings,
@@ -178,6 +181,36 @@ def _build_pricing(table: Mapping[str, Any]) -> dict[str, Price]:
     return prices
 
 
+def _build_provider(
+    p: Mapping[str, Any], where: str, *, base_dir: Path, environ: Mapping[str, str]
+) -> ProviderSettings:
+    """A [provider] or [providers.NAME] table (`where` names it in messages)."""
+    kind = _choice(p, "kind", f"{where}.kind", "local", PROVIDER_KINDS)
+    base_url = _str(p, "base_url", f"{where}.base_url", "")
+    if base_url:
+        _http_url(base_url, f"{where}.base_url")
+    elif kind != "local":
+        base_url = DEFAULT_BASE_URLS[kind]
+    keys = _secrets(p, "api_key", where, base_dir=base_dir, environ=environ)
+    api_key: Secret | None = Secret(keys[0]) if keys else None
+    if api_key is None and kind != "local":
+        env_name = DEFAULT_KEY_ENVS[kind]
+        if not environ.get(env_name):
+            raise ConfigError(
+                f"{where}.api_key_env: no API key for {kind}: set {env_name}, "
+                f"{where}.api_key_env or {where}.api_key_file"
+            )
+        api_key = Secret(environ[env_name])
+    return ProviderSettings(
+        kind=kind,
+        base_url=base_url,
+        api_key=api_key,
+        max_batch_requests=_int(p, "max_batch_requests", f"{where}.max_batch_requests", 0, 0),
+        max_batch_bytes=_int(p, "max_batch_bytes", f"{where}.max_batch_bytes", 0, 0),
+        max_request_bytes=_int(p, "max_request_bytes", f"{where}.max_request_bytes", 0, 0),
+    )
+
+
 def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     value = raw.get(key, {})
     if not isinstance(value, dict):
@@ -195,22 +228,15 @@ def build_settings(
     database_url = _database_url(_str(raw, "database_url", "database_url", ""), state_dir)
 
     p = _table(raw, "provider")
-    kind = _choice(p, "kind", "provider.kind", "local", ("local", "together", "openai", "anthropic"))
-    base_url = _str(p, "base_url", "provider.base_url", "")
-    if base_url:
-        _http_url(base_url, "provider.base_url")
-    elif kind != "local":
-        base_url = DEFAULT_BASE_URLS[kind]
-    keys = _secrets(p, "api_key", "provider", base_dir=base_dir, environ=environ)
-    api_key: Secret | None = Secret(keys[0]) if keys else None
-    if api_key is None and kind != "local":
-        env_name = DEFAULT_KEY_ENVS[kind]
-        if not environ.get(env_name):
+    provider = _build_provider(p, "provider", base_dir=base_dir, environ=environ)
+    providers = {DEFAULT_PROVIDER: provider}
+    for name, table in _table(raw, "providers").items():
+        if not PROVIDER_NAME.fullmatch(name) or name == DEFAULT_PROVIDER:
             raise ConfigError(
-                f"provider.api_key_env: no API key for {kind}: set {env_name}, "
-                "provider.api_key_env or provider.api_key_file"
+                f"[providers.{name}]: a provider's name is 1 to 32 of A-Z a-z 0-9 _ - "
+                f"(and not {DEFAULT_PROVIDER!r}, the name of [provider])"
             )
-        api_key = Secret(environ[env_name])
+        providers[name] = _build_provider(table, f"providers.{name}", base_dir=base_dir, environ=environ)
 
     lo = _table(raw, "local")
     engine = _choice(lo, "engine", "local.engine", "echo", ("echo", "upstream"))
@@ -219,15 +245,17 @@ def build_settings(
         if not upstream_url:
             raise ConfigError("local.upstream_url is required when local.engine = 'upstream'")
         _http_url(upstream_url, "local.upstream_url")
-    max_batch_bytes = _int(p, "max_batch_bytes", "provider.max_batch_bytes", 0, 0)
     max_body_bytes = _int(lo, "max_body_bytes", "local.max_body_bytes", LocalSettings.max_body_bytes, 1)
-    # The daemon's own uploads to the local backend must fit under its cap.
-    largest_upload = min(max_batch_bytes or PROVIDER_LIMITS["local"].max_bytes, PROVIDER_LIMITS["local"].max_bytes)
-    if kind == "local" and max_body_bytes < largest_upload:
-        raise ConfigError(
-            f"local.max_body_bytes must be at least {largest_upload}, the largest batch input batchd uploads to "
-            "the local backend (lower provider.max_batch_bytes first)"
-        )
+    for name, each in providers.items():
+        # The daemon's own uploads to the local backend must fit under its cap.
+        local_max = PROVIDER_LIMITS["local"].max_bytes
+        largest_upload = min(each.max_batch_bytes or local_max, local_max)
+        if each.kind == "local" and max_body_bytes < largest_upload:
+            where = "provider" if name == DEFAULT_PROVIDER else f"providers.{name}"
+            raise ConfigError(
+                f"local.max_body_bytes must be at least {largest_upload}, the largest batch input batchd uploads to "
+                f"the local backend (lower {where}.max_batch_bytes first)"
+            )
 
     ib = _table(raw, "inbox")
     allow = ib.get("allow_webhook_urls", [])
@@ -263,14 +291,8 @@ def build_settings(
         inbox_dir=_path(inbox_text, base_dir) if inbox_text else state_dir / "inbox",
         outbox_dir=_path(outbox_text, base_dir) if outbox_text else state_dir / "outbox",
         database_url=database_url,
-        provider=ProviderSettings(
-            kind=kind,
-            base_url=base_url,
-            api_key=api_key,
-            max_batch_requests=_int(p, "max_batch_requests", "provider.max_batch_requests", 0, 0),
-            max_batch_bytes=max_batch_bytes,
-            max_request_bytes=_int(p, "max_request_bytes", "provider.max_request_bytes", 0, 0),
-        ),
+        provider=provider,
+        providers=providers,
         local=LocalSettings(
             engine=engine,
             upstream_url=upstream_url,

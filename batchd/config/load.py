@@ -116,6 +116,9 @@ def _check_known_keys(raw: Mapping[str, Any]) -> None:
         if key == "pricing":
             _check_pricing(value)
             continue
+        if key == "providers":
+            _check_providers(value)
+            continue
         if key == "webhooks":
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
                 raise ConfigError("webhooks must be an array of tables ([[webhooks]])")
@@ -125,6 +128,16 @@ def _check_known_keys(raw: Mapping[str, Any]) -> None:
                         raise ConfigError(f"unknown key webhooks[{i}].{sub}")
             continue
         raise ConfigError(f"unknown key {key}")
+
+
+def _check_providers(value: Any) -> None:
+    """[providers.NAME] tables, each with the keys of [provider]."""
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError("providers must hold tables: [providers.NAME]")
+    for name, table in value.items():
+        for sub in table:
+            if sub not in _SECTION_KEYS["provider"]:
+                raise ConfigError(f"unknown key providers.{name}.{sub}")
 
 
 def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:

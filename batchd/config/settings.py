@@ -5,6 +5,7 @@ No file, no environment: `load.py` finds and reads those, `build.py` turns them 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +25,13 @@ DEFAULT_BASE_URLS = {
     "openai": "https://api.openai.com/v1",
     "anthropic": "https://api.anthropic.com",
 }
+
+#: The name of the [provider] table's provider (a job's provider_name when no spec names one).
+DEFAULT_PROVIDER = "default"
+#: What a [providers.NAME] table may be called.
+PROVIDER_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
+#: The kinds of provider batchd speaks.
+PROVIDER_KINDS = ("local", "together", "openai", "anthropic")
 
 DEFAULT_KEY_ENVS = {"together": "TOGETHER_API_KEY", "openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
@@ -167,7 +175,10 @@ class Settings:
     inbox_dir: Path
     outbox_dir: Path
     database_url: str
+    #: the default provider ([provider]), also providers[DEFAULT_PROVIDER]
     provider: ProviderSettings = field(default_factory=ProviderSettings)
+    #: every configured provider by name: "default" ([provider]) and each [providers.NAME]
+    providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
     local: LocalSettings = field(default_factory=LocalSettings)
     inbox: InboxSettings = field(default_factory=InboxSettings)
     submit: SubmitSettings = field(default_factory=SubmitSettings)
@@ -181,6 +192,17 @@ class Settings:
     pricing: Mapping[str, Price] = field(default_factory=dict)
     #: the file these settings came from, if any
     config_path: Path | None = None
+
+    def provider_named(self, name: str) -> ProviderSettings | None:
+        """The provider a job or a spec names ("default": [provider]); None when none is configured so."""
+        if name == DEFAULT_PROVIDER:
+            return self.provider
+        return self.providers.get(name)
+
+    @property
+    def provider_names(self) -> tuple[str, ...]:
+        """Every configured provider's name, "default" first."""
+        return (DEFAULT_PROVIDER, *sorted(n for n in self.providers if n != DEFAULT_PROVIDER))
 
     @property
     def local_dir(self) -> Path:

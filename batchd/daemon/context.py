@@ -8,18 +8,18 @@ holds another's state. Store calls run in worker threads through `db()`.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
 
-from batchd.config import Settings
+from batchd.config import DEFAULT_PROVIDER, ProviderSettings, Settings
 from batchd.faults import Faults
 from batchd.lifecycle import PollPolicy
 from batchd.models import Job, JobState
-from batchd.providers.base import Provider
+from batchd.providers.base import Provider, ProviderError
 from batchd.store import LEASE, Lease, NextCheck, Store
 
 log = structlog.get_logger("batchd.daemon")
@@ -39,6 +39,7 @@ class Context:
         *,
         store: Store,
         provider: Provider,
+        providers: Mapping[str, Provider] | None = None,
         daemon_id: str,
         clock: Callable[[], float],
         rng: random.Random,
@@ -48,7 +49,10 @@ class Context:
     ) -> None:
         self.settings = settings
         self.store = store
+        #: the default provider ([provider])
         self.provider = provider
+        #: every configured provider by name (DEFAULT_PROVIDER: the default one)
+        self.providers: Mapping[str, Provider] = providers or {DEFAULT_PROVIDER: provider}
         #: this process's name in the database: the owner of the jobs it holds
         self.daemon_id = daemon_id
         self.clock = clock
@@ -66,6 +70,28 @@ class Context:
     def policy(self) -> PollPolicy:
         p = self.settings.polling
         return PollPolicy(p.min_interval_s, p.max_interval_s)
+
+    def provider_for(self, job: Job) -> Provider:
+        """The provider a job was submitted to (its spec's, else the default).
+
+        A name no longer configured (the config changed across a restart) is a passing refusal:
+        the job waits, visibly, until the provider is configured again."""
+        provider = self.providers.get(job.provider_name)
+        if provider is None:
+            raise ProviderError(
+                f"the job's provider {job.provider_name!r} is not configured (any more): add its "
+                f"[providers.{job.provider_name}] table back, or cancel the job",
+                retryable=True,
+            )
+        return provider
+
+    def provider_settings(self, job: Job) -> ProviderSettings:
+        """The configuration of the job's provider (its limits), as provider_for finds it."""
+        found = self.settings.provider_named(job.provider_name)
+        if found is None:
+            self.provider_for(job)  # raises the passing refusal
+            raise AssertionError("unreachable")
+        return found
 
     def lease(self, *held: Job) -> None:
         """Fence the store writes of the current task to these jobs, at the claims they were read at."""

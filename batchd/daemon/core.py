@@ -18,15 +18,15 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, replace
 
 import anyio
 import structlog
 
 from batchd import chaos, metrics, systemd
 from batchd.backoff import step_delay
-from batchd.config import ConfigError, Settings
+from batchd.config import ConfigError, ProviderSettings, Settings
 from batchd.daemon.context import Context, db
 from batchd.daemon.intake import Intake
 from batchd.daemon.scheduler import Scheduler
@@ -85,6 +85,7 @@ class Daemon:
         *,
         store: Store,
         provider: Provider,
+        providers: Mapping[str, Provider] | None = None,
         deliverer: Deliverer | None = None,
         reload: Callable[[], Settings] | None = None,
         clock: Callable[[], float] = time.time,
@@ -104,8 +105,8 @@ class Daemon:
         #: what fails around this daemon now: /healthz and STATUS= show it
         self.faults = faults or Faults(clock=clock)
         self._ctx = Context(
-            settings, store=store, provider=provider, daemon_id=self.id, clock=clock, rng=self._rng,
-            wake=self.wake, poke_deliverer=self._poke_deliverer, faults=self.faults,
+            settings, store=store, provider=provider, providers=providers, daemon_id=self.id, clock=clock,
+            rng=self._rng, wake=self.wake, poke_deliverer=self._poke_deliverer, faults=self.faults,
         )  # fmt: skip
         self.inbox = Inbox(lambda: self._ctx.settings, store, owner=self._new_job_owner)
         #: the scheduler loop's heartbeat: STATUS= for systemd, the jobs gauge, /healthz's last tick
@@ -355,12 +356,39 @@ class Daemon:
         except ConfigError as exc:
             log.error("daemon.reload_refused", error=str(exc))
         else:
-            if (new.provider, new.state_dir, new.database_url) != (
-                self.settings.provider,
-                self.settings.state_dir,
-                self.settings.database_url,
-            ):
-                log.warning("daemon.reload_needs_restart", keys="provider, state_dir, database_url")
+            dropped = set(self.settings.provider_names) - set(new.provider_names)
+            busy = self._providers_in_use(dropped)
+            if busy:
+                names = ", ".join(sorted(busy))
+                log.error(
+                    "daemon.reload_refused",
+                    error=f"the new config drops provider(s) {names}, which jobs in flight went to: "
+                    "let them end (or cancel them), then reload",
+                )
+                systemd.notify("READY=1")
+                return
+            if (new.state_dir, new.database_url) != (self.settings.state_dir, self.settings.database_url):
+                log.warning("daemon.reload_needs_restart", keys="state_dir, database_url")
+            if _providers_of(new) != _providers_of(self.settings):
+                # The providers this process serves were opened at start: until a restart, files
+                # go to them as they were (a spec naming a provider only the new config has is
+                # refused rather than left waiting).
+                log.warning("daemon.reload_needs_restart", keys="provider, providers")
+                new = replace(new, provider=self.settings.provider, providers=self.settings.providers)
             self.settings = new
             log.info("daemon.reloaded")
         systemd.notify("READY=1")
+
+    def _providers_in_use(self, names: set[str]) -> set[str]:
+        """Which of `names` jobs not yet ended went to (all of them when the database cannot say)."""
+        if not names:
+            return set()
+        try:
+            return names & self.store.jobs.provider_names_in_use()
+        except Exception as exc:
+            log.warning("daemon.reload_cannot_check_providers", error=describe(exc))
+            return names
+
+
+def _providers_of(settings: Settings) -> dict[str, ProviderSettings | None]:
+    return {name: settings.provider_named(name) for name in settings.provider_names}

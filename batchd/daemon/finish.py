@@ -118,7 +118,7 @@ class Finisher:
                 if batch.remote_id and file_id:
                     dest = work / f"{batch.remote_id}.{kind}.jsonl"
                     chaos.file_fault(dest)
-                    size = await self._ctx.provider.download_file(file_id, dest)
+                    size = await self._ctx.provider_for(job).download_file(file_id, dest)
                     if await db(truncated_tail, dest):
                         # A body that ended mid-line although its length looked right: fetch it whole again.
                         await anyio.Path(dest).unlink()

@@ -10,7 +10,7 @@ history: OpenAI's newest-first pages stop once every wanted batch is seen or old
 begin, and only wanted items are parsed. Single gets go one after another within a round or
 sweep, and at most GETS_AT_ONCE at once across the rounds, the sweep and the cancels of the
 daemon (one provider per daemon): the gets of a sweep's misses, or of jobs polled one by one,
-never come as a burst.
+never come as a burst. With several providers, a sweep lists each one that its jobs went to.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from batchd.daemon.context import Context, db
 from batchd.daemon.failures import step_failed
 from batchd.lifecycle import Action, Step
 from batchd.models import BatchStatus, Job, JobState, RemoteBatch, RemoteBatchRecord
-from batchd.providers.base import ProviderError
+from batchd.providers.base import Provider, ProviderError
 from batchd.store import PollAnswer
 
 log = structlog.get_logger("batchd.daemon")
@@ -68,18 +68,10 @@ class Poller:
         store, owner = self._ctx.store, self._ctx.daemon_id
         started = time.monotonic()
         try:
-            wanted = await db(store.batches.remote_ids_held, owner, hold)
-            earliest = await db(store.batches.earliest_held, owner, hold)
-            since = datetime.fromtimestamp(earliest - lifecycle.CLOCK_SKEW_S, UTC) if earliest is not None else None
-            listed: dict[str, RemoteBatch] | ProviderError
-            try:
-                # Only the taken batches, no further back than they go, and without their wire
-                # objects: an account's list holds every batch it ever ran, and this sweep may
-                # hold 100,000 of them.
-                listed = {r.id: r for r in await self._ctx.provider.list_batches(wanted=wanted, since=since)}
-            except ProviderError as exc:
-                listed = exc
-            del wanted
+            # One list call per provider the taken jobs went to.
+            listings: dict[str, dict[str, RemoteBatch] | ProviderError] = {}
+            for name, provider in self._ctx.providers.items():
+                listings[name] = await self._list_held(provider, name, hold)
             after = ""
             while True:
                 page = await db(store.jobs.held, owner, hold, after=after, limit=SWEEP_PAGE)
@@ -95,17 +87,39 @@ class Poller:
                     if action.step is Step.POLL and self._ctx.held_until(job.id, now) is None:
                         polls.append((job, action))
                 self._ctx.lease(*(job for job, _ in polls))
-                if isinstance(listed, ProviderError):
-                    for job, action in polls:
-                        if action.at <= now:
-                            await step_failed(self._ctx, job, listed)
-                else:
-                    await self._apply(polls, listed, now, sweep=True)
+                by_provider: dict[str, list[tuple[Job, Action]]] = {}
+                for job, action in polls:
+                    by_provider.setdefault(job.provider_name, []).append((job, action))
+                for name, its_polls in by_provider.items():
+                    listed = listings.get(name, {})
+                    if isinstance(listed, ProviderError):
+                        for job, action in its_polls:
+                            if action.at <= now:
+                                await step_failed(self._ctx, job, listed)
+                    else:
+                        await self._apply(its_polls, listed, now, sweep=True)
         finally:
             # Every job it did not write gets its due time back; should the database refuse now,
             # the scheduler tries again at its next ticks (Scheduler._release), not at the hold.
             await db(store.jobs.release_held, owner, hold)
             metrics.poll_round("sweep", time.monotonic() - started)
+
+    async def _list_held(self, provider: Provider, name: str, hold: float) -> dict[str, RemoteBatch] | ProviderError:
+        """One provider's answers for the batches of the jobs a sweep took (its failure, kept
+        for the jobs it concerns)."""
+        store, owner = self._ctx.store, self._ctx.daemon_id
+        wanted = await db(store.batches.remote_ids_held, owner, hold, name)
+        if not wanted:
+            return {}
+        earliest = await db(store.batches.earliest_held, owner, hold, name)
+        since = datetime.fromtimestamp(earliest - lifecycle.CLOCK_SKEW_S, UTC) if earliest is not None else None
+        try:
+            # Only the taken batches, no further back than they go, and without their wire
+            # objects: an account's list holds every batch it ever ran, and this sweep may
+            # hold 100,000 of them.
+            return {r.id: r for r in await provider.list_batches(wanted=wanted, since=since)}
+        except ProviderError as exc:
+            return exc
 
     async def _apply(
         self, polls: list[tuple[Job, Action]], found: dict[str, RemoteBatch], now: float, *, sweep: bool
@@ -114,7 +128,7 @@ class Poller:
         quiet: list[PollAnswer] = []
         for job, action in polls:
             try:
-                answers = await self._answers(action.batches, found, due=action.at <= now)
+                answers = await self._answers(job, action.batches, found, due=action.at <= now)
                 if not answers:
                     continue
                 changed, writes = self._poll_writes(job, answers)
@@ -131,7 +145,7 @@ class Poller:
             await db(self._ctx.store.batches.record_polls, quiet)
 
     async def _answers(
-        self, rows: tuple[RemoteBatchRecord, ...], found: dict[str, RemoteBatch], *, due: bool
+        self, job: Job, rows: tuple[RemoteBatchRecord, ...], found: dict[str, RemoteBatch], *, due: bool
     ) -> list[tuple[RemoteBatchRecord, RemoteBatch]]:
         """Where each live batch is: from the sweep, or asked one by one when the job is due."""
         answers = []
@@ -141,14 +155,15 @@ class Poller:
             if remote is None:
                 if not due:
                     continue
-                remote = await self._get(row.remote_id)
+                remote = await self._get(job, row.remote_id)
             answers.append((row, remote))
         return answers
 
-    async def _get(self, remote_id: str) -> RemoteBatch:
-        """One batch asked on its own, within the daemon's bound on gets at once."""
+    async def _get(self, job: Job, remote_id: str) -> RemoteBatch:
+        """One batch of `job` asked on its own, within the daemon's bound on gets at once."""
+        provider = self._ctx.provider_for(job)
         async with self._gets:
-            return await self._ctx.provider.get_batch(remote_id)
+            return await provider.get_batch(remote_id)
 
     def _poll_writes(
         self, job: Job, answers: list[tuple[RemoteBatchRecord, RemoteBatch]]
@@ -176,13 +191,13 @@ class Poller:
         for row in rows:
             assert row.remote_id is not None
             try:
-                remote = await self._ctx.provider.cancel_batch(row.remote_id)
+                remote = await self._ctx.provider_for(job).cancel_batch(row.remote_id)
             except ProviderError as exc:
                 if exc.retryable:
                     raise
                 # Already finished remotely: nothing to cancel; its status says how it ended.
                 log.warning("job.cancel_refused", job_id=job.id, remote_batch_id=row.remote_id, error=exc.message)
-                remote = await self._get(row.remote_id)
+                remote = await self._get(job, row.remote_id)
             answers.append((row, remote))
         _changed, writes = self._poll_writes(job, answers)
         await db(self._ctx.store.batches.record_polls, writes)

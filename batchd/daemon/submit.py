@@ -44,8 +44,8 @@ class Submitter:
 
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
-        #: one create (or reconcile) at a time, for a provider whose batches name nothing (_creating)
-        self._create_lock = anyio.Lock()
+        #: per provider whose batches name nothing: one create (or reconcile) at a time (_creating)
+        self._create_locks: dict[str, anyio.Lock] = {}
 
     async def plan(self, job: Job) -> None:
         """Round 0: cut the input into shards within the provider's limits, commit them, submit them."""
@@ -75,7 +75,7 @@ class Submitter:
         # Beside the inbox, so checked to be batchd's own folders (a planted symlink is moved aside).
         files = await db(ensure_job_files, self._ctx.settings, job.id)
         await db(check_within, self._ctx.settings.inbox_dir, requests)
-        limits = self._ctx.settings.provider.limits
+        limits = self._ctx.provider_settings(job).limits
         shards = await db(split, requests, files, limits, prefix=f"round-{round_}")
         plans = [ShardPlan(str(s.path), s.request_count, s.size_bytes, s.sha256) for s in shards]
         result: list[RemoteBatchRecord] = await db(
@@ -119,7 +119,7 @@ class Submitter:
             # Made by batchd beside the inbox: refused if a folder on its way was swapped for a symlink.
             await db(check_within, self._ctx.settings.inbox_dir, Path(row.input_path))
             try:
-                file_id = await self._ctx.provider.upload_file(
+                file_id = await self._ctx.provider_for(job).upload_file(
                     Path(row.input_path), filename=_upload_name(job, row), sha256=row.sha256
                 )
             except ProviderError as exc:
@@ -128,7 +128,7 @@ class Submitter:
                 await self._refuse(job, row, f"upload refused: {exc.message}")
                 return
             crashpoint("after_upload_answer")
-            async with self._creating():
+            async with self._creating(job):
                 # The file id, the intent to create and its first attempt, committed before the create call.
                 row = await db(
                     self._ctx.store.batches.record_upload, row.id, file_id=file_id, intent_at=self._ctx.clock(),
@@ -137,23 +137,24 @@ class Submitter:
                 log.info("job.uploaded", job_id=job.id, shard=row.shard, round=row.round, file_id=file_id)
                 await self._send_create(job, row)
             return
-        async with self._creating():
+        async with self._creating(job):
             await self._create(job, row, reconcile_first=row.create_attempts > 0)
 
     def _alone_for(self, job: Job) -> str | None:
         """The provider whose creates are counted one at a time (see count_create), if this is one."""
-        return None if self._ctx.provider.identifies_creates else job.provider
+        return None if self._ctx.provider_for(job).identifies_creates else job.provider_name
 
     @asynccontextmanager
-    async def _creating(self) -> AsyncIterator[None]:
+    async def _creating(self, job: Job) -> AsyncIterator[None]:
         """Around a create (count, send, bind) or a reconcile: one at a time in this daemon when the
         provider's batches cannot be told apart but by their size (the store keeps it so across
         daemons and crashes: count_create's `alone_for`); a create that must wait its turn is a
         passing refusal, waited out with the step's backoff."""
-        if self._ctx.provider.identifies_creates:
+        if self._ctx.provider_for(job).identifies_creates:
             yield
             return
-        async with self._create_lock:
+        lock = self._create_locks.setdefault(job.provider_name, anyio.Lock())
+        async with lock:
             try:
                 yield
             except CreatesBusy as exc:
@@ -176,7 +177,7 @@ class Submitter:
         """Create the batch; its attempt is counted already (see `_create`)."""
         assert job.endpoint and job.completion_window
         try:
-            remote = await self._ctx.provider.create_batch(
+            remote = await self._ctx.provider_for(job).create_batch(
                 input_file_id=batch.input_file_id,
                 endpoint=job.endpoint,
                 completion_window=job.completion_window,
@@ -201,7 +202,7 @@ class Submitter:
         need not reach further back: OpenAI's newest-first pages stop there.
         """
         earliest = batch.intent_at - lifecycle.CLOCK_SKEW_S
-        provider = self._ctx.provider
+        provider = self._ctx.provider_for(job)
         remotes = await provider.list_batches(since=datetime.fromtimestamp(earliest, UTC))
         bound = await db(self._ctx.store.batches.bound_among, [r.id for r in remotes])
         recent = [
@@ -239,8 +240,9 @@ class Submitter:
             log.info("job.reconcile_none", job_id=job.id, requests=batch.request_count)
             return False
         others = await db(
-            self._ctx.store.batches.unbound_intents, since=earliest, request_count=batch.request_count, exclude=batch.id
-        )
+            self._ctx.store.batches.unbound_intents, since=earliest, request_count=batch.request_count,
+            exclude=batch.id, provider=job.provider_name,
+        )  # fmt: skip
         ids = ", ".join(r.id for r in candidates)
         if len(candidates) == 1 and not others:
             await self._bind(job, batch, candidates[0], how="adopted")

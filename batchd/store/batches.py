@@ -67,18 +67,19 @@ class RemoteBatchStore:
                 found.setdefault(record.job_id, []).append(record)
         return found
 
-    def remote_ids_held(self, owner: str, hold: float) -> set[str]:
-        """The provider's ids of the current round's batches of the jobs a sweep took at `hold`."""
-        query = _held_batches(select(remote_batches.c.remote_id), owner, hold)
+    def remote_ids_held(self, owner: str, hold: float, provider: str | None = None) -> set[str]:
+        """The provider's ids of the current round's batches of the jobs a sweep took at `hold`
+        (with `provider`: only that provider's jobs')."""
+        query = _held_batches(select(remote_batches.c.remote_id), owner, hold, provider)
         with self._db.read() as conn:
             return {str(r[0]) for r in conn.execute(query)}
 
-    def earliest_held(self, owner: str, hold: float) -> float | None:
+    def earliest_held(self, owner: str, hold: float, provider: str | None = None) -> float | None:
         """When the earliest of the batches `remote_ids_held` names began (unix seconds), as far
         back as a sweep's listing must reach: its creation as the provider reported it (the clock
         its list shows), else batchd's intent to create it, which came first. None for none."""
         start = func.coalesce(remote_batches.c.remote_created_at, remote_batches.c.intent_at)
-        query = _held_batches(select(func.min(start)), owner, hold)
+        query = _held_batches(select(func.min(start)), owner, hold, provider)
         with self._db.read() as conn:
             earliest = conn.execute(query).scalar()
         return float(earliest) if earliest is not None else None
@@ -95,9 +96,12 @@ class RemoteBatchStore:
                 found.update(str(r[0]) for r in conn.execute(query))
         return found
 
-    def unbound_intents(self, *, since: float, request_count: int | None, exclude: int) -> list[float]:
+    def unbound_intents(
+        self, *, since: float, request_count: int | None, exclude: int, provider: str = "default"
+    ) -> list[float]:
         """When each other create was intended that was sent (counted), is not bound yet, and
-        belongs to a live job: since `since`, of `request_count` requests. Such a create may
+        belongs to a live job of the provider named `provider`: since `since`, of `request_count`
+        requests. Such a create may
         have made the batch a reconcile by request count would otherwise take for its own (a
         dialect without metadata)."""
         query = (
@@ -110,6 +114,7 @@ class RemoteBatchStore:
                 remote_batches.c.intent_at >= since,
                 remote_batches.c.request_count == request_count,
                 remote_batches.c.id != exclude,
+                jobs.c.provider_name == provider,
                 jobs.c.state.in_(LIVE_STATES),
             )
         )
@@ -287,14 +292,16 @@ def remote_values(remote: RemoteBatch) -> dict[str, Any]:
     }
 
 
-def _held_batches(query: Select[Any], owner: str, hold: float) -> Select[Any]:
-    """`query` over the current round's bound batches of the jobs a sweep took at `hold`."""
-    return query.join(jobs, jobs.c.id == remote_batches.c.job_id).where(
+def _held_batches(query: Select[Any], owner: str, hold: float, provider: str | None) -> Select[Any]:
+    """`query` over the current round's bound batches of the jobs a sweep took at `hold` (of the
+    provider named `provider`, when given)."""
+    held = query.join(jobs, jobs.c.id == remote_batches.c.job_id).where(
         jobs.c.owner == owner,
         jobs.c.due_at == hold,
         remote_batches.c.round == jobs.c.round,
         remote_batches.c.remote_id.is_not(None),
     )
+    return held if provider is None else held.where(jobs.c.provider_name == provider)
 
 
 class CreatesBusy(Exception):
@@ -306,8 +313,8 @@ CREATES_LOCK = MIGRATION_LOCK + 1
 
 
 def _no_other_create(conn: Connection, record_id: int, *, provider: str) -> None:
-    """Raise CreatesBusy when another create of `provider`'s live, unparked jobs is counted and
-    not bound (its outcome unknown until its answer or its reconcile)."""
+    """Raise CreatesBusy when another create of the live, unparked jobs of the provider named
+    `provider` is counted and not bound (its outcome unknown until its answer or its reconcile)."""
     if conn.dialect.name == "postgresql":
         # Read committed: without the lock, two daemons could both find no other and both count.
         conn.execute(select(func.pg_advisory_xact_lock(literal(CREATES_LOCK, BigInteger))))
@@ -319,7 +326,7 @@ def _no_other_create(conn: Connection, record_id: int, *, provider: str) -> None
             remote_batches.c.status == BatchStatus.CREATING.value,
             remote_batches.c.create_attempts > 0,
             remote_batches.c.id != record_id,
-            jobs.c.provider == provider,
+            jobs.c.provider_name == provider,
             jobs.c.state.in_(LIVE_STATES),
             jobs.c.parked_at.is_(None),
         )

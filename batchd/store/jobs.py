@@ -116,6 +116,12 @@ class JobStore:
             rows = conn.execute(select(jobs).where(jobs.c.id.in_(wanted)).order_by(jobs.c.due_at, jobs.c.id))
             return [job_from_row(r._mapping) for r in rows]
 
+    def provider_names_in_use(self) -> set[str]:
+        """The configured providers that jobs not yet ended went to (a reload may not drop them)."""
+        query = select(jobs.c.provider_name).where(jobs.c.state.in_(LIVE_STATES)).distinct()
+        with self._db.read() as conn:
+            return {str(r[0]) for r in conn.execute(query)}
+
     def next_due(self, owner: str, after: float) -> float | None:
         """When `owner`'s next job falls due after `after` (None: none will by itself)."""
         with self._db.read() as conn:

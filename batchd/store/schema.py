@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     inspect,
+    text,
 )
 from sqlalchemy.engine import Dialect
 
@@ -63,7 +64,10 @@ jobs = Table(
     #: the file name as dropped (NAME.jsonl or NAME.json)
     Column("source", Text, nullable=False),
     Column("state", String(16), nullable=False),
+    #: the provider's kind ("together", "anthropic", …: a published field)
     Column("provider", String(16), nullable=False),
+    #: which configured provider: "default" ([provider]) or a [providers.NAME] table's NAME
+    Column("provider_name", Text, nullable=False, default="default", server_default=text("'default'")),
     Column("endpoint", Text),
     #: the claimed data file under inbox/.batchd/claimed/<id>/
     Column("claimed_path", Text),
@@ -279,6 +283,11 @@ def _migrate_v6(conn: Connection) -> None:
     create_rows(conn)
 
 
+def _migrate_v7(conn: Connection) -> None:
+    # Several providers behind one inbox: each job's configured provider ([provider] is "default").
+    _add_column(conn, jobs, "provider_name")
+
+
 #: Forward migrations, in order; each runs once, in its own transaction. Each later step brings a
 #: database made by an older release to the current schema and checks first, so on a database
 #: step 1 just created it does nothing.
@@ -289,6 +298,7 @@ MIGRATIONS: tuple[tuple[int, Any], ...] = (
     (4, _migrate_v4),
     (5, _migrate_v5),
     (6, _migrate_v6),
+    (7, _migrate_v7),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -31,6 +31,8 @@ class NewJob:
     name: str
     source: str
     provider: str
+    #: the configured provider ("default": [provider]); `provider` is its kind
+    provider_name: str = "default"
     endpoint: str | None = None
     claimed_path: str | None = None
     spec_path: str | None = None
@@ -62,6 +64,7 @@ class RejectedJob:
     report_path: str
     reason: str
     finished_at: float
+    provider_name: str = "default"
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ def build_event(
 def webhook_data(doc: dict[str, Any]) -> dict[str, Any]:
     """The `data` of a terminal event (DESIGN §5), from the job's job.json document."""
     keys = (
-        "id", "name", "status", "provider", "source", "remote_batch_ids", "request_counts", "usage",
-        "output_file", "error_file", "metadata", "reason", "cost",
+        "id", "name", "status", "provider", "provider_name", "source", "remote_batch_ids", "request_counts",
+        "usage", "output_file", "error_file", "metadata", "reason", "cost",
     )  # fmt: skip
-    return {k: doc[k] for k in keys}
+    # A job.json written by an older release (a crash left it) has no provider_name: the default.
+    return {k: doc.get(k, "default") if k == "provider_name" else doc[k] for k in keys}

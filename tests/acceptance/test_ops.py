@@ -214,8 +214,11 @@ async def test_operator_commands_beside_a_running_daemon_and_a_cancel_that_keeps
         assert await cli_json(h, "jobs", "--state", "completed") == []
 
         table = (await h.ws.batchd("jobs")).stdout.splitlines()
-        assert table[0].split() == ["ID", "NAME", "STATE", "PROGRESS", "REQUESTS", "OK", "FAILED", "AGE", "OWNER"]
+        assert table[0].split() == [
+            "ID", "NAME", "STATE", "PROGRESS", "REQUESTS", "OK", "FAILED", "AGE", "PROVIDER", "OWNER",
+        ]  # fmt: skip
         assert table[1].split()[:6] == [job["id"][:8], "partial", "in_progress", "60%", "5", "-"]
+        assert table[1].split()[8] == "default"
 
         shown = await cli_json(h, "show", "partial")
         (remote,) = shown["remote_batches"]

@@ -170,23 +170,25 @@ def test_a_round_is_planned_once_then_uploaded_and_bound(store: Store) -> None:
 def test_creates_counted_alone_wait_for_the_unanswered_one_of_their_provider(store: Store) -> None:
     shard = ShardPlan(input_path="/x/in.jsonl", request_count=2, size_bytes=10, sha256="0" * 64)
     rows = {}
-    for name, provider in (("a", "anthropic"), ("b", "anthropic"), ("c", "together")):
+    for name, provider in (("a", "claude"), ("b", "claude"), ("c", "default")):
         job_id = name * 32
-        add_job(store, job_id, name, provider=provider)
+        add_job(store, job_id, name, provider="anthropic", provider_name=provider)
         (rows[name],) = store.batches.plan_round(job_id, expect=JobState.RECEIVED, round_=0, shards=[shard])
     # a's create is counted and unanswered: b's waits its turn; another provider's does not.
-    first = store.batches.record_upload(rows["a"].id, file_id="inline:x", intent_at=1000.0, alone_for="anthropic")
+    first = store.batches.record_upload(rows["a"].id, file_id="inline:x", intent_at=1000.0, alone_for="claude")
     with pytest.raises(CreatesBusy):
-        store.batches.record_upload(rows["b"].id, file_id="inline:y", intent_at=1000.0, alone_for="anthropic")
+        store.batches.record_upload(rows["b"].id, file_id="inline:y", intent_at=1000.0, alone_for="claude")
     assert store.batches.of_job("b" * 32)[0].create_attempts == 0  # nothing counted
-    store.batches.record_upload(rows["c"].id, file_id="file-c", intent_at=1000.0, alone_for="together")
+    store.batches.record_upload(rows["c"].id, file_id="file-c", intent_at=1000.0, alone_for="default")
     # a's own next try is not held up by itself.
-    again = store.batches.count_create(first, alone_for="anthropic")
+    again = store.batches.count_create(first, alone_for="claude")
     assert again.create_attempts == 2
-    assert store.batches.unbound_intents(since=0.0, request_count=2, exclude=rows["b"].id) == [1000.0, 1000.0]
+    assert store.batches.unbound_intents(since=0.0, request_count=2, exclude=rows["b"].id, provider="claude") == [
+        1000.0
+    ]
     # Once a is bound (or parked for an operator), b's create may be counted.
     store.batches.bind(first.id, remote("msgbatch_a", RemoteStatus.IN_PROGRESS))
-    store.batches.record_upload(rows["b"].id, file_id="inline:y", intent_at=1001.0, alone_for="anthropic")
+    store.batches.record_upload(rows["b"].id, file_id="inline:y", intent_at=1001.0, alone_for="claude")
 
 
 def test_delivery_scheduling_and_disabled_endpoints(store: Store) -> None:

@@ -235,10 +235,12 @@ def test_ages_bars_and_the_table() -> None:
     assert progress_text(50.0, width=10) == "[#####.....]  50%"
     assert progress_text(None) == "-"
     record = {"id": "f" * 32, "name": "n" * 40, "state": "in_progress", "progress": 12.0, "requests": 3,
-              "request_counts": None, "age_s": 90.0}  # fmt: skip
+              "request_counts": None, "age_s": 90.0, "provider_name": "claude"}  # fmt: skip
     header, line = jobs_table([record])
-    assert header.split() == ["ID", "NAME", "STATE", "PROGRESS", "REQUESTS", "OK", "FAILED", "AGE", "OWNER"]
-    assert line.split() == ["ffffffff", "n" * 31 + "…", "in_progress", "12%", "3", "-", "-", "1m", "-"]
+    assert header.split() == [
+        "ID", "NAME", "STATE", "PROGRESS", "REQUESTS", "OK", "FAILED", "AGE", "PROVIDER", "OWNER",
+    ]  # fmt: skip
+    assert line.split() == ["ffffffff", "n" * 31 + "…", "in_progress", "12%", "3", "-", "-", "1m", "claude", "-"]
 
 
 def test_the_readme_documents_every_json_key() -> None:
