@@ -175,6 +175,29 @@ def _unwritable(number: int, content: bytes) -> Problem | None:
     return None
 
 
+def _remember(seen: SeenIds, number: int, custom_id: str, found: list[Problem]) -> None:
+    """The duplicate_custom_id rule: each custom_id once in a file."""
+    earlier = seen.add(custom_id, number)
+    if earlier is not None:
+        message = f"custom_id {show_value(custom_id)} is already used on line {earlier}"
+        found.append(Problem(number, "duplicate_custom_id", message))
+
+
+def _model(number: int, body: dict[str, Any], where: str, so_far: str | None, found: list[Problem]) -> str | None:
+    """The model rule for `where`.model; returns the one model every request names so far ("" once
+    two differ, None before the first)."""
+    model = body.get("model")
+    if "model" not in body:
+        found.append(Problem(number, "model", f"{where}.model is missing"))
+    elif not isinstance(model, str) or not model:
+        found.append(Problem(number, "model", f"{where}.model must be a non-empty string, got {show_value(model)}"))
+    elif so_far is None:
+        return model
+    elif so_far != model:
+        return ""
+    return so_far
+
+
 class OpenAIRules:
     """OpenAI's batch lines, as Together, OpenAI and the local backend take them.
 
@@ -214,10 +237,7 @@ class OpenAIRules:
             message = f"custom_id must be 1 to {_MAX_CUSTOM_ID} characters, got {len(custom_id)}"
             found.append(Problem(number, "custom_id", message))
             return
-        earlier = self.seen.add(custom_id, number)
-        if earlier is not None:
-            message = f"custom_id {show_value(custom_id)} is already used on line {earlier}"
-            found.append(Problem(number, "duplicate_custom_id", message))
+        _remember(self.seen, number, custom_id, found)
 
     def _method(self, number: int, request: dict[str, Any], found: list[Problem]) -> None:
         if "method" not in request:
@@ -254,15 +274,7 @@ class OpenAIRules:
         if not isinstance(body, dict):
             found.append(Problem(number, "body", f"body must be a JSON object, got {_kind(body)}"))
             return
-        model = body.get("model")
-        if "model" not in body:
-            found.append(Problem(number, "model", "body.model is missing"))
-        elif not isinstance(model, str) or not model:
-            found.append(Problem(number, "model", f"body.model must be a non-empty string, got {show_value(model)}"))
-        elif self.model is None:
-            self.model = model
-        elif self.model != model:
-            self.model = ""
+        self.model = _model(number, body, "body", self.model, found)
         if url == BatchEndpoint.CHAT_COMPLETIONS:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
@@ -312,10 +324,7 @@ class AnthropicRules:
             )
             found.append(Problem(number, "custom_id", message))
             return
-        earlier = self.seen.add(custom_id, number)
-        if earlier is not None:
-            message = f"custom_id {show_value(custom_id)} is already used on line {earlier}"
-            found.append(Problem(number, "duplicate_custom_id", message))
+        _remember(self.seen, number, custom_id, found)
 
     def _params(self, number: int, request: dict[str, Any], found: list[Problem]) -> None:
         if "params" not in request:
@@ -326,15 +335,7 @@ class AnthropicRules:
         if not isinstance(params, dict):
             found.append(Problem(number, "params", f"params must be a JSON object, got {_kind(params)}"))
             return
-        model = params.get("model")
-        if "model" not in params:
-            found.append(Problem(number, "model", "params.model is missing"))
-        elif not isinstance(model, str) or not model:
-            found.append(Problem(number, "model", f"params.model must be a non-empty string, got {show_value(model)}"))
-        elif self.model is None:
-            self.model = model
-        elif self.model != model:
-            self.model = ""
+        self.model = _model(number, params, "params", self.model, found)
         tokens = params.get("max_tokens")
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
             got = "nothing" if "max_tokens" not in params else show_value(tokens)

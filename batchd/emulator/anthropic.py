@@ -247,44 +247,42 @@ def anthropic_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) ->
             }
         )
 
-    async def get_batch(request: Request) -> Response:
+    def found(request: Request) -> StoredBatch | Response:
+        """The Anthropic batch the path names, or the answer refusing the request."""
         if (refused := unversioned(request)) is not None:
             return refused
         batch_id = request.path_params["batch_id"]
         batch = ours(batch_id)
-        if batch is None:
-            return not_found(batch_id)
-        return JSONResponse(batch_json(batch, base_url(request)))
+        return not_found(batch_id) if batch is None else batch
+
+    async def get_batch(request: Request) -> Response:
+        batch = found(request)
+        return batch if isinstance(batch, Response) else JSONResponse(batch_json(batch, base_url(request)))
 
     async def cancel_batch(request: Request) -> Response:
-        if (refused := unversioned(request)) is not None:
-            return refused
-        batch_id = request.path_params["batch_id"]
-        if ours(batch_id) is None:
-            return not_found(batch_id)
+        if isinstance(target := found(request), Response):
+            return target
+        batch_id = target.id
         try:
             batch = await worker.cancel(batch_id, wait=False)
         except KeyError:
             return not_found(batch_id)
         except NotCancellable:
-            found = ours(batch_id)
-            assert found is not None
-            if found.status.terminal:
+            now = ours(batch_id)
+            assert now is not None
+            if now.status.terminal:
                 return anthropic_error(400, f"Message batch {batch_id} has already ended and cannot be canceled")
             # Finalizing: every request has its answer; it ends on its own in a moment.
-            return JSONResponse(batch_json(found, base_url(request)))
+            return JSONResponse(batch_json(now, base_url(request)))
         log.info("emulator.batch.cancel_requested", batch_id=batch.id, status=batch.status.value)
         return JSONResponse(batch_json(batch, base_url(request)))
 
     async def results(request: Request) -> Response:
-        if (refused := unversioned(request)) is not None:
-            return refused
-        batch_id = request.path_params["batch_id"]
-        batch = ours(batch_id)
-        if batch is None:
-            return not_found(batch_id)
+        batch = found(request)
+        if isinstance(batch, Response):
+            return batch
         if not batch.status.terminal:
-            return anthropic_error(404, f"The results of message batch {batch_id} are not available until it has ended")
+            return anthropic_error(404, f"The results of message batch {batch.id} are not available until it has ended")
         paths = [state.content_path(f) for f in (batch.output_file_id, batch.error_file_id) if f is not None]
         return StreamingResponse(_concatenated(paths), media_type="application/binary")
 

@@ -188,14 +188,12 @@ class AnthropicProvider(HttpProvider):
 
     async def get_batch(self, batch_id: str) -> RemoteBatch:
         """The batch's current state (retried)."""
-        what = "anthropic.get"
-        return _batch_or_error(await self._get_json("GET", f"{BATCHES}/{quote(batch_id, safe='')}", what), what)
+        return await self._batch_answer("GET", f"{BATCHES}/{quote(batch_id, safe='')}", "anthropic.get", parse_batch)
 
     async def cancel_batch(self, batch_id: str) -> RemoteBatch:
         """Ask Anthropic to cancel the batch: `canceling`, then `ended` (retried)."""
-        what = "anthropic.cancel"
-        body = await self._get_json("POST", f"{BATCHES}/{quote(batch_id, safe='')}/cancel", what)
-        batch = _batch_or_error(body, what)
+        path = f"{BATCHES}/{quote(batch_id, safe='')}/cancel"
+        batch = await self._batch_answer("POST", path, "anthropic.cancel", parse_batch)
         log.info("provider.cancel", remote_batch_id=batch.id, status=batch.status.value)
         return batch
 
@@ -208,12 +206,6 @@ class AnthropicProvider(HttpProvider):
         return await self._list_newest_first(
             BATCHES, what, cursor="after_id", limit=PAGE_LIMIT, parse=parse_batch, wanted=wanted, since=since
         )
-
-
-def _batch_or_error(body: Any, what: str) -> RemoteBatch:
-    if not isinstance(body, Mapping):
-        raise ProviderError(f"{what}: expected a MessageBatch object")
-    return parse_batch(body)
 
 
 def _origin(url: str) -> tuple[str, str]:

@@ -184,6 +184,15 @@ class HttpProvider:
 
         return await self._retried(once, what)
 
+    async def _batch_answer(
+        self, method: str, path: str, what: str, parse: Callable[[Mapping[str, Any]], RemoteBatch]
+    ) -> RemoteBatch:
+        """One idempotent call (retried) answering a batch object: that batch, parsed."""
+        body = await self._get_json(method, path, what)
+        if not isinstance(body, Mapping):
+            raise ProviderError(f"{what}: expected a batch object")
+        return parse(body)
+
     async def _list_newest_first(
         self,
         path: str,

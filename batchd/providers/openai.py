@@ -19,7 +19,6 @@ import anyio
 import structlog
 
 from batchd.models import RemoteBatch, RemoteFile
-from batchd.providers.errors import ProviderError
 from batchd.providers.http import HttpProvider
 from batchd.providers.transfer import MultipartUpload
 from batchd.providers.wire import (
@@ -112,12 +111,6 @@ def parse_batch(obj: Mapping[str, Any]) -> RemoteBatch:
     )
 
 
-def _batch_or_error(body: Any, what: str) -> RemoteBatch:
-    if not isinstance(body, Mapping):
-        raise ProviderError(f"{what}: expected a Batch object")
-    return parse_batch(body)
-
-
 # ---------------------------------------------------------------------------
 # the provider
 
@@ -196,14 +189,12 @@ class OpenAIProvider(HttpProvider):
 
     async def get_batch(self, batch_id: str) -> RemoteBatch:
         """The batch's current state (retried)."""
-        what = "openai.get"
-        return _batch_or_error(await self._get_json("GET", f"/batches/{quote(batch_id, safe='')}", what), what)
+        return await self._batch_answer("GET", f"/batches/{quote(batch_id, safe='')}", "openai.get", parse_batch)
 
     async def cancel_batch(self, batch_id: str) -> RemoteBatch:
         """Ask OpenAI to cancel the batch; it stays `cancelling` for up to ~10 minutes (retried)."""
-        what = "openai.cancel"
-        body = await self._get_json("POST", f"/batches/{quote(batch_id, safe='')}/cancel", what)
-        batch = _batch_or_error(body, what)
+        path = f"/batches/{quote(batch_id, safe='')}/cancel"
+        batch = await self._batch_answer("POST", path, "openai.cancel", parse_batch)
         log.info("provider.cancel", remote_batch_id=batch.id, status=batch.status.value)
         return batch
 

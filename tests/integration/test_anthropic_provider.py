@@ -21,19 +21,10 @@ from batchd.models import RemoteBatch, RemoteStatus
 from batchd.providers import anthropic as anthropic_wire
 from batchd.providers.anthropic import AnthropicProvider, request_total
 from batchd.providers.base import ProviderError
+from tests.hand_clock import RecordingSleep
 
 KEY = "anthropic-test-key"
 CREATE = "POST /anthropic/v1/messages/batches"
-
-
-class RecordingSleep:
-    """Backoff waits are recorded, never slept."""
-
-    def __init__(self) -> None:
-        self.calls: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
 
 
 @dataclass

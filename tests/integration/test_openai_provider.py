@@ -24,19 +24,10 @@ from batchd.models import RemoteBatch, RemoteStatus
 from batchd.providers import openai as openai_wire
 from batchd.providers.base import ProviderError
 from batchd.providers.openai import OpenAIProvider
+from tests.hand_clock import RecordingSleep
 from tests.integration.emulator_helpers import request_line, to_jsonl
 
 KEY = "openai-test-key"
-
-
-class RecordingSleep:
-    """Backoff waits are recorded, never slept."""
-
-    def __init__(self) -> None:
-        self.calls: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
 
 
 @dataclass

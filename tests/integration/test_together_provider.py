@@ -20,18 +20,9 @@ from batchd.emulator.server import serve_emulator
 from batchd.models import RemoteBatch, RemoteStatus
 from batchd.providers.base import ProviderError
 from batchd.providers.together import TogetherProvider
+from tests.hand_clock import RecordingSleep
 
 KEY = "emulator-test-key"
-
-
-class RecordingSleep:
-    """Backoff waits are recorded, never slept: faults are count-based, not time-based."""
-
-    def __init__(self) -> None:
-        self.calls: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
 
 
 @dataclass

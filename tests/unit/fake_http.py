@@ -13,14 +13,6 @@ import httpx
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
-class RecordingSleep:
-    def __init__(self) -> None:
-        self.calls: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
-
-
 class FakeApi:
     """Answers each request from a script of handlers keyed by (method, path); records requests."""
 

@@ -19,11 +19,11 @@ from batchd.models import PROVIDER_LIMITS, RemoteStatus
 from batchd.providers.base import Provider, ProviderError
 from batchd.providers.openai import OpenAIProvider, errors_text, parse_batch
 from batchd.service import open_provider
+from tests.hand_clock import RecordingSleep
 from tests.unit.fake_http import (
     BrokenStream,
     FakeApi,
     Handler,
-    RecordingSleep,
     StreamingTransport,
     answer,
     form_parts,

@@ -14,18 +14,9 @@ from structlog.testing import capture_logs
 from batchd.backoff import RetryPolicy, backoff_s, is_retryable_status, retry_after_s
 from batchd.providers.base import ProviderError
 from batchd.providers.retry import with_retries
+from tests.hand_clock import RecordingSleep
 
 NOW = datetime(2026, 11, 25, 21, 0, 0, tzinfo=UTC)
-
-
-class RecordingSleep:
-    """Stands in for anyio.sleep: remembers the waits and returns at once."""
-
-    def __init__(self) -> None:
-        self.calls: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
 
 
 def failing(errors: list[BaseException], result: str = "ok") -> tuple[Callable[[], Awaitable[str]], list[int]]:

@@ -18,11 +18,11 @@ from batchd.models import PROVIDER_LIMITS, RemoteStatus
 from batchd.providers.base import Provider, ProviderError
 from batchd.providers.together import TogetherProvider, normalise_base_url, parse_batch_job
 from batchd.providers.wire import ArrayItems, parse_error_message
+from tests.hand_clock import RecordingSleep
 from tests.unit.fake_http import (
     BrokenStream,
     FakeApi,
     Handler,
-    RecordingSleep,
     StreamingTransport,
     answer,
     form_parts,
