@@ -8,9 +8,9 @@ A sweep names the batches it wants and how far back they go (`RemoteBatchStore.e
 less `lifecycle.CLOCK_SKEW_S`), so its cost follows the batches in flight, not the account's
 history: OpenAI's newest-first pages stop once every wanted batch is seen or older batches
 begin, and only wanted items are parsed. Single gets go one after another within a round or
-sweep, and at most GETS_AT_ONCE at once across the rounds, the sweep and the cancels of the
-daemon (one provider per daemon): the gets of a sweep's misses, or of jobs polled one by one,
-never come as a burst. With several providers, a sweep lists each one that its jobs went to.
+sweep, and at most GETS_AT_ONCE at once per provider across the rounds, the sweep and the
+cancels of the daemon: the gets of a sweep's misses, or of jobs polled one by one, never come
+as a burst. With several providers, a sweep lists each one that its jobs went to.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ log = structlog.get_logger("batchd.daemon")
 QUIET_WRITES_PER_TRANSACTION = 500
 #: A sweep reads the jobs it polls this many at a time.
 SWEEP_PAGE = 1000
-#: Single gets (`get_batch`) in flight at once, whatever the rounds running: a provider that
-#: advises polling each batch no faster than every 30 s would throttle a burst.
+#: Single gets (`get_batch`) in flight at once per provider, whatever the rounds running: a
+#: provider that advises polling each batch no faster than every 30 s would throttle a burst.
 GETS_AT_ONCE = 4
 
 
@@ -47,7 +47,8 @@ class Poller:
 
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
-        self._gets = anyio.CapacityLimiter(GETS_AT_ONCE)
+        #: per provider name: the bound on its single gets in flight
+        self._gets: dict[str, anyio.CapacityLimiter] = {}
 
     async def round(self, polls: list[tuple[Job, Action]], now: float) -> None:
         """Poll due jobs one get per live batch (too few jobs in flight for a list sweep)."""
@@ -162,7 +163,7 @@ class Poller:
     async def _get(self, job: Job, remote_id: str) -> RemoteBatch:
         """One batch of `job` asked on its own, within the daemon's bound on gets at once."""
         provider = self._ctx.provider_for(job)
-        async with self._gets:
+        async with self._gets.setdefault(job.provider_name, anyio.CapacityLimiter(GETS_AT_ONCE)):
             return await provider.get_batch(remote_id)
 
     def _poll_writes(

@@ -30,7 +30,8 @@ from batchd.store import StaleState
 
 log = structlog.get_logger("batchd.daemon")
 
-#: Uploads, creates and cancels running at once; polls are grouped separately.
+#: Uploads, creates and cancels running at once, per provider (each has its own); polls are
+#: grouped separately.
 MAX_CONCURRENT_STEPS = 16
 #: Downloads and merges running at once: they are long and heavy, and must never hold the
 #: slots new submissions need.
@@ -71,7 +72,8 @@ class Scheduler:
         self._finisher = Finisher(ctx, self._submitter)
         self._wake = anyio.Event()
         self._busy: set[str] = set()
-        self._steps = anyio.CapacityLimiter(MAX_CONCURRENT_STEPS)
+        #: per provider name: its steps running at once (a slow provider holds up only its own jobs)
+        self._steps: dict[str, anyio.CapacityLimiter] = {}
         self._downloads = anyio.CapacityLimiter(MAX_CONCURRENT_DOWNLOADS)
         #: a list sweep is under way (one at a time)
         self._sweeping = False
@@ -244,7 +246,8 @@ class Scheduler:
         bound = log.bind(job_id=job.id, step=action.step.value)
         self._ctx.lease(job)
         try:
-            async with self._downloads if action.step is Step.DOWNLOAD else self._steps:
+            steps = self._steps.setdefault(job.provider_name, anyio.CapacityLimiter(MAX_CONCURRENT_STEPS))
+            async with self._downloads if action.step is Step.DOWNLOAD else steps:
                 if action.step is Step.PLAN:
                     await self._submitter.plan(job)
                 elif action.step is Step.SUBMIT:
