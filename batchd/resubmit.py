@@ -33,11 +33,14 @@ def retry_job(store: Store, settings: Settings, job: Job) -> Job:
     if count == 0:
         raise NothingToRetry(f"every request of job {job.short_id} succeeded: nothing to retry")
     digest = hashlib.sha256(upload.read_bytes()).hexdigest()
+    # The provider the job went to: its requests are in that provider's line format.
+    config = settings.provider_named(job.provider_name)
     new = NewJob(
         id=new_id,
         name=job.name,
         source=job.source,
-        provider=settings.provider.kind,
+        provider=config.kind if config is not None else job.provider,
+        provider_name=job.provider_name,
         endpoint=job.endpoint,
         claimed_path=job.claimed_path,
         spec_path=job.spec_path,

@@ -131,3 +131,27 @@ async def test_a_file_over_the_limits_is_split_and_merged_back_in_input_order(tm
         assert await creates(r) == 3
         assert [line["custom_id"] for line in r.outbox_lines("big", "output.jsonl")] == names
         assert len(r.job_json("big")["remote_batch_ids"]) == 3
+
+
+async def test_a_retry_goes_to_the_provider_the_job_went_to(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from sqlalchemy import update
+
+    from batchd.config import ProviderSettings, Secret
+    from batchd.resubmit import retry_job
+    from batchd.store.schema import jobs
+
+    async with rig(tmp_path, kind="anthropic") as r:
+        r.drop("once.jsonl", [message("ok"), message("refused", {"status": 400})])
+        await r.drain()
+        job = r.job("once")
+        # As if it had gone to [providers.claude] of a config whose default is Together.
+        with r.store.engine.begin() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job.id).values(provider_name="claude"))
+        together = ProviderSettings(kind="together", base_url="http://127.0.0.1:1", api_key=Secret("k"))
+        providers = {"default": together, "claude": r.settings.provider}
+        settings = replace(r.settings, provider=together, providers=providers)
+        retried = retry_job(r.store, settings, r.job("once"))
+        assert (retried.provider, retried.provider_name) == ("anthropic", "claude")
+        assert retried.request_count == 1
