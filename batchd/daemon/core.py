@@ -181,7 +181,10 @@ class Daemon:
                     loops.start_soon(self._supervise, "webhooks", lambda: deliverer.serve(work))
                 systemd.notify("READY=1")
                 self.ready.set()
-                log.info("daemon.ready", inbox=str(self.settings.inbox_dir), provider=self.provider.kind)
+                log.info(
+                    "daemon.ready", inbox=str(self.settings.inbox_dir), provider=self.provider.kind,
+                    providers={name: p.kind for name, p in self._ctx.providers.items()},
+                )  # fmt: skip
                 if once:
                     with anyio.move_on_after(math.inf if timeout is None else timeout), contextlib.suppress(_Stopped):
                         try:
@@ -331,7 +334,8 @@ class Daemon:
                 raise _Stopped
 
     def _warn_fast_polling(self) -> None:
-        if self.provider.kind != "local" and self.settings.polling.min_interval_s < 30:
+        remote = any(p.kind != "local" for p in self._ctx.providers.values())
+        if remote and self.settings.polling.min_interval_s < 30:
             log.warning(
                 "daemon.fast_polling",
                 min_interval_s=self.settings.polling.min_interval_s,
