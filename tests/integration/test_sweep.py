@@ -146,8 +146,9 @@ async def test_together_sweep_is_one_call_and_returns_only_the_wanted(tmp_path: 
 
 async def test_daemon_sweeps_read_one_page_each_however_long_the_history(tmp_path: Path) -> None:
     seed_history(tmp_path / "emulator", HISTORY, newest=datetime.now(UTC) - A_DAY_AGO)
-    # Batches stay VALIDATING a while, so that four jobs are in flight together and swept.
-    async with rig(tmp_path, kind="openai", emulator={"timeline": Timeline(validating_s=0.5)}) as r:
+    # Batches stay VALIDATING a while, so that four jobs are in flight together and swept (long
+    # enough for a loaded machine to take and submit all four first: 0.5 s was not always).
+    async with rig(tmp_path, kind="openai", emulator={"timeline": Timeline(validating_s=2.0)}) as r:
         sweeps: list[dict[str, Any]] = []
         listing = r.provider.list_batches
 
@@ -187,7 +188,8 @@ async def test_reconcile_adopts_the_lost_batch_reading_only_recent_pages(tmp_pat
 
 
 async def test_a_wanted_batch_the_sweep_misses_is_asked_on_its_own(tmp_path: Path) -> None:
-    async with rig(tmp_path, emulator={"timeline": Timeline(validating_s=0.5)}) as r:
+    # Four jobs in flight together (see the sweep test above for the 2 s).
+    async with rig(tmp_path, emulator={"timeline": Timeline(validating_s=2.0)}) as r:
         listing, getting = r.provider.list_batches, r.provider.get_batch
         hidden: set[str] = set()
         calls: list[tuple[str, bool]] = []
