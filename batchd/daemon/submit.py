@@ -176,13 +176,19 @@ class Submitter:
     async def _send_create(self, job: Job, batch: RemoteBatchRecord) -> None:
         """Create the batch; its attempt is counted already (see `_create`)."""
         assert job.endpoint and job.completion_window
+        input_path = Path(batch.input_path) if batch.input_path else None
+        if input_path is not None:
+            # A dialect that sends the requests inline reads the shard now, maybe long after its
+            # upload step checked it (a retry after a crash): checked again, as every read of
+            # batchd's files beside the inbox is.
+            await db(check_within, self._ctx.settings.inbox_dir, input_path)
         try:
             remote = await self._ctx.provider_for(job).create_batch(
                 input_file_id=batch.input_file_id,
                 endpoint=job.endpoint,
                 completion_window=job.completion_window,
                 job_id=job.id,
-                input_path=Path(batch.input_path) if batch.input_path else None,
+                input_path=input_path,
             )
         except ProviderError as exc:
             if not exc.outcome_unknown:

@@ -155,3 +155,24 @@ async def test_a_retry_goes_to_the_provider_the_job_went_to(tmp_path: Path) -> N
         retried = retry_job(r.store, settings, r.job("once"))
         assert (retried.provider, retried.provider_name) == ("anthropic", "claude")
         assert retried.request_count == 1
+
+
+async def test_a_create_sent_again_never_reads_a_shard_swapped_for_a_symlink(tmp_path: Path) -> None:
+    # Creates are refused with a 503 (outcome unknown): each next try reads the shard again, for
+    # the inline body. Meanwhile a neighbour puts a symlink in its place.
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"custom_id": "stolen", "params": {}}\n')
+    async with rig(tmp_path, kind="anthropic") as r:
+        fault = {"method": "POST", "path": "/anthropic/v1/messages/batches", "status": 503, "times": 100000}
+        await r.control("POST", "faults", json=fault)
+        r.drop("planted.jsonl", [message("a")])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(r.daemon.run)
+            await eventually(lambda: any(j.name == "planted" and j.attempts >= 1 for j in r.store.jobs.select()))
+            upload = anyio.Path(r.job("planted").upload_path or "")
+            await upload.unlink()
+            await upload.symlink_to(secret)
+            # The next try refuses to read what batchd did not make, and says so.
+            await eventually(lambda: "does not follow what it did not make" in (r.job("planted").last_error or ""))
+            r.daemon.stop()
+        assert (await r.stats())["batch_creates"] == []
