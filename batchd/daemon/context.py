@@ -78,19 +78,14 @@ class Context:
         the job waits, visibly, until the provider is configured again."""
         provider = self.providers.get(job.provider_name)
         if provider is None:
-            raise ProviderError(
-                f"the job's provider {job.provider_name!r} is not configured (any more): add its "
-                f"[providers.{job.provider_name}] table back, or cancel the job",
-                retryable=True,
-            )
+            raise _not_configured(job)
         return provider
 
     def provider_settings(self, job: Job) -> ProviderSettings:
-        """The configuration of the job's provider (its limits), as provider_for finds it."""
+        """The configuration of the job's provider (its limits); the same refusal as provider_for."""
         found = self.settings.provider_named(job.provider_name)
         if found is None:
-            self.provider_for(job)  # raises the passing refusal
-            raise AssertionError("unreachable")
+            raise _not_configured(job)
         return found
 
     def lease(self, *held: Job) -> None:
@@ -126,3 +121,11 @@ class Context:
             del self._held[job_id]
             return None
         return until
+
+
+def _not_configured(job: Job) -> ProviderError:
+    return ProviderError(
+        f"the job's provider {job.provider_name!r} is not configured (any more): add its "
+        f"[providers.{job.provider_name}] table back, or cancel the job",
+        retryable=True,
+    )
