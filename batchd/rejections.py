@@ -43,17 +43,19 @@ _ROOM = len(temp_name(Path("x" + REPORT_SUFFIX)).name) - 1
 class Rejection(Exception):
     """A submission that will not be taken; carries the report text."""
 
-    def __init__(self, reason: str, report: str) -> None:
+    def __init__(self, reason: str, report: str, details: Report) -> None:
         super().__init__(reason)
         self.reason = reason
         self.report = report
+        #: the problems, for `batchd validate --json`
+        self.details = details
 
 
 def on_line(source: str, line: int | None, rule: str, message: str) -> Rejection:
     """A rejection for one problem (in a spec, or about the file as a whole when line is None)."""
     problem = Problem(line, rule, message)
     report = Report(source=source, problems=(problem,), problem_count=1, request_count=0, endpoint=None, size_bytes=0)
-    return Rejection(str(problem), format_report(report))
+    return Rejection(str(problem), format_report(report), report)
 
 
 def whole_file(source: str, rule: str, message: str) -> Rejection:
@@ -65,7 +67,7 @@ def from_report(report: Report, *, prefix: str = "") -> Rejection:
     """A rejection naming the first problems validation found (the report lists up to 100)."""
     first = "; ".join(str(p) for p in report.problems[:3])
     more = f" (+{report.problem_count - 3} more)" if report.problem_count > 3 else ""
-    return Rejection(f"{prefix}{first}{more}", (prefix + "\n\n" if prefix else "") + format_report(report))
+    return Rejection(f"{prefix}{first}{more}", (prefix + "\n\n" if prefix else "") + format_report(report), report)
 
 
 def rejected_dir(inbox_dir: Path) -> Path:

@@ -75,6 +75,22 @@ def acquire_lock(state_dir: Path) -> StateLock:
     return StateLock(path, fd)
 
 
+def lock_holder(state_dir: Path) -> str | None:
+    """The pid a running daemon wrote into `state_dir/batchd.lock`, or None when no process holds
+    the lock. Only looks: creates nothing, and lets go of the lock at once if it got it."""
+    try:
+        fd = os.open(state_dir / "batchd.lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)
+    return None
+
+
 @asynccontextmanager
 async def open_provider(settings: Settings, http: httpx.AsyncClient) -> AsyncIterator[Provider]:
     """The default provider of `settings` ([provider]); for the local backend, the emulator served

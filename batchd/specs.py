@@ -22,7 +22,10 @@ from batchd.rejections import on_line, whole_file
 from batchd.safe_fs import NotRegularFile, open_regular, real_dir
 from batchd.webhooks import webhook_url_refusal
 
-__all__ = ["MAX_SPEC_BYTES", "SPEC_KEYS", "Spec", "is_ignored_name", "move_data", "open_data", "read_spec", "spec_data"]
+__all__ = [
+    "MAX_SPEC_BYTES", "SPEC_KEYS", "Spec", "input_path", "is_ignored_name", "move_data", "open_data", "read_spec",
+    "spec_data",
+]  # fmt: skip
 
 SPEC_KEYS = frozenset({"input", "completion_window", "model", "webhook_url", "metadata", "provider", "priority"})
 #: A spec is a small JSON document; anything bigger is a mistake, not a spec.
@@ -114,11 +117,17 @@ def read_spec(claimed: Path, settings: Settings) -> Spec:
 
 def spec_data(inbox_dir: Path, claimed: Path, spec: Spec) -> Path:
     """The spec's data file: inside a sub-folder of the inbox, no `..`, no symlink, existing."""
-    source = claimed.name
     # After a crash the data may already sit in the claim folder.
     already = claimed.parent / "data" / PurePosixPath(spec.input).name
     if already.is_file() and not already.is_symlink():
         return already
+    return input_path(inbox_dir, claimed.name, spec)
+
+
+def input_path(base_dir: Path, source: str, spec: Spec) -> Path:
+    """The data file a spec names under `base_dir` (the inbox; for `batchd validate`, the spec's
+    own folder), checked by the inbox's rules: inside a sub-folder, no `..`, no symlink, a
+    regular `.jsonl` file that exists. Raises Rejection naming the rule."""
     rel = PurePosixPath(spec.input)
     if rel.is_absolute() or "\\" in spec.input:
         raise whole_file(source, "input", "must be a path relative to the inbox, not absolute")
@@ -126,7 +135,7 @@ def spec_data(inbox_dir: Path, claimed: Path, spec: Spec) -> Path:
         raise whole_file(source, "input", "must name a file inside a sub-folder of the inbox, without `..`")
     if rel.parts[0] in (".batchd", "rejected") or any(is_ignored_name(p) for p in rel.parts):
         raise whole_file(source, "input", f"{spec.input!r} is in a folder batchd does not take from")
-    current = inbox_dir
+    current = base_dir
     for part in rel.parts:
         current = current / part
         try:

@@ -7,6 +7,7 @@ import click
 from batchd.cli.common import CONFIG_HELP, Context
 from batchd.cli.emulator import demo, emulator
 from batchd.cli.files import submit, validate
+from batchd.cli.init import init
 from batchd.cli.jobs import cancel, jobs, resume, retry, show, status, watch
 from batchd.cli.run import run
 from batchd.cli.webhooks import webhooks
@@ -14,7 +15,7 @@ from batchd.cli.webhooks import webhooks
 
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"]},
-    commands=[run, validate, submit, jobs, show, watch, status, cancel, resume, retry, webhooks, emulator, demo],
+    commands=[init, run, validate, submit, jobs, show, watch, status, cancel, resume, retry, webhooks, emulator, demo],
 )
 @click.option("--config", "config", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key.")

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import click
 
-from batchd.config import ConfigError, Settings, load_settings, parse_override
+from batchd.config import ConfigError, NoConfigFound, Settings, load_settings, parse_override
 from batchd.models import Job
 from batchd.store import Store, StoreUnavailable, open_existing
 
@@ -36,6 +36,8 @@ class Context:
     def load(self) -> Settings:
         try:
             return load_settings(self.config, overrides=dict(parse_override(o) for o in self.overrides))
+        except NoConfigFound as exc:
+            fail(str(exc), 2)
         except ConfigError as exc:
             fail(f"configuration error: {exc}", 2)
 

@@ -1,4 +1,11 @@
-"""`batchd validate` and `batchd submit`: a request file checked, and dropped into the inbox."""
+"""`batchd validate` and `batchd submit`: a request file or a spec checked, and dropped into the inbox.
+
+A spec (`NAME.json`) names its data file relative to the inbox. Outside the inbox,
+`validate` and `submit` read that path relative to the spec's own folder: a user
+prepares `job.json` beside `data/job.jsonl` exactly as the two will sit in the inbox.
+Both are checked by the inbox's own rules (the same functions), so what passes here
+is taken there, with the provider the spec names.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +13,88 @@ import json
 import os
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from batchd.cli.common import Context, config_options, fail, pass_ctx
-from batchd.config import ConfigError, Settings
-from batchd.models import PROVIDER_LIMITS
-from batchd.validation import format_report, validate_file
+from batchd.config import ConfigError, NoConfigFound, Settings, default_settings
+from batchd.rejections import Rejection
+from batchd.safe_fs import NotRegularFile
+from batchd.specs import Spec, input_path, read_spec
+from batchd.validation import Report, format_report, validate_file
 
 
-def _limits_settings(obj: Context) -> Settings | None:
-    """Settings when a config can be read; validation falls back to the local limits otherwise."""
+@dataclass(frozen=True)
+class Checked:
+    """A file that passed: its report, and for a spec the spec and its data file."""
+
+    report: Report
+    spec: Spec | None = None
+    data: Path | None = None
+
+
+def _is_spec(file: Path) -> bool:
+    return file.suffix == ".json"
+
+
+def check(file: Path, settings: Settings) -> Checked:
+    """Validate a request file or a spec with its data; raises Rejection naming what is wrong."""
+    if not _is_spec(file):
+        provider = settings.provider
+        report = validate_file(file, source=file.name, limits=provider.validation_limits, dialect=provider.kind)
+        return Checked(report)
+    spec = read_spec(file, settings)
+    data = input_path(file.parent, file.name, spec)
+    named = settings.provider_named(spec.provider)
+    assert named is not None  # read_spec refused a provider that is not configured
+    report = validate_file(data, source=spec.input, limits=named.validation_limits, dialect=named.kind)
+    return Checked(report, spec, data)
+
+
+def _check_or_exit(file: Path, settings: Settings, *, as_json: bool = False, err: bool = False) -> Checked:
+    """`check`, with a rejection printed (as JSON, or as text on stdout or `err`) and exit 1."""
+    if not file.is_file():
+        fail(f"{file}: no such file", 2)
+    try:
+        checked = check(file, settings)
+    except (Rejection, NotRegularFile) as exc:
+        problem = exc if isinstance(exc, Rejection) else None
+        if as_json and problem is not None:
+            click.echo(json.dumps(problem.details.as_dict(), indent=2, ensure_ascii=False))
+        elif problem is not None:
+            click.echo(problem.report, nl=False, err=err)
+        else:
+            fail(f"{file}: {exc} (symlinks are not followed)", 1)
+        sys.exit(1)
+    report = checked.report
+    if as_json:
+        click.echo(json.dumps(_json_report(file, checked), indent=2, ensure_ascii=False))
+    elif not report.ok:
+        prefix = f"{file.name}: its input {checked.spec.input} is not valid\n\n" if checked.spec else ""
+        click.echo(prefix + format_report(report), nl=False, err=err)
+    if not report.ok:
+        sys.exit(1)
+    return checked
+
+
+def _json_report(file: Path, checked: Checked) -> dict[str, object]:
+    shape = checked.report.as_dict()
+    if checked.spec is not None:
+        # A spec's report is its data's, with the spec named beside it.
+        shape = {"spec": file.name, "provider": checked.spec.provider, **shape}
+    return shape
+
+
+def _settings_or_defaults(obj: Context) -> Settings:
+    """The config when there is one; `validate` also works without one (the local backend's rules)."""
     try:
         return obj.loader()()
-    except ConfigError:
-        if obj.config or os.environ.get("BATCHD_CONFIG"):
-            raise
-        return None
+    except NoConfigFound:
+        return default_settings()
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}", 2)
 
 
 @click.command()
@@ -32,23 +103,37 @@ def _limits_settings(obj: Context) -> Settings | None:
 @config_options
 @pass_ctx
 def validate(obj: Context, file: Path, as_json: bool) -> None:
-    """Check FILE against every inbox rule: 0 valid, 1 invalid."""
-    try:
-        settings = _limits_settings(obj)
-    except ConfigError as exc:
-        fail(f"configuration error: {exc}", 2)
-    if not file.is_file():
-        fail(f"{file}: no such file", 2)
-    limits = settings.provider.validation_limits if settings else PROVIDER_LIMITS["local"]
-    dialect = settings.provider.kind if settings else "local"
-    report = validate_file(file, source=file.name, limits=limits, dialect=dialect)
+    """Check FILE (requests, or a spec NAME.json with its data) by the inbox's rules: 0 valid, 1 invalid."""
+    settings = _settings_or_defaults(obj)
+    checked = _check_or_exit(file, settings, as_json=as_json)
     if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
-    elif report.ok:
-        click.echo(f"{file}: valid, {report.request_count} requests for {report.endpoint}")
+        return
+    report = checked.report
+    counted = f"{report.request_count:,} {_plural(report.request_count, 'request')} for {report.endpoint}"
+    if checked.spec is None:
+        click.echo(f"{file}: valid, {counted}")
     else:
-        click.echo(format_report(report), nl=False)
-    sys.exit(0 if report.ok else 1)
+        spec = checked.spec
+        click.echo(f"{file}: valid spec for provider {spec.provider!r}; its input {spec.input}: {counted}")
+
+
+def _plural(count: int, noun: str) -> str:
+    return noun if count == 1 else f"{noun}s"
+
+
+def _copy_in(source: Path, target: Path, taken: str) -> None:
+    """Copy `source` to `target` in the inbox under an ignored name, then rename: the daemon
+    only ever sees a complete file. Refuses (1, saying `taken`) to replace what is there."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() or target.is_symlink():
+        fail(f"{target} is already waiting in the inbox; {taken}", 1)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(source, "rb") as src, open(tmp, "xb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.rename(tmp, target)
 
 
 @click.command()
@@ -57,30 +142,27 @@ def validate(obj: Context, file: Path, as_json: bool) -> None:
 @config_options
 @pass_ctx
 def submit(obj: Context, file: Path, name: str | None) -> None:
-    """Validate FILE, then drop it atomically into the inbox as NAME.jsonl."""
+    """Validate FILE (requests, or a spec with its data), then drop it atomically into the inbox."""
     settings = obj.load()
-    if not file.is_file():
-        fail(f"{file}: no such file", 2)
-    report = validate_file(
-        file, source=file.name, limits=settings.provider.validation_limits, dialect=settings.provider.kind
-    )
-    if not report.ok:
-        click.echo(format_report(report), nl=False, err=True)
-        sys.exit(1)
+    checked = _check_or_exit(file, settings, err=True)
     name = name or file.stem
     if not name or "/" in name or name.startswith(".") or "\0" in name:
         fail(f"--name {name!r}: a plain file name is needed", 2)
     inbox = settings.inbox_dir
     inbox.mkdir(parents=True, exist_ok=True)
-    target = inbox / f"{name}.jsonl"
-    if target.exists():
+    target = inbox / f"{name}{'.json' if checked.spec else '.jsonl'}"
+    if target.exists() or target.is_symlink():
         fail(f"{target} is already waiting in the inbox; choose another --name", 1)
-    # Write under an ignored name, then rename: the daemon sees only a complete file.
-    tmp = inbox / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(file, "rb") as src, open(tmp, "wb") as dst:
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.rename(tmp, target)
-    click.echo(f"submitted {file} as {target} ({report.request_count} requests)")
+    if checked.spec is not None and checked.data is not None:
+        # Data first: a spec in the inbox whose data is not there yet would be rejected.
+        _copy_in(checked.data, inbox / checked.spec.input, "give the spec another input path")
+    _copy_in(file, target, "choose another --name")
+    count = checked.report.request_count
+    click.echo(f"submitted {file} as {target} ({count:,} {_plural(count, 'request')})")
+    from batchd.service import lock_holder  # the daemon's modules, only for the one command that asks
+
+    if lock_holder(settings.state_dir) is None:
+        click.echo(
+            f"note: no batchd daemon runs on {settings.state_dir} here; the file waits in the inbox "
+            "until one does (`batchd run`)"
+        )

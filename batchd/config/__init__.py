@@ -8,7 +8,7 @@ it is about and is raised as ConfigError, which the CLI turns into exit code 2.
 """
 
 from batchd.config.build import build_settings, decode_secret
-from batchd.config.load import DEFAULT_CONFIG_PATH, find_config_path, load_settings, parse_override
+from batchd.config.load import DEFAULT_CONFIG_PATH, default_settings, find_config_path, load_settings, parse_override
 from batchd.config.settings import (
     DEFAULT_BASE_URLS,
     DEFAULT_KEY_ENVS,
@@ -20,6 +20,7 @@ from batchd.config.settings import (
     InboxSettings,
     LocalSettings,
     MetricsSettings,
+    NoConfigFound,
     PollingSettings,
     Price,
     ProviderSettings,
@@ -42,6 +43,7 @@ __all__ = [
     "InboxSettings",
     "LocalSettings",
     "MetricsSettings",
+    "NoConfigFound",
     "PollingSettings",
     "Price",
     "ProviderSettings",
@@ -52,6 +54,7 @@ __all__ = [
     "WebhookEndpoint",
     "build_settings",
     "decode_secret",
+    "default_settings",
     "find_config_path",
     "load_settings",
     "parse_override",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from batchd.config.build import build_settings
-from batchd.config.settings import ConfigError, Settings
+from batchd.config.settings import ConfigError, NoConfigFound, Settings
 
 DEFAULT_CONFIG_PATH = Path("/etc/batchd/batchd.toml")
 
@@ -80,11 +80,23 @@ def load_settings(
         base_dir = path.resolve().parent
     elif explicit:
         raise ConfigError(f"config file {path} does not exist")
+    else:
+        # Built-in defaults would put the state under /var/lib/batchd: as root that silently
+        # makes a second installation, as anyone else it dies on a PermissionError.
+        raise NoConfigFound(
+            f"no config found (no --config, no $BATCHD_CONFIG, no {path}); "
+            "make one with `batchd init DIR`, then pass --config DIR/batchd.toml"
+        )
     _check_known_keys(raw)
     _apply_env(raw, env)
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     return build_settings(raw, base_dir=base_dir, environ=env, config_path=path.resolve() if path.is_file() else None)
+
+
+def default_settings() -> Settings:
+    """The built-in defaults, for commands that can work without a config (`validate`)."""
+    return build_settings({}, base_dir=Path.cwd(), environ={}, config_path=None)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -40,6 +40,11 @@ class ConfigError(Exception):
     """A configuration problem; the message names the key."""
 
 
+class NoConfigFound(ConfigError):
+    """No config file was named and none is at the default path: batchd does not guess one."""
+
+
+
 class Secret:
     """A secret string that never shows itself in a repr, a log line or an f-string."""
 

@@ -234,10 +234,10 @@ def test_plain_postgresql_url_uses_the_shipped_driver(tmp_path: Path) -> None:
     assert load_settings(path, environ={}).database_url == "postgresql+psycopg://u@127.0.0.1:5432/db"
 
 
-def test_parse_override() -> None:
+def test_parse_override(tmp_path: Path) -> None:
     assert parse_override("polling.min_interval_s=0.5") == ("polling.min_interval_s", 0.5)
     assert parse_override("provider.kind=together") == ("provider.kind", "together")
     with pytest.raises(ConfigError):
         parse_override("nonsense")
     with pytest.raises(ConfigError, match=r"unknown key polling\.nope"):
-        load_settings(None, environ={}, overrides={"polling.nope": 1})
+        load_settings(write(tmp_path, ""), environ={}, overrides={"polling.nope": 1})
