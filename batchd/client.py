@@ -36,6 +36,7 @@ import anyio
 import httpx
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from batchd import logs
 from batchd.backoff import RetryPolicy
 from batchd.models import BatchJob, BatchJobStatus, RemoteBatch, RemoteStatus
 from batchd.providers.base import Provider
@@ -287,6 +288,7 @@ class AsyncClient:
         max_retries: int = DEFAULT_MAX_RETRIES,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
+        logs.for_library()
         key, url = _settings(provider, api_key, base_url)
         self._owns_http = http_client is None
         self._http = http_client if http_client is not None else new_http_client(timeout=timeout)

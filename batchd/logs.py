@@ -80,3 +80,30 @@ def configure(*, level: str = "info", json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=False,
     )
+
+
+def for_library() -> None:
+    """batchd used as a library (the Client): quiet, as the SDKs it mirrors are.
+
+    Its log lines go to the standard library's `batchd.*` loggers, which hold a NullHandler:
+    nothing is printed unless the application configures logging (`logging.basicConfig()`
+    shows warnings; level DEBUG shows every retry). A process that configured structlog
+    itself keeps its own configuration.
+    """
+    root = logging.getLogger("batchd")
+    if not any(isinstance(h, logging.NullHandler) for h in root.handlers):
+        root.addHandler(logging.NullHandler())
+    if structlog.is_configured():
+        return
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            redact,
+            structlog.processors.format_exc_info,
+            structlog.processors.KeyValueRenderer(key_order=["event"]),
+            scrub,
+        ],
+        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        cache_logger_on_first_use=False,
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -172,6 +173,10 @@ async def serve(
             # Listening before READY=1; [metrics] listen is read at start only (a reload keeps it).
             async with serve_metrics(address, daemon.monitor, store):
                 result = await daemon.run(once=once, timeout=timeout)
+                if result.left is not None:
+                    # For the person or script that ran `run --once --timeout`: the log line
+                    # says it too, but a JSON log on stdout is not where one looks first.
+                    print(f"batchd: --timeout {timeout:g} s passed; still waiting for: {result.left}", file=sys.stderr)
     finally:
         await anyio.to_thread.run_sync(store.close)
         lock.release()

@@ -66,6 +66,7 @@ from batchd.jsonl import read_lines
 from batchd.models import Limits
 from batchd.request_rules import LineRules, Problem, rules_for, show_value
 from batchd.store.scratch import FirstLines
+from batchd.text import counted
 
 __all__ = [
     "RULES",
@@ -219,7 +220,7 @@ def format_report(report: Report) -> str:
     name = show_value(report.source)
     if report.ok:
         endpoint = f" for {report.endpoint}" if report.endpoint else ""
-        return f"{name}: no problems; {report.request_count:,} requests{endpoint}.\n"
+        return f"{name}: no problems; {counted(report.request_count, 'request')}{endpoint}.\n"
     noun = "problem" if report.problem_count == 1 else "problems"
     lines = [
         f"batchd did not accept {name}: {report.problem_count:,} {noun}.",

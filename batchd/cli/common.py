@@ -15,7 +15,9 @@ import click
 
 from batchd.config import ConfigError, NoConfigFound, Settings, load_settings, parse_override
 from batchd.models import Job
+from batchd.outbox import iso
 from batchd.store import Store, StoreUnavailable, open_existing
+from batchd.text import counted
 
 CONFIG_HELP = "Config file (else $BATCHD_CONFIG, else /etc/batchd/batchd.toml)."
 
@@ -108,10 +110,19 @@ def read_store(settings: Settings) -> Iterator[Store | None]:
 
 
 def find_job(store: Store, ref: str) -> Job:
-    """The one job `ref` names (an id, a unique id prefix or a name); fails (1) on none or several."""
+    """The one job `ref` names (an id, a unique id prefix or a name); fails (1) on none or several.
+
+    Several jobs may share a name (a file dropped again, a retry): picking the newest silently
+    would act on a job the user did not mean, so the candidates are listed instead.
+    """
     found = store.jobs.find(ref)
     if not found:
         fail(f"no job matches {ref!r}", 1)
-    if len(found) > 1 and found[0].id != ref and len({j.name for j in found}) > 1:
-        fail(f"{ref!r} matches {len(found)} jobs: {', '.join(j.short_id for j in found[:5])}", 1)
+    if len(found) > 1 and found[0].id != ref:
+        click.echo(f"batchd: {ref!r} matches {counted(len(found), 'job')}; name one by its id:", err=True)
+        for job in found[:20]:
+            click.echo(f"  {job.short_id}  {job.state.value:<11}  {iso(job.created_at)}  {job.name}", err=True)
+        if len(found) > 20:
+            click.echo(f"  … and {len(found) - 20:,} more", err=True)
+        sys.exit(1)
     return found[0]

@@ -23,6 +23,7 @@ from batchd.config import ConfigError, NoConfigFound, Settings, default_settings
 from batchd.rejections import Rejection
 from batchd.safe_fs import NotRegularFile
 from batchd.specs import Spec, input_path, read_spec
+from batchd.text import counted
 from batchd.validation import Report, format_report, validate_file
 
 
@@ -109,16 +110,12 @@ def validate(obj: Context, file: Path, as_json: bool) -> None:
     if as_json:
         return
     report = checked.report
-    counted = f"{report.request_count:,} {_plural(report.request_count, 'request')} for {report.endpoint}"
+    requests = f"{counted(report.request_count, 'request')} for {report.endpoint}"
     if checked.spec is None:
-        click.echo(f"{file}: valid, {counted}")
+        click.echo(f"{file}: valid, {requests}")
     else:
         spec = checked.spec
-        click.echo(f"{file}: valid spec for provider {spec.provider!r}; its input {spec.input}: {counted}")
-
-
-def _plural(count: int, noun: str) -> str:
-    return noun if count == 1 else f"{noun}s"
+        click.echo(f"{file}: valid spec for provider {spec.provider!r}; its input {spec.input}: {requests}")
 
 
 def _copy_in(source: Path, target: Path, taken: str) -> None:
@@ -157,8 +154,7 @@ def submit(obj: Context, file: Path, name: str | None) -> None:
         # Data first: a spec in the inbox whose data is not there yet would be rejected.
         _copy_in(checked.data, inbox / checked.spec.input, "give the spec another input path")
     _copy_in(file, target, "choose another --name")
-    count = checked.report.request_count
-    click.echo(f"submitted {file} as {target} ({count:,} {_plural(count, 'request')})")
+    click.echo(f"submitted {file} as {target} ({counted(checked.report.request_count, 'request')})")
     from batchd.service import lock_holder  # the daemon's modules, only for the one command that asks
 
     if lock_holder(settings.state_dir) is None:

@@ -18,6 +18,7 @@ from batchd.cli.common import Context, config_options, fail, find_job, open_stor
 from batchd.cli.records import daemon_records, daemons_table, jobs_table, read_records, show_lines, show_record
 from batchd.models import JobState
 from batchd.store import StaleState
+from batchd.text import counted
 
 IN_FLIGHT_STATES = [s for s in JobState if not s.terminal]
 
@@ -77,7 +78,7 @@ def watch(obj: Context, interval: float, once: bool) -> None:
             with read_store(settings) as store:
                 records = read_records(store, IN_FLIGHT_STATES, now) if store else []
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-            header = f"{stamp}  {len(records)} jobs in flight"
+            header = f"{stamp}  {counted(len(records), 'job')} in flight"
             body = jobs_table(records, bar=20) if records else []
             if redraw:
                 # Home, clear the screen, draw: no scrollback of old frames.
@@ -161,4 +162,4 @@ def retry(obj: Context, job_ref: str) -> None:
             new = retry_job(store, settings, job)
         except NothingToRetry as exc:
             fail(str(exc), 1)
-    click.echo(f"retrying {new.request_count} requests of {job.short_id} as new job {new.short_id}")
+    click.echo(f"retrying {counted(new.request_count or 0, 'request')} of {job.short_id} as new job {new.short_id}")

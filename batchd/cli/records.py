@@ -18,6 +18,7 @@ from batchd.config import Settings
 from batchd.models import Delivery, EndpointStats, Job, JobState, RemoteBatchRecord
 from batchd.outbox import iso
 from batchd.store import Store, daemon_state
+from batchd.text import counted, dollars
 from batchd.urls import redact_url
 
 #: Below this many jobs, their remote batches are read by id; above, all at once.
@@ -29,11 +30,22 @@ _OUTBOX_FILES = ("output.jsonl", "errors.jsonl", "job.json")
 # ---------------------------------------------------------------- records (the --json shape)
 
 
+#: The request counts a record shows (the store keeps `unanswered` beside them, for progress).
+COUNT_KEYS = ("total", "completed", "failed")
+
+
 def progress_of(job: Job, batches: Sequence[RemoteBatchRecord]) -> float | None:
-    """Percent of the job's requests answered so far; None when unknown (rejected, or no word yet)."""
+    """Percent of the job's requests answered so far; None when unknown (rejected, or no word yet).
+
+    A finished job counts what the provider answered: cancelled with 13 of 20 answered is 65 %.
+    """
     if job.state == JobState.REJECTED:
         return None
-    if job.state.terminal:
+    counts = job.request_counts or {}
+    if job.state.terminal and isinstance(counts.get("unanswered"), int):
+        total = counts.get("total") or 0
+        return round(100.0 * (total - counts["unanswered"]) / total, 2) if total else 100.0
+    if job.state == JobState.COMPLETED:
         return 100.0
     if job.state in (JobState.RECEIVED, JobState.UPLOADING, JobState.SUBMITTING):
         return 0.0
@@ -48,10 +60,13 @@ def progress_of(job: Job, batches: Sequence[RemoteBatchRecord]) -> float | None:
 
 def job_record(job: Job, batches: Sequence[RemoteBatchRecord], now: float) -> dict[str, Any]:
     """One job as `batchd jobs --json` shows it (stable: keys are only ever added)."""
-    counts = dict(job.request_counts) if job.request_counts else None
+    counts = {k: v for k, v in job.request_counts.items() if k in COUNT_KEYS} if job.request_counts else None
     return {
         "id": job.id,
         "name": job.name,
+        # `status`, as job.json and webhooks name it; `state` is the same value under the name
+        # this record used first, kept for the programs that read it
+        "status": job.state.value,
         "state": job.state.value,
         "source": job.source,
         "provider": job.provider,
@@ -246,6 +261,16 @@ def _cost(outbox: Path | None) -> dict[str, Any] | None:
     return cost if isinstance(cost, dict) else None
 
 
+def _source_facts(r: dict[str, Any]) -> str:
+    """What `show` says of the dropped file: its size and requests, or for a rejected one where
+    its report is (it was never counted)."""
+    if r["state"] == JobState.REJECTED.value:
+        return f"rejected: see {r['files']['report'] or 'its report'}"
+    requests = counted(r["requests"], "request") if r["requests"] is not None else "? requests"
+    size = counted(r["size_bytes"], "byte") if r["size_bytes"] is not None else "size unknown"
+    return f"{requests}, {size}"
+
+
 def show_lines(record: dict[str, Any]) -> list[str]:
     """`batchd show` for a person: one labelled line per fact."""
     r = record
@@ -255,12 +280,12 @@ def show_lines(record: dict[str, Any]) -> list[str]:
         f"job        {r['id']}  ({r['name']})",
         f"state      {r['state']}  {progress_text(r['progress'])}"
         + ("  cancel requested" if r["cancel_requested"] else ""),
-        f"source     {r['source']}  {r['requests'] or '?'} requests, {r['size_bytes'] or 0} bytes",
+        f"source     {r['source']}  " + _source_facts(r),
         f"provider   {r['provider_name']} ({r['provider']})  {r['endpoint'] or '-'}  "
         f"window {r['completion_window'] or '-'}" + (f"  model {r['model']}" if r["model"] else ""),
         f"requests   ok {counts.get('completed', '-')}, failed {counts.get('failed', '-')}"
         + (f"  usage {json.dumps(r['usage'])}" if r["usage"] else "")
-        + (f"  cost ~${r['cost']['estimated_usd']}" if r["cost"] else ""),
+        + (f"  cost ~{dollars(r['cost']['estimated_usd'])}" if r["cost"] else ""),
         f"created    {t['created_at']}  ({human_age(r['age_s'])} ago)",
         f"finished   {t['finished_at'] or '-'}  (took {human_age(t['duration_s'])})"
         if t["finished_at"]
@@ -278,7 +303,7 @@ def show_lines(record: dict[str, Any]) -> list[str]:
         lines.append(f"{'files' if i == 0 else '':<10} {kind:<13}{path}")
     for d in r["webhooks"]:
         status = f" (HTTP {d['last_status']})" if d["last_status"] else ""
-        lines.append(f"webhook    {d['type']} → {d['url']}  {d['state']}{status}, {d['attempts']} attempts")
+        lines.append(f"webhook    {d['type']} → {d['url']}  {d['state']}{status}, {counted(d['attempts'], 'attempt')}")
     if r["source_changed"]:
         lines.append(f"changed    {r['source']} changed after it was taken: {r['source_changed']}")
     if r["reason"]:

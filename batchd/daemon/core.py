@@ -33,8 +33,10 @@ from batchd.daemon.scheduler import Scheduler
 from batchd.faults import Faults, describe
 from batchd.health import LoopMonitor
 from batchd.inbox import Inbox
+from batchd.models import JobState
 from batchd.providers.base import Provider
 from batchd.store import Hold, Signal, Store
+from batchd.text import counted
 from batchd.webhooks import Deliverer
 
 log = structlog.get_logger("batchd.daemon")
@@ -74,6 +76,8 @@ class _Parked(Exception):
 @dataclass
 class RunResult:
     drained: bool
+    #: with --once --timeout: what was still waited for when the time ran out
+    left: str | None = None
 
 
 class Daemon:
@@ -167,6 +171,7 @@ class Daemon:
         chaos.arm()  # tests only (BATCHD_CHAOS): faults from here on, start-up is not the test
         self._warn_fast_polling()
         drained = False
+        left: str | None = None
         # Steps run in `work`, which outlives the loops: on stop the loops end at once and
         # in-flight steps get STOP_GRACE_S to finish before they are cancelled (parked).
         async with anyio.create_task_group() as work:
@@ -186,12 +191,16 @@ class Daemon:
                     providers={name: p.kind for name, p in self._ctx.providers.items()},
                 )  # fmt: skip
                 if once:
-                    with anyio.move_on_after(math.inf if timeout is None else timeout), contextlib.suppress(_Stopped):
-                        try:
-                            await self._until_drained()
-                            drained = True
-                        except _Parked as parked:
-                            log.error("daemon.parked_jobs_left", jobs=parked.job_ids, resume="batchd resume JOB")
+                    with anyio.move_on_after(math.inf if timeout is None else timeout) as limit:
+                        with contextlib.suppress(_Stopped):
+                            try:
+                                await self._until_drained()
+                                drained = True
+                            except _Parked as parked:
+                                log.error("daemon.parked_jobs_left", jobs=parked.job_ids, resume="batchd resume JOB")
+                    if limit.cancelled_caught:
+                        left = await self._what_is_left()
+                        log.error("daemon.timeout", timeout_s=timeout, left=left)
                     self.stop()
                 await self._stop.wait()
                 loops.cancel_scope.cancel()
@@ -204,7 +213,7 @@ class Daemon:
         except Exception as exc:
             log.warning("daemon.release_failed", error=describe(exc), after="the leases end")
         log.info("daemon.stopped", drained=drained)
-        return RunResult(drained=drained)
+        return RunResult(drained=drained, left=left)
 
     async def _start_up(self) -> bool:
         """Folders, registration, recovery of what a crash left: retried with backoff while the
@@ -332,6 +341,24 @@ class Daemon:
                 await self._stop.wait()
             if self._stop.is_set():
                 raise _Stopped
+
+    async def _what_is_left(self) -> str:
+        """What `--once` was still waiting for, in a sentence: jobs by state, events, intake."""
+        parts = []
+        try:
+            counts = await db(self.store.jobs.counts_by_state)
+            pending = await db(self.store.deliveries.pending_count)
+        except Exception as exc:
+            return f"unknown (the database did not answer: {describe(exc)})"
+        live = {state: n for state, n in counts.items() if not JobState(state).terminal and n}
+        if live:
+            by_state = ", ".join(f"{n:,} {state}" for state, n in sorted(live.items()))
+            parts.append(f"{counted(sum(live.values()), 'job')} not finished ({by_state})")
+        if pending:
+            parts.append(f"{counted(pending, 'webhook event')} not delivered yet")
+        if not self._intake.drained:
+            parts.append("files in the inbox not taken yet")
+        return "; ".join(parts) or "nothing (it ended as the time ran out)"
 
     def _warn_fast_polling(self) -> None:
         remote = any(p.kind != "local" for p in self._ctx.providers.values())

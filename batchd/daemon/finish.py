@@ -135,7 +135,12 @@ class Finisher:
             self._ctx.settings, lifecycle.event_type(state), webhook_data(doc), now=finished_at,
             job_webhook_url=job.webhook_url,
         )  # fmt: skip
-        ending = Ending(state, finished_at, doc["reason"], doc["request_counts"], doc["usage"])
+        counts = dict(doc["request_counts"])
+        if isinstance(doc.get("unanswered"), int):
+            # Kept with the counts in the store, for progress: a job cancelled with 13 of 20
+            # answered is 65 % done, though all 20 have a line in its outbox.
+            counts["unanswered"] = doc["unanswered"]
+        ending = Ending(state, finished_at, doc["reason"], counts, doc["usage"])
         job = await db(self._ctx.store.jobs.finish, job.id, expect=job.state, ending=ending, events=[event])
         folder = Path(job.outbox_path or ".")
         metrics.job_finished(state.value, finished_at - job.created_at, [folder / n for n in OUTBOX_FILES])

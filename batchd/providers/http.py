@@ -118,6 +118,15 @@ class HttpProvider:
     def _what(self, call: str) -> str:
         return f"{self.dialect}.{call}"
 
+    def _label(self, what: str) -> str:
+        """A call as /metrics names it, by the provider's kind: the local backend speaks
+        Together's dialect, but its calls are not calls to Together."""
+        dialect, dot, call = what.partition(".")
+        return f"{self.kind}.{call}" if dot and dialect == self.dialect else what
+
+    def _count(self, what: str, status: int | None, started: float) -> None:
+        metrics.api_call(self._label(what), status, time.monotonic() - started)
+
     def _url(self, path: str) -> str:
         return f"{self.base_url}{path}"
 
@@ -133,9 +142,9 @@ class HttpProvider:
                 raise httpx.ConnectError("connection refused (injected)")
             response = await self._http.request(method, self._url(path), headers=headers, **kwargs)
         except httpx.TransportError as exc:
-            metrics.api_call(what, None, time.monotonic() - started)
+            self._count(what, None, started)
             raise transport_error(exc, what) from exc
-        metrics.api_call(what, response.status_code, time.monotonic() - started)
+        self._count(what, response.status_code, started)
         return response
 
     async def _get_array_items(self, path: str, what: str, take: Callable[[Mapping[str, Any]], T | None]) -> list[T]:
@@ -156,22 +165,22 @@ class HttpProvider:
                 async with self._http.stream("GET", self._url(path), headers=self._auth()) as response:
                     if response.status_code != 200:
                         await response.aread()
-                        metrics.api_call(what, response.status_code, time.monotonic() - started)
+                        self._count(what, response.status_code, started)
                         raise error_from_response(response, what)
                     array = ArrayItems(what)
                     async for chunk in response.aiter_bytes():
                         kept.extend(taken(array.feed(chunk)))
                     kept.extend(taken(array.close()))
             except httpx.TransportError as exc:
-                metrics.api_call(what, None, time.monotonic() - started)
+                self._count(what, None, started)
                 raise transport_error(exc, what) from exc
-            metrics.api_call(what, 200, time.monotonic() - started)
+            self._count(what, 200, started)
             return kept
 
         return await self._retried(once, what)
 
     async def _retried(self, call: Callable[[], Awaitable[T]], what: str) -> T:
-        return await with_retries(call, policy=self._retry, what=what, sleep=self._sleep)
+        return await with_retries(call, policy=self._retry, what=what, sleep=self._sleep, label=self._label(what))
 
     async def _get_json(self, method: str, path: str, what: str, **kwargs: Any) -> Any:
         """One idempotent call answering 200 with JSON, retried; returns the parsed body."""
@@ -269,11 +278,11 @@ class HttpProvider:
         try:
             response = await self._http.post(self._url(path), headers=headers, **body)
         except httpx.TransportError as exc:
-            metrics.api_call(what, None, time.monotonic() - started)
+            self._count(what, None, started)
             # The request may have reached the provider and created the batch.
             raise ProviderError(f"{what}: {type(exc).__name__}: {exc}", retryable=True, outcome_unknown=True) from exc
         code = response.status_code
-        metrics.api_call(what, code, time.monotonic() - started)
+        self._count(what, code, started)
         if code not in (200, 201):
             raise create_refusal(response, what)
         body = json_or_none(response)
@@ -318,10 +327,10 @@ class HttpProvider:
                 raise httpx.ReadError("connection reset (injected)")
             # The content may come from storage; httpx drops our key on a cross-origin hop.
             async with self._http.stream("GET", url, headers=headers, follow_redirects=True) as response:
-                metrics.api_call(what, response.status_code, time.monotonic() - started)
+                self._count(what, response.status_code, started)
                 answered = True
                 return await receive_download(response, dest, have, what)
         except httpx.TransportError as exc:
             if not answered:  # a body cut short was counted with its status already
-                metrics.api_call(what, None, time.monotonic() - started)
+                self._count(what, None, started)
             raise transport_error(exc, what) from exc

@@ -42,12 +42,14 @@ async def with_retries(
     what: str,
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     rng: random.Random | None = None,
+    label: str | None = None,
 ) -> T:
     """Run `call` until it succeeds, fails for good, or `policy.attempts` are spent.
 
     Only `ProviderError(retryable=True)` is retried; anything else propagates at
     once. After the last attempt the last ProviderError itself is raised (not
     tenacity's RetryError). `call` must be safe to repeat: never wrap a create.
+    `label` names the call in /metrics (default: `what`).
     """
     draw = rng if rng is not None else random.Random()
 
@@ -58,7 +60,7 @@ async def with_retries(
 
     def before_sleep(state: RetryCallState) -> None:
         error = _last_error(state)
-        metrics.retry(what)
+        metrics.retry(label or what)
         log.warning(
             "provider.retry",
             what=what,

@@ -19,7 +19,6 @@ import anyio
 import httpx
 import structlog
 
-from batchd import metrics
 from batchd.models import RemoteBatch, RemoteFile
 from batchd.providers.errors import ProviderError
 from batchd.providers.http import HttpProvider
@@ -150,9 +149,9 @@ class TogetherProvider(HttpProvider):
             async with aclosing(file_chunks(path, size)) as chunks:
                 response = await self._http.put(location, content=chunks, headers=headers, follow_redirects=False)
         except httpx.TransportError as exc:
-            metrics.api_call(what, None, time.monotonic() - started)
+            self._count(what, None, started)
             raise transport_error(exc, what) from exc
-        metrics.api_call(what, response.status_code, time.monotonic() - started)
+        self._count(what, response.status_code, started)
         if not response.is_success:
             raise error_from_response(response, what)
         return size

@@ -15,9 +15,12 @@ from typing import Literal
 
 import anyio
 import httpx
+import structlog
 
 from batchd.providers.errors import ProviderError
 from batchd.providers.wire import error_from_response, parse_content_range
+
+log = structlog.get_logger("batchd.providers")
 
 #: Read and write files in pieces of this size: memory must not grow with file size.
 CHUNK_SIZE = 1024 * 1024
@@ -98,6 +101,8 @@ async def receive_download(response: httpx.Response, dest: Path, have: int, what
     mode: Literal["ab", "wb"]
     if code == 416 and have > 0:
         if total == have:
+            # Counted as a 4xx in /metrics (it is one); said here, so nobody hunts for an error.
+            log.info("provider.download_already_complete", what=what, bytes=have, status=code)
             await _fsync(dest)
             return have
         # Our prefix does not fit the remote file: start over on the next try.

@@ -237,7 +237,10 @@ class JobStore:
 
         Idempotent as `insert`: when the job exists, it is returned and no event is added.
         """
-        return self._insert({**asdict(rejected), "state": JobState.REJECTED.value}, events)
+        # Created and finished at the same moment: a finish time before the creation time
+        # (two readings of the clock) reads as a bug to anyone looking at it.
+        values = {**asdict(rejected), "state": JobState.REJECTED.value, "created_at": rejected.finished_at}
+        return self._insert(values, events)
 
     def _insert(self, values: dict[str, Any], events: Sequence[NewEvent], *, wake: Signal | None = None) -> Job:
         now = self._db.now()
@@ -358,6 +361,9 @@ class JobStore:
             "reason": ending.reason,
             "request_counts": dict(ending.request_counts),
             "usage": dict(ending.usage),
+            # A finished job is nobody's: `jobs`, `show` and the status page say so.
+            "owner": None,
+            "lease_until": None,
         }
         return self._move(job_id, expect, values, events)
 

@@ -131,3 +131,21 @@ async def test_fresh_init_runs_a_file_and_a_spec_and_its_secret_verifies(tmp_pat
     events = [Webhook(secret).verify(hook.body, hook.headers) for hook in receiver.hooks]
     assert sorted(e["data"]["name"] for e in events) == ["example", "questions"]
     assert {e["type"] for e in events} == {"batch.completed"}
+
+
+def test_run_once_timeout_says_what_it_was_still_waiting_for(tmp_path: Path) -> None:
+    config = tmp_path / "batchd.toml"
+    # A provider nobody answers for: the job cannot get past its upload.
+    config.write_text(
+        'state_dir = "state"\n[provider]\nkind = "together"\nbase_url = "http://127.0.0.1:9"\n', encoding="utf-8"
+    )
+    (tmp_path / "state" / "inbox").mkdir(parents=True)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    (tmp_path / "state" / "inbox" / "stuck.jsonl").write_text(json.dumps(line) + "\n", encoding="utf-8")
+    result = batchd(
+        "--config", str(config), "run", "--once", "--timeout", "3", cwd=tmp_path, env={"TOGETHER_API_KEY": "k"}
+    )
+    assert result.returncode == 1
+    (said,) = [line for line in result.stderr.splitlines() if line.startswith("batchd:")]
+    assert "--timeout 3 s passed" in said and "1 job not finished (1 " in said

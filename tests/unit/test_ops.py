@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,6 +21,7 @@ from batchd.cli.records import human_age, jobs_table, progress_of, progress_text
 from batchd.config import ConfigError, load_settings
 from batchd.health import status_line
 from batchd.models import BatchStatus, Job, JobState, RemoteBatchRecord
+from batchd.providers.together import TogetherProvider
 
 # ---------------------------------------------------------------- sd_notify
 
@@ -225,7 +227,10 @@ def test_progress_comes_from_the_remote_batches_while_in_flight() -> None:
     assert progress_of(job(JobState.IN_PROGRESS), [remote(40.0)]) == 40.0
     assert progress_of(job(JobState.IN_PROGRESS), [remote(None)]) is None
     assert progress_of(job(JobState.VALIDATING), [remote(None, remote_id=None)]) is None
-    assert progress_of(job(JobState.CANCELLED), [remote(40.0)]) == 100.0
+    assert progress_of(job(JobState.COMPLETED), [remote(40.0)]) == 100.0
+    # A finished job counts what was answered: cancelled with 13 of 20 answered is 65 %, not 100 %.
+    counts = {"total": 20, "completed": 10, "failed": 10, "unanswered": 7}
+    assert progress_of(job(JobState.CANCELLED, request_counts=counts), [remote(40.0)]) == 65.0
     assert progress_of(job(JobState.REJECTED), []) is None
 
 
@@ -254,3 +259,20 @@ def test_the_readme_documents_every_json_key() -> None:
     shown = show_record(finished, [remote(100.0)], [], 2000.0)
     nested = [*shown, *shown["timings"], *shown["files"], *shown["remote_batches"][0]]
     assert [key for key in nested if f"`{key}`" not in section and key not in example] == []
+
+
+async def test_local_backend_calls_are_labelled_local_not_together(enabled: metrics.Metrics) -> None:
+    answers = iter([httpx.Response(503), httpx.Response(200, json={"id": "b1", "status": "IN_PROGRESS"})])
+    transport = httpx.MockTransport(lambda request: next(answers))
+
+    async def no_wait(_: float) -> None:
+        return None
+
+    async with httpx.AsyncClient(transport=transport) as http:
+        provider = TogetherProvider(http, api_key="k", base_url="http://local.test", kind="local", sleep=no_wait)
+        assert (await provider.get_batch("b1")).id == "b1"
+    found = samples(enabled)
+    assert found[("batchd_api_calls_total", (("endpoint", "local.get"), ("outcome", "5xx")))] == 1
+    assert found[("batchd_api_calls_total", (("endpoint", "local.get"), ("outcome", "2xx")))] == 1
+    assert found[("batchd_retries_total", (("what", "local.get"),))] == 1
+    assert not [key for key in found if any(v.startswith("together.") for _, v in key[1])]
