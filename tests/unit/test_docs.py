@@ -7,9 +7,9 @@ import json
 import re
 from pathlib import Path
 
-from batchd.config import load as config_load
 from prometheus_client.metrics import MetricWrapperBase
 
+from batchd.config import load as config_load
 from batchd.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,8 +80,8 @@ def code_metrics() -> dict[str, set[str]]:
     metrics: dict[str, set[str]] = {}
     for metric in vars(Metrics()).values():
         if isinstance(metric, MetricWrapperBase):
-            name = str(getattr(metric, "_name")) + ("_total" if getattr(metric, "_type") == "counter" else "")
-            metrics[name] = set(getattr(metric, "_labelnames"))
+            name = str(metric._name) + ("_total" if metric._type == "counter" else "")
+            metrics[name] = set(metric._labelnames)
     return metrics
 
 
@@ -108,10 +108,9 @@ def _json_section(heading: str) -> str:
 
 
 def test_the_json_reference_documents_every_key_of_jobs_and_show() -> None:
-    from tests.unit.test_ops import job, remote
-
     from batchd.cli.records import job_record, show_record
     from batchd.models import JobState
+    from tests.unit.test_ops import job, remote
 
     section = _json_section("batchd jobs --json")
     example = json.loads(section.split("```json\n", 1)[1].split("```", 1)[0])
