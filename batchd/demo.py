@@ -154,5 +154,5 @@ def _report(state: JobState, folder: Path, receiver: Receiver, secret: str, echo
     echo(f"webhook     {event['type']}  id {headers['webhook-id']}")
     echo(f"  signature {'verified' if ok else 'NOT VALID'} (Standard Webhooks, HMAC-SHA256)")
     echo("")
-    echo("Next: point [provider] at Together (see README), then `batchd run`.")
+    echo("Next: point [provider] at Together (see docs/providers.md), then `batchd run`.")
     return 0 if ok and state == JobState.COMPLETED else 1

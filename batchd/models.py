@@ -197,7 +197,7 @@ class BatchJobStatus(StrEnum):
 
 MB = 1_000_000
 
-#: The longest request line batchd takes, whatever the provider (a batchd decision, README
+#: The longest request line batchd takes, whatever the provider (a batchd decision, docs/design.md
 #: "Decisions"): providers document no per-request byte limit below their per-batch one, and a
 #: chat request carrying base64 images is tens of MB. Validation holds at most this much of a line.
 MAX_REQUEST_BYTES = 32 * MB

@@ -2,7 +2,7 @@
 
 The readers open the database with `read_store` (never creating it) beside a running
 daemon; human output is a table, `--json` output the stable shape documented in the
-README ("Operator commands"). `cancel` and `retry` write to the Store, and the daemon
+docs/reference/json.md. `cancel` and `retry` write to the Store, and the daemon
 acts on it.
 """
 
@@ -24,7 +24,7 @@ IN_FLIGHT_STATES = [s for s in JobState if not s.terminal]
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (shape: README, Operator commands).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (shape: docs/reference/json.md).")
 @click.option("--state", "states", multiple=True, type=click.Choice([s.value for s in JobState]), help="Only these.")
 @config_options
 @pass_ctx
@@ -43,7 +43,7 @@ def jobs(obj: Context, as_json: bool, states: tuple[str, ...]) -> None:
 
 @click.command()
 @click.argument("job_ref", metavar="JOB")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object (shape: README, Operator commands).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object (shape: docs/reference/json.md).")
 @config_options
 @pass_ctx
 def show(obj: Context, job_ref: str, as_json: bool) -> None:

@@ -1,6 +1,6 @@
 """What `jobs`, `show`, `watch`, `status` and `webhooks` print: pure records and tables.
 
-The records are the `--json` shapes documented in the README ("Operator commands"):
+The records are the `--json` shapes documented in docs/reference/json.md:
 stable, keys are only ever added. The tables and lines are the human output. Every URL
 in them is shown through batchd.urls.redact_url: credentials never reach a terminal.
 """

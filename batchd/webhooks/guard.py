@@ -4,7 +4,7 @@ A spec's URL comes from whoever dropped the file. It must match an `[inbox]
 allow_webhook_urls` entry, compared in normal form (batchd.urls), and its host is resolved
 (at most once per DNS_TTL_S with a `Resolver`, else once per attempt): every address is
 checked on every attempt and the request goes to exactly the checked one, at the normalised
-URL (README, "Decisions").
+URL (docs/design.md, "Decisions").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The Deliverer makes an attempt, asks `decide(...)`, and carries the answer out: it records
 the outcome, disables the endpoint, logs and counts. Everything here is a function of its
 arguments (no network, no store, no clock: `now` and `rng` are passed in), so the whole
-retry, dead-letter and disable schedule is tested without a receiver (DESIGN §5, README's
+retry, dead-letter and disable schedule is tested without a receiver (DESIGN §5, docs/design.md's
 "Decisions": ±10 % jitter, Retry-After honoured up to a day or the longest delay).
 """
 

@@ -248,19 +248,6 @@ def test_ages_bars_and_the_table() -> None:
     assert line.split() == ["ffffffff", "n" * 31 + "…", "in_progress", "12%", "3", "-", "-", "1m", "claude", "-"]
 
 
-def test_the_readme_documents_every_json_key() -> None:
-    from batchd.cli.records import job_record, show_record
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Operator commands", 1)[1].split("\n## ", 1)[0]
-    example = json.loads(section.split("```json\n", 1)[1].split("```", 1)[0])
-    finished = job(JobState.COMPLETED, finished_at=1100.0, request_counts={"total": 1})
-    assert list(example) == list(job_record(finished, [remote(None)], 2000.0))
-    shown = show_record(finished, [remote(100.0)], [], 2000.0)
-    nested = [*shown, *shown["timings"], *shown["files"], *shown["remote_batches"][0]]
-    assert [key for key in nested if f"`{key}`" not in section and key not in example] == []
-
-
 async def test_local_backend_calls_are_labelled_local_not_together(enabled: metrics.Metrics) -> None:
     answers = iter([httpx.Response(503), httpx.Response(200, json={"id": "b1", "status": "IN_PROGRESS"})])
     transport = httpx.MockTransport(lambda request: next(answers))

@@ -1,4 +1,4 @@
-"""systemd/batchd.service: the keys DESIGN §9 and the README promise, and systemd's own verdict on it."""
+"""systemd/batchd.service: the keys DESIGN §9 and docs/systemd.md promise, and systemd's own verdict on it."""
 
 from __future__ import annotations
 
@@ -88,9 +88,9 @@ def test_sysusers_and_tmpfiles_give_a_setgid_sticky_group_writable_inbox() -> No
     assert (int(mode, 8), user, group) == (0o3770, "batchd", "batchd")
 
 
-def test_the_readme_installs_the_files_that_exist() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Running under systemd", 1)[1].split("\n## ", 1)[0]
+def test_the_systemd_guide_installs_the_files_that_exist() -> None:
+    guide = (ROOT / "docs" / "systemd.md").read_text(encoding="utf-8")
+    section = guide.split("## Install", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"(?<![/\w])((?:systemd|config)/[\w.]+)", section))
     assert {"systemd/batchd.service", "systemd/batchd.sysusers.conf", "config/batchd.toml"} <= named
     for name in named:

@@ -417,7 +417,7 @@ def test_format_report_names_file_line_and_rule(tmp_path: Path) -> None:
 
 def test_format_report_of_a_good_file(tmp_path: Path) -> None:
     text = format_report(check(tmp_path, line(request("a"))))
-    assert "no problems" in text and "1 requests" in text
+    assert "no problems" in text and "1 request for" in text  # singular: "1 requests" read as a typo
 
 
 def test_rule_names_are_the_documented_ones(tmp_path: Path) -> None:
