@@ -30,6 +30,7 @@ from batchd.config import load_settings
 from batchd.daemon import Daemon
 from batchd.models import JobState
 from batchd.service import serve
+from batchd.text import counted
 from batchd.webhooks import verify
 
 QUESTIONS = [
@@ -81,14 +82,14 @@ def run_demo(keep: Path | None = None) -> int:
     workspace = keep or Path(tempfile.mkdtemp(prefix="batchd-demo-"))
     workspace.mkdir(parents=True, exist_ok=True)
     try:
-        return anyio.run(_demo, workspace)
+        return anyio.run(_demo, workspace, keep is not None)
     finally:
         if keep is None:
             # Our own temporary workspace, not a user's file.
             shutil.rmtree(workspace, ignore_errors=True)
 
 
-async def _demo(workspace: Path) -> int:
+async def _demo(workspace: Path, kept: bool) -> int:
     echo = click.echo
     logs.configure(level="error")
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
@@ -101,10 +102,11 @@ async def _demo(workspace: Path) -> int:
             encoding="utf-8",
         )
         settings = load_settings(config, environ={})
-        echo(f"workspace   {workspace}")
-        echo(f"config      {config}")
-        echo(f"inbox       {settings.inbox_dir}")
-        echo(f"outbox      {settings.outbox_dir}")
+        if kept:
+            echo(f"workspace   {workspace}  (kept: its inbox, outbox and config stay there)")
+        else:
+            # Its paths are not shown: they are gone when the demo ends (`--keep DIR` keeps one).
+            echo("workspace   a temporary folder, removed at the end (batchd demo --keep DIR keeps one)")
         echo("")
         daemons: list[Daemon] = []
         async with anyio.create_task_group() as tg:
@@ -141,8 +143,13 @@ async def _demo(workspace: Path) -> int:
 def _report(state: JobState, folder: Path, receiver: Receiver, secret: str, echo: Any) -> int:
     echo("")
     meta = json.loads((folder / "job.json").read_text(encoding="utf-8"))
-    echo(f"results     {folder}")
-    echo(f"  status    {meta['status']}  requests {meta['request_counts']}  usage {meta['usage']}")
+    counts, usage = meta["request_counts"], meta["usage"]
+    echo(f"results     outbox/{folder.name}/  (output.jsonl, job.json)")
+    echo(
+        f"  status    {meta['status']}: {counted(counts['total'], 'request')}, {counts['completed']:,} completed, "
+        f"{counts['failed']:,} failed; {usage.get('prompt_tokens', 0):,} tokens in, "
+        f"{usage.get('completion_tokens', 0):,} out"
+    )
     with open(folder / "output.jsonl", encoding="utf-8") as fh:
         first = json.loads(fh.readline())
     reply = first["response"]["body"]["choices"][0]["message"]["content"]
@@ -154,5 +161,5 @@ def _report(state: JobState, folder: Path, receiver: Receiver, secret: str, echo
     echo(f"webhook     {event['type']}  id {headers['webhook-id']}")
     echo(f"  signature {'verified' if ok else 'NOT VALID'} (Standard Webhooks, HMAC-SHA256)")
     echo("")
-    echo("Next: point [provider] at Together (see docs/providers.md), then `batchd run`.")
+    echo("Next: `batchd init DIR` writes a config of your own; docs/providers.md points it at a real provider.")
     return 0 if ok and state == JobState.COMPLETED else 1

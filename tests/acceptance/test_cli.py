@@ -168,6 +168,9 @@ def test_demo_runs_offline_and_exits_zero(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "completed" in result.stdout
     assert "signature verified" in result.stdout
+    # Plain sentences, not a Python dict; no path of the workspace it deletes.
+    assert "5 requests, 5 completed, 0 failed" in result.stdout and "{'" not in result.stdout
+    assert "batchd-demo-" not in result.stdout
 
 
 def free_port() -> int:
