@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import replace
@@ -451,3 +452,24 @@ def test_commands_wake_the_daemons_through_the_signals_they_count(store: Store) 
     store.deliveries.disable_endpoint("https://a/", "410")
     store.deliveries.enable_endpoint("https://a/")
     assert counts() == (2, 2)
+
+
+def test_a_finished_job_is_nobodys_and_a_rejected_one_ends_when_it_begins(tmp_path: Path) -> None:
+    ticks = itertools.count(1000.0, 0.5)  # every reading of the clock a little later
+    store = Store(database_url(tmp_path / "owner.db"), clock=lambda: next(ticks))
+    store.migrate()
+    try:
+        store.cluster.register("A", host="h", pid=1, home="h:/A")
+        new_job(store, "a" * 32)
+        assert store.cluster.claim("A", 30.0, limit=10) == {"a" * 32: 1}
+        token = LEASE.set(Lease("A", {"a" * 32: 1}))
+        try:
+            done = end_job(store, "a" * 32, JobState.CANCELLED, expect=JobState.RECEIVED)
+        finally:
+            LEASE.reset(token)
+        # `jobs`, `show` and the status page show a finished job held by nobody, not by its last daemon.
+        assert done.owner is None and store.jobs.get("a" * 32).owner is None  # type: ignore[union-attr]
+        rejected = add_job(store, "b" * 32, state=JobState.REJECTED)
+        assert rejected.finished_at is not None and rejected.created_at == rejected.finished_at
+    finally:
+        store.close()
