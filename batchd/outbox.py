@@ -109,7 +109,7 @@ def job_document(
     source_changed: str | None = None,
 ) -> dict[str, Any]:
     """The content of job.json (DESIGN §4, plus `rounds`, `cost`, `reason`, `model`, `input_sha256`,
-    `source_changed`, `provider_name`)."""
+    `source_changed`, `provider_name`, `unanswered`)."""
     output = folder / "output.jsonl"
     errors = folder / "errors.jsonl"
     return {
@@ -123,6 +123,8 @@ def job_document(
         "provider_name": job.provider_name,
         "remote_batch_ids": [b.remote_id for b in batches if b.remote_id],
         "request_counts": {"total": merge.total, "completed": merge.completed, "failed": merge.failed},
+        # of `failed`, the requests the provider never answered (synthesized lines; DESIGN §4)
+        "unanswered": merge.unanswered,
         "usage": dict(merge.usage),
         "created_at": iso(job.created_at),
         "finished_at": iso(finished_at),

@@ -135,7 +135,10 @@ class Finisher:
             self._ctx.settings, lifecycle.event_type(state), webhook_data(doc), now=finished_at,
             job_webhook_url=job.webhook_url,
         )  # fmt: skip
-        ending = Ending(state, finished_at, doc["reason"], doc["request_counts"], doc["usage"])
+        # The store keeps how many went unanswered beside the counts: the status page shows a
+        # cancelled job's progress as what was answered (job.json from before it has no figure).
+        counts = {**doc["request_counts"], **({"unanswered": doc["unanswered"]} if "unanswered" in doc else {})}
+        ending = Ending(state, finished_at, doc["reason"], counts, doc["usage"])
         job = await db(self._ctx.store.jobs.finish, job.id, expect=job.state, ending=ending, events=[event])
         folder = Path(job.outbox_path or ".")
         metrics.job_finished(state.value, finished_at - job.created_at, [folder / n for n in OUTBOX_FILES])

@@ -132,7 +132,7 @@ async def test_jobs_show_cancel_and_retry_beside_a_finished_run(tmp_path: Path) 
         listing = await h.ws.batchd("jobs", "--json")
         (job,) = json.loads(listing.stdout)
         assert (job["name"], job["state"], job["requests"]) == ("report", "completed", 3)
-        assert job["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+        assert job["request_counts"] == {"total": 3, "completed": 2, "failed": 1, "unanswered": 0}
 
         table = await h.ws.batchd("jobs")
         assert "completed" in table.stdout and "report" in table.stdout
