@@ -242,7 +242,7 @@ async def serve_metrics(
                 raise ConfigError(f"metrics.listen: cannot listen on {address[0]}:{address[1]}: {exc}") from exc
             log.info(
                 "metrics.listening", url=url, metrics=f"{url}/metrics", healthz=f"{url}/healthz",
-                status_page=f"{url}/" if routes else None, token_required=bool(tokens),
+                status_page=f"{url}/" if routes else None, auth_required=bool(tokens),
             )  # fmt: skip
             yield url
     finally:
