@@ -95,7 +95,10 @@ def _job_row(job: Job, batches: Sequence[RemoteBatchRecord], now: float) -> list
         f'<span class="num">{_e(counts.get("failed"))}</span>',
         f'<span class="num">{_e(total)}</span>',
         _e(human_age(max(0.0, now - job.created_at))),
-        f'<code title="{_e(job.owner)}">{_e(job.owner[:8] if job.owner else None)}</code>',
+        # The daemon holding the job; an ended job's last owner no longer works on it.
+        _e(None)
+        if job.state.terminal or not job.owner
+        else f'<code title="{_e(job.owner)}">{_e(job.owner[:8])}</code>',
     ]
 
 
