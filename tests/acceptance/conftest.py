@@ -21,7 +21,7 @@ from standardwebhooks.webhooks import Webhook
 from starlette.types import Receive, Scope, Send
 
 from batchd.emulator.app import create_app
-from batchd.emulator.engines import EchoEngine, Engine
+from batchd.emulator.engines import Engine
 from batchd.emulator.server import serve_emulator
 from tests.databases import database_url
 
@@ -306,19 +306,6 @@ async def harness(tmp_path: Path, *, engine: Engine | None = None) -> AsyncItera
         finally:
             for daemon in h.daemons:
                 daemon.kill()
-
-
-class HoldEngine:
-    """Echo, except that a request whose message says "hold" waits until `release` is set."""
-
-    def __init__(self) -> None:
-        self.echo = EchoEngine()
-        self.release = anyio.Event()
-
-    async def respond(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        if "hold" in json.dumps(body):
-            await self.release.wait()
-        return await self.echo.respond(endpoint, body)
 
 
 def chat(custom_id: str, text: str = "hello", trigger: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -25,12 +25,12 @@ from tests.acceptance.conftest import (
     SECRET,
     DaemonProcess,
     Harness,
-    HoldEngine,
     chat,
     eventually,
     harness,
     read_jsonl,
 )
+from tests.integration.emulator_helpers import HoldEngine
 
 pytestmark = pytest.mark.each_database
 

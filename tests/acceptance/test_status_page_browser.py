@@ -19,7 +19,8 @@ import anyio
 import pytest
 
 from batchd.store import Store
-from tests.acceptance.conftest import DaemonProcess, HoldEngine, chat, eventually, harness
+from tests.acceptance.conftest import DaemonProcess, chat, eventually, harness
+from tests.integration.emulator_helpers import HoldEngine
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ON_CI = bool(os.environ.get("CI"))
