@@ -1,4 +1,4 @@
-"""What the scheduler loop tells the outside world, and the /metrics and /healthz listener.
+"""What the scheduler loop tells the outside world, and the /metrics, /healthz and status page listener.
 
 `LoopMonitor.tick()` is called by the scheduler loop once per tick, after it
 read what is due. It records the tick (what /healthz checks), and when jobs
@@ -17,7 +17,7 @@ a stopped daemon's loop and answers /metrics while nothing else works.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -25,15 +25,17 @@ import anyio
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from batchd import metrics, systemd
 from batchd.asgi_server import serve_app
-from batchd.config import ConfigError
+from batchd.config import ConfigError, Settings
 from batchd.faults import Faults
 from batchd.models import JobState
+from batchd.status import TokenGate, status_routes
 from batchd.store import Store
 
 log = structlog.get_logger("batchd.health")
@@ -196,8 +198,11 @@ class Health:
         return report["status"] == "ok", report
 
 
-def create_metrics_app(health: Health, registry: Any) -> Starlette:
-    """`GET /metrics` (Prometheus text format) and `GET /healthz` (200 ok, 503 failing; JSON either way)."""
+def create_metrics_app(
+    health: Health, registry: Any, *, routes: Sequence[BaseRoute] = (), tokens: Sequence[str] = ()
+) -> Starlette:
+    """`GET /metrics` (Prometheus text format) and `GET /healthz` (200 ok, 503 failing; JSON either way),
+    beside `routes` (the status page); with `tokens`, every route asks for one (batchd/status/auth.py)."""
 
     async def metrics_page(_request: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -206,26 +211,39 @@ def create_metrics_app(health: Health, registry: Any) -> Starlette:
         ok, report = await health.check()
         return JSONResponse(report, status_code=200 if ok else 503)
 
-    return Starlette(routes=[Route("/metrics", metrics_page), Route("/healthz", healthz)])
+    gate = [Middleware(TokenGate, tokens=tokens)] if tokens else []
+    return Starlette(routes=[Route("/metrics", metrics_page), Route("/healthz", healthz), *routes], middleware=gate)
 
 
 @asynccontextmanager
 async def serve_metrics(
-    address: tuple[str, int] | None, monitor: LoopMonitor, store: Store
+    address: tuple[str, int] | None,
+    monitor: LoopMonitor,
+    store: Store,
+    settings: Callable[[], Settings] | None = None,
 ) -> AsyncIterator[str | None]:
-    """Serve /metrics and /healthz on `address` for the life of the block (nothing when None); yield the URL."""
+    """Serve /metrics and /healthz on `address` for the life of the block (nothing when None); yield the URL.
+
+    With `settings` (the current config), the status page too, and `[metrics] token_file`'s
+    token is asked for on every route (read at start, as `listen` is).
+    """
     if address is None:
         yield None
         return
     registry = metrics.enable().registry
+    routes = status_routes(store, settings) if settings is not None else []
+    tokens = [t.reveal() for t in settings().metrics.tokens] if settings is not None else []
     try:
         async with AsyncExitStack() as stack:
-            app = create_metrics_app(Health(monitor, store), registry)
+            app = create_metrics_app(Health(monitor, store), registry, routes=routes, tokens=tokens)
             try:
                 url = await stack.enter_async_context(serve_app(app, *address))
             except OSError as exc:
                 raise ConfigError(f"metrics.listen: cannot listen on {address[0]}:{address[1]}: {exc}") from exc
-            log.info("metrics.listening", url=url, metrics=f"{url}/metrics", healthz=f"{url}/healthz")
+            log.info(
+                "metrics.listening", url=url, metrics=f"{url}/metrics", healthz=f"{url}/healthz",
+                status_page=f"{url}/" if routes else None, auth_required=bool(tokens),
+            )  # fmt: skip
             yield url
     finally:
         metrics.disable()

@@ -171,7 +171,7 @@ async def serve(
             if on_daemon is not None:
                 on_daemon(daemon)
             # Listening before READY=1; [metrics] listen is read at start only (a reload keeps it).
-            async with serve_metrics(address, daemon.monitor, store):
+            async with serve_metrics(address, daemon.monitor, store, lambda: daemon.settings if daemon else settings):
                 result = await daemon.run(once=once, timeout=timeout)
                 if result.left is not None:
                     # For the person or script that ran `run --once --timeout`: the log line
@@ -187,6 +187,7 @@ def secret_values(settings: Settings) -> list[str]:
     """Every secret the settings hold: the API key, each webhook secret, and the credentials
     inside configured URLs (what batchd.urls.redact_url hides, for wherever else they appear)."""
     secrets = [*settings.inbox.webhook_secrets, *(s for ep in settings.webhooks for s in ep.secrets)]
+    secrets += settings.metrics.tokens
     providers = [p for name in settings.provider_names if (p := settings.provider_named(name)) is not None]
     secrets += [p.api_key for p in providers if p.api_key is not None]
     urls = [*(p.base_url for p in providers), settings.local.upstream_url, *(ep.url for ep in settings.webhooks)]

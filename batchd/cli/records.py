@@ -35,18 +35,25 @@ COUNT_KEYS = ("total", "completed", "failed")
 
 
 def progress_of(job: Job, batches: Sequence[RemoteBatchRecord]) -> float | None:
-    """Percent of the job's requests answered so far; None when unknown (rejected, or no word yet).
+    """Percent of the job's requests that got an answer (a success or an error line of the
+    provider's); None when unknown (rejected, or no word yet).
 
-    A finished job counts what the provider answered: cancelled with 13 of 20 answered is 65 %.
+    A finished job counts `completed + failed - unanswered` over `total`: a cancelled job with
+    13 of 20 requests answered shows 65, not 100 (`failed` also holds the lines batchd wrote for
+    requests never answered). In flight, the provider's own figure.
     """
     if job.state == JobState.REJECTED:
         return None
-    counts = job.request_counts or {}
-    if job.state.terminal and isinstance(counts.get("unanswered"), int):
-        total = counts.get("total") or 0
-        return round(100.0 * (total - counts["unanswered"]) / total, 2) if total else 100.0
-    if job.state == JobState.COMPLETED:
-        return 100.0
+    if job.state.terminal:
+        counts = job.request_counts or {}
+        total = counts.get("total")
+        if job.state is JobState.COMPLETED or total == 0:
+            # Completed: every request ended in a success or a permanent error (DESIGN §2).
+            return 100.0
+        if total is None or "unanswered" not in counts:
+            return None  # finished before batchd kept the unanswered figure, or never counted
+        answered = counts.get("completed", 0) + counts.get("failed", 0) - counts["unanswered"]
+        return round(100.0 * max(0, answered) / total, 2)
     if job.state in (JobState.RECEIVED, JobState.UPLOADING, JobState.SUBMITTING):
         return 0.0
     bound = [b for b in batches if b.remote_id is not None]

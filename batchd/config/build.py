@@ -36,6 +36,7 @@ from batchd.config.settings import (
     Settings,
     SubmitSettings,
     WebhookEndpoint,
+    is_loopback,
     listen_address,
 )
 from batchd.models import PROVIDER_LIMITS
@@ -312,7 +313,7 @@ def build_settings(
             retry_delays_s=tuple(float(d) for d in delays),
         ),
         webhooks=_build_webhooks(raw.get("webhooks", []), base_dir=base_dir, environ=environ),
-        metrics=_build_metrics(_table(raw, "metrics")),
+        metrics=_build_metrics(_table(raw, "metrics"), base_dir=base_dir, environ=environ),
         resubmit=ResubmitSettings(max_rounds=_int(_table(raw, "resubmit"), "max_rounds", "resubmit.max_rounds", 2, 0)),
         pricing=_build_pricing(_table(raw, "pricing")),
         cluster=_build_cluster(_table(raw, "cluster")),
@@ -342,11 +343,17 @@ def _build_webhooks(
     return tuple(endpoints)
 
 
-def _build_metrics(table: Mapping[str, Any]) -> MetricsSettings:
+def _build_metrics(table: Mapping[str, Any], *, base_dir: Path, environ: Mapping[str, str]) -> MetricsSettings:
     listen = _str(table, "listen", "metrics.listen", "")
+    tokens = _secrets(table, "token", "metrics", base_dir=base_dir, environ=environ)
     if listen:
-        listen_address(listen, "metrics.listen")
-    return MetricsSettings(listen=listen)
+        host, _ = listen_address(listen, "metrics.listen")
+        if not tokens and not is_loopback(host):
+            raise ConfigError(
+                f"metrics.token_file: required when metrics.listen is not a loopback address ({listen!r}): "
+                "the status page and /metrics would be open to the network"
+            )
+    return MetricsSettings(listen=listen, tokens=tuple(Secret(t) for t in tokens))
 
 
 def _database_url(value: str, state_dir: Path) -> str:

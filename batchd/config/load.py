@@ -44,7 +44,7 @@ _SECTION_KEYS: dict[str, set[str]] = {
     "submit": {"completion_window"},
     "polling": {"min_interval_s", "max_interval_s"},
     "delivery": {"timeout_s", "retry_delays_s"},
-    "metrics": {"listen"},
+    "metrics": {"listen", "token_file"},
 }
 _WEBHOOK_KEYS = {"url", "secret", "secret_env", "secret_file", "events"}
 

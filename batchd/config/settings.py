@@ -5,6 +5,7 @@ No file, no environment: `load.py` finds and reads those, `build.py` turns them 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -156,8 +157,10 @@ class DeliverySettings:
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    #: "host:port" of the /metrics and /healthz listener; empty: no listener (port 0: any free port)
+    #: "host:port" of the /metrics, /healthz and status page listener; empty: no listener (port 0: any free port)
     listen: str = ""
+    #: what every route of the listener asks for (from token_file; several during rotation); empty: none
+    tokens: tuple[Secret, ...] = ()
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -213,6 +216,16 @@ class Settings:
     def local_dir(self) -> Path:
         """Where the embedded backend keeps its files and batches."""
         return self.state_dir / "local"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address's host is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def listen_address(value: str, name: str) -> tuple[str, int]:

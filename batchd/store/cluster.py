@@ -148,8 +148,9 @@ class ClusterStore:
             ).all()
         return {str(r[0]) for r in rows}
 
-    def daemons(self) -> list[dict[str, Any]]:
-        """Every daemon that ever ran on this database, newest first, with the jobs it holds."""
+    def daemons(self, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """Every daemon that ever ran on this database (or the newest `limit`), newest first, with
+        the jobs it holds."""
         held = (
             select(func.count())
             .select_from(jobs)
@@ -157,5 +158,6 @@ class ClusterStore:
             .scalar_subquery()
         )
         with self._db.read() as conn:
-            rows = conn.execute(select(daemons, held.label("jobs")).order_by(daemons.c.started_at.desc())).all()
+            query = select(daemons, held.label("jobs")).order_by(daemons.c.started_at.desc()).limit(limit)
+            rows = conn.execute(query).all()
         return [dict(r._mapping) for r in rows]

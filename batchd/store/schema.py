@@ -218,6 +218,11 @@ endpoints = Table(
 outbox_unique = Index("ux_jobs_outbox_path", jobs.c.outbox_path, unique=True)
 #: "What is due now" for one daemon, and when its next job falls due, without reading the rest.
 due_index = Index("ix_jobs_due", jobs.c.owner, jobs.c.due_at)
+#: The status page's newest jobs, of all states or of one (store/views.py), without sorting them all.
+newest_indexes = (
+    Index("ix_jobs_created", jobs.c.created_at),
+    Index("ix_jobs_state_created", jobs.c.state, jobs.c.created_at),
+)
 
 
 def _migrate_v1(conn: Connection) -> None:
@@ -288,6 +293,12 @@ def _migrate_v7(conn: Connection) -> None:
     _add_column(conn, jobs, "provider_name")
 
 
+def _migrate_v8(conn: Connection) -> None:
+    # The status page reads the newest jobs a page at a time.
+    for index in newest_indexes:
+        index.create(conn, checkfirst=True)
+
+
 #: Forward migrations, in order; each runs once, in its own transaction. Each later step brings a
 #: database made by an older release to the current schema and checks first, so on a database
 #: step 1 just created it does nothing.
@@ -299,6 +310,7 @@ MIGRATIONS: tuple[tuple[int, Any], ...] = (
     (5, _migrate_v5),
     (6, _migrate_v6),
     (7, _migrate_v7),
+    (8, _migrate_v8),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -20,9 +20,17 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from batchd.emulator.engines import EchoEngine
 from batchd.store import SCHEMA_VERSION, Store
-from tests.acceptance.conftest import SECRET, DaemonProcess, Harness, chat, eventually, harness, read_jsonl
+from tests.acceptance.conftest import (
+    SECRET,
+    DaemonProcess,
+    Harness,
+    chat,
+    eventually,
+    harness,
+    read_jsonl,
+)
+from tests.integration.emulator_helpers import HoldEngine
 
 pytestmark = pytest.mark.each_database
 
@@ -170,19 +178,6 @@ async def test_a_metrics_port_in_use_stops_the_start_naming_the_key(tmp_path: Pa
 
 
 # ---------------------------------------------------------------- operator commands
-
-
-class HoldEngine:
-    """Echo, except that a request whose message says "hold" waits until `release` is set."""
-
-    def __init__(self) -> None:
-        self.echo = EchoEngine()
-        self.release = anyio.Event()
-
-    async def respond(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        if "hold" in json.dumps(body):
-            await self.release.wait()
-        return await self.echo.respond(endpoint, body)
 
 
 async def cli_json(h: Harness, *args: str) -> Any:

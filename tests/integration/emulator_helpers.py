@@ -13,12 +13,26 @@ from typing import Any
 import anyio
 import httpx
 
-from batchd.emulator import create_app, serve_emulator
+from batchd.emulator import EchoEngine, create_app, serve_emulator
 from batchd.emulator.state import BatchStatus, EmulatorState, StoredBatch, _batch_to_json
 from batchd.models import BatchEndpoint
 
 CHAT = BatchEndpoint.CHAT_COMPLETIONS
 TERMINAL = frozenset({"COMPLETED", "FAILED", "EXPIRED", "CANCELLED"})
+
+
+class HoldEngine:
+    """Echo, except that a request whose message says "hold" waits until `release` is set
+    (to catch a batch, and the job that owns it, mid-run)."""
+
+    def __init__(self) -> None:
+        self.echo = EchoEngine()
+        self.release = anyio.Event()
+
+    async def respond(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if "hold" in json.dumps(body):
+            await self.release.wait()
+        return await self.echo.respond(endpoint, body)
 
 
 class BearerAuth(httpx.Auth):

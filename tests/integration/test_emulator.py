@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import signal
@@ -22,6 +21,7 @@ from tests.integration.emulator_helpers import (
     CHAT,
     NO_AUTH,
     BearerAuth,
+    HoldEngine,
     asgi_emulator,
     create_batch,
     download,
@@ -51,19 +51,6 @@ BATCH_JOB_KEYS = {
     "error",
     "completed_at",
 }
-
-
-class HeldEngine:
-    """Echo, except that requests mentioning "hold" wait for `release` (to catch a batch mid-run)."""
-
-    def __init__(self) -> None:
-        self.echo = EchoEngine()
-        self.release = anyio.Event()
-
-    async def respond(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        if "hold" in json.dumps(body):
-            await self.release.wait()
-        return await self.echo.respond(endpoint, body)
 
 
 class RecordingEngine:
@@ -415,7 +402,7 @@ async def test_pause_holds_batches_until_resume(tmp_path: Path) -> None:
 
 
 async def test_pause_holds_answers_of_a_batch_in_progress(tmp_path: Path) -> None:
-    engine = HeldEngine()
+    engine = HoldEngine()
     lines = [request_line(f"fast-{i}") for i in range(3)] + [request_line("slow", "please hold")]
     async with asgi_emulator(tmp_path, engine=engine) as client:
         batch_id = await create_batch(client, await upload(client, to_jsonl(lines)))
@@ -431,7 +418,7 @@ async def test_pause_holds_answers_of_a_batch_in_progress(tmp_path: Path) -> Non
 
 
 async def test_cancel_in_progress_keeps_answered_requests(tmp_path: Path) -> None:
-    engine = HeldEngine()
+    engine = HoldEngine()
     lines = [request_line(f"fast-{i}") for i in range(3)] + [request_line("slow", "please hold")]
     async with asgi_emulator(tmp_path, engine=engine) as client:
         batch_id = await create_batch(client, await upload(client, to_jsonl(lines)))
@@ -547,7 +534,7 @@ async def test_restart_picks_up_a_validating_batch(tmp_path: Path) -> None:
 
 
 async def test_restart_reruns_a_batch_stopped_in_progress(tmp_path: Path) -> None:
-    engine = HeldEngine()
+    engine = HoldEngine()
     lines = [request_line(f"fast-{i}") for i in range(3)] + [request_line("slow", "please hold")]
     async with http_emulator(tmp_path, engine=engine) as client:
         batch_id = await create_batch(client, await upload(client, to_jsonl(lines)))

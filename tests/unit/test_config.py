@@ -241,3 +241,25 @@ def test_parse_override(tmp_path: Path) -> None:
         parse_override("nonsense")
     with pytest.raises(ConfigError, match=r"unknown key polling\.nope"):
         load_settings(write(tmp_path, ""), environ={}, overrides={"polling.nope": 1})
+
+
+def test_the_metrics_token_is_read_from_its_file_and_needed_beyond_loopback(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("t0ken-one\nt0ken-two\n", encoding="utf-8")
+    settings = load_settings(write(tmp_path, "[metrics]\nlisten = '0.0.0.0:9464'\ntoken_file = 'token'\n"), environ={})
+    assert settings.metrics.tokens == (Secret("t0ken-one"), Secret("t0ken-two"))  # a rotation
+    assert "t0ken" not in repr(settings.metrics)
+    for listen in ("127.0.0.1:9464", "[::1]:9464", "localhost:0", "127.0.0.2:9464"):
+        assert load_settings(write(tmp_path, f"[metrics]\nlisten = '{listen}'\n"), environ={}).metrics.tokens == ()
+    for listen in ("0.0.0.0:9464", "[::]:9464", "192.168.1.5:9464", "metrics.example.com:9464"):
+        with pytest.raises(ConfigError, match=r"^metrics\.token_file: required when metrics\.listen is not a loopback"):
+            load_settings(write(tmp_path, f"[metrics]\nlisten = '{listen}'\n"), environ={})
+    with pytest.raises(ConfigError, match=r"^metrics\.token_file: cannot read .*missing"):
+        load_settings(write(tmp_path, "[metrics]\ntoken_file = 'missing'\n"), environ={})
+    (tmp_path / "empty").write_text("\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^metrics\.token_file: .*empty"):
+        load_settings(write(tmp_path, "[metrics]\ntoken_file = 'empty'\n"), environ={})
+    # The environment names it as any other key; a token written into the config is refused.
+    env = {"BATCHD_METRICS_TOKEN_FILE": str(tmp_path / "token"), "BATCHD_METRICS_LISTEN": '"0.0.0.0:1"'}
+    assert len(load_settings(write(tmp_path, ""), environ=env).metrics.tokens) == 2
+    with pytest.raises(ConfigError, match=r"unknown key metrics\.token$"):
+        load_settings(write(tmp_path, "[metrics]\ntoken = 'inline'\n"), environ={})
