@@ -8,10 +8,8 @@ signature checked.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -31,7 +29,7 @@ from batchd.daemon import Daemon
 from batchd.models import JobState
 from batchd.service import serve
 from batchd.text import counted
-from batchd.webhooks import verify
+from batchd.webhooks import new_secret, verify
 
 QUESTIONS = [
     "What is a batch API?",
@@ -92,7 +90,7 @@ def run_demo(keep: Path | None = None) -> int:
 async def _demo(workspace: Path, kept: bool) -> int:
     echo = click.echo
     logs.configure(level="error")
-    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    secret = new_secret()
     receiver = Receiver()
     async with serve_app(receiver, host="127.0.0.1", port=0) as hook_url:
         config = workspace / "batchd.toml"

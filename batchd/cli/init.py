@@ -8,7 +8,6 @@ already there is kept (a receiver may be verifying with it).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import secrets
@@ -19,6 +18,7 @@ import click
 
 from batchd.cli.common import fail
 from batchd.config.settings import DEFAULT_BASE_URLS, DEFAULT_KEY_ENVS, PROVIDER_KINDS
+from batchd.webhooks import new_secret
 
 CONFIG_NAME = "batchd.toml"
 SECRET_NAME = "webhook-secret"
@@ -31,11 +31,6 @@ EXAMPLE_MODELS = {
     "anthropic": "claude-haiku-4-5",
 }
 EVENTS = '["batch.completed", "batch.failed", "batch.expired", "batch.cancelled", "batch.rejected"]'
-
-
-def new_webhook_secret() -> str:
-    """A Standard Webhooks secret: `whsec_` and 32 random bytes in base64."""
-    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def _provider_section(kind: str) -> str:
@@ -137,7 +132,7 @@ def init(directory: Path, kind: str) -> None:
         secret = directory / SECRET_NAME
         kept = secret.exists() or secret.is_symlink()
         if not kept:
-            _write_new(secret, new_webhook_secret() + "\n", 0o600)
+            _write_new(secret, new_secret() + "\n", 0o600)
         example = directory / EXAMPLE_NAME
         if not (example.exists() or example.is_symlink()):
             _write_new(example, example_lines(kind), 0o644)

@@ -24,7 +24,7 @@ from batchd.webhooks.deliverer import (
 from batchd.webhooks.events import build_event, event_targets, new_event, webhook_data
 from batchd.webhooks.guard import Refused, allowed_webhook_url, checked_url, pinned_target, webhook_url_refusal
 from batchd.webhooks.post import DRAIN_BYTES, DRAIN_S, Outcome, post_event
-from batchd.webhooks.signing import secret_key, sign, verify
+from batchd.webhooks.signing import new_secret, secret_key, sign, verify
 
 __all__ = [
     "DRAIN_BYTES",
@@ -41,6 +41,7 @@ __all__ = [
     "checked_url",
     "event_targets",
     "new_event",
+    "new_secret",
     "pinned_target",
     "post_event",
     "secret_key",

@@ -6,10 +6,16 @@ import base64
 import functools
 import hashlib
 import hmac
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 
 from batchd.config import Secret, decode_secret
+
+
+def new_secret() -> str:
+    """A new Standard Webhooks secret: `whsec_` and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def secret_key(secret: Secret) -> bytes:
