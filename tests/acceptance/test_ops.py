@@ -223,13 +223,13 @@ async def test_operator_commands_beside_a_running_daemon_and_a_cancel_that_keeps
         assert "state      in_progress   60%" in human and remote["remote_id"] in human
 
         once = (await h.ws.batchd("watch", "--once")).stdout
-        assert "1 jobs in flight" in once and "[############........]  60%" in once
+        assert "1 job in flight" in once and "[############........]  60%" in once
         # Without a terminal, watch prints one snapshot per interval until interrupted.
         watch_log = tmp_path / "watch.out"
         command = [sys.executable, "-m", "batchd", "--config", str(h.ws.config), "watch", "--interval", "0.2"]
         with watch_log.open("wb") as out:
             async with await anyio.open_process(command, env=h.ws.env, stdout=out, stderr=subprocess.STDOUT) as watcher:
-                await eventually(lambda: watch_log.read_text().count("jobs in flight") >= 3, 20, "watch snapshots")
+                await eventually(lambda: watch_log.read_text().count("1 job in flight") >= 3, 20, "watch snapshots")
                 watcher.send_signal(signal.SIGINT)
                 with anyio.fail_after(10):
                     assert await watcher.wait() == 0
