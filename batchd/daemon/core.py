@@ -54,6 +54,8 @@ STOP_GRACE_S = 7.0
 LOOP_RETRY_MIN_S = 0.5
 LOOP_RETRY_MAX_S = 30.0
 #: Where start-up and the heartbeat report what they meet (Faults).
+#: How long start-up waits for the inbox watch before it says READY anyway (rescans still find files).
+WATCH_WAIT_S = 10.0
 START_UP = "start-up"
 HEARTBEAT = "heartbeat"
 #: Jobs nobody holds that a daemon takes over per heartbeat (several daemons share the rest).
@@ -184,6 +186,10 @@ class Daemon:
                 if self.deliverer is not None:
                     deliverer = self.deliverer
                     loops.start_soon(self._supervise, "webhooks", lambda: deliverer.serve(work))
+                # Ready means watched: a producer that starts writing a file in place once the
+                # daemon said it is ready must be seen holding it open (not taken at a quiet time).
+                with anyio.move_on_after(WATCH_WAIT_S):
+                    await self._intake.watching.wait()
                 systemd.notify("READY=1")
                 self.ready.set()
                 log.info(

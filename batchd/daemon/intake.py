@@ -58,6 +58,8 @@ class Intake:
         self.pending = 0
         #: set once intake has ended (with `once`: the first rescan's files are all taken)
         self.settled = False
+        #: set once the inbox is watched: a file written from then on is seen being written
+        self.watching = anyio.Event()
 
     @property
     def drained(self) -> bool:
@@ -74,6 +76,7 @@ class Intake:
         self.pending -= len(self._queued)
         self._queued.clear()
         watcher = None if once else InboxWatcher(self._ctx.settings.inbox_dir)
+        self.watching.set()
         try:
             async with anyio.create_task_group() as takes:
                 await self._watch(takes, watcher, settling, once)

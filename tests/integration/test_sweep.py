@@ -267,6 +267,10 @@ async def test_jobs_waiting_for_the_sweep_under_way_are_read_once_and_a_cancel_s
             (batch,) = r.store.batches.of_job(cancelled.id)
             cancel_call = f"POST /v1/batches/{batch.remote_id}/cancel"
             await eventually(lambda: r.job("d").state is not JobState.VALIDATING)
+            # The state moves to cancelling before the request goes out: wait for the request.
+            with anyio.fail_after(20):
+                while (await r.stats())["requests"].get(cancel_call) is None:  # noqa: ASYNC110 - the emulator offers no event per request
+                    await anyio.sleep(0.02)
             assert not release.is_set()
             assert (await r.stats())["requests"].get(cancel_call) == 1
             release.set()
