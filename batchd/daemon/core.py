@@ -180,16 +180,17 @@ class Daemon:
             async with anyio.create_task_group() as loops:
                 loops.start_soon(self._signals)
                 loops.start_soon(self._supervise, "intake", lambda: self._intake.run(once))
+                # Ready means watched: a producer that starts writing a file in place once the
+                # daemon said it is ready must be seen holding it open (not taken at a quiet time).
+                # Waited for before the other loops start, so READY=1 is the first notification.
+                with anyio.move_on_after(WATCH_WAIT_S):
+                    await self._intake.watching.wait()
                 loops.start_soon(self._supervise, "scheduler", lambda: self._scheduler.run(work))
                 loops.start_soon(self._supervise, "heartbeat", self._heartbeat)
                 loops.start_soon(self._supervise, "wake-ups", self._follow_commands)
                 if self.deliverer is not None:
                     deliverer = self.deliverer
                     loops.start_soon(self._supervise, "webhooks", lambda: deliverer.serve(work))
-                # Ready means watched: a producer that starts writing a file in place once the
-                # daemon said it is ready must be seen holding it open (not taken at a quiet time).
-                with anyio.move_on_after(WATCH_WAIT_S):
-                    await self._intake.watching.wait()
                 systemd.notify("READY=1")
                 self.ready.set()
                 log.info(
