@@ -9,12 +9,14 @@ is taken there, with the provider the spec names.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import click
 
@@ -118,19 +120,51 @@ def validate(obj: Context, file: Path, as_json: bool) -> None:
         click.echo(f"{file}: valid spec for provider {spec.provider!r}; its input {spec.input}: {requests}")
 
 
-def _copy_in(source: Path, target: Path, taken: str) -> None:
-    """Copy `source` to `target` in the inbox under an ignored name, then rename: the daemon
-    only ever sees a complete file. Refuses (1, saying `taken`) to replace what is there."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() or target.is_symlink():
-        fail(f"{target} is already waiting in the inbox; {taken}", 1)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(source, "rb") as src, open(tmp, "xb") as dst:
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.rename(tmp, target)
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _inbox_folder(inbox: Path, parts: tuple[str, ...]) -> int:
+    """A descriptor of `inbox/parts…`, made where missing, reached folder by folder without
+    following a symlink: members of group batchd may plant one in the inbox (a `data` link to
+    /etc), and `submit` may run as root."""
+    fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o755, dir_fd=fd)
+            try:
+                inner = os.open(part, _DIR, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    fail(f"{inbox.joinpath(*parts)}: {part} is not a folder (symlinks are not followed)", 1)
+                raise
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _copy_in(source: Path, inbox: Path, relative: PurePosixPath, taken: str) -> Path:
+    """Copy `source` to `inbox/relative` under an ignored name, then rename: the daemon only
+    ever sees a complete file. Refuses (1, saying `taken`) to replace what is there."""
+    target = inbox.joinpath(*relative.parts)
+    folder = _inbox_folder(inbox, relative.parts[:-1])
+    try:
+        if os.path.lexists(target):
+            fail(f"{target} is already waiting in the inbox; {taken}", 1)
+        tmp = f".{relative.name}.{uuid.uuid4().hex[:8]}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with open(source, "rb") as src, os.fdopen(os.open(tmp, flags, 0o644, dir_fd=folder), "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.rename(tmp, relative.name, src_dir_fd=folder, dst_dir_fd=folder)
+    finally:
+        os.close(folder)
+    return target
 
 
 @click.command()
@@ -147,13 +181,13 @@ def submit(obj: Context, file: Path, name: str | None) -> None:
         fail(f"--name {name!r}: a plain file name is needed", 2)
     inbox = settings.inbox_dir
     inbox.mkdir(parents=True, exist_ok=True)
-    target = inbox / f"{name}{'.json' if checked.spec else '.jsonl'}"
-    if target.exists() or target.is_symlink():
-        fail(f"{target} is already waiting in the inbox; choose another --name", 1)
+    own = PurePosixPath(f"{name}{'.json' if checked.spec else '.jsonl'}")
+    if os.path.lexists(inbox / own):
+        fail(f"{inbox / own} is already waiting in the inbox; choose another --name", 1)
     if checked.spec is not None and checked.data is not None:
         # Data first: a spec in the inbox whose data is not there yet would be rejected.
-        _copy_in(checked.data, inbox / checked.spec.input, "give the spec another input path")
-    _copy_in(file, target, "choose another --name")
+        _copy_in(checked.data, inbox, PurePosixPath(checked.spec.input), "give the spec another input path")
+    target = _copy_in(file, inbox, own, "choose another --name")
     click.echo(f"submitted {file} as {target} ({counted(checked.report.request_count, 'request')})")
     from batchd.service import lock_holder  # the daemon's modules, only for the one command that asks
 

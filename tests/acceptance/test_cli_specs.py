@@ -73,3 +73,16 @@ def test_submit_a_spec_copies_its_data_first_then_the_spec(tmp_path: Path) -> No
     again = batchd("--config", str(config), "submit", str(spec), "--name", "other")
     assert again.returncode == 1 and "already waiting" in again.stderr
     assert not (inbox / "other.json").exists()
+
+
+def test_submit_never_writes_through_a_folder_planted_as_a_symlink_in_the_inbox(tmp_path: Path) -> None:
+    config = local_config(tmp_path)
+    inbox = tmp_path / "state" / "inbox"
+    inbox.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (inbox / "data").symlink_to(elsewhere)  # a neighbour's plant, where the spec's data would go
+    spec = make_spec(tmp_path / "mine", {"input": "data/job.jsonl"})
+    result = batchd("--config", str(config), "submit", str(spec))
+    assert result.returncode == 1 and "symlinks are not followed" in result.stderr
+    assert list(elsewhere.iterdir()) == [] and not (inbox / "job.json").exists()
