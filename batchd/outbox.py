@@ -20,6 +20,7 @@ from batchd.results import MergeResult
 from batchd.safe_fs import NAME_MAX, make_dirs
 
 __all__ = [
+    "OUTBOX_FILES",
     "SHORT_ID_LENGTH",
     "iso",
     "job_document",
@@ -30,6 +31,8 @@ __all__ = [
     "write_job_json",
 ]
 
+#: The files a finished job's outbox folder may hold (DESIGN §4), job.json last.
+OUTBOX_FILES = ("output.jsonl", "errors.jsonl", "job.json")
 #: Characters of the job id in a second folder of the same name, `NAME.<short job id>/`.
 SHORT_ID_LENGTH = 8
 

@@ -171,7 +171,7 @@ async def serve(
             if on_daemon is not None:
                 on_daemon(daemon)
             # Listening before READY=1; [metrics] listen is read at start only (a reload keeps it).
-            async with serve_metrics(address, daemon.monitor, store, lambda: daemon.settings if daemon else settings):
+            async with serve_metrics(address, daemon.monitor, store, lambda: daemon.settings):
                 result = await daemon.run(once=once, timeout=timeout)
                 if result.left is not None:
                     # For the person or script that ran `run --once --timeout`: the log line

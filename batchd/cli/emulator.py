@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import click
 
 from batchd import logs
 from batchd.cli.common import fail
+from batchd.config.settings import is_loopback
 
 
 def _fault_statuses(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int | str, ...]:
@@ -26,19 +26,6 @@ def _fault_statuses(ctx: click.Context, param: click.Parameter, value: str) -> t
 
 
 SECONDS = click.FloatRange(min=0.0)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` binds to this machine only: localhost, 127.0.0.0/8 or ::1 (also as [::1])."""
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False  # a name other than localhost may resolve to anything
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
 
 
 @click.command()

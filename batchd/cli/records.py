@@ -16,15 +16,13 @@ from typing import Any
 
 from batchd.config import Settings
 from batchd.models import Delivery, EndpointStats, Job, JobState, RemoteBatchRecord
-from batchd.outbox import iso
+from batchd.outbox import OUTBOX_FILES, iso
 from batchd.store import Store, daemon_state
 from batchd.text import counted, dollars
 from batchd.urls import redact_url
 
 #: Below this many jobs, their remote batches are read by id; above, all at once.
 _BY_ID_LIMIT = 500
-#: Outbox files `show` lists, when they exist.
-_OUTBOX_FILES = ("output.jsonl", "errors.jsonl", "job.json")
 
 
 # ---------------------------------------------------------------- records (the --json shape)
@@ -134,7 +132,7 @@ def show_record(
                 "outbox": job.outbox_path,
                 **{
                     name.replace(".", "_"): str(outbox / name)
-                    for name in _OUTBOX_FILES
+                    for name in OUTBOX_FILES
                     if outbox is not None and (outbox / name).is_file()
                 },
                 "report": job.report_path,

@@ -45,7 +45,6 @@ class NoConfigFound(ConfigError):
     """No config file was named and none is at the default path: batchd does not guess one."""
 
 
-
 class Secret:
     """A secret string that never shows itself in a repr, a log line or an f-string."""
 
@@ -219,13 +218,17 @@ class Settings:
 
 
 def is_loopback(host: str) -> bool:
-    """Whether a listen address's host is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
-    if host.lower() == "localhost":
+    """Whether `host` binds to this machine only: localhost, 127.0.0.0/8 or ::1 (also as [::1]
+    or as an IPv4-mapped address)."""
+    if host.lower().rstrip(".") == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return False
+        return False  # a name other than localhost may resolve to anything
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def listen_address(value: str, name: str) -> tuple[str, int]:

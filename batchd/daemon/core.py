@@ -53,9 +53,9 @@ STOP_GRACE_S = 7.0
 #: maximum while the failure lasts.
 LOOP_RETRY_MIN_S = 0.5
 LOOP_RETRY_MAX_S = 30.0
-#: Where start-up and the heartbeat report what they meet (Faults).
 #: How long start-up waits for the inbox watch before it says READY anyway (rescans still find files).
 WATCH_WAIT_S = 10.0
+#: Where start-up and the heartbeat report what they meet (Faults).
 START_UP = "start-up"
 HEARTBEAT = "heartbeat"
 #: Jobs nobody holds that a daemon takes over per heartbeat (several daemons share the rest).

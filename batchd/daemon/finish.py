@@ -21,7 +21,7 @@ from batchd.crashpoints import crashpoint
 from batchd.daemon.context import Context, db
 from batchd.daemon.submit import Submitter
 from batchd.models import Job, JobState, RemoteBatchRecord
-from batchd.outbox import job_document, make_outbox_folder, outbox_candidates, reason_for, write_job_json
+from batchd.outbox import OUTBOX_FILES, job_document, make_outbox_folder, outbox_candidates, reason_for, write_job_json
 from batchd.pricing import estimate_cost
 from batchd.providers.base import ProviderError
 from batchd.results import MergeResult, merge_results, truncated_tail
@@ -31,9 +31,6 @@ from batchd.store import Ending
 from batchd.webhooks import build_event, webhook_data
 
 log = structlog.get_logger("batchd.daemon")
-
-#: What a job writes into its outbox folder (counted by the outbox-bytes metric).
-OUTBOX_FILES = ("output.jsonl", "errors.jsonl", "job.json")
 
 
 class Finisher:

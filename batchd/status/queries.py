@@ -14,6 +14,7 @@ from typing import Any
 from batchd.cli.records import daemon_records, endpoint_rows
 from batchd.config import Settings
 from batchd.models import Delivery, Job, JobState, RemoteBatchRecord, StoredEvent
+from batchd.outbox import OUTBOX_FILES
 from batchd.store import Store
 from batchd.store.views import JobsPage, newest_jobs
 
@@ -23,8 +24,6 @@ JOBS_SHOWN = 200
 DAEMONS_SHOWN = 20
 #: The longest name search taken (a longer one is cut).
 SEARCH_MAX = 200
-#: Outbox files the job page lists when they exist.
-OUTBOX_FILES = ("output.jsonl", "errors.jsonl", "job.json")
 
 
 @dataclass(frozen=True)

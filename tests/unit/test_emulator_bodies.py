@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchd.cli.emulator import is_loopback
+from batchd.config.settings import is_loopback
 from batchd.emulator.bodies import BadJson, parse_json
 from batchd.jsonl import MAX_JSON_DEPTH
 
