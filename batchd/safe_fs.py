@@ -46,6 +46,7 @@ __all__ = [
     "make_dirs",
     "move_aside",
     "new_file",
+    "open_folder",
     "open_regular",
     "real_dir",
 ]
@@ -230,6 +231,30 @@ def create_new(path: Path, mode: int = FILE_MODE, *, replace_own: bool = False) 
 def new_file(path: Path, mode: int = FILE_MODE, *, replace_own: bool = False, buffering: int = -1) -> IO[bytes]:
     """`create_new`, as a binary stream."""
     return os.fdopen(create_new(path, mode, replace_own=replace_own), "wb", buffering=buffering)
+
+
+def open_folder(root: Path, parts: Iterable[str], *, make: int | None = None) -> int:
+    """A descriptor of `root/parts…`, reached folder by folder without following a symlink;
+    with `make` (a mode), missing folders are created. Raises NotRegularFile naming the part
+    that is a symlink or not a folder: in the inbox, group members may plant either."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            if make is not None:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, make, dir_fd=fd)
+            try:
+                inner = os.open(part, _DIR, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise NotRegularFile(f"{part}: not a folder (symlinks are not followed)") from None
+                raise
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def open_regular(path: Path, *, dir_fd: int | None = None) -> int:

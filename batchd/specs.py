@@ -8,7 +8,6 @@ once it passed its checks; when a spec is rejected, its data file is left where 
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import stat
@@ -19,7 +18,7 @@ from typing import Any
 
 from batchd.config import DEFAULT_PROVIDER, Settings
 from batchd.rejections import on_line, whole_file
-from batchd.safe_fs import NotRegularFile, open_regular, real_dir
+from batchd.safe_fs import NotRegularFile, open_folder, open_regular, real_dir
 from batchd.webhooks import webhook_url_refusal
 
 __all__ = [
@@ -30,7 +29,6 @@ __all__ = [
 SPEC_KEYS = frozenset({"input", "completion_window", "model", "webhook_url", "metadata", "provider", "priority"})
 #: A spec is a small JSON document; anything bigger is a mistake, not a spec.
 MAX_SPEC_BYTES = 1_000_000
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def is_ignored_name(name: str) -> bool:
@@ -154,22 +152,10 @@ def input_path(base_dir: Path, source: str, spec: Spec) -> Path:
 def _data_parent(inbox_dir: Path, claimed: Path, data: Path) -> int:
     """A descriptor of the folder holding a spec's data file in the inbox, reached folder by
     folder without following a symlink (one swapped in since `spec_data` looked is refused)."""
-    fd = os.open(inbox_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for part in data.relative_to(inbox_dir).parts[:-1]:
-            try:
-                inner = os.open(part, _DIR, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    message = f"{part}: not a folder (symlinks are not followed)"
-                    raise whole_file(claimed.name, "input", message) from None
-                raise
-            os.close(fd)
-            fd = inner
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        return open_folder(inbox_dir, data.relative_to(inbox_dir).parts[:-1])
+    except NotRegularFile as exc:
+        raise whole_file(claimed.name, "input", str(exc)) from None
 
 
 def open_data(inbox_dir: Path, claimed: Path, data: Path) -> int:

@@ -9,8 +9,6 @@ is taken there, with the provider the spec names.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import sys
@@ -23,7 +21,7 @@ import click
 from batchd.cli.common import Context, config_options, fail, pass_ctx
 from batchd.config import ConfigError, NoConfigFound, Settings, default_settings
 from batchd.rejections import Rejection
-from batchd.safe_fs import NotRegularFile
+from batchd.safe_fs import NotRegularFile, open_folder
 from batchd.specs import Spec, input_path, read_spec
 from batchd.text import counted
 from batchd.validation import Report, format_report, validate_file
@@ -120,37 +118,16 @@ def validate(obj: Context, file: Path, as_json: bool) -> None:
         click.echo(f"{file}: valid spec for provider {spec.provider!r}; its input {spec.input}: {requests}")
 
 
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _inbox_folder(inbox: Path, parts: tuple[str, ...]) -> int:
-    """A descriptor of `inbox/parts…`, made where missing, reached folder by folder without
-    following a symlink: members of group batchd may plant one in the inbox (a `data` link to
-    /etc), and `submit` may run as root."""
-    fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for part in parts:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(part, 0o755, dir_fd=fd)
-            try:
-                inner = os.open(part, _DIR, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    fail(f"{inbox.joinpath(*parts)}: {part} is not a folder (symlinks are not followed)", 1)
-                raise
-            os.close(fd)
-            fd = inner
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 def _copy_in(source: Path, inbox: Path, relative: PurePosixPath, taken: str) -> Path:
     """Copy `source` to `inbox/relative` under an ignored name, then rename: the daemon only
     ever sees a complete file. Refuses (1, saying `taken`) to replace what is there."""
     target = inbox.joinpath(*relative.parts)
-    folder = _inbox_folder(inbox, relative.parts[:-1])
+    try:
+        # Members of group batchd may plant a symlink in the inbox (a `data` link to /etc), and
+        # submit may run as root: the folders are reached without following one.
+        folder = open_folder(inbox, relative.parts[:-1], make=0o755)
+    except NotRegularFile as exc:
+        fail(f"{target}: {exc}", 1)
     try:
         if os.path.lexists(target):
             fail(f"{target} is already waiting in the inbox; {taken}", 1)
