@@ -144,6 +144,9 @@ class BatchEndpoint:
     #: Anthropic's Messages: what every request of a Message Batch is (not an endpoint of the
     #: OpenAI-format dialects, so not in SUPPORTED_ENDPOINTS)
     MESSAGES = "/v1/messages"
+    #: Gemini's generateContent: what every request of a Gemini batch is (the model is named by
+    #: the create call, not by the lines; not in SUPPORTED_ENDPOINTS either)
+    GENERATE_CONTENT = "generateContent"
 
 
 SUPPORTED_ENDPOINTS: tuple[str, ...] = (
@@ -219,6 +222,9 @@ PROVIDER_LIMITS: Mapping[str, Limits] = {
     "openai": Limits(max_bytes=200 * MB, max_requests=50_000),
     "local": Limits(max_bytes=100 * MB, max_requests=50_000),
     "anthropic": Limits(max_bytes=256 * MB, max_requests=100_000),
+    # Gemini: 2 GB per input file; it documents no request count, so batchd keeps Anthropic's
+    # 100,000 (docs/design.md "Decisions"): a round's merge and follow-ups stay bounded.
+    "gemini": Limits(max_bytes=2_000 * MB, max_requests=100_000),
 }
 
 #: How much larger than the biggest batch input a request body may be: room for a multipart
