@@ -35,10 +35,11 @@ BUCKET = 1 << 14
 CHUNK_BYTES = 8 << 20
 
 
-def unanswered_line(custom_id: str, code: str) -> bytes:
-    """The line errors.jsonl gets for a request never answered (without its line end)."""
+def unanswered_line(custom_id: str, code: str, key: str = "custom_id") -> bytes:
+    """The line errors.jsonl gets for a request never answered (without its line end); `key`
+    names the request as the dialect's lines do (Gemini: `key`)."""
     line = {
-        "custom_id": custom_id,
+        key: custom_id,
         "response": None,
         "error": {"code": code, "message": UNANSWERED_CODES[code]},
     }
@@ -63,12 +64,17 @@ class Plan:
     unanswered_code: str
     #: how many dropped answers of each kind are named (in logs)
     cap: int
+    #: the field naming a request in the input and the answers (request_rules.id_key); with
+    #: "key", the answers are Gemini's (`response` is the success's body, `error` a failure)
+    key: str = "custom_id"
 
     def as_tuple(self) -> tuple[Any, ...]:
         return astuple(self)
 
 
-def plan_merge(folder: Path, input_path: Path, answers: Sequence[Path], unanswered_code: str, *, cap: int) -> Plan:
+def plan_merge(
+    folder: Path, input_path: Path, answers: Sequence[Path], unanswered_code: str, *, cap: int, key: str = "custom_id"
+) -> Plan:
     """The plan of a merge: partitions sized by the input, scan items by the answer files."""
     bases: list[int] = []
     chunks: list[tuple[int, int, int]] = []
@@ -88,4 +94,5 @@ def plan_merge(folder: Path, input_path: Path, answers: Sequence[Path], unanswer
         bucket=BUCKET,
         unanswered_code=unanswered_code,
         cap=cap,
+        key=key,
     )

@@ -137,7 +137,7 @@ class Worker:
         room = requests.room()
         bucket: list[str] = []
         rank = -1
-        for rank, custom_id in enumerate(iter_custom_ids(Path(self.plan.input_path))):
+        for rank, custom_id in enumerate(iter_custom_ids(Path(self.plan.input_path), self.plan.key)):
             ids, ranks = waiting[_partition(custom_id, parts) if parts > 1 else 0]
             ids.append(custom_id)
             ranks.append(rank)
@@ -162,6 +162,9 @@ class Worker:
         """
         loads = jsonl.loads
         parts = self.plan.parts
+        key = self.plan.key
+        # Gemini's answers: a `response` is the success itself, an `error` the failure.
+        gemini = key == "key"
         position = self.plan.bases[file] + start
         end += self.plan.bases[file]
         waiting = answers.waiting
@@ -183,7 +186,7 @@ class Worker:
                     if not raw.strip():
                         continue  # a blank line
                     answer = None
-                custom_id = answer.get("custom_id") if type(answer) is dict else None
+                custom_id = answer.get(key) if type(answer) is dict else None
                 if type(custom_id) is not str:
                     scanned.unreadable += 1
                     if len(scanned.unreadable_at) < self.plan.cap:
@@ -192,7 +195,11 @@ class Worker:
                 response = answer.get("response")
                 ok = False
                 body = None
-                if type(response) is dict:
+                if gemini:
+                    if type(response) is dict and answer.get("error") is None:
+                        ok = True
+                        body = response
+                elif type(response) is dict:
                     status = response.get("status_code")
                     # Exactly int: JSON true is no status.
                     if type(status) is int and 200 <= status < 300:
@@ -203,7 +210,7 @@ class Worker:
                     ok = True
                     body = result.get("message")
                 if ok:
-                    usage = body.get("usage") if type(body) is dict else None
+                    usage = body.get("usageMetadata" if gemini else "usage") if type(body) is dict else None
                     if type(usage) is dict:
                         usages.append(usage)
                         if len(usages) == USAGE_BATCH:
@@ -319,10 +326,13 @@ class Worker:
         bases = self.plan.bases
         file = bisect_right(bases, position) - 1
         answer = jsonl.loads(self._pread(self._answer_fds()[file], position - bases[file], length))
-        # A success: OpenAI's format, or Anthropic's result (see the scan).
+        # A success: OpenAI's format, Anthropic's result, or Gemini's response (see the scan).
         response = answer.get("response")
-        body = response.get("body") if type(response) is dict else answer["result"].get("message")
-        usage = body.get("usage") if type(body) is dict else None
+        if self.plan.key == "key":
+            usage = response.get("usageMetadata")
+        else:
+            body = response.get("body") if type(response) is dict else answer["result"].get("message")
+            usage = body.get("usage") if type(body) is dict else None
         return usage if type(usage) is dict else None
 
     def _choose(
@@ -361,7 +371,7 @@ class Worker:
             code = self.plan.unanswered_code
             for custom_id, rank in ranks.items():
                 if rank not in successes and rank not in errors:
-                    joined.error_bytes[rank // size] += len(unanswered_line(custom_id, code)) + 1
+                    joined.error_bytes[rank // size] += len(unanswered_line(custom_id, code, self.plan.key)) + 1
                     joined.unanswered += 1
                     joined.failed += 1
 
@@ -404,7 +414,7 @@ class Worker:
                 if custom_ids is None:
                     custom_ids = marshal.loads(self._ids_path(bucket).read_bytes())
                     assert custom_ids is not None
-                err.add(unanswered_line(custom_ids[index], plan.unanswered_code))
+                err.add(unanswered_line(custom_ids[index], plan.unanswered_code, plan.key))
                 continue
             position, length, ok = slot
             if many:

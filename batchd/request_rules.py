@@ -7,9 +7,9 @@ through it, counts the lines and holds the whole-file rules. The rule names are
 published; batchd.validation's docstring lists them.
 
 `OpenAIRules` checks the lines Together, OpenAI and the local backend take
-(OpenAI's batch format); `AnthropicRules` Anthropic's own (`{"custom_id", "params"}`).
-Another dialect's lines (Gemini's `key`/`request`) get a class of their own beside
-them, with the same `LineRules` shape; `rules_for` picks the class of a provider kind.
+(OpenAI's batch format); `AnthropicRules` Anthropic's own (`{"custom_id", "params"}`);
+`GeminiRules` Gemini's (`{"key", "request"}`). `rules_for` picks the class of a provider
+kind, and `id_key` names the field that identifies a request in its lines.
 """
 
 from __future__ import annotations
@@ -24,7 +24,17 @@ import orjson
 from batchd.jsonl import MAX_JSON_DEPTH, nesting_depth
 from batchd.models import SUPPORTED_ENDPOINTS, BatchEndpoint
 
-__all__ = ["AnthropicRules", "LineRules", "OpenAIRules", "Problem", "SeenIds", "rules_for", "show_value"]
+__all__ = [
+    "AnthropicRules",
+    "GeminiRules",
+    "LineRules",
+    "OpenAIRules",
+    "Problem",
+    "SeenIds",
+    "id_key",
+    "rules_for",
+    "show_value",
+]
 
 _MAX_CUSTOM_ID = 64
 #: Anthropic's custom_id: 1 to 64 of these characters.
@@ -175,12 +185,12 @@ def _unwritable(number: int, content: bytes) -> Problem | None:
     return None
 
 
-def _remember(seen: SeenIds, number: int, custom_id: str, found: list[Problem]) -> None:
-    """The duplicate_custom_id rule: each custom_id once in a file."""
+def _remember(seen: SeenIds, number: int, custom_id: str, found: list[Problem], field: str = "custom_id") -> None:
+    """The duplicate_custom_id rule (Gemini's: duplicate_key): each id once in a file."""
     earlier = seen.add(custom_id, number)
     if earlier is not None:
-        message = f"custom_id {show_value(custom_id)} is already used on line {earlier}"
-        found.append(Problem(number, "duplicate_custom_id", message))
+        message = f"{field} {show_value(custom_id)} is already used on line {earlier}"
+        found.append(Problem(number, f"duplicate_{field}", message))
 
 
 def _model(number: int, body: dict[str, Any], where: str, so_far: str | None, found: list[Problem]) -> str | None:
@@ -349,6 +359,69 @@ class AnthropicRules:
             found.append(Problem(number, "stream", "params.stream must not be true: batch requests cannot stream"))
 
 
+class GeminiRules:
+    """Gemini's batch lines: `{"key", "request"}`.
+
+    key a non-empty string, unique (in the role of custom_id: Gemini documents no length or
+    alphabet for it); request an object (a GenerateContentRequest) with a non-empty list of
+    `contents`. The lines name no model: the create call does (the spec's `model`, else the
+    provider's `model`), so `model` stays None here.
+    """
+
+    def __init__(self, seen: SeenIds) -> None:
+        self.seen = seen
+        self.endpoint: str | None = None
+        self.model: str | None = None
+
+    def check(self, number: int, content: bytes) -> list[Problem]:
+        value = _request_object(number, content)
+        if isinstance(value, Problem):
+            return [value]
+        self.endpoint = BatchEndpoint.GENERATE_CONTENT
+        found: list[Problem] = []
+        self._key(number, value, found)
+        self._request(number, value, found)
+        return found
+
+    def _key(self, number: int, line: dict[str, Any], found: list[Problem]) -> None:
+        if "key" not in line:
+            hint = ' (this line looks like OpenAI\'s format: Gemini takes {"key", "request"})'
+            found.append(Problem(number, "key", "key is missing" + (hint if "custom_id" in line else "")))
+            return
+        key = line["key"]
+        if not isinstance(key, str) or not key:
+            found.append(Problem(number, "key", f"key must be a non-empty string, got {show_value(key)}"))
+            return
+        _remember(self.seen, number, key, found, field="key")
+
+    def _request(self, number: int, line: dict[str, Any], found: list[Problem]) -> None:
+        if "request" not in line:
+            found.append(Problem(number, "request", "request is missing (a GenerateContentRequest object)"))
+            return
+        request = line["request"]
+        if not isinstance(request, dict):
+            found.append(Problem(number, "request", f"request must be a JSON object, got {_kind(request)}"))
+            return
+        contents = request.get("contents")
+        if not isinstance(contents, list) or not contents:
+            got = "nothing" if "contents" not in request else show_value(contents)
+            found.append(Problem(number, "contents", f"request.contents must be a non-empty list, got {got}"))
+
+
+#: The field that identifies a request in a dialect's lines (and in its answers), where it is
+#: not `custom_id`.
+_ID_KEYS = {"gemini": "key"}
+
+
+def id_key(kind: str) -> str:
+    """The field naming a request in the lines of a provider kind: Gemini's `key`, else `custom_id`."""
+    return _ID_KEYS.get(kind, "custom_id")
+
+
 def rules_for(kind: str, seen: SeenIds) -> LineRules:
-    """The line rules of a provider kind: Anthropic's own lines, or OpenAI's batch format."""
-    return AnthropicRules(seen) if kind == "anthropic" else OpenAIRules(seen)
+    """The line rules of a provider kind: Anthropic's or Gemini's own lines, or OpenAI's batch format."""
+    if kind == "anthropic":
+        return AnthropicRules(seen)
+    if kind == "gemini":
+        return GeminiRules(seen)
+    return OpenAIRules(seen)

@@ -14,6 +14,7 @@ from pathlib import Path
 from batchd.config import Settings
 from batchd.inbox import ensure_job_files
 from batchd.models import Job, JobState
+from batchd.request_rules import id_key
 from batchd.shards import write_followups
 from batchd.store import NewJob, Store
 
@@ -29,7 +30,8 @@ def retry_job(store: Store, settings: Settings, job: Job) -> Job:
     new_id = uuid.uuid4().hex
     work = ensure_job_files(settings, new_id)
     upload = work / "retry.jsonl"
-    count = write_followups(Path(job.upload_path), Path(job.outbox_path) / "errors.jsonl", upload, everything=True)
+    errors = Path(job.outbox_path) / "errors.jsonl"
+    count = write_followups(Path(job.upload_path), errors, upload, everything=True, key=id_key(job.provider))
     if count == 0:
         raise NothingToRetry(f"every request of job {job.short_id} succeeded: nothing to retry")
     digest = hashlib.sha256(upload.read_bytes()).hexdigest()

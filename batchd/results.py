@@ -154,14 +154,14 @@ def _run(plan: Plan, output: _AtomicFile, errors: _AtomicFile, helper_wanted: bo
 
 
 def _merge(
-    input_path: Path, answers: Sequence[Path], folder: Path, code: str, scratch_dir: Path, *, helper: bool
+    input_path: Path, answers: Sequence[Path], folder: Path, code: str, scratch_dir: Path, key: str, *, helper: bool
 ) -> tuple[Plan, Scanned, Joined]:
     """One attempt at writing the outbox files, in a scratch folder of its own."""
     work = Path(tempfile.mkdtemp(prefix=".merge-", dir=scratch_dir))
     output = _AtomicFile(folder / "output.jsonl")
     errors = _AtomicFile(folder / "errors.jsonl")
     try:
-        plan = plan_merge(work, input_path, answers, code, cap=_LOG_CAP)
+        plan = plan_merge(work, input_path, answers, code, cap=_LOG_CAP, key=key)
         scanned, joined = _run(plan, output, errors, helper)
         output.finish()
         errors.finish()
@@ -191,6 +191,7 @@ def merge_results(
     folder: Path,
     unanswered_code: str,
     scratch_dir: Path,
+    key: str = "custom_id",
 ) -> MergeResult:
     """Write ``folder/output.jsonl`` and, when needed, ``folder/errors.jsonl`` in input order.
 
@@ -206,13 +207,14 @@ def merge_results(
     join's files live in a private folder in `scratch_dir`, removed afterwards.
     From `merge_helper.HELPER_FROM_BYTES` of input and answers, with two CPUs,
     a helper process shares the work (merge_helper.py); if it fails, the merge
-    is done again without it (``results.helper_failed``).
+    is done again without it (``results.helper_failed``). `key` is the field that names a
+    request (request_rules.id_key): "key" for Gemini, whose answers it then reads as Gemini's.
     """
     if unanswered_code not in UNANSWERED_CODES:
         raise ValueError(f"unanswered_code must be one of {sorted(UNANSWERED_CODES)}, got {unanswered_code!r}")
     scratch_dir.mkdir(parents=True, exist_ok=True)
     size = input_path.stat().st_size + sum(path.stat().st_size for path in answers)
-    merge = partial(_merge, input_path, answers, folder, unanswered_code, scratch_dir)
+    merge = partial(_merge, input_path, answers, folder, unanswered_code, scratch_dir, key)
     try:
         plan, scanned, joined = merge(helper=merge_helper.helper_wanted(size))
     except HelperFailed as exc:

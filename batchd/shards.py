@@ -125,10 +125,15 @@ def is_transient(answer: Mapping[str, Any]) -> bool:
             return status in TRANSIENT_STATUSES or 500 <= status <= 599
     error = answer.get("error")
     if isinstance(error, dict):
+        if error.get("status") in GEMINI_PASSING_STATUSES:
+            return True
         words = " ".join(str(error.get(k, "")) for k in ("code", "type", "message")).lower()
         return any(word in words for word in TRANSIENT_WORDS)
     return False
 
+
+#: Gemini's error statuses (google.rpc codes by name) that pass.
+GEMINI_PASSING_STATUSES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL"})
 
 #: Anthropic's error types that pass (the request may succeed when sent again).
 ANTHROPIC_PASSING_TYPES = frozenset({"overloaded_error", "rate_limit_error", "api_error", "timeout_error"})
@@ -152,13 +157,13 @@ def _resubmittable(answer: Mapping[str, Any], unanswered_codes: frozenset[str]) 
     return is_transient(answer)
 
 
-def _errors_in_order(errors: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _errors_in_order(errors: Path, key: str) -> Iterator[tuple[str, dict[str, Any]]]:
     with errors.open("rb") as stream:
         for raw in stream:
             content = strip_eol(raw)
             if content.strip():
                 answer = jsonl.loads(content)
-                yield str(answer["custom_id"]), answer
+                yield str(answer[key]), answer
 
 
 def write_followups(
@@ -168,18 +173,20 @@ def write_followups(
     *,
     unanswered_codes: frozenset[str] = frozenset({"batch_expired"}),
     everything: bool = False,
+    key: str = "custom_id",
 ) -> int:
     """Write to `dest` the request lines of `upload` whose line in `errors` is a transient
     failure or an unanswered request with one of `unanswered_codes` (with `everything`:
     every request with a line in `errors`, as a manual retry wants); return how many.
 
     `errors` is the merged errors.jsonl, in input order like `upload`, so one pass
-    over both in step (a merge join) finds them with constant memory.
+    over both in step (a merge join) finds them with constant memory. `key` names a request
+    in both (request_rules.id_key: Gemini's `key`).
     """
     count = 0
     with atomic_file(dest) as out:
         if errors is not None and errors.exists():
-            count = _join(upload, _errors_in_order(errors), out, unanswered_codes, everything)
+            count = _join(upload, _errors_in_order(errors, key), out, unanswered_codes, everything, key)
     return count
 
 
@@ -189,6 +196,7 @@ def _join(
     out: IO[bytes],
     codes: frozenset[str],
     everything: bool,
+    key: str,
 ) -> int:
     count = 0
     wanted = next(failures, None)
@@ -197,7 +205,7 @@ def _join(
             if wanted is None:
                 break
             request = jsonl.loads(strip_eol(raw))
-            if str(request["custom_id"]) != wanted[0]:
+            if str(request[key]) != wanted[0]:
                 continue
             if everything or _resubmittable(wanted[1], codes):
                 out.write(raw if raw.endswith(b"\n") else raw + b"\n")

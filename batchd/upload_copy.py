@@ -19,8 +19,12 @@ from batchd import jsonl
 
 __all__ = ["UploadCopy", "iter_custom_ids", "leading_custom_id", "write_upload_copy"]
 
-# The two spellings of a line that begins with its custom_id: Python's json.dumps and orjson's.
-_LEADING_KEYS = (b'{"custom_id": "', b'{"custom_id":"')
+def _leading(key: str) -> tuple[bytes, bytes]:
+    """The two spellings of a line that begins with its `key`: Python's json.dumps and orjson's."""
+    return (b'{"' + key.encode() + b'": "', b'{"' + key.encode() + b'":"')
+
+
+_LEADING_KEYS = {key: _leading(key) for key in ("custom_id", "key")}
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,9 @@ def write_upload_copy(src: Path | IO[bytes], dest: Path, *, model: str | None = 
     return UploadCopy(sha256=digest.hexdigest(), size_bytes=size, request_count=count)
 
 
-def leading_custom_id(raw: bytes) -> str | None:
-    """The custom_id of a request line that begins with it, read without parsing the line.
+def leading_custom_id(raw: bytes, key: str = "custom_id") -> str | None:
+    """The custom_id (`key`: Gemini's `key`) of a request line that begins with it, read without
+    parsing the line.
 
     None when not sure, and the caller parses the line: custom_id is not the line's first key
     (in one of the two usual spellings), the line holds a backslash after the key (an escape:
@@ -87,15 +92,16 @@ def leading_custom_id(raw: bytes) -> str | None:
     `"custom_id"` (a nested key, or a duplicate key, whose value a parser would take). Meant
     for lines known to be JSON objects: the rest of the line is not checked.
     """
-    for key in _LEADING_KEYS:
-        if raw.startswith(key):
-            start = len(key)
+    spellings = _LEADING_KEYS.get(key) or _leading(key)
+    for spelling in spellings:
+        if raw.startswith(spelling):
+            start = len(spelling)
             break
     else:
         return None
     end = raw.find(b'"', start)
     # A backslash is found at memchr speed; most lines have none, and those are parsed.
-    if end < 0 or raw.find(b"\\", start) >= 0 or raw.find(b'"custom_id"', end) >= 0:
+    if end < 0 or raw.find(b"\\", start) >= 0 or raw.find(b'"' + key.encode() + b'"', end) >= 0:
         return None
     try:
         return raw[start:end].decode()
@@ -103,8 +109,9 @@ def leading_custom_id(raw: bytes) -> str | None:
         return None
 
 
-def iter_custom_ids(path: Path) -> Iterator[str]:
-    """Yield the custom_id of every request of an upload copy, in line order.
+def iter_custom_ids(path: Path, key: str = "custom_id") -> Iterator[str]:
+    """Yield the custom_id (`key`: the dialect's id field) of every request of an upload copy,
+    in line order.
 
     An upload copy is batchd's own normalised file (one JSON object a line, `\n`
     ends, no blank line), so each raw line is read as it is: this runs over
@@ -113,12 +120,12 @@ def iter_custom_ids(path: Path) -> Iterator[str]:
     """
     with path.open("rb", buffering=1 << 20) as stream:
         for number, raw in enumerate(stream, start=1):
-            custom_id = leading_custom_id(raw)
+            custom_id = leading_custom_id(raw, key)
             if custom_id is not None:
                 yield custom_id
                 continue
             request = jsonl.loads(raw)
-            custom_id = request.get("custom_id") if isinstance(request, dict) else None
+            custom_id = request.get(key) if isinstance(request, dict) else None
             if not isinstance(custom_id, str):
-                raise ValueError(f"{path}: line {number} has no string custom_id")
+                raise ValueError(f"{path}: line {number} has no string {key}")
             yield custom_id

@@ -34,6 +34,10 @@ input                embeddings: body.input missing (or null)
 stream               body.stream (params.stream) is true (a batch cannot stream)
 params               Anthropic: params missing or not an object
 max_tokens           Anthropic: params.max_tokens missing or not an integer of at least 1
+key                  Gemini: key missing, or not a non-empty string (it plays custom_id's role)
+duplicate_key        Gemini: the key was already used; the message names that line
+request              Gemini: request missing or not an object (a GenerateContentRequest)
+contents             Gemini: request.contents missing or not a non-empty list
 empty                the file holds no request at all (whole file)
 too_many_requests    more requests than the provider takes in one batch (whole file)
 too_large            more bytes than the provider takes in one batch (whole file), or
@@ -42,7 +46,9 @@ too_large            more bytes than the provider takes in one batch (whole file
                      says otherwise (or the limit per batch, if that is smaller)
 
 Which rules a line meets depends on the provider's kind (`dialect`): Anthropic takes
-its own lines (`{"custom_id", "params"}`), every other kind OpenAI's batch format.
+its own lines (`{"custom_id", "params"}`), Gemini its own (`{"key", "request"}`, the
+model named by the spec or the provider, not by the lines), every other kind OpenAI's
+batch format.
 
 The size limit is checked against the bytes batchd would upload (request lines
 with ``\\n`` ends, no BOM, no blank lines), which is what the provider counts.
@@ -99,6 +105,10 @@ RULES: tuple[str, ...] = (
     "lone_surrogate",
     "params",
     "max_tokens",
+    "key",
+    "duplicate_key",
+    "request",
+    "contents",
 )
 #: Custom ids kept in memory before the uniqueness check spills to a scratch file.
 _SEEN_IN_MEMORY = 100_000

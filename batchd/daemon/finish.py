@@ -24,6 +24,7 @@ from batchd.models import Job, JobState, RemoteBatchRecord
 from batchd.outbox import OUTBOX_FILES, job_document, make_outbox_folder, outbox_candidates, reason_for, write_job_json
 from batchd.pricing import estimate_cost
 from batchd.providers.base import ProviderError
+from batchd.request_rules import id_key
 from batchd.results import MergeResult, merge_results, truncated_tail
 from batchd.safe_fs import PlantedEntry, check_within
 from batchd.source_file import SourceState, current_change
@@ -70,6 +71,7 @@ class Finisher:
             folder=folder,
             unanswered_code=code,
             scratch_dir=work,
+            key=id_key(job.provider),
         )
         source_changed = await self._check_source(job)
         followup = lifecycle.wants_followup(job, settings.resubmit.max_rounds)

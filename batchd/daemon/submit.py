@@ -25,6 +25,7 @@ from batchd.inbox import ensure_job_files
 from batchd.models import BatchStatus, Job, JobState, RemoteBatch, RemoteBatchRecord, RemoteStatus
 from batchd.providers.anthropic import request_total
 from batchd.providers.base import ProviderError
+from batchd.request_rules import id_key
 from batchd.safe_fs import check_within
 from batchd.shards import split, write_followups
 from batchd.store import CreatesBusy, ShardPlan, StaleState
@@ -63,7 +64,8 @@ class Submitter:
         next_round = job.round + 1
         files = await db(ensure_job_files, self._ctx.settings, job.id)
         followups = files / f"round-{next_round}.jsonl"
-        count = await db(write_followups, Path(job.upload_path or ""), folder / "errors.jsonl", followups)
+        errors = folder / "errors.jsonl"
+        count = await db(write_followups, Path(job.upload_path or ""), errors, followups, key=id_key(job.provider))
         if count == 0:
             return False
         rows = await self._plan_round(job, followups, next_round)
