@@ -45,7 +45,7 @@ from batchd.recovery import ClaimRecovery
 from batchd.rejections import Rejection, from_report, whole_file
 from batchd.safe_fs import NotRegularFile, make_dirs, open_regular, real_dir
 from batchd.source_file import SourceState, snapshot
-from batchd.specs import Spec, is_ignored_name, move_data, open_data, read_spec, spec_data
+from batchd.specs import Spec, batch_model, is_ignored_name, move_data, open_data, read_spec, spec_data
 from batchd.store import Hold, NewJob, RejectedJob, Store
 from batchd.upload_copy import UploadCopy, write_upload_copy
 from batchd.validation import Report, validate_stream
@@ -340,6 +340,8 @@ class Inbox:
         settings = self._settings()
         source = claimed.name
         spec = read_spec(claimed, settings) if self._kind(claimed) is Kind.SPEC else None
+        # Before the data is read: a Gemini job without a model could never be created.
+        model = batch_model(_provider_of(settings, spec), spec, source)
         data = claimed if spec is None else spec_data(self.dir, claimed, spec)
         fd = open_regular(data) if spec is None else open_data(self.dir, claimed, data)
         try:
@@ -370,8 +372,9 @@ class Inbox:
             size_bytes=copy.size_bytes,
             request_count=copy.request_count,
             completion_window=(spec.completion_window if spec else None) or settings.submit.completion_window,
-            # The spec's override, else the one model every request names (for cost estimates).
-            model=(spec.model if spec else None) or report.model,
+            # Gemini's batch model, else the spec's override, else the one model every request
+            # names (for cost estimates).
+            model=model or (spec.model if spec else None) or report.model,
             webhook_url=spec.webhook_url if spec else None,
             metadata=dict(spec.metadata) if spec else {},
             hold=self._owner(),
@@ -393,7 +396,9 @@ class Inbox:
                 continue
             claim_data()
             with snapshot(fd, before.size) as stream:
-                copy = write_upload_copy(stream, claimed.parent / UPLOAD_NAME, model=spec.model if spec else None)
+                # Gemini's lines name no model: the spec's goes to the create call instead.
+                rewrite = spec.model if spec and _provider_of(self._settings(), spec).kind != "gemini" else None
+                copy = write_upload_copy(stream, claimed.parent / UPLOAD_NAME, model=rewrite)
             after = SourceState.of(os.fstat(fd))
             if after == before or attempt == MAX_READS:
                 return Taken(report, copy, before)

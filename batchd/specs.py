@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from batchd.config import DEFAULT_PROVIDER, Settings
+from batchd.config import DEFAULT_PROVIDER, ProviderSettings, Settings
 from batchd.rejections import on_line, whole_file
 from batchd.safe_fs import NotRegularFile, open_folder, open_regular, real_dir
 from batchd.webhooks import webhook_url_refusal
@@ -197,3 +197,21 @@ def move_data(inbox_dir: Path, claimed: Path, data: Path, fd: int) -> Path:
         # Swapped for another file between the read and the rename: that one is not taken.
         raise whole_file(source, "input", f"{shown} was replaced while batchd was taking it")
     return moved
+
+
+def batch_model(provider: ProviderSettings, spec: Spec | None, source: str) -> str | None:
+    """The model a Gemini batch is created for (Gemini names it in the create call, not on each
+    line): the spec's, else the provider's `model`; a Rejection naming both when neither says.
+    None for the other kinds, whose lines name their model."""
+    if provider.kind != "gemini":
+        return None
+    model = (spec.model if spec else None) or provider.model
+    if not model:
+        where = "its spec's" if spec else "a spec's"
+        raise whole_file(
+            source,
+            "model",
+            f'a Gemini batch is created for one model, named by {where} "model" or by the provider\'s '
+            "`model` in the config; neither names one",
+        )
+    return model

@@ -19,6 +19,7 @@ from batchd import jsonl
 
 __all__ = ["UploadCopy", "iter_custom_ids", "leading_custom_id", "write_upload_copy"]
 
+
 def _leading(key: str) -> tuple[bytes, bytes]:
     """The two spellings of a line that begins with its `key`: Python's json.dumps and orjson's."""
     return (b'{"' + key.encode() + b'": "', b'{"' + key.encode() + b'":"')

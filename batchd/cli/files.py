@@ -22,7 +22,7 @@ from batchd.cli.common import Context, config_options, fail, pass_ctx
 from batchd.config import ConfigError, NoConfigFound, Settings, default_settings
 from batchd.rejections import Rejection
 from batchd.safe_fs import NotRegularFile, open_folder
-from batchd.specs import Spec, input_path, read_spec
+from batchd.specs import Spec, batch_model, input_path, read_spec
 from batchd.text import counted
 from batchd.validation import Report, format_report, validate_file
 
@@ -44,12 +44,14 @@ def check(file: Path, settings: Settings) -> Checked:
     """Validate a request file or a spec with its data; raises Rejection naming what is wrong."""
     if not _is_spec(file):
         provider = settings.provider
+        batch_model(provider, None, file.name)
         report = validate_file(file, source=file.name, limits=provider.validation_limits, dialect=provider.kind)
         return Checked(report)
     spec = read_spec(file, settings)
     data = input_path(file.parent, file.name, spec)
     named = settings.provider_named(spec.provider)
     assert named is not None  # read_spec refused a provider that is not configured
+    batch_model(named, spec, file.name)
     report = validate_file(data, source=spec.input, limits=named.validation_limits, dialect=named.kind)
     return Checked(report, spec, data)
 

@@ -202,6 +202,12 @@ def _build_provider(
                 f"{where}.api_key_env or {where}.api_key_file"
             )
         api_key = Secret(environ[env_name])
+    model = _str(p, "model", f"{where}.model", "")
+    if model and kind != "gemini":
+        raise ConfigError(
+            f"{where}.model: only a gemini provider takes a model (the other kinds name it on each "
+            "request line, and a spec's model rewrites those)"
+        )
     return ProviderSettings(
         kind=kind,
         base_url=base_url,
@@ -209,6 +215,7 @@ def _build_provider(
         max_batch_requests=_int(p, "max_batch_requests", f"{where}.max_batch_requests", 0, 0),
         max_batch_bytes=_int(p, "max_batch_bytes", f"{where}.max_batch_bytes", 0, 0),
         max_request_bytes=_int(p, "max_request_bytes", f"{where}.max_request_bytes", 0, 0),
+        model=model,
     )
 
 

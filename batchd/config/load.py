@@ -29,6 +29,7 @@ _SECTION_KEYS: dict[str, set[str]] = {
         "max_batch_requests",
         "max_batch_bytes",
         "max_request_bytes",
+        "model",
     },
     "resubmit": {"max_rounds"},
     "cluster": {"lease_s"},

@@ -25,6 +25,7 @@ DEFAULT_BASE_URLS = {
     "together": "https://api.together.ai",
     "openai": "https://api.openai.com/v1",
     "anthropic": "https://api.anthropic.com",
+    "gemini": "https://generativelanguage.googleapis.com",
 }
 
 #: The name of the [provider] table's provider (a job's provider_name when no spec names one).
@@ -32,9 +33,14 @@ DEFAULT_PROVIDER = "default"
 #: What a [providers.NAME] table may be called.
 PROVIDER_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 #: The kinds of provider batchd speaks.
-PROVIDER_KINDS = ("local", "together", "openai", "anthropic")
+PROVIDER_KINDS = ("local", "together", "openai", "anthropic", "gemini")
 
-DEFAULT_KEY_ENVS = {"together": "TOGETHER_API_KEY", "openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+DEFAULT_KEY_ENVS = {
+    "together": "TOGETHER_API_KEY",
+    "openai": "OPENAI_API_KEY",
+    "anthropic": "ANTHROPIC_API_KEY",
+    "gemini": "GEMINI_API_KEY",
+}
 
 
 class ConfigError(Exception):
@@ -79,6 +85,9 @@ class ProviderSettings:
     max_batch_bytes: int = 0
     #: the longest request line; 0: models.MAX_REQUEST_BYTES
     max_request_bytes: int = 0
+    #: Gemini: the model a job's batch is created for when its spec names none (Gemini names
+    #: the model in the create call, not on each line); empty: every spec must name one
+    model: str = ""
 
     @property
     def limits(self) -> Limits:
