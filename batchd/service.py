@@ -21,12 +21,14 @@ import structlog
 
 from batchd import logs
 from batchd.config import DEFAULT_PROVIDER, ConfigError, ProviderSettings, Settings
+from batchd.config.settings import PROVIDER_KINDS
 from batchd.daemon import Daemon, db
 from batchd.faults import Faults
 from batchd.health import serve_metrics
 from batchd.local_backend import open_local_backend
 from batchd.providers.anthropic import AnthropicProvider
 from batchd.providers.base import Provider
+from batchd.providers.gemini import GeminiProvider
 from batchd.providers.http import API_TIMEOUT, http_client
 from batchd.providers.openai import OpenAIProvider
 from batchd.providers.together import TogetherProvider
@@ -128,9 +130,10 @@ def _remote_provider(config: ProviderSettings, http: httpx.AsyncClient) -> Provi
         return OpenAIProvider(http, base_url=config.base_url, api_key=api_key)
     if config.kind == "anthropic":
         return AnthropicProvider(http, base_url=config.base_url, api_key=api_key)
-    raise ConfigError(
-        f"provider.kind = {config.kind!r} is not a known provider (use 'local', 'together', 'openai' or 'anthropic')"
-    )
+    if config.kind == "gemini":
+        return GeminiProvider(http, base_url=config.base_url, api_key=api_key)
+    known = ", ".join(repr(kind) for kind in PROVIDER_KINDS)
+    raise ConfigError(f"provider.kind = {config.kind!r} is not a known provider (use one of {known})")
 
 
 async def serve(

@@ -57,6 +57,7 @@ class Finisher:
         work = self._ctx.work_dir(job)
         answers = await self._download(job, batches, work)
         crashpoint("after_download")
+        await self._delete_inputs(job, batches)
         # Reserved in the database, then created: a restart finds the reservation and reuses it.
         candidates = outbox_candidates(settings.outbox_dir, job.name, job.id)
         folder = await db(self._ctx.store.jobs.reserve_outbox, job.id, candidates, os.path.lexists)
@@ -125,6 +126,22 @@ class Finisher:
                     log.info("job.downloaded", job_id=job.id, file_id=file_id, bytes=size)
                     answers.append(dest)
         return answers
+
+    async def _delete_inputs(self, job: Job, batches: list[RemoteBatchRecord]) -> None:
+        """Delete at the provider the files this round uploaded, where the provider wants it (Gemini
+        counts them against a quota for 48 h). Best effort: a delete that fails is logged, once,
+        and never holds the job up; a round ended again after a crash deletes again (one already
+        gone counts as deleted)."""
+        provider = self._ctx.provider_for(job)
+        if not provider.deletes_inputs:
+            return
+        for batch in lifecycle.current_round(job, batches):
+            if not batch.input_file_id or not batch.remote_id:
+                continue
+            try:
+                await provider.delete_file(batch.input_file_id)
+            except ProviderError as exc:
+                log.warning("job.input_not_deleted", job_id=job.id, file_id=batch.input_file_id, error=exc.message)
 
     async def _finish(self, job: Job, doc: dict[str, Any]) -> None:
         """The terminal transition and its webhook events, in one transaction."""

@@ -191,6 +191,7 @@ class Submitter:
                 completion_window=job.completion_window,
                 job_id=job.id,
                 input_path=input_path,
+                model=job.model,
             )
         except ProviderError as exc:
             if not exc.outcome_unknown:

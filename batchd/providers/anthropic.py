@@ -172,6 +172,7 @@ class AnthropicProvider(HttpProvider):
         completion_window: str,
         job_id: str | None = None,
         input_path: Path | None = None,
+        model: str | None = None,
     ) -> RemoteBatch:
         """Create a batch from the request lines at `input_path`, streamed inline; never retried.
 

@@ -1,6 +1,6 @@
 """The Provider protocol: what the daemon and the client need from a Batch API.
 
-One implementation per wire dialect (together.py, openai.py), each over an
+One implementation per wire dialect (together.py, openai.py, anthropic.py, gemini.py), each over an
 `httpx.AsyncClient` that the caller builds and passes in. `ProviderError` lives in
 errors.py and is re-exported here.
 """
@@ -21,13 +21,16 @@ __all__ = ["Provider", "ProviderError"]
 class Provider(Protocol):
     """A Batch API seen through one wire dialect."""
 
-    #: "together" | "openai" | "anthropic" | "local"
+    #: "together" | "openai" | "anthropic" | "gemini" | "local"
     kind: str
     limits: Limits
     #: whether a listed batch names what it was created from (its input file, batchd's job in
     #: its metadata): a lost create is then found again by those; else (Anthropic) only by its
     #: request count and creation time (daemon/submit.py)
     identifies_creates: bool
+    #: whether the daemon deletes a round's uploaded inputs once its batches ended (Gemini: its
+    #: uploads count against a project quota for 48 h); `delete_file` does it
+    deletes_inputs: bool
 
     async def upload_file(self, path: Path, *, filename: str, sha256: str) -> str:
         """Upload a batch input file; return the provider's file id.
@@ -49,6 +52,7 @@ class Provider(Protocol):
         completion_window: str,
         job_id: str | None = None,
         input_path: Path | None = None,
+        model: str | None = None,
     ) -> RemoteBatch:
         """Create a batch. Never retried blindly: a lost answer raises
         ProviderError(outcome_unknown=True) and the caller reconciles by listing.
@@ -57,7 +61,13 @@ class Provider(Protocol):
         none): where the dialect has metadata it goes there as `batchd_job_id`.
         `input_path` is the uploaded file's local copy: a dialect whose requests travel
         inline in the create (Anthropic) sends it from there; the others ignore it.
+        `model` is the one model of the batch: a dialect that names it in the create call
+        (Gemini) needs it; the others ignore it (their lines name it).
         """
+        ...
+
+    async def delete_file(self, file_id: str) -> None:
+        """Delete an uploaded file; one already gone counts as deleted (only where `deletes_inputs`)."""
         ...
 
     async def get_batch(self, batch_id: str) -> RemoteBatch: ...

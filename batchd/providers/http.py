@@ -86,6 +86,8 @@ class HttpProvider:
     default_base_url = ""
     #: a listed batch names its input file (and, with metadata, batchd's job): see Provider
     identifies_creates = True
+    #: the daemon deletes a round's inputs once its batches ended (see Provider)
+    deletes_inputs = False
 
     @staticmethod
     def normalise_base_url(url: str) -> str:
@@ -292,6 +294,10 @@ class HttpProvider:
                 f"{what}: HTTP {code} with an unreadable body", status_code=code, retryable=True, outcome_unknown=True
             )
         return code, body
+
+    async def delete_file(self, file_id: str) -> None:
+        """Only a dialect with `deletes_inputs` deletes files (#18 brings the others' deletes)."""
+        raise ProviderError(f"{self.dialect}: batchd does not delete this provider's files")
 
     # -- download ----------------------------------------------------------
 

@@ -167,6 +167,7 @@ class OpenAIProvider(HttpProvider):
         completion_window: str,
         job_id: str | None = None,
         input_path: Path | None = None,
+        model: str | None = None,
     ) -> RemoteBatch:
         """Create a batch carrying `metadata.batchd_job_id`; never retried here.
 

@@ -174,6 +174,7 @@ class TogetherProvider(HttpProvider):
         completion_window: str,
         job_id: str | None = None,
         input_path: Path | None = None,
+        model: str | None = None,
     ) -> RemoteBatch:
         """Create a batch. Never retried here (`HttpProvider._post_create` classifies failures).
 

@@ -47,7 +47,7 @@ def error_text(value: Any) -> str | None:
         return value
     if isinstance(value, Mapping):
         message = value.get("message")
-        details = [f"{key}={value[key]}" for key in ("type", "code", "param") if value.get(key)]
+        details = [f"{key}={value[key]}" for key in ("type", "code", "param", "status") if value.get(key)]
         if isinstance(message, str) and message:
             return f"{message} ({', '.join(details)})" if details else message
         return json.dumps(value, sort_keys=True, default=str)

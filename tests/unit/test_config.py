@@ -95,7 +95,7 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
         ("[polling]\nfast = true\n", "unknown key polling.fast"),
         ("[polling]\nmin_interval_s = 'soon'\n", "polling.min_interval_s"),
         ("[polling]\nmin_interval_s = -1\n", "polling.min_interval_s"),
-        ("[provider]\nkind = 'gemini'\n", "provider.kind"),
+        ("[provider]\nkind = 'vertex'\n", "provider.kind"),
         ("[local]\nconcurrency = 0\n", "local.concurrency"),
         ("[local]\nmax_body_bytes = 0\n", "local.max_body_bytes"),
         ("[local]\nmax_body_bytes = '1 GB'\n", "local.max_body_bytes"),
