@@ -29,6 +29,7 @@ EXAMPLE_MODELS = {
     "together": "meta-llama/Llama-3.3-70B-Instruct-Turbo",
     "openai": "gpt-4o-mini",
     "anthropic": "claude-haiku-4-5",
+    "gemini": "gemini-2.5-flash",
 }
 EVENTS = '["batch.completed", "batch.failed", "batch.expired", "batch.cancelled", "batch.rejected"]'
 
@@ -40,17 +41,23 @@ def _provider_section(kind: str) -> str:
             'kind = "local"                     # the embedded backend: offline, no key; it answers each request\n'
             "                                   # with an echo of it (engine \"upstream\" in [local] forwards to a\n"
             "                                   # real OpenAI-compatible server instead)\n"
-            '# For a real provider: kind = "together" | "openai" | "anthropic", and its key, e.g.\n'
+            '# For a real provider: kind = "together" | "openai" | "anthropic" | "gemini", and its key, e.g.\n'
             '# kind = "together"\n'
             '# api_key_env = "TOGETHER_API_KEY"  # or api_key_file = "/path/to/key"\n'
             "\n"
             "[polling]\n"
             "min_interval_s = 1.0               # the local backend is on this machine: poll it often\n"
         )
+    model = (
+        f'model = "{EXAMPLE_MODELS[kind]}"        # Gemini names the model per batch: this one, or a spec\'s "model"\n'
+        if kind == "gemini"
+        else ""
+    )
     return (
         "[provider]\n"
         f'kind = "{kind}"\n'
         f'api_key_env = "{DEFAULT_KEY_ENVS[kind]}"     # the variable holding the key; or api_key_file = "/path"\n'
+        f"{model}"
         f'# base_url = "{DEFAULT_BASE_URLS[kind]}"\n'
     )
 
@@ -92,6 +99,11 @@ def example_lines(kind: str) -> str:
             line: dict[str, object] = {
                 "custom_id": f"hello-{i}", "params": {"model": model, "max_tokens": 64, "messages": messages},
             }  # fmt: skip
+        elif kind == "gemini":
+            # No model on the line: the config's (or a spec's) names it for the whole batch.
+            contents = [{"role": "user", "parts": [{"text": question}]}]
+            request = {"contents": contents, "generationConfig": {"maxOutputTokens": 64}}
+            line = {"key": f"hello-{i}", "request": request}
         else:
             body = {"model": model, "messages": messages, "max_tokens": 64}
             line = {"custom_id": f"hello-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
