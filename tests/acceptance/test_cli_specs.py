@@ -86,3 +86,19 @@ def test_submit_never_writes_through_a_folder_planted_as_a_symlink_in_the_inbox(
     result = batchd("--config", str(config), "submit", str(spec))
     assert result.returncode == 1 and "symlinks are not followed" in result.stderr
     assert list(elsewhere.iterdir()) == [] and not (inbox / "job.json").exists()
+
+
+def test_validate_for_a_gemini_provider_wants_a_model_from_the_spec_or_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "batchd.toml"
+    config.write_text('state_dir = "state"\n[provider]\nkind = "gemini"\n', encoding="utf-8")
+    env = {"BATCHD_CONFIG": str(config), "GEMINI_API_KEY": "g"}
+    lines = [{"key": "a", "request": {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}}]
+    bare = write_jsonl(tmp_path / "bare.jsonl", lines)
+    result = batchd("validate", "--json", str(bare), env=env)
+    assert result.returncode == 1, result.stdout
+    (problem,) = json.loads(result.stdout)["problems"]
+    assert problem["rule"] == "model" and "spec" in problem["message"] and "config" in problem["message"]
+    # The same lines with a spec naming the model are valid: Gemini's rules, not OpenAI's.
+    spec = make_spec(tmp_path / "with", {"input": "data/job.jsonl", "model": "gemini-2.5-flash"}, lines)
+    result = batchd("validate", str(spec), env=env)
+    assert result.returncode == 0, result.stdout

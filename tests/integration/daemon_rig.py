@@ -21,6 +21,7 @@ from batchd.emulator.server import serve_emulator
 from batchd.models import Job
 from batchd.providers.anthropic import AnthropicProvider
 from batchd.providers.base import Provider
+from batchd.providers.gemini import GeminiProvider
 from batchd.providers.openai import OpenAIProvider
 from batchd.providers.together import TogetherProvider
 from batchd.store import Store
@@ -35,6 +36,14 @@ def message(custom_id: str, trigger: dict[str, Any] | None = None, text: str | N
     if trigger:
         params["batchd_emulator"] = trigger
     return {"custom_id": custom_id, "params": params}
+
+
+def gemini(key: str, trigger: dict[str, Any] | None = None, text: str | None = None) -> dict[str, Any]:
+    """A Gemini batch line (`{"key", "request"}`): no model, the create call names it."""
+    request: dict[str, Any] = {"contents": [{"role": "user", "parts": [{"text": text or key}]}]}
+    if trigger:
+        request["batchd_emulator"] = trigger
+    return {"key": key, "request": request}
 
 
 def chat(custom_id: str, trigger: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -117,7 +126,8 @@ async def rig(
         "[polling]\nmin_interval_s = 0.02\nmax_interval_s = 0.1\n[inbox]\nsettle_s = 0.0\n",
         encoding="utf-8",
     )
-    settings = load_settings(config, environ={"TOGETHER_API_KEY": "k", "OPENAI_API_KEY": "k", "ANTHROPIC_API_KEY": "k"})
+    keys = ("TOGETHER_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY")
+    settings = load_settings(config, environ=dict.fromkeys(keys, "k"))
     store = Store(settings.database_url)
     store.migrate()
     options: dict[str, Any] = {"retry": retry or RetryPolicy(attempts=1)}
@@ -133,6 +143,8 @@ async def rig(
                 provider = OpenAIProvider(http, base_url=f"{url}/openai/v1", api_key="k", **options)
             elif kind == "anthropic":
                 provider = AnthropicProvider(http, base_url=f"{url}/anthropic", api_key="k", **options)
+            elif kind == "gemini":
+                provider = GeminiProvider(http, base_url=f"{url}/gemini", api_key="k", **options)
             else:
                 provider = TogetherProvider(http, base_url=url, api_key="k", **options)
             daemon = Daemon(settings, store=store, provider=provider)
