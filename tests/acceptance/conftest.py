@@ -323,11 +323,26 @@ def message(custom_id: str, text: str = "hello", trigger: dict[str, Any] | None 
     return {"custom_id": custom_id, "params": params}
 
 
+def gemini(key: str, text: str = "hello", trigger: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A Gemini batch line (`{"key", "request"}`; the model is the provider's or the spec's)."""
+    request: dict[str, Any] = {"contents": [{"role": "user", "parts": [{"text": text}]}]}
+    if trigger:
+        request["batchd_emulator"] = trigger
+    return {"key": key, "request": request}
+
+
 def use_anthropic(h: Harness) -> None:
     """Point the harness's daemon at the emulator's Anthropic dialect."""
     config = h.ws.config.read_text().replace('kind = "together"', 'kind = "anthropic"')
     h.ws.config.write_text(config.replace(f'base_url = "{h.emulator.url}"', f'base_url = "{h.emulator.url}/anthropic"'))
     h.ws.env["ANTHROPIC_API_KEY"] = "acceptance-key"
+
+
+def use_gemini(h: Harness, model: str = "gemini-2.5-flash") -> None:
+    """Point the harness's daemon at the emulator's Gemini dialect, with a model for its batches."""
+    config = h.ws.config.read_text().replace('kind = "together"', f'kind = "gemini"\nmodel = "{model}"')
+    h.ws.config.write_text(config.replace(f'base_url = "{h.emulator.url}"', f'base_url = "{h.emulator.url}/gemini"'))
+    h.ws.env["GEMINI_API_KEY"] = "acceptance-key"
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
