@@ -12,7 +12,8 @@ from tests.acceptance.conftest import gemini, harness, read_jsonl
 
 async def test_a_spec_for_a_gemini_provider_ends_with_its_outbox_and_its_webhook(tmp_path: Path) -> None:
     async with harness(tmp_path) as h:
-        flash = f'[providers.flash]\nkind = "gemini"\nbase_url = "{h.emulator.url}/gemini"\nmodel = "gemini-2.5-flash"\n'
+        url = f"{h.emulator.url}/gemini"
+        flash = f'[providers.flash]\nkind = "gemini"\nbase_url = "{url}"\nmodel = "gemini-2.5-flash"\n'
         h.ws.config.write_text(h.ws.config.read_text() + "\n" + flash, encoding="utf-8")
         h.ws.env["GEMINI_API_KEY"] = "acceptance-key"
         data = h.ws.inbox / "data"
