@@ -202,10 +202,11 @@ def move_data(inbox_dir: Path, claimed: Path, data: Path, fd: int) -> Path:
 def batch_model(provider: ProviderSettings, spec: Spec | None, source: str) -> str | None:
     """The model a Gemini batch is created for (Gemini names it in the create call, not on each
     line): the spec's, else the provider's `model`; a Rejection naming both when neither says.
-    None for the other kinds, whose lines name their model."""
+    None for the other kinds, whose lines name their model. Named without Gemini's `models/`
+    prefix, as `[pricing]` names it."""
     if provider.kind != "gemini":
         return None
-    model = (spec.model if spec else None) or provider.model
+    model = ((spec.model if spec else None) or provider.model).removeprefix("models/")
     if not model:
         where = "its spec's" if spec else "a spec's"
         raise whole_file(
