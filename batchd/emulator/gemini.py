@@ -139,11 +139,11 @@ def gemini_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) -> li
 
     async def output_of(batch: StoredBatch) -> dict[str, Any] | None:
         """What the batch gave, once it ended with something to give (an expired one gives nothing)."""
-        if not batch.status.terminal or batch.status is BatchStatus.EXPIRED:
+        if not batch.status.terminal or batch.status is BatchStatus.EXPIRED or batch.output_file_id is None:
             return None
         if batch.source_file_id is not None:
-            return None if batch.output_file_id is None else {"responsesFile": f"files/{batch.output_file_id}"}
-        results = state.content_path(batch.output_file_id) if batch.output_file_id is not None else None
+            return {"responsesFile": f"files/{batch.output_file_id}"}
+        results = state.content_path(batch.output_file_id)
         lines = state.content_path(batch.input_file_id)
         responses = await anyio.to_thread.run_sync(inline_responses, lines, results)
         return {"inlinedResponses": {"inlinedResponses": responses}}

@@ -91,7 +91,7 @@ class _Writer:
         self._lines.write(data)
         return None
 
-    def error(self, custom_id: str, key: str | None, message: str) -> None:
+    def error(self, custom_id: str, key: str | None, message: str, metadata: Any = None) -> None:
         """Write a request that only gets an error line (with `key`, when it has a usable one)."""
         self._count()
         self.invalid += 1
@@ -99,7 +99,14 @@ class _Writer:
         result.update(google_error_body(400, message))
         # In the input too, so that it counts and the batch's lines stay one per request.
         placeholder = {"custom_id": custom_id, "method": "POST", "url": BatchEndpoint.GENERATE_CONTENT, "body": {}}
-        self._lines.write(orjson.dumps(placeholder) + b"\n")
+        if metadata is not None:
+            placeholder["metadata"] = metadata
+        data = _encoded(placeholder)
+        if data is None:
+            # Metadata that cannot be written back (a lone surrogate): the response goes without it.
+            del placeholder["metadata"]
+            data = orjson.dumps(placeholder) + b"\n"
+        self._lines.write(data)
         self._spool.write(spool_record(False, custom_id, result))
 
     def _count(self) -> None:
@@ -190,26 +197,25 @@ def convert_inline(requests: Iterable[Any], lines: Path, spool: Path, model: str
             if not isinstance(item, dict):
                 writer.error(custom_id, custom_id, f"{where} must be an object with a request")
                 continue
-            request = item.get("request")
+            request, metadata = item.get("request"), item.get("metadata")
             problem = generate_content_problem(request)
             if problem is None:
                 assert isinstance(request, dict)
-                problem = writer.request(custom_id, request, item.get("metadata"))
+                problem = writer.request(custom_id, request, metadata)
             if problem is not None:
-                writer.error(custom_id, custom_id, f"{where}: {problem}")
+                writer.error(custom_id, custom_id, f"{where}: {problem}", metadata)
         return writer.done()
 
 
-def inline_responses(lines: Path, results: Path | None) -> list[dict[str, Any]]:
+def inline_responses(lines: Path, results: Path) -> list[dict[str, Any]]:
     """An inline batch's `inlinedResponses`: one per request answered, in the order of the requests,
     each with the request's `metadata` (when it had one). Blocking (run it in a worker thread)."""
     answered: dict[str, dict[str, Any]] = {}
-    if results is not None:
-        with results.open("rb") as f:
-            for line in read_lines(f):
-                if line.content is not None:
-                    result = loads(line.content)
-                    answered[str(result.get("key"))] = result
+    with results.open("rb") as f:
+        for line in read_lines(f):
+            if line.content is not None:
+                result = loads(line.content)
+                answered[str(result.get("key"))] = result
     responses: list[dict[str, Any]] = []
     with lines.open("rb") as f:
         for line in read_lines(f):
