@@ -40,7 +40,7 @@ SECONDS = click.FloatRange(min=0.0)
 @click.option(
     "--max-body-bytes", type=click.IntRange(min=1),
     help="Refuse request bodies larger than this with 413, before reading them "
-    "(default: the largest batch input, OpenAI's 200 MB, plus 1 MiB for the form).",
+    "(default: the largest batch input, Gemini's 2 GB file, plus 1 MiB for the form).",
 )  # fmt: skip
 @click.option("--upstream-url", help="Forward each request to this OpenAI-compatible server (default: echo replies).")
 @click.option(
@@ -85,7 +85,8 @@ def emulator(
     fault_retry_after: float | None,
     fault_seed: int | None,
 ) -> None:
-    """The embedded Batch API on its own: Together dialect at /v1/, OpenAI dialect at /openai/v1/."""
+    """The embedded Batch API on its own: Together dialect at /v1/, OpenAI's at /openai/v1/, Anthropic's at
+    /anthropic/, Gemini's at /gemini/."""
     from batchd.emulator.bodies import DEFAULT_MAX_BODY_BYTES
     from batchd.emulator.faults import RandomFaults
     from batchd.emulator.server import run_emulator

@@ -1,4 +1,5 @@
-"""The embedded Batch API emulator (DESIGN §8): Together's dialect at `/v1/...`, OpenAI's at `/openai/v1/...`.
+"""The embedded Batch API emulator (DESIGN §8): Together's dialect at `/v1/...`, OpenAI's at `/openai/v1/...`,
+Anthropic's at `/anthropic/v1/messages/batches...`, Gemini's at `/gemini/{v1,v1beta}/...`.
 
 `batchd emulator` serves it for users; the daemon runs it in-process on a
 loopback port as the "local" backend; batchd's tests talk to it over real
@@ -10,16 +11,25 @@ HTTP. The official SDKs work against it unchanged::
     from openai import OpenAI
     client = OpenAI(api_key="anything", base_url="http://127.0.0.1:8787/openai/v1")
 
+    from anthropic import Anthropic
+    client = Anthropic(api_key="anything", base_url="http://127.0.0.1:8787/anthropic")
+
+    from google import genai
+    from google.genai import types
+    client = genai.Client(api_key="anything",
+                          http_options=types.HttpOptions(base_url="http://127.0.0.1:8787/gemini"))
+
 In Python::
 
     from batchd.emulator import create_app, serve_emulator
     async with serve_emulator(create_app(data_dir)) as base_url:
         ...
 
-Both dialects share one store: a file uploaded through one can feed a batch
-created through the other, and each lists every batch, rendered in its own
-shape. A batch keeps the rules of the dialect that created it (its limits,
-its result lines). Files and batches live under the data dir and survive a
+The dialects share one store: a file uploaded through Together's can feed a
+batch created through OpenAI's and the other way round, and each of those two
+lists every batch, rendered in its own shape; Anthropic's and Gemini's show
+their own batches (and Gemini's, its own files). A batch keeps the rules of
+the dialect that created it (its limits, its result lines). Files and batches live under the data dir and survive a
 restart. Every answer is fsynced into the batch's spool as it arrives
 (appends that arrive during one fsync share the next), so a batch that was
 running when the process stopped (even `kill -9`) resumes after a restart and
@@ -120,7 +130,7 @@ fail the batch at validation (so a typo never passes silently). Keys:
 `"expire_batch": true`
     The batch ends EXPIRED: requests on lines before this one are answered
     (and in the result files); this line and every later line get nothing
-    (OpenAI: a `batch_expired` error line each).
+    (OpenAI: a `batch_expired` error line each; Gemini shows no results at all).
 `"expire_once": true`
     Like `expire_batch`, but only the first time the emulator ever plans this
     very line (its bytes): the same request resubmitted in a follow-up batch
@@ -131,6 +141,16 @@ fail the batch at validation (so a typo never passes silently). Keys:
 
 When several keys are given, `error` wins over `status`, which wins over
 `fail_once`; `expire_batch` wins over `fail_batch`.
+
+In an Anthropic batch the object goes in a request's `params`; in a Gemini
+batch, in its `request` (a file line `{"key", "request": {"contents": [...],
+"batchd_emulator": {"status": 429}}}`; the SDK's inline requests cannot carry
+it). A Gemini error line is Google's `{"key", "error": {"code", "message",
+"status"}}`: `status: N` gives code N with the status Google pairs with it (429
+RESOURCE_EXHAUSTED, 503 UNAVAILABLE, 500 INTERNAL, 504 DEADLINE_EXCEEDED, 400
+INVALID_ARGUMENT, …); `error: "<code>"` takes a Google status name as itself
+(`"RESOURCE_EXHAUSTED"` → 429) and reads other codes by their words
+(`rate_limit…` → 429, `…timeout…` → 504, `…internal…` → 500, else 400).
 
 Control endpoints (for tests and for users rehearsing failures)
 ----------------------------------------------------------------
@@ -194,22 +214,27 @@ every other route (see Auth).
 
 Auth
 ----
-Without an `api_key`, every `/v1/...` and `/openai/v1/...` request needs
-`Authorization: Bearer <token>` with any non-empty token, and the control
-endpoints are open. With one, every request on every path (the API, file
-content, the control endpoints, unknown paths) needs exactly that token
-(compared in constant time). Else 401 with `{"error": {"message", "type",
-"param", "code"}}` and nothing more; a 401 to a request with a body closes
-the connection (the body is never read). The presigned-style upload URL is
-the exception: it refuses an `Authorization` header (as S3 does) and is
-guarded by its signature, handed out only to a client that had the token.
+Without an `api_key`, every request under `/v1/`, `/openai/`, `/anthropic/`
+and `/gemini/` needs `Authorization: Bearer <token>` with any non-empty token
+(Anthropic's paths also take `x-api-key`; Gemini's, `x-goog-api-key` or a
+`key=` query parameter), and the control endpoints are open. With one, every
+request on every path (the API, file content, the control endpoints, unknown
+paths) needs exactly that token (compared in constant time). Else 401 in the
+path's dialect (`{"error": {"message", "type", "param", "code"}}` outside
+Anthropic's and Gemini's) and nothing more; a 401 to a request with a body
+closes the connection (the body is never read). The upload URLs are the
+exception: the presigned-style one refuses an `Authorization` header (as S3
+does), and a Gemini upload session's takes the bytes without a key (its SDK
+sends none there); both are guarded by their signature, handed out only to a
+client that had the token.
 
 Request bodies
 --------------
-Every request body is capped at `max_body_bytes` (default: 200 MB, the
-largest batch input either dialect accepts, plus 1 MiB for a form around
-it). Over it: 413 in the path's dialect (`EntityTooLarge` XML on the upload
-URL) with `Connection: close`. A body that declares its `Content-Length` is
+Every request body is capped at `max_body_bytes` (default: the largest batch
+input any dialect accepts, Gemini's 2 GB file, plus 1 MiB for a form around
+it; the Gemini SDK uploads in 8 MB pieces, each a request of its own). Over
+it: 413 in the path's dialect (`EntityTooLarge` XML on the upload URL) with
+`Connection: close`. A body that declares its `Content-Length` is
 refused before any of it is read; a chunked one as soon as what was read
 passes the cap, nothing of it kept (an upload cut off leaves no file). A
 client that reads its answer only after sending everything may see the
@@ -218,7 +243,8 @@ httpx's async client cannot once its write failed). JSON bodies (batch
 creates, `/_emulator/faults`) are read up to 1 MiB (413 beyond) and parsed
 with nesting at most `batchd.jsonl.MAX_JSON_DEPTH` (64): invalid JSON, a
 non-object or deeper nesting is a 400 in the dialect's error shape, never a
-500.
+500. A Gemini batch create is read up to 20 MB (Gemini's limit for inline
+requests).
 
 Together routes (SDK base URL `http://host:port`)
 -------------------------------------------------
@@ -267,6 +293,39 @@ OpenAI routes (SDK base URL `http://host:port/openai/v1`)
   cancelling_at cancelled_at`, `request_counts`, `errors` (null unless it
   failed), `output_file_id` / `error_file_id` (null when absent), `metadata`,
   `usage`.
+
+Anthropic routes (SDK base URL `http://host:port/anthropic`)
+-------------------------------------------------------------
+See `batchd.emulator.anthropic`.
+
+Gemini routes (SDK base URL `http://host:port/gemini`)
+-------------------------------------------------------
+Every route at `/gemini/v1/...` and `/gemini/v1beta/...`; every error is
+Google's `{"error": {"code", "message", "status"}}` (unknown routes, the 413,
+the 401 and injected faults included). The wire shapes are documented in
+`batchd.emulator.gemini` (batches) and `batchd.emulator.gemini_files` (files).
+
+* `POST /gemini/upload/{v}/files` (resumable: `X-Goog-Upload-Command: start`)
+  → `X-Goog-Upload-URL`, a self-authorising session URL taking `upload`,
+  `upload, finalize`, `query` and `cancel` with `X-Goog-Upload-Offset`; the
+  finalize answers `{"file": File}`. `GET /gemini/{v}/files`,
+  `GET`/`DELETE /gemini/{v}/files/{id}`, and the content at
+  `GET /gemini/{v}/files/{id}:download?alt=media` and
+  `GET /gemini/download/{v}/files/{id}:download?alt=media` (`Range` as above).
+* `POST /gemini/{v}/models/{model}:batchGenerateContent` (`inputConfig`
+  `fileName` or inline `requests`) → the batch, an operation
+  `{"name": "batches/…", "metadata": {"state": "BATCH_STATE_…", "batchStats"
+  (strings), "output"…}, "done", "response"}`; `GET /gemini/{v}/batches/{id}`;
+  `GET /gemini/{v}/batches?pageSize&pageToken` → `{"operations",
+  "nextPageToken"}`; `POST /gemini/{v}/batches/{id}:cancel` → `{}`;
+  `DELETE /gemini/{v}/batches/{id}` → `{}`.
+* A line that is not a valid request (no key, a key used before, no
+  `contents`, not JSON) is an error line in the results, not a refused
+  batch. Results: one responses file (`{"key", "response"}` and `{"key",
+  "error"}` lines, sorted by the sha256 of the key, like the other dialects'),
+  or, inline, `inlinedResponses` in the order of the requests. A SUCCEEDED
+  batch may hold error lines; an EXPIRED one (48 h after its creation, on the
+  injectable clock, or by `expire_batch`) shows no results.
 """
 
 from batchd.emulator.app import create_app

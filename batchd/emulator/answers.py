@@ -10,6 +10,8 @@ that created it) decides the line's shape in the result files:
   null, "error": {"code", "message"}}`.
 * Anthropic: `{"custom_id", "result": {"type": "succeeded", "message"}}`, or a result of type
   `errored` (with the error in Anthropic's shape), `canceled` or `expired`.
+* Gemini: `{"key", "response": GenerateContentResponse}`, or `{"key", "error": {"code",
+  "message", "status"}}` (Google's shape; an `error` trigger's code read as a Google status).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from batchd.emulator.google_errors import error_message, google_error_body, status_of_error_code
 from batchd.emulator.triggers import openai_error_body
 
 #: The error code OpenAI writes for every request an expired batch never ran.
@@ -108,6 +111,8 @@ def render_line(dialect: str, batch_id: str, answer: Answer) -> dict[str, Any]:
     """The result line of `answer` in the shape of `dialect`."""
     if dialect == "anthropic":
         return {"custom_id": answer.custom_id, "result": _anthropic_result(answer)}
+    if dialect == "gemini":
+        return gemini_line(answer.custom_id, answer)
     if dialect == "openai":
         line_id, request_id = _ids(batch_id, answer.custom_id)
         if answer.status_code is None:
@@ -118,6 +123,22 @@ def render_line(dialect: str, batch_id: str, answer: Answer) -> dict[str, Any]:
     if answer.status_code is None:
         return {"custom_id": answer.custom_id, "error": {"message": answer.error_message, "code": answer.error_code}}
     return {"custom_id": answer.custom_id, "response": {"status_code": answer.status_code, "body": answer.body}}
+
+
+def gemini_line(key: str, answer: Answer) -> dict[str, Any]:
+    """A Gemini result line: the response, or the error in Google's shape (whatever shape the
+    engine or the trigger gave it)."""
+    if answer.ok:
+        return {"key": key, "response": answer.body}
+    if answer.status_code is not None:
+        status = answer.status_code
+        message = error_message(answer.body) or f"HTTP {status}"
+        inner = answer.body.get("error") if answer.body is not None else None
+        # The engine's own Google error keeps its status name (a 400 may be FAILED_PRECONDITION).
+        name = inner.get("status") if isinstance(inner, dict) and isinstance(inner.get("status"), str) else None
+        return {"key": key, **google_error_body(status, message, name)}
+    code, name = status_of_error_code(answer.error_code or "")
+    return {"key": key, **google_error_body(code, answer.error_message or "internal error", name)}
 
 
 def _anthropic_result(answer: Answer) -> dict[str, Any]:

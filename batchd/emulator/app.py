@@ -1,4 +1,4 @@
-"""The emulator as an ASGI app: both dialects' routes, auth, control middleware, and the worker's lifespan."""
+"""The emulator as an ASGI app: the dialects' routes, auth, control middleware, and the worker's lifespan."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hmac
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import anyio
 import structlog
@@ -23,6 +24,10 @@ from batchd.emulator.bodies import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from batchd.emulator.control import UPLOAD_PREFIX, Control, ControlMiddleware, control_routes
 from batchd.emulator.engines import EchoEngine, Engine
 from batchd.emulator.faults import Faults, RandomFaults
+from batchd.emulator.gemini import gemini_routes
+from batchd.emulator.gemini_files import PREFIX as GEMINI_PREFIX
+from batchd.emulator.gemini_files import is_upload_session
+from batchd.emulator.google_errors import google_error
 from batchd.emulator.openai import PREFIX as OPENAI_PREFIX
 from batchd.emulator.openai import openai_error, openai_routes
 from batchd.emulator.state import Clock, EmulatorState, utc_now
@@ -36,17 +41,18 @@ log = structlog.get_logger()
 #: Requests of one batch in flight at once for an engine that does not say (the echo engine).
 DEFAULT_CONCURRENCY = 64
 #: Path prefixes that need a key when the app has no `api_key`: the dialects.
-PROTECTED_PREFIXES: tuple[str, ...] = ("/v1/", f"{OPENAI_PREFIX}/", f"{ANTHROPIC_PREFIX}/")
+PROTECTED_PREFIXES: tuple[str, ...] = ("/v1/", f"{OPENAI_PREFIX}/", f"{ANTHROPIC_PREFIX}/", f"{GEMINI_PREFIX}/")
 
 
 class AuthMiddleware:
     """Requires a bearer token: with `api_key`, exactly that one on every path; else any on the API paths.
     Anthropic's paths also take the key as `x-api-key` (what its API documents; SDK 2.x sends a
-    bearer token).
+    bearer token); Gemini's as `x-goog-api-key` (what its SDK sends) or a `key=` query parameter.
 
-    The presigned-style upload URL is the one exception: like a real one it
-    refuses an `Authorization` header and carries its own signature instead
-    (handed out only to a client that had the token when it asked).
+    The upload URLs are the exception: the presigned-style one refuses an `Authorization` header,
+    like a real one, and a Gemini upload session's takes the bytes without a key (its SDK sends
+    none there); both carry their own signature instead, handed out only to a client that had
+    the token when it asked.
     """
 
     def __init__(self, app: ASGIApp, api_key: str | None, prefixes: Sequence[str] = PROTECTED_PREFIXES) -> None:
@@ -55,9 +61,11 @@ class AuthMiddleware:
         self.prefixes = tuple(prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self._guarded(scope["path"]) and not self._allowed(scope):
+        if scope["type"] == "http" and self._guarded(scope) and not self._allowed(scope):
             if scope["path"].startswith(ANTHROPIC_PREFIX):
                 response = anthropic_error(401, "invalid x-api-key")
+            elif scope["path"].startswith(f"{GEMINI_PREFIX}/"):
+                response = google_error(401, "API key not valid. Please pass a valid API key.")
             else:
                 response = file_error(401, "Invalid API key provided", code="invalid_api_key")
             if any(name in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"]):
@@ -68,30 +76,42 @@ class AuthMiddleware:
             return
         await self.app(scope, receive, send)
 
-    def _guarded(self, path: str) -> bool:
-        if self.api_key is None:
-            return path.startswith(self.prefixes)
-        return not path.startswith(UPLOAD_PREFIX)
+    def _guarded(self, scope: Scope) -> bool:
+        path: str = scope["path"]
+        if path.startswith(UPLOAD_PREFIX) or is_upload_session(path, scope["query_string"]):
+            return False
+        return self.api_key is not None or path.startswith(self.prefixes)
 
     def _allowed(self, scope: Scope) -> bool:
-        header = api_key = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                header = value
-            elif name == b"x-api-key":
-                api_key = value
-        scheme, _, token = header.decode("latin-1").partition(" ")
-        token = token.strip()
-        if api_key and scope["path"].startswith(ANTHROPIC_PREFIX):
-            scheme, token = "bearer", api_key.decode("latin-1").strip()
-        if scheme.lower() != "bearer" or not token:
+        token = _token(scope)
+        if not token:
             return False
         # The header's own bytes against the key's UTF-8 (what a client sends for it).
         return self.api_key is None or hmac.compare_digest(token.encode("latin-1"), self.api_key.encode())
 
 
+def _token(scope: Scope) -> str:
+    """The key a request carries, in the form its dialect takes ("" for none)."""
+    path: str = scope["path"]
+    headers: dict[bytes, bytes] = dict(scope["headers"])
+    if path.startswith(ANTHROPIC_PREFIX) and headers.get(b"x-api-key"):
+        return headers[b"x-api-key"].decode("latin-1").strip()
+    if path.startswith(f"{GEMINI_PREFIX}/"):
+        if headers.get(b"x-goog-api-key"):
+            return headers[b"x-goog-api-key"].decode("latin-1").strip()
+        # Decoded as latin-1, so that the key's bytes compare as a header's would.
+        query: bytes = scope["query_string"]
+        keys = parse_qs(query.decode("latin-1"), encoding="latin-1").get("key")
+        if keys and keys[0].strip():
+            return keys[0].strip()
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 def dialect_error(path: str, status: int, message: str, *, code: str | None = None) -> Response:
     """An error in the shape of the dialect that serves `path` (Together's batch endpoints: a string)."""
+    if path.startswith(f"{GEMINI_PREFIX}/"):
+        return google_error(status, message)
     if path.startswith(OPENAI_PREFIX):
         return openai_error(status, message, code=code)
     if path.startswith(ANTHROPIC_PREFIX):
@@ -188,6 +208,7 @@ def create_app(
         *together_routes(state, worker, clock),
         *openai_routes(state, worker, clock),
         *anthropic_routes(state, worker, clock),
+        *gemini_routes(state, worker, clock),
         Route("/_emulator/upload/{file_id}", upload, methods=["PUT"], name=UPLOAD_ROUTE),
         *control_routes(control, state),
     ]

@@ -80,8 +80,11 @@ def _is_number(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
-async def read_json(request: Request, *, limit: int = MAX_JSON_BODY_BYTES) -> Any:
-    """The request's JSON body; BodyTooLarge past `limit` bytes (unread if declared), BadJson if malformed."""
+async def read_json(request: Request, *, limit: int = MAX_JSON_BODY_BYTES, empty: Any = None) -> Any:
+    """The request's JSON body; BodyTooLarge past `limit` bytes (unread if declared), BadJson if malformed.
+
+    With `empty` given, an empty body stands for that value instead of being malformed.
+    """
     declared = request.headers.get("content-length", "")
     if _is_number(declared) and int(declared) > limit:
         raise BodyTooLarge(limit)
@@ -90,6 +93,8 @@ async def read_json(request: Request, *, limit: int = MAX_JSON_BODY_BYTES) -> An
         body += chunk
         if len(body) > limit:
             raise BodyTooLarge(limit)
+    if empty is not None and not body:
+        return empty
     return parse_json(bytes(body))
 
 

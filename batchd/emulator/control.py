@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from batchd.emulator.answers import anthropic_error_body
 from batchd.emulator.bodies import read_json
 from batchd.emulator.faults import Fault, Faults, parse_fault, parse_latency, parse_random
+from batchd.emulator.google_errors import google_error_body
 from batchd.emulator.state import EmulatorState, iso_z
 from batchd.emulator.triggers import openai_error_body
 from batchd.emulator.worker import Gate
@@ -31,8 +32,10 @@ from batchd.emulator.worker import Gate
 log = structlog.get_logger()
 
 CONTROL_PREFIX = "/_emulator/"
-#: Where the Anthropic dialect is mounted (anthropic.py), whose errors have a shape of their own.
+#: Where the Anthropic and Gemini dialects are mounted (anthropic.py, gemini_files.py), whose errors
+#: have shapes of their own.
 ANTHROPIC_PREFIX = "/anthropic/"
+GEMINI_PREFIX = "/gemini/"
 #: The presigned-style upload URL: under the control prefix, but it stands for the storage host.
 UPLOAD_PREFIX = "/_emulator/upload/"
 
@@ -57,13 +60,15 @@ TRANSPORT_KEY = "batchd.emulator.transport"
 def _fault_response(fault: Fault, path: str) -> Response:
     status = fault.status or 500
     message = f"emulated fault: HTTP {status}"
-    # Together's batch endpoints answer errors as a bare string; Anthropic in its own shape; the
-    # others (and OpenAI) as an object.
+    # Together's batch endpoints answer errors as a bare string; Anthropic and Google in their own
+    # shapes; the others (and OpenAI) as an object.
     body: dict[str, Any]
     if path.startswith("/v1/batches"):
         body = {"error": message}
     elif path.startswith(ANTHROPIC_PREFIX):
         body = anthropic_error_body(status, message)
+    elif path.startswith(GEMINI_PREFIX):
+        body = google_error_body(status, message)
     else:
         body = openai_error_body(status, message)
     headers = {}

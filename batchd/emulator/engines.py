@@ -15,7 +15,9 @@ from typing import Any, Protocol
 
 import structlog
 
+from batchd.emulator import gemini_content
 from batchd.emulator.answers import anthropic_error_body
+from batchd.emulator.google_errors import google_error_body
 from batchd.emulator.messages import message_params_problem
 from batchd.emulator.triggers import openai_error_body
 from batchd.emulator.upstream import UpstreamEngine, upstream_base
@@ -92,6 +94,8 @@ class EchoEngine:
         """Answer like the endpoint would, from the request alone."""
         if endpoint == BatchEndpoint.MESSAGES:
             return self._message(body)
+        if endpoint == BatchEndpoint.GENERATE_CONTENT:
+            return self._generate(body)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             return _bad_request("model is required", "model")
@@ -155,6 +159,17 @@ class EchoEngine:
             },
         }
         return 200, reply
+
+    def _generate(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Gemini's GenerateContent: the echo of its chat completion translation, in Gemini's shape."""
+        problem = gemini_content.generate_content_problem(body)
+        if problem is not None:
+            return 400, google_error_body(400, problem)
+        model = gemini_content.model_name(body)
+        status, reply = self._chat(model, gemini_content.to_chat(body))
+        if status != 200:
+            return status, google_error_body(status, str(reply["error"]["message"]))
+        return status, gemini_content.from_chat(reply, model)
 
     def _completion(self, model: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         prompt = body.get("prompt")

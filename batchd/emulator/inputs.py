@@ -19,13 +19,14 @@ from batchd.emulator.state import BatchStatus, EmulatorState, StoredBatch
 from batchd.emulator.triggers import TRIGGER_KEY, Trigger, TriggerError, split_trigger
 from batchd.models import PROVIDER_LIMITS, Limits
 
-#: Longest custom_id both services accept.
+#: Longest custom_id both services accept. A Gemini batch's lines carry the `key`s of its input as
+#: their custom_ids, and Gemini documents no length for those: no limit there.
 MAX_CUSTOM_ID = 64
 
 
 def limits_for(dialect: str) -> Limits:
     """The per-batch limits of the dialect that created a batch (Together: 100 MB, OpenAI: 200 MB,
-    Anthropic: 256 MB)."""
+    Anthropic: 256 MB, Gemini: 2 GB)."""
     return PROVIDER_LIMITS.get(dialect, PROVIDER_LIMITS["together"])
 
 
@@ -67,7 +68,7 @@ def _invalid(message: str, code: str, param: str | None = None) -> InputPlan:
     return InputPlan(0, 0, problem=InputProblem(message, code, None, param))
 
 
-def check_line(lineno: int, raw: bytes, endpoint: str) -> tuple[str, Any]:
+def check_line(lineno: int, raw: bytes, endpoint: str, max_custom_id: int | None = MAX_CUSTOM_ID) -> tuple[str, Any]:
     """Return (custom_id, trigger or None) of a valid request line; raise LineProblem otherwise."""
     try:
         obj = parse_json(raw)
@@ -76,8 +77,9 @@ def check_line(lineno: int, raw: bytes, endpoint: str) -> tuple[str, Any]:
     if not isinstance(obj, dict):
         raise LineProblem(lineno, "not a JSON object", "invalid_json_line")
     custom_id = obj.get("custom_id")
-    if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= MAX_CUSTOM_ID:
-        message = f"custom_id must be a string of 1 to {MAX_CUSTOM_ID} characters"
+    too_long = isinstance(custom_id, str) and max_custom_id is not None and len(custom_id) > max_custom_id
+    if not isinstance(custom_id, str) or not custom_id or too_long:
+        message = f"custom_id must be a string of 1 to {max_custom_id or 'any number of'} characters"
         raise LineProblem(lineno, message, "invalid_custom_id", "custom_id")
     if obj.get("method", "POST") != "POST":
         raise LineProblem(lineno, "method must be POST", "invalid_method", "method")
@@ -97,6 +99,7 @@ def check_line(lineno: int, raw: bytes, endpoint: str) -> tuple[str, Any]:
 async def plan_input(state: EmulatorState, batch: StoredBatch) -> InputPlan:
     """Check every line of the input (streamed) and find the first stop trigger."""
     limits = limits_for(batch.dialect)
+    max_custom_id = None if batch.dialect == "gemini" else MAX_CUSTOM_ID
     if batch.file_size_bytes > limits.max_bytes:
         return _invalid(f"input file is larger than {limits.max_bytes} bytes", "file_too_large", "input_file_id")
     seen: set[str] = set()
@@ -107,7 +110,7 @@ async def plan_input(state: EmulatorState, batch: StoredBatch) -> InputPlan:
         while block := await lines.next_lines():
             for lineno, raw in block:
                 try:
-                    custom_id, trigger = check_line(lineno, raw, batch.endpoint)
+                    custom_id, trigger = check_line(lineno, raw, batch.endpoint, max_custom_id)
                 except LineProblem as exc:
                     return InputPlan(0, 0, problem=exc.problem)
                 if custom_id in seen:

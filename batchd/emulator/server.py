@@ -92,6 +92,8 @@ async def _run(host: str, port: int, data_dir: Path, options: _Options) -> None:
                     "emulator.serving",
                     url=url,
                     openai_base_url=f"{url}/openai/v1",
+                    anthropic_base_url=f"{url}/anthropic",
+                    gemini_base_url=f"{url}/gemini",
                     data_dir=str(data_dir),
                     engine="upstream" if engine else "echo",
                     max_body_bytes=options.max_body_bytes,

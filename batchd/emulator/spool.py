@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -272,11 +273,11 @@ class WrittenResults:
     error_bytes: int
 
 
-def write_sorted_results(spool: Path, output: Path, errors: Path) -> WrittenResults:
-    """Split the spool into the output and error files, each sorted by sha256 of custom_id.
+def write_sorted_results(spool: Path, output: Path, errors: Path | None) -> WrittenResults:
+    """Split the spool into the output and error files, each sorted by sha256 of custom_id; with
+    `errors` None, every line goes to `output` (Gemini's one responses file).
 
-    Blocking: run it in a worker thread. Both files are fsynced; the caller
-    installs or deletes them.
+    Blocking: run it in a worker thread. The files are fsynced; the caller installs or deletes them.
     """
     index: list[tuple[bytes, int, int, bool]] = []
     if spool.exists():
@@ -291,7 +292,7 @@ def write_sorted_results(spool: Path, output: Path, errors: Path) -> WrittenResu
     index.sort()
     counts = [0, 0, 0, 0]
     previous: bytes | None = None
-    with output.open("wb") as out, errors.open("wb") as err:
+    with output.open("wb") as out, errors.open("wb") if errors is not None else nullcontext(out) as err:
         src = spool.open("rb") if index else None
         try:
             for key, start, length, ok in index:
@@ -309,7 +310,7 @@ def write_sorted_results(spool: Path, output: Path, errors: Path) -> WrittenResu
         finally:
             if src is not None:
                 src.close()
-        for written in (out, err):
+        for written in {out, err}:
             written.flush()
             os.fsync(written.fileno())
     return WrittenResults(*counts)

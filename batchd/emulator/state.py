@@ -1,9 +1,9 @@
 """Persistent state of the emulator: stored files and batches under a data dir.
 
-The records are dialect-neutral: the Together and the OpenAI dialect render
-the same `StoredFile` / `StoredBatch` in their own wire shapes, so a file
-uploaded through one dialect can feed a batch created through the other, and
-every batch is listed by both.
+The records are dialect-neutral: each dialect renders the same `StoredFile` /
+`StoredBatch` in its own wire shape, so a file uploaded through one dialect
+can feed a batch created through another, and the Together and OpenAI
+dialects list every batch (Anthropic and Gemini list their own).
 
 Layout of the data dir (one emulator process per data dir)::
 
@@ -118,6 +118,8 @@ class StoredFile:
     result_of: str | None = None
     #: unix seconds after which the file would be deleted (shown by the OpenAI dialect; never enforced)
     expires_at: int | None = None
+    #: the MIME type a Gemini upload declared (None for the other dialects' files)
+    mime_type: str | None = None
 
 
 @dataclass
@@ -126,7 +128,8 @@ class StoredBatch:
 
     id: str
     seq: int
-    #: the dialect that created it ("together" or "openai"): its limits and result-line shapes apply
+    #: the dialect that created it ("together", "openai", "anthropic" or "gemini"): its limits and
+    #: result-line shapes apply
     dialect: str
     input_file_id: str
     endpoint: str
@@ -164,6 +167,11 @@ class StoredBatch:
     error_code: str | None = None
     error_line: int | None = None
     error_param: str | None = None
+    #: Gemini: the batch's `displayName`
+    display_name: str | None = None
+    #: Gemini: the uploaded file the client named (`input_file_id` is the emulator's own lines made
+    #: from it); None for a batch whose requests came inline
+    source_file_id: str | None = None
 
 
 _BATCH_TIMES = ("created_at", "deadline", "in_progress_at", "finalizing_at", "cancelling_at", "finished_at")
@@ -286,8 +294,11 @@ class EmulatorState:
     # -- files ----------------------------------------------------------------
 
     @staticmethod
-    def new_file_id() -> str:
-        """A Together-style file id (it matches the SDK's safe-id pattern)."""
+    def new_file_id(dialect: str = "together") -> str:
+        """A Together-style file id (it matches the SDK's safe-id pattern); Gemini's are lower-case
+        letters and digits (its SDK reads a file's id out of its URI as `[a-z0-9]+`)."""
+        if dialect == "gemini":
+            return uuid.uuid4().hex
         return f"file-{uuid.uuid4()}"
 
     def file(self, file_id: str) -> StoredFile | None:
@@ -316,6 +327,16 @@ class EmulatorState:
         self._files[record.id] = record
         await self._write_json(self.files_dir / f"{record.id}.json", lambda: asdict(record))
 
+    async def delete_file(self, file_id: str) -> None:
+        """Forget a file: its metadata first (so a crash never leaves a record without content)."""
+        if self._files.pop(file_id, None) is None:
+            return
+        meta = self.files_dir / f"{file_id}.json"
+        async with self._write_locks.setdefault(meta, anyio.Lock()):
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_unlink_durably, meta)
+                await anyio.to_thread.run_sync(_unlink_durably, self.content_path(file_id))
+
     async def install_content(self, record: StoredFile, tmp: Path) -> None:
         """Move fsynced content from tmp/ into place, then save the metadata that points at it."""
         await anyio.to_thread.run_sync(install_file, tmp, self.content_path(record.id))
@@ -326,9 +347,12 @@ class EmulatorState:
 
     @staticmethod
     def new_batch_id(dialect: str = "together") -> str:
-        """Together batch ids are bare UUIDs; OpenAI's look like `batch_<hex>`."""
+        """Together batch ids are bare UUIDs; OpenAI's look like `batch_<hex>`; Gemini's are hex
+        (its name is `batches/<id>`)."""
         if dialect == "openai":
             return f"batch_{uuid.uuid4().hex}"
+        if dialect == "gemini":
+            return uuid.uuid4().hex
         return str(uuid.uuid4())
 
     def batch(self, batch_id: str) -> StoredBatch | None:
@@ -355,6 +379,19 @@ class EmulatorState:
             self._newest_first = None
         self._batches[batch.id] = batch
         await self._write_json(self.batches_dir / f"{batch.id}.json", lambda: _batch_to_json(batch))
+
+    async def delete_batch(self, batch_id: str) -> None:
+        """Forget a finished batch (its result files stay, as files)."""
+        batch = self._batches.get(batch_id)
+        if batch is None:
+            return
+        assert batch.status.terminal, "only a finished batch is deleted"
+        del self._batches[batch_id]
+        self._newest_first = None
+        meta = self.batches_dir / f"{batch_id}.json"
+        async with self._write_locks.setdefault(meta, anyio.Lock()):
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_unlink_durably, meta)
 
     def spool_path(self, batch_id: str) -> Path:
         """Where a running batch collects its answers."""
@@ -387,6 +424,12 @@ class EmulatorState:
             # Shielded: a record write that starts is finished even when its caller is cancelled.
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(lambda: atomic_write_bytes(path, data, tmp_dir=self.tmp_dir))
+
+
+def _unlink_durably(path: Path) -> None:
+    """Remove a file (if there) and make the removal durable."""
+    path.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def _create_marker(marker: Path) -> bool:

@@ -1,7 +1,7 @@
 """The upstream engine: each request of a batch goes to a real OpenAI-compatible server.
 
-Anthropic's Messages requests are translated to chat completions and their answers back
-(messages.py says why and what translates).
+Anthropic's Messages and Gemini's GenerateContent requests are translated to chat completions and
+their answers back (messages.py and gemini_content.py say why and what translates).
 
 vLLM, llama.cpp's server, Ollama or a hosted real-time API answer
 `POST {upstream}/v1/chat/completions` (…) one request at a time; this engine
@@ -28,8 +28,10 @@ import orjson
 import structlog
 
 from batchd.backoff import RetryPolicy, is_retryable_status, retry_after_s, retry_wait_s
+from batchd.emulator import gemini_content
 from batchd.emulator.answers import anthropic_error_body
 from batchd.emulator.bodies import BadJson, parse_json
+from batchd.emulator.google_errors import google_error_body
 from batchd.emulator.messages import from_chat, message_params_problem, to_chat, upstream_error_message
 from batchd.emulator.triggers import openai_error_body
 from batchd.models import BatchEndpoint
@@ -124,6 +126,8 @@ class UpstreamEngine:
         """POST `body` to `{upstream}{endpoint}` (retrying what may succeed later); its status and JSON body."""
         if endpoint == BatchEndpoint.MESSAGES:
             return await self._message(body)
+        if endpoint == BatchEndpoint.GENERATE_CONTENT:
+            return await self._generate(body)
         return await self._forward(endpoint, body)
 
     async def _message(self, params: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -135,6 +139,17 @@ class UpstreamEngine:
         if 200 <= status < 300:
             return status, from_chat(reply, str(params["model"]))
         return status, anthropic_error_body(status, upstream_error_message(reply, status))
+
+    async def _generate(self, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A GenerateContent request, answered by the upstream's chat completions (translated both ways)."""
+        problem = gemini_content.generate_content_problem(request)
+        if problem is not None:
+            return 400, google_error_body(400, problem)
+        chat = gemini_content.to_chat(request)
+        status, reply = await self._forward(BatchEndpoint.CHAT_COMPLETIONS, chat)
+        if 200 <= status < 300:
+            return status, gemini_content.from_chat(reply, gemini_content.model_name(request))
+        return status, google_error_body(status, upstream_error_message(reply, status))
 
     async def _forward(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         url = self._urls.get(endpoint)

@@ -1,5 +1,5 @@
-"""`batchd emulator` as a user runs it: the OpenAI dialect with the official SDK, flags for
-timelines and faults, and an upstream batch that survives `kill -9` of the emulator."""
+"""`batchd emulator` as a user runs it: the OpenAI, Anthropic and Gemini dialects with the official
+SDKs, flags for timelines and faults, and an upstream batch that survives `kill -9` of the emulator."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import anyio
 import anyio.to_thread
 import httpx
 from anthropic import Anthropic
+from google import genai
+from google.genai import types
 from openai import OpenAI
 
 from batchd.emulator import serve_emulator
@@ -22,10 +24,12 @@ from batchd.emulator.spool import custom_id_hash, recover_spool
 from tests.acceptance.conftest import eventually
 from tests.integration.emulator_helpers import (
     BearerAuth,
+    gemini_line,
     openai_create,
     openai_download,
     openai_upload,
     openai_wait,
+    parse_jsonl,
     request_line,
     to_jsonl,
 )
@@ -147,6 +151,47 @@ async def test_the_command_serves_anthropic_to_the_official_sdk(tmp_path: Path) 
         status, other_id = cancelled.split(":")
         # Validating for 0.3 s: the second batch is still running, so the cancel is accepted.
         assert status in ("canceling", "ended") and listed[0] == other_id and len(listed) == 2
+    finally:
+        assert await emulator.stop() == 0
+
+
+def gemini_sdk_batches(base_url: str, input_path: Path) -> tuple[list[str], list[str], list[str], str]:
+    """upload → create → poll → download, then an inline batch cancelled, as a plain SDK user does."""
+    options = types.HttpOptions(
+        base_url=f"{base_url}/gemini", timeout=30_000, retry_options=types.HttpRetryOptions(attempts=5)
+    )
+    with genai.Client(api_key="cli-key", http_options=options) as client:
+        uploaded = client.files.upload(file=input_path, config={"mime_type": "jsonl"})
+        assert uploaded.name is not None
+        job = client.batches.create(model="gemini-2.5-flash", src=uploaded.name)
+        assert job.name is not None
+        seen: list[str] = [job.state.value if job.state else ""]
+        while job.state not in (types.JobState.JOB_STATE_SUCCEEDED, types.JobState.JOB_STATE_FAILED):
+            job = client.batches.get(name=job.name)
+            seen.append(job.state.value if job.state else "")
+        assert job.dest is not None and job.dest.file_name is not None
+        keys = sorted(line["key"] for line in parse_jsonl(client.files.download(file=job.dest.file_name)))
+        late: list[types.InlinedRequestDict] = [{"contents": [{"parts": [{"text": "late"}]}]}]
+        other = client.batches.create(model="gemini-2.5-flash", src=late)
+        assert other.name is not None
+        listed = [str(batch.name) for batch in client.batches.list(config={"page_size": 1})]
+        client.batches.cancel(name=other.name)
+        cancelled = client.batches.get(name=other.name)
+        return seen, keys, listed, f"{cancelled.state.value if cancelled.state else ''}:{other.name}"
+
+
+async def test_the_command_serves_gemini_to_the_official_sdk(tmp_path: Path) -> None:
+    input_path = tmp_path / "in.jsonl"
+    input_path.write_bytes(to_jsonl([gemini_line(f"r{i}") for i in range(3)]))
+    emulator = EmulatorProcess(tmp_path, "--api-key", "cli-key", "--validating-s", "0.3")
+    try:
+        url = await emulator.started()
+        seen, keys, listed, cancelled = await anyio.to_thread.run_sync(gemini_sdk_batches, url, input_path)
+        assert seen[0] == "JOB_STATE_PENDING" and seen[-1] == "JOB_STATE_SUCCEEDED"
+        assert keys == ["r0", "r1", "r2"]
+        state, other_name = cancelled.split(":", 1)
+        # Validating for 0.3 s: the second batch has not run, so the cancel takes it.
+        assert state == "JOB_STATE_CANCELLED" and listed[0] == other_name and len(listed) == 2
     finally:
         assert await emulator.stop() == 0
 

@@ -269,3 +269,90 @@ async def openai_run(client: httpx.AsyncClient, lines: list[dict[str, Any]], **e
     """Upload and create through the OpenAI dialect, then wait for the end; returns the Batch."""
     created = await openai_create(client, await openai_upload(client, to_jsonl(lines)), **extra)
     return await openai_wait(client, created["id"])
+
+
+# -- the Gemini dialect ----------------------------------------------------------
+
+GEMINI = "/gemini"
+#: The SDK's header for the key (the emulator also takes `key=` and a bearer token).
+GEMINI_KEY = {"x-goog-api-key": "test-key"}
+GEMINI_TERMINAL = frozenset(
+    {"BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED"}
+)
+
+
+def gemini_request(text: str = "hello", *, trigger: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """A GenerateContentRequest asking `text`, with an optional `batchd_emulator` trigger."""
+    request: dict[str, Any] = {"contents": [{"role": "user", "parts": [{"text": text}]}], **extra}
+    if trigger is not None:
+        request["batchd_emulator"] = trigger
+    return request
+
+
+def gemini_line(key: str, text: str = "hello", *, trigger: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One line of a Gemini batch input file: `{"key", "request"}`."""
+    return {"key": key, "request": gemini_request(text, trigger=trigger)}
+
+
+async def gemini_upload(
+    client: httpx.AsyncClient, data: bytes, *, version: str = "v1beta", display_name: str = "batch"
+) -> dict[str, Any]:
+    """Gemini's resumable upload in one piece (start, then `upload, finalize`); returns the File."""
+    started = await client.post(
+        f"{GEMINI}/upload/{version}/files",
+        headers={
+            **GEMINI_KEY,
+            "X-Goog-Upload-Protocol": "resumable",
+            "X-Goog-Upload-Command": "start",
+            "X-Goog-Upload-Header-Content-Length": str(len(data)),
+            "X-Goog-Upload-Header-Content-Type": "application/jsonl",
+        },
+        json={"file": {"display_name": display_name}},
+    )
+    assert started.status_code == 200, started.text
+    done = await client.post(
+        started.headers["x-goog-upload-url"],
+        headers={"X-Goog-Upload-Command": "upload, finalize", "X-Goog-Upload-Offset": "0"},
+        content=data,
+    )
+    assert done.status_code == 200 and done.headers["x-goog-upload-status"] == "final", done.text
+    file: dict[str, Any] = done.json()["file"]
+    return file
+
+
+async def gemini_create(
+    client: httpx.AsyncClient, source: dict[str, Any], *, version: str = "v1beta", model: str = "gemini-2.5-flash"
+) -> dict[str, Any]:
+    """Create a Gemini batch from `inputConfig` `source`; returns the operation."""
+    answer = await client.post(
+        f"{GEMINI}/{version}/models/{model}:batchGenerateContent",
+        headers=GEMINI_KEY,
+        json={"batch": {"displayName": "test-batch", "inputConfig": source}},
+    )
+    assert answer.status_code == 200, answer.text
+    operation: dict[str, Any] = answer.json()
+    return operation
+
+
+async def gemini_wait(
+    client: httpx.AsyncClient,
+    name: str,
+    *,
+    version: str = "v1beta",
+    until: Callable[[dict[str, Any]], bool] | None = None,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
+    """Poll a Gemini batch (`batches/…`) until it is done (or satisfies `until`)."""
+    with anyio.fail_after(timeout):
+        while True:
+            operation: dict[str, Any] = (await client.get(f"{GEMINI}/{version}/{name}", headers=GEMINI_KEY)).json()
+            if until(operation) if until is not None else operation["done"]:
+                return operation
+            await anyio.sleep(0.01)
+
+
+async def gemini_download(client: httpx.AsyncClient, file_name: str, *, version: str = "v1") -> list[dict[str, Any]]:
+    """The lines of a Gemini file (`files/…`), as the SDK downloads them."""
+    answer = await client.get(f"{GEMINI}/{version}/{file_name}:download", params={"alt": "media"}, headers=GEMINI_KEY)
+    assert answer.status_code == 200, answer.text
+    return parse_jsonl(answer.content)
