@@ -116,7 +116,9 @@ class Finisher:
         for batch in batches:
             for kind, file_id in (("output", batch.output_file_id), ("errors", batch.error_file_id)):
                 if batch.remote_id and file_id:
-                    dest = work / f"{batch.remote_id}.{kind}.jsonl"
+                    # Named by batchd's own row, not by the provider's id: Gemini's hold a "/",
+                    # and no id a provider sends may choose a path.
+                    dest = work / f"batch-{batch.id}.{kind}.jsonl"
                     chaos.file_fault(dest)
                     size = await self._ctx.provider_for(job).download_file(file_id, dest)
                     if await db(truncated_tail, dest):
