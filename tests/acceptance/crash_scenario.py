@@ -15,7 +15,18 @@ import anyio
 from sqlalchemy.engine import make_url
 
 from batchd.crashpoints import ENV
-from tests.acceptance.conftest import DaemonProcess, Harness, chat, eventually, message, read_jsonl, use_anthropic
+from batchd.request_rules import id_key
+from tests.acceptance.conftest import (
+    DaemonProcess,
+    Harness,
+    chat,
+    eventually,
+    gemini,
+    message,
+    read_jsonl,
+    use_anthropic,
+    use_gemini,
+)
 from tests.databases import is_sqlite
 
 #: Every place the daemon can be stopped dead on purpose, in pipeline order. A fresh file
@@ -36,7 +47,7 @@ class Outcome:
     files: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     #: requests per remote batch (None: the provider's limit, one batch per file here)
     shard_size: int | None = None
-    #: "together" or "anthropic": the provider's dialect (and the format of the request lines)
+    #: "together", "anthropic" or "gemini": the provider's dialect (and the format of the request lines)
     dialect: str = "together"
 
     def shards(self, name: str) -> int:
@@ -60,7 +71,7 @@ def integrity_ok(database_url: str) -> bool:
 
 
 def _requests(name: str, rng: random.Random, dialect: str) -> list[dict[str, Any]]:
-    line = message if dialect == "anthropic" else chat
+    line = {"anthropic": message, "gemini": gemini}.get(dialect, chat)
     count = rng.randint(1, 6)
     lines = [line(f"{name}-{k}", f"{name} request {k}") for k in range(count)]
     if rng.random() < 0.2:
@@ -87,12 +98,15 @@ async def run(
     """Drop `jobs` files, kill at every crash point and `random_kills` random moments, then drain.
 
     With `shard_size`, every file of more requests than that is cut into several remote batches.
-    With `dialect="anthropic"`, the provider is the emulator's Anthropic dialect.
+    With `dialect="anthropic"` (or "gemini"), the provider is the emulator's Anthropic (or
+    Gemini) dialect.
     """
     rng = random.Random(seed)
     out = Outcome(shard_size=shard_size, dialect=dialect)
     if dialect == "anthropic":
         use_anthropic(h)
+    elif dialect == "gemini":
+        use_gemini(h)
     if shard_size is not None:
         config = h.ws.config.read_text()
         h.ws.config.write_text(
@@ -145,16 +159,17 @@ async def check(h: Harness, out: Outcome) -> None:
     assert not duplicated, f"inputs created more than once: {duplicated}"
     assert len(creates) == sum(out.shards(name) for name in out.files), "one remote batch per shard"
 
+    key = id_key(out.dialect)
     folders = {p.name: p for p in h.ws.outbox.iterdir() if (p / "job.json").exists()}
     assert sorted(folders) == sorted(out.files), f"one complete outbox folder per file: {sorted(folders)}"
     for name, sent in out.files.items():
         meta = json.loads((folders[name] / "job.json").read_text(encoding="utf-8"))
         assert meta["status"] == "completed", (name, meta["status"], meta["reason"])
         assert len(meta["remote_batch_ids"]) == out.shards(name)
-        got = [line["custom_id"] for line in read_jsonl(folders[name] / "output.jsonl")]
+        got = [line[key] for line in read_jsonl(folders[name] / "output.jsonl")]
         if (folders[name] / "errors.jsonl").exists():
-            got += [line["custom_id"] for line in read_jsonl(folders[name] / "errors.jsonl")]
-        assert sorted(got) == sorted(x["custom_id"] for x in sent), name
+            got += [line[key] for line in read_jsonl(folders[name] / "errors.jsonl")]
+        assert sorted(got) == sorted(x[key] for x in sent), name
         assert meta["request_counts"]["total"] == len(sent)
 
     ids_per_job: dict[str, set[str]] = defaultdict(set)

@@ -29,6 +29,14 @@ async def test_the_anthropic_path_killed_anywhere_creates_no_second_batch(tmp_pa
         await crash_scenario.check(h, out)
 
 
+async def test_the_gemini_path_killed_anywhere_creates_no_second_batch(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        # Every crash point (a lost create is found again by its input file and display_name).
+        out = await crash_scenario.run(h, jobs=3, random_kills=0, seed=20261207, shard_size=2, dialect="gemini")
+        assert out.kills == len(crash_scenario.CRASH_POINTS)
+        await crash_scenario.check(h, out)
+
+
 async def test_openai_dialect_killed_between_create_and_commit_adopts_by_metadata(tmp_path: Path) -> None:
     async with harness(tmp_path) as h:
         config = h.ws.config.read_text().replace('kind = "together"', 'kind = "openai"')
