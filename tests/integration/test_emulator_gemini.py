@@ -439,6 +439,24 @@ async def test_delete_forgets_a_batch_and_cancels_one_still_running(tmp_path: Pa
         assert [line["key"] for line in await gemini_download(client, responses)] == ["a"]
 
 
+async def test_a_batch_survives_a_restart_with_its_name_file_and_error_lines(tmp_path: Path) -> None:
+    lines = [json.dumps(gemini_line("a")), json.dumps(gemini_line("b")), "not JSON"]
+    async with emulator(tmp_path) as (_url, client):
+        await client.post("/_emulator/pause")
+        file = await gemini_upload(client, "\n".join(lines).encode())
+        operation = await gemini_create(client, {"fileName": file["name"]})
+    async with emulator(tmp_path) as (_url, client):
+        done = await gemini_wait(client, operation["name"])
+        again = (await client.get(f"{GEMINI}/v1beta/{file['name']}", headers=GEMINI_KEY)).json()
+        assert again | {"uri": file["uri"]} == file  # (another port now)
+    meta = done["metadata"]
+    assert meta["state"] == "BATCH_STATE_SUCCEEDED" and meta["displayName"] == "test-batch"
+    assert (
+        meta["inputConfig"] == {"fileName": file["name"]} and meta["createTime"] == operation["metadata"]["createTime"]
+    )
+    assert meta["batchStats"]["successfulRequestCount"] == "2" and meta["batchStats"]["failedRequestCount"] == "1"
+
+
 # -- errors and keys -------------------------------------------------------------------------
 
 
