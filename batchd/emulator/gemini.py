@@ -23,7 +23,7 @@ Shapes follow PROVIDERS.md and the official `google-genai` SDK (`batches.py`, wh
   first, 50 a page unless asked (at most 1000; a larger size is cut to it).
 * `POST …/batches/{id}:cancel` → `{}` (CANCELLED at once, or after `Timeline.cancelling_s`;
   400 FAILED_PRECONDITION once it ended). `DELETE …/batches/{id}` → `{}`: a batch not yet ended
-  is cancelled first; its responses file stays.
+  is cancelled first; a file batch's responses file stays.
 
 The batch is the dialect-neutral record of `state.py`; the create turns its input into the
 emulator's own request lines (`gemini_input.py`) and the worker runs it like any batch. A request
@@ -294,6 +294,12 @@ def gemini_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) -> li
             if not batch.status.terminal:
                 return google_error(409, f"Batch batches/{batch_id} is finishing; delete it in a moment.", "ABORTED")
         await state.delete_batch(batch_id)
+        # The files nobody can reach any more go with it: its request lines, and an inline batch's
+        # responses (a file batch's responses file is a file of the account's; it stays).
+        unreachable = [batch.input_file_id, batch.output_file_id if batch.source_file_id is None else None]
+        for file_id in unreachable:
+            if file_id is not None:
+                await state.delete_file(file_id)
         log.info("emulator.batch.deleted", batch_id=batch_id)
         return JSONResponse({})
 

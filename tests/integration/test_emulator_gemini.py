@@ -418,11 +418,15 @@ async def test_batches_list_newest_first_with_stable_page_tokens(tmp_path: Path)
 async def test_delete_forgets_a_batch_and_cancels_one_still_running(tmp_path: Path) -> None:
     inline = {"requests": {"requests": [{"request": gemini_request()}]}}
     async with emulator(tmp_path) as (_url, client):
+        from_file = await gemini_create(
+            client, {"fileName": (await gemini_upload(client, to_jsonl([gemini_line("a")])))["name"]}
+        )
+        responses = (await gemini_wait(client, from_file["name"]))["metadata"]["output"]["responsesFile"]
         finished = await gemini_create(client, inline)
-        done = await gemini_wait(client, finished["name"])
+        assert (await gemini_wait(client, finished["name"]))["metadata"]["state"] == "BATCH_STATE_SUCCEEDED"
         await client.post("/_emulator/pause")
         waiting = await gemini_create(client, inline)
-        for operation in (finished, waiting):
+        for operation in (from_file, finished, waiting):
             deleted = await client.delete(f"{GEMINI}/v1beta/{operation['name']}", headers=GEMINI_KEY)
             assert deleted.status_code == 200 and deleted.json() == {}
             gone = await client.get(f"{GEMINI}/v1beta/{operation['name']}", headers=GEMINI_KEY)
@@ -431,7 +435,26 @@ async def test_delete_forgets_a_batch_and_cancels_one_still_running(tmp_path: Pa
         assert_google_error(
             await client.delete(f"{GEMINI}/v1beta/{finished['name']}", headers=GEMINI_KEY), 404, "NOT_FOUND"
         )
-        assert done["metadata"]["state"] == "BATCH_STATE_SUCCEEDED"
+        # A file batch's responses file is a file of its own: it outlives the batch.
+        assert [line["key"] for line in await gemini_download(client, responses)] == ["a"]
+
+
+async def test_a_batch_survives_a_restart_with_its_name_file_and_error_lines(tmp_path: Path) -> None:
+    lines = [json.dumps(gemini_line("a")), json.dumps(gemini_line("b")), "not JSON"]
+    async with emulator(tmp_path) as (_url, client):
+        await client.post("/_emulator/pause")
+        file = await gemini_upload(client, "\n".join(lines).encode())
+        operation = await gemini_create(client, {"fileName": file["name"]})
+    async with emulator(tmp_path) as (_url, client):
+        done = await gemini_wait(client, operation["name"])
+        again = (await client.get(f"{GEMINI}/v1beta/{file['name']}", headers=GEMINI_KEY)).json()
+        assert again | {"uri": file["uri"]} == file  # (another port now)
+    meta = done["metadata"]
+    assert meta["state"] == "BATCH_STATE_SUCCEEDED" and meta["displayName"] == "test-batch"
+    assert (
+        meta["inputConfig"] == {"fileName": file["name"]} and meta["createTime"] == operation["metadata"]["createTime"]
+    )
+    assert meta["batchStats"]["successfulRequestCount"] == "2" and meta["batchStats"]["failedRequestCount"] == "1"
 
 
 # -- errors and keys -------------------------------------------------------------------------
