@@ -113,6 +113,10 @@ def _the_batch(obj: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _counts(stats: Mapping[str, Any]) -> dict[str, int] | None:
+    """`batchStats` → total / completed / failed / pending. Google's JSON leaves a zero count
+    out (proto3), so once the batch has stats, a count it does not name is 0."""
+    if not stats:
+        return None
     counts = {
         key: count
         for key, wire in (
@@ -121,7 +125,7 @@ def _counts(stats: Mapping[str, Any]) -> dict[str, int] | None:
             ("failed", ("failedRequestCount", "failed_request_count")),
             ("pending", ("pendingRequestCount", "pending_request_count")),
         )
-        if (count := _count(_first(stats, *wire))) is not None
+        if (count := _count(_first(stats, *wire) or 0)) is not None
     }
     return counts or None
 

@@ -150,6 +150,13 @@ def test_the_results_file_is_found_in_the_response_the_output_or_an_sdks_dest() 
     assert parse_batch(bare).output_file_id == "files/out-3"
 
 
+def test_a_count_left_out_is_zero_and_a_batch_without_stats_has_no_counts() -> None:
+    # Google's JSON leaves zero counts out.
+    batch = parse_batch(operation(batchStats={"requestCount": "2", "successfulRequestCount": "2"}))
+    assert batch.request_counts == {"total": 2, "completed": 2, "failed": 0, "pending": 0}
+    assert parse_batch(operation(batchStats={})).request_counts is None
+
+
 def test_a_batch_created_elsewhere_names_no_job() -> None:
     assert parse_batch(operation(displayName="my nightly run")).metadata is None
 
