@@ -299,13 +299,12 @@ class OpenAIRules:
             found.append(Problem(number, "stream", "body.stream must not be true: batch requests cannot stream"))
 
 
-class AnthropicRules:
-    """Anthropic's Message Batches lines: `{"custom_id", "params"}`.
+class _OwnLines:
+    """The rules of a dialect with lines of its own and one endpoint for every batch (Anthropic,
+    Gemini): a line's id, then its request, each checked by the subclass."""
 
-    custom_id 1–64 characters of `[A-Za-z0-9_-]` and unique; params an object with a
-    non-empty string `model`, an integer `max_tokens` of at least 1, a non-empty list of
-    `messages`, and `stream` not true. The endpoint is always Messages.
-    """
+    #: the endpoint every batch of the dialect has
+    ENDPOINT = ""
 
     def __init__(self, seen: SeenIds) -> None:
         self.seen = seen
@@ -316,13 +315,30 @@ class AnthropicRules:
         value = _request_object(number, content)
         if isinstance(value, Problem):
             return [value]
-        self.endpoint = BatchEndpoint.MESSAGES
+        self.endpoint = self.ENDPOINT
         found: list[Problem] = []
-        self._custom_id(number, value, found)
-        self._params(number, value, found)
+        self._id(number, value, found)
+        self._request(number, value, found)
         return found
 
-    def _custom_id(self, number: int, request: dict[str, Any], found: list[Problem]) -> None:
+    def _id(self, number: int, line: dict[str, Any], found: list[Problem]) -> None:
+        raise NotImplementedError
+
+    def _request(self, number: int, line: dict[str, Any], found: list[Problem]) -> None:
+        raise NotImplementedError
+
+
+class AnthropicRules(_OwnLines):
+    """Anthropic's Message Batches lines: `{"custom_id", "params"}`.
+
+    custom_id 1–64 characters of `[A-Za-z0-9_-]` and unique; params an object with a
+    non-empty string `model`, an integer `max_tokens` of at least 1, a non-empty list of
+    `messages`, and `stream` not true. The endpoint is always Messages.
+    """
+
+    ENDPOINT = BatchEndpoint.MESSAGES
+
+    def _id(self, number: int, request: dict[str, Any], found: list[Problem]) -> None:
         if "custom_id" not in request:
             found.append(Problem(number, "custom_id", "custom_id is missing"))
             return
@@ -336,7 +352,7 @@ class AnthropicRules:
             return
         _remember(self.seen, number, custom_id, found)
 
-    def _params(self, number: int, request: dict[str, Any], found: list[Problem]) -> None:
+    def _request(self, number: int, request: dict[str, Any], found: list[Problem]) -> None:
         if "params" not in request:
             hint = ' (this line looks like OpenAI\'s format: Anthropic takes {"custom_id", "params"})'
             found.append(Problem(number, "params", "params is missing" + (hint if "body" in request else "")))
@@ -359,7 +375,7 @@ class AnthropicRules:
             found.append(Problem(number, "stream", "params.stream must not be true: batch requests cannot stream"))
 
 
-class GeminiRules:
+class GeminiRules(_OwnLines):
     """Gemini's batch lines: `{"key", "request"}`.
 
     key a non-empty string, unique (in the role of custom_id: Gemini documents no length or
@@ -368,22 +384,9 @@ class GeminiRules:
     provider's `model`), so `model` stays None here.
     """
 
-    def __init__(self, seen: SeenIds) -> None:
-        self.seen = seen
-        self.endpoint: str | None = None
-        self.model: str | None = None
+    ENDPOINT = BatchEndpoint.GENERATE_CONTENT
 
-    def check(self, number: int, content: bytes) -> list[Problem]:
-        value = _request_object(number, content)
-        if isinstance(value, Problem):
-            return [value]
-        self.endpoint = BatchEndpoint.GENERATE_CONTENT
-        found: list[Problem] = []
-        self._key(number, value, found)
-        self._request(number, value, found)
-        return found
-
-    def _key(self, number: int, line: dict[str, Any], found: list[Problem]) -> None:
+    def _id(self, number: int, line: dict[str, Any], found: list[Problem]) -> None:
         if "key" not in line:
             hint = ' (this line looks like OpenAI\'s format: Gemini takes {"key", "request"})'
             found.append(Problem(number, "key", "key is missing" + (hint if "custom_id" in line else "")))
