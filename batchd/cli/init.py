@@ -39,7 +39,7 @@ def _provider_section(kind: str) -> str:
         return (
             "[provider]\n"
             'kind = "local"                     # the embedded backend: offline, no key; it answers each request\n'
-            "                                   # with an echo of it (engine \"upstream\" in [local] forwards to a\n"
+            '                                   # with an echo of it (engine "upstream" in [local] forwards to a\n'
             "                                   # real OpenAI-compatible server instead)\n"
             '# For a real provider: kind = "together" | "openai" | "anthropic" | "gemini", and its key, e.g.\n'
             '# kind = "together"\n'
