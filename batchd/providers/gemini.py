@@ -365,5 +365,3 @@ class GeminiProvider(HttpProvider):
             if following == token:
                 raise ProviderError(f"{what}: the page after {token!r} names the same page token")
             token = following
-
-
