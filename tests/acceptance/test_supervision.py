@@ -100,12 +100,19 @@ async def test_a_stored_failure_count_past_any_exponent_does_not_crash_the_daemo
         second = h.start(env=env)
         await eventually(lambda: len(second.logs_named("job.step_crashed")) >= 2, 60)
         assert second.proc.poll() is None
+        # job.step_crashed is logged just before the failure is written: wait for the write itself
+        # (read at once, a loaded machine showed the first crash's 5001).
         store = Store(h.ws.database_url)
         try:
-            (job,) = store.jobs.select()
+
+            def second_crash_recorded() -> bool:
+                (job,) = store.jobs.select()
+                return job.attempts >= 5002 and job.next_check_at is not None
+
+            await eventually(second_crash_recorded, 30, "the second crash recorded")
         finally:
             store.close()
-        assert job.attempts >= 5002 and job.next_check_at is not None
+        assert second.proc.poll() is None
         second.signal(signal.SIGTERM)
         assert await second.wait(timeout=15) == 0
 

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from standardwebhooks.webhooks import Webhook
 
@@ -153,12 +154,23 @@ async def test_operator_commands_beside_a_running_daemon(tmp_path: Path) -> None
         row = await endpoint()
         assert (row["delivered"], row["pending"], row["endpoint_disabled"]) == (1, 0, False)
 
-        # Usage and lookup failures.
-        assert (await h.ws.batchd("webhooks", "replay")).returncode == 2
-        assert (await h.ws.batchd("webhooks", "replay", event_id, "--job", "ops")).returncode == 2
-        assert (await h.ws.batchd("webhooks", "replay", "evt_missing")).returncode == 1
-        assert (await h.ws.batchd("webhooks", "replay", "--job", "no-such-job")).returncode == 1
-        assert (await h.ws.batchd("webhooks", "test", "not-a-url")).returncode == 2
+        # Usage and lookup failures: none of them changes anything, so they run side by side.
+        expected_codes = {
+            ("webhooks", "replay"): 2,
+            ("webhooks", "replay", event_id, "--job", "ops"): 2,
+            ("webhooks", "replay", "evt_missing"): 1,
+            ("webhooks", "replay", "--job", "no-such-job"): 1,
+            ("webhooks", "test", "not-a-url"): 2,
+        }
+        codes: dict[tuple[str, ...], int] = {}
+
+        async def exit_code(args: tuple[str, ...]) -> None:
+            codes[args] = (await h.ws.batchd(*args)).returncode
+
+        async with anyio.create_task_group() as tg:
+            for args in expected_codes:
+                tg.start_soon(exit_code, args)
+        assert codes == expected_codes
 
         daemon.signal(signal.SIGTERM)
         assert await daemon.wait() == 0
