@@ -352,7 +352,10 @@ class Inbox:
                 if spec is not None and not moved:
                     moved.append(move_data(self.dir, claimed, data, fd))
 
-            taken = self._read_consistently(fd, claimed, spec, claim_data)
+            # The spec's model rewrites each line's, except Gemini's: its lines name none, and the
+            # model goes to the create call instead (`model`).
+            rewrite = spec.model if spec and model is None else None
+            taken = self._read_consistently(fd, claimed, spec, claim_data, rewrite)
         finally:
             os.close(fd)
         data = moved[0] if moved else data
@@ -382,11 +385,14 @@ class Inbox:
             source_mtime_ns=taken.source.mtime_ns,
         )
 
-    def _read_consistently(self, fd: int, claimed: Path, spec: Spec | None, claim_data: Callable[[], None]) -> Taken:
+    def _read_consistently(
+        self, fd: int, claimed: Path, spec: Spec | None, claim_data: Callable[[], None], rewrite: str | None
+    ) -> Taken:
         """Validate and copy one snapshot of the open file; again if it changed meanwhile.
 
         After MAX_READS reads of a file that keeps changing, the last snapshot is taken as it
         is; the job records what it was, and the end of its round reports the difference.
+        `rewrite`: the model the upload copy writes into each line's `body.model` (None: none).
         """
         source = claimed.name
         for attempt in range(1, MAX_READS + 1):
@@ -396,8 +402,6 @@ class Inbox:
                 continue
             claim_data()
             with snapshot(fd, before.size) as stream:
-                # Gemini's lines name no model: the spec's goes to the create call instead.
-                rewrite = spec.model if spec and _provider_of(self._settings(), spec).kind != "gemini" else None
                 copy = write_upload_copy(stream, claimed.parent / UPLOAD_NAME, model=rewrite)
             after = SourceState.of(os.fstat(fd))
             if after == before or attempt == MAX_READS:
