@@ -19,9 +19,12 @@ from batchd.config.settings import (
     DEFAULT_BASE_URLS,
     DEFAULT_KEY_ENVS,
     DEFAULT_PROVIDER,
+    DELETE_FILES,
     EVENT_TYPES,
     PROVIDER_KINDS,
     PROVIDER_NAME,
+    WEBHOOK_KINDS,
+    BudgetSettings,
     ClusterSettings,
     ConfigError,
     DeliverySettings,
@@ -182,6 +185,23 @@ def _build_pricing(table: Mapping[str, Any]) -> dict[str, Price]:
     return prices
 
 
+def _build_budget(table: Mapping[str, Any], pricing: Mapping[str, Price]) -> BudgetSettings:
+    budget = BudgetSettings(
+        usd_per_day=_usd(table, "usd_per_day", "budget.usd_per_day"),
+        usd_per_month=_usd(table, "usd_per_month", "budget.usd_per_month"),
+    )
+    if (budget.usd_per_day or budget.usd_per_month) and not pricing:
+        raise ConfigError("[budget] needs [pricing]: without prices, no job's cost can be estimated")
+    return budget
+
+
+def _usd(table: Mapping[str, Any], key: str, name: str) -> float:
+    value = table.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{name} must be a non-negative number of US dollars, not {value!r}")
+    return float(value)
+
+
 def _build_provider(
     p: Mapping[str, Any], where: str, *, base_dir: Path, environ: Mapping[str, str]
 ) -> ProviderSettings:
@@ -208,6 +228,11 @@ def _build_provider(
             f"{where}.model: only a gemini provider takes a model (the other kinds name it on each "
             "request line, and a spec's model rewrites those)"
         )
+    hook_secrets = _secrets(p, "webhook_secret", where, base_dir=base_dir, environ=environ)
+    if hook_secrets and kind not in WEBHOOK_KINDS:
+        raise ConfigError(
+            f"{where}.webhook_secret: a {kind} provider sends no batch webhooks (only {', '.join(WEBHOOK_KINDS)} do)"
+        )
     return ProviderSettings(
         kind=kind,
         base_url=base_url,
@@ -216,6 +241,11 @@ def _build_provider(
         max_batch_bytes=_int(p, "max_batch_bytes", f"{where}.max_batch_bytes", 0, 0),
         max_request_bytes=_int(p, "max_request_bytes", f"{where}.max_request_bytes", 0, 0),
         model=model,
+        max_batches_in_flight=_int(p, "max_batches_in_flight", f"{where}.max_batches_in_flight", 0, 0),
+        max_enqueued_tokens=_int(p, "max_enqueued_tokens", f"{where}.max_enqueued_tokens", 0, 0),
+        stuck_after_s=_num(p, "stuck_after_s", f"{where}.stuck_after_s", 0.0),
+        delete_files=_choice(p, "delete_files", f"{where}.delete_files", "inputs", DELETE_FILES),
+        webhook_secrets=_webhook_secrets(hook_secrets, f"{where}.webhook_secret"),
     )
 
 
@@ -294,6 +324,17 @@ def build_settings(
     ):
         raise ConfigError("delivery.retry_delays_s must be a list of non-negative numbers of seconds")
 
+    pricing = _build_pricing(_table(raw, "pricing"))
+    budget = _build_budget(_table(raw, "budget"), pricing)
+    metrics = _build_metrics(_table(raw, "metrics"), base_dir=base_dir, environ=environ)
+    for name, each in providers.items():
+        if each.webhook_secrets and not metrics.listen:
+            where = "provider" if name == DEFAULT_PROVIDER else f"providers.{name}"
+            raise ConfigError(
+                f"{where}.webhook_secret: the provider's webhooks are received at /hooks/{name} on the "
+                "[metrics] listen address, so metrics.listen must be set"
+            )
+
     return Settings(
         state_dir=state_dir,
         inbox_dir=_path(inbox_text, base_dir) if inbox_text else state_dir / "inbox",
@@ -320,9 +361,10 @@ def build_settings(
             retry_delays_s=tuple(float(d) for d in delays),
         ),
         webhooks=_build_webhooks(raw.get("webhooks", []), base_dir=base_dir, environ=environ),
-        metrics=_build_metrics(_table(raw, "metrics"), base_dir=base_dir, environ=environ),
+        metrics=metrics,
         resubmit=ResubmitSettings(max_rounds=_int(_table(raw, "resubmit"), "max_rounds", "resubmit.max_rounds", 2, 0)),
-        pricing=_build_pricing(_table(raw, "pricing")),
+        pricing=pricing,
+        budget=budget,
         cluster=_build_cluster(_table(raw, "cluster")),
         config_path=config_path,
     )

@@ -34,6 +34,10 @@ DEFAULT_PROVIDER = "default"
 PROVIDER_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 #: The kinds of provider batchd speaks.
 PROVIDER_KINDS = ("local", "together", "openai", "anthropic", "gemini")
+#: the kinds that announce their batch events with signed webhooks (a provider's webhook_secret)
+WEBHOOK_KINDS = ("openai", "gemini")
+#: what `delete_files` may say: which files batchd uploaded it deletes at the provider
+DELETE_FILES = ("none", "inputs", "all")
 
 DEFAULT_KEY_ENVS = {
     "together": "TOGETHER_API_KEY",
@@ -88,6 +92,18 @@ class ProviderSettings:
     #: Gemini: the model a job's batch is created for when its spec names none (Gemini names
     #: the model in the create call, not on each line); empty: every spec must name one
     model: str = ""
+    #: admission (#18): batches of this provider in flight at once; 0: no limit
+    max_batches_in_flight: int = 0
+    #: admission: tokens enqueued at once (estimated); 0: the provider's documented limit, else none
+    max_enqueued_tokens: int = 0
+    #: a batch not running (or running without progress) this long is cancelled and its requests
+    #: go to a follow-up round; 0: the dialect's default
+    stuck_after_s: float = 0.0
+    #: which files batchd uploaded are deleted at the provider: "none" | "inputs" | "all"
+    delete_files: str = "inputs"
+    #: the provider's own signing secrets for its batch events, received at /hooks/NAME (several
+    #: during rotation); empty: its events are not taken
+    webhook_secrets: tuple[Secret, ...] = ()
 
     @property
     def limits(self) -> Limits:
@@ -164,6 +180,14 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class BudgetSettings:
+    """A spend budget (with [pricing]): new jobs wait in "queued" past it; 0: none."""
+
+    usd_per_day: float = 0.0
+    usd_per_month: float = 0.0
+
+
+@dataclass(frozen=True)
 class MetricsSettings:
     #: "host:port" of the /metrics, /healthz and status page listener; empty: no listener (port 0: any free port)
     listen: str = ""
@@ -206,6 +230,7 @@ class Settings:
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     #: model name → price; a job whose model is listed gets an estimated cost
     pricing: Mapping[str, Price] = field(default_factory=dict)
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
     #: the file these settings came from, if any
     config_path: Path | None = None
 

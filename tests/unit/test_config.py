@@ -116,6 +116,20 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
         ("state_dir = 3\n", "state_dir"),
         ("database_url = 'mysql://x'\n", "database_url"),
         ("this is not toml", "not valid TOML"),
+        ("[provider]\nmax_batches_in_flight = -1\n", "provider.max_batches_in_flight"),
+        ("[provider]\nmax_enqueued_tokens = 1.5\n", "provider.max_enqueued_tokens"),
+        ("[provider]\nstuck_after_s = -3\n", "provider.stuck_after_s"),
+        ("[provider]\ndelete_files = 'some'\n", "provider.delete_files"),
+        ("[provider]\nwebhook_secret = '" + SECRET + "'\n", "provider.webhook_secret"),
+        (
+            "[metrics]\nlisten = '127.0.0.1:0'\n"
+            "[providers.x]\nkind = 'openai'\napi_key = 'k'\nwebhook_secret = 'plain'\n",
+            "providers.x.webhook_secret",
+        ),
+        ("[providers.x]\nkind = 'openai'\napi_key = 'k'\nwebhook_secret = '" + SECRET + "'\n", "metrics.listen"),
+        ("[budget]\nusd_per_day = 5\n", "[budget] needs [pricing]"),
+        ("[budget]\nusd_per_month = -1\n", "budget.usd_per_month"),
+        ("[budget]\nweekly = 1\n", "unknown key budget.weekly"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
@@ -175,6 +189,24 @@ def test_limits_resubmit_rounds_and_pricing(tmp_path: Path) -> None:
         load_settings(write(tmp_path, '[pricing]\n"m" = { per_token = 1 }\n'), environ={})
     with pytest.raises(ConfigError, match=r"resubmit\.max_rounds"):
         load_settings(write(tmp_path, "[resubmit]\nmax_rounds = -1\n"), environ={})
+
+
+def test_admission_housekeeping_and_budget_keys(tmp_path: Path) -> None:
+    text = (
+        "[metrics]\nlisten = '127.0.0.1:0'\n"
+        "[provider]\nmax_batches_in_flight = 3\nmax_enqueued_tokens = 90000\nstuck_after_s = 600\n"
+        "delete_files = 'all'\n"
+        "[providers.oa]\nkind = 'openai'\napi_key = 'k'\nwebhook_secret = ['" + SECRET + "', '" + SECRET + "']\n"
+        "[pricing.m]\ninput_per_mtok = 1\noutput_per_mtok = 2\n"
+        "[budget]\nusd_per_day = 10\nusd_per_month = 200.5\n"
+    )
+    settings = load_settings(write(tmp_path, text), environ={})
+    assert (settings.provider.max_batches_in_flight, settings.provider.max_enqueued_tokens) == (3, 90000)
+    assert (settings.provider.stuck_after_s, settings.provider.delete_files) == (600.0, "all")
+    oa = settings.providers["oa"]
+    assert (oa.delete_files, oa.stuck_after_s, oa.max_batches_in_flight) == ("inputs", 0.0, 0)
+    assert oa.webhook_secrets == (Secret(SECRET), Secret(SECRET))
+    assert (settings.budget.usd_per_day, settings.budget.usd_per_month) == (10.0, 200.5)
 
 
 def test_max_request_bytes_defaults_to_32_mb_and_is_overridable(tmp_path: Path) -> None:
