@@ -383,6 +383,9 @@ class Inbox:
             hold=self._owner(),
             source_size=taken.source.size,
             source_mtime_ns=taken.source.mtime_ns,
+            estimated_input_tokens=report.prompt_tokens,
+            estimated_output_tokens=report.output_tokens,
+            priority=spec.priority if spec else 0,
         )
 
     def _read_consistently(

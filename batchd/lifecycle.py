@@ -30,8 +30,11 @@ class Step(StrEnum):
 
     #: nothing: the job is terminal
     NONE = "none"
-    #: cut the round's requests into shards within the provider's limits (RECEIVED)
+    #: cut the round's requests into shards within the provider's limits (RECEIVED; admission
+    #: first, when the job's provider or a spend budget limits what is in flight)
     PLAN = "plan"
+    #: ask for admission again (QUEUED, once woken: room freed up, or a refusal's wait ended)
+    ADMIT = "admit"
     #: upload and create the round's shards that are not created yet
     SUBMIT = "submit"
     #: ask the provider where the live remote batches are
@@ -70,12 +73,15 @@ ENDINGS = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.EXPIRED, JobS
 #: of a round's batches, so within a round any live state may follow any other. What never
 #: happens: leaving an ending, going back to `received`, entering `rejected`, or moving on
 #: from `downloading` other than by a follow-up round (`uploading`) or an ending.
+_WITHIN_A_ROUND = frozenset(IN_FLIGHT) | {JobState.UPLOADING, JobState.SUBMITTING, JobState.DOWNLOADING} | ENDINGS
 NEXT_STATES: dict[JobState, frozenset[JobState]] = {
-    JobState.RECEIVED: frozenset({JobState.UPLOADING}) | ENDINGS,
-    **{
-        state: frozenset(IN_FLIGHT) | {JobState.UPLOADING, JobState.SUBMITTING, JobState.DOWNLOADING} | ENDINGS
-        for state in (JobState.UPLOADING, JobState.SUBMITTING, *IN_FLIGHT)
-    },
+    JobState.RECEIVED: frozenset({JobState.QUEUED, JobState.UPLOADING}) | ENDINGS,
+    # Let in: planned (round 0) or its waiting shards submitted (or, cancelled, skipped).
+    JobState.QUEUED: _WITHIN_A_ROUND,
+    # A round none of whose shards the provider holds yet may wait its turn (its queue is full).
+    JobState.UPLOADING: _WITHIN_A_ROUND | {JobState.QUEUED},
+    JobState.SUBMITTING: _WITHIN_A_ROUND | {JobState.QUEUED},
+    **{state: _WITHIN_A_ROUND for state in IN_FLIGHT},
     JobState.DOWNLOADING: frozenset({JobState.UPLOADING}) | ENDINGS,
     **{state: frozenset() for state in JobState if state.terminal},
 }
@@ -97,6 +103,17 @@ def next_action(job: Job, batches: Sequence[RemoteBatchRecord], now: float) -> A
         # A parked job waits for an operator (`batchd resume`), whatever its state.
         return Action(Step.NONE, now)
     rows = current_round(job, batches)
+    if job.state == JobState.QUEUED:
+        if job.cancel_requested:
+            # The submit step skips the shards never created (and settles one whose create's
+            # outcome was unknown); with none, the round ends here.
+            waiting = tuple(b for b in rows if b.status.waiting)
+            return Action(Step.SUBMIT, now, waiting) if waiting else Action(Step.DOWNLOAD, now)
+        # Woken (room freed up, a refusal's wait ended): ask again; else it waits for a wake-up,
+        # costing nothing meanwhile (daemon/admission.py).
+        if job.next_check_at is None:
+            return Action(Step.NONE, now)
+        return Action(Step.ADMIT, due, tuple(b for b in rows if b.status.waiting))
     if job.state == JobState.DOWNLOADING:
         return Action(Step.DOWNLOAD, due)
     if not rows:

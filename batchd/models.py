@@ -2,7 +2,7 @@
 
 The job life cycle (DESIGN §2)::
 
-    received → uploading → submitting → validating → in_progress → finalizing → downloading
+    received → [queued →] uploading → submitting → validating → in_progress → finalizing → downloading
                                              ↘ cancelling ↘                             ↓
                                                                   completed | failed | expired | cancelled
     rejected   (never left the inbox: bad file, bad spec)
@@ -22,6 +22,9 @@ class JobState(StrEnum):
 
     #: claimed from the inbox and validated; nothing sent yet
     RECEIVED = "received"
+    #: accepted, waiting for admission: the provider's batches or enqueued tokens in flight, a
+    #: spend budget, or the provider's "queue full" answer (the reason is `Job.wait_reason`)
+    QUEUED = "queued"
     #: the intent to upload is committed; the input file is being uploaded
     UPLOADING = "uploading"
     #: the file is uploaded; the intent to create the batch is committed
@@ -372,6 +375,24 @@ class Job:
     #: when the scheduler next has something to do for the job (None: never again, or until an
     #: operator acts): kept by the store from `lifecycle.next_action` at every write (store/due.py)
     due_at: float | None = None
+    #: admission (#18): the tokens the job enqueues, estimated at intake (input from the request
+    #: lines' size, output from their max_tokens); None for a job of an older release
+    estimated_input_tokens: int | None = None
+    estimated_output_tokens: int | None = None
+    #: its place among jobs waiting for admission, higher first (a spec's `priority`)
+    priority: int = 0
+    #: when it was let in (its tokens and batches count as in flight from then on); None: not yet
+    admitted_at: float | None = None
+    #: while `queued`: why it waits
+    wait_reason: str | None = None
+    #: with [pricing]: its cost as estimated at admission, then as its usage says once ended
+    estimated_cost_usd: float | None = None
+    cost_usd: float | None = None
+
+    @property
+    def estimated_tokens(self) -> int:
+        """The tokens the job enqueues at its provider, as estimated at intake (0: unknown)."""
+        return (self.estimated_input_tokens or 0) + (self.estimated_output_tokens or 0)
 
     @property
     def short_id(self) -> str:

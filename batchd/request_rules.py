@@ -23,6 +23,7 @@ import orjson
 
 from batchd.jsonl import MAX_JSON_DEPTH, nesting_depth
 from batchd.models import SUPPORTED_ENDPOINTS, BatchEndpoint
+from batchd.tokens import output_tokens, prompt_tokens
 
 __all__ = [
     "AnthropicRules",
@@ -85,6 +86,11 @@ class LineRules(Protocol):
     @property
     def model(self) -> str | None:
         """The one model every request names so far; "" once two differ (None before the first)."""
+        ...
+
+    @property
+    def tokens(self) -> EnqueuedTokens:
+        """The tokens the lines so far enqueue, estimated (batchd/tokens.py)."""
         ...
 
     def check(self, number: int, content: bytes) -> list[Problem]:
@@ -208,6 +214,18 @@ def _model(number: int, body: dict[str, Any], where: str, so_far: str | None, fo
     return so_far
 
 
+class EnqueuedTokens:
+    """What a file's requests enqueue at the provider: prompt and most output tokens, estimated."""
+
+    def __init__(self) -> None:
+        self.prompt = 0
+        self.output = 0
+
+    def add(self, body: Any) -> None:
+        self.prompt += prompt_tokens(body)
+        self.output += output_tokens(body)
+
+
 class OpenAIRules:
     """OpenAI's batch lines, as Together, OpenAI and the local backend take them.
 
@@ -222,6 +240,7 @@ class OpenAIRules:
         self.endpoint_line = 0
         #: the one model every request names, "" once two differ (None before the first)
         self.model: str | None = None
+        self.tokens = EnqueuedTokens()
 
     def check(self, number: int, content: bytes) -> list[Problem]:
         """The problems of line `number`; several rules can fail on one line."""
@@ -285,6 +304,7 @@ class OpenAIRules:
             found.append(Problem(number, "body", f"body must be a JSON object, got {_kind(body)}"))
             return
         self.model = _model(number, body, "body", self.model, found)
+        self.tokens.add(body)
         if url == BatchEndpoint.CHAT_COMPLETIONS:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
@@ -310,6 +330,7 @@ class _OwnLines:
         self.seen = seen
         self.endpoint: str | None = None
         self.model: str | None = None
+        self.tokens = EnqueuedTokens()
 
     def check(self, number: int, content: bytes) -> list[Problem]:
         value = _request_object(number, content)
@@ -362,6 +383,7 @@ class AnthropicRules(_OwnLines):
             found.append(Problem(number, "params", f"params must be a JSON object, got {_kind(params)}"))
             return
         self.model = _model(number, params, "params", self.model, found)
+        self.tokens.add(params)
         tokens = params.get("max_tokens")
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
             got = "nothing" if "max_tokens" not in params else show_value(tokens)
@@ -405,6 +427,7 @@ class GeminiRules(_OwnLines):
         if not isinstance(request, dict):
             found.append(Problem(number, "request", f"request must be a JSON object, got {_kind(request)}"))
             return
+        self.tokens.add(request)
         contents = request.get("contents")
         if not isinstance(contents, list) or not contents:
             got = "nothing" if "contents" not in request else show_value(contents)

@@ -54,5 +54,15 @@ def retry_job(store: Store, settings: Settings, job: Job) -> Job:
         model=job.model,
         webhook_url=job.webhook_url,
         metadata=dict(job.metadata),
+        # The failed requests' share of what the whole job was estimated to enqueue.
+        estimated_input_tokens=_share(job.estimated_input_tokens, count, job.request_count),
+        estimated_output_tokens=_share(job.estimated_output_tokens, count, job.request_count),
+        priority=job.priority,
     )
     return store.jobs.insert(new)
+
+
+def _share(tokens: int | None, part: int, whole: int | None) -> int | None:
+    if tokens is None or not whole:
+        return tokens
+    return -(-tokens * part // whole)

@@ -132,6 +132,9 @@ class Report:
     size_bytes: int
     #: the model every request names, when they all name the same one
     model: str | None = None
+    #: the tokens the requests enqueue at the provider, estimated (batchd/tokens.py)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
 
     @property
     def ok(self) -> bool:
@@ -148,6 +151,7 @@ class Report:
             "endpoint": self.endpoint,
             "size_bytes": self.size_bytes,
             "model": self.model,
+            "estimated_tokens": {"prompt": self.prompt_tokens, "output": self.output_tokens},
             "problems": [{"line": p.line, "rule": p.rule, "message": p.message} for p in self.problems],
         }
 
@@ -222,6 +226,8 @@ def validate_stream(
         endpoint=rules.endpoint,
         size_bytes=size_bytes,
         model=rules.model or None,
+        prompt_tokens=rules.tokens.prompt,
+        output_tokens=rules.tokens.output,
     )
 
 

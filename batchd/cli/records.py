@@ -52,7 +52,7 @@ def progress_of(job: Job, batches: Sequence[RemoteBatchRecord]) -> float | None:
             return None  # finished before batchd kept the unanswered figure, or never counted
         answered = counts.get("completed", 0) + counts.get("failed", 0) - counts["unanswered"]
         return round(100.0 * max(0, answered) / total, 2)
-    if job.state in (JobState.RECEIVED, JobState.UPLOADING, JobState.SUBMITTING):
+    if job.state in (JobState.RECEIVED, JobState.QUEUED, JobState.UPLOADING, JobState.SUBMITTING):
         return 0.0
     bound = [b for b in batches if b.remote_id is not None]
     if not bound:

@@ -158,7 +158,9 @@ class Finisher:
             # Kept with the counts in the store, for progress: a job cancelled with 13 of 20
             # answered is 65 % done, though all 20 have a line in its outbox.
             counts["unanswered"] = doc["unanswered"]
-        ending = Ending(state, finished_at, doc["reason"], counts, doc["usage"])
+        cost = doc.get("cost")
+        cost_usd = cost.get("estimated_usd") if isinstance(cost, dict) else None
+        ending = Ending(state, finished_at, doc["reason"], counts, doc["usage"], cost_usd=cost_usd)
         job = await db(self._ctx.store.jobs.finish, job.id, expect=job.state, ending=ending, events=[event])
         folder = Path(job.outbox_path or ".")
         metrics.job_finished(state.value, finished_at - job.created_at, [folder / n for n in OUTBOX_FILES])

@@ -17,6 +17,7 @@ import structlog
 
 from batchd import lifecycle, metrics, systemd
 from batchd.backoff import step_delay
+from batchd.daemon.admission import Admitter
 from batchd.daemon.context import Context, db
 from batchd.daemon.failures import STEPS, step_failed
 from batchd.daemon.finish import Finisher
@@ -67,7 +68,8 @@ class Scheduler:
         self._ctx = ctx
         self._monitor = monitor
         self._stop = stop
-        self._submitter = Submitter(ctx)
+        self._admitter = Admitter(ctx)
+        self._submitter = Submitter(ctx, self._admitter)
         self._poller = Poller(ctx)
         self._finisher = Finisher(ctx, self._submitter)
         self._wake = anyio.Event()
@@ -168,6 +170,10 @@ class Scheduler:
         next_at = min([now + self._monitor.idle_s(), *holds.values()])
         if later is not None:
             next_at = min(next_at, later)
+        # The queue's heads woken (room freed up, or it is time): due from the next read on.
+        recheck = await self._admitter.tick(now)
+        if recheck is not None:
+            next_at = min(next_at, recheck)
         if len(jobs) == DUE_PAGE:
             next_at = now  # a full page: more may be due; read again once these are started
         polls: list[tuple[Job, Action]] = []
@@ -242,19 +248,31 @@ class Scheduler:
             self._changed = True
             self.wake()
 
+    async def _admit(self, job: Job, action: Action) -> None:
+        """Let the job in (else it waits in `queued`), then plan its round or submit its shards."""
+        admitted = await self._admitter.gate(job)
+        if admitted is None:
+            return
+        if action.step is Step.ADMIT and action.batches:
+            await self._submitter.submit(admitted, action.batches)
+        else:
+            await self._submitter.plan(admitted)
+
     async def _run_step(self, job: Job, action: Action) -> None:
         bound = log.bind(job_id=job.id, step=action.step.value)
         self._ctx.lease(job)
         try:
             steps = self._steps.setdefault(job.provider_name, anyio.CapacityLimiter(MAX_CONCURRENT_STEPS))
             async with self._downloads if action.step is Step.DOWNLOAD else steps:
-                if action.step is Step.PLAN:
-                    await self._submitter.plan(job)
+                if action.step in (Step.PLAN, Step.ADMIT):
+                    await self._admit(job, action)
                 elif action.step is Step.SUBMIT:
                     await self._submitter.submit(job, action.batches)
                 elif action.step is Step.CANCEL:
                     await self._poller.cancel(job, action.batches)
                 elif action.step is Step.DOWNLOAD:
+                    # The round's batches have ended: room at the provider for a queued job.
+                    self._admitter.room_freed()
                     await self._finisher.end_round(job)
         except StaleState:
             bound.info("job.stale_step")

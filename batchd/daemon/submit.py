@@ -19,6 +19,7 @@ import structlog
 
 from batchd import lifecycle
 from batchd.crashpoints import crashpoint
+from batchd.daemon.admission import Admitter
 from batchd.daemon.context import Context, db
 from batchd.daemon.failures import NeedsOperator
 from batchd.inbox import ensure_job_files
@@ -43,8 +44,9 @@ SETTLE_S = 120.0
 class Submitter:
     """Plans rounds and submits their shards to the provider."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, admitter: Admitter) -> None:
         self._ctx = ctx
+        self._admitter = admitter
         #: per provider whose batches name nothing: one create (or reconcile) at a time (_creating)
         self._create_locks: dict[str, anyio.Lock] = {}
 
@@ -103,7 +105,10 @@ class Submitter:
         async with anyio.create_task_group() as tg:
             for row in rows:
                 tg.start_soon(one, row)
-        await self._sum_up(job.id)
+        current = await self._sum_up(job.id)
+        full = [e for e in errors if isinstance(e, ProviderError) and e.queue_full]
+        if full and await self._admitter.queue_full(current[0], current[1], full[0]):
+            return  # the job waits in `queued` for room at its provider: not a failure
         if errors:
             # The shards that worked are recorded; the job backs off and the rest are tried again.
             # A failure other than the provider's says more (a bug counts against the job); among
@@ -275,14 +280,16 @@ class Submitter:
             shard=batch.shard, round=batch.round,
         )  # fmt: skip
 
-    async def _sum_up(self, job_id: str) -> None:
-        """Set the job's state from its current round's batches (after a submit step)."""
+    async def _sum_up(self, job_id: str) -> tuple[Job, list[RemoteBatchRecord]]:
+        """Set the job's state from its current round's batches (after a submit step); the job as
+        written and those batches."""
         job = await db(self._ctx.store.jobs.get, job_id)
         assert job is not None
         rows = lifecycle.current_round(job, await db(self._ctx.store.batches.of_job, job_id))
         state = lifecycle.summary_state(rows, cancelling=job.state == JobState.CANCELLING)
         check = self._ctx.next_check(state, self._ctx.policy.min_interval_s)
-        await db(self._ctx.store.jobs.record_answer, job_id, expect=job.state, check=check)
+        job = await db(self._ctx.store.jobs.record_answer, job_id, expect=job.state, check=check)
+        return job, rows
 
 
 def _upload_name(job: Job, row: RemoteBatchRecord) -> str:

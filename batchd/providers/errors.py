@@ -9,7 +9,8 @@ class ProviderError(Exception):
     `retryable` says whether the same call may simply be made again later
     (network trouble, 429, 5xx); `outcome_unknown` says the provider may have
     acted even though no answer arrived (a create that timed out), so the
-    caller must reconcile before repeating it.
+    caller must reconcile before repeating it. `queue_full` says a create was refused
+    because the account's queue is full (retryable).
     """
 
     def __init__(
@@ -20,6 +21,7 @@ class ProviderError(Exception):
         retryable: bool = False,
         outcome_unknown: bool = False,
         retry_after: float | None = None,
+        queue_full: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -27,3 +29,6 @@ class ProviderError(Exception):
         self.retryable = retryable
         self.outcome_unknown = outcome_unknown
         self.retry_after = retry_after
+        #: the provider refused a create because its queue of enqueued work is full: a wait,
+        #: never a failure (the job goes back to `queued`, daemon/admission.py)
+        self.queue_full = queue_full

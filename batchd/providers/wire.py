@@ -138,6 +138,26 @@ def transport_error(exc: httpx.TransportError, what: str) -> ProviderError:
     return ProviderError(f"{what}: {type(exc).__name__}: {exc}", retryable=True)
 
 
+#: The words of a "queue full" refusal in the providers' error messages (Together's queued-token
+#: limit, Anthropic's processing-queue limit): a 429 saying so is a full queue, not a rate limit.
+_QUEUE_WORDS = ("queue", "enqueued")
+
+
+def is_queue_full(status: int, payload: Any) -> bool:
+    """Whether a create's refusal says the account's queue of batch work is full: OpenAI's code
+    `token_limit_exceeded` (any status), Gemini's `RESOURCE_EXHAUSTED`, or a 429 whose message
+    speaks of the queue (Together, Anthropic)."""
+    error = payload.get("error") if isinstance(payload, Mapping) else None
+    if isinstance(error, Mapping) and (
+        error.get("code") == "token_limit_exceeded" or error.get("status") == "RESOURCE_EXHAUSTED"
+    ):
+        return True
+    if status != 429:
+        return False
+    message = (parse_error_message(payload) or "").lower()
+    return any(word in message for word in _QUEUE_WORDS)
+
+
 def create_refusal(response: httpx.Response, what: str) -> ProviderError:
     """A batch create answered with a non-success status → ProviderError, classified.
 
@@ -146,6 +166,10 @@ def create_refusal(response: httpx.Response, what: str) -> ProviderError:
     """
     error = error_from_response(response, what)
     code = response.status_code
+    if is_queue_full(code, json_or_none(response)):
+        return ProviderError(
+            error.message, status_code=code, retryable=True, retry_after=error.retry_after, queue_full=True
+        )
     if code == 429 or (400 <= code <= 499 and code != 408):
         # Refused before acting: 429 may be repeated as is, other 4xx not at all.
         return error

@@ -9,6 +9,7 @@ small class per aggregate, each in its own module:
     store.deliveries  webhook events, deliveries and endpoints            (deliveries.py)
     store.cluster     the daemons sharing the database, and their leases  (cluster.py)
     store.signals     wake-ups from commands to the daemons               (signals.py)
+    store.admission   the queue of jobs waiting for room at a provider    (admission.py)
 
 Writes take typed records (`writes.py`) and name the transition they make; every method is
 one transaction.
@@ -23,6 +24,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from batchd.store.admission import AdmissionStore, Verdict
 from batchd.store.batches import CreatesBusy, RemoteBatchStore
 from batchd.store.cluster import ClusterStore, daemon_state
 from batchd.store.database import (
@@ -57,6 +59,7 @@ from batchd.store.writes import (
 __all__ = [
     "LEASE",
     "SCHEMA_VERSION",
+    "AdmissionStore",
     "ClusterStore",
     "CreatesBusy",
     "DeadLettered",
@@ -82,6 +85,7 @@ __all__ = [
     "StaleState",
     "Store",
     "StoreUnavailable",
+    "Verdict",
     "daemon_state",
     "is_database_error",
     "open_existing",
@@ -123,3 +127,4 @@ class Store(Database):
         self.deliveries = DeliveryStore(self)
         self.cluster = ClusterStore(self)
         self.signals = SignalStore(self)
+        self.admission = AdmissionStore(self)

@@ -145,6 +145,9 @@ class RemoteBatchStore:
             ).rowcount
             if changed != 1:
                 raise StaleState(f"job {job_id} is not in state {expect.value}")
+            # Let in now, if no admission check did so before (nothing limited it): the spend
+            # budgets count a job from the moment it goes to its provider.
+            conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.admitted_at.is_(None)).values(admitted_at=now))
             planned = BatchStatus.PENDING.value
             fresh = {"round": round_, "input_file_id": "", "status": planned, "create_attempts": 0, "intent_at": now}
             rows_in = [

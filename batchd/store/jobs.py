@@ -361,6 +361,7 @@ class JobStore:
             "reason": ending.reason,
             "request_counts": dict(ending.request_counts),
             "usage": dict(ending.usage),
+            "cost_usd": ending.cost_usd,
             # A finished job is nobody's: `jobs`, `show` and the status page say so.
             "owner": None,
             "lease_until": None,

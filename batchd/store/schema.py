@@ -119,6 +119,15 @@ jobs = Table(
     Column("parked_reason", OutsideText),
     #: when the scheduler next has something to do for the job; NULL: ended or parked (store/due.py)
     Column("due_at", Float),
+    #: admission (#18): the tokens it enqueues (estimated at intake), its place in the queue,
+    #: when it was let in, why it waits while queued, its estimated and (once ended) usage cost
+    Column("estimated_input_tokens", BigInteger),
+    Column("estimated_output_tokens", BigInteger),
+    Column("priority", Integer, nullable=False, default=0, server_default="0"),
+    Column("admitted_at", Float),
+    Column("wait_reason", OutsideText),
+    Column("estimated_cost_usd", Float),
+    Column("cost_usd", Float),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_name", "name"),
 )
@@ -225,6 +234,14 @@ newest_indexes = (
 )
 
 
+#: Admission (#18): each provider's queue in its order, without sorting every waiting job; and
+#: the jobs let in since a day or month began (a spend budget), without reading older ones.
+admission_indexes = (
+    Index("ix_jobs_queue", jobs.c.provider_name, jobs.c.state, jobs.c.priority, jobs.c.created_at),
+    Index("ix_jobs_admitted", jobs.c.admitted_at),
+)
+
+
 def _migrate_v1(conn: Connection) -> None:
     # A new database gets the current schema at once; the later steps then find nothing to do.
     metadata.create_all(conn)
@@ -299,6 +316,22 @@ def _migrate_v8(conn: Connection) -> None:
         index.create(conn, checkfirst=True)
 
 
+def _migrate_v9(conn: Connection) -> None:
+    # Admission control and spend budgets (#18).
+    for name in (
+        "estimated_input_tokens",
+        "estimated_output_tokens",
+        "priority",
+        "admitted_at",
+        "wait_reason",
+        "estimated_cost_usd",
+        "cost_usd",
+    ):
+        _add_column(conn, jobs, name)
+    for index in admission_indexes:
+        index.create(conn, checkfirst=True)
+
+
 #: Forward migrations, in order; each runs once, in its own transaction. Each later step brings a
 #: database made by an older release to the current schema and checks first, so on a database
 #: step 1 just created it does nothing.
@@ -311,6 +344,7 @@ MIGRATIONS: tuple[tuple[int, Any], ...] = (
     (6, _migrate_v6),
     (7, _migrate_v7),
     (8, _migrate_v8),
+    (9, _migrate_v9),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -49,6 +49,10 @@ class NewJob:
     #: the claimed file as the upload copy was made from it (to tell later that it changed)
     source_size: int | None = None
     source_mtime_ns: int | None = None
+    #: admission: the tokens its requests enqueue (estimated) and its place in the queue
+    estimated_input_tokens: int | None = None
+    estimated_output_tokens: int | None = None
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,8 @@ class Ending:
     reason: str | None
     request_counts: Mapping[str, int]
     usage: Mapping[str, int]
+    #: with [pricing]: what its usage cost, estimated (spend budgets count it from then on)
+    cost_usd: float | None = None
 
 
 @dataclass(frozen=True)

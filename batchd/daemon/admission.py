@@ -1,0 +1,145 @@
+"""Admission in the daemon: the gate before a job's first round, the "queue full" answers that
+make a job wait, and the wake-ups of the queue (the decision: batchd/admission.py; the queue:
+store/admission.py).
+
+A queued job costs nothing while it waits: it is out of the due index until woken. The head of
+each provider's queue is woken when room may have freed up (a round of that daemon ended, a job
+was let in: the next may fit too), every QUEUE_RECHECK_S while jobs wait (room freed by another
+daemon, a provider's queue emptied by others), and when a new UTC day begins (a spend budget).
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from batchd import admission
+from batchd.admission import Limit
+from batchd.backoff import step_delay
+from batchd.daemon.context import Context, db
+from batchd.models import Job, JobState, RemoteBatchRecord
+from batchd.providers.errors import ProviderError
+from batchd.store import Verdict
+
+log = structlog.get_logger("batchd.daemon")
+
+#: While jobs wait, the head of each queue asks again at least this often.
+QUEUE_RECHECK_S = 60.0
+#: What a provider's "queue full" answer teaches (its queue held no more than what was in flight
+#: then) is forgotten after this long: the provider's limits change with its tiers and its load.
+LEARNED_FOR_S = 3600.0
+
+
+class Admitter:
+    """Lets jobs in, makes them wait, wakes the queue."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+        #: (provider name, model) → (tokens the provider's queue held when it said "full", until when)
+        self._learned: dict[tuple[str, str], tuple[int, float]] = {}
+        #: room may have freed up since the queue was last woken (at start: jobs a crash or
+        #: another daemon left queued are looked at once)
+        self._room = True
+        #: jobs may be waiting in the queue (this daemon queued one, or a wake-up found some)
+        self._waiting = True
+        #: when the queue is next woken by time
+        self._recheck_at: float | None = None
+
+    # ------------------------------------------------------------ the gate
+
+    def limit_for(self, job: Job) -> Limit:
+        settings = self._ctx.settings
+        provider = self._ctx.provider_settings(job)
+        batches, tokens = admission.provider_limit(provider, self._learned_tokens(job))
+        day_start, month_start = admission.period_starts(self._ctx.clock())
+        return Limit(
+            max_batches=batches, max_tokens=tokens, usd_per_day=settings.budget.usd_per_day,
+            usd_per_month=settings.budget.usd_per_month, day_start=day_start, month_start=month_start,
+        )  # fmt: skip
+
+    async def gate(self, job: Job) -> Job | None:
+        """The job as let in, or None when it waits in `queued` (its reason recorded)."""
+        limit = self.limit_for(job)
+        if job.state is JobState.RECEIVED and not limit.any and not self._waiting:
+            return job  # nothing limits it, nobody waits: the plan records it as let in
+        cost = admission.estimated_cost(job, self._ctx.settings.pricing.get(job.model or ""))
+        if cost is None and limit.limits_spend:
+            log.warning(
+                "job.cost_unknown", job_id=job.id, model=job.model, budget="not counted: its model has no price"
+            )
+        limits = self._ctx.provider_settings(job).limits
+        verdict: Verdict = await db(
+            self._ctx.store.admission.admit, job.id, expect=job.state, limit=limit,
+            shards=lambda other: admission.expected_shards(other, limits), cost=cost,
+        )  # fmt: skip
+        if verdict.admitted:
+            if job.state is JobState.QUEUED:
+                log.info("job.admitted", job_id=job.id, waited_s=round(self._ctx.clock() - job.updated_at, 3))
+            self.room_freed()  # the next in the queue may fit too
+            return verdict.job
+        self._waiting = True
+        if verdict.reason != job.wait_reason:
+            log.info("job.queued", job_id=job.id, provider=job.provider_name, reason=verdict.reason)
+        return None
+
+    async def queue_full(self, job: Job, rows: list[RemoteBatchRecord], exc: ProviderError) -> bool:
+        """The provider refused a create of `job` for a full queue. When none of the round's
+        shards is at the provider, the job waits in `queued` (True); else the refusal is waited
+        out like any passing one by the caller (False). Either way the budget learns."""
+        store = self._ctx.store
+        tokens = await db(store.admission.tokens_in_flight, job)
+        if tokens > 0:
+            # The queue held no more than this: later admissions stay below it for a while.
+            self._learned[(job.provider_name, job.model or "")] = (tokens, self._ctx.clock() + LEARNED_FOR_S)
+        log.warning(
+            "job.provider_queue_full", job_id=job.id, provider=job.provider_name, model=job.model,
+            tokens_in_flight=tokens, error=exc.message,
+        )  # fmt: skip
+        if any(row.status.live for row in rows):
+            return False
+        policy = self._ctx.policy
+        delay = step_delay(job.attempts + 1, policy.min_interval_s, policy.max_interval_s, self._ctx.rng,
+                           retry_after=exc.retry_after)  # fmt: skip
+        reason = f"its provider's queue is full ({exc.message}); asking again within {delay:.0f} s or as room frees up"
+        await db(store.admission.wait, job.id, expect=job.state, reason=reason, retry_at=self._ctx.clock() + delay)
+        self._waiting = True
+        return True
+
+    def _learned_tokens(self, job: Job) -> int | None:
+        key = (job.provider_name, job.model or "")
+        found = self._learned.get(key)
+        if found is None:
+            return None
+        tokens, until = found
+        if until <= self._ctx.clock():
+            del self._learned[key]
+            return None
+        return tokens
+
+    # ------------------------------------------------------------ wake-ups
+
+    def room_freed(self) -> None:
+        """Something left the provider's flight (a round ended, a job was let in): the queue's
+        heads ask again at the scheduler's next tick."""
+        if self._waiting:
+            self._room = True
+            self._ctx.wake()
+
+    async def tick(self, now: float) -> float | None:
+        """Wake the queue's heads if room freed up or it is time; return when to come back (None:
+        nothing waits)."""
+        if not self._waiting:
+            return None
+        if self._room or (self._recheck_at is not None and now >= self._recheck_at):
+            self._room = False
+            woken = await db(self._ctx.store.admission.wake_heads)
+            self._waiting = bool(await db(self._ctx.store.admission.queued_count))
+            if woken:
+                log.debug("admission.woken", jobs=woken)
+            self._recheck_at = None
+        if not self._waiting:
+            return None
+        if self._recheck_at is None:
+            self._recheck_at = now + QUEUE_RECHECK_S
+            if self._ctx.settings.budget.usd_per_day or self._ctx.settings.budget.usd_per_month:
+                self._recheck_at = min(self._recheck_at, admission.next_period(now))
+        return self._recheck_at
