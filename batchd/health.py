@@ -36,6 +36,7 @@ from batchd.config import ConfigError, Settings
 from batchd.faults import Faults
 from batchd.models import JobState
 from batchd.status import TokenGate, status_routes
+from batchd.status.queries import spend_against_budget
 from batchd.store import Store
 
 log = structlog.get_logger("batchd.health")
@@ -199,12 +200,24 @@ class Health:
 
 
 def create_metrics_app(
-    health: Health, registry: Any, *, routes: Sequence[BaseRoute] = (), tokens: Sequence[str] = ()
+    health: Health,
+    registry: Any,
+    *,
+    routes: Sequence[BaseRoute] = (),
+    tokens: Sequence[str] = (),
+    spend: Callable[[], list[tuple[str, float, float]]] | None = None,
 ) -> Starlette:
     """`GET /metrics` (Prometheus text format) and `GET /healthz` (200 ok, 503 failing; JSON either way),
-    beside `routes` (the status page); with `tokens`, every route asks for one (batchd/status/auth.py)."""
+    beside `routes` (the status page); with `tokens`, every route asks for one (batchd/status/auth.py).
+    `spend` reads the spend against each budget, when one is set (read per scrape: two sums)."""
 
     async def metrics_page(_request: Request) -> Response:
+        if spend is not None:
+            try:
+                metrics.set_spend(await anyio.to_thread.run_sync(spend))
+            except Exception as exc:
+                # The database away: /metrics still answers, with the figures it had.
+                log.warning("metrics.spend_unread", error=str(exc))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(_request: Request) -> Response:
@@ -235,7 +248,8 @@ async def serve_metrics(
     tokens = [t.reveal() for t in settings().metrics.tokens] if settings is not None else []
     try:
         async with AsyncExitStack() as stack:
-            app = create_metrics_app(Health(monitor, store), registry, routes=routes, tokens=tokens)
+            spend = (lambda: spend_against_budget(store, settings(), time.time())) if settings is not None else None
+            app = create_metrics_app(Health(monitor, store), registry, routes=routes, tokens=tokens, spend=spend)
             try:
                 url = await stack.enter_async_context(serve_app(app, *address))
             except OSError as exc:

@@ -81,6 +81,11 @@ class Metrics:
             "batchd_faults", "Outside faults now (1: failing), by the work that meets them.", ["where"], registry=r
         )
         self.parked_jobs = Counter("batchd_jobs_parked", "Jobs parked after repeated unexpected errors.", registry=r)
+        self.spend = Gauge(
+            "batchd_spend_usd", "Estimated spend of the jobs let in this UTC day or month (with [budget]).",
+            ["period"], registry=r,
+        )  # fmt: skip
+        self.budget = Gauge("batchd_budget_usd", "The [budget] of a UTC day or month.", ["period"], registry=r)
         ProcessCollector(registry=r)
         for state in JobState:
             self.jobs.labels(state.value).set(0)
@@ -123,6 +128,16 @@ def set_job_counts(counts: Mapping[str, int]) -> None:
         return
     for state in JobState:
         m.jobs.labels(state.value).set(counts.get(state.value, 0))
+
+
+def set_spend(rows: Iterable[tuple[str, float, float]]) -> None:
+    """Spend against budget: (period, spent, budget) for each budget set."""
+    m = _current
+    if m is None:
+        return
+    for period, spent, budget in rows:
+        m.spend.labels(period).set(spent)
+        m.budget.labels(period).set(budget)
 
 
 def intake(*, rejected: bool) -> None:

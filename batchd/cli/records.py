@@ -88,6 +88,8 @@ def job_record(job: Job, batches: Sequence[RemoteBatchRecord], now: float) -> di
         # parked after repeated unexpected errors: the daemon leaves it alone until `batchd resume`
         "parked": job.parked_at is not None,
         "parked_reason": job.parked_reason,
+        # while `queued`: why it waits for admission (its provider's room, a spend budget)
+        "wait_reason": job.wait_reason if job.state is JobState.QUEUED else None,
         "owner": job.owner,
         "created_at": iso(job.created_at),
         "finished_at": iso(job.finished_at),
@@ -110,6 +112,9 @@ def show_record(
             "usage": dict(job.usage) if job.usage else None,
             "round": job.round,
             "cost": _cost(outbox),
+            "priority": job.priority,
+            "estimated_tokens": {"prompt": job.estimated_input_tokens, "output": job.estimated_output_tokens},
+            "estimated_cost_usd": job.estimated_cost_usd,
             "webhook_url": None if job.webhook_url is None else redact_url(job.webhook_url),
             "input_file_id": job.input_file_id,
             "sha256": job.sha256,
@@ -221,6 +226,8 @@ def jobs_table(records: Sequence[dict[str, Any]], *, bar: int = 0) -> list[str]:
             f"{counts.get('completed', '-')!s:>6}  {counts.get('failed', '-')!s:>6}  {human_age(r['age_s']):>4}  "
             f"{_cut(r.get('provider_name') or '-', 10):<10}  {(r.get('owner') or '-')[:8]}"
         )
+        if r.get("wait_reason"):
+            lines.append(f"{'':<8}  waits: {r['wait_reason']}")
     return lines
 
 
@@ -311,6 +318,8 @@ def show_lines(record: dict[str, Any]) -> list[str]:
         lines.append(f"webhook    {d['type']} → {d['url']}  {d['state']}{status}, {counted(d['attempts'], 'attempt')}")
     if r["source_changed"]:
         lines.append(f"changed    {r['source']} changed after it was taken: {r['source_changed']}")
+    if r.get("wait_reason"):
+        lines.append(f"waits      {r['wait_reason']}")
     if r["reason"]:
         lines.append(f"reason     {r['reason']}")
     if r["last_error"]:

@@ -35,6 +35,7 @@ from starlette.routing import Route
 
 from batchd.emulator.answers import anthropic_error_body
 from batchd.emulator.inputs import limits_for
+from batchd.emulator.queue import take_room
 from batchd.emulator.state import BatchStatus, Clock, EmulatorState, StoredBatch, StoredFile, iso_z
 from batchd.emulator.transfer import ContentSink
 from batchd.emulator.worker import BatchWorker, NotCancellable
@@ -210,6 +211,9 @@ def anthropic_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) ->
             file_size_bytes=sink.size,
             total=total,
         )
+        full = await take_room(state, worker.queue, batch)
+        if full is not None:
+            return anthropic_error(429, f"Your organization's batch processing queue is full. {full}")
         await state.save_batch(batch)
         worker.enqueue(batch.id)
         log.info("emulator.batch.created", batch_id=batch.id, requests=total, dialect=DIALECT)

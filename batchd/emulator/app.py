@@ -180,7 +180,7 @@ def create_app(
         # CPU per request (measured: tests/benchmarks/bench_upstream.py).
         concurrency = getattr(engine, "concurrency", None) or DEFAULT_CONCURRENCY
     worker = BatchWorker(state, engine, gate, clock, concurrency=concurrency, timeline=timeline)
-    control = Control(gate, Faults(random=random_faults, latency_s=latency_s))
+    control = Control(gate, Faults(random=random_faults, latency_s=latency_s), queue=worker.queue)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

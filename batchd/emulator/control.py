@@ -25,6 +25,7 @@ from batchd.emulator.answers import anthropic_error_body
 from batchd.emulator.bodies import read_json
 from batchd.emulator.faults import Fault, Faults, parse_fault, parse_latency, parse_random
 from batchd.emulator.google_errors import google_error_body
+from batchd.emulator.queue import QueueLimit, parse_queue
 from batchd.emulator.state import EmulatorState, iso_z
 from batchd.emulator.triggers import openai_error_body
 from batchd.emulator.worker import Gate
@@ -43,9 +44,11 @@ UPLOAD_PREFIX = "/_emulator/upload/"
 class Control:
     """The switches tests pull: the worker's pause gate, the faults, request counts."""
 
-    def __init__(self, gate: Gate, faults: Faults | None = None) -> None:
+    def __init__(self, gate: Gate, faults: Faults | None = None, queue: QueueLimit | None = None) -> None:
         self.gate = gate
         self.faults = faults or Faults()
+        #: the account's queue of enqueued tokens (queue.py; shared with the worker)
+        self.queue = queue or QueueLimit()
         self.requests: Counter[str] = Counter()
 
 
@@ -216,7 +219,19 @@ def control_routes(control: Control, state: EmulatorState) -> list[Route]:
             }
         )
 
+    async def queue(request: Request) -> Response:
+        limit = control.queue
+        if request.method == "POST":
+            try:
+                spec = await read_json(request)
+                limit.max_tokens = parse_queue(spec)
+            except ValueError as exc:
+                return JSONResponse(openai_error_body(400, f"bad queue: {exc}"), status_code=400)
+            log.info("emulator.queue", max_enqueued_tokens=limit.max_tokens)
+        return JSONResponse({"max_enqueued_tokens": limit.max_tokens, "enqueued_tokens": limit.enqueued(state)})
+
     return [
+        Route("/_emulator/queue", queue, methods=["GET", "POST"]),
         Route("/_emulator/pause", pause, methods=["POST"]),
         Route("/_emulator/resume", resume, methods=["POST"]),
         Route("/_emulator/faults", faults, methods=["GET", "POST", "DELETE"]),

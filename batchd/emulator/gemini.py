@@ -52,6 +52,7 @@ from batchd.emulator.gemini_input import Converted, CreateProblem, convert_file,
 from batchd.emulator.gemini_pages import PageProblem, Place, micros, page, page_size
 from batchd.emulator.google_errors import google_error, grpc_code
 from batchd.emulator.inputs import limits_for
+from batchd.emulator.queue import take_room
 from batchd.emulator.state import BatchStatus, Clock, EmulatorState, StoredBatch, StoredFile, install_file, iso_z
 from batchd.emulator.worker import BatchWorker, NotCancellable
 from batchd.models import MB, BatchEndpoint
@@ -200,6 +201,9 @@ def gemini_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) -> li
             refused = await convert(batch, partial(convert_inline, items))
         if refused is not None:
             return refused
+        full = await take_room(state, worker.queue, batch)
+        if full is not None:
+            return google_error(429, f"Resource has been exhausted (the batch queue is full). {full}")
         batch.seq = state.next_seq()
         await state.save_batch(batch)
         worker.enqueue(batch.id)

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from batchd.emulator.bodies import BadJson, read_json
+from batchd.emulator.queue import take_room
 from batchd.emulator.state import BatchStatus, Clock, EmulatorState, StoredBatch, StoredFile
 from batchd.emulator.transfer import content_response, receive_upload_file
 from batchd.emulator.triggers import openai_error_body
@@ -309,6 +310,13 @@ def openai_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) -> li
             file_size_bytes=record.bytes,
             metadata=data.get("metadata"),
         )
+        full = await take_room(state, worker.queue, batch)
+        if full is not None:
+            message = (
+                f"Enqueued token limit reached in organization org-emulator. {full} "
+                "Please try again once some in_progress batches have been completed."
+            )
+            return openai_error(400, message, code="token_limit_exceeded")
         await state.save_batch(batch)
         worker.enqueue(batch.id)
         log.info("emulator.batch.created", batch_id=batch.id, input_file_id=record.id, endpoint=endpoint)

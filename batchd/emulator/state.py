@@ -169,6 +169,8 @@ class StoredBatch:
     error_param: str | None = None
     #: Gemini: the batch's `displayName`
     display_name: str | None = None
+    #: what the batch holds of the account's queue from its create until it ends (queue.py)
+    enqueued_tokens: int = 0
     #: Gemini: the uploaded file the client named (`input_file_id` is the emulator's own lines made
     #: from it); None for a batch whose requests came inline
     source_file_id: str | None = None

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from batchd.emulator.bodies import BadJson, read_json
+from batchd.emulator.queue import take_room
 from batchd.emulator.state import BatchStatus, Clock, EmulatorState, StoredBatch, StoredFile, iso_z
 from batchd.emulator.transfer import content_response, receive_upload_file
 from batchd.emulator.triggers import openai_error_body
@@ -236,6 +237,9 @@ def together_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) -> 
             model_id=model_id,
             priority=priority,
         )
+        full = await take_room(state, worker.queue, batch)
+        if full is not None:
+            return batch_error(429, f"Queued token limit exceeded for your account: {full}")
         await state.save_batch(batch)
         worker.enqueue(batch.id)
         log.info("emulator.batch.created", batch_id=batch.id, input_file_id=record.id, endpoint=endpoint)

@@ -35,6 +35,7 @@ from batchd.emulator.answers import (
 from batchd.emulator.engines import Engine
 from batchd.emulator.feed import RequestFeed
 from batchd.emulator.inputs import InputPlan, InputProblem, plan_input
+from batchd.emulator.queue import QueueLimit
 from batchd.emulator.result_files import write_result_files
 from batchd.emulator.spool import RequestLines, Spool, custom_id_hash
 from batchd.emulator.state import BatchStatus, Clock, EmulatorState, StoredBatch
@@ -108,6 +109,8 @@ class BatchWorker:
         timeline: Timeline | None = None,
     ) -> None:
         self._state = state
+        #: the account's queue of enqueued tokens: creates over it are refused (queue.py)
+        self.queue = QueueLimit()
         self._engine = engine
         self._gate = gate
         self._clock = clock

@@ -46,7 +46,8 @@ def _state(job: Job) -> str:
     """The state badge; a parked job says so (the daemon leaves it alone until `batchd resume`)."""
     state = job.state.value
     parked = ' <span class="badge parked">parked</span>' if job.parked_at is not None else ""
-    return f'<span class="badge s-{state}">{state}</span>{parked}'
+    waits = f' title="waits: {_e(job.wait_reason)}"' if job.state is JobState.QUEUED and job.wait_reason else ""
+    return f'<span class="badge s-{state}"{waits}>{state}</span>{parked}'
 
 
 def _bar(percent: float | None) -> str:
@@ -160,6 +161,19 @@ def _endpoint_rows(rows: Sequence[dict[str, Any]]) -> Iterable[list[str]]:
         ]
 
 
+_PERIODS = {"day": "today", "month": "this month"}
+
+
+def _spend(listing: Listing) -> str:
+    """Spend against the [budget] (estimated from [pricing]), when a budget is set."""
+    parts = [
+        f'{_PERIODS.get(period, period)}: <span class="num">${spent:,.2f}</span> of '
+        f'<span class="num">${budget:,.2f}</span>'
+        for period, spent, budget in listing.spend
+    ]
+    return f'<p class="spend">Spend (estimated, UTC) {" · ".join(parts)}</p>' if parts else ""
+
+
 def listing_page(listing: Listing) -> str:
     """`/`: the filter, the newest matching jobs, the daemons, the webhook endpoints."""
     now = listing.now
@@ -183,7 +197,7 @@ def listing_page(listing: Listing) -> str:
         empty="No webhook endpoint: none configured, nothing sent.",
     )  # fmt: skip
     main = (
-        f"<h1>Jobs</h1>{_filter_form(listing)}{_shown_note(listing)}{jobs}"
+        f"<h1>Jobs</h1>{_spend(listing)}{_filter_form(listing)}{_shown_note(listing)}{jobs}"
         f"<h2>Daemons</h2>{daemons}<h2>Webhook endpoints</h2>{endpoints}"
     )
     return _document("jobs", main, now)
@@ -267,6 +281,7 @@ def _facts(detail: JobDetail) -> str:
         ("Metadata", f"<code>{_e(json.dumps(dict(job.metadata), ensure_ascii=False))}</code>"),
     ]  # fmt: skip
     problems = [
+        ("Waits", job.wait_reason if job.state is JobState.QUEUED else None),
         ("Reason", job.reason),
         ("Parked", job.parked_reason if job.parked_at is not None else None),
         ("Last error", job.last_error),

@@ -7,10 +7,11 @@ jobs and their remote batches, the newest daemons, and each webhook endpoint's f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batchd.admission import period_starts
 from batchd.cli.records import daemon_records, endpoint_rows
 from batchd.config import Settings
 from batchd.models import Delivery, Job, JobState, RemoteBatchRecord, StoredEvent
@@ -55,6 +56,8 @@ class Listing:
     #: `batchd webhooks --json` rows (URLs redacted)
     endpoints: list[dict[str, Any]]
     now: float
+    #: (period, spent, budget) for each [budget] set: "day", "month" (UTC; estimated USD)
+    spend: list[tuple[str, float, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,17 @@ def read_listing(store: Store, settings: Settings, query: Filter, *, now: float,
         daemons=daemon_records(store.cluster.daemons(limit=DAEMONS_SHOWN), settings.cluster.lease_s, now),
         endpoints=endpoint_rows(settings, store.deliveries.endpoint_stats()),
         now=now,
+        spend=spend_against_budget(store, settings, now),
     )
+
+
+def spend_against_budget(store: Store, settings: Settings, now: float) -> list[tuple[str, float, float]]:
+    """(period, spent, budget) for each spend budget set, period "day" or "month" (UTC): what `/`
+    and `/metrics` show."""
+    day_start, month_start = period_starts(now)
+    budget = settings.budget
+    periods = (("day", day_start, budget.usd_per_day), ("month", month_start, budget.usd_per_month))
+    return [(period, store.admission.spent_since(start), usd) for period, start, usd in periods if usd]
 
 
 def read_job(store: Store, job_id: str, *, now: float) -> JobDetail | None:
