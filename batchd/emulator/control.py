@@ -228,7 +228,13 @@ def control_routes(control: Control, state: EmulatorState) -> list[Route]:
             except ValueError as exc:
                 return JSONResponse(openai_error_body(400, f"bad queue: {exc}"), status_code=400)
             log.info("emulator.queue", max_enqueued_tokens=limit.max_tokens)
-        return JSONResponse({"max_enqueued_tokens": limit.max_tokens, "enqueued_tokens": limit.enqueued(state)})
+        return JSONResponse(
+            {
+                "max_enqueued_tokens": limit.max_tokens,
+                "enqueued_tokens": limit.enqueued(state),
+                "refused": limit.refused,
+            }
+        )
 
     return [
         Route("/_emulator/queue", queue, methods=["GET", "POST"]),

@@ -2,7 +2,7 @@
 refused, in each dialect's words (for testing batchd's admission control, #18).
 
 Off by default. `POST /_emulator/queue {"max_enqueued_tokens": N}` sets it (`null` turns it off;
-`GET` shows it and what is enqueued). A batch's tokens are estimated as batchd estimates them
+`GET` shows it, what is enqueued and how many creates it refused). A batch's tokens are estimated as batchd estimates them
 (`batchd.tokens`: its prompts' text at 4 characters a token, plus each request's max_tokens),
 and count from its create until it ends.
 """
@@ -23,6 +23,8 @@ class QueueLimit:
 
     def __init__(self) -> None:
         self.max_tokens: int | None = None
+        #: creates refused so far (a test's witness that a client kept within the limit)
+        self.refused = 0
 
     def enqueued(self, state: EmulatorState) -> int:
         """The tokens of the batches not ended yet."""
@@ -35,6 +37,7 @@ class QueueLimit:
         held = self.enqueued(state)
         if held + tokens <= self.max_tokens:
             return None
+        self.refused += 1
         return f"Limit: {self.max_tokens:,} enqueued tokens, {held:,} enqueued now, and this batch adds {tokens:,}."
 
 

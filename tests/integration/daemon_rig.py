@@ -112,9 +112,12 @@ async def rig(
     retry: RetryPolicy | None = None,
     sleep: Callable[[float], Awaitable[None]] | None = None,
     provider_lines: str = "",
+    config_lines: str = "",
+    clock: Callable[[], float] | None = None,
 ) -> AsyncIterator[Rig]:
     """A daemon on the `kind` dialect of an emulator made with `emulator` options (and
-    `provider_lines` added to its [provider] table).
+    `provider_lines` added to its [provider] table, `config_lines` after the config's tables;
+    `clock` the daemon's and the store's).
 
     By default one attempt per provider call: the daemon's own step backoff is what most
     of these tests watch.
@@ -123,12 +126,12 @@ async def rig(
     config.write_text(
         f'state_dir = "state"\ndatabase_url = "{database_url(tmp_path / "state" / "batchd.db")}"\n'
         f'[provider]\nkind = "{kind}"\nbase_url = "http://127.0.0.1:1"\n{provider_lines}'
-        "[polling]\nmin_interval_s = 0.02\nmax_interval_s = 0.1\n[inbox]\nsettle_s = 0.0\n",
+        "[polling]\nmin_interval_s = 0.02\nmax_interval_s = 0.1\n[inbox]\nsettle_s = 0.0\n" + config_lines,
         encoding="utf-8",
     )
     keys = ("TOGETHER_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY")
     settings = load_settings(config, environ=dict.fromkeys(keys, "k"))
-    store = Store(settings.database_url)
+    store = Store(settings.database_url, clock=clock) if clock is not None else Store(settings.database_url)
     store.migrate()
     options: dict[str, Any] = {"retry": retry or RetryPolicy(attempts=1)}
     if sleep is not None:
@@ -147,7 +150,8 @@ async def rig(
                 provider = GeminiProvider(http, base_url=f"{url}/gemini", api_key="k", **options)
             else:
                 provider = TogetherProvider(http, base_url=url, api_key="k", **options)
-            daemon = Daemon(settings, store=store, provider=provider)
+            extra: dict[str, Any] = {"clock": clock} if clock is not None else {}
+            daemon = Daemon(settings, store=store, provider=provider, **extra)
             yield Rig(settings, store, daemon, provider, url, http)
     finally:
         store.close()
