@@ -255,5 +255,6 @@ def _answer(job: Job, row: RemoteBatchRecord, remote: RemoteBatch, check: NextCh
     """The write one provider answer makes: the batch's news, whether it moved, the job's next check."""
     status = BatchStatus.of(remote.status)
     answered = remote.answered if remote.answered is not None else row.answered
-    moved = lifecycle.moved(row, status, remote.progress, remote.answered)
+    # Once found stuck, its clock stops: `progress_at` keeps saying since when it had not moved.
+    moved = row.stuck_at is None and lifecycle.moved(row, status, remote.progress, remote.answered)
     return PollAnswer(row.id, job.id, remote, job.state, check, answered=answered, moved=moved)
