@@ -13,7 +13,7 @@ import pytest
 from batchd import lifecycle
 from batchd.lifecycle import Step
 from batchd.models import JobState, RemoteBatch, RemoteStatus
-from batchd.store import NextCheck, PollAnswer, ShardPlan, Store
+from batchd.store import NextCheck, PollAnswer, ShardPlan, StaleState, Store
 from tests.databases import database_url
 from tests.hand_clock import Clock
 from tests.store_helpers import add_job, end_job
@@ -95,6 +95,50 @@ def test_every_write_of_a_job_s_life_keeps_its_due_time(store: Store, clock: Clo
     end_job(store, job_id, JobState.CANCELLED, expect=JobState.IN_PROGRESS)
     check()
     assert seen[-1] is None
+
+
+def test_a_live_batch_is_due_at_its_stuck_deadline_which_a_move_pushes_back(store: Store, clock: Clock) -> None:
+    job_id = "c" * 32
+    add_job(store, job_id, provider="together")
+    (row,) = store.batches.plan_round(job_id, expect=JobState.RECEIVED, round_=0, shards=[SHARD], stuck_after_s=100.0)
+    row = store.batches.record_upload(row.id, file_id="file-1", intent_at=clock.now)
+    clock.now += 1
+    row = store.batches.bind(row.id, remote(RemoteStatus.VALIDATING))
+    assert row.progress_at == clock.now  # the stuck clock starts at the bind
+    store.jobs.record_answer(job_id, expect=JobState.UPLOADING, check=NextCheck(JobState.VALIDATING, 60.0, 1500.0))
+    assert due_at(store, job_id) == expected_due(store, job_id) == row.progress_at + 100  # before the next poll
+
+    def poll(status: RemoteStatus, *, moved: bool) -> None:
+        state = lifecycle.state_for_remote(status)
+        check = NextCheck(state, 60.0, clock.now + 500)
+        job = store.jobs.get(job_id)
+        assert job is not None
+        store.batches.record_polls([PollAnswer(row.id, job_id, remote(status), job.state, check, moved=moved)])
+        assert due_at(store, job_id) == expected_due(store, job_id)
+
+    clock.now += 50
+    poll(RemoteStatus.VALIDATING, moved=False)  # no news keeps the deadline
+    assert due_at(store, job_id) == row.progress_at + 100
+    clock.now += 10
+    poll(RemoteStatus.IN_PROGRESS, moved=True)  # it started: the clock starts again
+    (row,) = store.batches.of_job(job_id)
+    assert row.progress_at == clock.now and due_at(store, job_id) == clock.now + 100
+    clock.now += 100
+    poll(RemoteStatus.IN_PROGRESS, moved=False)  # polled at the deadline, unmoved: stuck
+    job = store.jobs.get(job_id)
+    (row,) = store.batches.of_job(job_id)
+    assert job is not None and lifecycle.next_action(job, [row], clock.now).step is Step.CANCEL
+    assert due_at(store, job_id) == row.progress_at + 100 <= clock.now
+    (marked,) = store.batches.mark_stuck([row])
+    assert marked.stuck_at == clock.now and marked.progress_at == row.progress_at
+    # The cancel is sent again at each check until the provider says cancelling.
+    assert due_at(store, job_id) == expected_due(store, job_id) == clock.now + 500
+    with pytest.raises(StaleState):
+        store.batches.mark_stuck([row])  # found stuck once: never twice
+    clock.now += 1
+    poll(RemoteStatus.CANCELLED, moved=False)
+    job = store.jobs.get(job_id)
+    assert job is not None and job.state is JobState.DOWNLOADING
 
 
 def test_due_reads_only_what_is_due_in_order_skipping_busy_jobs(store: Store, clock: Clock) -> None:
