@@ -128,7 +128,7 @@ def test_a_live_batch_is_due_at_its_stuck_deadline_which_a_move_pushes_back(stor
     job = store.jobs.get(job_id)
     (row,) = store.batches.of_job(job_id)
     assert job is not None and lifecycle.next_action(job, [row], clock.now).step is Step.CANCEL
-    assert due_at(store, job_id) == row.progress_at + 100 <= clock.now
+    assert row.progress_at is not None and due_at(store, job_id) == row.progress_at + 100 <= clock.now
     (marked,) = store.batches.mark_stuck([row])
     assert marked.stuck_at == clock.now and marked.progress_at == row.progress_at
     # The cancel is sent again at each check until the provider says cancelling.

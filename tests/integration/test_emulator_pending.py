@@ -5,6 +5,7 @@ line in a later batch runs."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -41,7 +42,7 @@ ANTHROPIC = "/anthropic/v1/messages/batches"
 ANTHROPIC_HEADERS = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
 
 
-async def held(logs: list[dict[str, Any]], batch_id: str) -> None:
+async def held(logs: Sequence[Mapping[str, Any]], batch_id: str) -> None:
     """Until the emulator says it holds the batch (it has no event to await over HTTP)."""
     with anyio.fail_after(10):
         while not any(e["event"] == "emulator.batch.held" and e["batch_id"] == batch_id for e in logs):  # noqa: ASYNC110
@@ -108,11 +109,14 @@ async def test_openai_shows_validating_and_nothing_counted_until_cancelled(tmp_p
 
 
 async def test_anthropic_shows_every_request_processing_then_canceled(tmp_path: Any) -> None:
+    def params(name: str, **trigger: Any) -> dict[str, Any]:
+        return {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": name}], **trigger}
+
     requests = [
-        {"custom_id": name, "params": {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": name}]}}
-        for name in ("a", "b", "c")
+        {"custom_id": "a", "params": params("a")},
+        {"custom_id": "b", "params": params("b", batchd_emulator=HELD)},
+        {"custom_id": "c", "params": params("c")},
     ]
-    requests[1]["params"]["batchd_emulator"] = HELD
     async with http_emulator(tmp_path) as client:
         with capture_logs() as logs:
             batch = (await client.post(ANTHROPIC, json={"requests": requests}, headers=ANTHROPIC_HEADERS)).json()
