@@ -105,3 +105,20 @@ async def test_a_batch_that_moves_within_the_limit_is_left_alone(tmp_path: Path)
         assert job.state is JobState.COMPLETED and job.round == 0
         (batch,) = r.store.batches.of_job(job.id)
         assert batch.stuck_at is None and batch.status is BatchStatus.COMPLETED
+
+
+async def test_jobs_polled_by_a_list_sweep_are_found_stuck_too(tmp_path: Path) -> None:
+    # Three jobs in flight: one list call polls them all (lifecycle.SWEEP_MIN_JOBS).
+    async with rig(tmp_path, provider_lines=STUCK) as r:
+        names = ["one", "two", "three"]
+        for name in names:
+            r.drop(f"{name}.jsonl", [chat(f"{name}-a"), chat(f"{name}-b", HELD)])
+        with capture_logs() as logs:
+            await r.drain()
+        assert sum(e["event"] == "job.batch_stuck" for e in logs) == 3
+        for name in names:
+            job = r.job(name)
+            assert job.state is JobState.COMPLETED and job.round == 1
+            assert [line["custom_id"] for line in r.outbox_lines(name, "output.jsonl")] == [f"{name}-a", f"{name}-b"]
+        listed = (await r.stats())["requests"].get("GET /v1/batches", 0)
+        assert listed > 0  # the sweep's list call did the polling
