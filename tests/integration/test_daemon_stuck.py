@@ -5,14 +5,18 @@ a batch before it runs, over real loopback HTTP, in each dialect."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
+from batchd.cli.records import show_lines, show_record
 from batchd.emulator.timeline import Timeline
 from batchd.models import BatchStatus, JobState
+from batchd.status.pages import job_page
+from batchd.status.queries import JobDetail
 from tests.integration.daemon_rig import chat, gemini, message, rig
 
 #: One second: long enough for a bound batch to be polled a few times first (every 0.02-0.1 s).
@@ -62,6 +66,12 @@ async def test_a_batch_kept_pending_past_the_limit_is_cancelled_and_its_requests
         assert found["waited_s"] >= 1.0 and found["limit_s"] == 1.0
         # Only batchd's stuck cancel: the user never cancelled.
         assert not job.cancel_requested
+        # `batchd show` and the status page say so too.
+        batches = r.store.batches.of_job(job.id)
+        shown = show_lines(show_record(job, batches, [], time.time()))
+        assert sum("stuck: cancelled by batchd at" in line for line in shown) == 1
+        page = job_page(JobDetail(job, batches, [], [], [], time.time()))
+        assert "stuck, cancelled by batchd" in page and "found stuck (no progress since" in page
 
 
 async def test_with_no_round_left_the_job_ends_expired_with_batch_expired_lines(tmp_path: Path) -> None:
