@@ -311,8 +311,8 @@ def _migrate_v8(conn: Connection) -> None:
 def _migrate_v10(conn: Connection) -> None:
     # Stuck batches (#18): when each batch last moved, whether batchd cancelled it as stuck, and the
     # limit its job was planned under. A batch bound before starts its stuck clock at its last
-    # write (a poll), so an upgrade never cancels at once what nobody watched move. (Version 9 is
-    # another change's; each step checks first, so their order does not matter.)
+    # write (a poll), so an upgrade never cancels at once what nobody watched move. (Version 9
+    # belongs to another change.)
     from batchd.store.due import refresh_all
 
     _add_column(conn, jobs, "stuck_after_s")
