@@ -176,6 +176,30 @@ def test_a_database_from_before_the_due_index_gets_every_live_job_s_due_time(sto
         again.close()
 
 
+def test_a_database_from_before_stuck_batches_starts_each_bound_batch_s_clock_at_its_last_write(
+    store: Store, clock: Clock
+) -> None:
+    job_id = "d" * 32
+    add_job(store, job_id, provider="together")
+    (row,) = store.batches.plan_round(job_id, expect=JobState.RECEIVED, round_=0, shards=[SHARD])
+    row = store.batches.record_upload(row.id, file_id="file-1", intent_at=clock.now)
+    row = store.batches.bind(row.id, remote(RemoteStatus.VALIDATING))
+    store.jobs.record_answer(job_id, expect=JobState.UPLOADING, check=NextCheck(JobState.VALIDATING, 60.0, 1e9))
+    with store.engine.begin() as conn:  # as an older release left it: no clock, a due time without it
+        conn.exec_driver_sql("UPDATE remote_batches SET progress_at = NULL, updated_at = 5000")
+        conn.exec_driver_sql("UPDATE jobs SET due_at = 1e9")
+        conn.exec_driver_sql("UPDATE schema_version SET version = 8")
+    again = Store(store.url, clock=clock)
+    try:
+        again.migrate()
+        (migrated,) = again.batches.of_job(job_id)
+        assert migrated.progress_at == 5000.0 and migrated.stuck_at is None
+        # Due at the stuck deadline of Together's default, counted from that write.
+        assert due_at(again, job_id) == expected_due(again, job_id) == 5000.0 + 6 * 3600
+    finally:
+        again.close()
+
+
 def test_a_sweep_takes_its_jobs_out_of_the_due_reads_until_it_writes_or_releases_them(
     store: Store, clock: Clock
 ) -> None:
