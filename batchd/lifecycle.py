@@ -8,7 +8,7 @@ a real clock.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -23,6 +23,23 @@ CLOCK_SKEW_S = 60.0
 
 #: Each poll without news stretches the interval by this factor (up to the maximum).
 POLL_GROWTH = 1.5
+
+HOUR = 3600.0
+#: How long a batch may wait before it runs, or run without progress, before batchd cancels it and
+#: sends its unanswered requests to a follow-up round, per dialect, when `stuck_after_s` is 0
+#: (docs/design.md "Stuck batches"). A quarter of the 24 h window: a batch still waiting then
+#: tends to wait until it expires, and the follow-up keeps 18 h. Gemini's window is 48 h: 12 h.
+#: The embedded backend runs what it gets at once: no limit (None).
+STUCK_AFTER_S: Mapping[str, float | None] = {
+    "together": 6 * HOUR,
+    "openai": 6 * HOUR,
+    "anthropic": 6 * HOUR,
+    "gemini": 12 * HOUR,
+    "local": None,
+}
+#: The batch statuses in which a batch can be stuck: not running yet, or running. (Finalizing,
+#: it is writing its results; cancelling, it is on its way out already.)
+STUCK_STATUSES = frozenset({BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS})
 
 
 class Step(StrEnum):
@@ -125,9 +142,68 @@ def next_action(job: Job, batches: Sequence[RemoteBatchRecord], now: float) -> A
     live = tuple(b for b in rows if b.status.live)
     if job.cancel_requested and job.state != JobState.CANCELLING and live:
         return Action(Step.CANCEL, now, live)
-    if live:
+    if live and job.cancel_requested:
+        # The user's cancel is under way: it is polled until the provider confirms.
         return Action(Step.POLL, due, live)
+    if live:
+        return _watch(job, live, due, now)
     return Action(Step.DOWNLOAD, now)
+
+
+def _watch(job: Job, live: tuple[RemoteBatchRecord, ...], due: float, now: float) -> Action:
+    """Live batches nobody cancelled: polled, and cancelled once they are found stuck."""
+    # Found stuck before, but the provider does not say cancelling yet (the cancel failed, or is
+    # not seen yet): sent again at each check, as the poll it also is.
+    unconfirmed = tuple(b for b in live if b.stuck_at is not None and b.status in STUCK_STATUSES)
+    deadlines = {b.id: d for b in live if (d := stuck_deadline(job, b)) is not None}
+    stuck = tuple(b for b in live if b.id in deadlines and is_stuck(job, b, now))
+    if stuck:
+        return Action(Step.CANCEL, min(deadlines[b.id] for b in stuck), unconfirmed + stuck)
+    if unconfirmed:
+        return Action(Step.CANCEL, due, unconfirmed)
+    # Polled at its deadline at the latest: a batch is found stuck on what the provider says
+    # then, never on an older answer. A deadline the job was looked at since (its last write: a
+    # poll, or a poll's failure and its backoff) is not polled for again: the next check stands.
+    ahead = [d for d in deadlines.values() if d > job.updated_at]
+    return Action(Step.POLL, min([due, *ahead]), live)
+
+
+def moved(row: RemoteBatchRecord, status: BatchStatus, progress: float | None, answered: int | None) -> bool:
+    """Whether the provider's answer shows the batch moved since `row` was written: another
+    status, or more of it done (a count the answer leaves out is no news)."""
+    return status != row.status or _more(progress, row.progress) or _more(answered, row.answered)
+
+
+def _more(new: float | None, old: float | None) -> bool:
+    return new is not None and new > (old or 0)
+
+
+def stuck_limit(kind: str, configured: float | None) -> float | None:
+    """How long a batch of the `kind` dialect may wait or run without progress: the configured
+    `stuck_after_s` when above 0, else the dialect's default (None: no limit)."""
+    if configured is not None and configured > 0:
+        return configured
+    return STUCK_AFTER_S.get(kind)
+
+
+def stuck_deadline(job: Job, batch: RemoteBatchRecord) -> float | None:
+    """When `batch` counts as stuck unless it moves first: the last time it moved plus the limit.
+    None when no limit applies: none for the dialect, a batch neither waiting nor running, one
+    found stuck already, or one bound by an older release (its clock was never started)."""
+    limit = stuck_limit(job.provider, job.stuck_after_s)
+    if limit is None or batch.progress_at is None or batch.stuck_at is not None:
+        return None
+    if batch.status not in STUCK_STATUSES:
+        return None
+    return batch.progress_at + limit
+
+
+def is_stuck(job: Job, batch: RemoteBatchRecord, now: float) -> bool:
+    """Whether `batch` is stuck at `now`: past its deadline, and the provider's last word on it,
+    heard at or after that deadline (`updated_at`: every write of a bound batch is one), says it
+    has not moved since."""
+    deadline = stuck_deadline(job, batch)
+    return deadline is not None and deadline <= now and batch.updated_at >= deadline
 
 
 def summary_state(rows: Sequence[RemoteBatchRecord], *, cancelling: bool) -> JobState:
@@ -181,15 +257,31 @@ _CAUSES = (
 
 
 def unanswered_code(batches: Sequence[RemoteBatchRecord], cancel_requested: bool) -> str:
-    """The error code for requests the provider never answered (DESIGN §4), from the last round."""
+    """The error code for requests the provider never answered (DESIGN §4), from the last round.
+
+    A batch batchd cancelled as stuck counts as expired (batchd ended the wait early, as the
+    window would have; such requests are resubmitted), unless the user cancelled the job.
+    """
     if not batches:
         return "batch_cancelled" if cancel_requested else "not_submitted"
     last = max(b.round for b in batches)
-    statuses = {b.status for b in batches if b.round == last}
+    statuses = {_cause(b, cancel_requested) for b in batches if b.round == last}
     for status, code in _CAUSES:
         if status in statuses:
             return code
     return "not_returned"
+
+
+def _cause(batch: RemoteBatchRecord, cancel_requested: bool) -> BatchStatus:
+    """How a batch ended, as a cause of unanswered requests."""
+    if batch.stuck_at is not None and batch.status == BatchStatus.CANCELLED and not cancel_requested:
+        return BatchStatus.EXPIRED
+    return batch.status
+
+
+def cancelled_as_stuck(batch: RemoteBatchRecord) -> bool:
+    """Whether batchd itself cancelled `batch` because it was stuck (and it ended cancelled)."""
+    return batch.stuck_at is not None and batch.status == BatchStatus.CANCELLED
 
 
 def wants_followup(job: Job, max_rounds: int) -> bool:

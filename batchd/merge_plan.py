@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,15 +67,26 @@ class Plan:
     #: the field naming a request in the input and the answers (request_rules.id_key); with
     #: "key", the answers are Gemini's (`response` is the success's body, `error` a failure)
     key: str = "custom_id"
+    #: the answer files (by index) of batches batchd cancelled as stuck: an Anthropic `canceled`
+    #: result there says the request never ran, and it gets the unanswered line instead
+    unrun_files: tuple[int, ...] = ()
 
     def as_tuple(self) -> tuple[Any, ...]:
         return astuple(self)
 
 
 def plan_merge(
-    folder: Path, input_path: Path, answers: Sequence[Path], unanswered_code: str, *, cap: int, key: str = "custom_id"
+    folder: Path,
+    input_path: Path,
+    answers: Sequence[Path],
+    unanswered_code: str,
+    *,
+    cap: int,
+    key: str = "custom_id",
+    unrun: Collection[Path] = (),
 ) -> Plan:
-    """The plan of a merge: partitions sized by the input, scan items by the answer files."""
+    """The plan of a merge: partitions sized by the input, scan items by the answer files
+    (`unrun`: those of batches batchd cancelled as stuck, see Plan.unrun_files)."""
     bases: list[int] = []
     chunks: list[tuple[int, int, int]] = []
     position = 0
@@ -95,4 +106,5 @@ def plan_merge(
         unanswered_code=unanswered_code,
         cap=cap,
         key=key,
+        unrun_files=tuple(i for i, path in enumerate(answers) if path in unrun),
     )

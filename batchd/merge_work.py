@@ -165,6 +165,8 @@ class Worker:
         key = self.plan.key
         # Gemini's answers: a `response` is the success itself, an `error` the failure.
         gemini = key == "key"
+        # A batch batchd cancelled as stuck: its `canceled` results are no answers (Plan.unrun_files).
+        unrun = file in self.plan.unrun_files
         position = self.plan.bases[file] + start
         end += self.plan.bases[file]
         waiting = answers.waiting
@@ -205,10 +207,14 @@ class Worker:
                     if type(status) is int and 200 <= status < 300:
                         ok = True
                         body = response.get("body")
-                elif type(result := answer.get("result")) is dict and result.get("type") == "succeeded":
-                    # Anthropic's result line: the message is the success's body.
-                    ok = True
-                    body = result.get("message")
+                elif type(result := answer.get("result")) is dict:
+                    kind = result.get("type")
+                    if kind == "succeeded":
+                        # Anthropic's result line: the message is the success's body.
+                        ok = True
+                        body = result.get("message")
+                    elif unrun and kind == "canceled":
+                        continue
                 if ok:
                     usage = body.get("usageMetadata" if gemini else "usage") if type(body) is dict else None
                     if type(usage) is dict:

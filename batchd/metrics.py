@@ -21,6 +21,8 @@ Names (the `_total` suffix is added to counters on exposition):
   `gone` (410, endpoint disabled), and deliveries `parked` for a disabled endpoint
 * `batchd_outbox_bytes_total`: bytes of output.jsonl, errors.jsonl and job.json written
 * `batchd_scheduler_tick_duration_seconds`: one scheduler tick reading the active jobs
+* `batchd_batches_stuck_total{provider}`: remote batches batchd cancelled as stuck (not running,
+  or running without progress, past `stuck_after_s`); provider is the configured name
 * `process_*`: CPU seconds, resident memory, open files of the daemon
 """
 
@@ -86,6 +88,10 @@ class Metrics:
             ["period"], registry=r,
         )  # fmt: skip
         self.budget = Gauge("batchd_budget_usd", "The [budget] of a UTC day or month.", ["period"], registry=r)
+        self.stuck_batches = Counter(
+            "batchd_batches_stuck", "Remote batches cancelled as stuck, by configured provider.", ["provider"],
+            registry=r,
+        )  # fmt: skip
         ProcessCollector(registry=r)
         for state in JobState:
             self.jobs.labels(state.value).set(0)
@@ -217,3 +223,10 @@ def job_parked() -> None:
     if m is None:
         return
     m.parked_jobs.inc()
+
+
+def batch_stuck(provider: str) -> None:
+    m = _current
+    if m is None:
+        return
+    m.stuck_batches.labels(provider).inc()

@@ -257,6 +257,14 @@ class RemoteBatch:
     #: the wire object as received, for the client API and for debugging
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    @property
+    def answered(self) -> int | None:
+        """The requests the provider says it answered so far (completed + failed); None when it
+        does not count them (Together: its `progress` says it instead)."""
+        if self.request_counts is None:
+            return None
+        return self.request_counts.get("completed", 0) + self.request_counts.get("failed", 0)
+
 
 @dataclass(frozen=True)
 class RemoteFile:
@@ -388,6 +396,9 @@ class Job:
     #: with [pricing]: its cost as estimated at admission, then as its usage says once ended
     estimated_cost_usd: float | None = None
     cost_usd: float | None = None
+    #: the provider's `stuck_after_s` when the job's last round was planned (0 or None: the
+    #: dialect's default, `lifecycle.stuck_limit`)
+    stuck_after_s: float | None = None
 
     @property
     def estimated_tokens(self) -> int:
@@ -423,6 +434,14 @@ class RemoteBatchRecord:
     request_count: int | None = None
     size_bytes: int | None = None
     sha256: str | None = None
+    #: batchd's clock when it last saw the batch move: bound, a new status, more requests
+    #: answered; how long it has been stuck counts from here (None: bound by an older release)
+    progress_at: float | None = None
+    #: the requests the provider says it answered so far (completed + failed), when it says
+    answered: int | None = None
+    #: when batchd found the batch stuck (not running, or running without progress, past the
+    #: limit) and set out to cancel it; its unanswered requests then count as expired
+    stuck_at: float | None = None
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,11 @@ def reason_for(batches: Sequence[RemoteBatchRecord], merge: MergeResult, code: s
     """Why a job ended without every request answered, in a line."""
     errors = [b.error for b in batches if b.error]
     text = f"{merge.unanswered} of {merge.total} requests unanswered ({code})"
+    last = max((b.round for b in batches), default=0)
+    stuck = [b for b in batches if b.round == last and b.stuck_at is not None]
+    if stuck and code == "batch_expired":
+        ids = ", ".join(str(b.remote_id) for b in stuck)
+        text += f"; batchd cancelled {ids}: it did not run, or made no progress, within the stuck limit"
     return f"{text}: {errors[-1]}" if errors else text
 
 
@@ -150,6 +155,6 @@ def _rounds(batches: Sequence[RemoteBatchRecord]) -> list[dict[str, Any]]:
     for b in batches:
         rounds.setdefault(b.round, []).append(
             {"shard": b.shard, "remote_batch_id": b.remote_id, "status": b.status, "requests": b.request_count,
-             "error": b.error}
+             "error": b.error, "stuck_at": iso(b.stuck_at)}
         )  # fmt: skip
     return [{"round": r, "batches": rounds[r]} for r in sorted(rounds)]

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -154,14 +154,22 @@ def _run(plan: Plan, output: _AtomicFile, errors: _AtomicFile, helper_wanted: bo
 
 
 def _merge(
-    input_path: Path, answers: Sequence[Path], folder: Path, code: str, scratch_dir: Path, key: str, *, helper: bool
+    input_path: Path,
+    answers: Sequence[Path],
+    folder: Path,
+    code: str,
+    scratch_dir: Path,
+    key: str,
+    unrun: Collection[Path],
+    *,
+    helper: bool,
 ) -> tuple[Plan, Scanned, Joined]:
     """One attempt at writing the outbox files, in a scratch folder of its own."""
     work = Path(tempfile.mkdtemp(prefix=".merge-", dir=scratch_dir))
     output = _AtomicFile(folder / "output.jsonl")
     errors = _AtomicFile(folder / "errors.jsonl")
     try:
-        plan = plan_merge(work, input_path, answers, code, cap=_LOG_CAP, key=key)
+        plan = plan_merge(work, input_path, answers, code, cap=_LOG_CAP, key=key, unrun=unrun)
         scanned, joined = _run(plan, output, errors, helper)
         output.finish()
         errors.finish()
@@ -192,6 +200,7 @@ def merge_results(
     unanswered_code: str,
     scratch_dir: Path,
     key: str = "custom_id",
+    unrun: Collection[Path] = (),
 ) -> MergeResult:
     """Write ``folder/output.jsonl`` and, when needed, ``folder/errors.jsonl`` in input order.
 
@@ -209,12 +218,14 @@ def merge_results(
     a helper process shares the work (merge_helper.py); if it fails, the merge
     is done again without it (``results.helper_failed``). `key` is the field that names a
     request (request_rules.id_key): "key" for Gemini, whose answers it then reads as Gemini's.
+    `unrun`: answer files of batches batchd cancelled as stuck, in which an Anthropic `canceled`
+    result counts as no answer (the request gets the line with `unanswered_code`).
     """
     if unanswered_code not in UNANSWERED_CODES:
         raise ValueError(f"unanswered_code must be one of {sorted(UNANSWERED_CODES)}, got {unanswered_code!r}")
     scratch_dir.mkdir(parents=True, exist_ok=True)
     size = input_path.stat().st_size + sum(path.stat().st_size for path in answers)
-    merge = partial(_merge, input_path, answers, folder, unanswered_code, scratch_dir, key)
+    merge = partial(_merge, input_path, answers, folder, unanswered_code, scratch_dir, key, unrun)
     try:
         plan, scanned, joined = merge(helper=merge_helper.helper_wanted(size))
     except HelperFailed as exc:

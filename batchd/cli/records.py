@@ -158,6 +158,9 @@ def show_record(
                     "intent_at": iso(b.intent_at),
                     "created_at": iso(b.remote_created_at),
                     "updated_at": iso(b.updated_at),
+                    # when batchd last saw it move, and when it found it stuck and cancelled it
+                    "progress_at": iso(b.progress_at),
+                    "stuck_at": iso(b.stuck_at),
                 }
                 for b in batches
             ],
@@ -309,6 +312,7 @@ def show_lines(record: dict[str, Any]) -> list[str]:
             f"{progress_text(b['progress'])}  "
             f"input {b['input_file_id']}  output {b['output_file_id'] or '-'}  errors {b['error_file_id'] or '-'}"
             + (f"  error: {b['error']}" if b["error"] else "")
+            + (f"  stuck: cancelled by batchd at {b['stuck_at']}" if b.get("stuck_at") else "")
         )
     files = [(k, v) for k, v in r["files"].items() if v]
     for i, (kind, path) in enumerate(files):

@@ -73,6 +73,7 @@ class Finisher:
             unanswered_code=code,
             scratch_dir=work,
             key=id_key(job.provider),
+            unrun=_stuck_answers(job, batches, work),
         )
         source_changed = await self._check_source(job)
         followup = lifecycle.wants_followup(job, settings.resubmit.max_rounds)
@@ -116,9 +117,7 @@ class Finisher:
         for batch in batches:
             for kind, file_id in (("output", batch.output_file_id), ("errors", batch.error_file_id)):
                 if batch.remote_id and file_id:
-                    # Named by batchd's own row, not by the provider's id: Gemini's hold a "/",
-                    # and no id a provider sends may choose a path.
-                    dest = work / f"batch-{batch.id}.{kind}.jsonl"
+                    dest = _answer_path(work, batch, kind)
                     chaos.file_fault(dest)
                     size = await self._ctx.provider_for(job).download_file(file_id, dest)
                     if await db(truncated_tail, dest):
@@ -170,6 +169,22 @@ class Finisher:
             error_file=doc["error_file"],
         )  # fmt: skip
         self._ctx.poke_deliverer()
+
+
+def _answer_path(work: Path, batch: RemoteBatchRecord, kind: str) -> Path:
+    """Where a batch's output or errors file is downloaded. Named by batchd's own row, not by the
+    provider's id: Gemini's hold a "/", and no id a provider sends may choose a path."""
+    return work / f"batch-{batch.id}.{kind}.jsonl"
+
+
+def _stuck_answers(job: Job, batches: list[RemoteBatchRecord], work: Path) -> set[Path]:
+    """The downloaded files of the batches batchd cancelled as stuck: what they say was cancelled
+    never ran, and is treated as unanswered (expired), not as the user's cancel. After the
+    user's own cancel, a cancel is what it is."""
+    if job.cancel_requested:
+        return set()
+    stuck = [b for b in batches if lifecycle.cancelled_as_stuck(b)]
+    return {_answer_path(work, b, kind) for b in stuck for kind in ("output", "errors")}
 
 
 def _finished_document(job: Job) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ as a burst. With several providers, a sweep lists each one that its jobs went to
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -28,7 +29,7 @@ from batchd.daemon.failures import step_failed
 from batchd.lifecycle import Action, Step
 from batchd.models import BatchStatus, Job, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.providers.base import Provider, ProviderError
-from batchd.store import PollAnswer
+from batchd.store import NextCheck, PollAnswer
 
 log = structlog.get_logger("batchd.daemon")
 
@@ -167,9 +168,13 @@ class Poller:
             return await provider.get_batch(remote_id)
 
     def _poll_writes(
-        self, job: Job, answers: list[tuple[RemoteBatchRecord, RemoteBatch]]
+        self,
+        job: Job,
+        answers: list[tuple[RemoteBatchRecord, RemoteBatch]],
+        others: Sequence[RemoteBatchRecord] = (),
     ) -> tuple[bool, list[PollAnswer]]:
-        """What provider answers change: (any status changed, one store write per batch)."""
+        """What provider answers change: (any status changed, one store write per batch).
+        `others`: the round's batches, for those not answered here."""
         changed = False
         for row, remote in answers:
             if BatchStatus.of(remote.status) != row.status:
@@ -179,15 +184,51 @@ class Poller:
                     progress=remote.progress, shard=row.shard, round=row.round,
                 )  # fmt: skip
         rows = [replace(row, status=BatchStatus.of(remote.status)) for row, remote in answers]
+        # The round's other live batches count too (a stuck batch is cancelled on its own).
+        answered = {row.id for row, _ in answers}
+        rows += [b for b in others if b.id not in answered and b.status.live]
         state = lifecycle.summary_state(rows, cancelling=job.state == JobState.CANCELLING)
         interval = lifecycle.next_poll_interval(job.poll_interval_s, changed, self._ctx.policy)
         check = self._ctx.next_check(state, interval)
-        return changed, [PollAnswer(row.id, job.id, remote, job.state, check) for row, remote in answers]
+        return changed, [_answer(job, row, remote, check) for row, remote in answers]
 
     async def cancel(self, job: Job, rows: tuple[RemoteBatchRecord, ...]) -> None:
-        """Ask the provider to cancel the job's live batches; record what each says it is now."""
+        """Ask the provider to cancel the job's live batches (the user's cancel), or those batchd
+        found stuck; record what each says it is now."""
+        if not job.cancel_requested:
+            await self._cancel_stuck(job, rows)
+            return
         log.info("job.cancelling", job_id=job.id, remote_batch_ids=[r.remote_id for r in rows])
         job = await db(self._ctx.store.jobs.start_cancelling, job.id, expect=job.state)
+        answers = await self._send_cancels(job, rows)
+        _changed, writes = self._poll_writes(job, answers)
+        await db(self._ctx.store.batches.record_polls, writes)
+
+    async def _cancel_stuck(self, job: Job, rows: tuple[RemoteBatchRecord, ...]) -> None:
+        """Cancel batches found stuck (DESIGN §2 is silent; docs/design.md "Stuck batches"): each
+        is recorded as stuck before its cancel is sent, and logged once. Its unanswered requests
+        then count as expired and go to a follow-up round. The job stays in its state: the
+        batches' answers say where it is (a stuck shard's neighbours may be running)."""
+        fresh = [r for r in rows if r.stuck_at is None]
+        if fresh:
+            limit = lifecycle.stuck_limit(job.provider, job.stuck_after_s)
+            marked = {r.id: r for r in await db(self._ctx.store.batches.mark_stuck, fresh)}
+            for row in fresh:
+                metrics.batch_stuck(job.provider_name)
+                log.warning(
+                    "job.batch_stuck", job_id=job.id, remote_batch_id=row.remote_id, status=row.status.value,
+                    waited_s=_waited(marked[row.id]), limit_s=limit, round=row.round, shard=row.shard,
+                )  # fmt: skip
+            rows = tuple(marked.get(r.id, r) for r in rows)
+        answers = await self._send_cancels(job, rows)
+        batches = await db(self._ctx.store.batches.of_job, job.id)
+        _changed, writes = self._poll_writes(job, answers, lifecycle.current_round(job, batches))
+        await db(self._ctx.store.batches.record_polls, writes)
+
+    async def _send_cancels(
+        self, job: Job, rows: tuple[RemoteBatchRecord, ...]
+    ) -> list[tuple[RemoteBatchRecord, RemoteBatch]]:
+        """Cancel each batch at the provider; what each is now."""
         answers = []
         for row in rows:
             assert row.remote_id is not None
@@ -200,5 +241,20 @@ class Poller:
                 log.warning("job.cancel_refused", job_id=job.id, remote_batch_id=row.remote_id, error=exc.message)
                 remote = await self._get(job, row.remote_id)
             answers.append((row, remote))
-        _changed, writes = self._poll_writes(job, answers)
-        await db(self._ctx.store.batches.record_polls, writes)
+        return answers
+
+
+def _waited(row: RemoteBatchRecord) -> float | None:
+    """How long a batch found stuck had not moved (seconds)."""
+    if row.stuck_at is None or row.progress_at is None:
+        return None
+    return round(row.stuck_at - row.progress_at, 3)
+
+
+def _answer(job: Job, row: RemoteBatchRecord, remote: RemoteBatch, check: NextCheck) -> PollAnswer:
+    """The write one provider answer makes: the batch's news, whether it moved, the job's next check."""
+    status = BatchStatus.of(remote.status)
+    answered = remote.answered if remote.answered is not None else row.answered
+    # Once found stuck, its clock stops: `progress_at` keeps saying since when it had not moved.
+    moved = row.stuck_at is None and lifecycle.moved(row, status, remote.progress, remote.answered)
+    return PollAnswer(row.id, job.id, remote, job.state, check, answered=answered, moved=moved)

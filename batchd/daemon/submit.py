@@ -79,12 +79,13 @@ class Submitter:
         # Beside the inbox, so checked to be batchd's own folders (a planted symlink is moved aside).
         files = await db(ensure_job_files, self._ctx.settings, job.id)
         await db(check_within, self._ctx.settings.inbox_dir, requests)
-        limits = self._ctx.provider_settings(job).limits
-        shards = await db(split, requests, files, limits, prefix=f"round-{round_}")
+        provider = self._ctx.provider_settings(job)
+        shards = await db(split, requests, files, provider.limits, prefix=f"round-{round_}")
         plans = [ShardPlan(str(s.path), s.request_count, s.size_bytes, s.sha256) for s in shards]
         result: list[RemoteBatchRecord] = await db(
-            self._ctx.store.batches.plan_round, job.id, expect=job.state, round_=round_, shards=plans
-        )
+            self._ctx.store.batches.plan_round, job.id, expect=job.state, round_=round_, shards=plans,
+            stuck_after_s=provider.stuck_after_s,
+        )  # fmt: skip
         return result
 
     async def submit(self, job: Job, rows: tuple[RemoteBatchRecord, ...]) -> None:

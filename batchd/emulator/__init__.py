@@ -138,6 +138,14 @@ fail the batch at validation (so a typo never passes silently). Keys:
 `"fail_batch": true`
     The same as `expire_batch`, but the batch ends FAILED with `error` (OpenAI: `errors`, code
     `batch_failed`) naming the line.
+`"pending_once": true`
+    The first time the emulator ever plans this very line (its bytes, as `expire_once`), its
+    batch never starts running: it stays in its state before running (Together's and OpenAI's
+    VALIDATING, Anthropic's `in_progress` with every request `processing`, Gemini's
+    `BATCH_STATE_PENDING`) until it is cancelled, with nothing answered (Anthropic: a `canceled`
+    result for each request). A restart keeps it waiting; the window does not end it. The same
+    request in a later batch runs normally. For testing what a client does with a batch stuck
+    before it runs (batchd's `stuck_after_s`).
 
 When several keys are given, `error` wins over `status`, which wins over
 `fail_once`; `expire_batch` wins over `fail_batch`.

@@ -62,6 +62,8 @@ class InputPlan:
     stop_line: int = 0
     #: why the input is invalid (the batch FAILS); None when valid
     problem: InputProblem | None = None
+    #: a `pending_once` line seen for the first time: the batch stays before running until cancelled
+    hold: bool = False
 
 
 def _invalid(message: str, code: str, param: str | None = None) -> InputPlan:
@@ -106,6 +108,8 @@ async def plan_input(state: EmulatorState, batch: StoredBatch) -> InputPlan:
     limit: int | None = None
     stop: BatchStatus | None = None
     stop_line = 0
+    #: the `pending_once` lines, remembered only once the whole input is found valid
+    pending: list[str] = []
     async with RequestLines(state.content_path(batch.input_file_id)) as lines:
         while block := await lines.next_lines():
             for lineno, raw in block:
@@ -122,6 +126,8 @@ async def plan_input(state: EmulatorState, batch: StoredBatch) -> InputPlan:
                     )
                     return InputPlan(0, 0, problem=problem)
                 seen.add(custom_id)
+                if trigger is not None and trigger.pending_once:
+                    pending.append(_line_key("pending_once", raw))
                 if limit is None and trigger is not None and await _stops_here(state, trigger, raw):
                     limit = len(seen) - 1
                     stop = (
@@ -135,7 +141,14 @@ async def plan_input(state: EmulatorState, batch: StoredBatch) -> InputPlan:
         message = f"the input file holds more than {limits.max_requests} requests"
         return _invalid(message, "too_many_requests_in_batch", "input_file_id")
     total = len(seen)
-    return InputPlan(total, total if limit is None else limit, stop, stop_line)
+    # Every such line is remembered (none is left for a later batch to be held by), in order.
+    firsts = [await state.first_failure(key) for key in pending]
+    return InputPlan(total, total if limit is None else limit, stop, stop_line, hold=any(firsts))
+
+
+def _line_key(trigger: str, raw: bytes) -> str:
+    """The identity of a request line for a trigger that acts once: the trigger and the line's bytes."""
+    return f"{trigger}\x00{hashlib.sha256(raw.strip()).hexdigest()}"
 
 
 async def _stops_here(state: EmulatorState, trigger: Trigger, raw: bytes) -> bool:
@@ -143,5 +156,5 @@ async def _stops_here(state: EmulatorState, trigger: Trigger, raw: bytes) -> boo
     if trigger.expire_batch or trigger.fail_batch:
         return True
     if trigger.expire_once:
-        return await state.first_failure("expire_once\x00" + hashlib.sha256(raw.strip()).hexdigest())
+        return await state.first_failure(_line_key("expire_once", raw))
     return False

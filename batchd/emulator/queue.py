@@ -2,9 +2,9 @@
 refused, in each dialect's words (for testing batchd's admission control, #18).
 
 Off by default. `POST /_emulator/queue {"max_enqueued_tokens": N}` sets it (`null` turns it off;
-`GET` shows it, what is enqueued and how many creates it refused). A batch's tokens are estimated as batchd estimates them
-(`batchd.tokens`: its prompts' text at 4 characters a token, plus each request's max_tokens),
-and count from its create until it ends.
+`GET` shows it, what is enqueued and how many creates it refused). A batch's tokens are estimated
+as batchd estimates them (`batchd.tokens`: its prompts' text at 4 characters a token, plus each
+request's max_tokens), and count from its create until it ends.
 """
 
 from __future__ import annotations

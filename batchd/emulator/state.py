@@ -174,6 +174,9 @@ class StoredBatch:
     #: Gemini: the uploaded file the client named (`input_file_id` is the emulator's own lines made
     #: from it); None for a batch whose requests came inline
     source_file_id: str | None = None
+    #: a `pending_once` trigger holds it before running: it stays VALIDATING until cancelled
+    #: (kept, so a restart does not let it run)
+    held: bool = False
 
 
 _BATCH_TIMES = ("created_at", "deadline", "in_progress_at", "finalizing_at", "cancelling_at", "finished_at")

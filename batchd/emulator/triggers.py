@@ -16,7 +16,7 @@ from typing import Any
 #: The key of the trigger object inside a request's `body`; removed before the engine sees the body.
 TRIGGER_KEY = "batchd_emulator"
 
-_KNOWN_KEYS = frozenset({"error", "status", "fail_once", "expire_batch", "expire_once", "fail_batch"})
+_KNOWN_KEYS = frozenset({"error", "status", "fail_once", "expire_batch", "expire_once", "fail_batch", "pending_once"})
 
 
 class TriggerError(ValueError):
@@ -39,6 +39,8 @@ class Trigger:
     expire_once: bool = False
     #: stop the batch at this line: FAILED
     fail_batch: bool = False
+    #: the first time the emulator ever plans this very line, its batch never starts running
+    pending_once: bool = False
 
     @property
     def stops_batch(self) -> bool:
@@ -84,6 +86,7 @@ def split_trigger(body: Mapping[str, Any]) -> tuple[Trigger | None, dict[str, An
         expire_batch=_flag(raw.get("expire_batch", False), "expire_batch"),
         expire_once=_flag(raw.get("expire_once", False), "expire_once"),
         fail_batch=_flag(raw.get("fail_batch", False), "fail_batch"),
+        pending_once=_flag(raw.get("pending_once", False), "pending_once"),
     )
     return trigger, clean
 

@@ -249,6 +249,13 @@ class BatchWorker:
             return
         batch.total = plan.total
         if batch.status is BatchStatus.VALIDATING:
+            if plan.hold and not batch.held:
+                batch.held = True
+                await self._state.save_batch(batch)
+            if batch.held:
+                # `pending_once`: the batch never starts; a cancel (which cancels this run) ends it.
+                log.info("emulator.batch.held", batch_id=batch.id, total=plan.total)
+                await anyio.sleep_forever()
             await anyio.sleep_until(started + self.timeline.validating_s)
             await self._gate.wait()
             batch.status = BatchStatus.IN_PROGRESS

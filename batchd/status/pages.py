@@ -215,6 +215,8 @@ def _timeline(detail: JobDetail) -> list[tuple[float, str]]:
         moments.append((b.intent_at, f"{where}: intent to create a remote batch"))
         if b.remote_created_at is not None:
             moments.append((b.remote_created_at, f"{where}: remote batch <code>{_e(b.remote_id)}</code> created"))
+        if b.stuck_at is not None:
+            moments.append((b.stuck_at, f"{where}: found stuck (no progress since {_when(b.progress_at)}), cancelled"))
         moments.append((b.updated_at, f"{where}: last word {_e(b.status)}"))
     for event in detail.events:
         moments.append((event.created_at, f"webhook event <code>{_e(event.type)}</code> ({_e(event.id)})"))
@@ -232,7 +234,7 @@ def _batch_row(b: RemoteBatchRecord) -> list[str]:
         f'<span class="num">{b.round}</span>',
         f'<span class="num">{b.shard}</span>',
         f"<code>{_e(b.remote_id or '(not created)')}</code>",
-        _e(b.status),
+        _e(b.status) + (" · stuck, cancelled by batchd" if b.stuck_at is not None else ""),
         _bar(b.progress),
         f'<span class="num">{_e(b.request_count)}</span>',
         f"<code>{_e(b.input_file_id)}</code>",

@@ -124,19 +124,26 @@ class RemoteBatchStore:
     # ------------------------------------------------------------ planning
 
     def plan_round(
-        self, job_id: str, *, expect: JobState, round_: int, shards: Sequence[ShardPlan]
+        self,
+        job_id: str,
+        *,
+        expect: JobState,
+        round_: int,
+        shards: Sequence[ShardPlan],
+        stuck_after_s: float | None = None,
     ) -> list[RemoteBatchRecord]:
         """Commit a round's shards (`pending`) and move the job to `uploading`, in one transaction.
 
         Applies only while the job is still in `expect` (else StaleState), so a repeated step
-        never plans a round twice. The job's failure count and next check start afresh.
+        never plans a round twice. The job's failure count and next check start afresh;
+        `stuck_after_s` is the provider's setting its batches are held to (lifecycle.stuck_limit).
         """
         if expect != JobState.UPLOADING:
             check_move(expect, JobState.UPLOADING)
         now = self._db.now()
         job_values = {
             "state": JobState.UPLOADING, "round": round_, "attempts": 0, "next_check_at": None, "last_error": None,
-            "updated_at": now,
+            "updated_at": now, "stuck_after_s": stuck_after_s,
         }  # fmt: skip
         with self._db.write() as conn:
             guard(conn, job_id)
@@ -207,13 +214,45 @@ class RemoteBatchStore:
         return self._set(record.id, expect, {"create_attempts": record.create_attempts - 1})
 
     def bind(self, record_id: int, remote: RemoteBatch) -> RemoteBatchRecord:
-        """The provider's batch (created or adopted) is this row's, and never another's."""
+        """The provider's batch (created or adopted) is this row's, and never another's. Its stuck
+        clock starts now (batchd's clock: the provider's may differ; an adopted batch may be older,
+        and is given the full limit from here)."""
         values = {
             "remote_id": remote.id,
             "remote_created_at": remote.created_at.timestamp() if remote.created_at else None,
+            "answered": remote.answered,
+            "progress_at": self._db.now(),
             **remote_values(remote),
         }
         return self._set(record_id, {"remote_id": None}, values)
+
+    def mark_stuck(self, records: Sequence[RemoteBatchRecord]) -> list[RemoteBatchRecord]:
+        """batchd found these live batches stuck and is about to cancel them: recorded first (the
+        cancel may fail; the record says to send it again), in one transaction. A row that
+        changed meanwhile (a poll saw it move) raises StaleState and nothing is recorded."""
+        now = self._db.now()
+        with self._db.write() as conn:
+            for record in records:
+                changed = conn.execute(
+                    update(remote_batches)
+                    .where(
+                        remote_batches.c.id == record.id,
+                        remote_batches.c.status == record.status.value,
+                        remote_batches.c.updated_at == record.updated_at,
+                        remote_batches.c.stuck_at.is_(None),
+                    )
+                    .values(stuck_at=now, updated_at=now)
+                ).rowcount
+                if changed != 1:
+                    raise StaleState(f"remote batch {record.id} changed meanwhile: not marked stuck")
+            ids = {r.job_id for r in records}
+            for job_id in ids:
+                guard(conn, job_id)
+            refresh_due(conn, ids, now)
+            rows = conn.execute(
+                select(remote_batches).where(remote_batches.c.id.in_([r.id for r in records])).order_by(*_ORDER)
+            ).all()
+        return [remote_from_row(r._mapping) for r in rows]
 
     def _set(
         self,
@@ -262,10 +301,15 @@ class RemoteBatchStore:
         mine = [a for a in part if a.job_id in allowed]  # the others: taken over by another daemon meanwhile
         if not mine:
             return
-        # Two statements for the whole chunk (executemany), not two built and compiled per answer:
-        # a sweep of 10,000 jobs spent most of its time building statements.
-        batch_rows = [{"key": a.record_id, **_prefixed(remote_values(a.remote), now)} for a in mine]
-        conn.execute(_update_many(remote_batches, batch_rows[0]), batch_rows)
+        # A few statements for the whole chunk (executemany), not two built and compiled per
+        # answer: a sweep of 10,000 jobs spent most of its time building statements. The batches
+        # that moved also start their stuck clock again (a statement of their own).
+        for moved in (True, False):
+            batch_rows = [
+                {"key": a.record_id, **_prefixed(_answer_values(a, now), now)} for a in mine if a.moved is moved
+            ]
+            if batch_rows:
+                conn.execute(_update_many(remote_batches, batch_rows[0]), batch_rows)
         job_rows = [
             {"key": a.job_id, "expect": a.expect.value, **_prefixed(next_check_values(a.check), now)} for a in mine
         ]
@@ -282,6 +326,14 @@ def _update_many(table: Table, sample: Mapping[str, Any], *where: ColumnElement[
     """UPDATE table SET column = :v_column, ... WHERE id = :key: one statement for all rows like `sample`."""
     columns: dict[str, Any] = {k.removeprefix("v_"): bindparam(k) for k in sample if k.startswith("v_")}
     return update(table).where(table.c.id == bindparam("key"), *where).values(columns)
+
+
+def _answer_values(answer: PollAnswer, now: float) -> dict[str, Any]:
+    """What a poll answer writes to its batch's row."""
+    values = {**remote_values(answer.remote), "answered": answer.answered}
+    if answer.moved:
+        values["progress_at"] = now
+    return values
 
 
 def remote_values(remote: RemoteBatch) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from sqlalchemy import (
     TypeDecorator,
     inspect,
     text,
+    update,
 )
 from sqlalchemy.engine import Dialect
 
@@ -128,6 +129,8 @@ jobs = Table(
     Column("wait_reason", OutsideText),
     Column("estimated_cost_usd", Float),
     Column("cost_usd", Float),
+    #: the provider's `stuck_after_s` when the last round was planned (0 or NULL: the dialect's default)
+    Column("stuck_after_s", Float),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_name", "name"),
 )
@@ -157,6 +160,12 @@ remote_batches = Table(
     Column("request_count", Integer),
     Column("size_bytes", BigInteger),
     Column("sha256", String(64)),
+    #: when batchd last saw the batch move (bound, a new status, more answered): the stuck clock
+    Column("progress_at", Float),
+    #: the requests the provider says it answered so far (completed + failed), when it counts them
+    Column("answered", Integer),
+    #: when batchd found the batch stuck and set out to cancel it (NULL: never)
+    Column("stuck_at", Float),
     Index("ix_remote_batches_job", "job_id"),
 )
 
@@ -332,6 +341,24 @@ def _migrate_v9(conn: Connection) -> None:
         index.create(conn, checkfirst=True)
 
 
+def _migrate_v10(conn: Connection) -> None:
+    # Stuck batches (#18): when each batch last moved, whether batchd cancelled it as stuck, and the
+    # limit its job was planned under. A batch bound before starts its stuck clock at its last
+    # write (a poll), so an upgrade never cancels at once what nobody watched move.
+    from batchd.store.due import refresh_all
+
+    _add_column(conn, jobs, "stuck_after_s")
+    for name in ("progress_at", "answered", "stuck_at"):
+        _add_column(conn, remote_batches, name)
+    conn.execute(
+        update(remote_batches)
+        .where(remote_batches.c.progress_at.is_(None), remote_batches.c.remote_id.is_not(None))
+        .values(progress_at=remote_batches.c.updated_at)
+    )
+    # Each live job's due time now also counts its batches' stuck deadlines.
+    refresh_all(conn)
+
+
 #: Forward migrations, in order; each runs once, in its own transaction. Each later step brings a
 #: database made by an older release to the current schema and checks first, so on a database
 #: step 1 just created it does nothing.
@@ -345,6 +372,7 @@ MIGRATIONS: tuple[tuple[int, Any], ...] = (
     (7, _migrate_v7),
     (8, _migrate_v8),
     (9, _migrate_v9),
+    (10, _migrate_v10),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

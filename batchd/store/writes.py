@@ -119,6 +119,10 @@ class PollAnswer:
     remote: RemoteBatch
     expect: JobState
     check: NextCheck
+    #: the requests the provider says it answered, as kept (its last count when this answer has none)
+    answered: int | None = None
+    #: the answer shows the batch moved (a new status, more answered): its stuck clock starts again
+    moved: bool = False
 
 
 # ---------------------------------------------------------------- webhook deliveries

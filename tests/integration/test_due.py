@@ -13,7 +13,7 @@ import pytest
 from batchd import lifecycle
 from batchd.lifecycle import Step
 from batchd.models import JobState, RemoteBatch, RemoteStatus
-from batchd.store import NextCheck, PollAnswer, ShardPlan, Store
+from batchd.store import NextCheck, PollAnswer, ShardPlan, StaleState, Store
 from tests.databases import database_url
 from tests.hand_clock import Clock
 from tests.store_helpers import add_job, end_job
@@ -97,6 +97,50 @@ def test_every_write_of_a_job_s_life_keeps_its_due_time(store: Store, clock: Clo
     assert seen[-1] is None
 
 
+def test_a_live_batch_is_due_at_its_stuck_deadline_which_a_move_pushes_back(store: Store, clock: Clock) -> None:
+    job_id = "c" * 32
+    add_job(store, job_id, provider="together")
+    (row,) = store.batches.plan_round(job_id, expect=JobState.RECEIVED, round_=0, shards=[SHARD], stuck_after_s=100.0)
+    row = store.batches.record_upload(row.id, file_id="file-1", intent_at=clock.now)
+    clock.now += 1
+    row = store.batches.bind(row.id, remote(RemoteStatus.VALIDATING))
+    assert row.progress_at == clock.now  # the stuck clock starts at the bind
+    store.jobs.record_answer(job_id, expect=JobState.UPLOADING, check=NextCheck(JobState.VALIDATING, 60.0, 1500.0))
+    assert due_at(store, job_id) == expected_due(store, job_id) == row.progress_at + 100  # before the next poll
+
+    def poll(status: RemoteStatus, *, moved: bool) -> None:
+        state = lifecycle.state_for_remote(status)
+        check = NextCheck(state, 60.0, clock.now + 500)
+        job = store.jobs.get(job_id)
+        assert job is not None
+        store.batches.record_polls([PollAnswer(row.id, job_id, remote(status), job.state, check, moved=moved)])
+        assert due_at(store, job_id) == expected_due(store, job_id)
+
+    clock.now += 50
+    poll(RemoteStatus.VALIDATING, moved=False)  # no news keeps the deadline
+    assert due_at(store, job_id) == row.progress_at + 100
+    clock.now += 10
+    poll(RemoteStatus.IN_PROGRESS, moved=True)  # it started: the clock starts again
+    (row,) = store.batches.of_job(job_id)
+    assert row.progress_at == clock.now and due_at(store, job_id) == clock.now + 100
+    clock.now += 100
+    poll(RemoteStatus.IN_PROGRESS, moved=False)  # polled at the deadline, unmoved: stuck
+    job = store.jobs.get(job_id)
+    (row,) = store.batches.of_job(job_id)
+    assert job is not None and lifecycle.next_action(job, [row], clock.now).step is Step.CANCEL
+    assert row.progress_at is not None and due_at(store, job_id) == row.progress_at + 100 <= clock.now
+    (marked,) = store.batches.mark_stuck([row])
+    assert marked.stuck_at == clock.now and marked.progress_at == row.progress_at
+    # The cancel is sent again at each check until the provider says cancelling.
+    assert due_at(store, job_id) == expected_due(store, job_id) == clock.now + 500
+    with pytest.raises(StaleState):
+        store.batches.mark_stuck([row])  # found stuck once: never twice
+    clock.now += 1
+    poll(RemoteStatus.CANCELLED, moved=False)
+    job = store.jobs.get(job_id)
+    assert job is not None and job.state is JobState.DOWNLOADING
+
+
 def test_due_reads_only_what_is_due_in_order_skipping_busy_jobs(store: Store, clock: Clock) -> None:
     ids = [f"{i:032x}" for i in range(6)]
     for i, job_id in enumerate(ids):
@@ -128,6 +172,30 @@ def test_a_database_from_before_the_due_index_gets_every_live_job_s_due_time(sto
         again.migrate()
         assert due_at(again, "a" * 32) is not None and due_at(again, "a" * 32) == expected_due(again, "a" * 32)
         assert due_at(again, "b" * 32) is None
+    finally:
+        again.close()
+
+
+def test_a_database_from_before_stuck_batches_starts_each_bound_batch_s_clock_at_its_last_write(
+    store: Store, clock: Clock
+) -> None:
+    job_id = "d" * 32
+    add_job(store, job_id, provider="together")
+    (row,) = store.batches.plan_round(job_id, expect=JobState.RECEIVED, round_=0, shards=[SHARD])
+    row = store.batches.record_upload(row.id, file_id="file-1", intent_at=clock.now)
+    row = store.batches.bind(row.id, remote(RemoteStatus.VALIDATING))
+    store.jobs.record_answer(job_id, expect=JobState.UPLOADING, check=NextCheck(JobState.VALIDATING, 60.0, 1e9))
+    with store.engine.begin() as conn:  # as an older release left it: no clock, a due time without it
+        conn.exec_driver_sql("UPDATE remote_batches SET progress_at = NULL, updated_at = 5000")
+        conn.exec_driver_sql("UPDATE jobs SET due_at = 1e9")
+        conn.exec_driver_sql("UPDATE schema_version SET version = 8")
+    again = Store(store.url, clock=clock)
+    try:
+        again.migrate()
+        (migrated,) = again.batches.of_job(job_id)
+        assert migrated.progress_at == 5000.0 and migrated.stuck_at is None
+        # Due at the stuck deadline of Together's default, counted from that write.
+        assert due_at(again, job_id) == expected_due(again, job_id) == 5000.0 + 6 * 3600
     finally:
         again.close()
 

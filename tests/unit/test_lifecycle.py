@@ -178,3 +178,142 @@ def test_the_last_round_and_its_most_significant_cause_decide_the_code() -> None
     assert lifecycle.unanswered_code(rows, False) == "batch_expired"
     assert lifecycle.final_state(2, "not_submitted") is JobState.FAILED
     assert lifecycle.event_type(JobState.EXPIRED) == "batch.expired"
+
+
+# ---------------------------------------------------------------- stuck batches
+
+HOUR = 3600.0
+
+
+def live_batch(
+    status: str, *, moved_at: float, seen_at: float, stuck_at: float | None = None, shard: int = 0
+) -> RemoteBatchRecord:
+    """A bound batch that last moved at `moved_at` and was last heard of at `seen_at`."""
+    return replace(batch(status, f"b{shard}", shard=shard), progress_at=moved_at, updated_at=seen_at, stuck_at=stuck_at)
+
+
+def watched(provider: str = "together", **kw: Any) -> Job:
+    """A job in flight, its next poll a minute after NOW, last written at NOW - 30."""
+    kw.setdefault("next_check_at", NOW + 60)
+    kw.setdefault("updated_at", NOW - 30)
+    state = kw.pop("state", JobState.VALIDATING)
+    return job(state, provider=provider, **kw)
+
+
+@pytest.mark.parametrize("status", ["validating", "in_progress"])
+def test_a_batch_is_polled_at_its_stuck_deadline_and_cancelled_if_it_has_not_moved(status: str) -> None:
+    # Together's default: 6 h without running (validating) or without progress (in_progress).
+    deadline = NOW + 20
+    quiet = live_batch(status, moved_at=deadline - 6 * HOUR, seen_at=NOW - 30)
+    before = lifecycle.next_action(watched(), [quiet], NOW)
+    assert (before.step, before.at, before.batches) == (Step.POLL, deadline, (quiet,))  # earlier than the next poll
+    # Past the deadline, the last word on it is older: polled now, not cancelled on an old answer.
+    late = lifecycle.next_action(watched(), [quiet], deadline + 5)
+    assert (late.step, late.at) == (Step.POLL, deadline)
+    # Heard of at the deadline, unmoved: cancelled (due since its deadline).
+    seen = replace(quiet, updated_at=deadline + 1)
+    stuck = lifecycle.next_action(watched(updated_at=deadline + 1), [seen], deadline + 1)
+    assert (stuck.step, stuck.at, stuck.batches) == (Step.CANCEL, deadline, (seen,))
+
+
+def test_a_move_restarts_the_clock() -> None:
+    moved = live_batch("in_progress", moved_at=NOW - 10, seen_at=NOW - 10)
+    action = lifecycle.next_action(watched(), [moved], NOW)
+    assert (action.step, action.at) == (Step.POLL, NOW + 60)  # the next poll comes first
+    assert lifecycle.stuck_deadline(watched(), moved) == NOW - 10 + 6 * HOUR
+
+
+def test_only_the_stuck_shard_is_cancelled_and_the_others_are_polled_later() -> None:
+    stuck = live_batch("validating", moved_at=NOW - 7 * HOUR, seen_at=NOW - 1, shard=0)
+    running = live_batch("in_progress", moved_at=NOW - 5, seen_at=NOW - 5, shard=1)
+    action = lifecycle.next_action(watched(), [stuck, running], NOW)
+    assert (action.step, action.batches) == (Step.CANCEL, (stuck,))
+
+
+@pytest.mark.parametrize(
+    ("provider", "configured", "limit"),
+    [
+        ("together", None, 6 * HOUR),
+        ("openai", 0.0, 6 * HOUR),
+        ("anthropic", None, 6 * HOUR),
+        ("gemini", None, 12 * HOUR),  # a 48 h window
+        ("local", None, None),  # the embedded backend runs what it gets: no limit
+        ("local", 30.0, 30.0),  # a setting above 0 overrides, whatever the dialect
+        ("together", 90.0, 90.0),
+    ],
+)
+def test_the_limit_is_the_dialect_s_default_unless_configured(
+    provider: str, configured: float | None, limit: float | None
+) -> None:
+    assert lifecycle.stuck_limit(provider, configured) == limit
+    j = watched(provider, stuck_after_s=configured)
+    old = live_batch("validating", moved_at=NOW - 13 * HOUR, seen_at=NOW)
+    action = lifecycle.next_action(j, [old], NOW)
+    assert action.step is (Step.POLL if limit is None else Step.CANCEL)
+    if limit is not None:
+        assert action.at == NOW - 13 * HOUR + limit
+
+
+def test_a_configured_limit_is_kept_by_the_job() -> None:
+    j = watched(stuck_after_s=1.0)
+    fresh = live_batch("validating", moved_at=NOW - 0.5, seen_at=NOW - 0.5)
+    assert lifecycle.next_action(j, [fresh], NOW).at == NOW + 0.5
+    assert lifecycle.next_action(j, [replace(fresh, updated_at=NOW + 0.5)], NOW + 0.5).step is Step.CANCEL
+
+
+def test_the_user_s_cancel_is_not_a_stuck_cancel() -> None:
+    old = live_batch("validating", moved_at=NOW - 7 * HOUR, seen_at=NOW)
+    asked = lifecycle.next_action(watched(cancel_requested=True), [old], NOW)
+    assert (asked.step, asked.at) == (Step.CANCEL, NOW)
+    # Once cancelling, the user's cancel is polled until confirmed; no stuck cancel is added.
+    polled = lifecycle.next_action(watched(cancel_requested=True, state=JobState.CANCELLING), [old], NOW)
+    assert (polled.step, polled.at) == (Step.POLL, NOW + 60)
+
+
+def test_a_stuck_cancel_is_sent_again_until_the_provider_says_cancelling() -> None:
+    found = live_batch("validating", moved_at=NOW - 7 * HOUR, seen_at=NOW - 5, stuck_at=NOW - 5)
+    again = lifecycle.next_action(watched(), [found], NOW)
+    assert (again.step, again.at, again.batches) == (Step.CANCEL, NOW + 60, (found,))  # at the next check
+    going = replace(found, status=BatchStatus.CANCELLING)
+    assert lifecycle.next_action(watched(), [going], NOW).step is Step.POLL
+    assert lifecycle.stuck_deadline(watched(), going) is None
+
+
+def test_a_finalizing_batch_is_never_stuck() -> None:
+    writing = live_batch("finalizing", moved_at=NOW - 7 * HOUR, seen_at=NOW)
+    action = lifecycle.next_action(watched(), [writing], NOW)
+    assert (action.step, action.at) == (Step.POLL, NOW + 60)
+
+
+def test_a_deadline_the_job_was_looked_at_since_waits_for_the_next_check() -> None:
+    # The poll at the deadline failed: its backoff (the next check) stands, not "due now" again.
+    quiet = live_batch("validating", moved_at=NOW - 6 * HOUR - 10, seen_at=NOW - 20)
+    backed_off = watched(updated_at=NOW - 5, next_check_at=NOW + 40)
+    action = lifecycle.next_action(backed_off, [quiet], NOW)
+    assert (action.step, action.at) == (Step.POLL, NOW + 40)
+
+
+def test_a_batch_bound_by_an_older_release_has_no_stuck_clock() -> None:
+    unknown = replace(batch("validating", "b0"), progress_at=None)
+    assert lifecycle.stuck_deadline(watched(), unknown) is None
+
+
+def test_what_counts_as_a_move() -> None:
+    row = replace(batch("in_progress", "b0"), progress=40.0, answered=None)
+    assert lifecycle.moved(row, BatchStatus.FINALIZING, 40.0, None)  # a new status
+    assert lifecycle.moved(row, BatchStatus.IN_PROGRESS, 41.0, None)  # Together's progress
+    assert lifecycle.moved(row, BatchStatus.IN_PROGRESS, None, 3)  # a count of answered requests
+    assert not lifecycle.moved(row, BatchStatus.IN_PROGRESS, 40.0, None)
+    assert not lifecycle.moved(row, BatchStatus.IN_PROGRESS, None, None)  # a count left out is no news
+    assert not lifecycle.moved(replace(row, answered=3), BatchStatus.IN_PROGRESS, None, 0)
+
+
+def test_a_stuck_batch_s_unanswered_requests_count_as_expired_unless_the_user_cancelled() -> None:
+    stuck = replace(batch("cancelled", "b0"), stuck_at=NOW)
+    assert lifecycle.unanswered_code([stuck], False) == "batch_expired"
+    assert lifecycle.final_state(2, "batch_expired") is JobState.EXPIRED
+    assert lifecycle.unanswered_code([stuck], True) == "batch_cancelled"
+    # Cancelled by someone else at the provider: a cancel is what it is.
+    assert lifecycle.unanswered_code([batch("cancelled", "b0")], False) == "batch_cancelled"
+    # The stuck cancel came too late: the batch completed, and what it did not return says so.
+    assert lifecycle.unanswered_code([replace(batch("completed", "b0"), stuck_at=NOW)], False) == "not_returned"
