@@ -372,6 +372,9 @@ class Job:
     #: when the scheduler next has something to do for the job (None: never again, or until an
     #: operator acts): kept by the store from `lifecycle.next_action` at every write (store/due.py)
     due_at: float | None = None
+    #: when a provider's webhook said one of its batches ended, until the poll that follows
+    #: (batchd/hooks): such a job is polled on its own at once, not by a list sweep
+    hinted_at: float | None = None
 
     @property
     def short_id(self) -> str:

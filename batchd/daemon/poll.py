@@ -182,7 +182,7 @@ class Poller:
         state = lifecycle.summary_state(rows, cancelling=job.state == JobState.CANCELLING)
         interval = lifecycle.next_poll_interval(job.poll_interval_s, changed, self._ctx.policy)
         check = self._ctx.next_check(state, interval)
-        return changed, [PollAnswer(row.id, job.id, remote, job.state, check) for row, remote in answers]
+        return changed, [PollAnswer(row.id, job.id, remote, job.state, check, job.hinted_at) for row, remote in answers]
 
     async def cancel(self, job: Job, rows: tuple[RemoteBatchRecord, ...]) -> None:
         """Ask the provider to cancel the job's live batches; record what each says it is now."""

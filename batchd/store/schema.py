@@ -119,6 +119,9 @@ jobs = Table(
     Column("parked_reason", OutsideText),
     #: when the scheduler next has something to do for the job; NULL: ended or parked (store/due.py)
     Column("due_at", Float),
+    #: when a provider's webhook last said one of the job's batches ended (batchd/hooks): the job is
+    #: due then and polled on its own, never left for a list sweep; the poll that follows clears it
+    Column("hinted_at", Float),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_name", "name"),
 )
@@ -299,6 +302,11 @@ def _migrate_v8(conn: Connection) -> None:
         index.create(conn, checkfirst=True)
 
 
+def _migrate_v9(conn: Connection) -> None:
+    # Provider webhooks as poll hints: the job a hint made due, until its poll.
+    _add_column(conn, jobs, "hinted_at")
+
+
 #: Forward migrations, in order; each runs once, in its own transaction. Each later step brings a
 #: database made by an older release to the current schema and checks first, so on a database
 #: step 1 just created it does nothing.
@@ -311,6 +319,7 @@ MIGRATIONS: tuple[tuple[int, Any], ...] = (
     (6, _migrate_v6),
     (7, _migrate_v7),
     (8, _migrate_v8),
+    (9, _migrate_v9),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -104,8 +104,10 @@ class ShardPlan:
 class PollAnswer:
     """What the provider said of one remote batch, and the job's next check that follows.
 
-    `expect` is the job state the answer was read against: the job's part of the write applies
-    only while the job is still in it.
+    `expect` is the job state the answer was read against, `hint` the job's `hinted_at` then:
+    the write applies only while the job is still in that state with that hint. A provider's
+    webhook that arrived meanwhile (a newer hint) makes the answer stale: it may have been read
+    before the batch ended, and the hinted job is polled again at once instead.
     """
 
     record_id: int
@@ -113,6 +115,7 @@ class PollAnswer:
     remote: RemoteBatch
     expect: JobState
     check: NextCheck
+    hint: float | None = None
 
 
 # ---------------------------------------------------------------- webhook deliveries
