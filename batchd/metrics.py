@@ -21,6 +21,9 @@ Names (the `_total` suffix is added to counters on exposition):
   `gone` (410, endpoint disabled), and deliveries `parked` for a disabled endpoint
 * `batchd_outbox_bytes_total`: bytes of output.jsonl, errors.jsonl and job.json written
 * `batchd_scheduler_tick_duration_seconds`: one scheduler tick reading the active jobs
+* `batchd_provider_webhooks_total{provider,outcome}`: provider batch events at /hooks/NAME:
+  `polled` (a job made due), `unknown_batch`, `ignored` (another type), `refused` (not signed,
+  stale, too large, malformed), `failed` (the database did not take it)
 * `process_*`: CPU seconds, resident memory, open files of the daemon
 """
 
@@ -81,6 +84,10 @@ class Metrics:
             "batchd_faults", "Outside faults now (1: failing), by the work that meets them.", ["where"], registry=r
         )
         self.parked_jobs = Counter("batchd_jobs_parked", "Jobs parked after repeated unexpected errors.", registry=r)
+        self.provider_hooks = Counter(
+            "batchd_provider_webhooks", "Provider batch events received at /hooks/NAME, by provider and outcome.",
+            ["provider", "outcome"], registry=r,
+        )  # fmt: skip
         ProcessCollector(registry=r)
         for state in JobState:
             self.jobs.labels(state.value).set(0)
@@ -202,3 +209,11 @@ def job_parked() -> None:
     if m is None:
         return
     m.parked_jobs.inc()
+
+
+def provider_hook(provider: str, outcome: str) -> None:
+    """A provider's event at /hooks/NAME: `polled`, `unknown_batch`, `ignored`, `refused` or `failed`."""
+    m = _current
+    if m is None:
+        return
+    m.provider_hooks.labels(provider, outcome).inc()
