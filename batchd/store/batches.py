@@ -245,7 +245,8 @@ class RemoteBatchStore:
 
         For a sweep's answers that change no status: one fsync per chunk instead of one per
         job, and the write lock is never held for long. A job taken over by another daemon
-        meanwhile is left alone; a job that moved on since the answer was read keeps its state.
+        meanwhile is left alone; so is a job that moved on since the answer was read (another
+        state, or a provider's hint that came since: see PollAnswer), its batches included.
         """
         for answer in answers:
             if answer.check.state != answer.expect:

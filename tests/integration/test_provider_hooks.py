@@ -25,6 +25,7 @@ from batchd.health import Health, LoopMonitor, create_metrics_app
 from batchd.hooks import MAX_BODY_BYTES, hook_routes
 from batchd.lifecycle import Step
 from batchd.models import JobState, RemoteBatch, RemoteStatus
+from batchd.service import secret_values
 from batchd.store import NextCheck, PollAnswer, Signal, Store
 from batchd.store.schema import jobs, remote_batches, signals
 from tests.databases import database_url
@@ -324,6 +325,10 @@ async def test_gemini_events_name_their_batch_by_resource_name_or_bare_id(
         answers = [await r.post("gem", event, GEMINI) for event in (by_name, by_id, openai_shaped)]
         assert [a.json()["status"] for a in answers] == ["polling", "polling", "ignored"]
         assert len(r.wakes) == 2
+
+
+def test_the_providers_secrets_are_hidden_wherever_batchd_logs(tmp_path: Path) -> None:
+    assert {OLD, NEW, GEMINI} <= set(secret_values(settings_for(tmp_path)))
 
 
 async def test_the_hooks_need_no_listener_token_and_the_rest_still_does(
