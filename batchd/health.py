@@ -1,4 +1,5 @@
-"""What the scheduler loop tells the outside world, and the /metrics, /healthz and status page listener.
+"""What the scheduler loop tells the outside world, and the /metrics, /healthz, status page and
+provider webhooks listener.
 
 `LoopMonitor.tick()` is called by the scheduler loop once per tick, after it
 read what is due. It records the tick (what /healthz checks), and when jobs
@@ -34,6 +35,8 @@ from batchd import metrics, systemd
 from batchd.asgi_server import serve_app
 from batchd.config import ConfigError, Settings
 from batchd.faults import Faults
+from batchd.hooks import hook_routes, hooked_providers
+from batchd.hooks.route import PREFIX as HOOKS_PREFIX
 from batchd.models import JobState
 from batchd.status import TokenGate, status_routes
 from batchd.status.queries import spend_against_budget
@@ -205,11 +208,13 @@ def create_metrics_app(
     *,
     routes: Sequence[BaseRoute] = (),
     tokens: Sequence[str] = (),
+    hooks: Sequence[BaseRoute] = (),
     spend: Callable[[], list[tuple[str, float, float]]] | None = None,
 ) -> Starlette:
     """`GET /metrics` (Prometheus text format) and `GET /healthz` (200 ok, 503 failing; JSON either way),
-    beside `routes` (the status page); with `tokens`, every route asks for one (batchd/status/auth.py).
-    `spend` reads the spend against each budget, when one is set (read per scrape: two sums)."""
+    beside `routes` (the status page); with `tokens`, every route asks for one (batchd/status/auth.py),
+    but `hooks` (a provider's webhooks under /hooks/, signed instead: batchd/hooks). `spend` reads the
+    spend against each budget, when one is set (read per scrape: two sums)."""
 
     async def metrics_page(_request: Request) -> Response:
         if spend is not None:
@@ -224,8 +229,10 @@ def create_metrics_app(
         ok, report = await health.check()
         return JSONResponse(report, status_code=200 if ok else 503)
 
-    gate = [Middleware(TokenGate, tokens=tokens)] if tokens else []
-    return Starlette(routes=[Route("/metrics", metrics_page), Route("/healthz", healthz), *routes], middleware=gate)
+    gate = [Middleware(TokenGate, tokens=tokens, open_prefixes=(HOOKS_PREFIX,) if hooks else ())] if tokens else []
+    return Starlette(
+        routes=[Route("/metrics", metrics_page), Route("/healthz", healthz), *routes, *hooks], middleware=gate
+    )
 
 
 @asynccontextmanager
@@ -234,11 +241,15 @@ async def serve_metrics(
     monitor: LoopMonitor,
     store: Store,
     settings: Callable[[], Settings] | None = None,
+    *,
+    wake: Callable[[], None] | None = None,
 ) -> AsyncIterator[str | None]:
     """Serve /metrics and /healthz on `address` for the life of the block (nothing when None); yield the URL.
 
     With `settings` (the current config), the status page too, and `[metrics] token_file`'s
-    token is asked for on every route (read at start, as `listen` is).
+    token is asked for on every route (read at start, as `listen` is). With `wake` too (how a
+    job made due reaches the scheduler), a provider's webhooks at /hooks/NAME, when a provider
+    has a `webhook_secret` at start (providers change only with a restart).
     """
     if address is None:
         yield None
@@ -246,10 +257,14 @@ async def serve_metrics(
     registry = metrics.enable().registry
     routes = status_routes(store, settings) if settings is not None else []
     tokens = [t.reveal() for t in settings().metrics.tokens] if settings is not None else []
+    hooked = hooked_providers(settings()) if settings is not None and wake is not None else []
+    hooks = hook_routes(store, settings, wake=wake) if settings is not None and wake is not None and hooked else []
     try:
         async with AsyncExitStack() as stack:
             spend = (lambda: spend_against_budget(store, settings(), time.time())) if settings is not None else None
-            app = create_metrics_app(Health(monitor, store), registry, routes=routes, tokens=tokens, spend=spend)
+            app = create_metrics_app(
+                Health(monitor, store), registry, routes=routes, tokens=tokens, hooks=hooks, spend=spend
+            )
             try:
                 url = await stack.enter_async_context(serve_app(app, *address))
             except OSError as exc:
@@ -257,6 +272,7 @@ async def serve_metrics(
             log.info(
                 "metrics.listening", url=url, metrics=f"{url}/metrics", healthz=f"{url}/healthz",
                 status_page=f"{url}/" if routes else None, auth_required=bool(tokens),
+                provider_webhooks=[f"{url}{HOOKS_PREFIX}{name}" for name in hooked] if hooks else None,
             )  # fmt: skip
             yield url
     finally:

@@ -245,6 +245,13 @@ def use_sweep(in_flight: int) -> bool:
     return in_flight >= SWEEP_MIN_JOBS
 
 
+def polled_alone(job: Job) -> bool:
+    """Whether a due poll of `job` is a get of its own, started at once whatever the sweeps: a
+    provider's webhook said one of its batches ended (a hint), and the sweep under way (or the
+    next one) may have listed it before that, or be a while off."""
+    return job.hinted_at is not None
+
+
 #: Why a request ended unanswered, most significant first: when a round's batches ended
 #: differently, the unanswered requests carry the first cause that applies.
 _CAUSES = (

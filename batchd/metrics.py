@@ -23,6 +23,11 @@ Names (the `_total` suffix is added to counters on exposition):
 * `batchd_scheduler_tick_duration_seconds`: one scheduler tick reading the active jobs
 * `batchd_batches_stuck_total{provider}`: remote batches batchd cancelled as stuck (not running,
   or running without progress, past `stuck_after_s`); provider is the configured name
+* `batchd_provider_webhooks_total{provider,outcome}`: provider batch events at /hooks/NAME:
+  `polled` (a job made due), `unknown_batch`, `ignored` (another type), `refused` (not signed,
+  stale, too large, malformed), `failed` (the database did not take it)
+* `batchd_spend_usd{period}`, `batchd_budget_usd{period}`: with [budget], the estimated spend of
+  the jobs let in this UTC `day` or `month`, and the budget
 * `process_*`: CPU seconds, resident memory, open files of the daemon
 """
 
@@ -91,6 +96,10 @@ class Metrics:
         self.stuck_batches = Counter(
             "batchd_batches_stuck", "Remote batches cancelled as stuck, by configured provider.", ["provider"],
             registry=r,
+        )  # fmt: skip
+        self.provider_hooks = Counter(
+            "batchd_provider_webhooks", "Provider batch events received at /hooks/NAME, by provider and outcome.",
+            ["provider", "outcome"], registry=r,
         )  # fmt: skip
         ProcessCollector(registry=r)
         for state in JobState:
@@ -230,3 +239,11 @@ def batch_stuck(provider: str) -> None:
     if m is None:
         return
     m.stuck_batches.labels(provider).inc()
+
+
+def provider_hook(provider: str, outcome: str) -> None:
+    """A provider's event at /hooks/NAME: `polled`, `unknown_batch`, `ignored`, `refused` or `failed`."""
+    m = _current
+    if m is None:
+        return
+    m.provider_hooks.labels(provider, outcome).inc()

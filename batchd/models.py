@@ -399,6 +399,9 @@ class Job:
     #: the provider's `stuck_after_s` when the job's last round was planned (0 or None: the
     #: dialect's default, `lifecycle.stuck_limit`)
     stuck_after_s: float | None = None
+    #: when a provider's webhook said one of its batches ended, until the poll that follows
+    #: (batchd/hooks): such a job is polled on its own at once, not by a list sweep
+    hinted_at: float | None = None
 
     @property
     def estimated_tokens(self) -> int:

@@ -7,6 +7,7 @@ closed again on the way out.
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import sys
 import uuid
@@ -174,7 +175,10 @@ async def serve(
             if on_daemon is not None:
                 on_daemon(daemon)
             # Listening before READY=1; [metrics] listen is read at start only (a reload keeps it).
-            async with serve_metrics(address, daemon.monitor, store, lambda: daemon.settings):
+            # A provider's webhook makes a job due in the store: this daemon's scheduler hears of it
+            # at once (as news: the job may be waiting for the sweep under way).
+            wake = functools.partial(daemon.wake, news=True)
+            async with serve_metrics(address, daemon.monitor, store, lambda: daemon.settings, wake=wake):
                 result = await daemon.run(once=once, timeout=timeout)
                 if result.left is not None:
                     # For the person or script that ran `run --once --timeout`: the log line
@@ -193,6 +197,7 @@ def secret_values(settings: Settings) -> list[str]:
     secrets += settings.metrics.tokens
     providers = [p for name in settings.provider_names if (p := settings.provider_named(name)) is not None]
     secrets += [p.api_key for p in providers if p.api_key is not None]
+    secrets += [s for p in providers for s in p.webhook_secrets]
     urls = [*(p.base_url for p in providers), settings.local.upstream_url, *(ep.url for ep in settings.webhooks)]
     return [s.reveal() for s in secrets] + [part for url in urls for part in url_secrets(url)]
 

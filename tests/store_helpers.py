@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from batchd.models import Delivery, Job, JobState, NewEvent
-from batchd.store import Delivered, Ending, NewJob, NextCheck, RejectedJob, RetryLater, Store
+from batchd.models import Delivery, Job, JobState, NewEvent, RemoteBatch, RemoteBatchRecord, RemoteStatus
+from batchd.store import Delivered, Ending, NewJob, NextCheck, RejectedJob, RetryLater, ShardPlan, Store
 
 #: What a test's job says it answered when it ends (no request: nothing was submitted).
 NO_COUNTS = {"total": 0, "completed": 0, "failed": 0}
@@ -41,6 +41,33 @@ def add_job(
         assert found is not None
         return found
     return store.jobs.record_answer(job_id, expect=JobState.UPLOADING, check=NextCheck(state, 5.0, store.now()))
+
+
+def add_in_flight(
+    store: Store,
+    job_id: str,
+    name: str,
+    *,
+    remote_id: str,
+    provider: str = "openai",
+    provider_name: str = "default",
+    next_check_at: float,
+    **fields: Any,
+) -> RemoteBatchRecord:
+    """A job whose one batch (`remote_id`) the provider holds, validating, next polled at
+    `next_check_at`: brought there the way the daemon would (insert, plan, upload, bind, answer)."""
+    new = NewJob(id=job_id, name=name, source=f"{name}.jsonl", provider=provider, provider_name=provider_name, **fields)
+    store.jobs.insert(new)
+    shard = ShardPlan(input_path=f"/x/{name}.jsonl", request_count=1, size_bytes=10, sha256="0" * 64)
+    (row,) = store.batches.plan_round(job_id, expect=JobState.RECEIVED, round_=0, shards=[shard])
+    row = store.batches.record_upload(row.id, file_id="file-1", intent_at=store.now())
+    remote = RemoteBatch(
+        id=remote_id, status=RemoteStatus.VALIDATING, input_file_id="file-1", endpoint="/v1/chat/completions"
+    )
+    row = store.batches.bind(row.id, remote)
+    check = NextCheck(JobState.VALIDATING, next_check_at - store.now(), next_check_at)
+    store.jobs.record_answer(job_id, expect=JobState.UPLOADING, check=check)
+    return row
 
 
 def end_job(

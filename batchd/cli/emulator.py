@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from batchd import logs
 from batchd.cli.common import fail
 from batchd.config.settings import is_loopback
+
+if TYPE_CHECKING:
+    from batchd.emulator.provider_hooks import HookTarget
 
 
 def _fault_statuses(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int | str, ...]:
@@ -22,6 +26,17 @@ def _fault_statuses(ctx: click.Context, param: click.Parameter, value: str) -> t
             parsed.append(int(item))
         else:
             raise click.BadParameter(f"{item!r} is neither an HTTP status from 400 to 599 nor 'drop'")
+    return tuple(parsed)
+
+
+def _hook_targets(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """`openai=http://…` → ("openai", "http://…"), for each --provider-webhook."""
+    parsed = []
+    for value in values:
+        dialect, sep, url = value.partition("=")
+        if not sep or not url:
+            raise click.BadParameter(f"{value!r} is not DIALECT=URL (e.g. openai=http://127.0.0.1:9464/hooks/default)")
+        parsed.append((dialect.strip(), url.strip()))
     return tuple(parsed)
 
 
@@ -66,6 +81,15 @@ SECONDS = click.FloatRange(min=0.0)
 )  # fmt: skip
 @click.option("--fault-retry-after", type=SECONDS, help="Retry-After (seconds) sent with every random fault.")
 @click.option("--fault-seed", type=int, help="Seed of the random faults: the same requests get the same faults.")
+@click.option(
+    "--provider-webhook", "provider_webhooks", multiple=True, callback=_hook_targets, metavar="DIALECT=URL",
+    help="Send this dialect's batch events (openai or gemini), signed, to URL when a batch ends, as the "
+    "provider would (e.g. openai=http://127.0.0.1:9464/hooks/default). Repeatable, once per dialect.",
+)  # fmt: skip
+@click.option(
+    "--provider-webhook-secret", envvar="BATCHD_EMULATOR_PROVIDER_WEBHOOK_SECRET", show_envvar=True,
+    help="The Standard Webhooks secret (whsec_…) that signs the --provider-webhook events.",
+)  # fmt: skip
 def emulator(
     host: str,
     port: int,
@@ -84,6 +108,8 @@ def emulator(
     fault_statuses: tuple[int | str, ...],
     fault_retry_after: float | None,
     fault_seed: int | None,
+    provider_webhooks: tuple[tuple[str, str], ...],
+    provider_webhook_secret: str | None,
 ) -> None:
     """The embedded Batch API on its own: Together dialect at /v1/, OpenAI's at /openai/v1/, Anthropic's at
     /anthropic/, Gemini's at /gemini/."""
@@ -95,8 +121,9 @@ def emulator(
     if not api_key and not is_loopback(host):
         # Without a key any token is accepted and the control routes are open: fine for this machine only.
         fail(f"--host {host} is not a loopback address: --api-key (or BATCHD_EMULATOR_API_KEY) is required", 2)
+    targets = _targets(provider_webhooks, provider_webhook_secret)
     logs.configure()
-    logs.redact_values(key for key in (api_key, upstream_api_key) if key)
+    logs.redact_values(key for key in (api_key, upstream_api_key, provider_webhook_secret) if key)
     random_faults = None
     if fault_rate > 0:
         random_faults = RandomFaults(fault_rate, fault_statuses, retry_after=fault_retry_after, seed=fault_seed)
@@ -112,7 +139,22 @@ def emulator(
         random_faults=random_faults,
         latency_s=latency,
         max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+        provider_webhooks=targets,
     )
+
+
+def _targets(given: tuple[tuple[str, str], ...], secret: str | None) -> list[HookTarget]:
+    """The --provider-webhook targets, each signed with --provider-webhook-secret (exit 2 when unusable)."""
+    from batchd.emulator.provider_hooks import HookTarget
+
+    if given and not secret:
+        fail("--provider-webhook needs --provider-webhook-secret (or BATCHD_EMULATOR_PROVIDER_WEBHOOK_SECRET)", 2)
+    if len({dialect for dialect, _ in given}) < len(given):
+        fail("--provider-webhook: one URL per dialect", 2)
+    try:
+        return [HookTarget(dialect, url, secret or "") for dialect, url in given]
+    except ValueError as exc:
+        fail(f"--provider-webhook: {exc}", 2)
 
 
 @click.command()

@@ -152,9 +152,11 @@ class Daemon:
         """A list sweep is polling jobs now."""
         return self._scheduler.sweeping
 
-    def wake(self) -> None:
-        """Let the scheduler look at the jobs now."""
-        self._scheduler.wake()
+    def wake(self, *, news: bool = False) -> None:
+        """Let the scheduler look at the jobs now; with `news` (a store write outside the daemon's
+        own steps made a job due: a provider's webhook, a command), at the jobs waiting for the
+        sweep under way too."""
+        self._scheduler.wake(news=news)
 
     def _poke_deliverer(self) -> None:
         if self.deliverer is not None:

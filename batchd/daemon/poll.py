@@ -257,4 +257,4 @@ def _answer(job: Job, row: RemoteBatchRecord, remote: RemoteBatch, check: NextCh
     answered = remote.answered if remote.answered is not None else row.answered
     # Once found stuck, its clock stops: `progress_at` keeps saying since when it had not moved.
     moved = row.stuck_at is None and lifecycle.moved(row, status, remote.progress, remote.answered)
-    return PollAnswer(row.id, job.id, remote, job.state, check, answered=answered, moved=moved)
+    return PollAnswer(row.id, job.id, remote, job.state, check, answered=answered, moved=moved, hint=job.hinted_at)

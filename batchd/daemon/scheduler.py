@@ -101,8 +101,9 @@ class Scheduler:
 
     def wake(self, *, news: bool = False) -> None:
         """Tick now: something changed that the next tick should see. With `news` (a command
-        changed jobs: a cancel, a resume), the jobs waiting for the sweep are read again too:
-        one of them may have a step to take that cannot wait for the sweep to end."""
+        changed jobs: a cancel, a resume; a provider's webhook made one due), the jobs waiting for
+        the sweep are read again too: one of them may have a step to take that cannot wait for
+        the sweep to end."""
         if news:
             self._awaiting_sweep.clear()
         self._wake.set()
@@ -194,6 +195,12 @@ class Scheduler:
             else:
                 self._busy.add(job.id)
                 tg.start_soon(self._run_step, job, action)
+        for poll in [p for p in polls if lifecycle.polled_alone(p[0])]:
+            # A provider's webhook said its batch ended: a get of its own now, never left for a
+            # sweep (each in its own round, so that several hinted at once are asked side by side).
+            self._busy.add(poll[0].id)
+            tg.start_soon(self._poll_round, [poll], now)
+        polls = [p for p in polls if not lifecycle.polled_alone(p[0])]
         if polls:
             # With enough jobs in flight, one list call serves every job due now or within
             # `sweep_ahead_s` (one sweep at a time: the jobs due meanwhile wait for the next);

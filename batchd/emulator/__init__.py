@@ -38,12 +38,13 @@ at most the requests in flight at that moment. One emulator process per
 data dir.
 
 `create_app(data_dir, *, engine, api_key, clock, concurrency, timeline,
-random_faults, latency_s, max_body_bytes)`; `batchd emulator --help` lists the
-same settings as flags (`--api-key`, `--max-body-bytes`, `--upstream-url`,
-`--upstream-api-key`, `--concurrency`, `--validating-s`, `--in-progress-s`,
-`--finalizing-s`, `--cancelling-s`, `--latency`, `--fault-rate`,
-`--fault-statuses`, `--fault-retry-after`, `--fault-seed`); `--port 0` picks a
-free port, and the `emulator.serving` log line names the URL. `--host` other
+random_faults, latency_s, max_body_bytes, provider_webhooks)`; `batchd emulator
+--help` lists the same settings as flags (`--api-key`, `--max-body-bytes`,
+`--upstream-url`, `--upstream-api-key`, `--concurrency`, `--validating-s`,
+`--in-progress-s`, `--finalizing-s`, `--cancelling-s`, `--latency`,
+`--fault-rate`, `--fault-statuses`, `--fault-retry-after`, `--fault-seed`,
+`--provider-webhook`, `--provider-webhook-secret`); `--port 0` picks a free
+port, and the `emulator.serving` log line names the URL. `--host` other
 than a loopback address (127.0.0.0/8, ::1, localhost) needs `--api-key` (or
 `BATCHD_EMULATOR_API_KEY`): without one the command exits 2. Inside the
 daemon (`provider.kind = "local"`, see `batchd.local_backend`) the app gets a
@@ -160,6 +161,37 @@ INVALID_ARGUMENT, …); `error: "<code>"` takes a Google status name as itself
 (`"RESOURCE_EXHAUSTED"` → 429) and reads other codes by their words
 (`rate_limit…` → 429, `…timeout…` → 504, `…internal…` → 500, else 400).
 
+Provider webhooks
+-----------------
+Like OpenAI and Gemini, the emulator can announce that a batch ended: one
+Standard-Webhooks-signed POST per batch that ends (completed, failed, expired
+or cancelled), to the target of the dialect that created it. Together's and
+Anthropic's batches announce nothing (neither provider does). A target is a
+dialect (`openai` or `gemini`), a URL and a secret (`whsec_<base64>`), given
+three ways:
+
+* `create_app(..., provider_webhooks=[HookTarget("openai", url, secret)])`
+  (`batchd.emulator.HookTarget`);
+* `batchd emulator --provider-webhook openai=URL --provider-webhook gemini=URL2
+  --provider-webhook-secret whsec_…` (one secret signs both;
+  `BATCHD_EMULATOR_PROVIDER_WEBHOOK_SECRET` may hold it);
+* `POST /_emulator/provider-webhooks` `{"dialect", "url", "secret"}` (below),
+  for a receiver that starts after the emulator.
+
+Headers: `webhook-id` (the event's `id`, the same on every attempt),
+`webhook-timestamp` (unix seconds, per attempt), `webhook-signature`
+(`v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">` under the secret's
+decoded bytes). Bodies: OpenAI's documented shape, `{"id": "evt_…", "object":
+"event", "created_at", "type": "batch.completed" | "batch.failed" |
+"batch.expired" | "batch.cancelled", "data": {"id": "batch_…"}}`; for Gemini
+(whose documentation names the events but not where the batch sits in `data`)
+`{"id": "evt_…", "type": "batch.succeeded" | "batch.failed" | "batch.expired"
+| "batch.cancelled", "version": "v1", "timestamp": "<RFC 3339>", "data": {"id":
+"<id>", "name": "batches/<id>", "state": "BATCH_STATE_…"}}`. Sent in the
+background, best effort: the worker never waits for it; an attempt without
+an answer, or answered 429 or 5xx, is tried twice more (after 0.5 s and
+2 s), any other answer ends it. Events are not kept across a restart.
+
 Control endpoints (for tests and for users rehearsing failures)
 ----------------------------------------------------------------
 Open to anyone when the app has no `api_key`; with one, they need it like
@@ -218,7 +250,15 @@ every other route (see Auth).
     first, from the data dir (it survives restarts); `requests` counts
     requests by method and concrete path since this process started
     (control endpoints excluded); `faults_served` counts the faults served
-    since then, by kind (a status, `drop`, `truncate`, or `delay` alone).
+    since then, by kind (a status, `drop`, `truncate`, or `delay` alone);
+    `provider_webhooks` `{"events": n, "answers": {"200": n, "401": n,
+    "error": n, ...}}` counts the provider webhook events sent since then
+    and each attempt's answer (`error`: none came).
+`POST /_emulator/provider-webhooks` with `{"dialect": "openai" | "gemini",
+"url", "secret": "whsec_…"}`
+    Send that dialect's batch events to `url` from now on (replacing its
+    earlier target); 400 for anything else. `GET` lists the targets (never
+    their secrets) and the counts; `DELETE` removes every target. Not persisted.
 
 Auth
 ----
@@ -339,12 +379,14 @@ the 401 and injected faults included). The wire shapes are documented in
 from batchd.emulator.app import create_app
 from batchd.emulator.engines import EchoEngine, Engine, UpstreamEngine
 from batchd.emulator.faults import RandomFaults
+from batchd.emulator.provider_hooks import HookTarget
 from batchd.emulator.server import run_emulator, serve_emulator
 from batchd.emulator.timeline import Timeline
 
 __all__ = [
     "EchoEngine",
     "Engine",
+    "HookTarget",
     "RandomFaults",
     "Timeline",
     "UpstreamEngine",

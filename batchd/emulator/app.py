@@ -30,6 +30,7 @@ from batchd.emulator.gemini_files import is_upload_session
 from batchd.emulator.google_errors import google_error
 from batchd.emulator.openai import PREFIX as OPENAI_PREFIX
 from batchd.emulator.openai import openai_error, openai_routes
+from batchd.emulator.provider_hooks import HookTarget, ProviderHooks
 from batchd.emulator.state import Clock, EmulatorState, utc_now
 from batchd.emulator.timeline import Timeline
 from batchd.emulator.together import UPLOAD_ROUTE, batch_error, file_error, together_routes
@@ -155,6 +156,7 @@ def create_app(
     random_faults: RandomFaults | None = None,
     latency_s: float = 0.0,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    provider_webhooks: Sequence[HookTarget] = (),
 ) -> Starlette:
     """Build the emulator over `data_dir` (created if missing).
 
@@ -168,7 +170,9 @@ def create_app(
     `UpstreamEngine` does, else 64);
     `timeline` sets how long a batch spends in each state (default: no
     longer than it takes); `random_faults` and `latency_s` start the
-    emulator with those faults in force (as if posted to /_emulator/faults). The
+    emulator with those faults in force (as if posted to /_emulator/faults);
+    `provider_webhooks` are the targets of its own batch events, one per dialect
+    (`provider_hooks.py`; as if posted to /_emulator/provider-webhooks). The
     app's lifespan loads the state and runs the batch worker: run it with a
     server (`serve_emulator`) or `app.router.lifespan_context(app)`.
     """
@@ -179,14 +183,19 @@ def create_app(
         # More requests in flight than the engine takes would only queue at its limiter, which costs
         # CPU per request (measured: tests/benchmarks/bench_upstream.py).
         concurrency = getattr(engine, "concurrency", None) or DEFAULT_CONCURRENCY
-    worker = BatchWorker(state, engine, gate, clock, concurrency=concurrency, timeline=timeline)
-    control = Control(gate, Faults(random=random_faults, latency_s=latency_s), queue=worker.queue)
+    hooks = ProviderHooks({t.dialect: t for t in provider_webhooks}, clock)
+    worker = BatchWorker(
+        state, engine, gate, clock, concurrency=concurrency, timeline=timeline, on_end=hooks.batch_ended
+    )
+    control = Control(gate, Faults(random=random_faults, latency_s=latency_s), hooks, queue=worker.queue)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await state.load()
         try:
             async with anyio.create_task_group() as tg:
+                # The webhooks first: a batch the worker resumes may end at once.
+                await tg.start(hooks.run)
                 await tg.start(worker.run)
                 log.info("emulator.started", data_dir=str(data_dir))
                 try:

@@ -1,4 +1,5 @@
-"""Control endpoints for tests (`/_emulator/...`; open unless the app has an api_key): pause, faults, stats.
+"""Control endpoints for tests (`/_emulator/...`; open unless the app has an api_key): pause, faults,
+stats, the emulator's own provider webhooks.
 
 `ControlMiddleware` sits in front of every route: it counts requests and
 carries out injected faults (which fault a request gets is decided in
@@ -25,8 +26,9 @@ from batchd.emulator.answers import anthropic_error_body
 from batchd.emulator.bodies import read_json
 from batchd.emulator.faults import Fault, Faults, parse_fault, parse_latency, parse_random
 from batchd.emulator.google_errors import google_error_body
+from batchd.emulator.provider_hooks import ProviderHooks, parse_target
 from batchd.emulator.queue import QueueLimit, parse_queue
-from batchd.emulator.state import EmulatorState, iso_z
+from batchd.emulator.state import EmulatorState, iso_z, utc_now
 from batchd.emulator.triggers import openai_error_body
 from batchd.emulator.worker import Gate
 
@@ -42,14 +44,23 @@ UPLOAD_PREFIX = "/_emulator/upload/"
 
 
 class Control:
-    """The switches tests pull: the worker's pause gate, the faults, request counts."""
+    """The switches tests pull: the worker's pause gate, the faults, request counts, the targets of
+    the emulator's own provider webhooks."""
 
-    def __init__(self, gate: Gate, faults: Faults | None = None, queue: QueueLimit | None = None) -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        faults: Faults | None = None,
+        hooks: ProviderHooks | None = None,
+        *,
+        queue: QueueLimit | None = None,
+    ) -> None:
         self.gate = gate
         self.faults = faults or Faults()
         #: the account's queue of enqueued tokens (queue.py; shared with the worker)
         self.queue = queue or QueueLimit()
         self.requests: Counter[str] = Counter()
+        self.hooks = hooks or ProviderHooks({}, utc_now)
 
 
 class _Truncated(Exception):
@@ -216,6 +227,7 @@ def control_routes(control: Control, state: EmulatorState) -> list[Route]:
                 "requests": dict(control.requests),
                 "faults_served": {"total": sum(served.values()), **served},
                 "paused": control.gate.paused,
+                "provider_webhooks": {"events": control.hooks.events, "answers": dict(control.hooks.answers)},
             }
         )
 
@@ -236,10 +248,21 @@ def control_routes(control: Control, state: EmulatorState) -> list[Route]:
             }
         )
 
+    async def provider_webhooks(request: Request) -> Response:
+        if request.method == "POST":
+            try:
+                control.hooks.set(parse_target(await read_json(request)))
+            except ValueError as exc:  # a bad target, or a body that is not JSON
+                return JSONResponse(openai_error_body(400, f"bad provider webhook: {exc}"), status_code=400)
+        elif request.method == "DELETE":
+            control.hooks.clear()
+        return JSONResponse(control.hooks.describe())
+
     return [
         Route("/_emulator/queue", queue, methods=["GET", "POST"]),
         Route("/_emulator/pause", pause, methods=["POST"]),
         Route("/_emulator/resume", resume, methods=["POST"]),
         Route("/_emulator/faults", faults, methods=["GET", "POST", "DELETE"]),
         Route("/_emulator/stats", stats, methods=["GET"]),
+        Route("/_emulator/provider-webhooks", provider_webhooks, methods=["GET", "POST", "DELETE"]),
     ]

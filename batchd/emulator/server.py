@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from batchd.emulator.bodies import DEFAULT_MAX_BODY_BYTES
 from batchd.emulator.control import TRANSPORT_KEY
 from batchd.emulator.engines import Engine, UpstreamEngine
 from batchd.emulator.faults import RandomFaults
+from batchd.emulator.provider_hooks import HookTarget
 from batchd.emulator.timeline import Timeline
 
 log = structlog.get_logger()
@@ -67,6 +68,7 @@ class _Options:
     random_faults: RandomFaults | None
     latency_s: float
     max_body_bytes: int
+    provider_webhooks: tuple[HookTarget, ...]
 
 
 async def _run(host: str, port: int, data_dir: Path, options: _Options) -> None:
@@ -85,6 +87,7 @@ async def _run(host: str, port: int, data_dir: Path, options: _Options) -> None:
             random_faults=options.random_faults,
             latency_s=options.latency_s,
             max_body_bytes=options.max_body_bytes,
+            provider_webhooks=options.provider_webhooks,
         )
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with serve_emulator(app, host, port) as url:
@@ -97,6 +100,7 @@ async def _run(host: str, port: int, data_dir: Path, options: _Options) -> None:
                     data_dir=str(data_dir),
                     engine="upstream" if engine else "echo",
                     max_body_bytes=options.max_body_bytes,
+                    provider_webhooks=[t.describe() for t in options.provider_webhooks],
                 )
                 async for signum in signals:
                     log.info("emulator.stopping", signal=signal.Signals(signum).name)
@@ -116,15 +120,18 @@ def run_emulator(
     random_faults: RandomFaults | None = None,
     latency_s: float = 0.0,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    provider_webhooks: Sequence[HookTarget] = (),
 ) -> None:
     """Serve the emulator until SIGINT or SIGTERM (the `batchd emulator` command); blocking.
 
     Uses the echo engine unless `upstream_url` names an OpenAI-compatible
     server, which then gets at most `concurrency` requests at once (with
     `upstream_api_key` as its bearer token, if given). `api_key`, `timeline`,
-    `random_faults`, `latency_s` and `max_body_bytes` are those of `create_app`.
+    `random_faults`, `latency_s`, `max_body_bytes` and `provider_webhooks` are
+    those of `create_app`.
     """
     options = _Options(
-        api_key, upstream_url, upstream_api_key, concurrency, timeline, random_faults, latency_s, max_body_bytes
-    )
+        api_key, upstream_url, upstream_api_key, concurrency, timeline, random_faults, latency_s, max_body_bytes,
+        tuple(provider_webhooks),
+    )  # fmt: skip
     anyio.run(_run, host, port, data_dir, options)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -94,8 +95,9 @@ class BatchWorker:
     `concurrency` bounds the requests of one batch in flight at the engine
     at once (the engine may bound them further, across batches; an answer
     waiting for the disk no longer counts); `timeline` sets how long each state
-    lasts at least. Call `run()` in a task group; `enqueue()` hands it a new
-    batch; `cancel()` ends one with what it answered so far.
+    lasts at least; `on_end` hears of each batch that ended. Call `run()` in a
+    task group; `enqueue()` hands it a new batch; `cancel()` ends one with what
+    it answered so far.
     """
 
     def __init__(
@@ -107,10 +109,13 @@ class BatchWorker:
         *,
         concurrency: int = 64,
         timeline: Timeline | None = None,
+        on_end: Callable[[StoredBatch], None] | None = None,
     ) -> None:
         self._state = state
         #: the account's queue of enqueued tokens: creates over it are refused (queue.py)
         self.queue = QueueLimit()
+        #: told of every batch that ended, once it is saved (the provider webhooks): it must not block
+        self._on_end = on_end
         self._engine = engine
         self._gate = gate
         self._clock = clock
@@ -410,3 +415,9 @@ class BatchWorker:
             failed=batch.failed,
             error=batch.error,
         )
+        if self._on_end is not None:
+            try:
+                self._on_end(batch)
+            except Exception:
+                # Telling others is best effort: the batch has ended whatever becomes of that.
+                log.exception("emulator.batch.on_end_failed", batch_id=batch.id)

@@ -1,4 +1,5 @@
-"""`[metrics] token_file`: the token every route of the listener asks for (DESIGN §6).
+"""`[metrics] token_file`: the token every route of the listener asks for (DESIGN §6), but a
+provider's webhooks at `/hooks/NAME`, which are signed instead (batchd/hooks).
 
 Accepted three ways, each compared in constant time with every configured token (the file
 may hold several, one per line, during a rotation):
@@ -48,15 +49,20 @@ def _matches(given: str | None, expected: Sequence[str]) -> bool:
 
 
 class TokenGate:
-    """ASGI middleware: 401 unless the request carries a configured token (see the module)."""
+    """ASGI middleware: 401 unless the request carries a configured token (see the module).
 
-    def __init__(self, app: ASGIApp, tokens: Sequence[str]) -> None:
+    Paths under `open_prefixes` pass without one: a provider's webhooks (`/hooks/NAME`) cannot
+    carry batchd's token, and their route checks the provider's signature instead (batchd/hooks).
+    """
+
+    def __init__(self, app: ASGIApp, tokens: Sequence[str], open_prefixes: Sequence[str] = ()) -> None:
         self._app = app
         self._tokens = list(tokens)
         self._cookies = [cookie_value(t) for t in tokens]
+        self._open = tuple(open_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._tokens:
+        if scope["type"] != "http" or not self._tokens or (self._open and scope["path"].startswith(self._open)):
             await self._app(scope, receive, send)
             return
         headers = Headers(scope=scope)

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Select,
     Table,
     Update,
+    and_,
     bindparam,
     func,
     literal,
@@ -33,7 +34,7 @@ from batchd.store.due import IDS_PER_QUERY, refresh_due
 from batchd.store.jobs import check_move, db_values, next_check_values
 from batchd.store.rows import remote_from_row
 from batchd.store.schema import LIVE_STATES, MIGRATION_LOCK, jobs, remote_batches
-from batchd.store.writes import PollAnswer, ShardPlan
+from batchd.store.writes import NextCheck, PollAnswer, ShardPlan
 
 #: Rows in the order a job's rounds and shards are read everywhere.
 _ORDER = (remote_batches.c.round, remote_batches.c.shard, remote_batches.c.id)
@@ -286,7 +287,8 @@ class RemoteBatchStore:
 
         For a sweep's answers that change no status: one fsync per chunk instead of one per
         job, and the write lock is never held for long. A job taken over by another daemon
-        meanwhile is left alone; a job that moved on since the answer was read keeps its state.
+        meanwhile is left alone; so is a job that moved on since the answer was read (another
+        state, or a provider's hint that came since: see PollAnswer), its batches included.
         """
         for answer in answers:
             if answer.check.state != answer.expect:
@@ -303,18 +305,37 @@ class RemoteBatchStore:
             return
         # A few statements for the whole chunk (executemany), not two built and compiled per
         # answer: a sweep of 10,000 jobs spent most of its time building statements. The batches
-        # that moved also start their stuck clock again (a statement of their own).
+        # that moved also start their stuck clock again (a statement of their own). All apply
+        # only while the job is as the answer was read (its state, its hint): the batches first,
+        # while the job row still says so. A stale answer (a provider's webhook came since) writes
+        # nothing at all, so it can neither set a batch back nor push the hinted poll into the future.
+        unchanged = select(jobs.c.id).where(jobs.c.id == bindparam("job"), _AS_READ).exists()
         for moved in (True, False):
             batch_rows = [
-                {"key": a.record_id, **_prefixed(_answer_values(a, now), now)} for a in mine if a.moved is moved
+                {"key": a.record_id, "job": a.job_id, **_read_against(a), **_prefixed(_answer_values(a, now), now)}
+                for a in mine
+                if a.moved is moved
             ]
             if batch_rows:
-                conn.execute(_update_many(remote_batches, batch_rows[0]), batch_rows)
-        job_rows = [
-            {"key": a.job_id, "expect": a.expect.value, **_prefixed(next_check_values(a.check), now)} for a in mine
-        ]
-        conn.execute(_update_many(jobs, job_rows[0], jobs.c.state == bindparam("expect")), job_rows)
+                conn.execute(_update_many(remote_batches, batch_rows[0], unchanged), batch_rows)
+        job_rows = [{"key": a.job_id, **_read_against(a), **_prefixed(_polled(a.check), now)} for a in mine]
+        conn.execute(_update_many(jobs, job_rows[0], _AS_READ), job_rows)
         refresh_due(conn, {a.job_id for a in mine}, now)
+
+
+#: The job row is still as a poll answer was read against: its state and its hint (the bind
+#: parameters `expect` and `hint`, see _read_against).
+_AS_READ = and_(jobs.c.state == bindparam("expect"), jobs.c.hinted_at.is_not_distinct_from(bindparam("hint")))
+
+
+def _read_against(answer: PollAnswer) -> dict[str, Any]:
+    """The bind parameters of _AS_READ for one answer."""
+    return {"expect": answer.expect.value, "hint": answer.hint}
+
+
+def _polled(check: NextCheck) -> dict[str, Any]:
+    """The job columns a poll answer sets: its next check, and no hint left (this was the poll)."""
+    return {**next_check_values(check), "hinted_at": None}
 
 
 def _prefixed(values: Mapping[str, Any], now: float) -> dict[str, Any]:

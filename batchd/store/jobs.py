@@ -17,12 +17,12 @@ from sqlalchemy import Connection, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from batchd import lifecycle
-from batchd.models import Job, JobState, NewEvent
+from batchd.models import BatchStatus, Job, JobState, NewEvent
 from batchd.store.database import Database, StaleState, guard
 from batchd.store.deliveries import insert_events
 from batchd.store.due import IDS_PER_QUERY, refresh_due
 from batchd.store.rows import job_from_row
-from batchd.store.schema import LIVE_STATES, jobs
+from batchd.store.schema import LIVE_STATES, jobs, remote_batches
 from batchd.store.signals import Signal, bump
 from batchd.store.writes import Ending, NewJob, NextCheck, RejectedJob
 
@@ -159,6 +159,8 @@ class JobStore:
             jobs.c.due_at <= until,
             jobs.c.state.in_(in_flight),
             jobs.c.cancel_requested.is_(False),
+            # A job a provider's webhook hinted at is polled on its own at once (see `hint`).
+            jobs.c.hinted_at.is_(None),
         )
         if skip:
             query = query.where(jobs.c.id.not_in(sorted(skip)))
@@ -332,6 +334,43 @@ class JobStore:
             bump(conn, Signal.JOBS)
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
         return job_from_row(row._mapping)
+
+    def hint(self, provider_name: str, remote_id: str) -> str | None:
+        """A provider's webhook says its batch `remote_id` ended: make the job that polls it due now.
+
+        Only a batch of the provider named `provider_name`, of its job's current round, that batchd
+        still polls (the job in flight, not parked) counts; returns that job's id, else None (a
+        batch batchd does not know, or no longer polls). The job is marked hinted (`hinted_at`):
+        the scheduler then polls it with a get of its own rather than a list sweep, and a poll
+        answer read before now cannot undo the hint (PollAnswer). The event itself is never
+        believed: it only makes the poll come sooner. The jobs signal wakes whichever daemon holds
+        the job (on a shared PostgreSQL database, perhaps another one). Idempotent: a repeated
+        delivery of the same event only makes the job due now again.
+        """
+        now = self._db.now()
+        polled = (jobs.c.state.in_([s.value for s in lifecycle.IN_FLIGHT]), jobs.c.parked_at.is_(None))
+        found = (
+            select(jobs.c.id)
+            .join(remote_batches, remote_batches.c.job_id == jobs.c.id)
+            .where(
+                remote_batches.c.remote_id == remote_id,
+                remote_batches.c.round == jobs.c.round,
+                remote_batches.c.status.in_([s.value for s in BatchStatus if s.live]),
+                jobs.c.provider_name == provider_name,
+                *polled,
+            )
+        )
+        with self._db.write() as conn:
+            job_id = conn.execute(found).scalar()
+            if job_id is None:
+                return None
+            # The job may have moved on since it was found (PostgreSQL, another daemon's poll).
+            made_due = update(jobs).where(jobs.c.id == job_id, *polled)
+            if conn.execute(made_due.values(hinted_at=now, next_check_at=now, updated_at=now)).rowcount != 1:
+                return None
+            refresh_due(conn, [job_id], now)
+            bump(conn, Signal.JOBS)
+        return str(job_id)
 
     def record_source_changed(self, job_id: str, reason: str) -> Job:
         """The claimed file no longer matches what was submitted: say why (the first reason found stays)."""

@@ -131,6 +131,9 @@ jobs = Table(
     Column("cost_usd", Float),
     #: the provider's `stuck_after_s` when the last round was planned (0 or NULL: the dialect's default)
     Column("stuck_after_s", Float),
+    #: when a provider's webhook last said one of the job's batches ended (batchd/hooks): the job is
+    #: due then and polled on its own, never left for a list sweep; the poll that follows clears it
+    Column("hinted_at", Float),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_name", "name"),
 )
@@ -359,6 +362,11 @@ def _migrate_v10(conn: Connection) -> None:
     refresh_all(conn)
 
 
+def _migrate_v11(conn: Connection) -> None:
+    # Provider webhooks as poll hints: the job a hint made due, until its poll.
+    _add_column(conn, jobs, "hinted_at")
+
+
 #: Forward migrations, in order; each runs once, in its own transaction. Each later step brings a
 #: database made by an older release to the current schema and checks first, so on a database
 #: step 1 just created it does nothing.
@@ -373,6 +381,7 @@ MIGRATIONS: tuple[tuple[int, Any], ...] = (
     (8, _migrate_v8),
     (9, _migrate_v9),
     (10, _migrate_v10),
+    (11, _migrate_v11),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

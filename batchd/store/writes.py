@@ -110,8 +110,10 @@ class ShardPlan:
 class PollAnswer:
     """What the provider said of one remote batch, and the job's next check that follows.
 
-    `expect` is the job state the answer was read against: the job's part of the write applies
-    only while the job is still in it.
+    `expect` is the job state the answer was read against, `hint` the job's `hinted_at` then:
+    the write applies only while the job is still in that state with that hint. A provider's
+    webhook that arrived meanwhile (a newer hint) makes the answer stale: it may have been read
+    before the batch ended, and the hinted job is polled again at once instead.
     """
 
     record_id: int
@@ -123,6 +125,7 @@ class PollAnswer:
     answered: int | None = None
     #: the answer shows the batch moved (a new status, more answered): its stuck clock starts again
     moved: bool = False
+    hint: float | None = None
 
 
 # ---------------------------------------------------------------- webhook deliveries

@@ -112,12 +112,13 @@ async def rig(
     retry: RetryPolicy | None = None,
     sleep: Callable[[float], Awaitable[None]] | None = None,
     provider_lines: str = "",
+    polling: tuple[float, float] = (0.02, 0.1),
     config_lines: str = "",
     clock: Callable[[], float] | None = None,
 ) -> AsyncIterator[Rig]:
     """A daemon on the `kind` dialect of an emulator made with `emulator` options (and
-    `provider_lines` added to its [provider] table, `config_lines` after the config's tables;
-    `clock` the daemon's and the store's).
+    `provider_lines` added to its [provider] table, `polling` its [polling] intervals,
+    `config_lines` more tables at the end of its config; `clock` the daemon's and the store's).
 
     By default one attempt per provider call: the daemon's own step backoff is what most
     of these tests watch.
@@ -126,7 +127,8 @@ async def rig(
     config.write_text(
         f'state_dir = "state"\ndatabase_url = "{database_url(tmp_path / "state" / "batchd.db")}"\n'
         f'[provider]\nkind = "{kind}"\nbase_url = "http://127.0.0.1:1"\n{provider_lines}'
-        "[polling]\nmin_interval_s = 0.02\nmax_interval_s = 0.1\n[inbox]\nsettle_s = 0.0\n" + config_lines,
+        f"[polling]\nmin_interval_s = {polling[0]}\nmax_interval_s = {polling[1]}\n[inbox]\nsettle_s = 0.0\n"
+        + config_lines,
         encoding="utf-8",
     )
     keys = ("TOGETHER_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY")
