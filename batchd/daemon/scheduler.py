@@ -171,6 +171,7 @@ class Scheduler:
         if len(jobs) == DUE_PAGE:
             next_at = now  # a full page: more may be due; read again once these are started
         polls: list[tuple[Job, Action]] = []
+        starts: list[tuple[Job, Action]] = []
         for job in jobs:
             if job.id in self._busy or job.id in busy:
                 continue
@@ -186,8 +187,14 @@ class Scheduler:
             elif action.step is Step.POLL:
                 polls.append((job, action))
             else:
-                self._busy.add(job.id)
-                tg.start_soon(self._run_step, job, action)
+                starts.append((job, action))
+        # The downloads whose results expire first start first (they queue for their slots in
+        # this order): after a daemon was down, those are the ones that cannot wait.
+        never = float("inf")
+        starts.sort(key=lambda item: lifecycle.results_deadline(batches.get(item[0].id, [])) or never)
+        for job, action in starts:
+            self._busy.add(job.id)
+            tg.start_soon(self._run_step, job, action)
         if polls:
             # With enough jobs in flight, one list call serves every job due now or within
             # `sweep_ahead_s` (one sweep at a time: the jobs due meanwhile wait for the next);

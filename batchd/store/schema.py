@@ -148,6 +148,11 @@ remote_batches = Table(
     Column("request_count", Integer),
     Column("size_bytes", BigInteger),
     Column("sha256", String(64)),
+    #: when the provider stops keeping its results (its answer, else the dialect's retention)
+    Column("results_expire_at", Float),
+    #: what became of its files at the provider: {"input" | "output" | "errors" | "batch":
+    #: "downloaded" | "deleted" | "refused" | "expired"} (models.FileKind, models.FileFate)
+    Column("provider_files", JSON),
     Index("ix_remote_batches_job", "job_id"),
 )
 
@@ -299,6 +304,14 @@ def _migrate_v8(conn: Connection) -> None:
         index.create(conn, checkfirst=True)
 
 
+def _migrate_v11(conn: Connection) -> None:
+    # Retention (#18): when each batch's results expire, and what became of its provider files.
+    # (9 and 10 are other branches' steps of #18; each checks first, so the order they land in
+    # does not matter.)
+    for name in ("results_expire_at", "provider_files"):
+        _add_column(conn, remote_batches, name)
+
+
 #: Forward migrations, in order; each runs once, in its own transaction. Each later step brings a
 #: database made by an older release to the current schema and checks first, so on a database
 #: step 1 just created it does nothing.
@@ -311,6 +324,7 @@ MIGRATIONS: tuple[tuple[int, Any], ...] = (
     (6, _migrate_v6),
     (7, _migrate_v7),
     (8, _migrate_v8),
+    (11, _migrate_v11),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
