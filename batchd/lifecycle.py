@@ -219,14 +219,16 @@ def results_gone(status: int | None, retryable: bool, *, now: float, expires_at:
     return not retryable or failures >= GIVE_UP_AFTER_EXPIRY
 
 
-def results_deadline(batches: Sequence[RemoteBatchRecord]) -> float | None:
+def results_deadline(batches: Sequence[RemoteBatchRecord], *, after: float | None = None) -> float | None:
     """When the first of the result files still to download expires at the provider (None:
-    none is known to): the download step's backoff never waits past it (daemon/failures.py),
-    and the scheduler starts the download whose results expire first, first."""
+    none is known to), of those expiring after `after` when given: the download step's backoff
+    never waits past it (daemon/failures.py), and the scheduler starts the download whose
+    results expire first, first."""
     times = [
         b.results_expire_at
         for b in batches
         if b.results_expire_at is not None
+        and (after is None or b.results_expire_at > after)
         and b.remote_id is not None
         and any(file_id and b.fate(kind) is None for kind, file_id in _result_files(b))
     ]

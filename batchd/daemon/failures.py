@@ -52,15 +52,15 @@ async def step_failed(ctx: Context, job: Job, exc: BaseException) -> None:
         ctx.hold(job.id, ctx.clock() + ctx.policy.max_interval_s)
 
 
-async def _results_deadline(ctx: Context, job: Job) -> float | None:
-    """When the first results the job still has to download expire (None: unknown, or the
-    database cannot say now: the backoff is then not cut)."""
+async def _results_deadline(ctx: Context, job: Job, now: float) -> float | None:
+    """When the first results the job still has to download expire, of those not expired by
+    `now` (None: unknown, or the database cannot say now: the backoff is then not cut)."""
     try:
         batches = await db(ctx.store.batches.of_job, job.id)
     except Exception as read_exc:
         ctx.faults.report(STEPS, read_exc)
         return None
-    return lifecycle.results_deadline(batches)
+    return lifecycle.results_deadline(batches, after=now)
 
 
 async def _step_failed(ctx: Context, job: Job, exc: BaseException) -> None:
@@ -77,7 +77,8 @@ async def _step_failed(ctx: Context, job: Job, exc: BaseException) -> None:
     now = ctx.clock()
     if job.state is JobState.DOWNLOADING:
         # Never wait past the moment the provider lets the results go (not even for a Retry-After).
-        delay = before_deadline(delay, now=now, deadline=await _results_deadline(ctx, job), floor=policy.min_interval_s)
+        deadline = await _results_deadline(ctx, job, now)
+        delay = before_deadline(delay, now=now, deadline=deadline, floor=policy.min_interval_s)
     next_check_at = now + delay
     error = str(exc)[:2000] or type(exc).__name__
     metrics.retry(f"step.{job.state.value}")

@@ -64,10 +64,16 @@ class Finisher:
             doc = await self._merge_round(job)
             if doc is None:
                 return  # a follow-up round was planned
-        if self._ctx.provider_settings(job).delete_files == "all":
+        if self._delete_files(job) == "all":
             # Only now: job.json holds every answer of every round, durably.
             await self._delete_results(job)
         await self._finish(job, doc)
+
+    def _delete_files(self, job: Job) -> str:
+        """The job's provider's `delete_files`; "none" for a provider no longer configured (a job
+        whose job.json is written ends without it; nothing can be deleted there anyway)."""
+        settings = self._ctx.settings.provider_named(job.provider_name)
+        return settings.delete_files if settings is not None else "none"
 
     async def _merge_round(self, job: Job) -> dict[str, Any] | None:
         """Download, merge in input order; plan a follow-up round (None) or write job.json (its content)."""
@@ -107,7 +113,7 @@ class Finisher:
             job, state, merge, await db(self._ctx.store.batches.of_job, job.id), folder,
             finished_at=self._ctx.clock(), reason=reason,
             cost=estimate_cost(merge.usage, settings.pricing.get(job.model or "")), source_changed=source_changed,
-            delete_files=self._ctx.provider_settings(job).delete_files,
+            delete_files=self._delete_files(job),
         )  # fmt: skip
         await db(write_job_json, folder, doc)
         crashpoint("after_job_json")
@@ -193,7 +199,7 @@ class Finisher:
         that another live job's batch also uses (Together: the same content, the same file id)
         is left for that job to delete."""
         provider = self._ctx.provider_for(job)
-        if self._ctx.provider_settings(job).delete_files == "none" or not provider.uploads_files:
+        if self._delete_files(job) == "none" or not provider.uploads_files:
             return
         for batch in lifecycle.current_round(job, batches):
             if not batch.input_file_id or batch.fate(FileKind.INPUT) is not None:

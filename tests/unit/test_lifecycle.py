@@ -225,6 +225,9 @@ def test_the_download_deadline_is_the_first_expiry_of_a_file_not_yet_fetched() -
     first = with_results(batch("completed", "a", shard=0), NOW + 100)
     second = with_results(batch("completed", "b", shard=1), NOW + 50)
     assert lifecycle.results_deadline([first, second]) == NOW + 50
+    # What the backoff must reach: the first one not gone by now (the other may still be fetched).
+    assert lifecycle.results_deadline([first, second], after=NOW + 60) == NOW + 100
+    assert lifecycle.results_deadline([first, second], after=NOW + 100) is None
     fetched = replace(second, provider_files={"output": "downloaded", "errors": "downloaded"})
     assert lifecycle.results_deadline([first, fetched]) == NOW + 100
     half = replace(second, provider_files={"output": "downloaded"})  # its error file is still to come
