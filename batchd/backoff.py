@@ -8,7 +8,8 @@ tests draw from a seeded one and never sleep. Three schedules live here:
   uniform draw below an exponentially growing, capped ceiling (`backoff_s`), raised to the
   server's Retry-After (`retry_wait_s`);
 * a failed daemon step: doubling from the polling minimum up to the polling maximum, drawn in
-  the upper half of that ceiling (`step_delay`);
+  the upper half of that ceiling (`step_delay`); a download's never past its results' expiry
+  (`before_deadline`);
 * a webhook delivery: `[delivery] retry_delays_s` with ±10 % jitter, raised to the receiver's
   Retry-After up to a day or the longest delay (`webhook_delay`).
 """
@@ -133,6 +134,15 @@ def step_delay(
     doublings = min(max(attempts, 0), MAX_DOUBLINGS)
     ceiling = min(max_s, min_s * 2**doublings)
     return honour_retry_after(rng.uniform(ceiling / 2, ceiling), retry_after)
+
+
+def before_deadline(delay: float, *, now: float, deadline: float | None, floor: float) -> float:
+    """`delay`, cut so that the next attempt comes before `deadline` (results that expire then):
+    at most half of the time left, so each failure still leaves room for more tries, and never
+    below `floor` (no busy loop in the last moments). Without a deadline, or past it, `delay`."""
+    if deadline is None or deadline <= now:
+        return delay
+    return min(delay, max(floor, (deadline - now) / 2))
 
 
 def webhook_delay(

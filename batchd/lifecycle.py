@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from batchd.models import BatchStatus, Job, JobState, RemoteBatchRecord, RemoteStatus
+from batchd.models import BatchStatus, FileFate, FileKind, Job, JobState, RemoteBatchRecord, RemoteStatus
 
 #: When at least this many jobs are in flight, one list call serves them all instead of a get each.
 SWEEP_MIN_JOBS = 3
@@ -253,18 +253,32 @@ def polled_alone(job: Job) -> bool:
 
 
 #: Why a request ended unanswered, most significant first: when a round's batches ended
-#: differently, the unanswered requests carry the first cause that applies.
+#: differently, the unanswered requests carry the first cause that applies. Results that expired
+#: at the provider before they were downloaded (`results_expired`) come between the two groups.
 _CAUSES = (
     (BatchStatus.REFUSED, "not_submitted"),
     (BatchStatus.SKIPPED, "batch_cancelled"),
     (BatchStatus.CANCELLED, "batch_cancelled"),
+)
+_LATER_CAUSES = (
     (BatchStatus.EXPIRED, "batch_expired"),
     (BatchStatus.FAILED, "batch_failed"),
 )
+#: The code of requests whose answers expired at the provider before batchd downloaded them.
+RESULTS_EXPIRED = "results_expired"
+#: Result files, as a batch's record names them.
+RESULT_KINDS = (FileKind.OUTPUT, FileKind.ERRORS)
+
+
+def results_lost(batch: RemoteBatchRecord) -> bool:
+    """Whether some of the batch's results expired at the provider before they were downloaded."""
+    return any(batch.fate(kind) is FileFate.EXPIRED for kind in RESULT_KINDS)
 
 
 def unanswered_code(batches: Sequence[RemoteBatchRecord], cancel_requested: bool) -> str:
-    """The error code for requests the provider never answered (DESIGN §4), from the last round.
+    """The error code for requests the provider never answered (DESIGN §4), from the last round;
+    `results_expired` from any round (such requests are never resubmitted, so they stay
+    unanswered through every later round).
 
     A batch batchd cancelled as stuck counts as expired (batchd ended the wait early, as the
     window would have; such requests are resubmitted), unless the user cancelled the job.
@@ -274,6 +288,11 @@ def unanswered_code(batches: Sequence[RemoteBatchRecord], cancel_requested: bool
     last = max(b.round for b in batches)
     statuses = {_cause(b, cancel_requested) for b in batches if b.round == last}
     for status, code in _CAUSES:
+        if status in statuses:
+            return code
+    if any(results_lost(b) for b in batches):
+        return RESULTS_EXPIRED
+    for status, code in _LATER_CAUSES:
         if status in statuses:
             return code
     return "not_returned"
@@ -289,6 +308,51 @@ def _cause(batch: RemoteBatchRecord, cancel_requested: bool) -> BatchStatus:
 def cancelled_as_stuck(batch: RemoteBatchRecord) -> bool:
     """Whether batchd itself cancelled `batch` because it was stuck (and it ended cancelled)."""
     return batch.stuck_at is not None and batch.status == BatchStatus.CANCELLED
+
+
+#: A download still failing after this many attempts in a row, once its results' expiry time has
+#: passed, is given up: the results are taken as gone (a provider answering a vanished file with
+#: a passing error, a 5xx, must not be asked for ever).
+GIVE_UP_AFTER_EXPIRY = 5
+#: What a provider answers for a file it no longer has.
+GONE_STATUSES = frozenset({404, 410})
+
+
+def results_gone(status: int | None, retryable: bool, *, now: float, expires_at: float | None, failures: int) -> bool:
+    """Whether a failed download means the results are gone for good (expired at the provider).
+
+    The provider's word decides: 404 or 410 at any time (a file it gave an id for and no longer
+    has). Once the expiry time has passed, also any refusal that is not passing (a 403, say:
+    Google answers that for a file that does not exist), and a passing one on its `failures`-th
+    attempt in a row (GIVE_UP_AFTER_EXPIRY). Before it, anything else is retried as usual. The
+    expiry time alone never decides: an assumed retention may be shorter than the real one, and
+    results still there are worth one more request.
+    """
+    if status in GONE_STATUSES:
+        return True
+    if expires_at is None or now < expires_at:
+        return False
+    return not retryable or failures >= GIVE_UP_AFTER_EXPIRY
+
+
+def results_deadline(batches: Sequence[RemoteBatchRecord], *, after: float | None = None) -> float | None:
+    """When the first of the result files still to download expires at the provider (None:
+    none is known to), of those expiring after `after` when given: the download step's backoff
+    never waits past it (daemon/failures.py), and the scheduler starts the download whose
+    results expire first, first."""
+    times = [
+        b.results_expire_at
+        for b in batches
+        if b.results_expire_at is not None
+        and (after is None or b.results_expire_at > after)
+        and b.remote_id is not None
+        and any(file_id and b.fate(kind) is None for kind, file_id in _result_files(b))
+    ]
+    return min(times, default=None)
+
+
+def _result_files(batch: RemoteBatchRecord) -> tuple[tuple[FileKind, str | None], ...]:
+    return (FileKind.OUTPUT, batch.output_file_id), (FileKind.ERRORS, batch.error_file_id)
 
 
 def wants_followup(job: Job, max_rounds: int) -> bool:

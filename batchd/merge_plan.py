@@ -23,6 +23,7 @@ UNANSWERED_CODES: Mapping[str, str] = {
     "batch_failed": "the provider failed the batch before this request was answered",
     "not_submitted": "this request was never submitted to the provider",
     "not_returned": "the provider's batch ended without returning a result for this request",
+    "results_expired": "the provider no longer kept the batch's results when batchd came to download them",
 }
 
 #: Input bytes per partition. A request line takes at least ~60 bytes, so a partition holds at

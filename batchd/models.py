@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -230,6 +230,50 @@ PROVIDER_LIMITS: Mapping[str, Limits] = {
     "gemini": Limits(max_bytes=2_000 * MB, max_requests=100_000),
 }
 
+#: How long a provider keeps a batch's results, by dialect, counted from the moment each entry
+#: names: downloads are never later than that (docs/providers.md "Retention"). Where a dialect's
+#: wire says when its results expire, that wins (each dialect's `parse_batch`).
+RESULTS_KEPT: Mapping[str, timedelta] = {
+    # Anthropic documents 29 days "after creation" of the batch.
+    "anthropic": timedelta(days=29),
+    # Gemini deletes every file 48 h after it was made: the responses file is made as the batch ends.
+    "gemini": timedelta(hours=48),
+    # OpenAI: `output_expires_after` when the batch was created with one (batchd never sets it),
+    # else its default for files: 30 days from the file's creation (the batch's end).
+    "openai": timedelta(days=30),
+    # Together documents none; assumed as OpenAI's, from the batch's end (an assumption only caps
+    # backoffs and orders downloads: results are declared expired only when the provider says so
+    # or a download keeps failing after this time).
+    "together": timedelta(days=30),
+}
+
+
+class FileKind(StrEnum):
+    """What batchd keeps track of at the provider for one remote batch (`RemoteBatchRecord.provider_files`)."""
+
+    #: the uploaded input file
+    INPUT = "input"
+    #: the output file (Anthropic: the results at the batch's `results_url`)
+    OUTPUT = "output"
+    #: the error file
+    ERRORS = "errors"
+    #: the batch itself (Anthropic, whose results live in it)
+    BATCH = "batch"
+
+
+class FileFate(StrEnum):
+    """What became of one of a batch's files at the provider, as batchd recorded it."""
+
+    #: downloaded whole into the daemon's work folder: not fetched again
+    DOWNLOADED = "downloaded"
+    #: deleted at the provider by batchd (or already gone when it deleted it)
+    DELETED = "deleted"
+    #: the provider refused to delete it: logged once, not tried again
+    REFUSED = "refused"
+    #: gone at the provider before batchd downloaded it (its retention ran out)
+    EXPIRED = "expired"
+
+
 #: How much larger than the biggest batch input a request body may be: room for a multipart
 #: form's boundaries, part headers and fields around the file (the embedded backend's body cap).
 REQUEST_BODY_SLACK = 1 << 20
@@ -254,6 +298,9 @@ class RemoteBatch:
     #: total / completed / failed when the provider reports them (OpenAI)
     request_counts: Mapping[str, int] | None = None
     metadata: Mapping[str, str] | None = None
+    #: once it ended: when the provider stops keeping its results (aware, UTC), from the wire
+    #: where it says so, else from the dialect's `RESULTS_KEPT`; None before, or when unknown
+    results_expire_at: datetime | None = None
     #: the wire object as received, for the client API and for debugging
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -445,6 +492,15 @@ class RemoteBatchRecord:
     #: when batchd found the batch stuck (not running, or running without progress, past the
     #: limit) and set out to cancel it; its unanswered requests then count as expired
     stuck_at: float | None = None
+    #: unix seconds: when the provider stops keeping its results (see RemoteBatch)
+    results_expire_at: float | None = None
+    #: what became of its files at the provider: FileKind value → FileFate value
+    provider_files: Mapping[str, str] | None = None
+
+    def fate(self, kind: FileKind) -> FileFate | None:
+        """What batchd recorded of this batch's file of `kind` (None: nothing yet)."""
+        found = (self.provider_files or {}).get(kind.value)
+        return FileFate(found) if found is not None else None
 
 
 @dataclass(frozen=True)

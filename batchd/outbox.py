@@ -15,6 +15,7 @@ from typing import Any
 
 from batchd import chaos
 from batchd.durable_files import write_atomic
+from batchd.lifecycle import RESULTS_EXPIRED, results_lost
 from batchd.models import Job, JobState, RemoteBatchRecord
 from batchd.results import MergeResult
 from batchd.safe_fs import NAME_MAX, make_dirs
@@ -94,14 +95,22 @@ def iso(ts: float | None) -> str | None:
 
 def reason_for(batches: Sequence[RemoteBatchRecord], merge: MergeResult, code: str) -> str:
     """Why a job ended without every request answered, in a line."""
-    errors = [b.error for b in batches if b.error]
     text = f"{merge.unanswered} of {merge.total} requests unanswered ({code})"
+    if code == RESULTS_EXPIRED:
+        return f"{text}: " + "; ".join(_expired(b) for b in batches if results_lost(b))
+    errors = [b.error for b in batches if b.error]
     last = max((b.round for b in batches), default=0)
     stuck = [b for b in batches if b.round == last and b.stuck_at is not None]
     if stuck and code == "batch_expired":
         ids = ", ".join(str(b.remote_id) for b in stuck)
         text += f"; batchd cancelled {ids}: it did not run, or made no progress, within the stuck limit"
     return f"{text}: {errors[-1]}" if errors else text
+
+
+def _expired(batch: RemoteBatchRecord) -> str:
+    until = iso(batch.results_expire_at)
+    kept = f" (kept until {until})" if until is not None else ""
+    return f"the results of batch {batch.remote_id} expired at the provider{kept} before batchd downloaded them"
 
 
 def job_document(
@@ -115,9 +124,10 @@ def job_document(
     reason: str | None,
     cost: Mapping[str, Any] | None = None,
     source_changed: str | None = None,
+    delete_files: str | None = None,
 ) -> dict[str, Any]:
     """The content of job.json (DESIGN §4, plus `rounds`, `cost`, `reason`, `model`, `input_sha256`,
-    `source_changed`, `provider_name`, `unanswered`)."""
+    `source_changed`, `provider_name`, `unanswered`, `delete_files`)."""
     output = folder / "output.jsonl"
     errors = folder / "errors.jsonl"
     return {
@@ -146,6 +156,9 @@ def job_document(
         "cost": dict(cost) if cost else None,
         # Why the dropped file no longer matches what was submitted (it changed after it was taken).
         "source_changed": source_changed,
+        # What batchd deletes at the provider: with "all", the result files go right after this
+        # file is written (each batch's `provider_files` says what was done before).
+        "delete_files": delete_files,
     }
 
 
@@ -155,6 +168,7 @@ def _rounds(batches: Sequence[RemoteBatchRecord]) -> list[dict[str, Any]]:
     for b in batches:
         rounds.setdefault(b.round, []).append(
             {"shard": b.shard, "remote_batch_id": b.remote_id, "status": b.status, "requests": b.request_count,
-             "error": b.error, "stuck_at": iso(b.stuck_at)}
+             "error": b.error, "stuck_at": iso(b.stuck_at), "results_expire_at": iso(b.results_expire_at),
+             "provider_files": dict(b.provider_files or {})}
         )  # fmt: skip
     return [{"round": r, "batches": rounds[r]} for r in sorted(rounds)]

@@ -97,6 +97,14 @@ def job_record(job: Job, batches: Sequence[RemoteBatchRecord], now: float) -> di
     }
 
 
+def _provider_files_text(batch: dict[str, Any]) -> str:
+    """`  at provider: input deleted, output downloaded; results kept until …` (or nothing)."""
+    facts = ", ".join(f"{kind} {fate}" for kind, fate in batch["provider_files"].items())
+    until = f"results kept until {batch['results_expire_at']}" if batch["results_expire_at"] else ""
+    said = "; ".join(part for part in (facts, until) if part)
+    return f"  at provider: {said}" if said else ""
+
+
 def show_record(
     job: Job, batches: Sequence[RemoteBatchRecord], deliveries: Sequence[Delivery], now: float
 ) -> dict[str, Any]:
@@ -154,6 +162,8 @@ def show_record(
                     "output_file_id": b.output_file_id,
                     "error_file_id": b.error_file_id,
                     "error": b.error,
+                    "results_expire_at": iso(b.results_expire_at),
+                    "provider_files": dict(b.provider_files or {}),
                     "create_attempts": b.create_attempts,
                     "intent_at": iso(b.intent_at),
                     "created_at": iso(b.remote_created_at),
@@ -313,6 +323,7 @@ def show_lines(record: dict[str, Any]) -> list[str]:
             f"input {b['input_file_id']}  output {b['output_file_id'] or '-'}  errors {b['error_file_id'] or '-'}"
             + (f"  error: {b['error']}" if b["error"] else "")
             + (f"  stuck: cancelled by batchd at {b['stuck_at']}" if b.get("stuck_at") else "")
+            + _provider_files_text(b)
         )
     files = [(k, v) for k, v in r["files"].items() if v]
     for i, (kind, path) in enumerate(files):

@@ -18,11 +18,11 @@ from typing import Any
 
 import structlog
 
-from batchd import metrics
-from batchd.backoff import step_delay
+from batchd import lifecycle, metrics
+from batchd.backoff import before_deadline, step_delay
 from batchd.daemon.context import Context, db
 from batchd.faults import Kind, classify, describe
-from batchd.models import Job
+from batchd.models import Job, JobState
 from batchd.providers.errors import ProviderError
 from batchd.store import StaleState
 
@@ -52,6 +52,17 @@ async def step_failed(ctx: Context, job: Job, exc: BaseException) -> None:
         ctx.hold(job.id, ctx.clock() + ctx.policy.max_interval_s)
 
 
+async def _results_deadline(ctx: Context, job: Job, now: float) -> float | None:
+    """When the first results the job still has to download expire, of those not expired by
+    `now` (None: unknown, or the database cannot say now: the backoff is then not cut)."""
+    try:
+        batches = await db(ctx.store.batches.of_job, job.id)
+    except Exception as read_exc:
+        ctx.faults.report(STEPS, read_exc)
+        return None
+    return lifecycle.results_deadline(batches, after=now)
+
+
 async def _step_failed(ctx: Context, job: Job, exc: BaseException) -> None:
     kind = classify(exc)
     try:
@@ -63,7 +74,12 @@ async def _step_failed(ctx: Context, job: Job, exc: BaseException) -> None:
     retry_after = exc.retry_after if isinstance(exc, ProviderError) else None
     policy = ctx.policy
     delay = step_delay(attempts, policy.min_interval_s, policy.max_interval_s, ctx.rng, retry_after=retry_after)
-    next_check_at = ctx.clock() + delay
+    now = ctx.clock()
+    if job.state is JobState.DOWNLOADING:
+        # Never wait past the moment the provider lets the results go (not even for a Retry-After).
+        deadline = await _results_deadline(ctx, job, now)
+        delay = before_deadline(delay, now=now, deadline=deadline, floor=policy.min_interval_s)
+    next_check_at = now + delay
     error = str(exc)[:2000] or type(exc).__name__
     metrics.retry(f"step.{job.state.value}")
     write: Any

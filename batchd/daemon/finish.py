@@ -3,12 +3,20 @@ follow-up round for what failed for a passing reason, or the job's end and its w
 
 job.json is written (atomically) before the terminal commit; a restart between the two finds
 it and commits the end it describes instead of merging again.
+
+The provider's copies go as the provider's `delete_files` says ("inputs" by default): a round's
+uploaded inputs once its batches have all ended; with "all", the result files too (Anthropic:
+the batch, which holds them), but only once job.json is written: until then a crash may need to
+merge them again, and no later round can need them after it. A file downloaded whole is recorded
+and never fetched again; one the provider no longer has is recorded as expired, and its
+requests end unanswered (`results_expired`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,8 +28,16 @@ from batchd import chaos, lifecycle, metrics
 from batchd.crashpoints import crashpoint
 from batchd.daemon.context import Context, db
 from batchd.daemon.submit import Submitter
-from batchd.models import Job, JobState, RemoteBatchRecord
-from batchd.outbox import OUTBOX_FILES, job_document, make_outbox_folder, outbox_candidates, reason_for, write_job_json
+from batchd.models import FileFate, FileKind, Job, JobState, RemoteBatchRecord
+from batchd.outbox import (
+    OUTBOX_FILES,
+    iso,
+    job_document,
+    make_outbox_folder,
+    outbox_candidates,
+    reason_for,
+    write_job_json,
+)
 from batchd.pricing import estimate_cost
 from batchd.providers.base import ProviderError
 from batchd.request_rules import id_key
@@ -48,7 +64,16 @@ class Finisher:
             doc = await self._merge_round(job)
             if doc is None:
                 return  # a follow-up round was planned
+        if self._delete_files(job) == "all":
+            # Only now: job.json holds every answer of every round, durably.
+            await self._delete_results(job)
         await self._finish(job, doc)
+
+    def _delete_files(self, job: Job) -> str:
+        """The job's provider's `delete_files`; "none" for a provider no longer configured (a job
+        whose job.json is written ends without it; nothing can be deleted there anyway)."""
+        settings = self._ctx.settings.provider_named(job.provider_name)
+        return settings.delete_files if settings is not None else "none"
 
     async def _merge_round(self, job: Job) -> dict[str, Any] | None:
         """Download, merge in input order; plan a follow-up round (None) or write job.json (its content)."""
@@ -57,6 +82,8 @@ class Finisher:
         work = self._ctx.work_dir(job)
         answers = await self._download(job, batches, work)
         crashpoint("after_download")
+        # Read again: the download recorded what it fetched, and what had expired.
+        batches = await db(self._ctx.store.batches.of_job, job.id)
         await self._delete_inputs(job, batches)
         # Reserved in the database, then created: a restart finds the reservation and reuses it.
         candidates = outbox_candidates(settings.outbox_dir, job.name, job.id)
@@ -84,8 +111,10 @@ class Finisher:
         if state != JobState.COMPLETED and reason is None:
             reason = reason_for(batches, merge, code)
         doc = job_document(
-            job, state, merge, batches, folder, finished_at=self._ctx.clock(), reason=reason,
+            job, state, merge, await db(self._ctx.store.batches.of_job, job.id), folder,
+            finished_at=self._ctx.clock(), reason=reason,
             cost=estimate_cost(merge.usage, settings.pricing.get(job.model or "")), source_changed=source_changed,
+            delete_files=self._delete_files(job),
         )  # fmt: skip
         await db(write_job_json, folder, doc)
         crashpoint("after_job_json")
@@ -115,34 +144,103 @@ class Finisher:
         await anyio.Path(work).mkdir(parents=True, exist_ok=True)
         answers: list[Path] = []
         for batch in batches:
-            for kind, file_id in (("output", batch.output_file_id), ("errors", batch.error_file_id)):
+            for kind, file_id in ((FileKind.OUTPUT, batch.output_file_id), (FileKind.ERRORS, batch.error_file_id)):
                 if batch.remote_id and file_id:
-                    dest = _answer_path(work, batch, kind)
-                    chaos.file_fault(dest)
-                    size = await self._ctx.provider_for(job).download_file(file_id, dest)
-                    if await db(truncated_tail, dest):
-                        # A body that ended mid-line although its length looked right: fetch it whole again.
-                        await anyio.Path(dest).unlink()
-                        raise ProviderError(f"{file_id} arrived cut off mid-line", retryable=True)
-                    log.info("job.downloaded", job_id=job.id, file_id=file_id, bytes=size)
-                    answers.append(dest)
+                    dest = _answer_path(work, batch, kind.value)
+                    if await self._fetch(job, batch, kind, file_id, dest):
+                        answers.append(dest)
         return answers
 
+    async def _fetch(self, job: Job, batch: RemoteBatchRecord, kind: FileKind, file_id: str, dest: Path) -> bool:
+        """One result file into `dest`; False when there is nothing to merge (it expired first)."""
+        fate = batch.fate(kind)
+        if fate is FileFate.EXPIRED:
+            return False
+        if fate is not None and await anyio.Path(dest).exists():
+            # Fetched whole before (an earlier round's, or before a crash): never asked for again,
+            # from a provider that may have let it go since.
+            return True
+        chaos.file_fault(dest)
+        try:
+            size = await self._ctx.provider_for(job).download_file(file_id, dest)
+        except ProviderError as exc:
+            gone = lifecycle.results_gone(
+                exc.status_code, exc.retryable, now=self._ctx.clock(), expires_at=batch.results_expire_at,
+                failures=job.attempts + 1,
+            )  # fmt: skip
+            if not gone:
+                raise
+            await self._results_expired(job, batch, kind, dest, exc)
+            return False
+        if await db(truncated_tail, dest):
+            # A body that ended mid-line although its length looked right: fetch it whole again.
+            await anyio.Path(dest).unlink()
+            raise ProviderError(f"{file_id} arrived cut off mid-line", retryable=True)
+        await db(self._ctx.store.batches.note_files, batch.id, {kind: FileFate.DOWNLOADED})
+        log.info("job.downloaded", job_id=job.id, file_id=file_id, bytes=size)
+        return True
+
+    async def _results_expired(
+        self, job: Job, batch: RemoteBatchRecord, kind: FileKind, dest: Path, exc: ProviderError
+    ) -> None:
+        """The provider no longer has a result file: recorded (never asked for again), and its
+        requests end unanswered (`results_expired`); a prefix fetched before is dropped."""
+        await anyio.Path(dest).unlink(missing_ok=True)
+        await db(self._ctx.store.batches.note_files, batch.id, {kind: FileFate.EXPIRED})
+        log.warning(
+            "job.results_expired", job_id=job.id, remote_batch_id=batch.remote_id, kind=kind.value,
+            expires_at=iso(batch.results_expire_at), error=exc.message,
+        )  # fmt: skip
+
     async def _delete_inputs(self, job: Job, batches: list[RemoteBatchRecord]) -> None:
-        """Delete at the provider the files this round uploaded, where the provider wants it (Gemini
-        counts them against a quota for 48 h). Best effort: a delete that fails is logged, once,
-        and never holds the job up; a round ended again after a crash deletes again (one already
-        gone counts as deleted)."""
+        """Delete at the provider the files this round uploaded, unless `delete_files` is "none":
+        its batches have all ended, and nothing reads them again. Best effort (`_delete`); one
+        that another live job's batch also uses (Together: the same content, the same file id)
+        is left for that job to delete."""
         provider = self._ctx.provider_for(job)
-        if not provider.deletes_inputs:
+        if self._delete_files(job) == "none" or not provider.uploads_files:
             return
         for batch in lifecycle.current_round(job, batches):
-            if not batch.input_file_id or not batch.remote_id:
+            if not batch.input_file_id or batch.fate(FileKind.INPUT) is not None:
                 continue
-            try:
-                await provider.delete_file(batch.input_file_id)
-            except ProviderError as exc:
-                log.warning("job.input_not_deleted", job_id=job.id, file_id=batch.input_file_id, error=exc.message)
+            if await db(self._ctx.store.batches.input_shared, batch.input_file_id, job.id):
+                log.info("job.input_kept", job_id=job.id, file_id=batch.input_file_id, reason="another job uses it")
+                continue
+            await self._delete(job, batch, FileKind.INPUT, batch.input_file_id, provider.delete_file)
+
+    async def _delete_results(self, job: Job) -> None:
+        """Delete at the provider every result file the job downloaded (Anthropic: each ended
+        batch, which holds the results). Best effort (`_delete`)."""
+        provider = self._ctx.provider_for(job)
+        for batch in await db(self._ctx.store.batches.of_job, job.id):
+            if not batch.remote_id:
+                continue
+            if provider.uploads_files:
+                for kind, file_id in ((FileKind.OUTPUT, batch.output_file_id), (FileKind.ERRORS, batch.error_file_id)):
+                    if file_id and batch.fate(kind) is FileFate.DOWNLOADED:
+                        await self._delete(job, batch, kind, file_id, provider.delete_file)
+            elif batch.fate(FileKind.BATCH) is None and _results_taken(batch):
+                await self._delete(job, batch, FileKind.BATCH, batch.remote_id, provider.delete_batch)
+
+    async def _delete(
+        self, job: Job, batch: RemoteBatchRecord, kind: FileKind, target: str, delete: Callable[[str], Awaitable[None]]
+    ) -> None:
+        """Delete one thing at the provider and record that it is gone. A refusal is logged once
+        and recorded (never tried again); a passing failure that outlasted the call's retries is
+        logged and not recorded. Neither holds the job up nor fails it."""
+        try:
+            await delete(target)
+        except ProviderError as exc:
+            log.warning(
+                "job.file_not_deleted", job_id=job.id, remote_batch_id=batch.remote_id, kind=kind.value,
+                file_id=target, status=exc.status_code, error=exc.message,
+            )  # fmt: skip
+            if exc.retryable:
+                return
+            fate = FileFate.REFUSED
+        else:
+            fate = FileFate.DELETED
+        await db(self._ctx.store.batches.note_files, batch.id, {kind: fate})
 
     async def _finish(self, job: Job, doc: dict[str, Any]) -> None:
         """The terminal transition and its webhook events, in one transaction."""
@@ -198,6 +296,13 @@ def _finished_document(job: Job) -> dict[str, Any] | None:
         return None
     # job.json is written atomically, so it is whole; it only has to be this job's.
     return doc if doc.get("id") == job.id else None
+
+
+def _results_taken(batch: RemoteBatchRecord) -> bool:
+    """Whether an Anthropic batch has ended and its results were fetched (or had expired)."""
+    ended = batch.status.remote is not None and batch.status.remote.terminal
+    taken = batch.fate(FileKind.OUTPUT) in (FileFate.DOWNLOADED, FileFate.EXPIRED) or not batch.output_file_id
+    return ended and taken
 
 
 def _timestamp(text: str) -> float:

@@ -178,6 +178,7 @@ class Scheduler:
         if len(jobs) == DUE_PAGE:
             next_at = now  # a full page: more may be due; read again once these are started
         polls: list[tuple[Job, Action]] = []
+        starts: list[tuple[Job, Action]] = []
         for job in jobs:
             if job.id in self._busy or job.id in busy:
                 continue
@@ -193,8 +194,14 @@ class Scheduler:
             elif action.step is Step.POLL:
                 polls.append((job, action))
             else:
-                self._busy.add(job.id)
-                tg.start_soon(self._run_step, job, action)
+                starts.append((job, action))
+        # The downloads whose results expire first start first (they queue for their slots in
+        # this order): after a daemon was down, those are the ones that cannot wait.
+        never = float("inf")
+        starts.sort(key=lambda item: lifecycle.results_deadline(batches.get(item[0].id, [])) or never)
+        for job, action in starts:
+            self._busy.add(job.id)
+            tg.start_soon(self._run_step, job, action)
         for poll in [p for p in polls if lifecycle.polled_alone(p[0])]:
             # A provider's webhook said its batch ended: a get of its own now, never left for a
             # sweep (each in its own round, so that several hinted at once are asked side by side).

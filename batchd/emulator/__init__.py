@@ -242,6 +242,15 @@ every other route (see Auth).
     /_emulator/upload/*`) too. Answers `{"faults": [...pending]}` plus
     `"random"` and `"latency_s"` when set. `GET` lists them; `DELETE` clears
     all three kinds.
+`POST /_emulator/expire_results` with `{"batch_id": "<id>"}`
+    Makes a finished batch's results expire, as the services' retention
+    does (Anthropic 29 days, Gemini's 48-hour files, OpenAI's `expires_at`):
+    its output and error files are deleted, the batch stays and still names
+    them, so fetching them answers 404 in its dialect (Anthropic's
+    `results_url` too; a Gemini inline batch then shows no responses). A
+    Gemini batch may be named `batches/<id>`. Answers `{"batch_id",
+    "expired": [file ids]}`; 404 for an unknown batch, 409 for one that has
+    not ended.
 `GET /_emulator/stats`
     `{"batch_creates": [{"id", "input_file_id", "created_at"}, ...],
     "requests": {"POST /v1/batches": n, ...}, "faults_served": {"total": n,
@@ -309,6 +318,10 @@ Together routes (SDK base URL `http://host:port`)
 * `POST /v1/files/{id}/preprocess` → FileResponse with `Processed: true`.
 * `GET /v1/files`, `GET /v1/files/{id}`, `GET /v1/files/{id}/content`
   (streamed, `Content-Length`, `Range: bytes=N-` → 206 with `Content-Range`).
+* `DELETE /v1/files/{id}` → `{"id", "object": "file", "deleted": true}` (404 for
+  a file it does not have); the file leaves `GET /v1/files` and its content
+  answers 404. The input file of a batch that has not ended is refused (400:
+  the worker still reads it), through either dialect.
 * `POST /v1/batches` → 201 `{"job": BatchJob, "warning": null}`;
   `GET /v1/batches/{id}`; `GET /v1/batches` (a bare array, newest first);
   `POST /v1/batches/{id}/cancel`. Upper-case statuses; FINALIZING shows as
@@ -325,7 +338,8 @@ OpenAI routes (SDK base URL `http://host:port/openai/v1`)
   `batch_output`; files uploaded through Together show purpose `batch`.
 * `GET /openai/v1/files` (`purpose`, `limit` 1–10,000, `after`, `order`),
   `GET /openai/v1/files/{id}`, `GET /openai/v1/files/{id}/content`
-  (streamed, `Range` as above).
+  (streamed, `Range` as above), `DELETE /openai/v1/files/{id}` → FileDeleted
+  `{"id", "object": "file", "deleted": true}` (404 `No such File object`).
 * `POST /openai/v1/batches` `{"input_file_id", "endpoint",
   "completion_window": "24h", "metadata"?, "output_expires_after"?}` → the
   Batch itself; `metadata` (at most 16 string pairs, keys ≤ 64 and values

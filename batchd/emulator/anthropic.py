@@ -6,7 +6,9 @@ is `in_progress`, `canceling` or `ended` with `request_counts` saying what happe
 RFC 3339, lists page with `after_id` / `before_id` (newest first), the results are a JSONL
 stream at the batch's absolute `results_url`, and every error is `{"type": "error", "error":
 {"type", "message"}}`. The key comes as `x-api-key` or as a bearer token (app.py), and an
-`anthropic-version` header is required, as the real API requires it.
+`anthropic-version` header is required, as the real API requires it. `DELETE …/batches/{id}`
+answers `{"id", "type": "message_batch_deleted"}` once the batch has ended (400 before: cancel it
+first) and takes its request lines and results with it.
 
 The batch is the same dialect-neutral record as the others' (`state.py`): the create turns its
 requests into an input file of the emulator's own lines (`{"custom_id", "method", "url":
@@ -281,19 +283,39 @@ def anthropic_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) ->
         log.info("emulator.batch.cancel_requested", batch_id=batch.id, status=batch.status.value)
         return JSONResponse(batch_json(batch, base_url(request)))
 
+    async def delete_batch(request: Request) -> Response:
+        batch = found(request)
+        if isinstance(batch, Response):
+            return batch
+        if not batch.status.terminal:
+            message = f"Message batch {batch.id} has not ended yet; cancel it first to delete it"
+            return anthropic_error(400, message)
+        await state.delete_batch(batch.id)
+        # Its request lines and results go with it: nothing can reach them any more.
+        for file_id in (batch.input_file_id, batch.output_file_id, batch.error_file_id):
+            if file_id is not None:
+                await state.delete_file(file_id)
+        log.info("emulator.batch.deleted", batch_id=batch.id)
+        return JSONResponse({"id": batch.id, "type": "message_batch_deleted"})
+
     async def results(request: Request) -> Response:
         batch = found(request)
         if isinstance(batch, Response):
             return batch
         if not batch.status.terminal:
             return anthropic_error(404, f"The results of message batch {batch.id} are not available until it has ended")
-        paths = [state.content_path(f) for f in (batch.output_file_id, batch.error_file_id) if f is not None]
+        kept = [f for f in (batch.output_file_id, batch.error_file_id) if f is not None]
+        if any(state.file(f) is None for f in kept):
+            # Expired (`/_emulator/expire_results`): the batch is still shown, its results no longer.
+            return anthropic_error(404, f"The results of message batch {batch.id} have expired")
+        paths = [state.content_path(f) for f in kept]
         return StreamingResponse(_concatenated(paths), media_type="application/binary")
 
     return [
         Route(BATCHES, create_batch, methods=["POST"]),
         Route(BATCHES, list_batches, methods=["GET"]),
         Route(f"{BATCHES}/{{batch_id}}", get_batch, methods=["GET"]),
+        Route(f"{BATCHES}/{{batch_id}}", delete_batch, methods=["DELETE"]),
         Route(f"{BATCHES}/{{batch_id}}/cancel", cancel_batch, methods=["POST"]),
         Route(f"{BATCHES}/{{batch_id}}/results", results, methods=["GET"]),
     ]

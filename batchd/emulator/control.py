@@ -258,8 +258,29 @@ def control_routes(control: Control, state: EmulatorState) -> list[Route]:
             control.hooks.clear()
         return JSONResponse(control.hooks.describe())
 
+    async def expire_results(request: Request) -> Response:
+        try:
+            spec = await read_json(request)
+        except ValueError as exc:
+            return JSONResponse(openai_error_body(400, f"bad request: {exc}"), status_code=400)
+        raw = spec.get("batch_id") if isinstance(spec, dict) else None
+        # Gemini's batches are named `batches/<id>`; the others by their id alone.
+        batch = state.batch(raw.removeprefix("batches/")) if isinstance(raw, str) else None
+        if batch is None:
+            return JSONResponse(openai_error_body(404, f"no batch {raw!r}"), status_code=404)
+        if not batch.status.terminal:
+            message = f"batch {batch.id} has not ended: it has no results to expire yet"
+            return JSONResponse(openai_error_body(409, message), status_code=409)
+        # The batch keeps naming its result files: fetching them answers 404 from now on.
+        expired = [f for f in (batch.output_file_id, batch.error_file_id) if f is not None and state.file(f)]
+        for file_id in expired:
+            await state.delete_file(file_id)
+        log.info("emulator.results_expired", batch_id=batch.id, files=expired)
+        return JSONResponse({"batch_id": batch.id, "expired": expired})
+
     return [
         Route("/_emulator/queue", queue, methods=["GET", "POST"]),
+        Route("/_emulator/expire_results", expire_results, methods=["POST"]),
         Route("/_emulator/pause", pause, methods=["POST"]),
         Route("/_emulator/resume", resume, methods=["POST"]),
         Route("/_emulator/faults", faults, methods=["GET", "POST", "DELETE"]),

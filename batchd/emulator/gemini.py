@@ -144,6 +144,8 @@ def gemini_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) -> li
             return None
         if batch.source_file_id is not None:
             return {"responsesFile": f"files/{batch.output_file_id}"}
+        if state.file(batch.output_file_id) is None:
+            return None  # expired (`/_emulator/expire_results`): the responses are gone
         results = state.content_path(batch.output_file_id)
         lines = state.content_path(batch.input_file_id)
         responses = await anyio.to_thread.run_sync(inline_responses, lines, results)

@@ -259,6 +259,17 @@ def openai_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) -> li
             return not_found("File", file_id)
         return JSONResponse(file_json(record))
 
+    async def delete_file(request: Request) -> Response:
+        file_id = request.path_params["file_id"]
+        if state.file(file_id) is None:
+            return not_found("File", file_id)
+        reader = state.reader_of(file_id)
+        if reader is not None:
+            return openai_error(400, f"File {file_id} is the input of batch {reader.id}, which has not ended")
+        await state.delete_file(file_id)
+        log.info("emulator.file.deleted", file_id=file_id)
+        return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+
     async def file_content(request: Request) -> Response:
         file_id = request.path_params["file_id"]
         record = state.file(file_id)
@@ -355,6 +366,7 @@ def openai_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) -> li
         Route(f"{PREFIX}/files", create_file, methods=["POST"]),
         Route(f"{PREFIX}/files", list_files, methods=["GET"]),
         Route(f"{PREFIX}/files/{{file_id}}", get_file, methods=["GET"]),
+        Route(f"{PREFIX}/files/{{file_id}}", delete_file, methods=["DELETE"]),
         Route(f"{PREFIX}/files/{{file_id}}/content", file_content, methods=["GET"]),
         Route(f"{PREFIX}/batches", create_batch, methods=["POST"]),
         Route(f"{PREFIX}/batches", list_batches, methods=["GET"]),

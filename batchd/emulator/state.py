@@ -342,6 +342,11 @@ class EmulatorState:
                 await anyio.to_thread.run_sync(_unlink_durably, meta)
                 await anyio.to_thread.run_sync(_unlink_durably, self.content_path(file_id))
 
+    def reader_of(self, file_id: str) -> StoredBatch | None:
+        """The unfinished batch that still reads this file as its input, if any: its worker streams
+        the requests from it until the batch ends, so the file may not go before."""
+        return next((b for b in self._batches.values() if b.input_file_id == file_id and not b.status.terminal), None)
+
     async def install_content(self, record: StoredFile, tmp: Path) -> None:
         """Move fsynced content from tmp/ into place, then save the metadata that points at it."""
         await anyio.to_thread.run_sync(install_file, tmp, self.content_path(record.id))

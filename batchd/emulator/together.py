@@ -192,6 +192,17 @@ def together_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) -> 
             return file_error(404, "file not found", code="file_not_found")
         return JSONResponse(file_json(record))
 
+    async def delete_file(request: Request) -> Response:
+        file_id = request.path_params["file_id"]
+        if state.file(file_id) is None:
+            return file_error(404, "file not found", code="file_not_found")
+        reader = state.reader_of(file_id)
+        if reader is not None:
+            return file_error(400, f"the file is the input of batch {reader.id}, which has not ended")
+        await state.delete_file(file_id)
+        log.info("emulator.file.deleted", file_id=file_id)
+        return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+
     async def file_content(request: Request) -> Response:
         record = state.file(request.path_params["file_id"])
         if record is None:
@@ -270,6 +281,7 @@ def together_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) -> 
         Route("/v1/files", create_file, methods=["POST"]),
         Route("/v1/files", list_files, methods=["GET"]),
         Route("/v1/files/{file_id}", get_file, methods=["GET"]),
+        Route("/v1/files/{file_id}", delete_file, methods=["DELETE"]),
         Route("/v1/files/{file_id}/preprocess", preprocess, methods=["POST"]),
         Route("/v1/files/{file_id}/content", file_content, methods=["GET"]),
         Route("/v1/batches", create_batch, methods=["POST"]),

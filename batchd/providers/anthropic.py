@@ -33,7 +33,7 @@ from batchd.jsonl import strip_eol
 from batchd.models import BatchEndpoint, RemoteBatch, RemoteFile, RemoteStatus
 from batchd.providers.errors import ProviderError
 from batchd.providers.http import HttpProvider
-from batchd.providers.wire import parse_time
+from batchd.providers.wire import kept_until, parse_time
 
 log = structlog.get_logger(__name__)
 
@@ -87,14 +87,18 @@ def parse_batch(obj: Mapping[str, Any]) -> RemoteBatch:
         "failed": sum(counts.get(key, 0) for key in ("errored", "canceled", "expired")),
     }
     results_url = obj.get("results_url")
+    status = _status(obj, batch_id)
+    created = parse_time(obj.get("created_at"))
     return RemoteBatch(
         id=batch_id,
-        status=_status(obj, batch_id),
+        status=status,
         input_file_id="",
         endpoint=BatchEndpoint.MESSAGES,
-        created_at=parse_time(obj.get("created_at")),
+        created_at=created,
         output_file_id=results_url if isinstance(results_url, str) and results_url else None,
         request_counts={**counts, **summary} if counts else None,
+        # Anthropic keeps the results 29 days from the batch's creation.
+        results_expire_at=kept_until(created, "anthropic") if status.terminal else None,
         raw=dict(obj),
     )
 
@@ -140,6 +144,8 @@ class AnthropicProvider(HttpProvider):
     default_base_url = DEFAULT_BASE_URL
     #: no input file, no metadata: a lost create is found by request count and creation time
     identifies_creates = False
+    #: the requests travel inline and the results live in the batch: `delete_batch` deletes them
+    uploads_files = False
 
     def _auth(self) -> dict[str, str]:
         return {"x-api-key": self._api_key, "anthropic-version": API_VERSION}
@@ -162,7 +168,17 @@ class AnthropicProvider(HttpProvider):
         size = (await anyio.Path(path).stat()).st_size
         return RemoteFile(id=f"{INLINE_PREFIX}{sha256}", filename=filename, bytes=size, purpose="inline")
 
+    async def delete_file(self, file_id: str) -> None:
+        """Nothing to delete: Anthropic stores no file of batchd's (see `delete_batch`)."""
+        raise ProviderError("anthropic: there are no files to delete; an ended batch is deleted with its results")
+
     # -- batches -----------------------------------------------------------
+
+    async def delete_batch(self, batch_id: str) -> None:
+        """Delete an ended batch and its results (retried); one already gone counts as deleted.
+        Anthropic refuses a batch that has not ended."""
+        await self._delete(f"{BATCHES}/{quote(batch_id, safe='')}", "anthropic.delete_batch")
+        log.info("provider.delete_batch", remote_batch_id=batch_id)
 
     async def create_batch(
         self,

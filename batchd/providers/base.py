@@ -28,9 +28,11 @@ class Provider(Protocol):
     #: its metadata): a lost create is then found again by those; else (Anthropic) only by its
     #: request count and creation time (daemon/submit.py)
     identifies_creates: bool
-    #: whether the daemon deletes a round's uploaded inputs once its batches ended (Gemini: its
-    #: uploads count against a project quota for 48 h); `delete_file` does it
-    deletes_inputs: bool
+    #: whether the requests go up as a file and the results come back as files, each deleted by
+    #: `delete_file` (Together, OpenAI, Gemini, the local backend); else (Anthropic) the requests
+    #: travel inline and the results live in the batch, deleted with it by `delete_batch`. What
+    #: the daemon deletes is the provider's `delete_files` setting (daemon/finish.py).
+    uploads_files: bool
 
     async def upload_file(self, path: Path, *, filename: str, sha256: str) -> str:
         """Upload a batch input file; return the provider's file id.
@@ -67,7 +69,14 @@ class Provider(Protocol):
         ...
 
     async def delete_file(self, file_id: str) -> None:
-        """Delete an uploaded file; one already gone counts as deleted (only where `deletes_inputs`)."""
+        """Delete a file at the provider (an uploaded input, a result file), retried while the
+        provider's answer is passing; one already gone (404) counts as deleted. A refusal raises
+        ProviderError. Only where `uploads_files`."""
+        ...
+
+    async def delete_batch(self, batch_id: str) -> None:
+        """Delete an ended batch, and the results it holds, at the provider (retried as
+        `delete_file`; 404 counts as deleted). Only where not `uploads_files` (Anthropic)."""
         ...
 
     async def get_batch(self, batch_id: str) -> RemoteBatch: ...

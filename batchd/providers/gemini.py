@@ -16,8 +16,8 @@ from the OpenAI-format dialects, and how it fits the `Provider` protocol:
   counts as strings. A SUCCEEDED batch may hold error lines: each line decides (the merge).
 * Ids are Google's resource names (`batches/…`, `files/…`), used as they are in paths; a name
   that is not of that form is refused before it reaches a URL.
-* Gemini keeps an uploaded file 48 h against a 20 GB project quota, so `deletes_inputs` is set:
-  the daemon deletes a round's inputs once its batches have ended (`delete_file`).
+* Gemini keeps a file (an upload, a batch's responses file) 48 h, uploads against a 20 GB
+  project quota: `delete_file` deletes one (`files/…`), as the provider's `delete_files` says.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from batchd import chaos
 from batchd.models import BatchEndpoint, RemoteBatch, RemoteFile, RemoteStatus
 from batchd.providers.errors import ProviderError
 from batchd.providers.http import HttpProvider
-from batchd.providers.wire import body_json, error_from_response, parse_time, transport_error
+from batchd.providers.wire import body_json, error_from_response, kept_until, parse_time, transport_error
 
 log = structlog.get_logger(__name__)
 
@@ -149,9 +149,12 @@ def parse_batch(obj: Mapping[str, Any]) -> RemoteBatch:
     job_id = display[len(DISPLAY_PREFIX) :] if isinstance(display, str) and display.startswith(DISPLAY_PREFIX) else ""
     source = _first(_mapping(_first(batch, "inputConfig", "input_config", "src")), "fileName", "file_name")
     error = obj.get("error")
+    status = _state(batch.get("state"), name)
+    # The responses file is made as the batch ends, and Gemini deletes every file 48 h after.
+    ended = parse_time(_first(batch, "endTime", "end_time", "updateTime", "update_time")) if status.terminal else None
     return RemoteBatch(
         id=name,
-        status=_state(batch.get("state"), name),
+        status=status,
         input_file_id=source if isinstance(source, str) else "",
         endpoint=BatchEndpoint.GENERATE_CONTENT,
         created_at=parse_time(_first(batch, "createTime", "create_time")),
@@ -159,6 +162,7 @@ def parse_batch(obj: Mapping[str, Any]) -> RemoteBatch:
         error=str(error.get("message") or error) if isinstance(error, Mapping) else None,
         request_counts=_counts(_mapping(_first(batch, "batchStats", "batch_stats"))),
         metadata={JOB_ID_KEY: job_id} if job_id else None,
+        results_expire_at=kept_until(ended, "gemini"),
         raw=dict(obj),
     )
 
@@ -196,7 +200,6 @@ class GeminiProvider(HttpProvider):
 
     dialect = "gemini"
     default_base_url = DEFAULT_BASE_URL
-    deletes_inputs = True
 
     @staticmethod
     def normalise_base_url(url: str) -> str:
@@ -269,18 +272,8 @@ class GeminiProvider(HttpProvider):
             raise error_from_response(response, what)
         return body_json(response, what)
 
-    async def delete_file(self, file_id: str) -> None:
-        """Delete an uploaded file (retried); one already gone counts as deleted."""
-        what = "gemini.delete_file"
-        name = resource_name(file_id, _FILE_NAME, what)
-
-        async def once() -> None:
-            response = await self._request("DELETE", f"/{VERSION}/{name}", what=what)
-            if response.status_code not in (200, 204, 404):
-                raise error_from_response(response, what)
-
-        await self._retried(once, what)
-        log.info("provider.delete_file", file_id=name)
+    def _file_path(self, file_id: str) -> str:
+        return f"/{VERSION}/{resource_name(file_id, _FILE_NAME, 'gemini.delete_file')}"
 
     # -- batches -------------------------------------------------------------
 

@@ -86,8 +86,8 @@ class HttpProvider:
     default_base_url = ""
     #: a listed batch names its input file (and, with metadata, batchd's job): see Provider
     identifies_creates = True
-    #: the daemon deletes a round's inputs once its batches ended (see Provider)
-    deletes_inputs = False
+    #: requests go up as a file, results come back as files (see Provider)
+    uploads_files = True
 
     @staticmethod
     def normalise_base_url(url: str) -> str:
@@ -295,9 +295,31 @@ class HttpProvider:
             )
         return code, body
 
+    # -- deletes -------------------------------------------------------------
+
+    def _file_path(self, file_id: str) -> str:
+        """Where a file is deleted (each dialect with files says)."""
+        raise NotImplementedError
+
     async def delete_file(self, file_id: str) -> None:
-        """Only a dialect with `deletes_inputs` deletes files (#18 brings the others' deletes)."""
-        raise ProviderError(f"{self.dialect}: batchd does not delete this provider's files")
+        """Delete a file (retried while the answer is passing); one already gone counts as deleted."""
+        await self._delete(self._file_path(file_id), self._what("delete_file"))
+        log.info("provider.delete_file", file_id=file_id)
+
+    async def delete_batch(self, batch_id: str) -> None:
+        """A dialect with files deletes those, never its batches (see Provider)."""
+        raise ProviderError(f"{self.dialect}: batchd deletes this provider's files, not its batches")
+
+    async def _delete(self, path: str, what: str) -> None:
+        """DELETE `path`: 200 or 204, and 404 (gone already: a repeat after a crash) are success;
+        a passing refusal (429, 5xx, the network) is retried, any other raises at once."""
+
+        async def once() -> None:
+            response = await self._request("DELETE", path, what=what)
+            if response.status_code not in (200, 204, 404):
+                raise error_from_response(response, what)
+
+        await self._retried(once, what)
 
     # -- download ----------------------------------------------------------
 

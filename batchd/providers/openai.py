@@ -18,13 +18,14 @@ from urllib.parse import quote
 import anyio
 import structlog
 
-from batchd.models import RemoteBatch, RemoteFile
+from batchd.models import RemoteBatch, RemoteFile, RemoteStatus
 from batchd.providers.http import HttpProvider
 from batchd.providers.transfer import MultipartUpload
 from batchd.providers.wire import (
     batch_identity,
     body_json,
     error_from_response,
+    kept_until,
     optional_id,
     parse_time,
     remote_file,
@@ -93,6 +94,22 @@ def _metadata(value: Any) -> dict[str, str] | None:
     return {str(key): str(item) for key, item in value.items() if item is not None}
 
 
+#: Where an ended Batch says when it ended, by status (its result files are made then).
+_END_TIMES = ("completed_at", "failed_at", "expired_at", "cancelled_at")
+
+
+def results_expire_at(obj: Mapping[str, Any], status: RemoteStatus) -> datetime | None:
+    """When an ended batch's result files expire: `output_expires_after.seconds` after they were
+    made (the batch's end), when the batch shows the policy it was created with; else OpenAI's
+    default retention of files (models.RESULTS_KEPT)."""
+    if not status.terminal:
+        return None
+    ended = next((t for key in _END_TIMES if (t := parse_time(obj.get(key))) is not None), None)
+    policy = obj.get("output_expires_after")
+    seconds = policy.get("seconds") if isinstance(policy, Mapping) else None
+    return kept_until(ended, "openai", seconds)
+
+
 def parse_batch(obj: Mapping[str, Any]) -> RemoteBatch:
     """An OpenAI Batch as sent on the wire → RemoteBatch (raises ProviderError if malformed)."""
     batch_id, remote_status = batch_identity(obj, "Batch")
@@ -107,6 +124,7 @@ def parse_batch(obj: Mapping[str, Any]) -> RemoteBatch:
         error=errors_text(obj.get("errors")),
         request_counts=_request_counts(obj.get("request_counts")),
         metadata=_metadata(obj.get("metadata")),
+        results_expire_at=results_expire_at(obj, remote_status),
         raw=dict(obj),
     )
 
@@ -123,7 +141,10 @@ class OpenAIProvider(HttpProvider):
     normalise_base_url = staticmethod(normalise_base_url)
 
     def _content_path(self, file_id: str) -> str:
-        return f"/files/{quote(file_id, safe='')}/content"
+        return f"{self._file_path(file_id)}/content"
+
+    def _file_path(self, file_id: str) -> str:
+        return f"/files/{quote(file_id, safe='')}"
 
     # -- files -------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from batchd.providers.wire import (
     error_text,
     is_wanted,
     json_or_none,
+    kept_until,
     optional_id,
     parse_time,
     remote_file,
@@ -54,6 +55,7 @@ def parse_batch_job(obj: Mapping[str, Any]) -> RemoteBatch:
     """A Together BatchJob as sent on the wire → RemoteBatch (raises ProviderError if malformed)."""
     batch_id, remote_status = batch_identity(obj, "BatchJob")
     progress = obj.get("progress")
+    ended = parse_time(obj.get("completed_at")) if remote_status.terminal else None
     return RemoteBatch(
         id=batch_id,
         status=remote_status,
@@ -64,6 +66,8 @@ def parse_batch_job(obj: Mapping[str, Any]) -> RemoteBatch:
         error_file_id=optional_id(obj.get("error_file_id")),
         error=error_text(obj.get("error")),
         progress=float(progress) if isinstance(progress, int | float) and not isinstance(progress, bool) else None,
+        # Together documents no retention: assumed (models.RESULTS_KEPT), from `completed_at`.
+        results_expire_at=kept_until(ended, "together"),
         raw=dict(obj),
     )
 
@@ -79,7 +83,10 @@ class TogetherProvider(HttpProvider):
     normalise_base_url = staticmethod(normalise_base_url)
 
     def _content_path(self, file_id: str) -> str:
-        return f"/v1/files/{quote(file_id, safe='')}/content"
+        return f"{self._file_path(file_id)}/content"
+
+    def _file_path(self, file_id: str) -> str:
+        return f"/v1/files/{quote(file_id, safe='')}"
 
     async def _call_job(self, method: str, path: str, what: str) -> RemoteBatch:
         """One idempotent call that answers a BatchJob, retried."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -14,7 +14,7 @@ import ijson
 import orjson
 
 from batchd.backoff import is_retryable_status, retry_after_s
-from batchd.models import RemoteFile, RemoteStatus
+from batchd.models import RESULTS_KEPT, RemoteFile, RemoteStatus
 from batchd.providers.errors import ProviderError
 
 
@@ -37,6 +37,16 @@ def parse_time(value: Any) -> datetime | None:
         # Together's times are UTC even when the offset is left out.
         return parsed.replace(tzinfo=UTC)
     return parsed.astimezone(UTC)
+
+
+def kept_until(start: datetime | None, dialect: str, seconds: Any = None) -> datetime | None:
+    """When results made at `start` stop being kept: `seconds` later when the wire gave a
+    number of seconds, else after the dialect's documented retention (models.RESULTS_KEPT)."""
+    if start is None:
+        return None
+    if isinstance(seconds, int | float) and not isinstance(seconds, bool) and 0 < seconds < 10**9:
+        return start + timedelta(seconds=seconds)
+    return start + RESULTS_KEPT[dialect]
 
 
 def error_text(value: Any) -> str | None:

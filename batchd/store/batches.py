@@ -28,7 +28,7 @@ from sqlalchemy import (
     update,
 )
 
-from batchd.models import BatchStatus, JobState, RemoteBatch, RemoteBatchRecord
+from batchd.models import BatchStatus, FileFate, FileKind, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.store.database import Database, StaleState, fenced, guard
 from batchd.store.due import IDS_PER_QUERY, refresh_due
 from batchd.store.jobs import check_move, db_values, next_check_values
@@ -280,6 +280,44 @@ class RemoteBatchStore:
             refresh_due(conn, [row.job_id], now)
         return remote_from_row(row._mapping)
 
+    # ------------------------------------------------------------ the provider's files
+
+    def note_files(self, record_id: int, fates: Mapping[FileKind, FileFate]) -> RemoteBatchRecord:
+        """Record what became of some of a batch's files at the provider (downloaded, deleted, a
+        delete refused, expired), beside what is recorded already: a step repeated after a crash
+        does not fetch or delete them again, and `batchd show` and job.json say so."""
+        now = self._db.now()
+        with self._db.write() as conn:
+            row = conn.execute(select(remote_batches).where(remote_batches.c.id == record_id)).one()
+            guard(conn, row.job_id)
+            files = {**(row.provider_files or {}), **{kind.value: fate.value for kind, fate in fates.items()}}
+            conn.execute(
+                update(remote_batches)
+                .where(remote_batches.c.id == record_id)
+                .values(provider_files=files, updated_at=now)
+            )
+            refresh_due(conn, [row.job_id], now)
+            row = conn.execute(select(remote_batches).where(remote_batches.c.id == record_id)).one()
+        return remote_from_row(row._mapping)
+
+    def input_shared(self, file_id: str, job_id: str) -> bool:
+        """Whether another live job's batch that has not ended uses `file_id` as its input (or
+        may: created with it, or about to be). Together gives the same file id to the same
+        content uploaded twice, so one job's ended round must not delete another's input."""
+        query = (
+            select(remote_batches.c.id)
+            .join(jobs, jobs.c.id == remote_batches.c.job_id)
+            .where(
+                remote_batches.c.input_file_id == file_id,
+                remote_batches.c.job_id != job_id,
+                remote_batches.c.status.in_([s.value for s in BatchStatus if s.waiting or s.live]),
+                jobs.c.state.in_(LIVE_STATES),
+            )
+            .limit(1)
+        )
+        with self._db.read() as conn:
+            return conn.execute(query).first() is not None
+
     # ------------------------------------------------------------ the provider's answers
 
     def record_polls(self, answers: Sequence[PollAnswer], *, chunk: int = 500) -> None:
@@ -359,12 +397,14 @@ def _answer_values(answer: PollAnswer, now: float) -> dict[str, Any]:
 
 def remote_values(remote: RemoteBatch) -> dict[str, Any]:
     """What batchd keeps of a remote batch each time it hears about it."""
+    expires = remote.results_expire_at
     return {
         "status": BatchStatus.of(remote.status),
         "output_file_id": remote.output_file_id,
         "error_file_id": remote.error_file_id,
         "error": remote.error,
         "progress": remote.progress,
+        "results_expire_at": expires.timestamp() if expires is not None else None,
     }
 
 

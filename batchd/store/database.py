@@ -159,11 +159,17 @@ class Database:
                     f"the database {safe_url(self.url)} has schema version {current}, newer than this"
                     f" batchd knows ({SCHEMA_VERSION}): upgrade batchd"
                 )
+            refresh = False
             for version, step in MIGRATIONS:
                 if version > current:
-                    step(conn)
+                    refresh = bool(step(conn)) or refresh
                     conn.execute(schema_version.delete())
                     conn.execute(insert(schema_version).values(version=version))
+            if refresh:
+                # Imported here: due.py builds on the tables and on the life cycle.
+                from batchd.store.due import refresh_all
+
+                refresh_all(conn)
         return current
 
     def has_schema(self) -> bool:

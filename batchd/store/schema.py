@@ -169,6 +169,11 @@ remote_batches = Table(
     Column("answered", Integer),
     #: when batchd found the batch stuck and set out to cancel it (NULL: never)
     Column("stuck_at", Float),
+    #: when the provider stops keeping its results (its answer, else the dialect's retention)
+    Column("results_expire_at", Float),
+    #: what became of its files at the provider: {"input" | "output" | "errors" | "batch":
+    #: "downloaded" | "deleted" | "refused" | "expired"} (models.FileKind, models.FileFate)
+    Column("provider_files", JSON),
     Index("ix_remote_batches_job", "job_id"),
 )
 
@@ -254,6 +259,12 @@ admission_indexes = (
 )
 
 
+#: What a migration step returns when the live jobs' due times must be set again once every step
+#: has run (store/due.py reads the whole current row: before the last step, a column of a later
+#: step would be missing).
+REFRESH_DUE = True
+
+
 def _migrate_v1(conn: Connection) -> None:
     # A new database gets the current schema at once; the later steps then find nothing to do.
     metadata.create_all(conn)
@@ -303,18 +314,18 @@ def _migrate_v5(conn: Connection) -> None:
         _add_column(conn, jobs, name)
 
 
-def _migrate_v6(conn: Connection) -> None:
-    # The due-driven scheduler: each job's next due time, kept by every write from now on.
-    # (Imported here: due.py builds on these tables and on the life cycle.)
-    from batchd.store.due import refresh_all
+def _migrate_v6(conn: Connection) -> bool:
+    # The due-driven scheduler: each job's next due time, kept by every write from now on (set
+    # for the live jobs once every step has run: REFRESH_DUE).
+    # (Imported here: signals.py builds on these tables.)
     from batchd.store.signals import create_rows
 
     _add_column(conn, jobs, "due_at")
     due_index.create(conn, checkfirst=True)
-    refresh_all(conn)
     # ...and the counters through which commands wake the daemons (store/signals.py).
     signals.create(conn, checkfirst=True)
     create_rows(conn)
+    return REFRESH_DUE
 
 
 def _migrate_v7(conn: Connection) -> None:
@@ -344,12 +355,10 @@ def _migrate_v9(conn: Connection) -> None:
         index.create(conn, checkfirst=True)
 
 
-def _migrate_v10(conn: Connection) -> None:
+def _migrate_v10(conn: Connection) -> bool:
     # Stuck batches (#18): when each batch last moved, whether batchd cancelled it as stuck, and the
     # limit its job was planned under. A batch bound before starts its stuck clock at its last
     # write (a poll), so an upgrade never cancels at once what nobody watched move.
-    from batchd.store.due import refresh_all
-
     _add_column(conn, jobs, "stuck_after_s")
     for name in ("progress_at", "answered", "stuck_at"):
         _add_column(conn, remote_batches, name)
@@ -359,12 +368,18 @@ def _migrate_v10(conn: Connection) -> None:
         .values(progress_at=remote_batches.c.updated_at)
     )
     # Each live job's due time now also counts its batches' stuck deadlines.
-    refresh_all(conn)
+    return REFRESH_DUE
 
 
 def _migrate_v11(conn: Connection) -> None:
     # Provider webhooks as poll hints: the job a hint made due, until its poll.
     _add_column(conn, jobs, "hinted_at")
+
+
+def _migrate_v12(conn: Connection) -> None:
+    # Retention (#18): when each batch's results expire, and what became of its provider files.
+    for name in ("results_expire_at", "provider_files"):
+        _add_column(conn, remote_batches, name)
 
 
 #: Forward migrations, in order; each runs once, in its own transaction. Each later step brings a
@@ -382,6 +397,7 @@ MIGRATIONS: tuple[tuple[int, Any], ...] = (
     (9, _migrate_v9),
     (10, _migrate_v10),
     (11, _migrate_v11),
+    (12, _migrate_v12),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -202,3 +202,25 @@ async def test_a_wrong_key_is_an_authentication_error(tmp_path: Path) -> None:
             await wrong.list_batches()
         assert info.value.status_code == 401 and not info.value.retryable
         assert "authentication_error" in info.value.message
+
+
+async def test_an_ended_batch_is_deleted_with_its_results(tmp_path: Path) -> None:
+    async with running(tmp_path) as env:
+        path, sha256 = write_lines(tmp_path / "in.jsonl", [line("a"), line("b")])
+        created = await create(env, path, sha256)
+        assert created.results_expire_at is None and not env.provider.uploads_files
+        done = await until_ended(env.provider, created.id)
+        # Anthropic keeps the results 29 days from the batch's creation.
+        assert done.created_at is not None and done.results_expire_at == done.created_at + timedelta(days=29)
+        assert done.output_file_id is not None
+        with pytest.raises(ProviderError):
+            await env.provider.delete_file(created.input_file_id)  # nothing of batchd's is a file there
+        await env.provider.delete_batch(done.id)
+        with pytest.raises(ProviderError) as gone:
+            await env.provider.get_batch(done.id)
+        assert gone.value.status_code == 404
+        with pytest.raises(ProviderError) as no_results:
+            await env.provider.download_file(done.output_file_id, tmp_path / "results.jsonl")
+        assert no_results.value.status_code == 404
+        await env.provider.delete_batch(done.id)  # gone already: counted as deleted
+        assert await env.requests(f"DELETE /anthropic/v1/messages/batches/{done.id}") == 2

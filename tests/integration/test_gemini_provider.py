@@ -20,6 +20,7 @@ from batchd.models import RemoteBatch, RemoteStatus
 from batchd.providers import gemini as gemini_wire
 from batchd.providers.base import ProviderError
 from batchd.providers.gemini import GeminiProvider
+from batchd.providers.wire import parse_time
 from tests.hand_clock import RecordingSleep
 
 KEY = "gemini-test-key"
@@ -216,3 +217,22 @@ async def test_the_upload_session_url_never_gets_the_key_and_a_wrong_key_is_refu
         with pytest.raises(ProviderError) as info:
             await wrong.list_batches()
         assert info.value.status_code in (401, 403) and not info.value.retryable
+
+
+async def test_the_responses_file_lives_48_hours_from_the_end_and_is_deleted(tmp_path: Path) -> None:
+    async with running(tmp_path) as env:
+        path, sha256 = write_lines(tmp_path / "in.jsonl", [line("a")])
+        created = await create(env, path, sha256)
+        done = await until_ended(env.provider, created.id)
+        assert done.output_file_id is not None and done.results_expire_at is not None
+        ended = parse_time(done.raw["metadata"]["endTime"])
+        assert ended is not None and (done.results_expire_at - ended).total_seconds() == 48 * 3600
+        await env.provider.delete_file(done.output_file_id)
+        listed = (await env.control.get("/gemini/v1beta/files")).json().get("files", [])
+        assert done.output_file_id not in {f["name"] for f in listed}
+        with pytest.raises(ProviderError) as gone:
+            await env.provider.download_file(done.output_file_id, tmp_path / "out.jsonl")
+        assert gone.value.status_code == 404
+        with pytest.raises(ProviderError) as refused:
+            await env.provider.delete_file("not-a-file-name")  # refused before it reaches a URL
+        assert not refused.value.retryable

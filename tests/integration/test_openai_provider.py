@@ -211,3 +211,38 @@ async def test_client_with_provider_openai(tmp_path: Path, monkeypatch: pytest.M
             assert batch.output_file_id is not None
             got = await client.files.retrieve_content(id=batch.output_file_id, output=tmp_path / "results.jsonl")
             assert sorted(line["custom_id"] for line in jsonl(Path(got.filename))) == ["a", "b"]
+
+
+async def test_result_files_are_deleted_and_their_expiry_is_known(tmp_path: Path) -> None:
+    async with running(tmp_path) as env:
+        lines = [request_line("ok", "x"), request_line("bad", "y", trigger={"status": 400})]
+        source, sha256 = write_batch(tmp_path / "in.jsonl", lines)
+        file_id = await env.provider.upload_file(source, filename="in.jsonl", sha256=sha256)
+        created = await env.provider.create_batch(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h", job_id="j"
+        )
+        assert created.results_expire_at is None  # not ended: no results yet
+        done = await until_terminal(env.provider, created.id)
+        assert done.output_file_id is not None and done.error_file_id is not None
+        # No output_expires_after on the batch: OpenAI's default, 30 days from the batch's end.
+        assert done.results_expire_at is not None
+        assert done.results_expire_at.timestamp() == done.raw["completed_at"] + 30 * 86400
+        for each in (file_id, done.output_file_id, done.error_file_id):
+            await env.provider.delete_file(each)
+        listed = (await env.control.get("/openai/v1/files", headers={"Authorization": "Bearer k"})).json()["data"]
+        assert listed == []
+        await env.provider.delete_file(done.output_file_id)  # gone already: counted as deleted
+        with pytest.raises(ProviderError) as gone:
+            await env.provider.download_file(done.error_file_id, tmp_path / "errors.jsonl")
+        assert gone.value.status_code == 404
+
+
+def test_an_output_expiry_policy_on_the_batch_is_read() -> None:
+    wire = {"id": "batch_1", "object": "batch", "status": "completed", "completed_at": 1_000_000,
+            "output_expires_after": {"anchor": "created_at", "seconds": 7200}}  # fmt: skip
+    batch = openai_wire.parse_batch(wire)
+    assert batch.results_expire_at is not None and batch.results_expire_at.timestamp() == 1_000_000 + 7200
+    expired = openai_wire.parse_batch({**wire, "status": "expired", "completed_at": None, "expired_at": 2_000_000})
+    assert expired.results_expire_at is not None and expired.results_expire_at.timestamp() == 2_000_000 + 7200
+    running_batch = openai_wire.parse_batch({**wire, "status": "in_progress", "completed_at": None})
+    assert running_batch.results_expire_at is None

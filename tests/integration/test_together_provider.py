@@ -239,3 +239,38 @@ async def test_wrong_key_is_refused_without_retry(tmp_path: Path) -> None:
     assert not info.value.retryable
     assert "Invalid API key" in info.value.message
     assert env.sleep.calls == []
+
+
+async def test_files_are_deleted_and_a_refusal_is_not_retried(tmp_path: Path) -> None:
+    source = tmp_path / "batch.jsonl"
+    sha256 = write_batch(source, 2)
+
+    async with running(tmp_path / "emulator") as env:
+        done = await run_batch(env.provider, source, sha256)
+        assert done.output_file_id is not None and env.provider.uploads_files
+        # Ended: its results are kept (Together documents no retention: assumed 30 days from the end).
+        assert done.results_expire_at is not None and done.created_at is not None
+        assert (done.results_expire_at - done.created_at).days in (29, 30)
+        await env.provider.delete_file(done.input_file_id)
+        await env.provider.delete_file(done.output_file_id)
+        listed = (await env.emulator.control.get("/v1/files")).json()["data"]
+        assert {done.input_file_id, done.output_file_id}.isdisjoint(f["id"] for f in listed)
+        # A repeat (a restart after the delete, before its record) finds it gone: that is deleted.
+        await env.provider.delete_file(done.input_file_id)
+        with pytest.raises(ProviderError) as gone:
+            await env.provider.download_file(done.output_file_id, tmp_path / "out.jsonl")
+        assert gone.value.status_code == 404 and not gone.value.retryable
+
+        second = tmp_path / "second.jsonl"
+        other = await run_batch(env.provider, second, write_batch(second, 2, salt="other"))
+        await env.emulator.fault(method="DELETE", path="/v1/files/*", status=403, times=1)
+        with pytest.raises(ProviderError) as refused:
+            await env.provider.delete_file(other.input_file_id)
+        # A passing failure is retried; then it goes.
+        await env.emulator.fault(method="DELETE", path="/v1/files/*", status=503, times=1)
+        await env.provider.delete_file(other.input_file_id)
+        with pytest.raises(ProviderError):
+            await env.provider.delete_batch(other.id)  # Together's files are deleted, never its batches
+
+    assert refused.value.status_code == 403 and not refused.value.retryable
+    assert len(env.sent.to("DELETE", f"/v1/files/{other.input_file_id}")) == 3

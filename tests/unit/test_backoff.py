@@ -125,3 +125,16 @@ def test_step_delay_grows_and_is_capped() -> None:
     delays = [backoff.step_delay(n, 5.0, 60.0, rng) for n in range(1, 12)]
     assert all(0 < d <= 60.0 for d in delays)
     assert 5.0 <= delays[0] <= 10.0 and min(delays[-3:]) >= 30.0
+
+
+def test_a_download_never_waits_past_the_expiry_of_its_results() -> None:
+    # Far from it: the step's own delay (a Retry-After of an hour included).
+    assert backoff.before_deadline(3600.0, now=0.0, deadline=86400.0, floor=5.0) == 3600.0
+    # Closer: at most half of the time left, so the next failures still have room.
+    assert backoff.before_deadline(3600.0, now=0.0, deadline=600.0, floor=5.0) == 300.0
+    # In its last moments: the floor, never a busy loop.
+    assert backoff.before_deadline(3600.0, now=0.0, deadline=4.0, floor=5.0) == 5.0
+    assert backoff.before_deadline(1.0, now=0.0, deadline=4.0, floor=5.0) == 1.0
+    # Past it, or without one: the step's delay as it is.
+    assert backoff.before_deadline(60.0, now=100.0, deadline=50.0, floor=5.0) == 60.0
+    assert backoff.before_deadline(60.0, now=100.0, deadline=None, floor=5.0) == 60.0

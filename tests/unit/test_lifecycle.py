@@ -317,3 +317,64 @@ def test_a_stuck_batch_s_unanswered_requests_count_as_expired_unless_the_user_ca
     assert lifecycle.unanswered_code([batch("cancelled", "b0")], False) == "batch_cancelled"
     # The stuck cancel came too late: the batch completed, and what it did not return says so.
     assert lifecycle.unanswered_code([replace(batch("completed", "b0"), stuck_at=NOW)], False) == "not_returned"
+
+
+# ---------------------------------------------------------------- retention
+
+
+def with_results(row: RemoteBatchRecord, expires: float | None = NOW + 3600, **fates: str) -> RemoteBatchRecord:
+    return replace(
+        row, output_file_id="out", error_file_id="err", results_expire_at=expires, provider_files=fates or None
+    )
+
+
+def test_results_that_expired_before_download_name_their_own_code_in_any_round() -> None:
+    lost = with_results(batch("completed", "a"), output="expired")
+    assert lifecycle.results_lost(lost) and lifecycle.unanswered_code([lost], False) == "results_expired"
+    assert lifecycle.final_state(1, "results_expired") is JobState.FAILED
+    # A later round cannot answer them (they are never resubmitted): the code stays.
+    later = [lost, batch("completed", "b", round_=1)]
+    assert lifecycle.unanswered_code(later, False) == "results_expired"
+    # A cancel of the last round, or a shard the provider refused, still says more.
+    assert lifecycle.unanswered_code([*later, batch("cancelled", "c", round_=1, shard=1)], True) == "batch_cancelled"
+    # Downloaded, deleted or refused results are not lost.
+    kept = with_results(batch("completed", "a"), output="downloaded", errors="deleted")
+    assert not lifecycle.results_lost(kept) and lifecycle.unanswered_code([kept], False) == "not_returned"
+
+
+@pytest.mark.parametrize(
+    ("status", "retryable", "now", "failures", "gone"),
+    [
+        (404, False, NOW, 1, True),  # the provider says so: at any time
+        (410, False, NOW - 86400, 1, True),
+        (403, False, NOW - 1, 1, False),  # before the expiry: a refusal is only a refusal
+        (503, True, NOW - 1, 99, False),  # ...and a passing failure is retried for as long as it lasts
+        (403, False, NOW, 1, True),  # past it: a refusal says the results are gone
+        (None, True, NOW + 1, 1, False),  # past it, the network: tried again...
+        (503, True, NOW + 1, lifecycle.GIVE_UP_AFTER_EXPIRY - 1, False),
+        (503, True, NOW + 1, lifecycle.GIVE_UP_AFTER_EXPIRY, True),  # ...but not for ever
+    ],
+)
+def test_a_failed_download_means_expired_results_only_when_the_provider_or_the_clock_says(
+    status: int | None, retryable: bool, now: float, failures: int, gone: bool
+) -> None:
+    assert lifecycle.results_gone(status, retryable, now=now, expires_at=NOW, failures=failures) is gone
+    # Without a known expiry, only the provider's 404 or 410 says so.
+    assert lifecycle.results_gone(status, retryable, now=now, expires_at=None, failures=99) is (status in (404, 410))
+
+
+def test_the_download_deadline_is_the_first_expiry_of_a_file_not_yet_fetched() -> None:
+    first = with_results(batch("completed", "a", shard=0), NOW + 100)
+    second = with_results(batch("completed", "b", shard=1), NOW + 50)
+    assert lifecycle.results_deadline([first, second]) == NOW + 50
+    # What the backoff must reach: the first one not gone by now (the other may still be fetched).
+    assert lifecycle.results_deadline([first, second], after=NOW + 60) == NOW + 100
+    assert lifecycle.results_deadline([first, second], after=NOW + 100) is None
+    fetched = replace(second, provider_files={"output": "downloaded", "errors": "downloaded"})
+    assert lifecycle.results_deadline([first, fetched]) == NOW + 100
+    half = replace(second, provider_files={"output": "downloaded"})  # its error file is still to come
+    assert lifecycle.results_deadline([first, half]) == NOW + 50
+    gone = replace(second, provider_files={"output": "expired", "errors": "expired"})
+    assert lifecycle.results_deadline([gone]) is None
+    assert lifecycle.results_deadline([with_results(batch("completed", "c"), None)]) is None
+    assert lifecycle.results_deadline([batch("in_progress", "d")]) is None  # no results yet
