@@ -242,6 +242,17 @@ every other route (see Auth).
     /_emulator/upload/*`) too. Answers `{"faults": [...pending]}` plus
     `"random"` and `"latency_s"` when set. `GET` lists them; `DELETE` clears
     all three kinds.
+`POST /_emulator/queue` with `{"max_enqueued_tokens": N}` (`null`: none)
+    The account's queue of enqueued tokens, as providers keep one: a
+    create that would take what is enqueued (the batches not ended yet)
+    past N is refused in its dialect's words (Together 429 "Queued token
+    limit exceeded"; OpenAI 400 code `token_limit_exceeded`; Anthropic 429
+    `rate_limit_error`, "batch processing queue is full"; Gemini 429
+    `RESOURCE_EXHAUSTED`). A batch's tokens are estimated as batchd does
+    (`batchd.tokens`: prompt text at 4 characters a token, plus each
+    request's max_tokens). Answers (and `GET` shows) `{"max_enqueued_tokens",
+    "enqueued_tokens", "refused"}`: `refused` counts the creates refused so
+    far. Off by default; not persisted.
 `POST /_emulator/expire_results` with `{"batch_id": "<id>"}`
     Makes a finished batch's results expire, as the services' retention
     does (Anthropic 29 days, Gemini's 48-hour files, OpenAI's `expires_at`):
