@@ -95,10 +95,9 @@ NEXT_STATES: dict[JobState, frozenset[JobState]] = {
     JobState.RECEIVED: frozenset({JobState.QUEUED, JobState.UPLOADING}) | ENDINGS,
     # Let in: planned (round 0) or its waiting shards submitted (or, cancelled, skipped).
     JobState.QUEUED: _WITHIN_A_ROUND,
-    # A round none of whose shards the provider holds yet may wait its turn (its queue is full).
-    JobState.UPLOADING: _WITHIN_A_ROUND | {JobState.QUEUED},
-    JobState.SUBMITTING: _WITHIN_A_ROUND | {JobState.QUEUED},
-    **{state: _WITHIN_A_ROUND for state in IN_FLIGHT},
+    # A round none of whose shards the provider holds (any more) waits its turn when the
+    # provider's queue is full: refused at create, or failed unrun (OpenAI) once accepted.
+    **{state: _WITHIN_A_ROUND | {JobState.QUEUED} for state in (JobState.UPLOADING, JobState.SUBMITTING, *IN_FLIGHT)},
     JobState.DOWNLOADING: frozenset({JobState.UPLOADING}) | ENDINGS,
     **{state: frozenset() for state in JobState if state.terminal},
 }

@@ -301,6 +301,9 @@ class RemoteBatch:
     #: once it ended: when the provider stops keeping its results (aware, UTC), from the wire
     #: where it says so, else from the dialect's `RESULTS_KEPT`; None before, or when unknown
     results_expire_at: datetime | None = None
+    #: the provider failed it because the account's queue was full (OpenAI's
+    #: `token_limit_exceeded`), having run none of it: a wait, not a failure (daemon/poll.py)
+    queue_full: bool = False
     #: the wire object as received, for the client API and for debugging
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 

@@ -16,7 +16,7 @@ from batchd import admission
 from batchd.admission import Limit
 from batchd.backoff import step_delay
 from batchd.daemon.context import Context, db
-from batchd.models import Job, JobState, RemoteBatchRecord
+from batchd.models import Job, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.providers.errors import ProviderError
 from batchd.store import Verdict
 
@@ -85,24 +85,51 @@ class Admitter:
         """The provider refused a create of `job` for a full queue. When none of the round's
         shards is at the provider, the job waits in `queued` (True); else the refusal is waited
         out like any passing one by the caller (False). Either way the budget learns."""
-        store = self._ctx.store
-        tokens = await db(store.admission.tokens_in_flight, job)
+        await self.learn(job, exc.message)
+        if any(row.status.live for row in rows):
+            return False
+        delay = self.wait_s(job, exc.retry_after)
+        reason = f"its provider's queue is full ({exc.message}); asking again within {delay:.0f} s or as room frees up"
+        await db(
+            self._ctx.store.admission.wait, job.id, expect=job.state, reason=reason, retry_at=self._ctx.clock() + delay
+        )
+        self._waiting = True
+        return True
+
+    async def batch_failed_full(self, job: Job, row: RemoteBatchRecord, remote: RemoteBatch) -> None:
+        """The provider accepted a batch of `job`, then failed it for a full queue before running
+        any of it (OpenAI): the same shard is created again once there is room (the job waits
+        in `queued` when the rest of its round is not at the provider)."""
+        await self.learn(job, remote.error or "token_limit_exceeded")
+        delay = self.wait_s(job, None)
+        reason = (
+            f"its provider's queue was full: batch {remote.id} failed unrun ({remote.error}); "
+            f"it is created again within {delay:.0f} s or as room frees up"
+        )
+        await db(
+            self._ctx.store.batches.requeue, row, remote, expect=job.state, reason=reason,
+            retry_at=self._ctx.clock() + delay,
+        )  # fmt: skip
+        self._waiting = True
+
+    async def learn(self, job: Job, message: str) -> None:
+        """What a "queue full" answer teaches: the queue held no more than this model's tokens in
+        flight then, so later admissions stay below that for a while (LEARNED_FOR_S)."""
+        tokens = await db(self._ctx.store.admission.tokens_in_flight, job)
         if tokens > 0:
-            # The queue held no more than this: later admissions stay below it for a while.
             self._learned[(job.provider_name, job.model or "")] = (tokens, self._ctx.clock() + LEARNED_FOR_S)
         log.warning(
             "job.provider_queue_full", job_id=job.id, provider=job.provider_name, model=job.model,
-            tokens_in_flight=tokens, error=exc.message,
+            tokens_in_flight=tokens, error=message,
         )  # fmt: skip
-        if any(row.status.live for row in rows):
-            return False
+
+    def wait_s(self, job: Job, retry_after: float | None) -> float:
+        """How long a job the provider's full queue turned away waits before asking again (the
+        step backoff, growing with its waits in a row; the provider's Retry-After when longer)."""
         policy = self._ctx.policy
-        delay = step_delay(job.attempts + 1, policy.min_interval_s, policy.max_interval_s, self._ctx.rng,
-                           retry_after=exc.retry_after)  # fmt: skip
-        reason = f"its provider's queue is full ({exc.message}); asking again within {delay:.0f} s or as room frees up"
-        await db(store.admission.wait, job.id, expect=job.state, reason=reason, retry_at=self._ctx.clock() + delay)
-        self._waiting = True
-        return True
+        return step_delay(
+            job.attempts + 1, policy.min_interval_s, policy.max_interval_s, self._ctx.rng, retry_after=retry_after
+        )
 
     def _learned_tokens(self, job: Job) -> int | None:
         key = (job.provider_name, job.model or "")

@@ -24,6 +24,7 @@ import anyio
 import structlog
 
 from batchd import lifecycle, metrics
+from batchd.daemon.admission import Admitter
 from batchd.daemon.context import Context, db
 from batchd.daemon.failures import step_failed
 from batchd.lifecycle import Action, Step
@@ -46,8 +47,9 @@ GETS_AT_ONCE = 4
 class Poller:
     """Poll rounds and cancels, for the jobs the scheduler hands it."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, admitter: Admitter) -> None:
         self._ctx = ctx
+        self._admitter = admitter
         #: per provider name: the bound on its single gets in flight
         self._gets: dict[str, anyio.CapacityLimiter] = {}
 
@@ -131,6 +133,12 @@ class Poller:
         for job, action in polls:
             try:
                 answers = await self._answers(job, action.batches, found, due=action.at <= now)
+                full = [(row, remote) for row, remote in answers if remote.queue_full and row.stuck_at is None]
+                if full:
+                    # Failed unrun for a full queue: created again once there is room. The job's
+                    # other answers wait for its next poll (the write above changed the job).
+                    await self._admitter.batch_failed_full(job, *full[0])
+                    continue
                 if not answers:
                     continue
                 changed, writes = self._poll_writes(job, answers)

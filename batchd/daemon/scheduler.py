@@ -70,7 +70,7 @@ class Scheduler:
         self._stop = stop
         self._admitter = Admitter(ctx)
         self._submitter = Submitter(ctx, self._admitter)
-        self._poller = Poller(ctx)
+        self._poller = Poller(ctx, self._admitter)
         self._finisher = Finisher(ctx, self._submitter)
         self._wake = anyio.Event()
         self._busy: set[str] = set()

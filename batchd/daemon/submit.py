@@ -275,6 +275,11 @@ class Submitter:
         )
 
     async def _bind(self, job: Job, batch: RemoteBatchRecord, remote: RemoteBatch, *, how: str) -> None:
+        if remote.queue_full:
+            # Accepted, and failed already for a full queue (OpenAI): bound as it ended, and the
+            # same shard created again once there is room.
+            await self._admitter.batch_failed_full(job, batch, remote)
+            return
         await db(self._ctx.store.batches.bind, batch.id, remote)
         log.info(
             f"job.batch_{how}", job_id=job.id, remote_batch_id=remote.id, status=remote.status.value,
@@ -287,6 +292,8 @@ class Submitter:
         job = await db(self._ctx.store.jobs.get, job_id)
         assert job is not None
         rows = lifecycle.current_round(job, await db(self._ctx.store.batches.of_job, job_id))
+        if job.state is JobState.QUEUED and job.admitted_at is None:
+            return job, rows  # a full queue turned it away meanwhile: it waits as that wrote
         state = lifecycle.summary_state(rows, cancelling=job.state == JobState.CANCELLING)
         check = self._ctx.next_check(state, self._ctx.policy.min_interval_s)
         job = await db(self._ctx.store.jobs.record_answer, job_id, expect=job.state, check=check)

@@ -246,7 +246,9 @@ every other route (see Auth).
     The account's queue of enqueued tokens, as providers keep one: a
     create that would take what is enqueued (the batches not ended yet)
     past N is refused in its dialect's words (Together 429 "Queued token
-    limit exceeded"; OpenAI 400 code `token_limit_exceeded`; Anthropic 429
+    limit exceeded"; OpenAI, as it does, creates the batch (its answer says
+    `validating`) and fails it before running any of it, with `errors` code
+    `token_limit_exceeded`; Anthropic 429
     `rate_limit_error`, "batch processing queue is full"; Gemini 429
     `RESOURCE_EXHAUSTED`). A batch's tokens are estimated as batchd does
     (`batchd.tokens`: prompt text at 4 characters a token, plus each

@@ -323,11 +323,17 @@ def openai_routes(state: EmulatorState, worker: BatchWorker, clock: Clock) -> li
         )
         full = await take_room(state, worker.queue, batch)
         if full is not None:
-            message = (
+            # As OpenAI does: the batch is created (the answer says validating), then fails
+            # before any of it runs.
+            accepted = batch_json(batch)
+            batch.status, batch.finished_at, batch.error_code = BatchStatus.FAILED, created, "token_limit_exceeded"
+            batch.error = (
                 f"Enqueued token limit reached in organization org-emulator. {full} "
                 "Please try again once some in_progress batches have been completed."
             )
-            return openai_error(400, message, code="token_limit_exceeded")
+            await state.save_batch(batch)
+            log.info("emulator.batch.created", batch_id=batch.id, input_file_id=record.id, queue="full")
+            return JSONResponse(accepted)
         await state.save_batch(batch)
         worker.enqueue(batch.id)
         log.info("emulator.batch.created", batch_id=batch.id, input_file_id=record.id, endpoint=endpoint)

@@ -125,7 +125,17 @@ def parse_batch(obj: Mapping[str, Any]) -> RemoteBatch:
         request_counts=_request_counts(obj.get("request_counts")),
         metadata=_metadata(obj.get("metadata")),
         results_expire_at=results_expire_at(obj, remote_status),
+        queue_full=remote_status is RemoteStatus.FAILED and _queue_full(obj.get("errors")),
         raw=dict(obj),
+    )
+
+
+def _queue_full(errors: Any) -> bool:
+    """Whether a failed Batch's `errors` say the organization's enqueued-token limit was reached
+    (OpenAI accepts such a batch, then fails it before running any of it)."""
+    data = errors.get("data") if isinstance(errors, Mapping) else None
+    return isinstance(data, list) and any(
+        isinstance(item, Mapping) and item.get("code") == "token_limit_exceeded" for item in data
     )
 
 

@@ -182,6 +182,60 @@ class RemoteBatchStore:
         """Never created: the provider refused its upload or its create for good."""
         return self._set(record.id, {"status": record.status}, {"status": BatchStatus.REFUSED, "error": reason})
 
+    def requeue(
+        self, record: RemoteBatchRecord, remote: RemoteBatch, *, expect: JobState, reason: str, retry_at: float
+    ) -> None:
+        """The provider failed `record`'s batch for a full queue, having run none of it (OpenAI's
+        `token_limit_exceeded`; its create's answer, or a poll's): in one transaction, the batch is
+        recorded (bound, if the create's answer said so) as it ended, a new
+        intent to create the same shard (the same uploaded file) takes its place, and the job
+        waits until `retry_at` (or a wake-up): in `queued` when none of its round is at the
+        provider, else where it is."""
+        now = self._db.now()
+        with self._db.write() as conn:
+            guard(conn, record.job_id)
+            changed = conn.execute(
+                update(remote_batches)
+                .where(remote_batches.c.id == record.id, remote_batches.c.status == record.status.value)
+                .values(**db_values({**remote_values(remote), "remote_id": remote.id, "updated_at": now}))
+            ).rowcount
+            if changed != 1:
+                raise StaleState(f"remote batch {record.id} changed meanwhile")
+            conn.execute(
+                remote_batches.insert().values(
+                    job_id=record.job_id,
+                    round=record.round,
+                    shard=record.shard,
+                    input_file_id=record.input_file_id,
+                    status=BatchStatus.CREATING.value,
+                    create_attempts=0,
+                    intent_at=now,
+                    updated_at=now,
+                    input_path=record.input_path,
+                    request_count=record.request_count,
+                    size_bytes=record.size_bytes,
+                    sha256=record.sha256,
+                )
+            )
+            others_live = conn.execute(
+                select(remote_batches.c.id).where(
+                    remote_batches.c.job_id == record.job_id,
+                    remote_batches.c.round == record.round,
+                    remote_batches.c.id != record.id,
+                    remote_batches.c.status.in_([s.value for s in BatchStatus if s.live]),
+                )
+            ).first()
+            values: dict[str, Any] = {"next_check_at": retry_at, "wait_reason": reason, "updated_at": now}
+            if others_live is None:
+                check_move(expect, JobState.QUEUED)
+                values.update(state=JobState.QUEUED.value, admitted_at=None)
+            job_changed = conn.execute(
+                update(jobs).where(jobs.c.id == record.job_id, jobs.c.state == expect.value).values(**values)
+            ).rowcount
+            if job_changed != 1:
+                raise StaleState(f"job {record.job_id} is not in state {expect.value}")
+            refresh_due(conn, [record.job_id], now)
+
     def record_upload(
         self, record_id: int, *, file_id: str, intent_at: float, alone_for: str | None = None
     ) -> RemoteBatchRecord:

@@ -178,5 +178,17 @@ def test_queued_sits_between_received_and_uploading() -> None:
     assert lifecycle.may_move(JobState.RECEIVED, JobState.QUEUED)
     assert lifecycle.may_move(JobState.QUEUED, JobState.UPLOADING)
     assert lifecycle.may_move(JobState.SUBMITTING, JobState.QUEUED)
-    assert not lifecycle.may_move(JobState.VALIDATING, JobState.QUEUED)
+    assert lifecycle.may_move(JobState.VALIDATING, JobState.QUEUED)  # failed unrun for a full queue
+    assert not lifecycle.may_move(JobState.DOWNLOADING, JobState.QUEUED)
     assert not lifecycle.may_move(JobState.QUEUED, JobState.RECEIVED)
+
+
+def test_an_openai_batch_failed_unrun_for_a_full_queue_reads_as_a_wait() -> None:
+    from batchd.providers.openai import parse_batch
+
+    errors = {"object": "list", "data": [{"code": "token_limit_exceeded", "message": "Enqueued token limit reached"}]}
+    wire = {"id": "batch_1", "status": "failed", "errors": errors, "created_at": 1, "input_file_id": "f"}
+    assert parse_batch(wire).queue_full
+    other = {**wire, "errors": {"object": "list", "data": [{"code": "invalid_json_line", "line": 2}]}}
+    assert not parse_batch(other).queue_full
+    assert not parse_batch({**wire, "status": "completed"}).queue_full

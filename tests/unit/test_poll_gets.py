@@ -7,6 +7,7 @@ from typing import Any, cast
 
 import anyio
 
+from batchd.daemon.admission import Admitter
 from batchd.daemon.context import Context
 from batchd.daemon.poll import GETS_AT_ONCE, Poller
 from batchd.lifecycle import Action, Step
@@ -56,7 +57,7 @@ async def test_gets_of_concurrent_rounds_are_bounded() -> None:
         clock=lambda: NOW, rng=cast(Any, None), wake=lambda: None, poke_deliverer=lambda: None,
         faults=cast(Any, None),
     )  # fmt: skip
-    poller = Poller(ctx)
+    poller = Poller(ctx, Admitter(ctx))
     async with anyio.create_task_group() as tg:
         for i in range(ROUNDS):
             tg.start_soon(poller.round, [poll(i)], NOW)
