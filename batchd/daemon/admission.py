@@ -91,7 +91,11 @@ class Admitter:
         delay = self.wait_s(job, exc.retry_after)
         reason = f"its provider's queue is full ({exc.message}); asking again within {delay:.0f} s or as room frees up"
         await db(
-            self._ctx.store.admission.wait, job.id, expect=job.state, reason=reason, retry_at=self._ctx.clock() + delay
+            self._ctx.store.jobs.wait_for_room,
+            job.id,
+            expect=job.state,
+            reason=reason,
+            retry_at=self._ctx.clock() + delay,
         )
         self._waiting = True
         return True

@@ -108,30 +108,6 @@ class AdmissionStore:
             raise StaleState(f"job {job_id} is not in state {expect.value}")
         return job_from_row(row._mapping)
 
-    def wait(self, job_id: str, *, expect: JobState, reason: str, retry_at: float) -> Job:
-        """The provider refused a create for a full queue: the job (none of whose round's shards it
-        holds) waits in `queued` until `retry_at`, or a wake-up, and gives its room back."""
-        now = self._db.now()
-        with self._db.write() as conn:
-            guard(conn, job_id)
-            changed = conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.state == expect.value)
-                .values(
-                    state=JobState.QUEUED.value,
-                    wait_reason=reason,
-                    admitted_at=None,
-                    next_check_at=retry_at,
-                    attempts=jobs.c.attempts + 1,
-                    updated_at=now,
-                )
-            ).rowcount
-            if changed != 1:
-                raise StaleState(f"job {job_id} is not in state {expect.value}")
-            refresh_due(conn, [job_id], now)
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
-        return job_from_row(row._mapping)
-
     def wake_heads(self) -> int:
         """Make the first queued job of each provider due now (room may have freed up): it asks
         for admission again, and if let in, wakes the next. Returns how many were woken."""

@@ -386,6 +386,15 @@ class JobStore:
             raise StaleState(f"job {job_id} does not exist")
         return job_from_row(row._mapping)
 
+    def wait_for_room(self, job_id: str, *, expect: JobState, reason: str, retry_at: float) -> Job:
+        """The provider refused a create for a full queue: the job (none of whose round's shards it
+        holds) waits in `queued` until `retry_at`, or a wake-up, and gives its room back."""
+        values = {
+            "state": JobState.QUEUED, "wait_reason": reason, "admitted_at": None, "next_check_at": retry_at,
+            "attempts": jobs.c.attempts + 1,
+        }  # fmt: skip
+        return self._move(job_id, expect, values)
+
     def start_cancelling(self, job_id: str, *, expect: JobState) -> Job:
         """The cancel of the job's live batches is being sent."""
         return self._move(job_id, expect, {"state": JobState.CANCELLING})

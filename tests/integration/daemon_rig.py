@@ -18,7 +18,7 @@ from batchd.config import Settings, load_settings
 from batchd.daemon import Daemon
 from batchd.emulator.app import create_app
 from batchd.emulator.server import serve_emulator
-from batchd.models import Job
+from batchd.models import Job, RemoteBatch
 from batchd.providers.anthropic import AnthropicProvider
 from batchd.providers.base import Provider
 from batchd.providers.gemini import GeminiProvider
@@ -89,6 +89,19 @@ class Rig:
     async def drain(self, timeout: float = 30) -> None:
         result = await self.daemon.run(once=True, timeout=timeout)
         assert result.drained
+
+    def hold_up_listing(self) -> tuple[anyio.Event, anyio.Event]:
+        """The provider's list calls wait, once under way, until `release` is set: (listed, release)."""
+        listing = self.provider.list_batches
+        listed, release = anyio.Event(), anyio.Event()
+
+        async def held_up(**options: Any) -> list[RemoteBatch]:
+            listed.set()
+            await release.wait()
+            return await listing(**options)
+
+        self.provider.list_batches = held_up  # type: ignore[method-assign]
+        return listed, release
 
     def job(self, name: str) -> Job:
         (job,) = [j for j in self.store.jobs.select() if j.name == name]

@@ -148,15 +148,7 @@ async def test_a_hinted_job_is_polled_at_once_while_a_sweep_is_held_up(tmp_path:
     names = ["a", "b", "c", "d"]
     async with rig(tmp_path, kind="openai", provider_lines=HOOKED, config_lines=LISTEN) as r:
         await r.control("POST", "pause")
-        listing = r.provider.list_batches
-        listed, release = anyio.Event(), anyio.Event()
-
-        async def held_up(**options: Any) -> list[RemoteBatch]:
-            listed.set()
-            await release.wait()
-            return await listing(**options)
-
-        r.provider.list_batches = held_up  # type: ignore[method-assign]
+        listed, release = r.hold_up_listing()
         async with listener(r) as url, anyio.create_task_group() as tg:
             await r.control(
                 "POST", "provider-webhooks", json={"dialect": "openai", "url": f"{url}/hooks/default", "secret": SECRET}

@@ -221,15 +221,7 @@ async def test_jobs_waiting_for_the_sweep_under_way_are_read_once_and_a_cancel_s
 ) -> None:
     async with rig(tmp_path) as r:
         await r.control("POST", "pause")  # every batch stays validating
-        listing = r.provider.list_batches
-        listed, release = anyio.Event(), anyio.Event()
-
-        async def held_up(**options: Any) -> list[RemoteBatch]:
-            listed.set()
-            await release.wait()
-            return await listing(**options)
-
-        r.provider.list_batches = held_up  # type: ignore[method-assign]
+        listed, release = r.hold_up_listing()
         reads: list[tuple[str, JobState]] = []
         due = r.store.jobs.due
 
