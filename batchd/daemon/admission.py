@@ -15,6 +15,7 @@ import structlog
 from batchd import admission
 from batchd.admission import Limit
 from batchd.backoff import step_delay
+from batchd.crashpoints import crashpoint
 from batchd.daemon.context import Context, db
 from batchd.models import Job, JobState, RemoteBatch, RemoteBatchRecord
 from batchd.providers.errors import ProviderError
@@ -72,6 +73,7 @@ class Admitter:
             shards=lambda other: admission.expected_shards(other, limits), cost=cost,
         )  # fmt: skip
         if verdict.admitted:
+            crashpoint("after_admitted")
             if job.state is JobState.QUEUED:
                 log.info("job.admitted", job_id=job.id, waited_s=round(self._ctx.clock() - job.updated_at, 3))
             self.room_freed()  # the next in the queue may fit too

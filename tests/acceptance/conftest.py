@@ -338,6 +338,13 @@ def use_anthropic(h: Harness) -> None:
     h.ws.env["ANTHROPIC_API_KEY"] = "acceptance-key"
 
 
+def use_openai(h: Harness) -> None:
+    """Point the harness's daemon at the emulator's OpenAI dialect."""
+    config = h.ws.config.read_text().replace('kind = "together"', 'kind = "openai"')
+    h.ws.config.write_text(config.replace(f'base_url = "{h.emulator.url}"', f'base_url = "{h.emulator.url}/openai/v1"'))
+    h.ws.env["OPENAI_API_KEY"] = "acceptance-key"
+
+
 def use_gemini(h: Harness, model: str = "gemini-2.5-flash") -> None:
     """Point the harness's daemon at the emulator's Gemini dialect, with a model for its batches."""
     config = h.ws.config.read_text().replace('kind = "together"', f'kind = "gemini"\nmodel = "{model}"')

@@ -8,7 +8,7 @@ import pytest
 
 from batchd import crashpoints
 from tests.acceptance import crash_scenario
-from tests.acceptance.conftest import chat, harness
+from tests.acceptance.conftest import chat, harness, use_openai
 
 pytestmark = pytest.mark.each_database
 
@@ -39,11 +39,7 @@ async def test_the_gemini_path_killed_anywhere_creates_no_second_batch(tmp_path:
 
 async def test_openai_dialect_killed_between_create_and_commit_adopts_by_metadata(tmp_path: Path) -> None:
     async with harness(tmp_path) as h:
-        config = h.ws.config.read_text().replace('kind = "together"', 'kind = "openai"')
-        h.ws.config.write_text(
-            config.replace(f'base_url = "{h.emulator.url}"', f'base_url = "{h.emulator.url}/openai/v1"')
-        )
-        h.ws.env["OPENAI_API_KEY"] = "acceptance-key"
+        use_openai(h)
         h.ws.drop("oa.jsonl", [chat("a"), chat("b")])
         first = h.start(env={crashpoints.ENV: "after_create_answer"})
         assert await first.wait(timeout=60) == -9

@@ -266,6 +266,8 @@ def write_config(root: Path, base_url: str) -> Path:
 [provider]
 kind = "together"
 base_url = "{base_url}"
+# The emulator's stored copy of each upload matches creates to drops: kept after the batch ends.
+delete_files = "none"
 
 [polling]
 min_interval_s = 0.2
