@@ -68,8 +68,9 @@ class Plan:
     #: the field naming a request in the input and the answers (request_rules.id_key); with
     #: "key", the answers are Gemini's (`response` is the success's body, `error` a failure)
     key: str = "custom_id"
-    #: the answer files (by index) of batches batchd cancelled as stuck: an Anthropic `canceled`
-    #: result there says the request never ran, and it gets the unanswered line instead
+    #: the answer files (by index) of cancelled batches (the user's cancel, or batchd's of a stuck
+    #: batch): an Anthropic `canceled` result there says the request never ran, and it gets the
+    #: unanswered line instead
     unrun_files: tuple[int, ...] = ()
 
     def as_tuple(self) -> tuple[Any, ...]:
@@ -87,7 +88,7 @@ def plan_merge(
     unrun: Collection[Path] = (),
 ) -> Plan:
     """The plan of a merge: partitions sized by the input, scan items by the answer files
-    (`unrun`: those of batches batchd cancelled as stuck, see Plan.unrun_files)."""
+    (`unrun`: those of cancelled batches, see Plan.unrun_files)."""
     bases: list[int] = []
     chunks: list[tuple[int, int, int]] = []
     position = 0

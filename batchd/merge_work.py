@@ -165,7 +165,7 @@ class Worker:
         key = self.plan.key
         # Gemini's answers: a `response` is the success itself, an `error` the failure.
         gemini = key == "key"
-        # A batch batchd cancelled as stuck: its `canceled` results are no answers (Plan.unrun_files).
+        # A cancelled batch: its `canceled` results are no answers (Plan.unrun_files).
         unrun = file in self.plan.unrun_files
         position = self.plan.bases[file] + start
         end += self.plan.bases[file]

@@ -218,8 +218,8 @@ def merge_results(
     a helper process shares the work (merge_helper.py); if it fails, the merge
     is done again without it (``results.helper_failed``). `key` is the field that names a
     request (request_rules.id_key): "key" for Gemini, whose answers it then reads as Gemini's.
-    `unrun`: answer files of batches batchd cancelled as stuck, in which an Anthropic `canceled`
-    result counts as no answer (the request gets the line with `unanswered_code`).
+    `unrun`: answer files of cancelled batches (the user's cancel, or batchd's of a stuck batch),
+    in which an Anthropic `canceled` result counts as no answer (the request gets the line with `unanswered_code`).
     """
     if unanswered_code not in UNANSWERED_CODES:
         raise ValueError(f"unanswered_code must be one of {sorted(UNANSWERED_CODES)}, got {unanswered_code!r}")

@@ -28,7 +28,7 @@ from batchd import chaos, lifecycle, metrics
 from batchd.crashpoints import crashpoint
 from batchd.daemon.context import Context, db
 from batchd.daemon.submit import Submitter
-from batchd.models import FileFate, FileKind, Job, JobState, RemoteBatchRecord
+from batchd.models import BatchStatus, FileFate, FileKind, Job, JobState, RemoteBatchRecord
 from batchd.outbox import (
     OUTBOX_FILES,
     iso,
@@ -100,7 +100,7 @@ class Finisher:
             unanswered_code=code,
             scratch_dir=work,
             key=id_key(job.provider),
-            unrun=_stuck_answers(job, batches, work),
+            unrun=_unrun_answers(job, batches, work),
         )
         source_changed = await self._check_source(job)
         followup = lifecycle.wants_followup(job, settings.resubmit.max_rounds)
@@ -275,14 +275,17 @@ def _answer_path(work: Path, batch: RemoteBatchRecord, kind: str) -> Path:
     return work / f"batch-{batch.id}.{kind}.jsonl"
 
 
-def _stuck_answers(job: Job, batches: list[RemoteBatchRecord], work: Path) -> set[Path]:
-    """The downloaded files of the batches batchd cancelled as stuck: what they say was cancelled
-    never ran, and is treated as unanswered (expired), not as the user's cancel. After the
-    user's own cancel, a cancel is what it is."""
+def _unrun_answers(job: Job, batches: list[RemoteBatchRecord], work: Path) -> set[Path]:
+    """The downloaded files whose `canceled` results (Anthropic's line for a request a cancel kept
+    from running) are no answers: the request is unanswered, and its line is batchd's own with
+    the round's code. Those of every batch that ended cancelled after the user's cancel (the
+    job then ends `cancelled`, not `completed`: DESIGN §2), else those of the batches batchd
+    cancelled as stuck (expired: they go to a follow-up round)."""
     if job.cancel_requested:
-        return set()
-    stuck = [b for b in batches if lifecycle.cancelled_as_stuck(b)]
-    return {_answer_path(work, b, kind) for b in stuck for kind in ("output", "errors")}
+        cancelled = [b for b in batches if b.status == BatchStatus.CANCELLED]
+    else:
+        cancelled = [b for b in batches if lifecycle.cancelled_as_stuck(b)]
+    return {_answer_path(work, b, kind) for b in cancelled for kind in ("output", "errors")}
 
 
 def _finished_document(job: Job) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from structlog.testing import capture_logs
 
@@ -17,7 +18,7 @@ from batchd.emulator.timeline import Timeline
 from batchd.models import BatchStatus, JobState
 from batchd.status.pages import job_page
 from batchd.status.queries import JobDetail
-from tests.integration.daemon_rig import chat, gemini, message, rig
+from tests.integration.daemon_rig import chat, eventually, gemini, message, rig
 
 #: One second: long enough for a bound batch to be polled a few times first (every 0.02-0.1 s).
 STUCK = "stuck_after_s = 1\n"
@@ -132,3 +133,24 @@ async def test_jobs_polled_by_a_list_sweep_are_found_stuck_too(tmp_path: Path) -
             assert [line["custom_id"] for line in r.outbox_lines(name, "output.jsonl")] == [f"{name}-a", f"{name}-b"]
         listed = (await r.stats())["requests"].get("GET /v1/batches", 0)
         assert listed > 0  # the sweep's list call did the polling
+
+
+async def test_an_anthropic_job_the_user_cancelled_ends_cancelled_with_its_unrun_requests_unanswered(
+    tmp_path: Path,
+) -> None:
+    # Anthropic writes a `canceled` result for each request a cancel kept from running: those are
+    # no answers, so the job ends `cancelled` (DESIGN §2), not `completed`.
+    async with rig(tmp_path, kind="anthropic") as r:
+        r.drop("stop.jsonl", [message("a", HELD), message("b", HELD)])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(r.drain)
+            await eventually(lambda: bool(r.store.jobs.select()) and r.job("stop").state is JobState.IN_PROGRESS)
+            r.store.jobs.request_cancel(r.job("stop").id)
+            r.daemon.wake()
+        assert r.job("stop").state is JobState.CANCELLED
+        errors = r.outbox_lines("stop", "errors.jsonl")
+        assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+            ("a", "batch_cancelled"),
+            ("b", "batch_cancelled"),
+        ]
+        assert r.job_json("stop")["unanswered"] == 2
