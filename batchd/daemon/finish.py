@@ -203,7 +203,7 @@ class Finisher:
         for batch in lifecycle.current_round(job, batches):
             if not batch.input_file_id or batch.fate(FileKind.INPUT) is not None:
                 continue
-            if await db(self._ctx.store.batches.input_shared, batch.input_file_id, job.id):
+            if await db(self._ctx.store.batches.input_shared, batch.input_file_id, job.id, batch.sha256):
                 log.info("job.input_kept", job_id=job.id, file_id=batch.input_file_id, reason="another job uses it")
                 continue
             await self._delete(job, batch, FileKind.INPUT, batch.input_file_id, provider.delete_file)

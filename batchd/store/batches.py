@@ -24,6 +24,7 @@ from sqlalchemy import (
     bindparam,
     func,
     literal,
+    or_,
     select,
     update,
 )
@@ -354,15 +355,22 @@ class RemoteBatchStore:
             row = conn.execute(select(remote_batches).where(remote_batches.c.id == record_id)).one()
         return remote_from_row(row._mapping)
 
-    def input_shared(self, file_id: str, job_id: str) -> bool:
+    def input_shared(self, file_id: str, job_id: str, sha256: str | None = None) -> bool:
         """Whether another live job's batch that has not ended uses `file_id` as its input (or
         may: created with it, or about to be). Together gives the same file id to the same
-        content uploaded twice, so one job's ended round must not delete another's input."""
+        content uploaded twice, so one job's ended round must not delete another's input: nor
+        one that a batch of the same content (`sha256`) not uploaded yet may be given by its
+        upload (its answer may be on its way, not yet recorded)."""
+        same = remote_batches.c.input_file_id == file_id
+        if sha256:
+            same = or_(
+                same, and_(remote_batches.c.sha256 == sha256, remote_batches.c.status == BatchStatus.PENDING.value)
+            )
         query = (
             select(remote_batches.c.id)
             .join(jobs, jobs.c.id == remote_batches.c.job_id)
             .where(
-                remote_batches.c.input_file_id == file_id,
+                same,
                 remote_batches.c.job_id != job_id,
                 remote_batches.c.status.in_([s.value for s in BatchStatus if s.waiting or s.live]),
                 jobs.c.state.in_(LIVE_STATES),

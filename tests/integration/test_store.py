@@ -24,6 +24,7 @@ from batchd.store import (
     Hold,
     IllegalTransition,
     Lease,
+    NewJob,
     NextCheck,
     Parked,
     RetryLater,
@@ -33,7 +34,7 @@ from batchd.store import (
     Store,
 )
 from tests.databases import SQLITE, database_url
-from tests.store_helpers import add_job, end_job, fail_attempt
+from tests.store_helpers import add_in_flight, add_job, end_job, fail_attempt
 
 pytestmark = pytest.mark.each_database
 
@@ -473,3 +474,19 @@ def test_a_finished_job_is_nobodys_and_a_rejected_one_ends_when_it_begins(tmp_pa
         assert rejected.finished_at is not None and rejected.created_at == rejected.finished_at
     finally:
         store.close()
+
+
+def test_an_input_another_live_job_uses_or_may_be_given_is_kept(store: Store) -> None:
+    # Together gives the same content the same file id: job A's ended round must not delete an
+    # input that job B's batch uses, nor one B's upload of the same content may be answered with.
+    same, other = "5" * 64, "6" * 64
+    add_in_flight(store, "a" * 32, "a", remote_id="ra", next_check_at=store.now() + 60)
+    store.jobs.insert(NewJob(id="b" * 32, name="b", source="b.jsonl", provider="together"))
+    shard = ShardPlan(input_path="/x/b.jsonl", request_count=1, size_bytes=10, sha256=same)
+    (pending,) = store.batches.plan_round("b" * 32, expect=JobState.RECEIVED, round_=0, shards=[shard])
+    assert store.batches.input_shared("file-1", "a" * 32, same)  # B has not uploaded yet
+    assert not store.batches.input_shared("file-1", "a" * 32, other)
+    store.batches.record_upload(pending.id, file_id="file-1", intent_at=store.now())
+    assert store.batches.input_shared("file-1", "a" * 32, other)  # B's create will use it
+    store.batches.refuse(store.batches.of_job("b" * 32)[0], "refused by a test")
+    assert not store.batches.input_shared("file-1", "a" * 32, same)  # nothing of B reads it now
