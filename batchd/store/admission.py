@@ -92,22 +92,6 @@ class AdmissionStore:
             written = job_from_row(conn.execute(select(jobs).where(jobs.c.id == job_id)).one()._mapping)
         return Verdict(written, reason)
 
-    def let_in(self, job_id: str, *, expect: JobState, cost: float | None) -> Job:
-        """Record a job as let in without a check (nothing limits its provider or the spend): the
-        spend of its day still counts it. One UPDATE, folded into no other transaction."""
-        now = self._db.now()
-        with self._db.write() as conn:
-            guard(conn, job_id)
-            changed = conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.state == expect.value, jobs.c.admitted_at.is_(None))
-                .values(admitted_at=now, estimated_cost_usd=cost, updated_at=now)
-            ).rowcount
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
-        if row is None or (changed != 1 and row.state != expect.value):
-            raise StaleState(f"job {job_id} is not in state {expect.value}")
-        return job_from_row(row._mapping)
-
     def wake_heads(self) -> int:
         """Make the first queued job of each provider due now (room may have freed up): it asks
         for admission again, and if let in, wakes the next. Returns how many were woken."""

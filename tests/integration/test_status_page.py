@@ -227,3 +227,38 @@ async def test_without_a_token_file_the_page_is_open_and_serves_its_assets(tmp_p
         html = (await client.get("/")).text
         # Nothing from elsewhere: every src and href is one of the listener's own paths.
         assert all(link.startswith("/") for link in re.findall(r'(?:src|href)="([^"]*)"', html))
+
+
+async def test_spend_against_the_budget_is_on_the_page_and_in_metrics(tmp_path: Path) -> None:
+    from batchd.admission import Limit, period_starts
+    from batchd.status.queries import spend_against_budget
+
+    store = Store(database_url(tmp_path / "batchd.db"))
+    store.migrate()
+    raw = {
+        "state_dir": str(tmp_path / "state"),
+        "pricing": {"m": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}},
+        "budget": {"usd_per_day": 10, "usd_per_month": 100},
+    }
+    settings = build_settings(raw, base_dir=tmp_path, environ={}, config_path=None)
+    day, month = period_starts(store.now())
+    limit = Limit(usd_per_day=10, usd_per_month=100, day_start=day, month_start=month)
+    for n, cost in ((1, 2.5), (2, 1.25)):
+        add_job(store, job_id(n), f"job-{n}", model="m")
+        verdict = store.admission.admit(job_id(n), expect=JobState.RECEIVED, limit=limit, shards=lambda _: 1, cost=cost)
+        assert verdict.admitted
+    m = metrics.enable()
+    try:
+        spend = lambda: spend_against_budget(store, settings, store.now())  # noqa: E731
+        routes = status_routes(store, lambda: settings)
+        app = create_metrics_app(Health(LoopMonitor(store), store), m.registry, routes=routes, spend=spend)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://batchd") as client:
+            page = (await client.get("/")).text
+            await client.get("/metrics")
+        assert 'Spend (estimated, UTC) today: <span class="num">$3.75</span> of' in page
+        assert 'this month: <span class="num">$3.75</span> of <span class="num">$100.00</span>' in page
+        assert m.registry.get_sample_value("batchd_spend_usd", {"period": "day"}) == 3.75
+        assert m.registry.get_sample_value("batchd_budget_usd", {"period": "month"}) == 100.0
+    finally:
+        metrics.disable()
+        store.close()
