@@ -42,6 +42,11 @@ class Admitter:
         self._room = True
         #: jobs may be waiting in the queue (this daemon queued one, or a wake-up found some)
         self._waiting = True
+        #: counts the jobs this daemon queued: a count of the queue read meanwhile may not have
+        #: seen them, so it may not say "nothing waits" (see tick)
+        self._queued = 0
+        #: admissions under way (their outcome may be a queued job)
+        self._admitting = 0
         #: when the queue is next woken by time
         self._recheck_at: float | None = None
 
@@ -68,17 +73,25 @@ class Admitter:
                 "job.cost_unknown", job_id=job.id, model=job.model, budget="not counted: its model has no price"
             )
         limits = self._ctx.provider_settings(job).limits
-        verdict: Verdict = await db(
-            self._ctx.store.admission.admit, job.id, expect=job.state, limit=limit,
-            shards=lambda other: admission.expected_shards(other, limits), cost=cost,
-        )  # fmt: skip
+        # While the admission runs: room that frees up meanwhile must wake the queue this job may
+        # join (room_freed), and no count of the queue read meanwhile may conclude that nothing
+        # waits (tick).
+        self._waiting = True
+        self._admitting += 1
+        try:
+            verdict: Verdict = await db(
+                self._ctx.store.admission.admit, job.id, expect=job.state, limit=limit,
+                shards=lambda other: admission.expected_shards(other, limits), cost=cost,
+            )  # fmt: skip
+        finally:
+            self._admitting -= 1
         if verdict.admitted:
             crashpoint("after_admitted")
             if job.state is JobState.QUEUED:
                 log.info("job.admitted", job_id=job.id, waited_s=round(self._ctx.clock() - job.updated_at, 3))
             self.room_freed()  # the next in the queue may fit too
             return verdict.job
-        self._waiting = True
+        self._note_queued()
         if verdict.reason != job.wait_reason:
             log.info("job.queued", job_id=job.id, provider=job.provider_name, reason=verdict.reason)
         return None
@@ -92,14 +105,9 @@ class Admitter:
             return False
         delay = self.wait_s(job, exc.retry_after)
         reason = f"its provider's queue is full ({exc.message}); asking again within {delay:.0f} s or as room frees up"
-        await db(
-            self._ctx.store.jobs.wait_for_room,
-            job.id,
-            expect=job.state,
-            reason=reason,
-            retry_at=self._ctx.clock() + delay,
-        )
-        self._waiting = True
+        retry_at = self._ctx.clock() + delay
+        await db(self._ctx.store.jobs.wait_for_room, job.id, expect=job.state, reason=reason, retry_at=retry_at)
+        self._note_queued()
         return True
 
     async def batch_failed_full(self, job: Job, row: RemoteBatchRecord, remote: RemoteBatch) -> None:
@@ -116,7 +124,7 @@ class Admitter:
             self._ctx.store.batches.requeue, row, remote, expect=job.state, reason=reason,
             retry_at=self._ctx.clock() + delay,
         )  # fmt: skip
-        self._waiting = True
+        self._note_queued()
 
     async def learn(self, job: Job, message: str) -> None:
         """What a "queue full" answer teaches: the queue held no more than this model's tokens in
@@ -150,6 +158,10 @@ class Admitter:
 
     # ------------------------------------------------------------ wake-ups
 
+    def _note_queued(self) -> None:
+        self._queued += 1
+        self._waiting = True
+
     def room_freed(self) -> None:
         """Something left the provider's flight (a round ended, a job was let in): the queue's
         heads ask again at the scheduler's next tick."""
@@ -158,21 +170,26 @@ class Admitter:
             self._ctx.wake()
 
     async def tick(self, now: float) -> float | None:
-        """Wake the queue's heads if room freed up or it is time; return when to come back (None:
-        nothing waits)."""
-        if not self._waiting:
-            return None
-        if self._room or (self._recheck_at is not None and now >= self._recheck_at):
+        """Wake the queue's heads if room freed up or it is time; return when to come back.
+
+        While nothing is known to wait, the queue is still read every QUEUE_RECHECK_S (one count
+        on an index): jobs another daemon queued and this one took over, say, are not forgotten."""
+        due = self._recheck_at is not None and now >= self._recheck_at
+        if not self._waiting and due:
+            self._waiting = self._room = bool(await db(self._ctx.store.admission.queued_count))
+            self._recheck_at = None
+        if self._waiting and (self._room or due):
             self._room = False
+            queued_before = self._queued
             woken = await db(self._ctx.store.admission.wake_heads)
-            self._waiting = bool(await db(self._ctx.store.admission.queued_count))
+            waiting = bool(await db(self._ctx.store.admission.queued_count))
+            # A job queued while these read (a step runs beside this) keeps the queue looked after.
+            self._waiting = waiting or self._queued != queued_before or self._admitting > 0
             if woken:
                 log.debug("admission.woken", jobs=woken)
             self._recheck_at = None
-        if not self._waiting:
-            return None
         if self._recheck_at is None:
             self._recheck_at = now + QUEUE_RECHECK_S
-            if self._ctx.settings.budget.usd_per_day or self._ctx.settings.budget.usd_per_month:
+            if self._waiting and (self._ctx.settings.budget.usd_per_day or self._ctx.settings.budget.usd_per_month):
                 self._recheck_at = min(self._recheck_at, admission.next_period(now))
         return self._recheck_at

@@ -192,3 +192,68 @@ def test_an_openai_batch_failed_unrun_for_a_full_queue_reads_as_a_wait() -> None
     other = {**wire, "errors": {"object": "list", "data": [{"code": "invalid_json_line", "line": 2}]}}
     assert not parse_batch(other).queue_full
     assert not parse_batch({**wire, "status": "completed"}).queue_full
+
+
+# ---------------------------------------------------------------- the daemon's wake-ups
+
+
+async def test_a_count_of_the_queue_read_while_an_admission_runs_never_forgets_that_job() -> None:
+    """A job being let in may end up queued: a count of the queue that read before its answer
+    committed must not conclude that nothing waits, or the room that frees up later would wake
+    nobody (the job would wait for ever)."""
+    import threading
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    import anyio
+
+    from batchd.config import BudgetSettings
+    from batchd.daemon.admission import Admitter
+    from batchd.daemon.context import Context
+    from batchd.store import Verdict
+
+    started, answer, queued = threading.Event(), threading.Event(), [0]
+    calls = {"wake_heads": 0}
+    job_ = job()
+
+    def admit(*_: Any, **__: Any) -> Verdict:
+        started.set()
+        answer.wait(10)  # the admission's transaction, answered once the test says so
+        queued[0] = 1
+        return Verdict(job_, "its provider has 1 of max_batches_in_flight = 1 batches in flight; it needs 1")
+
+    def wake_heads() -> int:
+        calls["wake_heads"] += 1
+        return queued[0]
+
+    store = SimpleNamespace(
+        admission=SimpleNamespace(admit=admit, wake_heads=wake_heads, queued_count=lambda: queued[0])
+    )
+    provider = ProviderSettings(max_batches_in_flight=1)
+    settings = SimpleNamespace(
+        budget=BudgetSettings(), pricing={}, provider_named=lambda _: provider,
+        polling=SimpleNamespace(min_interval_s=1.0, max_interval_s=2.0),
+    )  # fmt: skip
+    ctx = Context(
+        cast(Any, settings), store=cast(Any, store), provider=cast(Any, None), daemon_id="d", clock=lambda: 100.0,
+        rng=cast(Any, None), wake=lambda: None, poke_deliverer=lambda: None, faults=cast(Any, None),
+    )  # fmt: skip
+    admitter = Admitter(ctx)
+    await admitter.tick(100.0)  # at start: nothing waits
+    assert calls["wake_heads"] == 1
+    results: list[Job | None] = []
+    async with anyio.create_task_group() as tg:
+
+        async def gate() -> None:
+            results.append(await admitter.gate(job_))
+
+        tg.start_soon(gate)
+        while not started.is_set():  # noqa: ASYNC110 - the admission runs in a worker thread
+            await anyio.sleep(0.001)
+        admitter.room_freed()  # a round ended meanwhile
+        await admitter.tick(100.0)  # reads an empty queue: the admission has not answered
+        answer.set()
+    assert results == [None]  # queued
+    admitter.room_freed()  # room frees up later: the queued job's head is woken
+    await admitter.tick(100.0)
+    assert calls["wake_heads"] == 3
