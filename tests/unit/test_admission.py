@@ -252,8 +252,9 @@ async def test_a_count_of_the_queue_read_while_an_admission_runs_never_forgets_t
             await anyio.sleep(0.001)
         admitter.room_freed()  # a round ended meanwhile
         await admitter.tick(100.0)  # reads an empty queue: the admission has not answered
+        assert calls["wake_heads"] == 2
+        admitter.room_freed()  # another round ends, before the admission's answer (queued) is back
         answer.set()
     assert results == [None]  # queued
-    admitter.room_freed()  # room frees up later: the queued job's head is woken
-    await admitter.tick(100.0)
+    await admitter.tick(100.0)  # that room wakes the queue's head: the job asks again
     assert calls["wake_heads"] == 3
