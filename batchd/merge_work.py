@@ -213,7 +213,8 @@ class Worker:
                         # Anthropic's result line: the message is the success's body.
                         ok = True
                         body = result.get("message")
-                    elif unrun and kind == "canceled":
+                    elif kind == "expired" or (unrun and kind == "canceled"):
+                        # Never run: no answer (the request gets the round's unanswered line).
                         continue
                 if ok:
                     usage = body.get("usageMetadata" if gemini else "usage") if type(body) is dict else None

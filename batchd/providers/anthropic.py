@@ -8,9 +8,11 @@ from the OpenAI-format dialects, and how it fits the `Provider` protocol:
   streams the body from `input_path` (the upload copy or a shard), a line at a time, never
   the whole file in memory. The request lines are Anthropic's own (`{"custom_id", "params"}`),
   validated before (request_rules.AnthropicRules), so they are sent as they are.
-* A batch is `in_progress`, `canceling` or `ended`; `ended` becomes COMPLETED, or CANCELLED
-  when a cancel was asked for. What happened to each request is in its result line
-  (`succeeded`, `errored`, `canceled`, `expired`), not in the batch's status.
+* A batch is `in_progress`, `canceling` or `ended`; `ended` becomes COMPLETED, CANCELLED
+  when a cancel was asked for, or EXPIRED when its counts say requests expired unrun (its 24
+  hours ran out). What happened to each request is in its result line (`succeeded`,
+  `errored`, `canceled`, `expired`); an `expired` one is no answer: the request gets the
+  round's unanswered line (`batch_expired`), and a follow-up round.
 * The results come from the batch's `results_url` (never a guessed path), named as the
   batch's output "file" so that the daemon downloads them as it downloads any output file;
   the key is only ever sent to the API's own origin.
@@ -66,8 +68,15 @@ def _status(obj: Mapping[str, Any], batch_id: str) -> RemoteStatus:
     if processing == "canceling":
         return RemoteStatus.CANCELLING
     if processing == "ended":
-        # Each request's result says what happened to it; the batch only ended, or was cancelled.
-        return RemoteStatus.CANCELLED if obj.get("cancel_initiated_at") else RemoteStatus.COMPLETED
+        # Each request's result says what happened to it; the batch only ended, was cancelled, or
+        # ran out of its 24 hours with requests never run (their `expired` results: no answers).
+        if obj.get("cancel_initiated_at"):
+            return RemoteStatus.CANCELLED
+        counts = obj.get("request_counts")
+        expired = counts.get("expired") if isinstance(counts, Mapping) else None
+        if isinstance(expired, int) and not isinstance(expired, bool) and expired > 0:
+            return RemoteStatus.EXPIRED
+        return RemoteStatus.COMPLETED
     raise ProviderError(f"MessageBatch {batch_id}: unknown processing_status {processing!r}")
 
 

@@ -176,3 +176,19 @@ async def test_a_create_sent_again_never_reads_a_shard_swapped_for_a_symlink(tmp
             await eventually(lambda: "does not follow what it did not make" in (r.job("planted").last_error or ""))
             r.daemon.stop()
         assert (await r.stats())["batch_creates"] == []
+
+
+async def test_requests_that_expired_unrun_through_every_round_end_the_job_expired(tmp_path: Path) -> None:
+    # Anthropic writes an `expired` result for each request its batch's 24 hours left unrun: no
+    # answer. With no follow-up round left, the job ends `expired` (DESIGN §2), not `completed`.
+    async with rig(tmp_path, kind="anthropic", provider_lines="[resubmit]\nmax_rounds = 0\n") as r:
+        r.drop("late.jsonl", [message("a"), message("b", {"expire_once": True}), message("c")])
+        await r.drain()
+        assert r.job("late").state is JobState.EXPIRED
+        assert [line["custom_id"] for line in r.outbox_lines("late", "output.jsonl")] == ["a"]
+        errors = r.outbox_lines("late", "errors.jsonl")
+        assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+            ("b", "batch_expired"),
+            ("c", "batch_expired"),
+        ]
+        assert r.job_json("late")["unanswered"] == 2

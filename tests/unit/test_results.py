@@ -213,8 +213,10 @@ def test_anthropic_results_split_into_output_and_errors_in_input_order_with_usag
     assert (result.completed, result.failed, result.total) == (2, 4, 6)
     assert out_lines(tmp_path, "output.jsonl") == [lines["b"], lines["c"]]  # verbatim, in input order
     errors = out_lines(tmp_path, "errors.jsonl")
-    assert errors[:3] == [lines["a"], lines["d"], lines["e"]]
-    assert json.loads(errors[3])["custom_id"] == "f"  # never returned: synthesized as for any dialect
+    assert [errors[0], errors[2]] == [lines["a"], lines["e"]]
+    # Expired unrun, and never returned: no answers, synthesized as for any dialect.
+    assert [json.loads(errors[i])["custom_id"] for i in (1, 3)] == ["d", "f"]
+    assert all(json.loads(errors[i])["response"] is None for i in (1, 3)) and result.unanswered == 2
     assert result.usage == {key: 2 * value for key, value in usage.items()}
 
 
