@@ -278,6 +278,9 @@ class Inbox:
                     self._finish_rejection(job, self._analyse_for_report(job))
                 except Exception as exc:
                     log.exception("inbox.rejection_unfinished", job_id=job.id, error=str(exc))
+        # The events a crash left held (between a rejection's record and its move): the moves
+        # are done now.
+        self._store.deliveries.release_held()
         return jobs
 
     def recover_abandoned(self) -> list[Job]:
@@ -491,7 +494,12 @@ class Inbox:
             report_path.unlink(missing_ok=True)
             return job
         log.warning("inbox.rejected", job_id=job_id, source=source, reason=rejection.reason)
-        self._finish_rejection(job, rejection.report)
+        try:
+            self._finish_rejection(job, rejection.report)
+        finally:
+            # The file is in rejected/ with its report: its event may go. (Should the move fail, it
+            # goes anyway: a rejection is news even when its file could not be moved yet.)
+            self._store.deliveries.release_held(job_id)
         return job
 
     def _finish_rejection(self, job: Job, report: str) -> None:

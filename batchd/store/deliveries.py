@@ -20,9 +20,16 @@ from batchd.store.schema import deliveries, endpoints, events
 from batchd.store.signals import Signal, bump
 from batchd.store.writes import DeadLettered, Delivered, DeliveryOutcome, EndpointGone, Parked, RetryLater
 
+#: The `next_attempt_at` of a delivery held until its event's side effect is done (a rejected
+#: file's event, until the file is in `rejected/`): never due, until `release_held`.
+HELD = 2.0**62
 
-def insert_events(conn: Connection, job_id: str | None, new: Sequence[NewEvent], now: float) -> None:
-    """Insert events and a pending delivery per target, in the caller's transaction (the outbox)."""
+
+def insert_events(
+    conn: Connection, job_id: str | None, new: Sequence[NewEvent], now: float, *, held: bool = False
+) -> None:
+    """Insert events and a pending delivery per target, in the caller's transaction (the outbox);
+    `held`: not to be sent before `release_held` (what the event says is still being done)."""
     for ev in new:
         conn.execute(insert(events).values(id=ev.id, job_id=job_id, type=ev.type, body=ev.body, created_at=now))
         for url, secret_ref in ev.targets:
@@ -33,7 +40,7 @@ def insert_events(conn: Connection, job_id: str | None, new: Sequence[NewEvent],
                     secret_ref=secret_ref,
                     state=DeliveryState.PENDING.value,
                     attempts=0,
-                    next_attempt_at=now,
+                    next_attempt_at=HELD if held else now,
                 )
             )
 
@@ -116,7 +123,7 @@ class DeliveryStore:
         """
         query = (
             select(deliveries.c.next_attempt_at)
-            .where(deliveries.c.state == DeliveryState.PENDING.value)
+            .where(deliveries.c.state == DeliveryState.PENDING.value, deliveries.c.next_attempt_at < HELD)
             .order_by(deliveries.c.next_attempt_at)
             .limit(1)
         )
@@ -138,6 +145,21 @@ class DeliveryStore:
             query = query.where(events.c.job_id == job_id)
         with self._db.read() as conn:
             return [delivery_from_row(r._mapping) for r in conn.execute(query).all()]
+
+    def release_held(self, job_id: str | None = None) -> int:
+        """The held deliveries of `job_id`'s events (all of them without one: at start-up, once
+        the half-done work they waited for is done) are due now; the daemons are told."""
+        now = self._db.now()
+        query = update(deliveries).where(
+            deliveries.c.state == DeliveryState.PENDING.value, deliveries.c.next_attempt_at == HELD
+        )
+        if job_id is not None:
+            query = query.where(deliveries.c.event_id.in_(select(events.c.id).where(events.c.job_id == job_id)))
+        with self._db.write() as conn:
+            released = int(conn.execute(query.values(next_attempt_at=now)).rowcount)
+            if released:
+                bump(conn, Signal.DELIVERIES)
+        return released
 
     def pending_count(self) -> int:
         with self._db.read() as conn:

@@ -242,16 +242,20 @@ class JobStore:
         # Created and finished at the same moment: a finish time before the creation time
         # (two readings of the clock) reads as a bug to anyone looking at it.
         values = {**asdict(rejected), "state": JobState.REJECTED.value, "created_at": rejected.finished_at}
-        return self._insert(values, events)
+        # Its event is held until the file is in rejected/ (`release_held`): a receiver told of
+        # the rejection finds the file and its report there.
+        return self._insert(values, events, held=True)
 
-    def _insert(self, values: dict[str, Any], events: Sequence[NewEvent], *, wake: Signal | None = None) -> Job:
+    def _insert(
+        self, values: dict[str, Any], events: Sequence[NewEvent], *, wake: Signal | None = None, held: bool = False
+    ) -> Job:
         now = self._db.now()
         values = {"created_at": now, "updated_at": now, "metadata": {}, **values}
         try:
             with self._db.write() as conn:
                 conn.execute(insert(jobs).values(**values))
                 refresh_due(conn, [values["id"]], now)
-                insert_events(conn, values["id"], events, now)
+                insert_events(conn, values["id"], events, now, held=held)
                 if wake is not None:
                     bump(conn, wake)
                 row = conn.execute(select(jobs).where(jobs.c.id == values["id"])).one()

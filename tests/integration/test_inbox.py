@@ -682,3 +682,50 @@ def replace_id(env: Env, job: Job | None) -> NewJob:
     if job is not None:
         return NewJob(id=job.id, name=job.name, source=job.source, provider=job.provider)
     return NewJob(id=uuid.uuid4().hex, name="c", source="c.jsonl", provider="local")
+
+
+def test_a_rejections_event_is_not_sent_before_its_file_is_in_rejected(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchd import rejections
+
+    finish = rejections.finish
+    seen: list[int] = []
+
+    def watched(*args: Any, **kwargs: Any) -> None:
+        # While the file is being moved, its event is recorded but not due: a receiver told of
+        # the rejection always finds rejected/NAME and its report.
+        seen.append(len(env.store.deliveries.due(env.store.now() + 1)))
+        finish(*args, **kwargs)
+
+    monkeypatch.setattr(rejections, "finish", watched)
+    env.drop("empty.jsonl", b"")
+    job = env.take("empty.jsonl")
+    assert seen == [0]
+    (due,) = env.store.deliveries.due(env.store.now())
+    assert due.job_id == job.id and due.event_type == "batch.rejected"
+    assert (env.inbox_dir / "rejected" / "empty.jsonl").exists()
+
+
+def test_a_rejections_event_held_by_a_kill_before_the_move_goes_once_recovery_moved_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchd import rejections
+
+    def killed(*_: Any, **__: Any) -> None:
+        raise SystemExit("killed before the move")
+
+    env.drop("empty.jsonl", b"")
+    with monkeypatch.context() as kill:
+        # A kill runs nothing after it: neither the move nor the release that follows it.
+        kill.setattr(rejections, "finish", killed)
+        kill.setattr(env.store.deliveries, "release_held", lambda *_, **__: 0)
+        with pytest.raises(SystemExit):
+            env.take("empty.jsonl")
+    (job,) = env.store.jobs.select([JobState.REJECTED])
+    assert env.store.deliveries.due(env.store.now() + 1) == []  # recorded, held
+    assert env.store.deliveries.next_due_at() is None
+    env.inbox.recover()
+    assert (env.inbox_dir / "rejected" / "empty.jsonl").exists()
+    (due,) = env.store.deliveries.due(env.store.now())
+    assert due.job_id == job.id
