@@ -29,7 +29,7 @@ import stat
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -39,10 +39,12 @@ from batchd import claims, rejections
 from batchd.claims import Taking
 from batchd.config import DEFAULT_PROVIDER, ProviderSettings, Settings
 from batchd.crashpoints import crashpoint
-from batchd.models import Job, JobState
+from batchd.models import Job, JobState, Limits
 from batchd.outbox import outbox_name
+from batchd.packs import PACK_NAME, write_pack
 from batchd.recovery import ClaimRecovery
 from batchd.rejections import Rejection, from_report, whole_file
+from batchd.request_rules import id_key
 from batchd.safe_fs import NotRegularFile, make_dirs, open_regular, real_dir
 from batchd.source_file import SourceState, snapshot
 from batchd.specs import Spec, batch_model, is_ignored_name, move_data, open_data, read_spec, spec_data
@@ -239,8 +241,14 @@ class Inbox:
                         accepted.append(outcome)
                     elif outcome is not None:
                         done.append(outcome)
-                for job in self._store.jobs.insert_many(accepted) if accepted else []:
-                    log.info("inbox.accepted", job_id=job.id, source=job.source, requests=job.request_count)
+                for job in self._store.jobs.insert_many(self._pack(accepted)) if accepted else []:
+                    if job.is_pack:
+                        log.info("inbox.packed", job_id=job.id, files=job.pack_members, requests=job.request_count)
+                    else:
+                        log.info(
+                            "inbox.accepted", job_id=job.id, source=job.source, requests=job.request_count,
+                            pack_id=job.pack_id,
+                        )  # fmt: skip
                     done.append(job)
             except Exception:
                 # The database, a full disk: the claims wait for the next recovery pass.
@@ -248,6 +256,59 @@ class Inbox:
                     self._recovery.defer(job_id)
                 raise
         return done
+
+    def _pack(self, accepted: list[NewJob]) -> list[NewJob]:
+        """The jobs to record for `accepted`: small files that agree on what a batch is made of
+        go into packs of two or more, each with its pack job (packs.py); the rest as they are.
+
+        The pack's upload copy is written before anything is recorded: a crash before the commit
+        leaves the claims without jobs, which recovery takes again (alone, unpacked), and the
+        copy, which nothing then reads."""
+        settings = self._settings()
+        most = settings.inbox.pack_max_requests
+        if most <= 0 or len(accepted) < 2:
+            return accepted
+        groups: dict[tuple[str, str | None, str | None, str | None], list[NewJob]] = {}
+        alone: list[NewJob] = []
+        for new in accepted:
+            if new.spec_path is None and new.request_count is not None and new.request_count <= most:
+                groups.setdefault((new.provider_name, new.endpoint, new.model, new.completion_window), []).append(new)
+            else:
+                alone.append(new)
+        recorded = alone
+        for group in groups.values():
+            limits = settings.provider_named(group[0].provider_name)
+            assert limits is not None
+            for files in _fill(group, limits.limits):
+                recorded.extend(self._make_pack(files) if len(files) > 1 else files)
+        return recorded
+
+    def _make_pack(self, files: list[NewJob]) -> list[NewJob]:
+        """`files` in one pack: their jobs, naming it, and the pack's job."""
+        pack_id = uuid.uuid4().hex
+        first = files[0]
+        dest = ensure_job_files(self._settings(), pack_id) / PACK_NAME
+        copies = [(f.id, Path(f.upload_path or "")) for f in files]
+        copy = write_pack(copies, dest, key=id_key(first.provider))
+        pack = NewJob(
+            id=pack_id,
+            name=f"pack-{pack_id[:12]}",
+            source=f"{len(files)} files",
+            provider=first.provider,
+            provider_name=first.provider_name,
+            endpoint=first.endpoint,
+            upload_path=str(copy.path),
+            sha256=copy.sha256,
+            size_bytes=copy.size_bytes,
+            request_count=copy.request_count,
+            completion_window=first.completion_window,
+            model=first.model,
+            hold=first.hold,
+            estimated_input_tokens=sum(f.estimated_input_tokens or 0 for f in files),
+            estimated_output_tokens=sum(f.estimated_output_tokens or 0 for f in files),
+            pack_members=len(files),
+        )
+        return [*(replace(f, pack_id=pack_id) for f in files), pack]
 
     def _claim(self, path: Path, holding: contextlib.ExitStack) -> Path | None:
         """Rename `path` into a new claim folder (held by this process while `holding` lasts);
@@ -505,6 +566,26 @@ class Inbox:
     def _finish_rejection(self, job: Job, report: str) -> None:
         """Write the report, then move the file (byte-identical) beside it."""
         rejections.finish(self.dir, job, report)
+
+
+#: Bytes a request's line may grow by in a pack (its id becomes a job id, a dash and a rank).
+PACK_ID_BYTES = 48
+
+
+def _fill(files: list[NewJob], limits: Limits) -> list[list[NewJob]]:
+    """`files` cut, in order, into packs that each fit one remote batch of `limits`."""
+    packs: list[list[NewJob]] = [[]]
+    size = count = 0
+    for new in files:
+        requests = new.request_count or 0
+        grown = (new.size_bytes or 0) + requests * PACK_ID_BYTES
+        if packs[-1] and (count + requests > limits.max_requests or size + grown > limits.max_bytes):
+            packs.append([])
+            size = count = 0
+        packs[-1].append(new)
+        size += grown
+        count += requests
+    return packs
 
 
 def _describe(exc: BaseException) -> str:

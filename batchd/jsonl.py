@@ -44,6 +44,15 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(value)
 
 
+def dumps_line(value: Any) -> bytes:
+    """Compact UTF-8 JSON for a line batchd rewrites in a user's request (it stays readable as
+    theirs was); a lone surrogate, which UTF-8 cannot hold, is kept escaped (`\\udXXX`)."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode("ascii")
+
+
 def strip_eol(raw: bytes) -> bytes:
     """A line without its `\\n` and the `\\r` of a CRLF (never part of JSON)."""
     if raw.endswith(b"\n"):

@@ -115,8 +115,9 @@ def current_round(job: Job, batches: Sequence[RemoteBatchRecord]) -> list[Remote
 def next_action(job: Job, batches: Sequence[RemoteBatchRecord], now: float) -> Action:
     """The next step for `job`, given its remote batches (every round), at time `now`."""
     due = job.next_check_at if job.next_check_at is not None else now
-    if job.state.terminal or job.parked_at is not None:
-        # A parked job waits for an operator (`batchd resume`), whatever its state.
+    if job.state.terminal or job.parked_at is not None or job.in_pack:
+        # A parked job waits for an operator (`batchd resume`), whatever its state; a file in a
+        # pack waits for its pack, whose round's end settles it (daemon/finish.py).
         return Action(Step.NONE, now)
     rows = current_round(job, batches)
     if job.state == JobState.QUEUED:

@@ -452,6 +452,21 @@ class Job:
     #: when a provider's webhook said one of its batches ended, until the poll that follows
     #: (batchd/hooks): such a job is polled on its own at once, not by a list sweep
     hinted_at: float | None = None
+    #: packing (batchd/packs.py): a small file's job names the pack job whose remote batches carry
+    #: its requests; a pack job counts the files it carries
+    pack_id: str | None = None
+    pack_members: int | None = None
+
+    @property
+    def is_pack(self) -> bool:
+        """A pack: a job of batchd's own that carries the requests of several small files."""
+        return self.pack_members is not None
+
+    @property
+    def in_pack(self) -> bool:
+        """Waiting for its pack: its state follows the pack's until the pack's round ends (then
+        it ends, or goes on alone with a follow-up round of its own)."""
+        return self.pack_id is not None and self.round == 0 and not self.state.terminal
 
     @property
     def estimated_tokens(self) -> int:

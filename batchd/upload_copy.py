@@ -45,12 +45,7 @@ def _rewrite_model(content: bytes, model: str) -> bytes:
     if not isinstance(body, dict) or body.get("model") == model:
         return content
     body["model"] = model
-    text = json.dumps(request, ensure_ascii=False, separators=(",", ":"))
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        # A lone surrogate written as \\udXXX in the source: keep it escaped.
-        return json.dumps(request, separators=(",", ":")).encode("ascii")
+    return jsonl.dumps_line(request)
 
 
 def write_upload_copy(src: Path | IO[bytes], dest: Path, *, model: str | None = None) -> UploadCopy:

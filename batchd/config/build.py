@@ -353,6 +353,7 @@ def build_settings(
             rescan_s=_num(ib, "rescan_s", "inbox.rescan_s", 30.0),
             allow_webhook_urls=tuple(_allowed_url(u, f"inbox.allow_webhook_urls[{i}]") for i, u in enumerate(allow)),
             webhook_secrets=inbox_webhook_secrets,
+            pack_max_requests=_int(ib, "pack_max_requests", "inbox.pack_max_requests", 0, 0),
         ),
         submit=SubmitSettings(completion_window=window),
         polling=PollingSettings(min_interval_s=min_interval, max_interval_s=max_interval),

@@ -45,6 +45,7 @@ _SECTION_KEYS: dict[str, set[str]] = {
     "inbox": {
         "settle_s",
         "rescan_s",
+        "pack_max_requests",
         "allow_webhook_urls",
         "webhook_secret",
         "webhook_secret_env",

@@ -160,6 +160,8 @@ class InboxSettings:
     allow_webhook_urls: tuple[str, ...] = ()
     #: signs events for a spec's webhook_url; several during rotation
     webhook_secrets: tuple[Secret, ...] = ()
+    #: files of at most this many requests, taken in one go, share remote batches (packs.py); 0: never
+    pack_max_requests: int = 0
 
 
 @dataclass(frozen=True)

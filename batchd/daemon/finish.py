@@ -28,6 +28,7 @@ from batchd import chaos, lifecycle, metrics
 from batchd.crashpoints import crashpoint
 from batchd.daemon.context import Context, db
 from batchd.daemon.submit import Submitter
+from batchd.inbox import ensure_job_files, job_files_dir
 from batchd.models import BatchStatus, FileFate, FileKind, Job, JobState, RemoteBatchRecord
 from batchd.outbox import (
     OUTBOX_FILES,
@@ -38,6 +39,7 @@ from batchd.outbox import (
     reason_for,
     write_job_json,
 )
+from batchd.packs import split_answers
 from batchd.pricing import estimate_cost
 from batchd.providers.base import ProviderError
 from batchd.request_rules import id_key
@@ -59,6 +61,9 @@ class Finisher:
 
     async def end_round(self, job: Job) -> None:
         """Every batch of the round ended: merge what came back, then a follow-up round or the end."""
+        if job.is_pack:
+            await self._end_pack(job)
+            return
         doc = await db(_finished_document, job)
         if doc is None:
             doc = await self._merge_round(job)
@@ -85,6 +90,13 @@ class Finisher:
         # Read again: the download recorded what it fetched, and what had expired.
         batches = await db(self._ctx.store.batches.of_job, job.id)
         await self._delete_inputs(job, batches)
+        # A file that was in a pack: the pack's batches were its round 0, their answers split
+        # into its job files (_end_pack), merged first as the oldest round's.
+        pack_batches = await db(self._ctx.store.batches.of_job, job.pack_id) if job.pack_id else []
+        files = job_files_dir(settings, job.id)
+        answers = [p for p in _answer_paths(files, pack_batches) if await anyio.Path(p).exists()] + answers
+        unrun = _unrun_answers(job, pack_batches, files) | _unrun_answers(job, batches, work)
+        batches = pack_batches + batches
         # Reserved in the database, then created: a restart finds the reservation and reuses it.
         candidates = outbox_candidates(settings.outbox_dir, job.name, job.id)
         folder = await db(self._ctx.store.jobs.reserve_outbox, job.id, candidates, os.path.lexists)
@@ -100,7 +112,7 @@ class Finisher:
             unanswered_code=code,
             scratch_dir=work,
             key=id_key(job.provider),
-            unrun=_unrun_answers(job, batches, work),
+            unrun=unrun,
         )
         source_changed = await self._check_source(job)
         followup = lifecycle.wants_followup(job, settings.resubmit.max_rounds)
@@ -111,7 +123,7 @@ class Finisher:
         if state != JobState.COMPLETED and reason is None:
             reason = reason_for(batches, merge, code)
         doc = job_document(
-            job, state, merge, await db(self._ctx.store.batches.of_job, job.id), folder,
+            job, state, merge, pack_batches + await db(self._ctx.store.batches.of_job, job.id), folder,
             finished_at=self._ctx.clock(), reason=reason,
             cost=estimate_cost(merge.usage, settings.pricing.get(job.model or "")), source_changed=source_changed,
             delete_files=self._delete_files(job),
@@ -137,6 +149,42 @@ class Finisher:
             await db(self._ctx.store.jobs.record_source_changed, job.id, reason)
             log.warning("job.source_changed", job_id=job.id, source=job.source, path=job.claimed_path, reason=reason)
         return reason
+
+    async def _end_pack(self, pack: Job) -> None:
+        """A pack's round ended: its answers are split back into each waiting file's job files,
+        each file's round ends as its own would have (merged into its outbox and ended, or a
+        follow-up round of its own), then the pack ends, without an outbox or events of its own.
+
+        Crash safety: the split is written whole or not at all and done again after a crash for
+        the files still waiting; a file that ended or went on alone is no longer waiting."""
+        settings = self._ctx.settings
+        batches = await db(self._ctx.store.batches.of_job, pack.id)
+        answers = await self._download(pack, batches, self._ctx.work_dir(pack))
+        crashpoint("after_download")
+        batches = await db(self._ctx.store.batches.of_job, pack.id)
+        await self._delete_inputs(pack, batches)
+        # Its holder holds its files (a file in a pack is never claimed alone).
+        files = await db(self._ctx.store.jobs.take_pack_files, pack.id, self._ctx.daemon_id)
+        self._ctx.lease(pack, *files)
+        if files:
+            copies = {f.id: Path(f.upload_path or "") for f in files}
+            for copy in copies.values():
+                await db(check_within, settings.inbox_dir, copy)
+            dest = {f.id: await db(ensure_job_files, settings, f.id) for f in files}
+            parts = [(a, Path(a.name)) for a in answers]
+            await db(split_answers, parts, copies, dest, key=id_key(pack.provider))
+            crashpoint("after_pack_split")
+            for file in files:
+                await self.end_round(file)
+        if self._delete_files(pack) == "all":
+            await self._delete_results(pack)
+        code = lifecycle.unanswered_code(batches, pack.cancel_requested)
+        answered = all(b.status == BatchStatus.COMPLETED for b in batches)
+        state = lifecycle.final_state(0 if answered else 1, code)
+        reason = f"carried the requests of {pack.pack_members} files; each ended as its own job"
+        ending = Ending(state, self._ctx.clock(), reason, {}, {})
+        await db(self._ctx.store.jobs.finish, pack.id, expect=pack.state, ending=ending, events=[])
+        log.info("pack.finished", job_id=pack.id, status=state.value, files=pack.pack_members)
 
     async def _download(self, job: Job, batches: list[RemoteBatchRecord], work: Path) -> list[Path]:
         """Fetch every output and error file of the job's batches into `work` (resumed where a
@@ -275,6 +323,10 @@ def _answer_path(work: Path, batch: RemoteBatchRecord, kind: str) -> Path:
     return work / f"batch-{batch.id}.{kind}.jsonl"
 
 
+def _answer_paths(work: Path, batches: list[RemoteBatchRecord]) -> list[Path]:
+    return [_answer_path(work, b, kind) for b in batches for kind in ("output", "errors")]
+
+
 def _unrun_answers(job: Job, batches: list[RemoteBatchRecord], work: Path) -> set[Path]:
     """The downloaded files whose `canceled` results (Anthropic's line for a request a cancel kept
     from running) are no answers: the request is unanswered, and its line is batchd's own with
@@ -285,7 +337,7 @@ def _unrun_answers(job: Job, batches: list[RemoteBatchRecord], work: Path) -> se
         cancelled = [b for b in batches if b.status == BatchStatus.CANCELLED]
     else:
         cancelled = [b for b in batches if lifecycle.cancelled_as_stuck(b)]
-    return {_answer_path(work, b, kind) for b in cancelled for kind in ("output", "errors")}
+    return set(_answer_paths(work, cancelled))
 
 
 def _finished_document(job: Job) -> dict[str, Any] | None:

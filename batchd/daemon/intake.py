@@ -216,7 +216,8 @@ class Intake:
             self.pending -= len(paths)
         self._ctx.faults.clear(INTAKE)
         for job in jobs:
-            metrics.intake(rejected=job.state == JobState.REJECTED)
+            if not job.is_pack:  # batchd's own job, not a file taken
+                metrics.intake(rejected=job.state == JobState.REJECTED)
         if jobs:
             self._ctx.wake()
         if any(job.state == JobState.REJECTED for job in jobs):

@@ -19,7 +19,7 @@ from batchd.models import BatchStatus, Job, JobState
 from batchd.store.database import Database, StaleState, guard
 from batchd.store.due import refresh_due
 from batchd.store.rows import job_from_row
-from batchd.store.schema import jobs, remote_batches
+from batchd.store.schema import jobs, not_in_pack, remote_batches
 
 #: The advisory lock every admission takes on PostgreSQL ("admit" in ASCII).
 ADMISSION_LOCK = 0x61646D6974
@@ -100,14 +100,14 @@ class AdmissionStore:
             names = [
                 str(r[0])
                 for r in conn.execute(
-                    select(jobs.c.provider_name).where(jobs.c.state == JobState.QUEUED.value).distinct()
+                    select(jobs.c.provider_name).where(jobs.c.state == JobState.QUEUED.value, not_in_pack).distinct()
                 )
             ]
             woken = []
             for name in names:
                 head = conn.execute(
                     select(jobs.c.id, jobs.c.next_check_at)
-                    .where(jobs.c.provider_name == name, jobs.c.state == JobState.QUEUED.value)
+                    .where(jobs.c.provider_name == name, jobs.c.state == JobState.QUEUED.value, not_in_pack)
                     .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
                     .limit(1)
                 ).first()
@@ -150,6 +150,7 @@ def _in_flight(conn: Connection, job: Job, limit: Limit, shards: Callable[[Job],
         .where(
             jobs.c.provider_name == job.provider_name,
             jobs.c.state == JobState.QUEUED.value,
+            not_in_pack,
             jobs.c.id != job.id,
             or_(
                 jobs.c.priority > job.priority,
@@ -200,6 +201,8 @@ def _provider_figures(conn: Connection, job: Job, figures: InFlight, shards: Cal
     holding = and_(
         jobs.c.provider_name == job.provider_name,
         jobs.c.id != job.id,
+        # The files of a pack show its state; the pack holds the room.
+        not_in_pack,
         or_(
             jobs.c.state.in_(SUBMITTED_STATES),
             and_(jobs.c.state.in_(WAITING_STATES), jobs.c.admitted_at.is_not(None)),

@@ -16,7 +16,7 @@ from sqlalchemy import func, insert, or_, select, update
 
 from batchd.store.database import Database
 from batchd.store.due import refresh_due
-from batchd.store.schema import LIVE_STATES, daemons, deliveries, jobs
+from batchd.store.schema import LIVE_STATES, daemons, deliveries, jobs, not_in_pack
 
 
 def daemon_state(stopped_at: float | None, heartbeat_at: float, now: float, lease_s: float) -> str:
@@ -98,7 +98,10 @@ class ClusterStore:
                 str(r[0])
                 for r in conn.execute(
                     select(jobs.c.id)
-                    .where(jobs.c.state.in_(LIVE_STATES), free, or_(jobs.c.owner.is_(None), jobs.c.owner != owner))
+                    # A file in a pack is never worked on by itself: whoever holds its pack
+                    # settles it (JobStore.take_pack_files).
+                    .where(jobs.c.state.in_(LIVE_STATES), not_in_pack, free)
+                    .where(or_(jobs.c.owner.is_(None), jobs.c.owner != owner))
                     .order_by(jobs.c.created_at)
                     .limit(limit)
                     .with_for_update(skip_locked=True)

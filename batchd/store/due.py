@@ -13,11 +13,11 @@ from __future__ import annotations
 import time
 from collections.abc import Collection
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, bindparam, or_, select, update
 
 from batchd import lifecycle
 from batchd.lifecycle import Step
-from batchd.models import RemoteBatchRecord
+from batchd.models import Job, RemoteBatchRecord
 from batchd.store.rows import job_from_row, remote_from_row
 from batchd.store.schema import LIVE_STATES, jobs, remote_batches
 
@@ -41,8 +41,26 @@ def refresh_due(conn: Connection, job_ids: Collection[str], now: float) -> None:
             due = None if action.step is Step.NONE else action.at
             if due != job.due_at:
                 changes.append({"job_id": job.id, "due": due})
+            if job.is_pack and not job.state.terminal:
+                _mirror(conn, job, now)
         if changes:
             conn.execute(update(jobs).where(jobs.c.id == bindparam("job_id")).values(due_at=bindparam("due")), changes)
+
+
+def _mirror(conn: Connection, pack: Job, now: float) -> None:
+    """The files waiting in `pack` show its state (and why it waits, while queued): `jobs`, `show`
+    and the status page read them as they read any job. Here because every write to a job passes
+    here before it commits; those files are never due themselves (lifecycle.next_action)."""
+    conn.execute(
+        update(jobs)
+        .where(
+            jobs.c.pack_id == pack.id,
+            jobs.c.round == 0,
+            jobs.c.state.in_(LIVE_STATES),
+            or_(jobs.c.state != pack.state.value, jobs.c.wait_reason.is_distinct_from(pack.wait_reason)),
+        )
+        .values(state=pack.state.value, wait_reason=pack.wait_reason, updated_at=now)
+    )
 
 
 def refresh_all(conn: Connection) -> None:

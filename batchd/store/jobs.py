@@ -267,6 +267,18 @@ class JobStore:
             return existing
         return job_from_row(row._mapping)
 
+    def take_pack_files(self, pack_id: str, owner: str) -> list[Job]:
+        """The files still waiting in a pack, held by `owner` from now on (at a new fence), for the
+        pack's holder to settle them: a file is never claimed on its own while in a pack, so
+        whoever holds the pack holds its files. Fenced by the pack itself."""
+        now = self._db.now()
+        waiting = (jobs.c.pack_id == pack_id, jobs.c.round == 0, jobs.c.state.in_(LIVE_STATES))
+        with self._db.write() as conn:
+            guard(conn, pack_id)
+            conn.execute(update(jobs).where(*waiting).values(owner=owner, fence=jobs.c.fence + 1, updated_at=now))
+            rows = conn.execute(select(jobs).where(*waiting).order_by(jobs.c.created_at, jobs.c.id))
+            return [job_from_row(r._mapping) for r in rows]
+
     # ------------------------------------------------------------ transitions
 
     def request_cancel(self, job_id: str) -> Job:
@@ -281,6 +293,7 @@ class JobStore:
             if changed != 1:
                 raise StaleState(f"job {job_id} has ended (or does not exist): nothing to cancel")
             refresh_due(conn, [job_id], now)
+            _cancel_pack_if_all(conn, job_id, now)
             bump(conn, Signal.JOBS)
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
         return job_from_row(row._mapping)
@@ -491,6 +504,21 @@ class JobStore:
         if current is None:
             raise StaleState(f"job {job_id} does not exist")
         return Path(current)
+
+
+def _cancel_pack_if_all(conn: Connection, job_id: str, now: float) -> None:
+    """A file in a pack shares its remote batch with other people's files: its cancel ends it
+    `cancelled` when the pack's round ends, and the batch is cancelled at the provider only once
+    every file still waiting in the pack asked for it (DESIGN: a cancel stops only one's own)."""
+    job = job_from_row(conn.execute(select(jobs).where(jobs.c.id == job_id)).one()._mapping)
+    if not job.in_pack or job.pack_id is None:
+        return
+    waiting = jobs.c.pack_id == job.pack_id, jobs.c.round == 0, jobs.c.state.in_(LIVE_STATES)
+    if conn.execute(select(jobs.c.id).where(*waiting, jobs.c.cancel_requested.is_(False)).limit(1)).first():
+        return
+    pack = update(jobs).where(jobs.c.id == job.pack_id, jobs.c.state.in_(LIVE_STATES))
+    if conn.execute(pack.values(cancel_requested=True, updated_at=now)).rowcount:
+        refresh_due(conn, [job.pack_id], now)
 
 
 def next_check_values(check: NextCheck) -> dict[str, Any]:

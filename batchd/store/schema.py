@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     inspect,
+    or_,
     text,
     update,
 )
@@ -134,6 +135,10 @@ jobs = Table(
     #: when a provider's webhook last said one of the job's batches ended (batchd/hooks): the job is
     #: due then and polled on its own, never left for a list sweep; the poll that follows clears it
     Column("hinted_at", Float),
+    #: packing (batchd/packs.py): the pack job whose batches carry a small file's requests; a
+    #: pack's number of files (NULL: not a pack)
+    Column("pack_id", String(32)),
+    Column("pack_members", Integer),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_name", "name"),
 )
@@ -265,6 +270,13 @@ admission_indexes = (
 REFRESH_DUE = True
 
 
+#: A pack's files, read when its round ends (daemon/finish.py) and when one is cancelled.
+pack_index = Index("ix_jobs_pack", jobs.c.pack_id)
+#: (SQL) Jobs that are not waiting in a pack: the jobs admission, claims and the queue reckon with
+#: (a file in a pack mirrors its pack's state; the pack is the one that holds room).
+not_in_pack = or_(jobs.c.pack_id.is_(None), jobs.c.round > 0)
+
+
 def _migrate_v1(conn: Connection) -> None:
     # A new database gets the current schema at once; the later steps then find nothing to do.
     metadata.create_all(conn)
@@ -382,6 +394,13 @@ def _migrate_v12(conn: Connection) -> None:
         _add_column(conn, remote_batches, name)
 
 
+def _migrate_v13(conn: Connection) -> None:
+    # Packing: small files share remote batches, carried by a pack job.
+    for name in ("pack_id", "pack_members"):
+        _add_column(conn, jobs, name)
+    pack_index.create(conn, checkfirst=True)
+
+
 #: Forward migrations, in order; each runs once, in its own transaction. Each later step brings a
 #: database made by an older release to the current schema and checks first, so on a database
 #: step 1 just created it does nothing.
@@ -398,6 +417,7 @@ MIGRATIONS: tuple[tuple[int, Any], ...] = (
     (10, _migrate_v10),
     (11, _migrate_v11),
     (12, _migrate_v12),
+    (13, _migrate_v13),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

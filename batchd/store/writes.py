@@ -53,6 +53,9 @@ class NewJob:
     estimated_input_tokens: int | None = None
     estimated_output_tokens: int | None = None
     priority: int = 0
+    #: packing: the pack a small file's job waits in; a pack's count of files
+    pack_id: str | None = None
+    pack_members: int | None = None
 
 
 @dataclass(frozen=True)

@@ -540,8 +540,9 @@ async def bench(root: Path, args: argparse.Namespace, daemon_log: IO[bytes]) -> 
     code = process.returncode
     records = await anyio.to_thread.run_sync(read_log, log_path)
     results = [result_of("seq", seq_drops, recorder, state, records)] if seq_drops else []
-    results.append(result_of("burst", burst_drops, recorder, state, records))
-    results[-1].rss_peak_mb = rss.peak_mb
+    if burst_drops:
+        results.append(result_of("burst", burst_drops, recorder, state, records))
+        results[-1].rss_peak_mb = rss.peak_mb
     return results, -1 if code is None else code
 
 

@@ -127,11 +127,13 @@ async def rig(
     provider_lines: str = "",
     polling: tuple[float, float] = (0.02, 0.1),
     config_lines: str = "",
+    inbox_lines: str = "",
     clock: Callable[[], float] | None = None,
 ) -> AsyncIterator[Rig]:
     """A daemon on the `kind` dialect of an emulator made with `emulator` options (and
     `provider_lines` added to its [provider] table, `polling` its [polling] intervals,
-    `config_lines` more tables at the end of its config; `clock` the daemon's and the store's).
+    `config_lines` more tables at the end of its config, `inbox_lines` more keys of its [inbox];
+    `clock` the daemon's and the store's).
 
     By default one attempt per provider call: the daemon's own step backoff is what most
     of these tests watch.
@@ -141,6 +143,7 @@ async def rig(
         f'state_dir = "state"\ndatabase_url = "{database_url(tmp_path / "state" / "batchd.db")}"\n'
         f'[provider]\nkind = "{kind}"\nbase_url = "http://127.0.0.1:1"\n{provider_lines}'
         f"[polling]\nmin_interval_s = {polling[0]}\nmax_interval_s = {polling[1]}\n[inbox]\nsettle_s = 0.0\n"
+        + inbox_lines
         + config_lines,
         encoding="utf-8",
     )
