@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,8 @@ def job_record(job: Job, batches: Sequence[RemoteBatchRecord], now: float) -> di
         "parked_reason": job.parked_reason,
         # while `queued`: why it waits for admission (its provider's room, a spend budget)
         "wait_reason": job.wait_reason if job.state is JobState.QUEUED else None,
+        # packing: the pack whose remote batch carried (or carries) its first round
+        "pack_id": job.pack_id,
         "owner": job.owner,
         "created_at": iso(job.created_at),
         "finished_at": iso(job.finished_at),
@@ -335,6 +337,8 @@ def show_lines(record: dict[str, Any]) -> list[str]:
         lines.append(f"changed    {r['source']} changed after it was taken: {r['source_changed']}")
     if r.get("wait_reason"):
         lines.append(f"waits      {r['wait_reason']}")
+    if r.get("pack_id"):
+        lines.append(f"pack       {r['pack_id']}  (its first round shared a remote batch with other small files)")
     if r["reason"]:
         lines.append(f"reason     {r['reason']}")
     if r["last_error"]:
@@ -346,9 +350,16 @@ def show_lines(record: dict[str, Any]) -> list[str]:
 
 def read_records(store: Store, states: Sequence[JobState] | None, now: float) -> list[dict[str, Any]]:
     found = store.jobs.select(states or None)
-    ids = [j.id for j in found] if len(found) <= _BY_ID_LIMIT else None
+    packs = {j.pack_id for j in found if j.pack_id}
+    ids = [j.id for j in found] + sorted(packs) if len(found) + len(packs) <= _BY_ID_LIMIT else None
     batches = store.batches.by_job(ids)
-    return [job_record(j, batches.get(j.id, []), now) for j in found]
+    return [job_record(j, batches_of(j, batches), now) for j in found]
+
+
+def batches_of(job: Job, batches: Mapping[str, Sequence[RemoteBatchRecord]]) -> list[RemoteBatchRecord]:
+    """A job's remote batches, a file's pack's first (they carried its round 0), from `batches` by job id."""
+    carried = list(batches.get(job.pack_id, [])) if job.pack_id else []
+    return carried + list(batches.get(job.id, []))
 
 
 # ---------------------------------------------------------------- webhook endpoints

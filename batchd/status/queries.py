@@ -105,7 +105,8 @@ def read_job(store: Store, job_id: str, *, now: float) -> JobDetail | None:
     files = [str(outbox / name) for name in OUTBOX_FILES if outbox is not None and (outbox / name).is_file()]
     return JobDetail(
         job=job,
-        batches=store.batches.of_job(job_id),
+        # A file's pack's batches first: they carried its first round.
+        batches=(store.batches.of_job(job.pack_id) if job.pack_id else []) + store.batches.of_job(job_id),
         deliveries=store.deliveries.select(job_id=job_id),
         events=store.deliveries.job_events(job_id),
         outbox_files=files,

@@ -79,9 +79,11 @@ class JobStore:
             ).all()
         return [job_from_row(r._mapping) for r in rows]
 
-    def select(self, states: Sequence[JobState] | None = None) -> list[Job]:
-        """Every job (or those in `states`), oldest first."""
+    def select(self, states: Sequence[JobState] | None = None, *, packs: bool = False) -> list[Job]:
+        """Every job (or those in `states`), oldest first; batchd's own packs only with `packs`."""
         query = select(jobs).order_by(jobs.c.created_at, jobs.c.id)
+        if not packs:
+            query = query.where(jobs.c.pack_members.is_(None))
         if states:
             query = query.where(jobs.c.state.in_([s.value for s in states]))
         with self._db.read() as conn:
@@ -196,8 +198,10 @@ class JobStore:
         return int(working), sorted(parked)
 
     def counts_by_state(self) -> dict[str, int]:
+        """Jobs by state, batchd's own packs left out (their files are counted)."""
+        query = select(jobs.c.state, func.count()).where(jobs.c.pack_members.is_(None)).group_by(jobs.c.state)
         with self._db.read() as conn:
-            rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
+            rows = conn.execute(query).all()
         return {str(state): int(n) for state, n in rows}
 
     # ------------------------------------------------------------ inserts

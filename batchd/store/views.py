@@ -26,9 +26,11 @@ class JobsPage:
 
 
 def newest_jobs(db: Database, *, state: str | None = None, name: str | None = None, limit: int = 200) -> JobsPage:
-    """Up to `limit` jobs, newest first: in `state` (a JobState value) when given, whose name
+    """Up to `limit` jobs (not packs), newest first: in `state` (a JobState value) when given, whose name
     holds `name` (case-insensitive; `%` and `_` are plain characters) when given."""
     query = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
+    # batchd's own packs are not shown: their files are (docs/design.md, "Packing small files").
+    query = query.where(jobs.c.pack_members.is_(None))
     if state:
         query = query.where(jobs.c.state == state)
     if name:
