@@ -8,14 +8,16 @@ many batches were made and what they held.
 from __future__ import annotations
 
 import json
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from batchd.models import Job, JobState
 from batchd.request_rules import id_key
-from tests.integration.daemon_rig import Rig, chat, gemini, message, rig
+from tests.integration.daemon_rig import Rig, chat, eventually, gemini, message, rig
 
 pytestmark = pytest.mark.each_database
 
@@ -31,18 +33,18 @@ def line(kind: str, request_id: str, trigger: dict[str, Any] | None = None) -> d
     return chat(request_id, trigger)
 
 
-def config(kind: str) -> dict[str, str]:
-    """The rig options of `kind` that pack files of up to 5 requests."""
+def packing(tmp_path: Path, kind: str = "together") -> AbstractAsyncContextManager[Rig]:
+    """A rig of `kind` that packs files of up to 5 requests."""
     provider = 'model = "gemini-2.5-flash"\n' if kind == "gemini" else ""
-    return {"provider_lines": provider, "inbox_lines": "pack_max_requests = 5\n"}
+    return rig(tmp_path, kind=kind, provider_lines=provider, inbox_lines="pack_max_requests = 5\n")
 
 
 def files_of(r: Rig) -> list[Job]:
-    return [j for j in r.store.jobs.select() if not j.is_pack]
+    return r.store.jobs.select()
 
 
 def packs_of(r: Rig) -> list[Job]:
-    return [j for j in r.store.jobs.select() if j.is_pack]
+    return [j for j in r.store.jobs.select(packs=True) if j.is_pack]
 
 
 def answered_ids(r: Rig, name: str, key: str) -> list[str]:
@@ -53,7 +55,7 @@ def answered_ids(r: Rig, name: str, key: str) -> list[str]:
 async def test_small_files_taken_together_share_one_batch_and_each_gets_its_own_answers(
     tmp_path: Path, kind: str
 ) -> None:
-    async with rig(tmp_path, kind=kind, **config(kind)) as r:
+    async with packing(tmp_path, kind) as r:
         # The same ids in every file: unique within a file is all a user promises.
         for n in range(3):
             r.drop(f"f{n}.jsonl", [line(kind, "a"), line(kind, "b"), line(kind, f"only-in-{n}")])
@@ -76,7 +78,7 @@ async def test_small_files_taken_together_share_one_batch_and_each_gets_its_own_
 
 
 async def test_a_passing_failure_in_a_pack_goes_to_a_round_of_its_files_own(tmp_path: Path) -> None:
-    async with rig(tmp_path, **config("together")) as r:
+    async with packing(tmp_path) as r:
         r.drop("calm.jsonl", [chat("a"), chat("b")])
         r.drop("busy.jsonl", [chat("a"), chat("b", {"fail_once": 503})])
         await r.drain()
@@ -91,7 +93,7 @@ async def test_a_passing_failure_in_a_pack_goes_to_a_round_of_its_files_own(tmp_
 
 
 async def test_files_that_differ_in_what_a_batch_is_made_of_are_not_packed(tmp_path: Path) -> None:
-    async with rig(tmp_path, **config("together")) as r:
+    async with packing(tmp_path) as r:
         other_model = chat("x")
         other_model["body"]["model"] = "another-model"
         r.drop("one.jsonl", [chat("a")])
@@ -107,7 +109,7 @@ async def test_files_that_differ_in_what_a_batch_is_made_of_are_not_packed(tmp_p
 
 
 async def test_a_lone_small_file_is_not_packed(tmp_path: Path) -> None:
-    async with rig(tmp_path, **config("together")) as r:
+    async with packing(tmp_path) as r:
         r.drop("alone.jsonl", [chat("a")])
         await r.drain()
         assert packs_of(r) == []
@@ -115,7 +117,7 @@ async def test_a_lone_small_file_is_not_packed(tmp_path: Path) -> None:
 
 
 async def test_a_file_failing_for_good_in_a_pack_fails_alone(tmp_path: Path) -> None:
-    async with rig(tmp_path, kind="openai", **config("openai")) as r:
+    async with packing(tmp_path, "openai") as r:
         r.drop("good.jsonl", [chat("a")])
         r.drop("bad.jsonl", [chat("a", {"status": 400})])
         await r.drain()
@@ -126,3 +128,66 @@ async def test_a_file_failing_for_good_in_a_pack_fails_alone(tmp_path: Path) -> 
         (error,) = r.outbox_lines("bad", "errors.jsonl")
         assert error["custom_id"] == "a" and error["response"]["status_code"] == 400
         assert r.job_json("bad")["request_counts"] == {"total": 1, "completed": 0, "failed": 1}
+
+
+async def test_one_files_cancel_leaves_the_shared_batch_running_for_the_others(tmp_path: Path) -> None:
+    async with packing(tmp_path) as r:
+        await r.control("POST", "pause")
+        r.drop("mine.jsonl", [chat("a")])
+        r.drop("theirs.jsonl", [chat("a"), chat("b")])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(r.drain)
+            await eventually(lambda: len(r.store.jobs.select()) == 2 and r.job("mine").state is JobState.VALIDATING)
+            r.store.jobs.request_cancel(r.job("mine").id)
+            r.daemon.wake()
+            await anyio.sleep(0.3)  # several polls: a cancel of the batch would have gone out by now
+            assert (await r.stats())["requests"].get("POST /v1/batches/{id}/cancel", 0) == 0
+            (pack,) = packs_of(r)
+            assert not pack.cancel_requested
+            await r.control("POST", "resume")
+        # Its requests were answered (the batch ran for the other file): they are its answers.
+        assert r.job("mine").state is JobState.COMPLETED
+        assert answered_ids(r, "mine", "custom_id") == ["a"]
+        assert r.job("theirs").state is JobState.COMPLETED
+        assert answered_ids(r, "theirs", "custom_id") == ["a", "b"]
+
+
+async def test_when_every_file_of_a_pack_cancels_its_batch_is_cancelled(tmp_path: Path) -> None:
+    async with packing(tmp_path) as r:
+        await r.control("POST", "pause")
+        r.drop("one.jsonl", [chat("a")])
+        r.drop("two.jsonl", [chat("a"), chat("b")])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(r.drain)
+            await eventually(lambda: len(r.store.jobs.select()) == 2 and r.job("one").state is JobState.VALIDATING)
+            r.store.jobs.request_cancel(r.job("one").id)
+            r.store.jobs.request_cancel(r.job("two").id)
+            r.daemon.wake()
+        for name, ids in (("one", ["a"]), ("two", ["a", "b"])):
+            assert r.job(name).state is JobState.CANCELLED
+            codes = [(e["custom_id"], e["error"]["code"]) for e in r.outbox_lines(name, "errors.jsonl")]
+            assert codes == [(i, "batch_cancelled") for i in ids]
+            assert r.job_json(name)["status"] == "cancelled"
+        (pack,) = packs_of(r)
+        assert pack.state is JobState.CANCELLED
+
+
+async def test_files_in_a_pack_show_its_state_and_are_never_claimed_alone(tmp_path: Path) -> None:
+    async with packing(tmp_path) as r:
+        await r.control("POST", "pause")
+        r.drop("one.jsonl", [chat("a")])
+        r.drop("two.jsonl", [chat("b")])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(r.drain)
+            await eventually(lambda: len(r.store.jobs.select()) == 2 and r.job("one").state is JobState.VALIDATING)
+            (pack,) = packs_of(r)
+            assert pack.state is JobState.VALIDATING
+            assert {j.state for j in files_of(r)} == {JobState.VALIDATING}
+            # Nothing of a file in a pack is ever due: its pack is.
+            assert [j.due_at for j in files_of(r)] == [None, None]
+            # Another daemon finding them without an owner takes the pack, never a file alone.
+            r.store.cluster.release(r.daemon.id)
+            taken = r.store.cluster.claim("other-daemon", 30.0, limit=10)
+            assert set(taken) == {pack.id}
+            await r.control("POST", "resume")
+            tg.cancel_scope.cancel()
