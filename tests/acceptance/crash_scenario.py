@@ -39,6 +39,8 @@ CRASH_POINTS = (
     "after_job_json",
     "after_webhook_sent",
 )
+#: ...and where only packed files go: between the split of a pack's answers and its files' ends.
+PACK_CRASH_POINTS = ("after_pack_split",)
 
 
 @dataclass
@@ -49,6 +51,8 @@ class Outcome:
     shard_size: int | None = None
     #: "together", "anthropic" or "gemini": the provider's dialect (and the format of the request lines)
     dialect: str = "together"
+    #: files taken in one go share remote batches ([inbox] pack_max_requests): each file is one batch's share
+    packed: bool = False
 
     def shards(self, name: str) -> int:
         count = len(self.files[name])
@@ -94,15 +98,19 @@ async def run(
     max_kill_delay_s: float = 0.6,
     shard_size: int | None = None,
     dialect: str = "together",
+    packed: bool = False,
 ) -> Outcome:
     """Drop `jobs` files, kill at every crash point and `random_kills` random moments, then drain.
 
     With `shard_size`, every file of more requests than that is cut into several remote batches.
     With `dialect="anthropic"` (or "gemini"), the provider is the emulator's Anthropic (or
-    Gemini) dialect.
+    Gemini) dialect. With `packed`, small files taken in one go share remote batches (every file
+    here is small: the first daemon takes the `jobs` files together).
     """
     rng = random.Random(seed)
-    out = Outcome(shard_size=shard_size, dialect=dialect)
+    out = Outcome(shard_size=shard_size, dialect=dialect, packed=packed)
+    if packed:
+        h.ws.config.write_text(h.ws.config.read_text().replace("[inbox]\n", "[inbox]\npack_max_requests = 6\n", 1))
     if dialect == "anthropic":
         use_anthropic(h)
     elif dialect == "gemini":
@@ -113,7 +121,8 @@ async def run(
             config.replace(f'kind = "{dialect}"', f'kind = "{dialect}"\nmax_batch_requests = {shard_size}')
         )
     db = h.ws.database_url
-    names = iter(f"f{i:04d}" for i in range(jobs + len(CRASH_POINTS)))
+    points = CRASH_POINTS + (PACK_CRASH_POINTS if packed else ())
+    names = iter(f"f{i:04d}" for i in range(jobs + 2 * len(points)))
 
     def drop() -> None:
         name = next(names)
@@ -122,7 +131,7 @@ async def run(
 
     for _ in range(jobs):
         drop()
-    plan: list[str | None] = [*CRASH_POINTS, *([None] * random_kills)]
+    plan: list[str | None] = [*points, *([None] * random_kills)]
     rng.shuffle(plan)
     for point in plan:
         if point is None:
@@ -132,6 +141,13 @@ async def run(
             await anyio.sleep(rng.uniform(0, max_kill_delay_s))
             daemon.proc.kill()
             await daemon.wait()
+        elif packed:
+            # Two files there before it starts: its first rescan takes them together, a pack.
+            drop()
+            drop()
+            daemon = h.start(env={ENV: point})
+            code = await _until_dead(daemon, 60)
+            assert code == -9, f"daemon did not die at {point}: exit {code}"
         else:
             daemon = h.start(env={ENV: point})
             # Leftover work may reach the point before the new file does: dying early is fine.
@@ -157,7 +173,10 @@ async def check(h: Harness, out: Outcome) -> None:
         per_input[create["input_file_id"]] += 1
     duplicated = {k: v for k, v in per_input.items() if v != 1}
     assert not duplicated, f"inputs created more than once: {duplicated}"
-    assert len(creates) == sum(out.shards(name) for name in out.files), "one remote batch per shard"
+    if out.packed:
+        assert len(creates) < len(out.files), "files taken together shared remote batches"
+    else:
+        assert len(creates) == sum(out.shards(name) for name in out.files), "one remote batch per shard"
 
     key = id_key(out.dialect)
     folders = {p.name: p for p in h.ws.outbox.iterdir() if (p / "job.json").exists()}

@@ -37,6 +37,14 @@ async def test_the_gemini_path_killed_anywhere_creates_no_second_batch(tmp_path:
         await crash_scenario.check(h, out)
 
 
+async def test_packed_files_killed_anywhere_lose_nothing_and_share_each_batch_once(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        # The first daemon takes the files together: packs; every crash point, the split included.
+        out = await crash_scenario.run(h, jobs=10, random_kills=4, seed=20261207, packed=True)
+        assert out.kills == len(crash_scenario.CRASH_POINTS) + len(crash_scenario.PACK_CRASH_POINTS) + 4
+        await crash_scenario.check(h, out)
+
+
 async def test_openai_dialect_killed_between_create_and_commit_adopts_by_metadata(tmp_path: Path) -> None:
     async with harness(tmp_path) as h:
         use_openai(h)
