@@ -18,6 +18,7 @@ import pytest
 from batchd.models import Job, JobState
 from batchd.request_rules import id_key
 from tests.integration.daemon_rig import Rig, chat, eventually, gemini, message, rig
+from tests.integration.test_admission import job_tokens
 
 pytestmark = pytest.mark.each_database
 
@@ -33,10 +34,21 @@ def line(kind: str, request_id: str, trigger: dict[str, Any] | None = None) -> d
     return chat(request_id, trigger)
 
 
-def packing(tmp_path: Path, kind: str = "together") -> AbstractAsyncContextManager[Rig]:
-    """A rig of `kind` that packs files of up to 5 requests."""
+def packing(tmp_path: Path, kind: str = "together", provider_lines: str = "") -> AbstractAsyncContextManager[Rig]:
+    """A rig of `kind` that packs files of up to 5 requests (`provider_lines`: more of [provider])."""
     provider = 'model = "gemini-2.5-flash"\n' if kind == "gemini" else ""
-    return rig(tmp_path, kind=kind, provider_lines=provider, inbox_lines="pack_max_requests = 5\n")
+    return rig(tmp_path, kind=kind, provider_lines=provider + provider_lines, inbox_lines="pack_max_requests = 5\n")
+
+
+def take(r: Rig, files: dict[str, list[dict[str, Any]]]) -> list[Job]:
+    """Take `files` in one go, as intake takes a burst: written beside the inbox (the running
+    daemon's intake does not see them there) and claimed from there."""
+    staging = r.settings.inbox_dir.parent / "staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    for name, lines in files.items():
+        (staging / name).write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    r.daemon.inbox.ensure_folders()
+    return r.daemon.inbox.take_many([staging / name for name in files])
 
 
 def files_of(r: Rig) -> list[Job]:
@@ -191,3 +203,36 @@ async def test_files_in_a_pack_show_its_state_and_are_never_claimed_alone(tmp_pa
             assert set(taken) == {pack.id}
             await r.control("POST", "resume")
             tg.cancel_scope.cancel()
+
+
+async def test_files_in_a_queued_pack_wait_visibly_and_the_pack_holds_one_batch_of_room(tmp_path: Path) -> None:
+    async with packing(tmp_path, provider_lines="max_batches_in_flight = 1\n") as r:
+        await r.control("POST", "pause")
+        take(r, {"first.jsonl": [chat("a")]})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(r.drain)
+            await eventually(lambda: r.job("first").state is JobState.VALIDATING)
+            take(r, {"p1.jsonl": [chat("a")], "p2.jsonl": [chat("b")]})
+            r.daemon.wake()
+            await eventually(lambda: r.job("p1").state is JobState.QUEUED)
+            for name in ("p1", "p2"):
+                assert "max_batches_in_flight = 1" in (r.job(name).wait_reason or "")
+            await r.control("POST", "resume")
+        assert {j.state for j in files_of(r)} == {JobState.COMPLETED}
+        assert len((await r.stats())["batch_creates"]) == 2
+
+
+async def test_a_pack_in_flight_holds_its_files_tokens_once(tmp_path: Path) -> None:
+    each = job_tokens([chat("a")])
+    # Room for the pack of three files and one more file: not if the files counted beside their pack.
+    async with packing(tmp_path, provider_lines=f"max_enqueued_tokens = {4 * each}\n") as r:
+        await r.control("POST", "pause")
+        take(r, {f"p{i}.jsonl": [chat("a")] for i in range(3)})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(r.drain)
+            await eventually(lambda: {j.state for j in files_of(r)} == {JobState.VALIDATING})
+            take(r, {"later.jsonl": [chat("a")]})
+            r.daemon.wake()
+            await eventually(lambda: r.job("later").state is JobState.VALIDATING)
+            await r.control("POST", "resume")
+        assert {j.state for j in files_of(r)} == {JobState.COMPLETED}
