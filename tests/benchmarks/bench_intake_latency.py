@@ -3,7 +3,7 @@
 Not part of the test run (tests/benchmarks is outside pytest's testpaths).
 Run from the repository root::
 
-    python -m tests.benchmarks.bench_intake_latency [--drops 100] [--burst N] [--requests 10] [--json]
+    python -m tests.benchmarks.bench_intake_latency [--drops 100] [--burst N] [--requests 10] [--pack N] [--json]
 
 Issue 14's figures: `--drops 100 --requests 1` (sequential: median < 10 ms, p99 < 50 ms)
 and `--drops 0 --burst 10000 --requests 1` (burst: >= 500 files/s, the daemon's RSS
@@ -37,16 +37,30 @@ Two runs:
 * burst: --drops files renamed in as fast as possible; reported are the time
   from the first rename to the last create, and each file's own latency.
 
-Every dropped file has its own content (the first `custom_id` names the drop),
-so each has its own sha256 and its own file id; a create is matched to its
-drop through the emulator's stored copy of the uploaded file, and a drop that
-gets two creates is reported (DESIGN §2 promises one remote batch per
+Every dropped file has its own content (its `custom_id`s name the drop), so
+each has its own sha256. A create is matched to the drops it carries through
+the emulator's stored copy of its input file, read once when the create
+arrives: each line's `custom_id` is either a drop's own (an unpacked file) or
+a pack id `<job id>-<rank>` (batchd.packs.request_id), whose job id the
+daemon's `inbox.claimed` (job_id, source = the drop's name) maps to its drop.
+A drop's create is the first whose file carries any of its requests; the runs
+wait until the creates carry every request dropped (distinct ids, so a
+duplicate cannot stand in for a missing drop). A drop whose requests arrive
+in two creates is reported (DESIGN §2 promises one remote batch per
 submission; the benchmark then exits 1, numbers still printed).
+
+Packing: `--pack N` (default 0: off, the config as without it) writes
+`[inbox] pack_max_requests = N`, so files of at most N requests that the
+inbox takes in one go share one remote batch (a pack job). A packed drop's
+latency is then to the create of its pack's batch, and its stages from
+`job.planned` on are its pack's (found through `inbox.accepted`'s `pack_id`),
+on the pack's uploaded file. The setting is printed beside the goals, with
+how many remote batches each run's drops became.
 
 Output: n, median, p90, p99 and max in ms per run, then where the time goes:
 the daemon's log (`--log-level`, JSON lines) and the middleware's
 timestamps split each latency into stages — rename → `inbox.claimed` →
-`inbox.accepted` → `job.planned` → the upload's three requests
+`inbox.accepted` → `job.planned` (the pack's, for a packed drop) → the upload's three requests
 (`POST /v1/files`, `PUT` of the bytes, `preprocess`) → `job.uploaded` → the
 create's arrival — and the emulator's own time per request is shown beside
 them. `--json` adds every drop's latency and stages. The daemon is stopped
@@ -82,6 +96,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from batchd.emulator.app import create_app
 from batchd.emulator.server import serve_emulator
 from batchd.emulator.state import EmulatorState
+from batchd.packs import parse_request_id
 
 #: Seconds to wait for one create (or for the daemon to start) before giving up.
 STEP_TIMEOUT_S = 30.0
@@ -142,16 +157,39 @@ class Hit:
         return "other"
 
 
+def read_custom_ids(path: Path) -> list[str]:
+    """The custom_id of each line of a file the emulator stored (the content the daemon uploaded)."""
+    ids: list[str] = []
+    try:
+        with path.open("rb") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                value = record.get("custom_id") if isinstance(record, dict) else None
+                if isinstance(value, str):
+                    ids.append(value)
+    except OSError:
+        pass
+    return ids
+
+
 class Recorder:
     """ASGI middleware that timestamps every HTTP request before the emulator sees it."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, state: EmulatorState) -> None:
         self.app = app
+        self.state = state
         self.hits: list[Hit] = []
         #: the batch creates, in order of arrival
         self.creates: list[Hit] = []
-        #: the input files of those creates: one per drop, unless the daemon created a batch twice
-        self.created_files: set[str] = set()
+        #: the custom_ids of each create's input file, read once when its first create arrived
+        self.file_ids: dict[str, list[str]] = {}
+        #: every custom_id some create carried: a drop's own ids or its pack ids, each once
+        self.created_ids: set[str] = set()
         self._arrived = anyio.Event()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -190,18 +228,24 @@ class Recorder:
             except ValueError:
                 hit.file_id = None
             self.creates.append(hit)
-            if hit.file_id is not None:
-                self.created_files.add(hit.file_id)
+            if hit.file_id is not None and hit.file_id not in self.file_ids:
+                # The emulator stored the upload before the create; read after the answer went out
+                # (hit.mono is already taken) and off the loop (a pack may be long).
+                ids = await anyio.to_thread.run_sync(read_custom_ids, self.state.content_path(hit.file_id))
+                self.file_ids[hit.file_id] = ids
+                self.created_ids.update(ids)
             self._arrived.set()
             self._arrived = anyio.Event()
 
     async def wait_creates(self, count: int, timeout: float) -> None:
-        """Return once creates for `count` distinct input files have arrived; TimeoutError after `timeout` s.
+        """Return once the creates carry `count` distinct request ids; TimeoutError after `timeout` s.
 
-        Distinct files, not requests: a duplicate create (a daemon bug) must not stand in for another drop's.
+        Distinct ids, not creates or files: a create may carry several drops' requests (a pack),
+        and a duplicate (a daemon bug: the same requests in a second batch) must not stand in for
+        another drop's.
         """
         with anyio.fail_after(timeout):
-            while len(self.created_files) < count:
+            while len(self.created_ids) < count:
                 await self._arrived.wait()
 
 
@@ -258,7 +302,9 @@ def rename_in(index: int, tmp: Path, final: Path) -> Drop:
 # ---------------------------------------------------------------- the daemon
 
 
-def write_config(root: Path, base_url: str) -> Path:
+def write_config(root: Path, base_url: str, pack: int = 0) -> Path:
+    """The daemon's config; `pack` > 0 packs files of at most that many requests (0: the key is not written)."""
+    packing = f"pack_max_requests = {pack}\n" if pack > 0 else ""
     config = root / "batchd.toml"
     config.write_text(
         f"""state_dir = "{root / "state"}"
@@ -274,7 +320,7 @@ min_interval_s = 0.2
 
 [inbox]
 settle_s = 0.2
-""",
+{packing}""",
         encoding="utf-8",
     )
     return config
@@ -339,49 +385,79 @@ def summary(values_s: Sequence[float]) -> dict[str, float]:
     }
 
 
-def first_custom_id(state: EmulatorState, file_id: str) -> str | None:
-    """The first custom_id of a file the emulator stored (the content the daemon uploaded)."""
-    try:
-        with state.content_path(file_id).open("rb") as f:
-            first = json.loads(f.readline())
-    except (OSError, ValueError):
+def claimed_jobs(log: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """The job id of each claimed file, by file name (the daemon's `inbox.claimed`)."""
+    job_of: dict[str, str] = {}
+    for record in log:
+        job_id = record.get("job_id")
+        if record["event"] == "inbox.claimed" and isinstance(job_id, str):
+            job_of.setdefault(str(record.get("source")), job_id)
+    return job_of
+
+
+def drop_of_id(value: str, run: str, known: set[int], by_job: dict[str, int]) -> int | None:
+    """The drop whose request `value` is: its own custom_id (`custom_id(run, index, line)`) or a pack id."""
+    prefix = f"{run}-"
+    if value.startswith(prefix):
+        index, dash, line = value[len(prefix) :].partition("-")
+        if dash and index.isdigit() and line.isdigit() and int(index) in known:
+            return int(index)
         return None
-    value = first.get("custom_id") if isinstance(first, dict) else None
-    return value if isinstance(value, str) else None
+    found = parse_request_id(value)
+    return by_job.get(found[0]) if found is not None else None
 
 
 def match_creates(
-    drops: Sequence[Drop], creates: Sequence[Hit], state: EmulatorState, run: str
-) -> tuple[dict[int, Hit], dict[int, int]]:
-    """Each drop's first create, found through the uploaded content's first custom_id.
+    drops: Sequence[Drop],
+    creates: Sequence[Hit],
+    file_ids: dict[str, list[str]],
+    run: str,
+    job_of: dict[str, str],
+) -> tuple[dict[int, Hit], dict[int, int], int]:
+    """Each drop's first create: the first (by arrival) whose input file carries any of its requests.
 
-    Also returns, per drop, how many creates arrived in all: more than one is a
-    duplicate remote batch, which DESIGN §2 forbids.
+    `file_ids`: the custom_ids of each created input file (Recorder.file_ids); `job_of`: each
+    claimed file's job id (claimed_jobs), which maps a pack id back to its drop. Also returns,
+    per drop, how many creates carried its requests: more than one is a duplicate remote batch,
+    which DESIGN §2 forbids; and how many creates carried this run's drops in all.
     """
-    by_first = {custom_id(run, d.index, 0): d.index for d in drops}
+    known = {d.index for d in drops}
+    by_job = {job_of[d.name]: d.index for d in drops if d.name in job_of}
+    carried: dict[str, set[int]] = {}
     matched: dict[int, Hit] = {}
     counts: dict[int, int] = {}
-    for hit in creates:
-        first = first_custom_id(state, hit.file_id) if hit.file_id else None
-        if first in by_first:
-            index = by_first[first]
+    batches = 0
+    for hit in sorted(creates, key=lambda h: h.mono):
+        if hit.file_id is None:
+            continue
+        indexes = carried.get(hit.file_id)
+        if indexes is None:
+            found = (drop_of_id(value, run, known, by_job) for value in file_ids.get(hit.file_id, ()))
+            indexes = carried[hit.file_id] = {index for index in found if index is not None}
+        batches += bool(indexes)
+        for index in indexes:
             counts[index] = counts.get(index, 0) + 1
             matched.setdefault(index, hit)
-    return matched, counts
+    return matched, counts, batches
 
 
 def drop_stages(
     drops: Sequence[Drop], matched: dict[int, Hit], hits: Sequence[Hit], log: Sequence[dict[str, Any]]
 ) -> dict[int, dict[str, float]]:
-    """For each matched drop, the seconds spent in each of STAGES (wall clock; a stage is absent when unseen)."""
-    job_of: dict[str, str] = {}
+    """For each matched drop, the seconds spent in each of STAGES (wall clock; a stage is absent when unseen).
+
+    A packed drop's stages from `job.planned` on are its pack job's (`inbox.accepted`'s `pack_id`);
+    its matched create's input file is the pack's upload.
+    """
+    job_of = claimed_jobs(log)
+    pack_of: dict[str, str] = {}
     events: dict[str, dict[str, float]] = {}
     for record in log:
         job_id = record.get("job_id")
         if not isinstance(job_id, str):
             continue
-        if record["event"] == "inbox.claimed":
-            job_of[str(record.get("source"))] = job_id
+        if record["event"] == "inbox.accepted" and isinstance(record.get("pack_id"), str):
+            pack_of.setdefault(job_id, str(record["pack_id"]))
         if record["event"] in LOG_STAGES:
             events.setdefault(job_id, {}).setdefault(str(record["event"]), log_wall(record))
     arrivals: dict[tuple[str, str], float] = {}
@@ -395,16 +471,18 @@ def drop_stages(
         if create is None or create.file_id is None or job_id is None:
             continue
         seen = events.get(job_id, {})
+        # From job.planned on, the job submitted: the pack's for a packed drop.
+        sent = events.get(pack_of[job_id], {}) if job_id in pack_of else seen
         fid = create.file_id
         points = [
             drop.wall,
             seen.get("inbox.claimed"),
             seen.get("inbox.accepted"),
-            seen.get("job.planned"),
+            sent.get("job.planned"),
             arrivals.get((fid, "files")),
             arrivals.get((fid, "put")),
             arrivals.get((fid, "preprocess")),
-            seen.get("job.uploaded"),
+            sent.get("job.uploaded"),
             create.wall,
         ]
         spans: dict[str, float] = {}
@@ -440,8 +518,10 @@ class RunResult:
     handling: dict[str, list[float]]
     #: first rename to last create
     span_s: float
-    #: drops whose file got more than one batch created (index -> creates)
+    #: drops whose requests went out in more than one batch create (index -> creates)
     duplicates: dict[int, int]
+    #: the batch creates that carried this run's drops (fewer than the drops when packed)
+    batches: int
 
     def stage_summary(self) -> list[tuple[str, str, dict[str, float]]]:
         return [
@@ -452,20 +532,20 @@ class RunResult:
 
 async def run_sequential(inbox: Path, recorder: Recorder, drops: int, requests: int, gap_s: float) -> list[Drop]:
     done: list[Drop] = []
-    start = len(recorder.created_files)
+    start = len(recorder.created_ids)
     for index in range(drops):
         tmp, final = await stage(inbox, "seq", index, requests)
         done.append(rename_in(index, tmp, final))
-        await recorder.wait_creates(start + index + 1, STEP_TIMEOUT_S)
+        await recorder.wait_creates(start + (index + 1) * requests, STEP_TIMEOUT_S)
         await anyio.sleep(gap_s)
     return done
 
 
 async def run_burst(inbox: Path, recorder: Recorder, drops: int, requests: int) -> list[Drop]:
     staged = [await stage(inbox, "burst", index, requests) for index in range(drops)]
-    start = len(recorder.created_files)
+    start = len(recorder.created_ids)
     done = [rename_in(index, tmp, final) for index, (tmp, final) in enumerate(staged)]
-    await recorder.wait_creates(start + drops, STEP_TIMEOUT_S + drops)
+    await recorder.wait_creates(start + drops * requests, STEP_TIMEOUT_S + drops)
     return done
 
 
@@ -480,10 +560,8 @@ async def wait_finished(outbox: Path, count: int, timeout: float) -> None:
             await anyio.sleep(0.1)
 
 
-def result_of(
-    name: str, drops: list[Drop], recorder: Recorder, state: EmulatorState, log: list[dict[str, Any]]
-) -> RunResult:
-    matched, counts = match_creates(drops, recorder.creates, state, name)
+def result_of(name: str, drops: list[Drop], recorder: Recorder, log: list[dict[str, Any]]) -> RunResult:
+    matched, counts, batches = match_creates(drops, recorder.creates, recorder.file_ids, name, claimed_jobs(log))
     missing = [d.index for d in drops if d.index not in matched]
     if missing:
         raise RuntimeError(f"{name}: no batch create matched drops {missing[:10]}")
@@ -499,19 +577,19 @@ def result_of(
         handling=handling_times(recorder.hits, files),
         span_s=span,
         duplicates=duplicates,
+        batches=batches,
     )
 
 
 async def bench(root: Path, args: argparse.Namespace, daemon_log: IO[bytes]) -> tuple[list[RunResult], int]:
     """Serve the emulator, run the daemon against it, drop files; return the results and the daemon's exit code."""
     data_dir = root / "emulator"
-    recorder = Recorder(create_app(data_dir))
-    state = EmulatorState(data_dir)
+    recorder = Recorder(create_app(data_dir), EmulatorState(data_dir))
     inbox = root / "state" / "inbox"
     outbox = root / "state" / "outbox"
     log_path = Path(daemon_log.name)
     async with serve_emulator(recorder) as url:
-        config = write_config(root, url)
+        config = write_config(root, url, args.pack)
         command = [sys.executable, "-m", "batchd", "--config", str(config), "run", "--log-level", args.log_level]
         process = await anyio.open_process(
             command, stdin=subprocess.DEVNULL, stdout=daemon_log, stderr=subprocess.STDOUT, env=daemon_env()
@@ -539,9 +617,9 @@ async def bench(root: Path, args: argparse.Namespace, daemon_log: IO[bytes]) -> 
                     print(f"the daemon ignored SIGTERM for {STOP_TIMEOUT_S} s and was killed", file=sys.stderr)
     code = process.returncode
     records = await anyio.to_thread.run_sync(read_log, log_path)
-    results = [result_of("seq", seq_drops, recorder, state, records)] if seq_drops else []
+    results = [result_of("seq", seq_drops, recorder, records)] if seq_drops else []
     if burst_drops:
-        results.append(result_of("burst", burst_drops, recorder, state, records))
+        results.append(result_of("burst", burst_drops, recorder, records))
         results[-1].rss_peak_mb = rss.peak_mb
     return results, -1 if code is None else code
 
@@ -574,7 +652,15 @@ def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "loadavg_1_5_15": [round(x, 2) for x in load], "python": sys.version.split()[0]}
 
 
-def print_table(results: Sequence[RunResult], daemon_exit: int, host: dict[str, Any]) -> None:
+def packing(pack: int, results: Sequence[RunResult]) -> str:
+    """The pack setting, and what each run's drops became."""
+    if pack <= 0:
+        return "packing: off"
+    became = "; ".join(f"{LABELS[r.name]}: {len(r.drops)} files in {r.batches} remote batches" for r in results)
+    return f"packing: files of <= {pack} requests ({became})"
+
+
+def print_table(results: Sequence[RunResult], daemon_exit: int, host: dict[str, Any], pack: int) -> None:
     row = "{:<36} {:>4} {:>9} {:>9} {:>9} {:>9}"
     print("intake latency: rename into the inbox -> POST /v1/batches received by the provider (ms)")
     print(row.format("run", "n", "median", "p90", "p99", "max"))
@@ -595,6 +681,7 @@ def print_table(results: Sequence[RunResult], daemon_exit: int, host: dict[str, 
                 f"goal: burst >= 500 files/s (now {rate:.0f} files/s over {s['n']} files),"
                 f" daemon RSS during it < 150 MB (now peak {r.rss_peak_mb or 0:.0f} MB)"
             )
+    print(packing(pack, results))
     stage_row = "  {:<82} {:>8} {:>8} {:>8} {:>8}"
     for r in results:
         print(f"\nwhere the time goes ({LABELS[r.name]}), ms:")
@@ -613,18 +700,20 @@ def print_table(results: Sequence[RunResult], daemon_exit: int, host: dict[str, 
             print(f"DUPLICATE remote batches ({r.name}): {len(r.duplicates)} drops got more than one create: {shown}")
 
 
-def as_json(results: Sequence[RunResult], daemon_exit: int, host: dict[str, Any]) -> dict[str, Any]:
+def as_json(results: Sequence[RunResult], daemon_exit: int, host: dict[str, Any], pack: int) -> dict[str, Any]:
     def ms(value: float | None) -> float | None:
         return None if value is None else round(value * 1000, 3)
 
     return {
         "daemon_exit": daemon_exit,
         "machine": host,
+        "pack_max_requests": pack,
         "runs": {
             r.name: {
                 **summary(r.latencies_s),
                 "span_ms": ms(r.span_s),
                 "rss_peak_mb": r.rss_peak_mb,
+                "remote_batches": r.batches,
                 "stages_ms": {key: s for key, _, s in r.stage_summary()},
                 "emulator_handling_ms": {key: summary(r.handling[key]) for key, _ in REQUEST_KINDS},
                 "duplicate_creates": {f"{r.name}-{i:04d}": n for i, n in sorted(r.duplicates.items())},
@@ -647,6 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--drops", type=int, default=100, help="files of the sequential run (default 100; 0: skip)")
     parser.add_argument("--burst", type=int, help="files of the burst (default: as --drops; issue 14: 10000)")
     parser.add_argument("--requests", type=int, default=10, help="requests per file (default 10)")
+    parser.add_argument("--pack", type=int, default=0, help="[inbox] pack_max_requests (default 0: packing off)")
     parser.add_argument("--gap", type=float, default=0.1, help="sequential: seconds between a create and the next drop")
     parser.add_argument("--log-level", default="info", choices=["debug", "info"], help="the daemon's log level")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -654,6 +744,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.burst is None:
         args.burst = args.drops
+    if args.pack < 0:
+        parser.error("--pack must be 0 (off) or more")
     # The emulator logs every request through structlog; here only its warnings matter.
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
@@ -671,9 +763,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     host = machine()
     if args.json:
-        print(json.dumps(as_json(results, daemon_exit, host), indent=2))
+        print(json.dumps(as_json(results, daemon_exit, host, args.pack), indent=2))
     else:
-        print_table(results, daemon_exit, host)
+        print_table(results, daemon_exit, host, args.pack)
     failed = False
     if daemon_exit != 0:
         print(f"the daemon exited with {daemon_exit} after SIGTERM (expected 0)", file=sys.stderr)
