@@ -99,7 +99,9 @@ async def test_a_queue_full_refusal_makes_the_job_wait_then_complete(tmp_path: P
     first = [asking("first-a", kind), asking("first-b", kind)]
     second = [asking("second-a", kind), asking("second-b", kind)]
     extra = 'model = "gemini-2.5-flash"\n' if kind == "gemini" else ""
-    async with rig(tmp_path, kind=kind, provider_lines=extra) as r:
+    # Polling at 0.5-1 s: a refused job asks again after at least that, so the refusal's reason is
+    # there to be read (at 0.02 s, a loaded machine could read the next check's words instead).
+    async with rig(tmp_path, kind=kind, provider_lines=extra, polling=(0.5, 1.0)) as r:
         # The account's queue holds one of these jobs, not two; batchd is told no limit.
         await r.control("POST", "queue", json={"max_enqueued_tokens": job_tokens(first) + job_tokens(second) - 1})
         await r.control("POST", "pause")
