@@ -39,6 +39,7 @@ from batchd import claims, rejections
 from batchd.claims import Taking
 from batchd.config import DEFAULT_PROVIDER, ProviderSettings, Settings
 from batchd.crashpoints import crashpoint
+from batchd.durable_files import make_durable
 from batchd.models import Job, JobState, Limits
 from batchd.outbox import outbox_name
 from batchd.packs import PACK_NAME, write_pack
@@ -231,8 +232,10 @@ class Inbox:
         claimed: list[str] = []
         with contextlib.ExitStack() as holding:
             try:
+                # Checked once for the whole take (each claim folder below it is checked as made).
+                claimed_root = make_dirs(self.dir, [".batchd", "claimed"])
                 for path in paths:
-                    claim = self._claim(path, holding)
+                    claim = self._claim(path, claimed_root, holding)
                     if claim is None:
                         continue
                     claimed.append(claim.parent.name)
@@ -241,7 +244,11 @@ class Inbox:
                         accepted.append(outcome)
                     elif outcome is not None:
                         done.append(outcome)
-                for job in self._store.jobs.insert_many(self._pack(accepted)) if accepted else []:
+                recorded = self._pack(accepted)
+                # The upload copies were written without their fsyncs: all of them at once now,
+                # before the jobs that read them are committed.
+                make_durable([Path(new.upload_path) for new in recorded if new.upload_path])
+                for job in self._store.jobs.insert_many(recorded) if recorded else []:
                     if job.is_pack:
                         log.info("inbox.packed", job_id=job.id, files=job.pack_members, requests=job.request_count)
                     else:
@@ -289,7 +296,7 @@ class Inbox:
         first = files[0]
         dest = ensure_job_files(self._settings(), pack_id) / PACK_NAME
         copies = [(f.id, Path(f.upload_path or "")) for f in files]
-        copy = write_pack(copies, dest, key=id_key(first.provider))
+        copy = write_pack(copies, dest, key=id_key(first.provider), durable=False)
         pack = NewJob(
             id=pack_id,
             name=f"pack-{pack_id[:12]}",
@@ -310,14 +317,14 @@ class Inbox:
         )
         return [*(replace(f, pack_id=pack_id) for f in files), pack]
 
-    def _claim(self, path: Path, holding: contextlib.ExitStack) -> Path | None:
-        """Rename `path` into a new claim folder (held by this process while `holding` lasts);
-        the claimed path, or None when it is ignored or another take got it first."""
+    def _claim(self, path: Path, root: Path, holding: contextlib.ExitStack) -> Path | None:
+        """Rename `path` into a new claim folder under `root` (held by this process while
+        `holding` lasts); the claimed path, or None when it is ignored or another take got it first."""
         if classify(path) is Kind.IGNORE:
             return None
         job_id = uuid.uuid4().hex
         holding.enter_context(self._taking.hold(job_id))
-        claim_dir = real_dir(make_dirs(self.dir, [".batchd", "claimed"]) / job_id)
+        claim_dir = real_dir(root / job_id)
         claims.write_marker(claim_dir, self.claimer, self._clock())
         claimed = claim_dir / path.name
         try:
@@ -353,6 +360,7 @@ class Inbox:
         outcome = self._decide(job_id, claimed)
         if not isinstance(outcome, NewJob):
             return outcome
+        make_durable([Path(outcome.upload_path or "")])
         job = self._store.jobs.insert(outcome)
         log.info("inbox.accepted", job_id=job.id, source=job.source, requests=job.request_count)
         return job
@@ -469,7 +477,8 @@ class Inbox:
                 continue
             claim_data()
             with snapshot(fd, before.size) as stream:
-                copy = write_upload_copy(stream, claimed.parent / UPLOAD_NAME, model=rewrite)
+                # Made durable by whoever records the job (make_durable): a burst, all at once.
+                copy = write_upload_copy(stream, claimed.parent / UPLOAD_NAME, model=rewrite, durable=False)
             after = SourceState.of(os.fstat(fd))
             if after == before or attempt == MAX_READS:
                 return Taken(report, copy, before)

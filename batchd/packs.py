@@ -68,12 +68,13 @@ def parse_request_id(value: object) -> tuple[str, int] | None:
     return job_id, int(rank)
 
 
-def write_pack(files: Sequence[tuple[str, Path]], dest: Path, *, key: str) -> PackCopy:
+def write_pack(files: Sequence[tuple[str, Path]], dest: Path, *, key: str, durable: bool = True) -> PackCopy:
     """Write the upload copies of `files` (job id, upload copy) one after the other into `dest`,
-    each request's `key` replaced by its pack id (atomically: a crash leaves no half pack)."""
+    each request's `key` replaced by its pack id (atomically: a crash leaves no half pack;
+    without `durable`, the caller makes it durable: durable_files.make_durable)."""
     digest = hashlib.sha256()
     size = count = 0
-    with atomic_file(dest) as out:
+    with atomic_file(dest, durable=durable) as out:
         for job_id, copy in files:
             for rank, request in enumerate(_requests(copy)):
                 request[key] = request_id(job_id, rank)

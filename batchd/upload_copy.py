@@ -48,14 +48,16 @@ def _rewrite_model(content: bytes, model: str) -> bytes:
     return jsonl.dumps_line(request)
 
 
-def write_upload_copy(src: Path | IO[bytes], dest: Path, *, model: str | None = None) -> UploadCopy:
+def write_upload_copy(
+    src: Path | IO[bytes], dest: Path, *, model: str | None = None, durable: bool = True
+) -> UploadCopy:
     """Write the copy batchd uploads: one request per line, ``\\n`` ends, no BOM, no blank lines.
 
     Lines are copied byte for byte, except that when `model` is given each
     line's ``body.model`` is set to it (only those lines are re-serialised,
     compactly). `src` (a path, or a stream read to its end) is never modified.
     Meant for a file `validate_file` accepted: its lines are valid JSON objects
-    of bounded length.
+    of bounded length. Without `durable`, the caller makes it durable (durable_files.make_durable).
     """
     # Imported here, not above: a merge's helper process imports this module for
     # `iter_custom_ids` alone, and starts in a third of the time without durable_files.
@@ -66,7 +68,7 @@ def write_upload_copy(src: Path | IO[bytes], dest: Path, *, model: str | None = 
     count = 0
     with ExitStack() as files:
         stream = files.enter_context(src.open("rb")) if isinstance(src, Path) else src
-        out = files.enter_context(atomic_file(dest))
+        out = files.enter_context(atomic_file(dest, durable=durable))
         for line in jsonl.read_lines(stream):
             assert line.content is not None  # no cap given: every line comes whole
             content = _rewrite_model(line.content, model) if model is not None else line.content
