@@ -47,6 +47,13 @@ def refresh_due(conn: Connection, job_ids: Collection[str], now: float) -> None:
             conn.execute(update(jobs).where(jobs.c.id == bindparam("job_id")).values(due_at=bindparam("due")), changes)
 
 
+def due_when_new(job: Job, now: float) -> float | None:
+    """`due_at` of a job about to be inserted (it has no remote batches yet), as refresh_due
+    would set it: the same rule, without reading the row back."""
+    action = lifecycle.next_action(job, [], now)
+    return None if action.step is Step.NONE else action.at
+
+
 def _mirror(conn: Connection, pack: Job, now: float) -> None:
     """The files waiting in `pack` show its state (and why it waits, while queued): `jobs`, `show`
     and the status page read them as they read any job. Here because every write to a job passes

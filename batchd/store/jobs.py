@@ -8,7 +8,7 @@ the state the caller read (else StaleState): a repeated or raced step never writ
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from batchd import lifecycle
 from batchd.models import BatchStatus, Job, JobState, NewEvent
 from batchd.store.database import Database, StaleState, guard
 from batchd.store.deliveries import insert_events
-from batchd.store.due import IDS_PER_QUERY, refresh_due
+from batchd.store.due import IDS_PER_QUERY, due_when_new, refresh_due
 from batchd.store.rows import job_from_row
 from batchd.store.schema import LIVE_STATES, jobs, remote_batches
 from batchd.store.signals import Signal, bump
@@ -225,10 +225,13 @@ class JobStore:
             return [self.insert(new) for new in news]  # held and unheld jobs mixed: not one statement
         now = self._db.now()
         ids = [row["id"] for row in rows]
+        rows = [{"created_at": now, "updated_at": now, **row} for row in rows]
+        # New jobs have no remote batches: their due times come from the rows themselves (a burst
+        # is not read back a second time for them).
+        rows = [{**row, "due_at": due_when_new(job_from_row(row), now)} for row in rows]
         try:
             with self._db.write() as conn:
-                conn.execute(insert(jobs), [{"created_at": now, "updated_at": now, **row} for row in rows])
-                refresh_due(conn, ids, now)
+                conn.execute(insert(jobs), rows)
                 if any(new.hold is None for new in news):
                     bump(conn, Signal.JOBS)
                 found = {
@@ -544,7 +547,7 @@ def db_values(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def _received(new: NewJob) -> dict[str, Any]:
     """The row of a new job in state `received`, held as `new.hold` says."""
-    values = asdict(new)
-    hold = values.pop("hold")
+    values = {f.name: getattr(new, f.name) for f in fields(new) if f.name != "hold"}
     values["metadata"] = dict(new.metadata)
-    return {**values, "state": JobState.RECEIVED.value, **(hold or {})}
+    hold = asdict(new.hold) if new.hold is not None else {}
+    return {**values, "state": JobState.RECEIVED.value, **hold}

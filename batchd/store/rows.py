@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from sqlalchemy import RowMapping
 
 from batchd.models import BatchStatus, Delivery, DeliveryState, Job, JobState, RemoteBatchRecord, StoredEvent
 
 
-def job_from_row(row: RowMapping) -> Job:
+def job_from_row(row: RowMapping | Mapping[str, Any]) -> Job:
     data = dict(row)
     data["state"] = JobState(data["state"])
     data["metadata"] = data.get("metadata") or {}
