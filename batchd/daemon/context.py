@@ -24,6 +24,10 @@ from batchd.store import LEASE, Lease, NextCheck, Store
 
 log = structlog.get_logger("batchd.daemon")
 
+#: The longest a finishing step waits for intake to catch up (a steady stream of files must not
+#: keep results from the outbox).
+YIELD_TO_INTAKE_S = 30.0
+
 
 async def db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run a Store call in a worker thread: SQLite may wait on a lock; the event loop must not."""
@@ -65,6 +69,9 @@ class Context:
         self.faults = faults
         #: job id → monotonic-free unix time before which the scheduler leaves it alone
         self._held: dict[str, float] = {}
+        #: while files found in the inbox wait to be taken, the event set once they are all taken;
+        #: None when none waits (the daemon sets it to its intake's)
+        self.intake_backlog: Callable[[], anyio.Event | None] = lambda: None
 
     @property
     def policy(self) -> PollPolicy:
@@ -87,6 +94,15 @@ class Context:
         if found is None:
             raise _not_configured(job)
         return found
+
+    async def yield_to_intake(self) -> None:
+        """Wait while files wait to be taken, YIELD_TO_INTAKE_S at most: finishing (merges, outbox
+        writes) gives the process to intake during a burst. A new file waits for its upload and
+        create, which start the provider's clock; answers wait safely at the provider meanwhile."""
+        caught_up = self.intake_backlog()
+        if caught_up is not None:
+            with anyio.move_on_after(YIELD_TO_INTAKE_S):
+                await caught_up.wait()
 
     def lease(self, *held: Job) -> None:
         """Fence the store writes of the current task to these jobs, at the claims they were read at."""

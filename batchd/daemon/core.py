@@ -118,6 +118,7 @@ class Daemon:
         #: the scheduler loop's heartbeat: STATUS= for systemd, the jobs gauge, /healthz's last tick
         self.monitor = LoopMonitor(store, period_s=IDLE_TICK_S, faults=self.faults)
         self._intake = Intake(self._ctx, self.inbox, self._stop)
+        self._ctx.intake_backlog = self._intake.backlog
         self._scheduler = Scheduler(self._ctx, self.monitor, self._stop)
         #: set once recovery is done and every loop runs (what READY=1 tells systemd)
         self.ready = anyio.Event()

@@ -61,6 +61,7 @@ class Finisher:
 
     async def end_round(self, job: Job) -> None:
         """Every batch of the round ended: merge what came back, then a follow-up round or the end."""
+        await self._ctx.yield_to_intake()
         if job.is_pack:
             await self._end_pack(job)
             return

@@ -34,7 +34,7 @@ log = structlog.get_logger("batchd.daemon")
 MAX_CONCURRENT_TAKES = 4
 #: Files one take claims and validates one after the other and records in one transaction: a
 #: burst pays one commit per this many files, a lone file is taken at once.
-TAKE_BATCH = 64
+TAKE_BATCH = 256
 #: Where intake reports what it meets (Faults).
 INTAKE = "intake"
 
@@ -49,6 +49,9 @@ class Intake:
         self._taking: set[Path] = set()
         #: files waiting for a take, oldest first, and the takes under way
         self._queued: list[Path] = []
+        #: set whenever nothing is queued (finishing steps wait on it during a burst: backlog)
+        self._caught_up = anyio.Event()
+        self._caught_up.set()
         self._takers = 0
         #: files inotify saw being written and not yet closed: taken at their close, not by a rescan
         self._writing: set[Path] = set()
@@ -60,6 +63,10 @@ class Intake:
         self.settled = False
         #: set once the inbox is watched: a file written from then on is seen being written
         self.watching = anyio.Event()
+
+    def backlog(self) -> anyio.Event | None:
+        """While files found wait for a take (a burst's queue), the event set once none does."""
+        return self._caught_up if self._queued else None
 
     @property
     def drained(self) -> bool:
@@ -75,6 +82,7 @@ class Intake:
         self._taking.difference_update(self._queued)
         self.pending -= len(self._queued)
         self._queued.clear()
+        self._caught_up.set()
         watcher = None if once else InboxWatcher(self._ctx.settings.inbox_dir)
         self.watching.set()
         try:
@@ -182,6 +190,8 @@ class Intake:
             return
         self._taking.add(path)
         self.pending += 1
+        if not self._queued:
+            self._caught_up = anyio.Event()
         self._queued.append(path)
         if self._takers < MAX_CONCURRENT_TAKES:
             self._takers += 1
@@ -193,6 +203,8 @@ class Intake:
             while self._queued:
                 batch = self._queued[:TAKE_BATCH]
                 del self._queued[:TAKE_BATCH]
+                if not self._queued:
+                    self._caught_up.set()
                 await self._take(batch)
         finally:
             self._takers -= 1
