@@ -25,6 +25,10 @@ class NothingToRetry(Exception):
 
 def retry_job(store: Store, settings: Settings, job: Job) -> Job:
     """Record a new job (received) whose input is `job`'s failed and unanswered requests."""
+    if job.is_pack:
+        raise NothingToRetry(
+            f"job {job.short_id} is batchd's pack of {job.pack_members} files, each its own job: retry those"
+        )
     if not job.state.terminal or job.state == JobState.REJECTED or not job.upload_path or not job.outbox_path:
         raise NothingToRetry(f"job {job.short_id} is {job.state.value}: only a finished, accepted job can be retried")
     new_id = uuid.uuid4().hex

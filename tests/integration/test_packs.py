@@ -17,6 +17,7 @@ import pytest
 
 from batchd.models import Job, JobState
 from batchd.request_rules import id_key
+from batchd.resubmit import NothingToRetry, retry_job
 from tests.integration.daemon_rig import Rig, chat, eventually, gemini, message, rig
 from tests.integration.test_admission import job_tokens
 
@@ -236,3 +237,18 @@ async def test_a_pack_in_flight_holds_its_files_tokens_once(tmp_path: Path) -> N
             await eventually(lambda: r.job("later").state is JobState.VALIDATING)
             await r.control("POST", "resume")
         assert {j.state for j in files_of(r)} == {JobState.COMPLETED}
+
+
+async def test_a_file_of_a_pack_is_retried_alone_and_the_pack_itself_is_not(tmp_path: Path) -> None:
+    async with packing(tmp_path, "openai") as r:
+        r.drop("good.jsonl", [chat("a")])
+        r.drop("mixed.jsonl", [chat("a"), chat("b", {"status": 400})])
+        await r.drain()
+        (pack,) = packs_of(r)
+        with pytest.raises(NothingToRetry, match="pack of 2 files"):
+            retry_job(r.store, r.settings, pack)
+        # Its own failed request, from its own upload copy: its own id, not the pack's.
+        retried = retry_job(r.store, r.settings, r.job("mixed"))
+        assert retried.pack_id is None and retried.request_count == 1
+        lines = (await anyio.Path(retried.upload_path or "").read_text(encoding="utf-8")).splitlines()
+        assert [json.loads(x)["custom_id"] for x in lines] == ["b"]
