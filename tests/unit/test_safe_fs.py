@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from batchd import durable_files
 from batchd.durable_files import atomic_file, write_atomic
 from batchd.safe_fs import (
     DIR_MODE,
@@ -181,3 +182,29 @@ def test_fit_name_keeps_the_extension_and_whole_characters() -> None:
     assert fitted.endswith(".jsonl") and len(fitted.encode()) <= NAME_MAX - 16
     fitted.encode().decode()  # whole characters only
     assert fit_name("short.jsonl", extra=16) == "short.jsonl"
+
+
+def test_files_written_without_their_fsyncs_are_made_durable_together_or_the_failure_is_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    real = durable_files._fsync
+
+    def counted(path: Path) -> None:
+        synced.append(path)
+        real(path)
+
+    monkeypatch.setattr(durable_files, "_fsync", counted)
+    paths = []
+    for i in range(5):
+        folder = tmp_path / f"claim-{i}"
+        folder.mkdir()
+        with atomic_file(folder / "copy.jsonl", durable=False) as out:
+            out.write(b"{}\n")
+        paths.append(folder / "copy.jsonl")
+    assert synced == []  # not durable yet: the caller's make_durable is
+    durable_files.make_durable(paths)
+    assert sorted(synced) == sorted([*paths, *(p.parent for p in paths)])
+    paths[2].unlink()
+    with pytest.raises(FileNotFoundError):
+        durable_files.make_durable(paths)
