@@ -15,11 +15,7 @@ from batchd.safe_fs import FILE_MODE, new_file
 
 def fsync_dir(folder: Path) -> None:
     """Make a rename or a new entry in `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(folder, os.O_DIRECTORY)
 
 
 def temp_name(dest: Path) -> Path:
@@ -75,14 +71,11 @@ def make_durable(paths: Sequence[Path]) -> None:
     hold them, several at once: a burst of files pays about one journal commit, not two each."""
     files = list(dict.fromkeys(paths))
     folders = list(dict.fromkeys(p.parent for p in files))
-    if len(files) <= 1:
-        for target in files + folders:
-            _fsync(target)
-        return
-    pool = _sync_pool()
-    # Files, then the folders their names were written into; list() waits, and raises a failure.
-    list(pool.map(_fsync, files))
-    list(pool.map(_fsync, folders))
+    # One file: no thread hop. Files, then the folders their names were written into; list()
+    # waits for each, and raises the first failure.
+    run = map if len(files) <= 1 else _sync_pool().map
+    list(run(_fsync, files))
+    list(run(fsync_dir, folders))
 
 
 def _sync_pool() -> ThreadPoolExecutor:
@@ -93,8 +86,8 @@ def _sync_pool() -> ThreadPoolExecutor:
         return _syncing
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+def _fsync(path: Path, flags: int = os.O_NOFOLLOW) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(fd)
     finally:

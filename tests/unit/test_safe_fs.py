@@ -190,9 +190,9 @@ def test_files_written_without_their_fsyncs_are_made_durable_together_or_the_fai
     synced: list[Path] = []
     real = durable_files._fsync
 
-    def counted(path: Path) -> None:
+    def counted(path: Path, flags: int = os.O_NOFOLLOW) -> None:
         synced.append(path)
-        real(path)
+        real(path, flags)
 
     monkeypatch.setattr(durable_files, "_fsync", counted)
     paths = []
