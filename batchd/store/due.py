@@ -55,19 +55,22 @@ def due_when_new(job: Job, now: float) -> float | None:
 
 
 def _mirror(conn: Connection, pack: Job, now: float) -> None:
-    """The files waiting in `pack` show its state (and why it waits, while queued): `jobs`, `show`
-    and the status page read them as they read any job. Here because every write to a job passes
-    here before it commits; those files are never due themselves (lifecycle.next_action)."""
-    conn.execute(
-        update(jobs)
-        .where(
-            jobs.c.pack_id == pack.id,
-            jobs.c.round == 0,
-            jobs.c.state.in_(LIVE_STATES),
-            or_(jobs.c.state != pack.state.value, jobs.c.wait_reason.is_distinct_from(pack.wait_reason)),
-        )
-        .values(state=pack.state.value, wait_reason=pack.wait_reason, updated_at=now)
+    """The files waiting in `pack` show its state (why it waits, while queued; why it is parked,
+    while it waits for an operator): `jobs`, `show` and the status page read them as any job.
+    Here because every write to a job passes here before it commits; those files are never due
+    themselves (lifecycle.next_action)."""
+    waiting = update(jobs).where(
+        jobs.c.pack_id == pack.id,
+        jobs.c.round == 0,
+        jobs.c.state.in_(LIVE_STATES),
+        or_(
+            jobs.c.state != pack.state.value,
+            jobs.c.wait_reason.is_distinct_from(pack.wait_reason),
+            jobs.c.parked_at.is_distinct_from(pack.parked_at),
+        ),
     )
+    mirrored = {"state": pack.state.value, "wait_reason": pack.wait_reason, "parked_at": pack.parked_at}
+    conn.execute(waiting.values(**mirrored, parked_reason=pack.parked_reason, updated_at=now))
 
 
 def refresh_all(conn: Connection) -> None:

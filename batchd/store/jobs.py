@@ -340,6 +340,11 @@ class JobStore:
         StaleState when the job is not parked (or has ended)."""
         now = self._db.now()
         with self._db.write() as conn:
+            asked = job_id
+            # A file waiting in a pack shows the pack's parking: resuming it resumes the pack.
+            row = conn.execute(select(jobs.c.pack_id, jobs.c.round).where(jobs.c.id == job_id)).first()
+            if row is not None and row.pack_id is not None and row.round == 0:
+                job_id = str(row.pack_id)
             changed = conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.parked_at.is_not(None), jobs.c.state.in_(LIVE_STATES))
@@ -353,11 +358,11 @@ class JobStore:
                 )
             ).rowcount
             if changed != 1:
-                raise StaleState(f"job {job_id} is not parked")
+                raise StaleState(f"job {asked} is not parked")
             refresh_due(conn, [job_id], now)
             bump(conn, Signal.JOBS)
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
-        return job_from_row(row._mapping)
+            resumed = conn.execute(select(jobs).where(jobs.c.id == asked)).one()
+        return job_from_row(resumed._mapping)
 
     def hint(self, provider_name: str, remote_id: str) -> str | None:
         """A provider's webhook says its batch `remote_id` ended: make the job that polls it due now.

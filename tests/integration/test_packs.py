@@ -15,6 +15,8 @@ from typing import Any
 import anyio
 import pytest
 
+from batchd.crashpoints import RAISE_ENV, RAISE_WHILE_ENV
+from batchd.daemon import Daemon
 from batchd.models import Job, JobState
 from batchd.request_rules import id_key
 from batchd.resubmit import NothingToRetry, retry_job
@@ -259,3 +261,31 @@ async def test_a_file_of_a_pack_is_retried_alone_and_the_pack_itself_is_not(tmp_
         assert retried.pack_id is None and retried.request_count == 1
         lines = (await anyio.Path(retried.upload_path or "").read_text(encoding="utf-8")).splitlines()
         assert [json.loads(x)["custom_id"] for x in lines] == ["b"]
+
+
+async def test_a_parked_pack_shows_on_its_files_and_resuming_one_resumes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    switch = tmp_path / "bug-is-on"
+    switch.write_text("on")
+    monkeypatch.setenv(RAISE_ENV, "after_pack_split")
+    monkeypatch.setenv(RAISE_WHILE_ENV, str(switch))
+    async with packing(tmp_path) as r:
+        r.drop("one.jsonl", [chat("a")])
+        r.drop("two.jsonl", [chat("b")])
+        result = await r.daemon.run(once=True, timeout=30)
+        assert not result.drained  # the pack waits for an operator
+        (pack,) = packs_of(r)
+        assert pack.parked_at is not None
+        for name in ("one", "two"):
+            job = r.job(name)
+            assert job.parked_at is not None and "injected bug at after_pack_split" in (job.parked_reason or "")
+        # The bug is fixed; the operator resumes one of the files: its pack goes on, and both end.
+        switch.unlink()
+        r.store.jobs.resume(r.job("one").id)
+        assert packs_of(r)[0].parked_at is None
+        assert all(r.job(name).parked_at is None for name in ("one", "two"))
+        again = Daemon(r.settings, store=r.store, provider=r.provider)
+        assert (await again.run(once=True, timeout=30)).drained
+        assert {r.job(name).state for name in ("one", "two")} == {JobState.COMPLETED}
+        assert answered_ids(r, "two", "custom_id") == ["b"]
