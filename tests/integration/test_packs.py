@@ -8,11 +8,13 @@ many batches were made and what they held.
 from __future__ import annotations
 
 import json
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 
 from batchd.crashpoints import RAISE_ENV, RAISE_WHILE_ENV
@@ -60,6 +62,21 @@ def files_of(r: Rig) -> list[Job]:
 
 def packs_of(r: Rig) -> list[Job]:
     return [j for j in r.store.jobs.select(packs=True) if j.is_pack]
+
+
+@asynccontextmanager
+async def held_in_flight(r: Rig, files: dict[str, list[dict[str, Any]]]) -> AsyncIterator[anyio.abc.TaskGroup]:
+    """The daemon drains while the paused emulator holds the batch of `files` (dropped together,
+    packed): the block runs once they are all `validating`, and the drain goes on after it."""
+    await r.control("POST", "pause")
+    for name, lines in files.items():
+        r.drop(name, lines)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(r.drain)
+        await eventually(
+            lambda: len(files_of(r)) == len(files) and {j.state for j in files_of(r)} == {JobState.VALIDATING}
+        )
+        yield tg
 
 
 async def cancels_sent(r: Rig) -> int:
@@ -153,12 +170,7 @@ async def test_a_file_failing_for_good_in_a_pack_fails_alone(tmp_path: Path) -> 
 
 async def test_one_files_cancel_leaves_the_shared_batch_running_for_the_others(tmp_path: Path) -> None:
     async with packing(tmp_path) as r:
-        await r.control("POST", "pause")
-        r.drop("mine.jsonl", [chat("a")])
-        r.drop("theirs.jsonl", [chat("a"), chat("b")])
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(r.drain)
-            await eventually(lambda: len(r.store.jobs.select()) == 2 and r.job("mine").state is JobState.VALIDATING)
+        async with held_in_flight(r, {"mine.jsonl": [chat("a")], "theirs.jsonl": [chat("a"), chat("b")]}):
             r.store.jobs.request_cancel(r.job("mine").id)
             r.daemon.wake()
             await anyio.sleep(0.3)  # several polls: a cancel of the batch would have gone out by now
@@ -175,12 +187,7 @@ async def test_one_files_cancel_leaves_the_shared_batch_running_for_the_others(t
 
 async def test_when_every_file_of_a_pack_cancels_its_batch_is_cancelled(tmp_path: Path) -> None:
     async with packing(tmp_path) as r:
-        await r.control("POST", "pause")
-        r.drop("one.jsonl", [chat("a")])
-        r.drop("two.jsonl", [chat("a"), chat("b")])
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(r.drain)
-            await eventually(lambda: len(r.store.jobs.select()) == 2 and r.job("one").state is JobState.VALIDATING)
+        async with held_in_flight(r, {"one.jsonl": [chat("a")], "two.jsonl": [chat("a"), chat("b")]}):
             r.store.jobs.request_cancel(r.job("one").id)
             r.store.jobs.request_cancel(r.job("two").id)
             r.daemon.wake()
@@ -195,24 +202,21 @@ async def test_when_every_file_of_a_pack_cancels_its_batch_is_cancelled(tmp_path
 
 
 async def test_files_in_a_pack_show_its_state_and_are_never_claimed_alone(tmp_path: Path) -> None:
-    async with packing(tmp_path) as r:
-        await r.control("POST", "pause")
-        r.drop("one.jsonl", [chat("a")])
-        r.drop("two.jsonl", [chat("b")])
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(r.drain)
-            await eventually(lambda: len(r.store.jobs.select()) == 2 and r.job("one").state is JobState.VALIDATING)
-            (pack,) = packs_of(r)
-            assert pack.state is JobState.VALIDATING
-            assert {j.state for j in files_of(r)} == {JobState.VALIDATING}
-            # Nothing of a file in a pack is ever due: its pack is.
-            assert [j.due_at for j in files_of(r)] == [None, None]
-            # Another daemon finding them without an owner takes the pack, never a file alone.
-            r.store.cluster.release(r.daemon.id)
-            taken = r.store.cluster.claim("other-daemon", 30.0, limit=10)
-            assert set(taken) == {pack.id}
-            await r.control("POST", "resume")
-            tg.cancel_scope.cancel()
+    async with (
+        packing(tmp_path) as r,
+        held_in_flight(r, {"one.jsonl": [chat("a")], "two.jsonl": [chat("b")]}) as tg,
+    ):
+        (pack,) = packs_of(r)
+        assert pack.state is JobState.VALIDATING
+        assert {j.state for j in files_of(r)} == {JobState.VALIDATING}
+        # Nothing of a file in a pack is ever due: its pack is.
+        assert [j.due_at for j in files_of(r)] == [None, None]
+        # Another daemon finding them without an owner takes the pack, never a file alone.
+        r.store.cluster.release(r.daemon.id)
+        taken = r.store.cluster.claim("other-daemon", 30.0, limit=10)
+        assert set(taken) == {pack.id}
+        await r.control("POST", "resume")
+        tg.cancel_scope.cancel()
 
 
 async def test_files_in_a_queued_pack_wait_visibly_and_the_pack_holds_one_batch_of_room(tmp_path: Path) -> None:
