@@ -61,10 +61,15 @@ class Finisher:
 
     async def end_round(self, job: Job) -> None:
         """Every batch of the round ended: merge what came back, then a follow-up round or the end."""
+        # Once per step (a pack's files are not each held back again: a steady stream of files
+        # would hold a pack's end back for each of them).
         await self._ctx.yield_to_intake()
         if job.is_pack:
             await self._end_pack(job)
-            return
+        else:
+            await self._end_round(job)
+
+    async def _end_round(self, job: Job) -> None:
         doc = await db(_finished_document, job)
         if doc is None:
             doc = await self._merge_round(job)
@@ -176,7 +181,7 @@ class Finisher:
             await db(split_answers, parts, copies, dest, key=id_key(pack.provider))
             crashpoint("after_pack_split")
             for file in files:
-                await self.end_round(file)
+                await self._end_round(file)
         if self._delete_files(pack) == "all":
             await self._delete_results(pack)
         code = lifecycle.unanswered_code(batches, pack.cancel_requested)
