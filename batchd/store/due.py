@@ -19,7 +19,7 @@ from batchd import lifecycle
 from batchd.lifecycle import Step
 from batchd.models import Job, RemoteBatchRecord
 from batchd.store.rows import job_from_row, remote_from_row
-from batchd.store.schema import LIVE_STATES, jobs, remote_batches
+from batchd.store.schema import LIVE_STATES, jobs, remote_batches, waiting_in_pack
 
 #: Ids per IN (…) list: well below SQLite's and PostgreSQL's limits on bound parameters.
 IDS_PER_QUERY = 500
@@ -60,9 +60,7 @@ def _mirror(conn: Connection, pack: Job, now: float) -> None:
     Here because every write to a job passes here before it commits; those files are never due
     themselves (lifecycle.next_action)."""
     waiting = update(jobs).where(
-        jobs.c.pack_id == pack.id,
-        jobs.c.round == 0,
-        jobs.c.state.in_(LIVE_STATES),
+        waiting_in_pack(pack.id),
         or_(
             jobs.c.state != pack.state.value,
             jobs.c.wait_reason.is_distinct_from(pack.wait_reason),

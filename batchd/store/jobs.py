@@ -22,7 +22,7 @@ from batchd.store.database import Database, StaleState, guard
 from batchd.store.deliveries import insert_events
 from batchd.store.due import IDS_PER_QUERY, due_when_new, refresh_due
 from batchd.store.rows import job_from_row
-from batchd.store.schema import LIVE_STATES, jobs, remote_batches
+from batchd.store.schema import LIVE_STATES, jobs, remote_batches, waiting_in_pack
 from batchd.store.signals import Signal, bump
 from batchd.store.writes import Ending, NewJob, NextCheck, RejectedJob
 
@@ -279,11 +279,11 @@ class JobStore:
         pack's holder to settle them: a file is never claimed on its own while in a pack, so
         whoever holds the pack holds its files. Fenced by the pack itself."""
         now = self._db.now()
-        waiting = (jobs.c.pack_id == pack_id, jobs.c.round == 0, jobs.c.state.in_(LIVE_STATES))
+        waiting = waiting_in_pack(pack_id)
         with self._db.write() as conn:
             guard(conn, pack_id)
-            conn.execute(update(jobs).where(*waiting).values(owner=owner, fence=jobs.c.fence + 1, updated_at=now))
-            rows = conn.execute(select(jobs).where(*waiting).order_by(jobs.c.created_at, jobs.c.id))
+            conn.execute(update(jobs).where(waiting).values(owner=owner, fence=jobs.c.fence + 1, updated_at=now))
+            rows = conn.execute(select(jobs).where(waiting).order_by(jobs.c.created_at, jobs.c.id))
             return [job_from_row(r._mapping) for r in rows]
 
     # ------------------------------------------------------------ transitions
@@ -525,8 +525,8 @@ def _cancel_pack_if_all(conn: Connection, job_id: str, now: float) -> None:
     job = job_from_row(conn.execute(select(jobs).where(jobs.c.id == job_id)).one()._mapping)
     if not job.in_pack or job.pack_id is None:
         return
-    waiting = jobs.c.pack_id == job.pack_id, jobs.c.round == 0, jobs.c.state.in_(LIVE_STATES)
-    if conn.execute(select(jobs.c.id).where(*waiting, jobs.c.cancel_requested.is_(False)).limit(1)).first():
+    wanting = select(jobs.c.id).where(waiting_in_pack(job.pack_id), jobs.c.cancel_requested.is_(False))
+    if conn.execute(wanting.limit(1)).first():
         return
     pack = update(jobs).where(jobs.c.id == job.pack_id, jobs.c.state.in_(LIVE_STATES))
     if conn.execute(pack.values(cancel_requested=True, updated_at=now)).rowcount:

@@ -12,6 +12,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    ColumnElement,
     Connection,
     Float,
     ForeignKey,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    and_,
     inspect,
     or_,
     text,
@@ -272,6 +274,13 @@ REFRESH_DUE = True
 
 #: A pack's files, read when its round ends (daemon/finish.py) and when one is cancelled.
 pack_index = Index("ix_jobs_pack", jobs.c.pack_id)
+
+
+def waiting_in_pack(pack_id: str) -> ColumnElement[bool]:
+    """(SQL) The files still waiting in a pack: not ended, not gone on alone with a round of their own."""
+    return and_(jobs.c.pack_id == pack_id, jobs.c.round == 0, jobs.c.state.in_(LIVE_STATES))
+
+
 #: (SQL) Jobs that are not waiting in a pack: the jobs admission, claims and the queue reckon with
 #: (a file in a pack mirrors its pack's state; the pack is the one that holds room).
 not_in_pack = or_(jobs.c.pack_id.is_(None), jobs.c.round > 0)
