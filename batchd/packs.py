@@ -32,7 +32,7 @@ from typing import IO
 import structlog
 
 from batchd import jsonl
-from batchd.durable_files import atomic_file, fsync_dir, open_temp, temp_name
+from batchd.durable_files import atomic_file, make_durable, open_temp, temp_name
 from batchd.jsonl import strip_eol
 
 log = structlog.get_logger("batchd.packs")
@@ -157,7 +157,7 @@ class _Ids:
 
 class _Parts:
     """One answer file's part for each of the pack's files: written under temp names, at most
-    OPEN_AT_ONCE open at a time, all made durable and renamed into place on a clean exit."""
+    OPEN_AT_ONCE open at a time, all renamed into place and made durable on a clean exit."""
 
     def __init__(self, dest_dir: Mapping[str, Path], name: Path) -> None:
         self._dest = {job_id: folder / name for job_id, folder in dest_dir.items()}
@@ -180,7 +180,8 @@ class _Parts:
     def _reopen(self, job_id: str) -> IO[bytes]:
         temp = temp_name(self._dest[job_id])
         if job_id in self._started:
-            return temp.open("ab")
+            # Its own temp file, made by open_temp below: appended to, never through a symlink.
+            return os.fdopen(os.open(temp, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW), "ab")
         self._started.add(job_id)
         return open_temp(temp)
 
@@ -194,9 +195,7 @@ class _Parts:
         for job_id, dest in self._dest.items():
             if job_id not in self._started:
                 open_temp(temp_name(dest)).close()
-            temp = temp_name(dest)
-            with temp.open("rb") as written:
-                os.fsync(written.fileno())
-            os.replace(temp, dest)
-        for folder in {dest.parent for dest in self._dest.values()}:
-            fsync_dir(folder)
+            os.replace(temp_name(dest), dest)
+        # Before any file of the pack is settled (the caller goes on only once this returns); a
+        # crash before it leaves the files waiting, and the split is done again.
+        make_durable(list(self._dest.values()))

@@ -100,7 +100,11 @@ class Finisher:
         # into its job files (_end_pack), merged first as the oldest round's.
         pack_batches = await db(self._ctx.store.batches.of_job, job.pack_id) if job.pack_id else []
         files = job_files_dir(settings, job.id)
-        answers = [p for p in _answer_paths(files, pack_batches) if await anyio.Path(p).exists()] + answers
+        carried = [p for p in _answer_paths(files, pack_batches) if await anyio.Path(p).exists()]
+        for part in carried:
+            # Beside the inbox: refused if a folder on its way was swapped for a symlink.
+            await db(check_within, settings.inbox_dir, part)
+        answers = carried + answers
         unrun = _unrun_answers(job, pack_batches, files) | _unrun_answers(job, batches, work)
         batches = pack_batches + batches
         # Reserved in the database, then created: a restart finds the reservation and reuses it.
