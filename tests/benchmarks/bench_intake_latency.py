@@ -3,7 +3,8 @@
 Not part of the test run (tests/benchmarks is outside pytest's testpaths).
 Run from the repository root::
 
-    python -m tests.benchmarks.bench_intake_latency [--drops 100] [--burst N] [--requests 10] [--pack N] [--json]
+    python -m tests.benchmarks.bench_intake_latency [--drops 100] [--burst N] [--requests 10] [--pack N]
+        [--floor 50] [--json]
 
 Issue 14's figures: `--drops 100 --requests 1` (sequential: median < 10 ms, p99 < 50 ms)
 and `--drops 0 --burst 10000 --requests 1` (burst: >= 500 files/s, the daemon's RSS
@@ -57,6 +58,13 @@ latency is then to the create of its pack's batch, and its stages from
 on the pack's uploaded file. The setting is printed beside the goals, with
 how many remote batches each run's drops became.
 
+The floor (`--floor N`, default 50; 0: skip): before the first drop, a bare httpx client in
+a process of its own sends Together's four submission requests N times, one after the other,
+to the same emulator: no inbox, no validation, no database. Its time from the first request
+to the create's arrival is what the sequential figure cannot go below through this protocol
+against this emulator; the rest of the sequential figure is the daemon's own. It is printed
+beside the goal and does not change what the runs measure.
+
 Output: n, median, p90, p99 and max in ms per run, then where the time goes:
 the daemon's log (`--log-level`, JSON lines) and the middleware's
 timestamps split each latency into stages — rename → `inbox.claimed` →
@@ -72,6 +80,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -90,6 +99,7 @@ from typing import IO, Any
 
 import anyio
 import anyio.abc
+import httpx
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -511,6 +521,8 @@ class RunResult:
     drops: list[Drop]
     #: the daemon's peak resident memory during the run (burst only)
     rss_peak_mb: float | None = field(default=None, kw_only=True)
+    #: the bare client's latencies (sequential only; see run_floor), seconds
+    floor_s: list[float] = field(default_factory=list, kw_only=True)
     latencies_s: list[float]
     #: per drop index: seconds per stage
     stages: dict[int, dict[str, float]]
@@ -547,6 +559,50 @@ async def run_burst(inbox: Path, recorder: Recorder, drops: int, requests: int) 
     done = [rename_in(index, tmp, final) for index, (tmp, final) in enumerate(staged)]
     await recorder.wait_creates(start + drops * requests, STEP_TIMEOUT_S + drops)
     return done
+
+
+# ---------------------------------------------------------------- the protocol's floor
+
+
+async def floor_client(url: str, count: int, requests: int, gap_s: float) -> list[tuple[float, str]]:
+    """Together's four submission requests (PROVIDERS.md), `count` times one after the other, by a
+    bare httpx client: no inbox, no validation, no database, no fsync of its own. Each: the wall
+    time right before its first request, and its file id (the create's arrival is the recorder's)."""
+    sent: list[tuple[float, str]] = []
+    headers = {"Authorization": "Bearer bench"}
+    async with httpx.AsyncClient(base_url=url, headers=headers) as api, httpx.AsyncClient() as storage:
+        for index in range(count):
+            content = file_content("floor", index, requests)
+            fields = {
+                "purpose": (None, "batch-api"),
+                "file_name": (None, f"floor-{index:04d}.jsonl"),
+                "file_type": (None, "jsonl"),
+                "checksum": (None, hashlib.sha256(content).hexdigest()),
+            }
+            wall = time.time()
+            start = await api.post("/v1/files", files=fields, follow_redirects=False)
+            file_id = start.headers["X-Together-File-Id"]
+            put = await storage.put(start.headers["Location"], content=content)
+            put.raise_for_status()
+            (await api.post(f"/v1/files/{file_id}/preprocess")).raise_for_status()
+            body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+            (await api.post("/v1/batches", json=body)).raise_for_status()
+            sent.append((wall, file_id))
+            await anyio.sleep(gap_s)
+    return sent
+
+
+async def run_floor(url: str, recorder: Recorder, count: int, requests: int, gap_s: float) -> list[float]:
+    """The floor of the sequential figure: in a process of its own (as the daemon is), the bare
+    client's latencies from its first request to its create's arrival, seconds."""
+    command = [
+        sys.executable, "-m", "tests.benchmarks.bench_intake_latency", "--floor-client", url,
+        "--floor", str(count), "--requests", str(requests), "--gap", str(gap_s),
+    ]  # fmt: skip
+    done = await anyio.run_process(command, env=daemon_env())
+    sent = [(float(wall), str(file_id)) for wall, file_id in json.loads(done.stdout)]
+    arrived = {hit.file_id: hit.wall for hit in recorder.creates}
+    return [arrived[file_id] - wall for wall, file_id in sent]
 
 
 async def wait_finished(outbox: Path, count: int, timeout: float) -> None:
@@ -596,6 +652,8 @@ async def bench(root: Path, args: argparse.Namespace, daemon_log: IO[bytes]) -> 
         )
         try:
             await wait_for_log(log_path, "daemon.ready", process, STEP_TIMEOUT_S)
+            # Before any drop: the daemon is idle, and the emulator's state as small as it gets.
+            floor = await run_floor(url, recorder, args.floor, args.requests, args.gap) if args.floor else []
             seq_drops = await run_sequential(inbox, recorder, args.drops, args.requests, args.gap)
             await wait_finished(outbox, args.drops, STEP_TIMEOUT_S + args.drops)
             async with anyio.create_task_group() as sampling:
@@ -618,6 +676,8 @@ async def bench(root: Path, args: argparse.Namespace, daemon_log: IO[bytes]) -> 
     code = process.returncode
     records = await anyio.to_thread.run_sync(read_log, log_path)
     results = [result_of("seq", seq_drops, recorder, records)] if seq_drops else []
+    if seq_drops:
+        results[-1].floor_s = floor
     if burst_drops:
         results.append(result_of("burst", burst_drops, recorder, records))
         results[-1].rss_peak_mb = rss.peak_mb
@@ -671,10 +731,20 @@ def print_table(results: Sequence[RunResult], daemon_exit: int, host: dict[str, 
         print(row.format(label, s["n"], *cells))
         if r.name == "burst":
             print(row.format("burst, first rename -> last create", s["n"], f"{r.span_s * 1000:.1f}", "", "", ""))
+        if r.floor_s:
+            f = summary(r.floor_s)
+            cells = (f"{f[k]:.1f}" for k in ("median_ms", "p90_ms", "p99_ms", "max_ms"))
+            print(row.format("floor: bare client, 4 requests", f["n"], *cells))
     for r in results:
         s = summary(r.latencies_s)
         if r.name == "seq":
             print(f"goal: sequential median < 10 ms (now {s['median_ms']:.1f}), p99 < 50 ms (now {s['p99_ms']:.1f})")
+            if r.floor_s:
+                f = summary(r.floor_s)
+                print(
+                    f"      floor: Together's four requests by a bare client, first request -> create arrives:"
+                    f" median {f['median_ms']:.1f}, p99 {f['p99_ms']:.1f} (the daemon's own share: the rest)"
+                )
         else:
             rate = s["n"] / r.span_s if r.span_s > 0 else float("inf")
             print(
@@ -713,6 +783,7 @@ def as_json(results: Sequence[RunResult], daemon_exit: int, host: dict[str, Any]
                 **summary(r.latencies_s),
                 "span_ms": ms(r.span_s),
                 "rss_peak_mb": r.rss_peak_mb,
+                "floor": summary(r.floor_s) if r.floor_s else None,
                 "remote_batches": r.batches,
                 "stages_ms": {key: s for key, _, s in r.stage_summary()},
                 "emulator_handling_ms": {key: summary(r.handling[key]) for key, _ in REQUEST_KINDS},
@@ -741,7 +812,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info", choices=["debug", "info"], help="the daemon's log level")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--keep", type=Path, help="use (and keep) this folder, e.g. to read the daemon's log")
+    parser.add_argument(
+        "--floor", type=int, default=50, help="bare-client submissions measured before the sequential run (0: skip)"
+    )
+    parser.add_argument("--floor-client", metavar="URL", help=argparse.SUPPRESS)  # run_floor's own subprocess
     args = parser.parse_args(argv)
+    if args.floor_client:
+        sent = anyio.run(floor_client, args.floor_client, args.floor, args.requests, args.gap)
+        print(json.dumps(sent))
+        return 0
     if args.burst is None:
         args.burst = args.drops
     if args.pack < 0:
