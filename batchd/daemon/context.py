@@ -8,7 +8,7 @@ holds another's state. Store calls run in worker threads through `db()`.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,9 @@ class Context:
         #: while files found in the inbox wait to be taken, the event set once they are all taken;
         #: None when none waits (the daemon sets it to its intake's)
         self.intake_backlog: Callable[[], anyio.Event | None] = lambda: None
+        #: start the first steps of jobs intake just recorded (the daemon sets it to its
+        #: scheduler's start_new; by default, a wake-up: the next tick finds them due)
+        self.start_new: Callable[[Sequence[Job]], None] = lambda jobs: wake()
 
     @property
     def policy(self) -> PollPolicy:

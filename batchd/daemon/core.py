@@ -120,6 +120,7 @@ class Daemon:
         self._intake = Intake(self._ctx, self.inbox, self._stop)
         self._ctx.intake_backlog = self._intake.backlog
         self._scheduler = Scheduler(self._ctx, self.monitor, self._stop)
+        self._ctx.start_new = self._scheduler.start_new
         #: set once recovery is done and every loop runs (what READY=1 tells systemd)
         self.ready = anyio.Event()
 

@@ -231,6 +231,6 @@ class Intake:
             if not job.is_pack:  # batchd's own job, not a file taken
                 metrics.intake(rejected=job.state == JobState.REJECTED)
         if jobs:
-            self._ctx.wake()
+            self._ctx.start_new(jobs)
         if any(job.state == JobState.REJECTED for job in jobs):
             self._ctx.poke_deliverer()

@@ -3,13 +3,15 @@ job's due time from `lifecycle.next_action`, see store/due.py), asks the life cy
 needs, and starts that step in the right room (submit, poll, finish).
 
 A job has at most one step or poll round running at a time (`busy`). The loop sleeps until
-the earliest job is due, a room wakes it (a step ended, a file was taken, a job was claimed),
-or the idle period ends; it also sends systemd's WATCHDOG=1.
+the earliest job is due, a room wakes it (a step ended, a job was claimed), or the idle period
+ends; it also sends systemd's WATCHDOG=1. A file intake has just taken does not wait for the
+loop: its first step starts at once (`start_new`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import anyio
 import anyio.abc
@@ -88,6 +90,8 @@ class Scheduler:
         self._changed = True
         #: ticks failed in a row (the wait before the next grows with them)
         self._failed_ticks = 0
+        #: where steps run while the loop runs (see run); None before and after
+        self._work: anyio.abc.TaskGroup | None = None
 
     @property
     def busy(self) -> frozenset[str]:
@@ -108,8 +112,41 @@ class Scheduler:
             self._awaiting_sweep.clear()
         self._wake.set()
 
+    def start_new(self, jobs: Sequence[Job]) -> None:
+        """Start the first step of jobs intake has just recorded, without waiting for a tick's
+        reads: a lone file's plan and upload begin at once (the due index would say the same a
+        few milliseconds later). What cannot start here is left to a tick, woken for it."""
+        now = self._ctx.clock()
+        left = False
+        for job in jobs:
+            action = lifecycle.next_action(job, [], now)
+            startable = (
+                self._work is not None and not self._stop.is_set() and job.owner == self._ctx.daemon_id
+                and action.step is Step.PLAN and action.at <= now
+                and job.id not in self._busy and self._ctx.held_until(job.id, now) is None
+            )  # fmt: skip
+            if not startable:
+                left = left or action.step is not Step.NONE
+                continue
+            assert self._work is not None
+            # Busy before the step runs: a tick reading this job meanwhile leaves it alone.
+            self._busy.add(job.id)
+            self._changed = True
+            self._work.start_soon(self._run_step, job, action)
+        if left:
+            self.wake()
+
     async def run(self, tg: anyio.abc.TaskGroup) -> None:
         """Tick until stopped; steps run in `tg`, which outlives this loop (see Daemon.run)."""
+        self._work = tg
+        try:
+            await self._loop()
+        finally:
+            self._work = None
+
+    async def _loop(self) -> None:
+        assert self._work is not None
+        tg = self._work
         watchdog = systemd.watchdog_interval_s()
         last_ping = 0.0
         while not self._stop.is_set():

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import anyio
@@ -15,8 +17,8 @@ from structlog.testing import capture_logs
 
 from batchd import claims
 from batchd.config import ConfigError, Settings
-from batchd.models import JobState
-from tests.integration.daemon_rig import chat, eventually, rig
+from batchd.models import Job, JobState
+from tests.integration.daemon_rig import Rig, chat, eventually, rig
 
 pytestmark = pytest.mark.each_database
 
@@ -208,3 +210,33 @@ async def test_a_download_cut_off_halfway_is_resumed_and_the_outbox_is_whole(tmp
         assert any(e["event"] == "job.step_failed" and "received 1500 bytes" in e["error"] for e in logs)
         requests = (await r.stats())["requests"]
         assert sum(v for k, v in requests.items() if k.endswith("/content")) == 2
+
+
+async def test_a_new_file_is_submitted_without_waiting_for_a_scheduler_read(tmp_path: Path) -> None:
+    # Intake hands a job it has just recorded straight to its first step: even while every
+    # read of the due index hangs (a slow disk, a huge backlog), a new file reaches its provider.
+    async with rig(tmp_path) as r:
+        reads = r.store.jobs.due
+        stuck = threading.Event()
+
+        def hanging(owner: str, until: float, *, limit: int, skip: Collection[str] = ()) -> list[Job]:
+            stuck.wait()
+            return reads(owner, until, limit=limit, skip=skip)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(r.daemon.run)
+            await eventually(lambda: r.daemon.ready.is_set())
+            r.store.jobs.due = hanging  # type: ignore[method-assign]
+            try:
+                r.drop("fast.jsonl", [chat("a"), chat("b")])
+                await eventually(lambda: created(r, "fast"))
+                assert len((await r.stats())["batch_creates"]) == 1
+            finally:
+                stuck.set()
+                r.daemon.stop()
+
+
+def created(r: Rig, name: str) -> bool:
+    """The job of `name` exists and its batch is created at the provider."""
+    found = [j for j in r.store.jobs.select() if j.name == name]
+    return bool(found) and any(b.remote_id is not None for b in r.store.batches.of_job(found[0].id))
