@@ -348,10 +348,18 @@ class EmulatorState:
         return next((b for b in self._batches.values() if b.input_file_id == file_id and not b.status.terminal), None)
 
     async def install_content(self, record: StoredFile, tmp: Path) -> None:
-        """Move fsynced content from tmp/ into place, then save the metadata that points at it."""
-        await anyio.to_thread.run_sync(install_file, tmp, self.content_path(record.id))
+        """Move fsynced content from tmp/ into place, then save the metadata that points at it
+        (both in one worker-thread call: an upload's answer waits for one hop, not two)."""
+        dest = self.content_path(record.id)
         record.uploaded = True
-        await self.save_file(record)
+        try:
+            await self._write_json(
+                self.files_dir / f"{record.id}.json", lambda: asdict(record), before=lambda: install_file(tmp, dest)
+            )
+        except BaseException:
+            record.uploaded = False  # its content may not be in place: never said to be
+            raise
+        self._files[record.id] = record
 
     # -- batches --------------------------------------------------------------
 
@@ -426,14 +434,24 @@ class EmulatorState:
 
     # -- plumbing -------------------------------------------------------------
 
-    async def _write_json(self, path: Path, snapshot: Callable[[], dict[str, Any]]) -> None:
+    async def _write_json(
+        self, path: Path, snapshot: Callable[[], dict[str, Any]], *, before: Callable[[], None] | None = None
+    ) -> None:
+        """Write the record `snapshot()` to `path` durably; `before`, if given, runs first in the
+        same worker thread (what the record points at, made durable before it)."""
         lock = self._write_locks.setdefault(path, anyio.Lock())
         async with lock:
             # Serialise inside the lock: the last writer writes the latest state.
             data = json.dumps(snapshot(), sort_keys=True).encode()
+
+            def write() -> None:
+                if before is not None:
+                    before()
+                atomic_write_bytes(path, data, tmp_dir=self.tmp_dir)
+
             # Shielded: a record write that starts is finished even when its caller is cancelled.
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(lambda: atomic_write_bytes(path, data, tmp_dir=self.tmp_dir))
+                await anyio.to_thread.run_sync(write)
 
 
 def _unlink_durably(path: Path) -> None:

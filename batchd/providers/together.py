@@ -22,7 +22,7 @@ import structlog
 from batchd.models import RemoteBatch, RemoteFile
 from batchd.providers.errors import ProviderError
 from batchd.providers.http import HttpProvider
-from batchd.providers.transfer import file_chunks
+from batchd.providers.transfer import file_body
 from batchd.providers.wire import (
     batch_identity,
     error_from_response,
@@ -107,10 +107,10 @@ class TogetherProvider(HttpProvider):
     async def upload(self, path: Path, *, filename: str, sha256: str) -> RemoteFile:
         """`upload_file`, answering what Together says about the stored file."""
         bound = log.bind(filename=filename, sha256=sha256)
-        size = (await anyio.Path(path).stat()).st_size
         found = await self._retried(lambda: self._upload_start(filename, sha256), "together.upload.start")
         if isinstance(found, str):
             bound.info("provider.upload", file_id=found, reused=True)
+            size = (await anyio.Path(path).stat()).st_size
             return remote_file(None, fallback_id=found, filename=filename, size=size, purpose="batch-api")
         location, file_id = found
         sent = await self._retried(lambda: self._upload_put(location, path), "together.upload.put")
@@ -148,13 +148,16 @@ class TogetherProvider(HttpProvider):
     async def _upload_put(self, location: str, path: Path) -> int:
         """Step 2: the raw bytes to the presigned URL, streamed, without our key. Returns the size."""
         what = "together.upload.put"
-        size = (await anyio.Path(path).stat()).st_size
+        size, body = await file_body(path)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         started = time.monotonic()
         try:
-            # aclosing: an interrupted PUT must close the file now, not whenever the generator is collected.
-            async with aclosing(file_chunks(path, size)) as chunks:
-                response = await self._http.put(location, content=chunks, headers=headers, follow_redirects=False)
+            if isinstance(body, bytes):
+                response = await self._http.put(location, content=body, headers=headers, follow_redirects=False)
+            else:
+                # aclosing: an interrupted PUT must close the file now, not whenever the generator is collected.
+                async with aclosing(body) as chunks:
+                    response = await self._http.put(location, content=chunks, headers=headers, follow_redirects=False)
         except httpx.TransportError as exc:
             self._count(what, None, started)
             raise transport_error(exc, what) from exc

@@ -26,6 +26,23 @@ log = structlog.get_logger("batchd.providers")
 CHUNK_SIZE = 1024 * 1024
 
 
+def _read_if_small(path: Path, limit: int) -> tuple[int, bytes | None]:
+    """Blocking: the file's size, and its bytes when it holds `limit` bytes at most."""
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return size, (f.read(size) if size <= limit else None)
+
+
+async def file_body(path: Path) -> tuple[int, bytes | AsyncGenerator[bytes, None]]:
+    """A file as a request body: (its size, its bytes) when it fits in one piece, read in one
+    worker-thread call (a small upload costs one hop, not one per open, stat, read and close);
+    else (its size, `file_chunks`, to be closed by the caller)."""
+    size, content = await anyio.to_thread.run_sync(_read_if_small, path, CHUNK_SIZE)
+    if content is not None and len(content) == size:
+        return size, content
+    return size, file_chunks(path, size)
+
+
 async def file_chunks(path: Path, size: int) -> AsyncGenerator[bytes, None]:
     """The first `size` bytes of `path`, read piece by piece (matches the Content-Length sent)."""
     left = size
