@@ -28,7 +28,7 @@ from batchd.providers.anthropic import request_total
 from batchd.providers.base import ProviderError
 from batchd.request_rules import id_key
 from batchd.safe_fs import check_within
-from batchd.shards import split, write_followups
+from batchd.shards import Shard, split, write_followups
 from batchd.store import CreatesBusy, ShardPlan, StaleState
 
 log = structlog.get_logger("batchd.daemon")
@@ -76,11 +76,17 @@ class Submitter:
 
     async def _plan_round(self, job: Job, requests: Path, round_: int) -> list[RemoteBatchRecord]:
         """Cut `requests` into shards within the provider's limits and commit them as round `round_`."""
-        # Beside the inbox, so checked to be batchd's own folders (a planted symlink is moved aside).
-        files = await db(ensure_job_files, self._ctx.settings, job.id)
-        await db(check_within, self._ctx.settings.inbox_dir, requests)
+        settings = self._ctx.settings
         provider = self._ctx.provider_settings(job)
-        shards = await db(split, requests, files, provider.limits, prefix=f"round-{round_}")
+
+        def cut() -> list[Shard]:
+            # Beside the inbox, so checked to be batchd's own folders (a planted symlink is moved
+            # aside). One worker-thread call for the three: a lone file's plan waits for one hop.
+            files = ensure_job_files(settings, job.id)
+            check_within(settings.inbox_dir, requests)
+            return split(requests, files, provider.limits, prefix=f"round-{round_}")
+
+        shards = await db(cut)
         plans = [ShardPlan(str(s.path), s.request_count, s.size_bytes, s.sha256) for s in shards]
         result: list[RemoteBatchRecord] = await db(
             self._ctx.store.batches.plan_round, job.id, expect=job.state, round_=round_, shards=plans,
