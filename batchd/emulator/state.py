@@ -244,6 +244,9 @@ class EmulatorState:
         self.fail_once_dir = data_dir / "fail_once"
         self.tmp_dir = data_dir / "tmp"
         self._files: dict[str, StoredFile] = {}
+        #: sha256 → the ids of the files stored with it: Together's 409 reuse looks up one
+        #: checksum, not every file the emulator ever kept
+        self._by_checksum: dict[str, set[str]] = {}
         self._batches: dict[str, StoredBatch] = {}
         #: batch ids newest first, kept until a batch is added (creation times never change): a
         #: list call pages through a long history without sorting all of it for every page
@@ -283,8 +286,7 @@ class EmulatorState:
             secret_path.chmod(SECRET_MODE)
         self._secret = secret_path.read_bytes()
         for meta in self.files_dir.glob("*.json"):
-            record = _file_from_json(json.loads(meta.read_bytes()))
-            self._files[record.id] = record
+            self._keep(_file_from_json(json.loads(meta.read_bytes())))
         for meta in self.batches_dir.glob("*.json"):
             batch = _batch_from_json(json.loads(meta.read_bytes()))
             self._batches[batch.id] = batch
@@ -316,8 +318,15 @@ class EmulatorState:
 
     def find_processed_by_checksum(self, checksum: str) -> StoredFile | None:
         """The oldest processed file with this sha256, for Together's 409 reuse."""
-        matches = [f for f in self._files.values() if f.processed and f.checksum == checksum]
+        found = (self._files.get(file_id) for file_id in self._by_checksum.get(checksum, ()))
+        matches = [f for f in found if f is not None and f.processed and f.checksum == checksum]
         return min(matches, key=lambda f: f.seq, default=None)
+
+    def _keep(self, record: StoredFile) -> None:
+        """Hold a file's record in memory, found by its id and its checksum."""
+        self._files[record.id] = record
+        if record.checksum is not None:
+            self._by_checksum.setdefault(record.checksum, set()).add(record.id)
 
     def content_path(self, file_id: str) -> Path:
         """Where a file's content lives."""
@@ -329,13 +338,20 @@ class EmulatorState:
 
     async def save_file(self, record: StoredFile) -> None:
         """Record a new or changed file's metadata durably."""
-        self._files[record.id] = record
+        self._keep(record)
         await self._write_json(self.files_dir / f"{record.id}.json", lambda: asdict(record))
 
     async def delete_file(self, file_id: str) -> None:
         """Forget a file: its metadata first (so a crash never leaves a record without content)."""
-        if self._files.pop(file_id, None) is None:
+        record = self._files.pop(file_id, None)
+        if record is None:
             return
+        if record.checksum is not None:
+            # (An id filed under a checksum the record no longer has is skipped by the lookup.)
+            same = self._by_checksum.get(record.checksum, set())
+            same.discard(file_id)
+            if not same:
+                self._by_checksum.pop(record.checksum, None)
         meta = self.files_dir / f"{file_id}.json"
         async with self._write_locks.setdefault(meta, anyio.Lock()):
             with anyio.CancelScope(shield=True):
@@ -359,7 +375,7 @@ class EmulatorState:
         except BaseException:
             record.uploaded = False  # its content may not be in place: never said to be
             raise
-        self._files[record.id] = record
+        self._keep(record)
 
     # -- batches --------------------------------------------------------------
 

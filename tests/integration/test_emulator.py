@@ -135,6 +135,21 @@ async def test_same_checksum_answers_409_with_the_processed_file(tmp_path: Path)
         assert again.json() == {"file_id": file_id}
 
 
+async def test_the_checksum_reuse_survives_a_restart_and_ends_with_the_file(tmp_path: Path) -> None:
+    data = to_jsonl([request_line("a")])
+    async with asgi_emulator(tmp_path) as client:
+        file_id = await upload(client, data)
+    async with asgi_emulator(tmp_path) as client:
+        # Read back from disk: the same bytes still answer 409 with the stored file.
+        again = await client.post("/v1/files", files=upload_form(data))
+        assert again.status_code == 409 and again.json() == {"file_id": file_id}
+        assert (await client.delete(f"/v1/files/{file_id}")).status_code == 200
+        # Deleted: the same bytes are a new file, stored anew.
+        fresh = await client.post("/v1/files", files=upload_form(data))
+        assert fresh.status_code == 302 and fresh.headers["x-together-file-id"] != file_id
+        assert await upload(client, data) != file_id
+
+
 async def test_presigned_put_refuses_an_authorization_header(tmp_path: Path) -> None:
     data = to_jsonl([request_line("a")])
     async with asgi_emulator(tmp_path) as client:
