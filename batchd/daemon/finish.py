@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ from batchd import chaos, lifecycle, metrics
 from batchd.crashpoints import crashpoint
 from batchd.daemon.context import Context, db
 from batchd.daemon.submit import Submitter
+from batchd.faults import describe
 from batchd.inbox import ensure_job_files, job_files_dir
 from batchd.models import BatchStatus, FileFate, FileKind, Job, JobState, RemoteBatchRecord
 from batchd.outbox import (
@@ -194,7 +196,22 @@ class Finisher:
         reason = f"carried the requests of {pack.pack_members} files; each ended as its own job"
         ending = Ending(state, self._ctx.clock(), reason, {}, {})
         await db(self._ctx.store.jobs.finish, pack.id, expect=pack.state, ending=ending, events=[])
+        await self._drop_downloads(pack)
         log.info("pack.finished", job_id=pack.id, status=state.value, files=pack.pack_members)
+
+    async def _drop_downloads(self, job: Job) -> None:
+        """An ended job's downloaded result files go: its outbox (or, for a pack, its files' job
+        files) holds every answer now, and nothing reads them again (`batchd retry` works from
+        the outbox). Without this, batchd's state folder would keep a second copy of every
+        result for ever. Best effort: a failure (or a crash just before) leaves a folder that
+        costs disk only."""
+        work = self._ctx.work_dir(job)
+        try:
+            await db(shutil.rmtree, work)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("job.downloads_kept", job_id=job.id, folder=str(work), error=describe(exc))
 
     async def _download(self, job: Job, batches: list[RemoteBatchRecord], work: Path) -> list[Path]:
         """Fetch every output and error file of the job's batches into `work` (resumed where a
@@ -317,6 +334,7 @@ class Finisher:
         cost_usd = cost.get("estimated_usd") if isinstance(cost, dict) else None
         ending = Ending(state, finished_at, doc["reason"], counts, doc["usage"], cost_usd=cost_usd)
         job = await db(self._ctx.store.jobs.finish, job.id, expect=job.state, ending=ending, events=[event])
+        await self._drop_downloads(job)
         folder = Path(job.outbox_path or ".")
         metrics.job_finished(state.value, finished_at - job.created_at, [folder / n for n in OUTBOX_FILES])
         log.info(

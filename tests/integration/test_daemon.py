@@ -240,3 +240,16 @@ def created(r: Rig, name: str) -> bool:
     """The job of `name` exists and its batch is created at the provider."""
     found = [j for j in r.store.jobs.select() if j.name == name]
     return bool(found) and any(b.remote_id is not None for b in r.store.batches.of_job(found[0].id))
+
+
+async def test_an_ended_jobs_downloads_go_once_its_outbox_holds_them(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        r.drop("kept.jsonl", [chat("a"), chat("b")])
+        with capture_logs() as logs:
+            await r.drain()
+        job = r.job("kept")
+        assert job.state is JobState.COMPLETED
+        assert "job.downloaded" in [e["event"] for e in logs]  # there was something to drop
+        # The outbox holds every answer; batchd's own second copy of them is gone.
+        assert [line["custom_id"] for line in r.outbox_lines("kept", "output.jsonl")] == ["a", "b"]
+        assert not (r.settings.state_dir / "work" / job.id).exists()
