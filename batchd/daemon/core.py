@@ -384,22 +384,26 @@ class Daemon:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    self._reload_settings()
+                    await self._reload_settings()
                 else:
                     log.info("daemon.signal", signal=signal.Signals(signum).name)
                     self.stop()
 
-    def _reload_settings(self) -> None:
+    async def _reload_settings(self) -> None:
+        """SIGHUP: the config read again. Its file and the database are read off the event loop:
+        a database locked by another process (30 s of busy_timeout) must not stall every loop,
+        nor outlast systemd's watchdog."""
         if self._reload is None:
             return
         systemd.notify(systemd.reloading_message())
+        reload = self._reload
         try:
-            new = self._reload()
+            new = await anyio.to_thread.run_sync(reload)
         except ConfigError as exc:
             log.error("daemon.reload_refused", error=str(exc))
         else:
             dropped = set(self.settings.provider_names) - set(new.provider_names)
-            busy = self._providers_in_use(dropped)
+            busy = await self._providers_in_use(dropped)
             if busy:
                 names = ", ".join(sorted(busy))
                 log.error(
@@ -421,12 +425,13 @@ class Daemon:
             log.info("daemon.reloaded")
         systemd.notify("READY=1")
 
-    def _providers_in_use(self, names: set[str]) -> set[str]:
+    async def _providers_in_use(self, names: set[str]) -> set[str]:
         """Which of `names` jobs not yet ended went to (all of them when the database cannot say)."""
         if not names:
             return set()
         try:
-            return names & self.store.jobs.provider_names_in_use()
+            in_use: set[str] = await db(self.store.jobs.provider_names_in_use)
+            return names & in_use
         except Exception as exc:
             log.warning("daemon.reload_cannot_check_providers", error=describe(exc))
             return names

@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from batchd import claims
-from batchd.config import ConfigError, Settings
+from batchd.config import ConfigError, Settings, load_settings
 from batchd.models import Job, JobState
 from tests.integration.daemon_rig import Rig, chat, eventually, rig
 
@@ -186,7 +186,7 @@ async def test_reload_with_a_broken_config_keeps_the_old_one(tmp_path: Path) -> 
 
         r.daemon._reload = broken
         with capture_logs() as logs:
-            r.daemon._reload_settings()
+            await r.daemon._reload_settings()
         assert r.daemon.settings is old
         assert next(e for e in logs if e["event"] == "daemon.reload_refused")["error"] == "unknown key polling.fast"
 
@@ -253,3 +253,42 @@ async def test_an_ended_jobs_downloads_go_once_its_outbox_holds_them(tmp_path: P
         # The outbox holds every answer; batchd's own second copy of them is gone.
         assert [line["custom_id"] for line in r.outbox_lines("kept", "output.jsonl")] == ["a", "b"]
         assert not (r.settings.state_dir / "work" / job.id).exists()
+
+
+async def test_a_reload_waiting_for_a_locked_database_holds_nothing_else_up(tmp_path: Path) -> None:
+    # The reload drops a provider, so it asks the database whether jobs still use it; the
+    # database is locked by another process meanwhile (here: the read waits until released).
+    claude = '[providers.claude]\nkind = "anthropic"\nbase_url = "http://127.0.0.1:1"\n'
+    async with rig(tmp_path, config_lines=claude) as r:
+        config = tmp_path / "reloaded.toml"
+        config.write_text((tmp_path / "batchd.toml").read_text().replace(claude, ""), encoding="utf-8")
+        new = load_settings(config, environ={"TOGETHER_API_KEY": "k"})
+        assert set(r.daemon.settings.provider_names) - set(new.provider_names) == {"claude"}
+        r.daemon._reload = lambda: new
+        in_use = r.store.jobs.provider_names_in_use
+        locked = threading.Event()
+
+        def waiting() -> set[str]:
+            locked.wait()
+            return in_use()
+
+        r.store.jobs.provider_names_in_use = waiting  # type: ignore[method-assign]
+        # Should the loop block, the lock still ends (and the assertion below says so).
+        unlock = threading.Timer(15, locked.set)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(r.daemon.run)
+            await eventually(lambda: r.daemon.ready.is_set())
+            unlock.start()
+            try:
+                with capture_logs() as logs:
+                    tg.start_soon(r.daemon._reload_settings)
+                    r.drop("meanwhile.jsonl", [chat("a")])
+                    await eventually(lambda: created(r, "meanwhile"))
+                    assert not locked.is_set(), "the file went out while the reload waited for the database"
+                    locked.set()
+                    # Released: no job uses the dropped provider, so the reload goes through.
+                    await eventually(lambda: "daemon.reloaded" in [e["event"] for e in logs])
+            finally:
+                locked.set()
+                unlock.cancel()
+                r.daemon.stop()
