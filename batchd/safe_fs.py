@@ -25,7 +25,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import IO
 
@@ -176,6 +176,33 @@ def make_dirs(root: Path, parts: Iterable[str], mode: int = DIR_MODE) -> Path:
     for part in parts:
         path = real_dir(path / part, mode)
     return path
+
+
+def remove_own_files(folder: Path, keep: Collection[str] = ()) -> None:
+    """Remove the regular files directly in `folder` (one of batchd's own folders, its parents
+    checked by the caller), all but those named in `keep`; then the folder, once empty.
+
+    The folder is opened without following a symlink, its files are unlinked through that
+    descriptor, and nothing else is touched: no sub-folder, no entry of another kind.
+    A missing folder is nothing to do.
+    """
+    try:
+        fd = os.open(folder, _DIR)
+    except FileNotFoundError:
+        return
+    try:
+        with os.scandir(fd) as entries:
+            doomed = [e.name for e in entries if e.name not in keep and e.is_file(follow_symlinks=False)]
+        for name in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+        with os.scandir(fd) as entries:
+            empty = next(entries, None) is None
+    finally:
+        os.close(fd)
+    if empty:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def check_within(root: Path, path: Path) -> None:

@@ -14,6 +14,7 @@ requests end unanswered (`results_expired`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -46,7 +47,7 @@ from batchd.pricing import estimate_cost
 from batchd.providers.base import ProviderError
 from batchd.request_rules import id_key
 from batchd.results import MergeResult, merge_results, truncated_tail
-from batchd.safe_fs import PlantedEntry, check_within
+from batchd.safe_fs import PlantedEntry, check_within, remove_own_files
 from batchd.source_file import SourceState, current_change
 from batchd.store import Ending
 from batchd.webhooks import build_event, webhook_data
@@ -196,22 +197,31 @@ class Finisher:
         reason = f"carried the requests of {pack.pack_members} files; each ended as its own job"
         ending = Ending(state, self._ctx.clock(), reason, {}, {})
         await db(self._ctx.store.jobs.finish, pack.id, expect=pack.state, ending=ending, events=[])
-        await self._drop_downloads(pack)
+        await self._drop_scratch(pack)
         log.info("pack.finished", job_id=pack.id, status=state.value, files=pack.pack_members)
 
-    async def _drop_downloads(self, job: Job) -> None:
-        """An ended job's downloaded result files go: its outbox (or, for a pack, its files' job
-        files) holds every answer now, and nothing reads them again (`batchd retry` works from
-        the outbox). Without this, batchd's state folder would keep a second copy of every
-        result for ever. Best effort: a failure (or a crash just before) leaves a folder that
-        costs disk only."""
+    async def _drop_scratch(self, job: Job) -> None:
+        """An ended job's own working copies go, once its terminal state is committed: its
+        downloaded result files (its outbox holds every answer now, or, for a pack, its files'
+        job files do) and the files batchd made for it beside the inbox (shards, follow-up
+        inputs, a pack's copy, a packed file's share of the answers). Kept: the copy its
+        requests were submitted from, which `batchd retry` reads (a pack is never retried).
+        Without this, batchd would keep a second copy of every result and of every shard for
+        ever. Best effort: a failure (or a crash just before) leaves files that cost disk only."""
+        settings = self._ctx.settings
         work = self._ctx.work_dir(job)
+        files = job_files_dir(settings, job.id)
+        upload = Path(job.upload_path) if job.upload_path and not job.is_pack else None
+        keep = {upload.name} if upload is not None and upload.parent == files else set()
         try:
-            await db(shutil.rmtree, work)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            log.warning("job.downloads_kept", job_id=job.id, folder=str(work), error=describe(exc))
+            with contextlib.suppress(FileNotFoundError):
+                await db(shutil.rmtree, work)
+            # Beside the inbox: refused if a folder on its way was swapped for a symlink.
+            with contextlib.suppress(FileNotFoundError):
+                await db(check_within, settings.inbox_dir, files)
+                await db(remove_own_files, files, keep)
+        except OSError as exc:  # PlantedEntry too
+            log.warning("job.scratch_kept", job_id=job.id, error=describe(exc))
 
     async def _download(self, job: Job, batches: list[RemoteBatchRecord], work: Path) -> list[Path]:
         """Fetch every output and error file of the job's batches into `work` (resumed where a
@@ -334,7 +344,7 @@ class Finisher:
         cost_usd = cost.get("estimated_usd") if isinstance(cost, dict) else None
         ending = Ending(state, finished_at, doc["reason"], counts, doc["usage"], cost_usd=cost_usd)
         job = await db(self._ctx.store.jobs.finish, job.id, expect=job.state, ending=ending, events=[event])
-        await self._drop_downloads(job)
+        await self._drop_scratch(job)
         folder = Path(job.outbox_path or ".")
         metrics.job_finished(state.value, finished_at - job.created_at, [folder / n for n in OUTBOX_FILES])
         log.info(

@@ -17,7 +17,10 @@ from structlog.testing import capture_logs
 
 from batchd import claims
 from batchd.config import ConfigError, Settings, load_settings
+from batchd.daemon import Daemon
+from batchd.inbox import job_files_dir
 from batchd.models import Job, JobState
+from batchd.resubmit import retry_job
 from tests.integration.daemon_rig import Rig, chat, eventually, rig
 
 pytestmark = pytest.mark.each_database
@@ -242,17 +245,32 @@ def created(r: Rig, name: str) -> bool:
     return bool(found) and any(b.remote_id is not None for b in r.store.batches.of_job(found[0].id))
 
 
-async def test_an_ended_jobs_downloads_go_once_its_outbox_holds_them(tmp_path: Path) -> None:
+async def test_an_ended_jobs_working_copies_go_and_what_retry_reads_stays(tmp_path: Path) -> None:
     async with rig(tmp_path) as r:
-        r.drop("kept.jsonl", [chat("a"), chat("b")])
+        # A passing failure: a follow-up round, whose input batchd writes beside the inbox.
+        r.drop("kept.jsonl", [chat("a"), chat("b", {"fail_once": 503})])
+        r.drop("again.jsonl", [chat("c", {"status": 400})])
         with capture_logs() as logs:
             await r.drain()
         job = r.job("kept")
-        assert job.state is JobState.COMPLETED
+        assert job.state is JobState.COMPLETED and job.round == 1
         assert "job.downloaded" in [e["event"] for e in logs]  # there was something to drop
-        # The outbox holds every answer; batchd's own second copy of them is gone.
+        # The outbox holds every answer; batchd's own copies of them and of the rounds are gone.
         assert [line["custom_id"] for line in r.outbox_lines("kept", "output.jsonl")] == ["a", "b"]
         assert not (r.settings.state_dir / "work" / job.id).exists()
+        assert not job_files_dir(r.settings, job.id).exists()
+        # What a retry reads stays: the file as submitted (and the outbox).
+        assert job.upload_path is not None and job.claimed_path is not None
+        assert await anyio.Path(job.upload_path).is_file() and await anyio.Path(job.claimed_path).is_file()
+        retried = retry_job(r.store, r.settings, r.job("again"))
+        # The retried job runs in a daemon of its own (a drained daemon is not run again).
+        await Daemon(r.settings, store=r.store, provider=r.provider).run(once=True, timeout=30)
+        ended = r.store.jobs.get(retried.id)
+        assert ended is not None and ended.state.terminal and ended.upload_path is not None
+        # A retried job's requests live beside the inbox: its copy stays for the next retry, alone.
+        left = [p.name for p in job_files_dir(r.settings, retried.id).iterdir()]
+        assert left == [Path(ended.upload_path).name]
+        assert retry_job(r.store, r.settings, ended).request_count == 1
 
 
 async def test_a_reload_waiting_for_a_locked_database_holds_nothing_else_up(tmp_path: Path) -> None:

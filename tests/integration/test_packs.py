@@ -19,6 +19,7 @@ import pytest
 
 from batchd.crashpoints import RAISE_ENV, RAISE_WHILE_ENV
 from batchd.daemon import Daemon
+from batchd.inbox import job_files_dir
 from batchd.models import Job, JobState
 from batchd.request_rules import id_key
 from batchd.resubmit import NothingToRetry, retry_job
@@ -128,9 +129,11 @@ async def test_a_passing_failure_in_a_pack_goes_to_a_round_of_its_files_own(tmp_
         # Its later rounds were its own batches: the pack's, then one per round of busy's.
         assert len((await r.stats())["batch_creates"]) == 1 + busy.round
         assert len(r.job_json("busy")["remote_batch_ids"]) == 1 + busy.round
-        # Ended: neither the pack's downloads nor busy's own later rounds' are kept beside the outboxes.
+        # Ended: neither the pack's downloads, its copy and the files' shares of its answers, nor
+        # busy's own later rounds are kept beside the outboxes.
         (pack,) = packs_of(r)
         assert [j.id for j in (pack, calm, busy) if (r.settings.state_dir / "work" / j.id).exists()] == []
+        assert [j.id for j in (pack, calm, busy) if job_files_dir(r.settings, j.id).exists()] == []
 
 
 async def test_files_that_differ_in_what_a_batch_is_made_of_are_not_packed(tmp_path: Path) -> None:

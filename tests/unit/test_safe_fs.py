@@ -28,6 +28,7 @@ from batchd.safe_fs import (
     make_dirs,
     open_regular,
     real_dir,
+    remove_own_files,
 )
 
 STRANGER = 4242
@@ -174,6 +175,33 @@ def test_check_within_refuses_a_symlink_on_the_way(tmp_path: Path, sentinel: Pat
     (tmp_path / ".batchd" / "claimed" / "j" / "link.jsonl").symlink_to(sentinel)
     with pytest.raises(PlantedEntry):
         check_within(tmp_path, tmp_path / ".batchd" / "claimed" / "j" / "link.jsonl")
+
+
+def test_remove_own_files_takes_only_regular_files_and_never_follows_a_symlink(tmp_path: Path, sentinel: Path) -> None:
+    folder = make_dirs(tmp_path, [".batchd", "work", "job"])
+    for name in ("round-1.jsonl", "batch-3.output.jsonl", "retry.jsonl"):
+        (folder / name).write_text("x")
+    (folder / "link").symlink_to(sentinel)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "inner").write_text("x")
+    remove_own_files(folder, keep={"retry.jsonl"})
+    assert sorted(p.name for p in folder.iterdir()) == ["link", "retry.jsonl", "sub"]
+    assert (folder / "sub" / "inner").exists() and sentinel.read_bytes() == b"untouched"
+
+
+def test_remove_own_files_removes_the_folder_once_empty_and_refuses_a_symlinked_one(
+    tmp_path: Path, sentinel: Path
+) -> None:
+    folder = make_dirs(tmp_path, [".batchd", "work", "job"])
+    (folder / "round-1.jsonl").write_text("x")
+    remove_own_files(folder)
+    assert not folder.exists()
+    remove_own_files(folder)  # gone already: nothing to do
+    swapped = tmp_path / ".batchd" / "work" / "swapped"
+    swapped.symlink_to(sentinel.parent)
+    with pytest.raises(OSError):
+        remove_own_files(swapped)
+    assert sentinel.read_bytes() == b"untouched"
 
 
 def test_fit_name_keeps_the_extension_and_whole_characters() -> None:
