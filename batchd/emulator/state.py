@@ -357,6 +357,8 @@ class EmulatorState:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_unlink_durably, meta)
                 await anyio.to_thread.run_sync(_unlink_durably, self.content_path(file_id))
+        # Forgotten with the record: the locks of a long history must not pile up in memory.
+        self._write_locks.pop(meta, None)
 
     def reader_of(self, file_id: str) -> StoredBatch | None:
         """The unfinished batch that still reads this file as its input, if any: its worker streams
@@ -426,6 +428,7 @@ class EmulatorState:
         async with self._write_locks.setdefault(meta, anyio.Lock()):
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_unlink_durably, meta)
+        self._write_locks.pop(meta, None)
 
     def spool_path(self, batch_id: str) -> Path:
         """Where a running batch collects its answers."""
