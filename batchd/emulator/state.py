@@ -369,14 +369,13 @@ class EmulatorState:
         """Move fsynced content from tmp/ into place, then save the metadata that points at it
         (both in one worker-thread call: an upload's answer waits for one hop, not two)."""
         dest = self.content_path(record.id)
+        # Said to be uploaded on disk first, in memory once the content and the record are durable.
+        await self._write_json(
+            self.files_dir / f"{record.id}.json",
+            lambda: {**asdict(record), "uploaded": True},
+            before=lambda: install_file(tmp, dest),
+        )
         record.uploaded = True
-        try:
-            await self._write_json(
-                self.files_dir / f"{record.id}.json", lambda: asdict(record), before=lambda: install_file(tmp, dest)
-            )
-        except BaseException:
-            record.uploaded = False  # its content may not be in place: never said to be
-            raise
         self._keep(record)
 
     # -- batches --------------------------------------------------------------

@@ -107,7 +107,12 @@ class ContentSink:
     ) -> None:
         with anyio.CancelScope(shield=True):
             if exc_type is None:
-                await anyio.to_thread.run_sync(self._finish)
+                try:
+                    await anyio.to_thread.run_sync(self._finish)
+                except BaseException:
+                    # A full disk at the last write or the fsync: nothing half-written stays.
+                    await anyio.Path(self.path).unlink(missing_ok=True)
+                    raise
                 return
             self._close()
             self._pending.clear()
