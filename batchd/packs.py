@@ -34,6 +34,7 @@ import structlog
 from batchd import jsonl
 from batchd.durable_files import atomic_file, make_durable, open_temp, temp_name
 from batchd.jsonl import strip_eol
+from batchd.safe_fs import open_regular
 
 log = structlog.get_logger("batchd.packs")
 
@@ -127,8 +128,9 @@ def split_answers(
 
 
 def _requests(copy: Path) -> Iterator[dict[str, object]]:
-    """The request lines of an upload copy (one JSON object per line), parsed."""
-    with copy.open("rb") as stream:
+    """The request lines of an upload copy (one JSON object per line), parsed. Beside the inbox:
+    opened without following a symlink (safe_fs.open_regular), as every read of batchd's files there."""
+    with os.fdopen(open_regular(copy), "rb") as stream:
         for raw in stream:
             content = strip_eol(raw)
             if content.strip():

@@ -10,6 +10,7 @@ import pytest
 
 from batchd import packs
 from batchd.packs import parse_request_id, request_id, split_answers, write_pack
+from batchd.safe_fs import NotRegularFile
 
 
 def write_lines(path: Path, lines: list[dict[str, Any]]) -> Path:
@@ -45,6 +46,15 @@ def test_the_pack_holds_each_files_requests_in_order_with_pack_ids(tmp_path: Pat
     assert copy.request_count == 3 and copy.size_bytes == copy.path.stat().st_size
     # The user's copies keep their own ids.
     assert [x["custom_id"] for x in read_lines(one)] == ["a", "b"]
+
+
+def test_a_copy_swapped_for_a_symlink_is_not_followed_and_no_pack_is_left(tmp_path: Path) -> None:
+    elsewhere = write_lines(tmp_path / "elsewhere.jsonl", [chat("secret")])
+    planted = tmp_path / "one.jsonl"
+    planted.symlink_to(elsewhere)
+    with pytest.raises(NotRegularFile, match="symlink"):
+        write_pack([("j1", planted)], tmp_path / "pack.jsonl", key="custom_id")
+    assert not (tmp_path / "pack.jsonl").exists()
 
 
 def test_gemini_lines_are_packed_by_their_key(tmp_path: Path) -> None:
