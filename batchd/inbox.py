@@ -247,7 +247,7 @@ class Inbox:
                 recorded = self._pack(accepted)
                 # The upload copies were written without their fsyncs: all of them at once now,
                 # before the jobs that read them are committed.
-                make_durable([Path(new.upload_path) for new in recorded if new.upload_path])
+                make_durable(_upload_copies(recorded))
                 for job in self._store.jobs.insert_many(recorded) if recorded else []:
                     if job.is_pack:
                         log.info("inbox.packed", job_id=job.id, files=job.pack_members, requests=job.request_count)
@@ -360,7 +360,7 @@ class Inbox:
         outcome = self._decide(job_id, claimed)
         if not isinstance(outcome, NewJob):
             return outcome
-        make_durable([Path(outcome.upload_path or "")])
+        make_durable(_upload_copies([outcome]))
         job = self._store.jobs.insert(outcome)
         log.info("inbox.accepted", job_id=job.id, source=job.source, requests=job.request_count)
         return job
@@ -575,6 +575,12 @@ class Inbox:
     def _finish_rejection(self, job: Job, report: str) -> None:
         """Write the report, then move the file (byte-identical) beside it."""
         rejections.finish(self.dir, job, report)
+
+
+def _upload_copies(news: Sequence[NewJob]) -> list[Path]:
+    """The upload copies (and pack copies) of jobs about to be recorded, written without their
+    fsyncs: made durable before the jobs that read them are committed."""
+    return [Path(new.upload_path) for new in news if new.upload_path]
 
 
 #: Bytes a request's line may grow by in a pack (its id becomes a job id, a dash and a rank).
