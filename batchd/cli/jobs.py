@@ -16,9 +16,9 @@ import click
 
 from batchd.cli.common import Context, config_options, fail, find_job, open_store, pass_ctx, read_store
 from batchd.cli.records import (
-    batches_of,
     daemon_records,
     daemons_table,
+    job_batches,
     jobs_table,
     read_records,
     show_lines,
@@ -61,9 +61,7 @@ def show(obj: Context, job_ref: str, as_json: bool) -> None:
         if store is None:
             fail(f"no job matches {job_ref!r}", 1)
         job = find_job(store, job_ref)
-        ids = [i for i in (job.pack_id, job.id) if i]
-        batches = batches_of(job, {i: store.batches.of_job(i) for i in ids})
-        record = show_record(job, batches, store.deliveries.select(job_id=job.id), time.time())
+        record = show_record(job, job_batches(store, job), store.deliveries.select(job_id=job.id), time.time())
     if as_json:
         click.echo(json.dumps(record, indent=2, ensure_ascii=False))
     else:

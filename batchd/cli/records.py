@@ -362,6 +362,11 @@ def batches_of(job: Job, batches: Mapping[str, Sequence[RemoteBatchRecord]]) -> 
     return carried + list(batches.get(job.id, []))
 
 
+def job_batches(store: Store, job: Job) -> list[RemoteBatchRecord]:
+    """One job's remote batches, read from the store as `batches_of` orders them."""
+    return batches_of(job, {i: store.batches.of_job(i) for i in (job.pack_id, job.id) if i})
+
+
 # ---------------------------------------------------------------- webhook endpoints
 
 

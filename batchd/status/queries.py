@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from batchd.admission import period_starts
-from batchd.cli.records import daemon_records, endpoint_rows
+from batchd.cli.records import daemon_records, endpoint_rows, job_batches
 from batchd.config import Settings
 from batchd.models import Delivery, Job, JobState, RemoteBatchRecord, StoredEvent
 from batchd.outbox import OUTBOX_FILES
@@ -105,8 +105,7 @@ def read_job(store: Store, job_id: str, *, now: float) -> JobDetail | None:
     files = [str(outbox / name) for name in OUTBOX_FILES if outbox is not None and (outbox / name).is_file()]
     return JobDetail(
         job=job,
-        # A file's pack's batches first: they carried its first round.
-        batches=(store.batches.of_job(job.pack_id) if job.pack_id else []) + store.batches.of_job(job_id),
+        batches=job_batches(store, job),
         deliveries=store.deliveries.select(job_id=job_id),
         events=store.deliveries.job_events(job_id),
         outbox_files=files,
